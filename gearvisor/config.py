@@ -1,0 +1,649 @@
+"""YAML pool spec -> frozen dataclasses, with every error naming file, line, key path and value.
+
+Each setting is declared once in SETTINGS (key, parser, default, one-line doc, scope). That one
+declaration drives validation, defaults, per-pool overrides and the reference table in
+README.md (`python -m gearvisor.config --markdown`), so the docs cannot drift from the code.
+
+Scopes:
+  global  only at the top level (servers list aside, these are fleet-wide)
+  pool    only inside a pool
+  both    a fleet-wide default at the top level, overridable in each pool
+"""
+
+from __future__ import annotations
+
+import difflib
+import grp
+import os
+import pwd
+import re
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config: where it is and what is expected there."""
+
+    path: str  # dotted key path, e.g. "pools.images.processes"
+    message: str
+    line: int | None = None
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. str() lists every problem, one per line."""
+
+    def __init__(self, file: str, problems: list[Problem]) -> None:
+        self.file = file
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = []
+        for p in self.problems:
+            where = f"{self.file}:{p.line}" if p.line else self.file
+            key = f" {p.path}:" if p.path else ""
+            lines.append(f"{where}:{key} {p.message}")
+        return "\n".join(lines)
+
+
+class Invalid(ValueError):
+    """Raised by a parser; its text says what was expected.
+
+    `at` and `value` point inside a list or mapping, so the error names the exact item.
+    """
+
+    def __init__(self, message: str, at: tuple = (), value: Any = ...) -> None:
+        super().__init__(message)
+        self.at = at
+        self.value = value
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers: each takes the raw YAML value and returns the typed value or raises Invalid.
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def duration(value: Any) -> float:
+    """Seconds as a number, or a string like "500ms", "30s", "2m", "1h"."""
+    if isinstance(value, bool):
+        raise Invalid("expected a duration such as 30, 30s, 500ms or 2m")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise Invalid("expected a duration >= 0")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise Invalid("expected a duration such as 30, 30s, 500ms or 2m")
+
+
+def int_range(lo: int, hi: int | None = None) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Invalid(f"expected a whole number >= {lo}")
+        if value < lo or (hi is not None and value > hi):
+            raise Invalid(f"expected a whole number from {lo} to {hi}" if hi
+                          else f"expected a whole number >= {lo}")
+        return value
+
+    parse.__doc__ = f"whole number >= {lo}" + (f" and <= {hi}" if hi else "")
+    return parse
+
+
+def float_range(lo: float, hi: float | None = None) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise Invalid("expected a number")
+        if value < lo or (hi is not None and value > hi):
+            raise Invalid(f"expected a number from {lo} to {hi}" if hi is not None
+                          else f"expected a number >= {lo}")
+        return float(value)
+
+    return parse
+
+
+def choice(*options: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in options:
+            raise Invalid("expected one of " + ", ".join(options))
+        return value
+
+    return parse
+
+
+def optional(inner: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        return None if value is None else inner(value)
+
+    return parse
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise Invalid("expected a non-empty string")
+    return value
+
+
+def token(value: Any) -> str:
+    """A string with no whitespace: it goes into gearmand's space-separated admin output."""
+    value = text(value)
+    if re.search(r"\s|\0", value):
+        raise Invalid("expected a string with no spaces")
+    return value
+
+
+@dataclass(frozen=True)
+class Server:
+    """One job server address."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_SERVER = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]]+))(?::(?P<port>\d+))?$")
+
+
+def server(value: Any) -> Server:
+    if not isinstance(value, str):
+        raise Invalid('expected "host:port" (IPv6 as "[::1]:4730")')
+    m = _SERVER.match(value.strip())
+    if not m:
+        raise Invalid('expected "host:port" (IPv6 as "[::1]:4730")')
+    port = int(m.group("port") or 4730)
+    if not 1 <= port <= 65535:
+        raise Invalid("expected a port from 1 to 65535")
+    return Server(m.group("v6") or m.group("host"), port)
+
+
+def servers(value: Any) -> tuple[Server, ...]:
+    """A list of "host:port"; a single string is taken as a list of one."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise Invalid('expected a non-empty list of "host:port"')
+    parsed = []
+    for i, item in enumerate(items):
+        try:
+            parsed.append(server(item))
+        except Invalid as e:
+            raise Invalid(str(e), at=(i,), value=item) from None
+    if len(set(parsed)) != len(parsed):
+        raise Invalid("lists the same server twice")
+    return tuple(parsed)
+
+
+def string_list(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+        raise Invalid("expected a list of strings")
+    return tuple(items)
+
+
+def env_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise Invalid("expected a mapping of NAME: value")
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
+            raise Invalid("expected an environment variable name", at=(k,), value=k)
+        if isinstance(v, (dict, list)) or v is None:
+            raise Invalid("expected a string or number", at=(k,), value=v)
+        out[k] = str(v).lower() if isinstance(v, bool) else str(v)
+    return out
+
+
+_FUNCTION_NAME = re.compile(r"^[^\s\0]{1,255}$")
+_CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def functions(value: Any) -> dict[str, str]:
+    """Gearman function name -> "module:attr" of the Python callable that runs it."""
+    if not isinstance(value, dict) or not value:
+        raise Invalid('expected a mapping of gearman function name -> "module:callable"')
+    out = {}
+    for name, target in value.items():
+        if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
+            raise Invalid("function names are 1-255 characters with no spaces", at=(name,),
+                          value=name)
+        if not isinstance(target, str) or not _CALLABLE.match(target):
+            raise Invalid('expected "module:callable" such as "examples.text:reverse"',
+                          at=(name,), value=target)
+        out[name] = target
+    return out
+
+
+def user(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    value = text(value)
+    try:
+        pwd.getpwuid(int(value)) if value.isdigit() else pwd.getpwnam(value)
+    except (KeyError, ValueError):
+        raise Invalid("expected a user that exists on this machine") from None
+    return value
+
+
+def group(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    value = text(value)
+    try:
+        grp.getgrgid(int(value)) if value.isdigit() else grp.getgrnam(value)
+    except (KeyError, ValueError):
+        raise Invalid("expected a group that exists on this machine") from None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# The declaration
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # dotted for nested blocks: "backoff.initial"
+    parse: Callable[[Any], Any]
+    default: Any
+    doc: str
+    scope: str = "both"  # "global" | "pool" | "both"
+    shown_default: str | None = None  # for docs, when the default is computed
+
+    @property
+    def block(self) -> str | None:
+        return self.key.split(".", 1)[0] if "." in self.key else None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("servers", servers, ("127.0.0.1:4730",),
+            'Job servers, "host:port" (IPv6 as "[::1]:4730"). Every child connects to all '
+            "of them."),
+    Setting("pythonpath", string_list, (),
+            "Extra import paths, relative to the config file. The config's own directory is "
+            "always on it.", scope="global"),
+    Setting("processes", int_range(0), 1, "How many children the pool runs.", scope="pool"),
+    Setting("functions", functions, None,
+            'Gearman function name -> Python callable "module:attr". Required.', scope="pool"),
+    Setting("graceful_timeout", duration, 30.0,
+            "How long a child told to stop may finish its current job before SIGKILL."),
+    Setting("connect_timeout", duration, 5.0, "TCP connect timeout to a job server."),
+    Setting("reconnect_max_delay", duration, 2.0,
+            "Longest wait between reconnect attempts to a job server that went away."),
+    Setting("backoff.initial", duration, 0.1, "Delay before restarting a crashed child."),
+    Setting("backoff.max", duration, 30.0, "Longest delay between restarts of a crash loop."),
+    Setting("backoff.multiplier", float_range(1.0), 2.0, "Delay growth per consecutive crash."),
+    Setting("backoff.jitter", float_range(0.0, 1.0), 0.1,
+            "Random spread of each delay, as a fraction (0.1 = +/-10%)."),
+    Setting("backoff.reset_after", duration, 10.0,
+            "A child that stays up this long resets its slot's backoff."),
+    Setting("keepalive.idle", int_range(1, 32767), 30,
+            "Seconds a connection is idle before TCP keepalive probes start."),
+    Setting("keepalive.interval", int_range(1, 32767), 10,
+            "Seconds between TCP keepalive probes."),
+    Setting("keepalive.count", int_range(1, 127), 3,
+            "Unanswered probes before the connection is declared dead."),
+    Setting("env", env_map, {}, "Extra environment variables; a pool's env is merged over the "
+            "top-level env."),
+    Setting("cwd", optional(text), None,
+            "Working directory of the children, relative to the config file.",
+            shown_default="the config file's directory"),
+    Setting("user", optional(user), None, "Run children as this user (gearvisor must be root)."),
+    Setting("group", optional(group), None,
+            "Run children as this group (gearvisor must be root).",
+            shown_default="the user's primary group"),
+    Setting("rlimit_nofile", optional(int_range(16)), None,
+            "Soft limit on open files for each child (RLIMIT_NOFILE).",
+            shown_default="inherited"),
+    Setting("client_id_prefix", token, None,
+            "First part of each child's gearman client id `<prefix>:<pool>:<slot>`.",
+            shown_default="the host name"),
+    Setting("exception_packet", choice("warning", "exception"), "warning",
+            "How a job that raised is reported: `warning` sends WORK_WARNING(text) + WORK_FAIL, "
+            "which every client sees as a failure; `exception` sends WORK_EXCEPTION(text) + "
+            "WORK_FAIL (libgearman clients such as the gearman CLI hang on it, gearmand #166)."),
+    Setting("log_level", choice("debug", "info", "warning", "error"), "info", "Log level."),
+    Setting("log_format", choice("auto", "console", "json"), "auto",
+            "`console` is key=value, `json` is one JSON object per line, `auto` picks console "
+            "on a terminal and json otherwise."),
+)
+
+BY_KEY = {s.key: s for s in SETTINGS}
+BLOCKS = sorted({s.block for s in SETTINGS if s.block})
+TOP_KEYS = {s.key.split(".")[0] for s in SETTINGS if s.scope != "pool"} | {"pools"}
+POOL_KEYS = {s.key.split(".")[0] for s in SETTINGS if s.scope != "global"}
+POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+# ---------------------------------------------------------------------------------------------
+# The typed result
+
+
+@dataclass(frozen=True)
+class BackoffConfig:
+    initial: float
+    max: float
+    multiplier: float
+    jitter: float
+    reset_after: float
+
+
+@dataclass(frozen=True)
+class KeepaliveConfig:
+    idle: int
+    interval: int
+    count: int
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Everything one pool needs, with the top-level defaults already applied."""
+
+    name: str
+    processes: int
+    functions: dict[str, str]
+    servers: tuple[Server, ...]
+    graceful_timeout: float
+    connect_timeout: float
+    reconnect_max_delay: float
+    backoff: BackoffConfig
+    keepalive: KeepaliveConfig
+    env: dict[str, str]
+    cwd: str
+    user: str | None
+    group: str | None
+    rlimit_nofile: int | None
+    client_id_prefix: str
+    exception_packet: str
+    log_level: str
+    log_format: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole validated config file."""
+
+    path: str
+    pythonpath: tuple[str, ...]
+    pools: dict[str, PoolConfig]
+    log_level: str
+    log_format: str
+    graceful_timeout: float
+    raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def directory(self) -> str:
+        return os.path.dirname(self.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _line_map(text_: str) -> dict[tuple, int]:
+    """Map each key path to its 1-based line, and record duplicate keys under ("!dup", ...)."""
+    lines: dict[tuple, int] = {}
+    try:
+        root = yaml.compose(text_, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for k, v in node.value:
+                key = k.value
+                if key in seen:
+                    lines[("!dup",) + path + (key,)] = k.start_mark.line + 1
+                seen.add(key)
+                lines[path + (key,)] = k.start_mark.line + 1
+                walk(v, path + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (i,))
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+class _Collector:
+    """Gathers every problem in one pass, so the operator fixes them all at once."""
+
+    def __init__(self, lines: dict[tuple, int]) -> None:
+        self.lines = lines
+        self.problems: list[Problem] = []
+
+    def add(self, path: tuple, message: str) -> None:
+        line = None
+        for n in range(len(path), -1, -1):
+            line = self.lines.get(path[:n])
+            if line:
+                break
+        self.problems.append(Problem(".".join(str(p) for p in path), message, line))
+
+    def unknown(self, path: tuple, key: Any, allowed: set[str]) -> None:
+        hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+        suggestion = f'; did you mean "{hint[0]}"?' if hint else ""
+        self.add(path + (key,), f"unknown key{suggestion} (known: {', '.join(sorted(allowed))})")
+
+
+def _parse_value(col: _Collector, path: tuple, setting: Setting, raw: Any) -> Any:
+    try:
+        return setting.parse(raw)
+    except Invalid as e:
+        col.add(path + e.at, f"{e}, got {_show(raw if e.value is ... else e.value)}")
+        return setting.default
+
+
+def _read_scope(col: _Collector, path: tuple, data: dict, scope: str) -> dict[str, Any]:
+    """Parse the settings of one scope ("global" or "pool") present in `data`."""
+    allowed = TOP_KEYS if scope == "global" else POOL_KEYS
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key not in allowed:
+            col.unknown(path, key, allowed)
+            continue
+        if key == "pools":
+            continue
+        if key in BLOCKS:
+            if not isinstance(raw, dict):
+                col.add(path + (key,), f"expected a mapping, got {_show(raw)}")
+                continue
+            sub = {s.key.split(".")[1] for s in SETTINGS if s.block == key}
+            for subkey, subraw in raw.items():
+                if subkey not in sub:
+                    col.unknown(path + (key,), subkey, sub)
+                    continue
+                s = BY_KEY[f"{key}.{subkey}"]
+                values[s.key] = _parse_value(col, path + (key, subkey), s, subraw)
+            continue
+        values[key] = _parse_value(col, path + (key,), BY_KEY[key], raw)
+    return values
+
+
+def _default(setting: Setting) -> Any:
+    if setting.key == "client_id_prefix":
+        return token(socket.gethostname().split(".")[0] or "gearvisor")
+    if setting.key == "servers":
+        return servers(list(setting.default))
+    return setting.default
+
+
+def _resolve(directory: str, p: str) -> str:
+    return os.path.normpath(os.path.join(directory, os.path.expanduser(p)))
+
+
+def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
+    """Validate the YAML text of a config file; raise ConfigError listing every problem."""
+    file = os.path.abspath(file)
+    directory = os.path.dirname(file)
+    try:
+        data = yaml.safe_load(text_)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e)
+        line = mark.line + 1 if mark else None
+        col = f" column {mark.column + 1}" if mark else ""
+        raise ConfigError(file, [Problem("", f"YAML syntax error{col}: {problem}", line)]) from None
+    lines = _line_map(text_)
+    col = _Collector(lines)
+    for key, line in lines.items():
+        if key and key[0] == "!dup":
+            col.problems.append(Problem(".".join(map(str, key[1:])),
+                                        "key is given twice; remove one", line))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(file, [Problem("", f"expected a mapping at the top, got {_show(data)}",
+                                         1)])
+    top = _read_scope(col, (), data, "global")
+    pools_raw = data.get("pools")
+    if not isinstance(pools_raw, dict) or not pools_raw:
+        col.add(("pools",), "expected a mapping of pool name -> pool settings, with at least "
+                f"one pool, got {_show(pools_raw)}")
+        pools_raw = {}
+
+    pools: dict[str, PoolConfig] = {}
+    for name, praw in pools_raw.items():
+        path = ("pools", name)
+        if not isinstance(name, str) or not POOL_NAME.match(name):
+            col.add(path, "pool names are 1-64 letters, digits, '_', '.' or '-'")
+            continue
+        if not isinstance(praw, dict):
+            col.add(path, f"expected a mapping of pool settings, got {_show(praw)}")
+            continue
+        own = _read_scope(col, path, praw, "pool")
+        if "functions" not in praw:
+            col.add(path, 'missing "functions": map each gearman function name to '
+                    '"module:callable"')
+        merged: dict[str, Any] = {}
+        for s in SETTINGS:
+            if s.scope == "global":
+                continue
+            if s.key in own:
+                merged[s.key] = own[s.key]
+            elif s.scope == "both" and s.key in top:
+                merged[s.key] = top[s.key]
+            else:
+                merged[s.key] = _default(s)
+        merged["env"] = {**top.get("env", {}), **own.get("env", {})}
+        merged["cwd"] = _resolve(directory, merged["cwd"]) if merged["cwd"] else directory
+        if not os.path.isdir(merged["cwd"]):
+            col.add(path + ("cwd",), f"directory {merged['cwd']} does not exist")
+        bo = merged
+        if bo["backoff.max"] < bo["backoff.initial"]:
+            col.add(path + ("backoff", "max"), f"must be >= backoff.initial "
+                    f"({bo['backoff.initial']}), got {bo['backoff.max']}")
+        if (merged["user"] or merged["group"]) and (os.geteuid() if euid is None else euid) != 0:
+            which = "user" if merged["user"] else "group"
+            col.add(path + (which,), f"switching {which} needs gearvisor to run as root; "
+                    f"remove {which} or start gearvisor as root")
+        pools[name] = PoolConfig(
+            name=name,
+            processes=merged["processes"],
+            functions=merged["functions"] or {},
+            servers=merged["servers"],
+            graceful_timeout=merged["graceful_timeout"],
+            connect_timeout=merged["connect_timeout"],
+            reconnect_max_delay=merged["reconnect_max_delay"],
+            backoff=BackoffConfig(**{k.split(".")[1]: v for k, v in merged.items()
+                                     if k.startswith("backoff.")}),
+            keepalive=KeepaliveConfig(**{k.split(".")[1]: v for k, v in merged.items()
+                                         if k.startswith("keepalive.")}),
+            env=merged["env"],
+            cwd=merged["cwd"],
+            user=merged["user"],
+            group=merged["group"],
+            rlimit_nofile=merged["rlimit_nofile"],
+            client_id_prefix=merged["client_id_prefix"],
+            exception_packet=merged["exception_packet"],
+            log_level=merged["log_level"],
+            log_format=merged["log_format"],
+        )
+
+    pythonpath = []
+    for i, p in enumerate(top.get("pythonpath", ())):
+        resolved = _resolve(directory, p)
+        if not os.path.isdir(resolved):
+            col.add(("pythonpath", i), f"directory {resolved} does not exist")
+        pythonpath.append(resolved)
+    if directory not in pythonpath:
+        pythonpath.append(directory)
+
+    if col.problems:
+        col.problems.sort(key=lambda p: p.line or 0)
+        raise ConfigError(file, col.problems)
+    return Config(
+        path=file,
+        pythonpath=tuple(pythonpath),
+        pools=pools,
+        log_level=top.get("log_level", BY_KEY["log_level"].default),
+        log_format=top.get("log_format", BY_KEY["log_format"].default),
+        graceful_timeout=top.get("graceful_timeout", BY_KEY["graceful_timeout"].default),
+        raw=data,
+    )
+
+
+def load(path: str) -> Config:
+    """Read and validate a config file; raise ConfigError (never OSError or YAMLError)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text_ = f.read()
+    except FileNotFoundError:
+        raise ConfigError(os.path.abspath(path), [Problem(
+            "", "file not found; pass the pool spec with -c FILE (see conf/pools.yaml)")]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(os.path.abspath(path), [Problem("", f"cannot read: {e}")]) from None
+    return parse(text_, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Docs
+
+
+def markdown_reference() -> str:
+    """The config reference table for README.md, generated from SETTINGS."""
+    rows = ["| key | where | default | meaning |", "| --- | --- | --- | --- |"]
+    where = {"global": "top level", "pool": "pool", "both": "top level or pool"}
+    for s in SETTINGS:
+        if s.shown_default is not None:
+            default = s.shown_default
+        elif s.default is None:
+            default = "required" if s.key == "functions" else "none"
+        elif isinstance(s.default, (tuple, list)):
+            default = "`[" + ", ".join(f'"{v}"' for v in s.default) + "]`"
+        elif isinstance(s.default, dict):
+            default = "`{}`"
+        else:
+            default = f"`{s.default}`"
+        rows.append(f"| `{s.key}` | {where[s.scope]} | {default} | {s.doc} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover - a docs helper
+    if sys.argv[1:] == ["--markdown"]:
+        print(markdown_reference())
+    else:
+        print("usage: python -m gearvisor.config --markdown", file=sys.stderr)
+        sys.exit(2)
+
+
+__all__ = ["Config", "ConfigError", "PoolConfig", "Server", "load", "parse", "SETTINGS"]

@@ -1,0 +1,453 @@
+"""The Gearman worker runtime of one child: a connection to every job server, one thread.
+
+The loop keeps one connection per server and drives each through a small state machine:
+
+    DOWN -> CONNECTING -> GRABBING -> (job runs) -> GRABBING ...
+                              \\-> EMPTY (NO_JOB) -> SLEEPING (PRE_SLEEP) -> NOOP -> GRABBING
+
+Throughput comes from two choices (DESIGN.md): PRE_SLEEP is sent only once every live server
+has answered NO_JOB, and each result is written in the same send() as the next GRAB, so a busy
+queue costs one round trip per job. A server that goes away is reconnected with backoff while
+jobs from the others keep flowing; a malformed packet closes only that connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import selectors
+import socket
+import struct
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from ..job import Job, encode_result
+from .protocol import Decoder, Packet, ProtocolError, encode
+
+RECV_SIZE = 256 * 1024
+SEND_TIMEOUT = 30.0  # a server that accepts no bytes for this long is treated as dead
+REPOLL_EMPTY = 0.5  # re-ask an EMPTY server this often while another keeps us busy
+RECONNECT_INITIAL = 0.05
+
+GRAB = encode(Packet.GRAB_JOB_ALL)
+PRE_SLEEP = encode(Packet.PRE_SLEEP)
+_ASSIGN = (Packet.JOB_ASSIGN, Packet.JOB_ASSIGN_UNIQ, Packet.JOB_ASSIGN_ALL)
+
+
+class ConnState(Enum):
+    DOWN = "down"  # not connected; retry at conn.retry_at
+    CONNECTING = "connecting"  # non-blocking connect in flight
+    GRABBING = "grabbing"  # GRAB sent, answer pending
+    IDLE = "idle"  # connected, nothing in flight (only while stopping)
+    EMPTY = "empty"  # answered NO_JOB
+    SLEEPING = "sleeping"  # PRE_SLEEP sent; a NOOP wakes it
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    idle: int = 30
+    interval: int = 10
+    count: int = 3
+
+
+class Hooks:
+    """What the runtime tells its host (the child): override what you need."""
+
+    def ready(self) -> None:
+        """Registered on every reachable server."""
+
+    def job_started(self, job: Job) -> None:
+        """A job is about to run."""
+
+    def job_finished(self, job: Job, ok: bool, seconds: float) -> None:
+        """A job ended; ok is False when it failed or raised."""
+
+
+class Connection:
+    """One job server: its socket, decoder and state."""
+
+    __slots__ = ("host", "port", "label", "sock", "decoder", "state", "retry_at", "delay",
+                 "deadline", "empty_since", "answered", "attempts", "down_logged", "ever_up")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.sock: socket.socket | None = None
+        self.decoder = Decoder()
+        self.state = ConnState.DOWN
+        self.retry_at = 0.0
+        self.delay = RECONNECT_INITIAL
+        self.deadline = 0.0  # connect deadline
+        self.empty_since = 0.0
+        self.answered = False  # the server answered since CAN_DO: registration is in effect
+        self.attempts = 0  # failed attempts in the current outage
+        self.down_logged = False
+        self.ever_up = False
+
+
+class Worker:
+    """Runs jobs for a set of functions against every configured job server.
+
+    Args:
+        servers: (host, port) pairs.
+        functions: gearman function name -> callable(job).
+        client_id: sent with SET_CLIENT_ID; gearmand's `workers` admin command shows it.
+        log: a structlog logger bound with the pool and slot.
+        hooks: readiness and job notifications for the host process.
+        exception_packet: "warning" (WORK_WARNING + WORK_FAIL) or "exception"
+            (WORK_EXCEPTION + WORK_FAIL): how a job that raised is reported.
+    """
+
+    def __init__(
+        self,
+        servers: list[tuple[str, int]],
+        functions: dict[str, Callable[[Job], Any]],
+        client_id: str,
+        log: Any,
+        hooks: Hooks | None = None,
+        connect_timeout: float = 5.0,
+        reconnect_max_delay: float = 2.0,
+        keepalive: Keepalive = Keepalive(),
+        exception_packet: str = "warning",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.conns = [Connection(h, p) for h, p in servers]
+        self.functions = functions
+        self.client_id = client_id
+        self.log = log
+        self.hooks = hooks or Hooks()
+        self.connect_timeout = connect_timeout
+        self.reconnect_max_delay = reconnect_max_delay
+        self.keepalive = keepalive
+        self.exception_packet = exception_packet
+        self.clock = clock
+        self.stopping = False
+        self.is_ready = False
+        self.sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._register = b"".join(encode(Packet.CAN_DO, f) for f in functions) + encode(
+            Packet.SET_CLIENT_ID, client_id)
+        self._extra_checks: list[Callable[[], None]] = []
+
+    # -- public ------------------------------------------------------------------------------
+
+    @property
+    def wakeup_fd(self) -> int:
+        """Write end of the self-pipe: pass it to signal.set_wakeup_fd()."""
+        return self._wake_w
+
+    def stop(self) -> None:
+        """Ask the loop to finish its current job and return. Safe in a signal handler."""
+        self.stopping = True
+
+    def every_tick(self, check: Callable[[], None]) -> None:
+        """Run `check` on every loop pass (at least once a second): e.g. parent-alive checks."""
+        self._extra_checks.append(check)
+
+    def run(self) -> None:
+        """Serve jobs until stop() is called and no answer to a GRAB is outstanding."""
+        now = self.clock()
+        for conn in self.conns:
+            self._connect(conn, now)
+        while True:
+            now = self.clock()
+            if self.stopping and not any(c.state is ConnState.GRABBING for c in self.conns):
+                break
+            self._tick(now)
+            timeout = self._timeout(now)
+            for key, _mask in self.sel.select(timeout):
+                conn = key.data
+                if conn is None:
+                    self._drain_wakeups()
+                elif conn.state is ConnState.CONNECTING:
+                    self._finish_connect(conn)
+                else:
+                    self._read(conn)
+            for check in self._extra_checks:
+                check()
+        self.close()
+
+    def close(self) -> None:
+        """Close every connection; gearmand then unregisters this worker."""
+        for conn in self.conns:
+            if conn.sock is not None:
+                self._close_socket(conn)
+        self.sel.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- loop pieces ---------------------------------------------------------------------------
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _tick(self, now: float) -> None:
+        live = []
+        for conn in self.conns:
+            state = conn.state
+            if state is ConnState.DOWN:
+                if now >= conn.retry_at and not self.stopping:
+                    self._connect(conn, now)
+            elif state is ConnState.CONNECTING:
+                if now >= conn.deadline:
+                    self._drop(conn, f"connect timed out after {self.connect_timeout:g}s")
+            else:
+                live.append(conn)
+        if self.stopping or not live:
+            return
+        if all(c.state is ConnState.EMPTY for c in live):
+            # Every server said NO_JOB: sleep on all of them; a NOOP from any wakes us.
+            for conn in live:
+                if self._send(conn, PRE_SLEEP):
+                    conn.state = ConnState.SLEEPING
+            return
+        for conn in live:
+            # Another server keeps us busy; do not starve this one.
+            if conn.state is ConnState.EMPTY and now - conn.empty_since >= REPOLL_EMPTY:
+                self._grab(conn)
+
+    def _timeout(self, now: float) -> float:
+        timeout = 1.0
+        for conn in self.conns:
+            if conn.state is ConnState.DOWN:
+                timeout = min(timeout, conn.retry_at - now)
+            elif conn.state is ConnState.CONNECTING:
+                timeout = min(timeout, conn.deadline - now)
+            elif conn.state is ConnState.EMPTY:
+                timeout = min(timeout, conn.empty_since + REPOLL_EMPTY - now)
+        return max(0.0, timeout)
+
+    def _check_ready(self) -> None:
+        if self.is_ready:
+            return
+        # Ready = registered on every server we could reach; an unreachable server does not
+        # hold the pool back (it is retried in the background).
+        if all(c.answered or (c.attempts > 0 and not c.ever_up) for c in self.conns):
+            if any(c.answered for c in self.conns):
+                self.is_ready = True
+                self.hooks.ready()
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _connect(self, conn: Connection, now: float) -> None:
+        try:
+            infos = socket.getaddrinfo(conn.host, conn.port, type=socket.SOCK_STREAM)
+            family, stype, proto, _, addr = infos[0]
+            sock = socket.socket(family, stype, proto)
+        except OSError as e:
+            self._drop(conn, f"cannot resolve or open a socket: {e}")
+            return
+        sock.setblocking(False)
+        err = sock.connect_ex(addr)
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._drop(conn, os.strerror(err))
+            return
+        conn.sock = sock
+        conn.decoder = Decoder()
+        conn.answered = False
+        conn.state = ConnState.CONNECTING
+        conn.deadline = now + self.connect_timeout
+        self.sel.register(sock, selectors.EVENT_WRITE, conn)
+
+    def _finish_connect(self, conn: Connection) -> None:
+        sock = conn.sock
+        assert sock is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._drop(conn, os.strerror(err))
+            return
+        self._tune(sock)
+        self.sel.modify(sock, selectors.EVENT_READ, conn)
+        if conn.attempts or conn.down_logged:
+            self.log.info("reconnected to job server", server=conn.label, attempts=conn.attempts)
+        conn.attempts = 0
+        conn.down_logged = False
+        conn.delay = RECONNECT_INITIAL
+        conn.ever_up = True
+        # Register and ask for work in one write.
+        if self._send(conn, self._register + GRAB):
+            conn.state = ConnState.GRABBING
+
+    def _tune(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        # SO_SNDTIMEO, not settimeout(): a Python timeout adds a poll() before every send.
+        tv = struct.pack("ll", int(SEND_TIMEOUT), 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        ka = self.keepalive
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, ka.idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, ka.interval)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, ka.count)
+
+    def _close_socket(self, conn: Connection) -> None:
+        sock = conn.sock
+        conn.sock = None
+        if sock is None:
+            return
+        try:
+            self.sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        sock.close()
+
+    def _drop(self, conn: Connection, reason: str) -> None:
+        """Close a connection and schedule a reconnect with backoff; other servers go on."""
+        self._close_socket(conn)
+        conn.state = ConnState.DOWN
+        conn.answered = False
+        conn.attempts += 1
+        now = self.clock()
+        jitter = 1.0 + 0.2 * (random.random() - 0.5)
+        conn.retry_at = now + conn.delay * jitter
+        conn.delay = min(conn.delay * 2, self.reconnect_max_delay)
+        if not conn.down_logged:
+            conn.down_logged = True
+            self.log.warning("job server unavailable; reconnecting with backoff",
+                             server=conn.label, reason=reason)
+        else:
+            self.log.debug("job server still unavailable", server=conn.label, reason=reason,
+                           attempts=conn.attempts)
+        self._check_ready()
+
+    def _send(self, conn: Connection, data: bytes) -> bool:
+        sock = conn.sock
+        if sock is None:
+            return False
+        try:
+            sock.sendall(data)
+            return True
+        except OSError as e:
+            self._drop(conn, f"send failed: {e}")
+            return False
+
+    def _grab(self, conn: Connection) -> None:
+        if self._send(conn, GRAB):
+            conn.state = ConnState.GRABBING
+
+    # -- packets -------------------------------------------------------------------------------
+
+    def _read(self, conn: Connection) -> None:
+        sock = conn.sock
+        assert sock is not None
+        try:
+            data = sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._drop(conn, f"recv failed: {e}")
+            return
+        if not data:
+            self._drop(conn, "server closed the connection")
+            return
+        try:
+            frames = conn.decoder.feed(data)
+        except ProtocolError as e:
+            self.log.error("malformed packet from job server; closing that connection",
+                           server=conn.label, error=str(e))
+            self._drop(conn, f"protocol error: {e}")
+            return
+        for frame in frames:
+            if conn.sock is None:
+                return  # dropped while handling an earlier frame
+            self._handle(conn, frame.type, frame.args)
+
+    def _handle(self, conn: Connection, ptype: int, args: tuple[bytes, ...]) -> None:
+        if ptype in _ASSIGN:
+            self._mark_answered(conn)
+            self._run_job(conn, ptype, args)
+        elif ptype == Packet.NO_JOB:
+            self._mark_answered(conn)
+            if self.stopping:
+                conn.state = ConnState.IDLE
+            else:
+                conn.state = ConnState.EMPTY
+                conn.empty_since = self.clock()
+        elif ptype == Packet.NOOP:
+            if conn.state is ConnState.SLEEPING and not self.stopping:
+                self._grab(conn)
+        elif ptype == Packet.ERROR:
+            code = args[0].decode(errors="replace")
+            # In "exception" mode gearmand ends the job at WORK_EXCEPTION, so the WORK_FAIL
+            # that follows for old clients is answered with JOB_NOT_FOUND: expected, not news.
+            if not (code == "JOB_NOT_FOUND" and self.exception_packet == "exception"):
+                self.log.warning("job server reported an error", server=conn.label, code=code,
+                                 message=args[1].decode(errors="replace"))
+        elif ptype == Packet.ECHO_RES:
+            pass
+        else:
+            self.log.warning("unexpected packet from job server; ignored", server=conn.label,
+                             packet=Packet(ptype).name)
+
+    def _mark_answered(self, conn: Connection) -> None:
+        if not conn.answered:
+            conn.answered = True
+            self._check_ready()
+
+    def _run_job(self, conn: Connection, ptype: int, args: tuple[bytes, ...]) -> None:
+        if ptype == Packet.JOB_ASSIGN:
+            handle, fname, data = args
+            unique = b""
+        elif ptype == Packet.JOB_ASSIGN_UNIQ:
+            handle, fname, unique, data = args
+        else:  # JOB_ASSIGN_ALL: handle, function, unique, reducer, data
+            handle, fname, unique, _reducer, data = args
+        function = fname.decode(errors="replace")
+
+        def send(ptype_: int, h: bytes, payload: bytes) -> None:
+            self._send(conn, encode(ptype_, h, payload))
+
+        job = Job(function, handle.decode(errors="replace"), unique.decode(errors="replace"),
+                  data, send)
+        fn = self.functions.get(function)
+        hooks = self.hooks
+        hooks.job_started(job)
+        started = time.perf_counter()
+        if fn is None:
+            # gearmand only assigns what we CAN_DO; this is a server bug. Fail, don't crash.
+            self.log.error("job for a function this worker does not serve", function=function,
+                           handle=job.handle)
+            reply = encode(Packet.WORK_FAIL, handle)
+            ok = False
+        else:
+            try:
+                result = fn(job)
+                reply = encode(Packet.WORK_COMPLETE, handle, encode_result(result))
+                ok = True
+            except Exception as e:  # a user bug: report it, log it, keep serving
+                reply = self._failure_reply(handle, e)
+                ok = False
+                self.log.error("job raised", function=function, handle=job.handle,
+                               unique=job.unique, error=f"{type(e).__name__}: {e}",
+                               traceback="".join(traceback.format_exception(e)).rstrip())
+        # The result and the next GRAB leave in one write: one round trip per job.
+        if not self.stopping:
+            if self._send(conn, reply + GRAB):
+                conn.state = ConnState.GRABBING
+        elif self._send(conn, reply):
+            conn.state = ConnState.IDLE
+        hooks.job_finished(job, ok, time.perf_counter() - started)
+
+    def _failure_reply(self, handle: bytes, exc: Exception) -> bytes:
+        text = f"{type(exc).__name__}: {exc}\n".encode(errors="replace")
+        first = Packet.WORK_EXCEPTION if self.exception_packet == "exception" else (
+            Packet.WORK_WARNING)
+        return encode(first, handle, text) + encode(Packet.WORK_FAIL, handle)

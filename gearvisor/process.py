@@ -1,0 +1,85 @@
+"""The master's record of one child: the single source of truth about it.
+
+States and the transitions the master may make (supervisor's process.py guards each one):
+
+    STARTING -> READY      the child reported it is registered on every reachable server
+    STARTING -> DRAINING   told to stop before it became ready
+    READY    -> DRAINING   told to finish its current job and exit (stop, roll, restart)
+    any      -> EXITED     reaped
+
+Backoff is a property of a slot, not of a child (there is no process while a slot backs off):
+see pool.Slot.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+from enum import Enum
+
+# Exit codes a child uses to tell the master why it ended.
+EXIT_OK = 0
+EXIT_CRASH = 1  # an unexpected error in the runtime itself
+EXIT_BOOT_ERROR = 3  # cannot import or validate the pool's functions: do not retry blindly
+EXIT_ORPHANED = 4  # the master went away
+
+
+class ChildState(Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    EXITED = "exited"
+
+
+_ALLOWED = {
+    ChildState.STARTING: {ChildState.READY, ChildState.DRAINING, ChildState.EXITED},
+    ChildState.READY: {ChildState.DRAINING, ChildState.EXITED},
+    ChildState.DRAINING: {ChildState.EXITED},
+    ChildState.EXITED: set(),
+}
+
+
+class TransitionError(RuntimeError):
+    """A state change the master must never make: a bug, surfaced loudly in tests."""
+
+
+@dataclass
+class Child:
+    """One forked child, as the master sees it."""
+
+    pool: str
+    slot: int
+    generation: int
+    started_at: float  # monotonic
+    pid: int = 0
+    state: ChildState = ChildState.STARTING
+    ready_at: float | None = None
+    stop_requested_at: float | None = None
+    kill_at: float | None = None  # SIGKILL deadline once draining
+    event_fd: int = -1
+    event_buf: bytearray = field(default_factory=bytearray)
+    boot_error: str | None = None  # reason reported by a child that could not boot
+
+    def transition(self, new: ChildState) -> None:
+        """Move to `new`, refusing any change not listed in _ALLOWED."""
+        if new not in _ALLOWED[self.state]:
+            raise TransitionError(f"{self.name}: {self.state.value} -> {new.value} not allowed")
+        self.state = new
+
+    @property
+    def name(self) -> str:
+        return f"{self.pool}[{self.slot}]"
+
+
+def describe_status(status: int) -> tuple[int | None, int | None, str]:
+    """Split a waitpid status into (exit code, signal number, words for the log)."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return None, sig, f"killed by {name}"
+    code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else None
+    return code, None, f"exited with code {code}"
