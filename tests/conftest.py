@@ -1,0 +1,253 @@
+"""Fixtures for integration tests: a real gearmand on a free loopback port and a real master.
+
+Rules (DEVELOPERS.md): never sleep to synchronise, poll against a deadline; every fixture kills
+what it started, by pid; only 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from gearvisor.gearman import admin
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+             message: str = "condition") -> Any:
+    """Poll `cond` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = cond()
+        except (admin.AdminError, OSError, psutil.Error) as e:
+            last = e
+        else:
+            if last:
+                return last
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message}; last: {last!r}")
+        time.sleep(interval)  # poll interval, not synchronisation
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _kill_pid(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+class Gearmand:
+    """One real gearmand on a loopback port; restartable on the same port."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def start(self) -> Gearmand:
+        exe = shutil.which("gearmand") or "/usr/sbin/gearmand"
+        self.proc = subprocess.Popen(
+            [exe, "-L", HOST, "-p", str(self.port), "-t", "1", "--log-file=none"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.proc.poll() is None and admin.version(HOST, self.port, 0.5),
+                 timeout=10, message=f"gearmand on port {self.port}")
+        return self
+
+    def stop(self) -> None:
+        _kill_pid(self.proc)
+        self.proc = None
+
+    def workers(self, pool: str | None = None) -> list[admin.WorkerInfo]:
+        """gearmand's own `workers` list, optionally only the connections of one pool."""
+        found = admin.workers(HOST, self.port, 2.0)
+        if pool is None:
+            return found
+        return [w for w in found if f":{pool}:" in w.client_id]
+
+    def status(self) -> dict[str, admin.FunctionStatus]:
+        return admin.status(HOST, self.port, 2.0)
+
+    def gearadmin(self, *args: str) -> str:
+        """Run the real gearadmin tool against this server."""
+        out = subprocess.run(["gearadmin", "-h", HOST, "-p", str(self.port), *args],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout
+
+
+def _require_gearmand() -> None:
+    if not (shutil.which("gearmand") or os.path.exists("/usr/sbin/gearmand")):
+        pytest.skip("gearmand not installed (apt-get install gearman-job-server gearman-tools)")
+
+
+@pytest.fixture
+def gearmand() -> Iterator[Gearmand]:
+    _require_gearmand()
+    server = Gearmand().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def gearmand_factory() -> Iterator[Callable[[], Gearmand]]:
+    _require_gearmand()
+    started: list[Gearmand] = []
+
+    def make() -> Gearmand:
+        server = Gearmand().start()
+        started.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in started:
+            server.stop()
+
+
+class Master:
+    """A real `python -m gearvisor -c FILE` process, its JSON log, and its children."""
+
+    def __init__(self, tmp: Path, config: dict, marker: str) -> None:
+        self.tmp = tmp
+        self.config_path = tmp / "pools.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = tmp / "master.log"
+        self.marker = marker
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Master:
+        env = dict(os.environ, GEARVISOR_TEST_MARKER=self.marker,
+                   PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gearvisor", "-c", str(self.config_path)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.tmp)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+
+    def titles(self) -> dict[int, str]:
+        out = {}
+        for p in self.children():
+            try:
+                out[p.pid] = " ".join(p.cmdline()).strip()
+            except psutil.Error:
+                pass
+        return out
+
+    def child_with_title(self, fragment: str) -> int | None:
+        for pid, title in self.titles().items():
+            if fragment in title:
+                return pid
+        return None
+
+    def logs(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    def events(self, name: str) -> list[dict]:
+        return [e for e in self.logs() if e.get("event") == name]
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def ours(self) -> list[psutil.Process]:
+        """Every live process that carries this master's marker: master, children, orphans."""
+        found = []
+        for p in psutil.process_iter(["pid"]):
+            if p.pid == os.getpid():
+                continue
+            try:
+                if p.environ().get("GEARVISOR_TEST_MARKER") == self.marker and (
+                        p.status() != psutil.STATUS_ZOMBIE):
+                    found.append(p)
+            except psutil.Error:
+                pass
+        return found
+
+    def cleanup(self) -> None:
+        for p in self.ours():
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        _kill_pid(self.proc)
+        if hasattr(self, "_log"):
+            self._log.close()
+
+
+@pytest.fixture
+def master(tmp_path: Path) -> Iterator[Callable[..., Master]]:
+    """master(config_dict) starts gearvisor; teardown kills the master and every process that
+    carries its marker (children that outlived it included), by pid."""
+    started: list[Master] = []
+
+    def start(config: dict, start: bool = True) -> Master:
+        cfg = {"log_format": "json", "pythonpath": [str(REPO), str(tmp_path)], **config}
+        m = Master(tmp_path, cfg, uuid.uuid4().hex)
+        started.append(m)
+        return m.start() if start else m
+
+    try:
+        yield start
+    finally:
+        for m in started:
+            m.cleanup()
+
+
+def write_module(directory: Path, name: str, source: str) -> Path:
+    path = directory / f"{name}.py"
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+__all__ = ["wait_for", "free_port", "Gearmand", "Master", "write_module", "HOST", "signal"]
