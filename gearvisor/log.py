@@ -15,9 +15,17 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 
 def _add_pid(_: Any, __: str, event: dict) -> dict:
     # os.getpid() at log time, not at configure time: the same logger crosses fork().
-    event.setdefault("pid", os.getpid())
-    event.setdefault("pool", "-")
-    return event
+    # pool and pid lead, so console lines line up as "event  pool=text pid=123 ...".
+    head = {"pool": event.pop("pool", "-"), "pid": os.getpid()}
+    event.pop("pid", None)
+    return {"event": event.pop("event", ""), **head, **event}
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
@@ -31,12 +39,12 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     """
     stream = stream or sys.stderr
     if fmt == "auto":
-        fmt = "console" if stream.isatty() else "json"
+        fmt = "console" if _isatty(stream) else "json"
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         _add_pid,
-        structlog.processors.TimeStamper(fmt="iso", utc=False),
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if fmt == "json":
         # format_exc_info, not dict_tracebacks: a traceback must not dump job payloads held
@@ -44,9 +52,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
         processors += [structlog.processors.format_exc_info,
-                       structlog.processors.KeyValueRenderer(
-                           key_order=["timestamp", "level", "pool", "pid", "event"],
-                           drop_missing=True)]
+                       structlog.dev.ConsoleRenderer(colors=_isatty(stream), sort_keys=False,
+                                                     pad_event_to=36)]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Prepare a fresh Debian machine for gearvisor: gearmand + gearman tools from Debian, and a
+# virtualenv in .venv with gearvisor installed (editable) plus the test tools.
+# Idempotent and quiet when everything is already there. Used by examples/demo.sh and
+# tests/run.sh (and so by .ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+need=()
+command -v gearmand >/dev/null 2>&1 || [ -x /usr/sbin/gearmand ] || need+=(gearman-job-server)
+command -v gearman >/dev/null 2>&1 && command -v gearadmin >/dev/null 2>&1 || need+=(gearman-tools)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need+=(python3-venv); fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]} from Debian" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  python3 -m venv .venv
+fi
+# Reinstall only when pyproject.toml changed since the last install.
+stamp=.venv/.gearvisor-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing gearvisor and test tools into .venv" >&2
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[test]'
+  touch "$stamp"
+fi
