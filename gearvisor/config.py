@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import grp
+import math
 import os
 import pwd
 import re
@@ -84,8 +85,8 @@ def duration(value: Any) -> float:
     if isinstance(value, bool):
         raise Invalid("expected a duration such as 30, 30s, 500ms or 2m")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise Invalid("expected a duration >= 0")
+        if not math.isfinite(value) or value < 0:
+            raise Invalid("expected a finite duration >= 0")
         return float(value)
     if isinstance(value, str):
         m = _DURATION.match(value)
@@ -109,8 +110,9 @@ def int_range(lo: int, hi: int | None = None) -> Callable[[Any], int]:
 
 def float_range(lo: float, hi: float | None = None) -> Callable[[Any], float]:
     def parse(value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise Invalid("expected a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+                value):
+            raise Invalid("expected a finite number")
         if value < lo or (hi is not None and value > hi):
             raise Invalid(f"expected a number from {lo} to {hi}" if hi is not None
                           else f"expected a number >= {lo}")
@@ -432,12 +434,15 @@ class _Collector:
         self.problems: list[Problem] = []
 
     def add(self, path: tuple, message: str) -> None:
+        dotted = ".".join(str(p) for p in path)
+        if any(p.path == dotted and p.message == message for p in self.problems):
+            return  # a top-level value inherited by several pools is reported once
         line = None
         for n in range(len(path), -1, -1):
             line = self.lines.get(path[:n])
             if line:
                 break
-        self.problems.append(Problem(".".join(str(p) for p in path), message, line))
+        self.problems.append(Problem(dotted, message, line))
 
     def unknown(self, path: tuple, key: Any, allowed: set[str]) -> None:
         hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
@@ -535,26 +540,30 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
             col.add(path, 'missing "functions": map each gearman function name to '
                     '"module:callable"')
         merged: dict[str, Any] = {}
+        origin: dict[str, tuple] = {}  # where a value was written, for error messages
         for s in SETTINGS:
             if s.scope == "global":
                 continue
+            key_path = tuple(s.key.split("."))
             if s.key in own:
                 merged[s.key] = own[s.key]
+                origin[s.key] = path + key_path
             elif s.scope == "both" and s.key in top:
                 merged[s.key] = top[s.key]
+                origin[s.key] = key_path
             else:
                 merged[s.key] = _default(s)
+                origin[s.key] = path + key_path
         merged["env"] = {**top.get("env", {}), **own.get("env", {})}
         merged["cwd"] = _resolve(directory, merged["cwd"]) if merged["cwd"] else directory
         if not os.path.isdir(merged["cwd"]):
-            col.add(path + ("cwd",), f"directory {merged['cwd']} does not exist")
-        bo = merged
-        if bo["backoff.max"] < bo["backoff.initial"]:
-            col.add(path + ("backoff", "max"), f"must be >= backoff.initial "
-                    f"({bo['backoff.initial']}), got {bo['backoff.max']}")
+            col.add(origin["cwd"], f"directory {merged['cwd']} does not exist")
+        if merged["backoff.max"] < merged["backoff.initial"]:
+            col.add(origin["backoff.max"], f"must be >= backoff.initial "
+                    f"({merged['backoff.initial']}), got {merged['backoff.max']}")
         if (merged["user"] or merged["group"]) and (os.geteuid() if euid is None else euid) != 0:
             which = "user" if merged["user"] else "group"
-            col.add(path + (which,), f"switching {which} needs gearvisor to run as root; "
+            col.add(origin[which], f"switching {which} needs gearvisor to run as root; "
                     f"remove {which} or start gearvisor as root")
         pools[name] = PoolConfig(
             name=name,

@@ -1,0 +1,422 @@
+"""Config: defaults, per-pool overrides, and errors that name file, line, key path and value."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from gearvisor import config
+from gearvisor.config import (
+    SETTINGS,
+    BackoffConfig,
+    ConfigError,
+    Invalid,
+    KeepaliveConfig,
+    Server,
+    duration,
+    markdown_reference,
+    parse,
+    servers,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+MINIMAL = """\
+pools:
+  text:
+    functions:
+      reverse: "examples.text:reverse"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "pools.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def errors(tmp_path: Path, text: str, *, euid: int = 1000) -> tuple[str, Path, ConfigError]:
+    """Parse a config that must fail; return its error text, its path and the error."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        parse(text, str(path), euid=euid)
+    return str(info.value), path, info.value
+
+
+# ---------------------------------------------------------------------------------------------
+# Good configs
+
+
+def test_minimal_config_gets_every_default(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    cfg = config.load(str(path))
+    assert cfg.path == str(path)
+    assert cfg.pythonpath == (str(tmp_path),)
+    assert cfg.log_level == "info"
+    assert cfg.log_format == "auto"
+    assert cfg.graceful_timeout == 30.0
+    assert list(cfg.pools) == ["text"]
+    pool = cfg.pools["text"]
+    assert pool.name == "text"
+    assert pool.processes == 1
+    assert pool.functions == {"reverse": "examples.text:reverse"}
+    assert pool.servers == (Server("127.0.0.1", 4730),)
+    assert pool.graceful_timeout == 30.0
+    assert pool.connect_timeout == 5.0
+    assert pool.reconnect_max_delay == 2.0
+    assert pool.backoff == BackoffConfig(initial=0.1, max=30.0, multiplier=2.0, jitter=0.1,
+                                         reset_after=10.0)
+    assert pool.keepalive == KeepaliveConfig(idle=30, interval=10, count=3)
+    assert pool.env == {}
+    assert pool.cwd == str(tmp_path)
+    assert pool.user is None and pool.group is None
+    assert pool.rlimit_nofile is None
+    assert pool.client_id_prefix == (socket.gethostname().split(".")[0] or "gearvisor")
+    assert pool.exception_packet == "warning"
+
+
+def test_top_level_defaults_and_per_pool_overrides(tmp_path: Path) -> None:
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "work").mkdir()
+    text = """\
+servers: ["gm1:4731", "[::1]:4730"]
+pythonpath: [lib]
+graceful_timeout: 2m
+connect_timeout: 500ms
+log_level: debug
+backoff:
+  max: 60
+  multiplier: 3
+keepalive:
+  idle: 60
+env:
+  A: "1"
+  B: two
+  FLAG: true
+pools:
+  images:
+    processes: 4
+    functions:
+      resize: "examples.images:resize"
+    servers: gm3
+    graceful_timeout: 30
+    backoff:
+      initial: 1s
+      jitter: 0
+    keepalive:
+      count: 9
+    env:
+      B: three
+      C: 4
+    cwd: work
+    rlimit_nofile: 4096
+    client_id_prefix: web-1
+    exception_packet: exception
+  text:
+    functions:
+      reverse: "examples.text:reverse"
+"""
+    cfg = parse(text, str(write(tmp_path, text)))
+    assert cfg.pythonpath == (str(tmp_path / "lib"), str(tmp_path))
+    assert cfg.graceful_timeout == 120.0
+    assert cfg.log_level == "debug"
+
+    images = cfg.pools["images"]
+    assert images.processes == 4
+    assert images.servers == (Server("gm3", 4730),)
+    assert images.graceful_timeout == 30.0
+    assert images.connect_timeout == 0.5
+    # Nested blocks merge key by key: the pool's keys over the top level's over the defaults.
+    assert images.backoff == BackoffConfig(initial=1.0, max=60.0, multiplier=3.0, jitter=0.0,
+                                           reset_after=10.0)
+    assert images.keepalive == KeepaliveConfig(idle=60, interval=10, count=9)
+    assert images.env == {"A": "1", "B": "three", "C": "4", "FLAG": "true"}
+    assert images.cwd == str(tmp_path / "work")
+    assert images.rlimit_nofile == 4096
+    assert images.client_id_prefix == "web-1"
+    assert images.exception_packet == "exception"
+    assert images.log_level == "debug"
+
+    text_pool = cfg.pools["text"]
+    assert text_pool.processes == 1
+    assert text_pool.servers == (Server("gm1", 4731), Server("::1", 4730))
+    assert text_pool.graceful_timeout == 120.0
+    assert text_pool.backoff == BackoffConfig(initial=0.1, max=60.0, multiplier=3.0,
+                                              jitter=0.1, reset_after=10.0)
+    assert text_pool.keepalive == KeepaliveConfig(idle=60, interval=10, count=3)
+    assert text_pool.env == {"A": "1", "B": "two", "FLAG": "true"}
+    assert text_pool.cwd == str(tmp_path)
+
+
+def test_user_and_group_accepted_as_root(tmp_path: Path) -> None:
+    text = MINIMAL + "    user: root\n    group: root\n"
+    pool = parse(text, str(write(tmp_path, text)), euid=0).pools["text"]
+    assert (pool.user, pool.group) == ("root", "root")
+
+
+# ---------------------------------------------------------------------------------------------
+# Value parsers
+
+
+@pytest.mark.parametrize(("raw", "seconds"), [
+    (30, 30.0), (0, 0.0), (1.5, 1.5), ("30", 30.0), ("30s", 30.0), ("500ms", 0.5),
+    ("2m", 120.0), ("1h", 3600.0), ("0.25s", 0.25), (" 10 s ", 10.0),
+])
+def test_duration(raw: object, seconds: float) -> None:
+    assert duration(raw) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("raw", [-1, "-1s", "2 minutes", "ms", "", True, None, [1], "1d"])
+def test_bad_duration(raw: object) -> None:
+    with pytest.raises(Invalid, match="duration"):
+        duration(raw)
+
+
+def test_duration_rejects_nan_and_infinity() -> None:
+    # A NaN backoff would make every restart delay 0: a crash loop with no delay.
+    for bad in (math.nan, math.inf):
+        with pytest.raises(Invalid):
+            duration(bad)
+
+
+@pytest.mark.parametrize(("raw", "parsed"), [
+    ("[::1]:4730", (Server("::1", 4730),)),
+    ("[::1]", (Server("::1", 4730),)),
+    ("gm1", (Server("gm1", 4730),)),
+    ("10.0.0.5:4731", (Server("10.0.0.5", 4731),)),
+    (["a:1", "b"], (Server("a", 1), Server("b", 4730))),
+])
+def test_servers(raw: object, parsed: tuple[Server, ...]) -> None:
+    assert servers(raw) == parsed
+
+
+def test_server_str_brackets_ipv6() -> None:
+    assert [str(s) for s in servers(["[::1]:4730", "gm1"])] == ["[::1]:4730", "gm1:4730"]
+
+
+def test_duplicate_servers_rejected_even_via_default_port() -> None:
+    with pytest.raises(Invalid, match="same server twice"):
+        servers(["gm1", "gm1:4730"])
+
+
+@pytest.mark.parametrize("raw", ["h:0", "h:65536", "::1:4730", "a b", [], 4730, ["ok", 1]])
+def test_bad_servers(raw: object) -> None:
+    with pytest.raises(Invalid):
+        servers(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad configs: the text names file, line, key path and value
+
+
+def test_bad_value_names_file_line_key_and_value(tmp_path: Path) -> None:
+    text = """\
+pools:
+  images:
+    processes: four
+    functions:
+      resize: "examples.images:resize"
+"""
+    msg, path, err = errors(tmp_path, text)
+    assert msg == (f"{path}:3: pools.images.processes: expected a whole number >= 0, "
+                   "got 'four'")
+    assert err.file == str(path)
+    assert [(p.path, p.line) for p in err.problems] == [("pools.images.processes", 3)]
+
+
+def test_bad_nested_value_names_dotted_path(tmp_path: Path) -> None:
+    text = MINIMAL + "    backoff:\n      jitter: 2\n"
+    msg, path, _ = errors(tmp_path, text)
+    assert msg == f"{path}:6: pools.text.backoff.jitter: expected a number from 0.0 to 1.0, got 2"
+
+
+def test_duplicate_servers_error_in_file(tmp_path: Path) -> None:
+    text = 'servers: [gm1, "gm1:4730"]\n' + MINIMAL
+    msg, path, _ = errors(tmp_path, text)
+    assert msg == f"{path}:1: servers: lists the same server twice, got ['gm1', 'gm1:4730']"
+
+
+def test_bad_server_item_names_its_index(tmp_path: Path) -> None:
+    text = "servers:\n  - gm1\n  - gm2:99999\n" + MINIMAL
+    msg, path, _ = errors(tmp_path, text)
+    assert msg == f"{path}:3: servers.1: expected a port from 1 to 65535, got 'gm2:99999'"
+
+
+def test_unknown_key_with_suggestion(tmp_path: Path) -> None:
+    text = "log_levle: debug\n" + MINIMAL + "    procesess: 2\n"
+    msg, path, err = errors(tmp_path, text)
+    lines = msg.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f'{path}:1: log_levle: unknown key; did you mean "log_level"?')
+    assert lines[1].startswith(
+        f'{path}:6: pools.text.procesess: unknown key; did you mean "processes"?')
+    # A pool-only key is not offered at the top level, and vice versa.
+    assert "processes" not in lines[0]
+    assert "pythonpath" not in lines[1]
+
+
+def test_unknown_nested_key_with_suggestion(tmp_path: Path) -> None:
+    text = "backoff:\n  intial: 1\n" + MINIMAL
+    msg, path, _ = errors(tmp_path, text)
+    assert msg == (f'{path}:2: backoff.intial: unknown key; did you mean "initial"? '
+                   "(known: initial, jitter, max, multiplier, reset_after)")
+
+
+def test_unknown_key_without_a_close_match(tmp_path: Path) -> None:
+    text = "zzzz: 1\n" + MINIMAL
+    msg, path, _ = errors(tmp_path, text)
+    assert msg.startswith(f"{path}:1: zzzz: unknown key (known: ")
+    assert "did you mean" not in msg
+
+
+def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
+    text = "pools:\n  text:\n    functions: [a\n    processes: 2\n"
+    msg, path, err = errors(tmp_path, text)
+    assert msg.startswith(f"{path}:4: YAML syntax error column ")
+    assert err.problems[0].line == 4
+
+
+def test_duplicate_key(tmp_path: Path) -> None:
+    text = MINIMAL + "    processes: 2\n    processes: 3\n"
+    msg, path, _ = errors(tmp_path, text)
+    assert msg == f"{path}:6: pools.text.processes: key is given twice; remove one"
+
+
+def test_missing_functions(tmp_path: Path) -> None:
+    text = "pools:\n  text:\n    processes: 2\n"
+    msg, path, _ = errors(tmp_path, text)
+    assert msg == (f'{path}:2: pools.text: missing "functions": map each gearman function '
+                   'name to "module:callable"')
+
+
+def test_missing_pools(tmp_path: Path) -> None:
+    msg, path, _ = errors(tmp_path, "log_level: info\n")
+    assert msg.startswith(f"{path}:1: pools: expected a mapping of pool name")
+    assert msg.endswith("got None")
+
+
+@pytest.mark.parametrize("target", ["nocolon", "mod:", ":attr", "mod:a b", "1mod:f"])
+def test_bad_module_callable(tmp_path: Path, target: str) -> None:
+    text = f'pools:\n  text:\n    functions:\n      reverse: "{target}"\n'
+    msg, path, _ = errors(tmp_path, text)
+    assert msg == (f'{path}:4: pools.text.functions.reverse: expected "module:callable" such '
+                   f'as "examples.text:reverse", got {target!r}')
+
+
+def test_missing_pythonpath_directory(tmp_path: Path) -> None:
+    text = "pythonpath:\n  - .\n  - nowhere\n" + MINIMAL
+    msg, path, _ = errors(tmp_path, text)
+    assert msg == f"{path}:3: pythonpath.1: directory {tmp_path / 'nowhere'} does not exist"
+
+
+def test_missing_cwd_directory(tmp_path: Path) -> None:
+    text = MINIMAL + "    cwd: ../nowhere-gearvisor-test\n"
+    msg, path, _ = errors(tmp_path, text)
+    missing = os.path.normpath(tmp_path / ".." / "nowhere-gearvisor-test")
+    assert msg == f"{path}:5: pools.text.cwd: directory {missing} does not exist"
+
+
+def test_missing_top_level_cwd_is_reported_where_it_is_written(tmp_path: Path) -> None:
+    text = "cwd: nowhere\n" + MINIMAL
+    msg, path, _ = errors(tmp_path, text)
+    assert msg == f"{path}:1: cwd: directory {tmp_path / 'nowhere'} does not exist"
+
+
+@pytest.mark.parametrize("which", ["user", "group"])
+def test_user_or_group_needs_root(tmp_path: Path, which: str) -> None:
+    text = MINIMAL + f"    {which}: root\n"
+    msg, path, _ = errors(tmp_path, text, euid=1000)
+    assert msg == (f"{path}:5: pools.text.{which}: switching {which} needs gearvisor to run as "
+                   f"root; remove {which} or start gearvisor as root")
+
+
+def test_unknown_user(tmp_path: Path) -> None:
+    text = MINIMAL + "    user: no-such-user-gearvisor\n"
+    msg, path, _ = errors(tmp_path, text, euid=0)
+    assert msg == (f"{path}:5: pools.text.user: expected a user that exists on this machine, "
+                   "got 'no-such-user-gearvisor'")
+
+
+def test_backoff_max_below_initial(tmp_path: Path) -> None:
+    text = MINIMAL + "    backoff:\n      initial: 5\n      max: 1\n"
+    msg, path, _ = errors(tmp_path, text)
+    assert msg == f"{path}:7: pools.text.backoff.max: must be >= backoff.initial (5.0), got 1.0"
+
+
+def test_bad_env(tmp_path: Path) -> None:
+    text = MINIMAL + "    env:\n      GOOD: 1\n      NESTED: {a: 1}\n"
+    msg, path, _ = errors(tmp_path, text)
+    assert msg == f"{path}:7: pools.text.env.NESTED: expected a string or number, got {{'a': 1}}"
+
+
+def test_several_problems_reported_at_once_in_line_order(tmp_path: Path) -> None:
+    text = """\
+log_level: loud
+pools:
+  images:
+    processes: four
+    functions:
+      resize: nocolon
+  text:
+    graceful_timeout: soon
+    user: root
+"""
+    msg, path, err = errors(tmp_path, text, euid=1000)
+    assert [(p.line, p.path) for p in err.problems] == [
+        (1, "log_level"),
+        (4, "pools.images.processes"),
+        (6, "pools.images.functions.resize"),
+        (7, "pools.text"),  # missing functions
+        (8, "pools.text.graceful_timeout"),
+        (9, "pools.text.user"),
+    ]
+    assert msg.splitlines()[0] == (f"{path}:1: log_level: expected one of debug, info, warning, "
+                                   "error, got 'loud'")
+    assert f"{path}:8: pools.text.graceful_timeout: expected a duration" in msg
+    assert "got 'soon'" in msg
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    msg, path, _ = errors(tmp_path, "- a\n- b\n")
+    assert msg == f"{path}:1: expected a mapping at the top, got ['a', 'b']"
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path))
+    assert str(info.value).startswith(f"{path}: file not found")
+
+
+# ---------------------------------------------------------------------------------------------
+# Docs generated from SETTINGS
+
+
+def test_markdown_reference_lists_every_setting() -> None:
+    table = markdown_reference()
+    rows = table.splitlines()
+    assert rows[0] == "| key | where | default | meaning |"
+    assert len(rows) == 2 + len(SETTINGS)
+    for setting, row in zip(SETTINGS, rows[2:], strict=True):
+        assert row.startswith(f"| `{setting.key}` |")
+        assert setting.doc in row
+    assert "| `functions` | pool | required |" in table
+    assert '| `servers` | top level or pool | `["127.0.0.1:4730"]` |' in table
+
+
+def test_readme_contains_the_generated_reference() -> None:
+    readme = REPO / "README.md"
+    if not readme.exists():
+        pytest.skip("README.md does not exist yet")
+    assert markdown_reference() in readme.read_text()
+
+
+def test_top_level_cwd_shared_by_two_pools_is_reported_once(tmp_path: Path) -> None:
+    text = ("cwd: nowhere\npools:\n  a:\n    functions: {f: m:f}\n"
+            "  b:\n    functions: {g: m:g}\n")
+    msg, path, _ = errors(tmp_path, text)
+    assert msg == f"{path}:1: cwd: directory {tmp_path / 'nowhere'} does not exist"
