@@ -2,8 +2,11 @@
 
 Signal handlers only queue the signal number (gunicorn's arbiter); the loop dispatches
 `handle_<name>`. SIGCHLD reaps with waitpid(-1, WNOHANG) until nothing is left. Each child
-has a pipe of JSON-line events back to the master (ready, boot_error). Every timer uses
-time.monotonic().
+has a pipe of JSON-line events back to the master (ready, boot_error) and a shared-memory
+scoreboard (its job counters and current job). The control socket is served from the same
+loop. Every timer uses time.monotonic().
+
+What to fork or retire is decided by pool.Pool.plan(); this module only does the I/O.
 """
 
 from __future__ import annotations
@@ -13,39 +16,62 @@ import json
 import os
 import selectors
 import signal
+import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from setproctitle import setproctitle
 
 from . import log as logmod
 from .child import run_child
-from .config import Config
-from .pool import ExitKind, Pool, Slot
+from .config import Config, ConfigError, load
+from .control import MAX_REQUEST, ControlError, ControlServer, default_socket_path, send_reply
+from .notify import Notifier
+from .pool import ExitKind, Pool, Retire, Spawn
 from .process import EXIT_BOOT_ERROR, Child, ChildState, describe_status
+from .scoreboard import Scoreboard
+from .status import fleet_status, summary
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGCHLD)
 QUIT_TIMEOUT = 2.0  # fast stop: how long children get to die from SIGQUIT before SIGKILL
+RETIRE_SIGNAL = signal.SIGHUP  # "finish your current job, then exit 0"
+
+
+@dataclass
+class _Client:
+    """One control-socket connection: its request buffer, then (for reload) its wait."""
+
+    sock: socket.socket
+    buf: bytearray = field(default_factory=bytearray)
+    waits_for: tuple[str, ...] = ()  # pools whose roll must finish before the reply
+    verb: str = ""
 
 
 class Arbiter:
-    """Forks and watches every pool's children; stops them all on SIGTERM/SIGINT/SIGQUIT."""
+    """Forks and watches every pool's children, rolls them on reload, stops them on exit."""
 
-    def __init__(self, config: Config, clock=time.monotonic) -> None:
+    def __init__(self, config: Config, clock=time.monotonic,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
         self.clock = clock
         self.pid = os.getpid()
+        self.started_at = clock()
         self.log = logmod.get()
         self.pools: dict[str, Pool] = {name: Pool(pc) for name, pc in config.pools.items()}
-        self.children: dict[int, tuple[Child, Pool, Slot]] = {}
-        self.by_event_fd: dict[int, int] = {}
+        self.children: dict[int, tuple[Child, Pool]] = {}
         self.signal_queue: collections.deque[int] = collections.deque()
         self.sel = selectors.DefaultSelector()
         self.stopping: str | None = None  # None, "graceful" or "fast"
         self.stop_deadline = 0.0
-        self.all_ready_logged = False
+        self.notifier = notifier or Notifier()
+        self.next_watchdog = 0.0
+        self.announced_ready = False  # READY=1 sent for start-up or the last reload
+        self.reloads = 0
+        self.waiting: list[_Client] = []  # reload/restart requests waiting for their roll
+        self.control = ControlServer(config.control_socket or default_socket_path())
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -59,7 +85,7 @@ class Arbiter:
             os.set_blocking(fd, False)
             os.set_inheritable(fd, False)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake",))
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, self._signal_handler)
 
@@ -67,9 +93,16 @@ class Arbiter:
 
     def run(self) -> int:
         """Run until stopped; return the process exit code."""
+        try:
+            listener = self.control.open()
+        except ControlError as e:
+            self.log.error("cannot open the control socket", error=str(e))
+            return 1
+        self.sel.register(listener, selectors.EVENT_READ, ("listen",))
         setproctitle(f"gearvisor: master -c {self.config.path}")
         self._install_signals()
         self.log.info("master started", config=self.config.path,
+                      control_socket=self.control.path,
                       pools={n: p.config.processes for n, p in self.pools.items()})
         while True:
             now = self.clock()
@@ -82,26 +115,43 @@ class Arbiter:
                     self.murder_children()
             else:
                 self.manage_pools(now)
+                self.kill_overdue(now)
+                self.report_progress()
+            self.tick_systemd(now)
             for key, _ in self.sel.select(self._timeout(self.clock())):
-                if key.data is None:
-                    self._drain(self._wake_r)
-                else:
-                    self.read_events(key.data)
+                self.dispatch(key)
+        self.notifier.close()
         self.log.info("master stopped")
         return 0
+
+    def dispatch(self, key: selectors.SelectorKey) -> None:
+        kind = key.data[0]
+        if kind == "wake":
+            self._drain(self._wake_r)
+        elif kind == "child":
+            entry = self.children.get(key.data[1])
+            if entry is not None:
+                self._read_pipe(*entry)
+        elif kind == "listen":
+            self.accept_control()
+        elif kind == "client":
+            self.read_control(key.data[1])
 
     def _timeout(self, now: float) -> float:
         if self.signal_queue:
             return 0.0
-        timeout = 5.0
+        deadlines = [now + 5.0]
         if self.stopping:
-            timeout = min(timeout, self.stop_deadline - now)
+            deadlines.append(self.stop_deadline)
         else:
             for pool in self.pools.values():
                 due = pool.next_due()
                 if due is not None:
-                    timeout = min(timeout, due - now)
-        return max(0.0, timeout)
+                    deadlines.append(due)
+            deadlines += [c.kill_at for c, _ in self.children.values() if c.kill_at]
+        if self.notifier.watchdog_interval:
+            deadlines.append(self.next_watchdog)
+        return max(0.0, min(deadlines) - now)
 
     @staticmethod
     def _drain(fd: int) -> None:
@@ -134,26 +184,29 @@ class Arbiter:
         self.stop(fast=True, why="SIGQUIT")
 
     def handle_hup(self) -> None:
-        self.log.warning("SIGHUP received; graceful reload is not implemented yet, ignoring")
+        self.reload(why="SIGHUP")
 
     # -- children -------------------------------------------------------------------------------
 
     def manage_pools(self, now: float) -> None:
-        """Start a child in every slot that is empty and past its backoff."""
-        for pool in self.pools.values():
-            for slot in pool.due(now):
-                self.spawn_child(pool, slot, now)
-        if not self.all_ready_logged and self.children and all(
-                c.state is ChildState.READY for c, _, _ in self.children.values()) and not any(
-                p.due(now) or p.backing_off for p in self.pools.values()):
-            self.all_ready_logged = True
-            self.log.info("all pools ready", children=len(self.children))
+        """Carry out each pool's plan: fill empty slots, push rolls forward, scale."""
+        for name, pool in list(self.pools.items()):
+            for action in pool.plan(now):
+                if isinstance(action, Spawn):
+                    self.spawn_child(pool, action, now)
+                else:
+                    self.retire(pool, action, now)
+            if pool.removed and not pool.children():
+                del self.pools[name]
+                self.log.info("pool removed", pool=name)
 
-    def spawn_child(self, pool: Pool, slot: Slot, now: float) -> None:
-        """Fork one child into `slot`. The record is built before fork; the child's
+    def spawn_child(self, pool: Pool, action: Spawn, now: float) -> None:
+        """Fork one child for `action`. The record is built before fork; the child's
         process-wide changes happen only after it."""
+        slot = action.slot
         child = Child(pool=pool.name, slot=slot.index, generation=pool.generation,
                       started_at=now)
+        child.scoreboard = Scoreboard()
         r, w = os.pipe()
         os.set_blocking(w, False)
         blocked = set(HANDLED_SIGNALS)
@@ -164,32 +217,36 @@ class Arbiter:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
             os.close(r)
             os.close(w)
-            slot.restart_at = now + slot.backoff.failure(now, now)
+            child.scoreboard.close()
+            if not action.successor:
+                slot.restart_at = now + slot.backoff.failure(now, now)
             self.log.error("fork failed", pool=pool.name, slot=slot.index, error=str(e))
             return
         if pid == 0:
             os.close(r)
             run_child(self.config, pool.config, slot.index, pool.generation, w, self.pid,
-                      blocked)
+                      blocked, child.scoreboard)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
         os.close(w)
         os.set_blocking(r, False)
         child.pid = pid
         child.event_fd = r
-        slot.child = child
-        self.children[pid] = (child, pool, slot)
-        self.by_event_fd[r] = pid
-        self.sel.register(r, selectors.EVENT_READ, pid)
+        pool.placed(action, child)
+        self.children[pid] = (child, pool)
+        self.sel.register(r, selectors.EVENT_READ, ("child", pid))
         self.log.debug("child spawned", pool=pool.name, slot=slot.index, child_pid=pid,
-                       generation=pool.generation)
+                       generation=pool.generation, successor=action.successor)
 
-    def read_events(self, pid: int) -> None:
-        """Read JSON-line events from one child's pipe (the selector's callback)."""
-        entry = self.children.get(pid)
-        if entry is not None:
-            self._read_pipe(*entry)
+    def retire(self, pool: Pool, action: Retire, now: float) -> None:
+        """Tell a child to finish its current job and exit; SIGKILL it after
+        graceful_timeout."""
+        child = action.child
+        pool.retiring(child)
+        self.log.info("retiring child", pool=pool.name, slot=child.slot, child_pid=child.pid,
+                      generation=child.generation, why=action.why)
+        self.kill_child(child.pid, RETIRE_SIGNAL, now, pool.config.graceful_timeout)
 
-    def _read_pipe(self, child: Child, pool: Pool, slot: Slot) -> bool:
+    def _read_pipe(self, child: Child, pool: Pool) -> bool:
         """Handle what the pipe holds now; return False once it reached end of file."""
         try:
             data = os.read(child.event_fd, 65536)
@@ -210,22 +267,26 @@ class Arbiter:
                 self.log.warning("unreadable event from child", pool=pool.name,
                                  child_pid=child.pid, line=line[:200].decode(errors="replace"))
                 continue
-            self.handle_event(child, pool, slot, event)
+            self.handle_event(child, pool, event)
         return True
 
-    def handle_event(self, child: Child, pool: Pool, slot: Slot, event: dict) -> None:
+    def handle_event(self, child: Child, pool: Pool, event: dict) -> None:
         kind = event.get("event")
         if kind == "ready":
-            if child.state is ChildState.STARTING:
-                child.transition(ChildState.READY)  # STARTING -> READY
-                child.ready_at = self.clock()
-                failures = pool.child_ready(slot)
-                if failures:
-                    self.log.info("child recovered", pool=pool.name, slot=slot.index,
-                                  child_pid=child.pid, after_failures=failures)
-                else:
-                    self.log.debug("child ready", pool=pool.name, slot=slot.index,
-                                   child_pid=child.pid)
+            if child.state is not ChildState.STARTING:
+                return  # told to stop before it got here: it is not serving
+            child.transition(ChildState.READY)  # STARTING -> READY
+            child.ready_at = self.clock()
+            failures, replaced = pool.child_ready(child)
+            ctx = dict(pool=pool.name, slot=child.slot, child_pid=child.pid,
+                       generation=child.generation)
+            if failures:
+                self.log.info("child recovered", after_failures=failures, **ctx)
+            else:
+                self.log.debug("child ready", **ctx)
+            if replaced is not None:
+                self.retire(pool, Retire(replaced, f"replaced by generation {child.generation}"
+                                         f" (pid {child.pid})"), self.clock())
         elif kind == "boot_error":
             child.boot_error = str(event.get("reason", "unknown"))
 
@@ -236,7 +297,6 @@ class Arbiter:
             self.sel.unregister(child.event_fd)
         except (KeyError, ValueError):
             pass
-        self.by_event_fd.pop(child.event_fd, None)
         os.close(child.event_fd)
         child.event_fd = -1
 
@@ -252,25 +312,32 @@ class Arbiter:
             entry = self.children.pop(pid, None)
             if entry is None:
                 continue  # not ours (or already handled)
-            child, pool, slot = entry
+            child, pool = entry
             # The child is dead, so its pipe holds all it will ever write (a boot_error is
             # written just before exit): read to end of file before deciding.
-            while child.event_fd >= 0 and self._read_pipe(child, pool, slot):
+            while child.event_fd >= 0 and self._read_pipe(child, pool):
                 pass
-            requested = child.stop_requested_at is not None
             child.transition(ChildState.EXITED)  # any -> EXITED
-            self.on_child_exit(child, pool, slot, status, requested)
+            self.on_child_exit(child, pool, status)
+            if child.scoreboard is not None:
+                child.scoreboard.close()
 
-    def on_child_exit(self, child: Child, pool: Pool, slot: Slot, status: int,
-                      requested: bool) -> None:
+    def on_child_exit(self, child: Child, pool: Pool, status: int) -> None:
         now = self.clock()
         code, _sig, words = describe_status(status)
-        decision = pool.child_exited(slot, child, code, now, stopping=bool(self.stopping),
-                                     requested=requested)
-        ctx = dict(pool=pool.name, slot=slot.index, child_pid=child.pid, status=words,
-                   uptime=round(now - child.started_at, 3))
+        decision = pool.child_exited(child, code, now, stopping=bool(self.stopping))
+        ctx = dict(pool=pool.name, slot=child.slot, child_pid=child.pid, status=words,
+                   generation=child.generation, uptime=round(now - child.started_at, 3))
+        job = child.scoreboard.read() if child.scoreboard is not None else None
+        if job is not None and job.busy and decision.kind is not ExitKind.STOPPED:
+            ctx.update(function=job.function, handle=job.handle, unique=job.unique)
         if decision.kind is ExitKind.STOPPED:
-            self.log.debug("child stopped", **ctx)
+            level = self.log.debug if code == 0 else self.log.warning
+            level("child stopped", **ctx)
+            return
+        if decision.kind is ExitKind.ROLL_FAILED:
+            self.log.error("roll halted: a new child failed before it was ready; the old "
+                           "children keep serving", reason=pool.halted, **ctx)
             return
         retry = {} if decision.restart_in is None else {"retry_in": round(decision.restart_in,
                                                                          3)}
@@ -287,12 +354,209 @@ class Arbiter:
             level("child crashed; restarting with backoff", streak=decision.streak, **retry,
                   **ctx)
 
+    def kill_overdue(self, now: float) -> None:
+        """SIGKILL retired children that outlived their graceful_timeout."""
+        for pid, (child, pool) in list(self.children.items()):
+            if child.kill_at is not None and now >= child.kill_at:
+                self.log.warning("child did not finish in time; killing", pool=pool.name,
+                                 slot=child.slot, child_pid=pid,
+                                 graceful_timeout=pool.config.graceful_timeout)
+                child.kill_at = now + 5.0  # if SIGKILL does not reap it, say so again later
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    # -- reload ---------------------------------------------------------------------------------
+
+    def reload(self, why: str, client: _Client | None = None) -> None:
+        """Re-read the config; refuse it whole if invalid, else roll every pool to it."""
+        try:
+            new = load(self.config.path)
+        except ConfigError as e:
+            self.log.error("reload refused: invalid config; the fleet keeps its old config",
+                           trigger=why, error=e.render())
+            if client is not None:
+                self.reply(client, {"ok": False, "error": f"invalid config, nothing changed\n"
+                                                          f"{e.render()}"})
+            return
+        if (new.control_socket or default_socket_path()) != self.control.path:
+            self.log.warning("control_socket changed; it takes effect on the next start",
+                             running=self.control.path)
+        self.reloads += 1
+        self.notifier.reloading()
+        self.announced_ready = False
+        if (new.log_level, new.log_format) != (self.config.log_level, self.config.log_format):
+            logmod.configure(new.log_level, new.log_format)
+            self.log = logmod.get()
+        self.config = new
+        now = self.clock()
+        for name, pc in new.pools.items():
+            pool = self.pools.get(name)
+            if pool is None:
+                self.pools[name] = Pool(pc)
+                self.log.info("pool added", pool=name, processes=pc.processes)
+                continue
+            pool.removed = False
+            for action in pool.roll(pc):
+                self.retire(pool, action, now)
+        for name, pool in self.pools.items():
+            if name not in new.pools and not pool.removed:
+                pool.remove()
+                self.log.info("pool removed from the config; draining", pool=name)
+        self.log.info("reloading: rolling every pool to new code and config", trigger=why,
+                      pools={n: p.generation for n, p in self.pools.items() if not p.removed})
+        if client is not None:
+            client.waits_for = tuple(self.pools)
+            self.waiting.append(client)
+
+    def restart_pool(self, pool: Pool, client: _Client) -> None:
+        now = self.clock()
+        for action in pool.roll():
+            self.retire(pool, action, now)
+        self.log.info("restarting pool: rolling to a new generation", pool=pool.name,
+                      generation=pool.generation)
+        client.waits_for = (pool.name,)
+        self.waiting.append(client)
+
+    def report_progress(self) -> None:
+        """Answer reload/restart requests whose rolls have finished (or halted), and tell
+        systemd READY=1 once start-up or a reload has settled."""
+        if not self.announced_ready and all(
+                p.settled() and p.progress()[0] for p in self.pools.values() if not p.removed):
+            self.announced_ready = True
+            self.notifier.ready(summary(self))
+            self.log.info("all pools ready" if not self.reloads else "reload finished",
+                          children=len(self.children))
+        for client in list(self.waiting):
+            results = {}
+            for name in client.waits_for:
+                pool = self.pools.get(name)
+                if pool is None:
+                    results[name] = {"result": "removed"}
+                    continue
+                finished, problem = pool.progress()
+                if not finished:
+                    break
+                results[name] = {"generation": pool.generation,
+                                 "result": "removed" if pool.removed else (problem or "ok")}
+                if problem:
+                    results[name]["error"] = problem
+            else:
+                self.waiting.remove(client)
+                ok = not any("error" in r for r in results.values())
+                self.reply(client, {"ok": ok, "pools": results})
+
+    # -- control socket -------------------------------------------------------------------------
+
+    def accept_control(self) -> None:
+        while True:
+            accepted = self.control.accept()
+            if accepted is None:
+                return
+            sock, uid = accepted
+            if not self.control.allowed(uid):
+                self.log.warning("control connection refused", peer_uid=uid)
+                send_reply(sock, {"ok": False, "error": f"uid {uid} may not control this "
+                                  "master; run as its user or root"})
+                continue
+            client = _Client(sock)
+            self.sel.register(sock, selectors.EVENT_READ, ("client", client))
+
+    def read_control(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        client.buf += data
+        if not data or len(client.buf) > MAX_REQUEST:
+            self._drop_client(client)
+            return
+        if b"\n" not in client.buf:
+            return
+        self.sel.unregister(client.sock)
+        try:
+            request = json.loads(bytes(client.buf).partition(b"\n")[0])
+            if not isinstance(request, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            self.reply(client, {"ok": False, "error": f"unreadable request: {e}"})
+            return
+        self.handle_request(client, request)
+
+    def _drop_client(self, client: _Client) -> None:
+        try:
+            self.sel.unregister(client.sock)
+        except (KeyError, ValueError):
+            pass
+        client.sock.close()
+
+    def reply(self, client: _Client, body: dict) -> None:
+        send_reply(client.sock, body)
+
+    def handle_request(self, client: _Client, request: dict) -> None:
+        verb = str(request.get("verb", ""))
+        client.verb = verb
+        if self.stopping and verb != "status":
+            self.reply(client, {"ok": False, "error": "the master is stopping"})
+            return
+        if verb == "status":
+            self.reply(client, {"ok": True, "status": fleet_status(self, self.clock())})
+        elif verb == "reload":
+            self.reload(why="gearvisor reload", client=client)
+        elif verb == "stop":
+            self.reply(client, {"ok": True, "pid": self.pid})
+            self.stop(fast=False, why="gearvisor stop")
+        elif verb in ("restart", "scale"):
+            name = str(request.get("pool", ""))
+            pool = self.pools.get(name)
+            if pool is None or pool.removed:
+                known = ", ".join(sorted(n for n, p in self.pools.items() if not p.removed))
+                self.reply(client, {"ok": False, "error": f"no pool named {name!r}; pools: "
+                                                          f"{known or '(none)'}"})
+            elif verb == "restart":
+                self.restart_pool(pool, client)
+            else:
+                self.scale(pool, request.get("processes"), client)
+        else:
+            self.reply(client, {"ok": False, "error": f"unknown request {verb!r}; expected "
+                                "status, reload, stop, restart or scale"})
+
+    def scale(self, pool: Pool, processes: Any, client: _Client) -> None:
+        if not isinstance(processes, int) or isinstance(processes, bool) or processes < 0:
+            self.reply(client, {"ok": False, "error": f"scale {pool.name}: expected a whole "
+                                f"number >= 0, got {processes!r}"})
+            return
+        before = pool.desired
+        pool.scaled_to = processes
+        self.log.info("scaling pool", pool=pool.name, before=before, after=processes,
+                      note="until the next reload that changes its processes")
+        self.reply(client, {"ok": True, "pool": pool.name, "before": before,
+                            "after": processes})
+
+    # -- systemd --------------------------------------------------------------------------------
+
+    def tick_systemd(self, now: float) -> None:
+        if not self.notifier.enabled:
+            return
+        self.notifier.status(summary(self))
+        if self.notifier.watchdog_interval and now >= self.next_watchdog:
+            self.notifier.watchdog()
+            self.next_watchdog = now + self.notifier.watchdog_interval
+
     # -- stopping -------------------------------------------------------------------------------
 
     def stop(self, fast: bool, why: str) -> None:
         """Graceful: children finish their current job (up to graceful_timeout), then SIGKILL.
         Fast: SIGQUIT now, SIGKILL after QUIT_TIMEOUT."""
         now = self.clock()
+        if not self.stopping:
+            self.notifier.stopping()
+            for client in self.waiting:
+                self.reply(client, {"ok": False, "error": f"the master is stopping ({why})"})
+            self.waiting.clear()
         if fast:
             if self.stopping == "fast":
                 return
@@ -300,7 +564,7 @@ class Arbiter:
             self.stop_deadline = now + QUIT_TIMEOUT
             self.log.info("fast stop", signal=why, children=len(self.children))
             for pid in list(self.children):
-                self.kill_child(pid, signal.SIGQUIT, now)
+                self.kill_child(pid, signal.SIGQUIT, now, force=True)
             return
         if self.stopping:
             return
@@ -312,16 +576,22 @@ class Arbiter:
         for pid in list(self.children):
             self.kill_child(pid, signal.SIGTERM, now)
 
-    def kill_child(self, pid: int, sig: int, now: float) -> None:
-        """Send `sig`; marks the child as draining so its exit is not counted as a crash."""
+    def kill_child(self, pid: int, sig: int, now: float, graceful_timeout: float | None = None,
+                   force: bool = False) -> None:
+        """Ask a child to stop. A child already draining is not asked again (it is finishing
+        a job; a second graceful signal would only restart its own alarm) unless `force`."""
         entry = self.children.get(pid)
         if entry is None:
             return
         child = entry[0]
+        if child.state is ChildState.DRAINING and not force:
+            return
         if child.state in (ChildState.STARTING, ChildState.READY):
             child.transition(ChildState.DRAINING)  # STARTING/READY -> DRAINING
         if child.stop_requested_at is None:
             child.stop_requested_at = now
+        if graceful_timeout is not None:
+            child.kill_at = now + graceful_timeout
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
@@ -329,7 +599,7 @@ class Arbiter:
 
     def murder_children(self) -> None:
         """SIGKILL every child still alive past the stop deadline."""
-        for pid, (child, _, _) in list(self.children.items()):
+        for pid, (child, _) in list(self.children.items()):
             self.log.warning("child did not stop in time; killing", pool=child.pool,
                              slot=child.slot, child_pid=pid)
             try:
@@ -340,6 +610,9 @@ class Arbiter:
 
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
+        for client in self.waiting:
+            client.sock.close()
+        self.control.close()
         self.sel.close()
 
 

@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -26,6 +27,7 @@ from .config import Config, PoolConfig
 from .gearman.worker import Hooks, Keepalive, Worker
 from .job import Job
 from .process import EXIT_BOOT_ERROR, EXIT_CRASH, EXIT_OK, EXIT_ORPHANED
+from .scoreboard import Scoreboard
 
 PR_SET_PDEATHSIG = 1
 GRACEFUL_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -65,19 +67,25 @@ def load_functions(functions: dict[str, str]) -> dict[str, Callable[[Job], Any]]
 
 
 class _ChildHooks(Hooks):
-    """Reports readiness to the master and keeps the process title current."""
+    """Reports readiness to the master, keeps the process title and the scoreboard current."""
 
-    def __init__(self, pool: str, slot: int, event_fd: int) -> None:
+    def __init__(self, pool: str, slot: int, event_fd: int, board: Scoreboard) -> None:
         self.prefix = f"gearvisor: {pool}[{slot}]"
         self.event_fd = event_fd
+        self.board = board
         self.done = 0
         self.failed = 0
+        self.stopping = False
 
     def ready(self) -> None:
         send_event(self.event_fd, {"event": "ready"})
-        setproctitle(f"{self.prefix} idle")
+        self._idle()
+
+    def _idle(self) -> None:
+        setproctitle(f"{self.prefix} {'draining' if self.stopping else 'idle'}")
 
     def job_started(self, job: Job) -> None:
+        self.board.job_started(job.function, job.handle, job.unique, time.monotonic())
         setproctitle(f"{self.prefix} busy {job.function} {job.handle}")
 
     def job_finished(self, job: Job, ok: bool, seconds: float) -> None:
@@ -85,7 +93,8 @@ class _ChildHooks(Hooks):
             self.done += 1
         else:
             self.failed += 1
-        setproctitle(f"{self.prefix} idle")
+        self.board.job_finished(ok)
+        self._idle()
 
 
 def send_event(fd: int, event: dict) -> None:
@@ -150,13 +159,13 @@ def _setup_process(pool: PoolConfig, slot: int, keep_fds: set[int]) -> None:
 
 
 def run_child(cfg: Config, pool: PoolConfig, slot: int, generation: int, event_fd: int,
-              master_pid: int, signals_to_unblock: set[int]) -> NoReturn:
+              master_pid: int, signals_to_unblock: set[int], board: Scoreboard) -> NoReturn:
     """The body of a forked child. Never returns: always ends in os._exit()."""
     code = EXIT_CRASH
     logger: Any = None
     try:
         code, logger = _child_main(cfg, pool, slot, generation, event_fd, master_pid,
-                                   signals_to_unblock)
+                                   signals_to_unblock, board)
     except SystemExit as e:  # user code called sys.exit() at import time
         code = e.code if isinstance(e.code, int) else EXIT_CRASH
     except BaseException:
@@ -174,7 +183,8 @@ def run_child(cfg: Config, pool: PoolConfig, slot: int, generation: int, event_f
 
 
 def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event_fd: int,
-                master_pid: int, signals_to_unblock: set[int]) -> tuple[int, Any]:
+                master_pid: int, signals_to_unblock: set[int],
+                board: Scoreboard) -> tuple[int, Any]:
     # Default dispositions first, while signals are still blocked (they were blocked around
     # fork, so nothing the master set can run here).
     for sig in signals_to_unblock:
@@ -186,6 +196,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
     logger = logmod.get(pool=pool.name, slot=slot, generation=generation)
 
     worker: Worker | None = None
+    hooks: _ChildHooks | None = None
     stop_requested = False
 
     def graceful(signum: int, _frame: Any) -> None:
@@ -195,6 +206,10 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         stop_requested = True
         if worker is not None:
             worker.stop()
+        if hooks is not None and not hooks.stopping:
+            hooks.stopping = True
+            if not board.read().busy:
+                hooks._idle()
         signal.alarm(max(1, math.ceil(pool.graceful_timeout)) + 1)
 
     def fast(signum: int, _frame: Any) -> None:
@@ -217,7 +232,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         send_event(event_fd, {"event": "boot_error", "reason": str(e)})
         return EXIT_BOOT_ERROR, logger
 
-    hooks = _ChildHooks(pool.name, slot, event_fd)
+    hooks = _ChildHooks(pool.name, slot, event_fd, board)
     ka = pool.keepalive
     worker = Worker(
         servers=[(s.host, s.port) for s in pool.servers],

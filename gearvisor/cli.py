@@ -1,15 +1,24 @@
-"""Command line: `gearvisor -c FILE` runs the master; `gearvisor check -c FILE` validates."""
+"""Command line: `gearvisor -c FILE` runs the master; `gearvisor check -c FILE` validates;
+`gearvisor reload|status|stop|restart|scale` talk to a running master over its control socket.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
+from typing import Any
+
+import yaml
 
 from . import __version__
 from .config import Config, ConfigError, load
 
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd's RestartPreventExitStatus=78 stops a loop
+EXIT_FAILED = 1  # the master refused or could not carry out the request
+EXIT_NO_MASTER = 3  # no master to talk to (LSB: "program is not running")
 DEFAULT_CONFIG = "/etc/gearvisor/pools.yaml"
 
 
@@ -33,7 +42,128 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pool spec (YAML)")
     check.add_argument("--no-import", action="store_true",
                        help="only validate the YAML; do not import the pools' functions")
+
+    def control(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("-c", "--config", metavar="FILE", dest="sub_config",
+                       help="the master's pool spec: its control_socket is used")
+        p.add_argument("--socket", metavar="PATH", help="control socket path (overrides -c)")
+        return p
+
+    reload_ = control("reload", "re-read the config and roll every pool to new code; waits "
+                      "until the roll is done; non-zero if it was refused or halted")
+    reload_.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                         help="how long to wait for the roll (default 600)")
+    status = control("status", "show every pool and child; exit 3 if no master runs")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    stop = control("stop", "graceful stop: children finish their jobs, then the master exits")
+    stop.add_argument("--no-wait", action="store_true", help="do not wait for the exit")
+    stop.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                      help="how long to wait for the master to exit (default 600)")
+    restart = control("restart", "roll one pool to a new generation (same surge as reload)")
+    restart.add_argument("pool")
+    restart.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+    scale = control("scale", "set a pool's process count until the next reload changes it")
+    scale.add_argument("pool")
+    scale.add_argument("processes", type=int)
     return parser
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    """--socket, else control_socket from -c FILE / $GEARVISOR_CONFIG / the default config
+    (read leniently: a config the master will refuse must still lead to the master), else
+    the default path."""
+    from .control import default_socket_path
+
+    if getattr(args, "socket", None):
+        return args.socket
+    explicit = args.sub_config or args.config or os.environ.get("GEARVISOR_CONFIG")
+    path = config_path(explicit)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        if explicit:
+            print(f"gearvisor: note: {path} not found; using the default control socket",
+                  file=sys.stderr)
+        return default_socket_path()
+    except (OSError, yaml.YAMLError) as e:
+        if args.command == "reload":
+            # The master would refuse it anyway; say why here (we cannot even find the
+            # socket in it), and leave the fleet alone.
+            cfg = _load_or_report(path)
+            if cfg is None:
+                print("gearvisor reload: nothing was sent; the running fleet is unchanged",
+                      file=sys.stderr)
+                raise SystemExit(EXIT_CONFIG) from None
+        print(f"gearvisor: note: cannot read control_socket from {path} ({e.__class__.__name__}"
+              "); using the default control socket", file=sys.stderr)
+        return default_socket_path()
+    value = data.get("control_socket") if isinstance(data, dict) else None
+    if isinstance(value, str) and value:
+        return os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(value))
+    return default_socket_path()
+
+
+def _ask(args: argparse.Namespace, payload: dict[str, Any],
+         timeout: float = 30.0) -> dict[str, Any] | None:
+    from .control import ControlError, request
+
+    try:
+        return request(socket_path(args), payload, timeout)
+    except ControlError as e:
+        print(f"gearvisor: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    verb = args.command
+    payload: dict[str, Any] = {"verb": verb}
+    if verb in ("restart", "scale"):
+        payload["pool"] = args.pool
+    if verb == "scale":
+        payload["processes"] = args.processes
+    reply = _ask(args, payload, getattr(args, "timeout", 30.0))
+    if reply is None:
+        return EXIT_NO_MASTER
+    if not reply.get("ok"):
+        print(f"gearvisor {verb}: {reply.get('error') or 'failed'}", file=sys.stderr)
+        for name, result in (reply.get("pools") or {}).items():
+            print(f"  {name}: {result.get('result')}", file=sys.stderr)
+        return EXIT_FAILED
+    if verb == "status":
+        from .status import render
+
+        status = reply["status"]
+        print(json.dumps(status, indent=2) if args.json else render(status))
+    elif verb in ("reload", "restart"):
+        for name, result in reply.get("pools", {}).items():
+            gen = f" (generation {result['generation']})" if "generation" in result else ""
+            print(f"{name}: {result['result']}{gen}")
+    elif verb == "scale":
+        print(f"{reply['pool']}: {reply['before']} -> {reply['after']} processes")
+    elif verb == "stop":
+        return _wait_gone(reply["pid"], 0 if args.no_wait else args.timeout)
+    return 0
+
+
+def _wait_gone(pid: int, timeout: float) -> int:
+    import psutil
+
+    print(f"stopping gearvisor master {pid}")
+    deadline = time.monotonic() + timeout
+    while timeout and psutil.pid_exists(pid):
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        if time.monotonic() >= deadline:
+            print(f"gearvisor stop: master {pid} still running after {timeout:g}s",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        time.sleep(0.05)  # polling the master's exit
+    return 0
 
 
 def _load_or_report(path: str) -> Config | None:
@@ -82,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "run"
     if command == "check":
         return cmd_check(config_path(args.sub_config or args.config), not args.no_import)
+    if command in ("reload", "status", "stop", "restart", "scale"):
+        return cmd_control(args)
     return cmd_run(config_path(args.config))
 
 

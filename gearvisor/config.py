@@ -233,6 +233,17 @@ def functions(value: Any) -> dict[str, str]:
     return out
 
 
+def surge(value: Any) -> int | str:
+    """A number of children (>= 1) or a percentage of the pool, like "25%"."""
+    if isinstance(value, str) and re.match(r"^\s*\d+(\.\d+)?%\s*$", value):
+        if float(value.strip()[:-1]) <= 0:
+            raise Invalid('expected a whole number >= 1 or a percentage such as "25%"')
+        return value.strip()
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise Invalid('expected a whole number >= 1 or a percentage such as "25%"')
+
+
 def user(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
@@ -280,11 +291,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("pythonpath", string_list, (),
             "Extra import paths, relative to the config file. The config's own directory is "
             "always on it.", scope="global"),
+    Setting("control_socket", optional(text), None,
+            "Unix socket of `gearvisor reload/status/stop/restart/scale` (mode 0600).",
+            scope="global", shown_default="`/run/gearvisor/gearvisor.sock` as root, else "
+            "`$XDG_RUNTIME_DIR/gearvisor.sock`, else `/tmp/gearvisor-$UID/gearvisor.sock`"),
     Setting("processes", int_range(0), 1, "How many children the pool runs.", scope="pool"),
     Setting("functions", functions, None,
             'Gearman function name -> Python callable "module:attr". Required.', scope="pool"),
     Setting("graceful_timeout", duration, 30.0,
             "How long a child told to stop may finish its current job before SIGKILL."),
+    Setting("max_surge", surge, "25%",
+            "During a roll, how many new children may start beside the old ones at once: a "
+            'number or a percentage of `processes` (at least 1).'),
     Setting("connect_timeout", duration, 5.0, "TCP connect timeout to a job server."),
     Setting("reconnect_max_delay", duration, 2.0,
             "Longest wait between reconnect attempts to a job server that went away."),
@@ -375,6 +393,7 @@ class PoolConfig:
     exception_packet: str
     log_level: str
     log_format: str
+    max_surge: int | str = "25%"
 
 
 @dataclass(frozen=True)
@@ -387,6 +406,7 @@ class Config:
     log_level: str
     log_format: str
     graceful_timeout: float
+    control_socket: str | None = None
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -586,6 +606,7 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
             exception_packet=merged["exception_packet"],
             log_level=merged["log_level"],
             log_format=merged["log_format"],
+            max_surge=merged["max_surge"],
         )
 
     pythonpath = []
@@ -607,6 +628,8 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
         log_level=top.get("log_level", BY_KEY["log_level"].default),
         log_format=top.get("log_format", BY_KEY["log_format"].default),
         graceful_timeout=top.get("graceful_timeout", BY_KEY["graceful_timeout"].default),
+        control_socket=(_resolve(directory, top["control_socket"])
+                        if top.get("control_socket") else None),
         raw=data,
     )
 

@@ -1,23 +1,32 @@
-"""One pool as the master sees it: slots, their children, backoff and the exit decisions.
+"""One pool as the master sees it: slots, their children, backoff, rolls and exit decisions.
 
 Pure logic: no fork, no signals, no clock of its own. The arbiter does the I/O and passes
 `now`; the tests drive these classes by hand.
+
+A roll (reload, `gearvisor restart`) bumps the pool's generation. For each slot whose child is
+of an older generation, a *successor* of the new generation is started beside it (at most
+`max_surge` at a time); once the successor is ready (registered on every reachable server)
+the old child is retired (told to finish its job and exit) and the successor takes the slot.
+Capacity never dips. A successor that dies before it is ready halts the roll: the old
+children keep serving and the reason is kept for status and for `gearvisor reload`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
 from .config import PoolConfig
 from .health import Backoff
-from .process import EXIT_BOOT_ERROR, Child
+from .process import EXIT_BOOT_ERROR, Child, ChildState
 
 
 class ExitKind(Enum):
     STOPPED = "stopped"  # we asked it to stop: never a failure
     BOOT_ERROR = "boot_error"  # could not import/validate its functions
     CRASHED = "crashed"  # any other exit
+    ROLL_FAILED = "roll_failed"  # a successor died before it was ready: the roll halts
 
 
 @dataclass
@@ -25,27 +34,57 @@ class ExitDecision:
     """What the arbiter should do after a child exits, and what to log."""
 
     kind: ExitKind
-    restart_in: float | None  # seconds until a replacement; None = leave the slot empty
-    log_reason: bool  # first failure of a streak (or a new reason): log it at warning/error
+    restart_in: float | None  # seconds until a replacement; None = none planned
+    log_reason: bool  # first failure of a streak (or a new reason): log it loudly
     streak: int  # consecutive failures of this slot
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Start a child of the pool's current generation in `slot` (as its successor if set)."""
+
+    slot: Slot
+    successor: bool = False
+
+
+@dataclass(frozen=True)
+class Retire:
+    """Tell `child` to finish its current job and exit."""
+
+    child: Child
+    why: str
+
+
+Action = Spawn | Retire
 
 
 class Slot:
     """A numbered place in a pool. It outlives the children that fill it."""
 
     def __init__(self, index: int, config: PoolConfig) -> None:
-        b = config.backoff
         self.index = index
-        self.backoff = Backoff(b.initial, b.max, b.multiplier, b.jitter, b.reset_after)
-        self.child: Child | None = None
+        self.backoff = self._backoff(config)
+        self.child: Child | None = None  # the child serving this slot (or starting to)
+        self.successor: Child | None = None  # a newer-generation child starting beside it
         self.restart_at = 0.0  # monotonic time before which no child may start
         self.last_reason: str | None = None  # last failure reason logged in this streak
 
-    def reconfigure(self, config: PoolConfig) -> None:
+    @staticmethod
+    def _backoff(config: PoolConfig) -> Backoff:
         b = config.backoff
+        return Backoff(b.initial, b.max, b.multiplier, b.jitter, b.reset_after)
+
+    def reconfigure(self, config: PoolConfig) -> None:
         failures = self.backoff.failures
-        self.backoff = Backoff(b.initial, b.max, b.multiplier, b.jitter, b.reset_after)
+        self.backoff = self._backoff(config)
         self.backoff.failures = failures
+
+
+def surge_count(max_surge: int | str, processes: int) -> int:
+    """`max_surge` as a number of children: an int, or a percentage of `processes`."""
+    if isinstance(max_surge, str) and max_surge.endswith("%"):
+        return max(1, math.ceil(processes * float(max_surge[:-1]) / 100))
+    return max(1, int(max_surge))
 
 
 class Pool:
@@ -55,54 +94,207 @@ class Pool:
         self.config = config
         self.generation = 1
         self.slots = [Slot(i, config) for i in range(config.processes)]
+        self.retired: list[Child] = []  # told to stop, not yet reaped
+        self.halted: str | None = None  # why the current roll stopped, if it did
+        self.removed = False  # gone from the config: drain, then forget
+        self.scaled_to: int | None = None  # `gearvisor scale` override of processes
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def desired(self) -> int:
+        if self.removed:
+            return 0
+        return self.config.processes if self.scaled_to is None else self.scaled_to
+
     def children(self) -> list[Child]:
-        return [s.child for s in self.slots if s.child is not None]
+        """Every live child of this pool: serving, starting, successors and retired ones."""
+        out = []
+        for s in self.slots:
+            out += [c for c in (s.child, s.successor) if c is not None]
+        return out + self.retired
 
-    def due(self, now: float) -> list[Slot]:
-        """Slots that have no child and whose backoff has run out."""
-        return [s for s in self.slots if s.child is None and s.restart_at <= now]
+    @property
+    def rolling(self) -> bool:
+        """Some slot still has a child of an older generation (or a successor starting)."""
+        return any(s.successor is not None or (s.child is not None and
+                                               s.child.generation < self.generation)
+                   for s in self.slots)
 
-    def next_due(self) -> float | None:
-        """The earliest time a slot will want a child (for the loop's select timeout)."""
-        times = [s.restart_at for s in self.slots if s.child is None]
-        return min(times) if times else None
+    @property
+    def ready(self) -> bool:
+        """Every wanted slot has a ready child of the current generation."""
+        return len(self.slots) == self.desired and all(
+            s.child is not None and s.child.state is ChildState.READY
+            and s.child.generation == self.generation for s in self.slots)
 
     @property
     def backing_off(self) -> list[Slot]:
         return [s for s in self.slots if s.child is None and s.backoff.in_streak]
 
-    def child_exited(self, slot: Slot, child: Child, code: int | None, now: float,
-                     stopping: bool, requested: bool) -> ExitDecision:
-        """Classify an exit, free the slot and schedule the replacement.
+    # -- planning -------------------------------------------------------------------------------
 
-        `requested` is True when the master asked the child to stop: such an exit is never
-        a failure, whatever its status (circus #809).
-        """
-        slot.child = None
-        if requested:
-            slot.restart_at = now
-            return ExitDecision(ExitKind.STOPPED, None if stopping else 0.0, False,
-                                slot.backoff.failures)
-        kind = ExitKind.BOOT_ERROR if code == EXIT_BOOT_ERROR else ExitKind.CRASHED
-        delay = slot.backoff.failure(child.started_at, now)
-        reason = f"{kind.value}: {child.boot_error}" if kind is ExitKind.BOOT_ERROR else kind.value
-        new_streak = slot.backoff.failures == 1
-        log_reason = new_streak or reason != slot.last_reason
-        slot.last_reason = reason
-        slot.restart_at = now + delay
-        return ExitDecision(kind, None if stopping else delay, log_reason, slot.backoff.failures)
+    def next_due(self) -> float | None:
+        """The earliest time an empty slot will want a child (for the loop's timeout)."""
+        times = [s.restart_at for s in self.slots if s.child is None]
+        return min(times) if times else None
 
-    def child_ready(self, slot: Slot) -> int:
-        """A child became ready; returns how many failures its slot's streak had (for the log).
+    def plan(self, now: float) -> list[Action]:
+        """What to do now: fill empty slots past their backoff, push the roll forward."""
+        actions: list[Action] = []
+        # Scale down: the highest slots go first.
+        while len(self.slots) > self.desired:
+            slot = self.slots.pop()
+            for c in (slot.successor, slot.child):
+                if c is not None:
+                    actions.append(Retire(c, "scaled down" if not self.removed else "removed"))
+        # Scale up.
+        while len(self.slots) < self.desired:
+            self.slots.append(Slot(len(self.slots), self.config))
+        for slot in self.slots:
+            if slot.child is None and slot.restart_at <= now:
+                actions.append(Spawn(slot))
+        if self.halted is None:
+            surge = surge_count(self.config.max_surge, self.desired)
+            in_flight = sum(1 for s in self.slots if s.successor is not None)
+            for slot in self.slots:
+                if in_flight >= surge:
+                    break
+                child = slot.child
+                if slot.successor is None and child is not None and (
+                        child.generation < self.generation):
+                    if child.state is ChildState.STARTING:
+                        # Not serving yet: nothing to protect, replace it outright.
+                        actions.append(Retire(child, "outdated before it was ready"))
+                        continue
+                    actions.append(Spawn(slot, successor=True))
+                    in_flight += 1
+        return actions
 
+    def placed(self, action: Spawn, child: Child) -> None:
+        """The arbiter forked `child` for `action`: record it in its slot."""
+        if action.successor:
+            action.slot.successor = child
+        else:
+            action.slot.child = child
+
+    def retiring(self, child: Child) -> None:
+        """`child` is being told to stop: it leaves its slot and is tracked until reaped."""
+        for slot in self.slots:
+            if slot.child is child:
+                slot.child = None
+                slot.restart_at = 0.0
+            if slot.successor is child:
+                slot.successor = None
+        if child not in self.retired:
+            self.retired.append(child)
+
+    def child_ready(self, child: Child) -> tuple[int, Child | None]:
+        """A child became ready. Returns (its slot's failure streak, the child it replaces).
+
+        A ready successor takes over its slot; the old child it returns must be retired.
         Readiness does not reset the backoff by itself: a child that registers and then
         crashes at once is still a crash loop. The reset comes from uptime (Backoff).
         """
-        failures = slot.backoff.failures
-        slot.last_reason = None
-        return failures
+        for slot in self.slots:
+            if slot.successor is child:
+                old = slot.child
+                slot.child, slot.successor = child, None
+                return slot.backoff.failures, old
+            if slot.child is child:
+                failures = slot.backoff.failures
+                slot.last_reason = None
+                return failures, None
+        return 0, None
+
+    def settled(self) -> bool:
+        """Start-up is over: every slot has a ready child or has failed at least once (a
+        pool that cannot boot must not hold up systemd's READY=1 for the healthy ones)."""
+        return all((s.child is not None and s.child.state is ChildState.READY)
+                   or s.backoff.in_streak for s in self.slots)
+
+    def progress(self) -> tuple[bool, str | None]:
+        """Where the current roll stands: (finished, problem). Finished with no problem means
+        every slot has a ready child of the current generation and nothing old is left in a
+        slot; a halted roll is finished with the halt reason as its problem."""
+        if self.halted is not None:
+            return True, self.halted
+        if self.removed:
+            return not self.children(), None
+        if self.rolling or any(s.child is not None and s.child.state is ChildState.STARTING
+                               for s in self.slots):
+            return False, None
+        empty = [s for s in self.slots if s.child is None]
+        if empty:
+            reasons = sorted({s.last_reason or "no child" for s in empty})
+            return True, (f"{len(empty)} of {len(self.slots)} children not running "
+                          f"({'; '.join(reasons)})")
+        return True, None
+
+    # -- reload ---------------------------------------------------------------------------------
+
+    def roll(self, config: PoolConfig | None = None) -> list[Action]:
+        """Start a new generation (new code, maybe new config). Returns what to retire now:
+        successors of the previous roll that are not ready yet, which are simply replaced."""
+        if config is not None:
+            if config.processes != self.config.processes:
+                self.scaled_to = None  # the config changed the size: it wins over `scale`
+            self.config = config
+            for slot in self.slots:
+                slot.reconfigure(config)
+        self.generation += 1
+        self.halted = None
+        actions: list[Action] = []
+        for slot in self.slots:
+            if slot.successor is not None:
+                actions.append(Retire(slot.successor, "superseded by a newer reload"))
+            if slot.child is None:
+                slot.restart_at = 0.0  # an operator's reload retries a backing-off slot now
+        return actions
+
+    def remove(self) -> None:
+        """The pool left the config: every child drains (via plan()) and none is replaced."""
+        self.removed = True
+        self.halted = None
+
+    # -- exits ----------------------------------------------------------------------------------
+
+    def child_exited(self, child: Child, code: int | None, now: float,
+                     stopping: bool) -> ExitDecision:
+        """Classify an exit, free its place and schedule the replacement.
+
+        A child the master asked to stop (retired, or signalled by a fleet stop) is never a
+        failure, whatever its status (circus #809).
+        """
+        if child in self.retired or child.stop_requested_at is not None:
+            if child in self.retired:
+                self.retired.remove(child)
+            self.retiring(child)  # frees its slot if it still held one (a fleet stop)
+            self.retired.remove(child)
+            return ExitDecision(ExitKind.STOPPED, None, False, 0)
+        kind = ExitKind.BOOT_ERROR if code == EXIT_BOOT_ERROR else ExitKind.CRASHED
+        reason = f"{kind.value}: {child.boot_error}" if kind is ExitKind.BOOT_ERROR else kind.value
+        for slot in self.slots:
+            if slot.successor is child:
+                # A new-generation child died before it was ready: halt, keep the old one.
+                slot.successor = None
+                what = (f"failed to boot: {child.boot_error or 'boot error'}"
+                        if kind is ExitKind.BOOT_ERROR else "crashed before it was ready")
+                self.halted = f"{child.name} of generation {child.generation} {what}"
+                return ExitDecision(ExitKind.ROLL_FAILED, None, True, 0)
+            if slot.child is child:
+                slot.child = None
+                delay = slot.backoff.failure(child.started_at, now)
+                if slot.successor is not None:
+                    # It crashed mid-roll: its successor, already starting, takes the slot.
+                    slot.child, slot.successor = slot.successor, None
+                    delay = None
+                log_reason = slot.backoff.failures == 1 or reason != slot.last_reason
+                slot.last_reason = reason
+                if delay is not None:
+                    slot.restart_at = now + delay
+                return ExitDecision(kind, None if stopping else delay, log_reason,
+                                    slot.backoff.failures)
+        return ExitDecision(kind, None, True, 0)  # a slot that was scaled away meanwhile

@@ -17,6 +17,10 @@ import os
 import signal
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .scoreboard import Scoreboard
 
 # Exit codes a child uses to tell the master why it ended.
 EXIT_OK = 0
@@ -60,6 +64,7 @@ class Child:
     event_fd: int = -1
     event_buf: bytearray = field(default_factory=bytearray)
     boot_error: str | None = None  # reason reported by a child that could not boot
+    scoreboard: Scoreboard | None = field(default=None, repr=False)  # its job counters
 
     def transition(self, new: ChildState) -> None:
         """Move to `new`, refusing any change not listed in _ALLOWED."""

@@ -137,10 +137,11 @@ def gearmand_factory() -> Iterator[Callable[[], Gearmand]]:
 class Master:
     """A real `python -m gearvisor -c FILE` process, its JSON log, and its children."""
 
-    def __init__(self, tmp: Path, config: dict, marker: str) -> None:
+    def __init__(self, tmp: Path, config: dict, marker: str, base: dict | None = None) -> None:
         self.tmp = tmp
+        self.base = base or {}  # keys every write_config() keeps (log format, socket, paths)
         self.config_path = tmp / "pools.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
+        self.write_config(config)
         self.log_path = tmp / "master.log"
         self.marker = marker
         self.proc: subprocess.Popen | None = None
@@ -193,6 +194,26 @@ class Master:
     def events(self, name: str) -> list[dict]:
         return [e for e in self.logs() if e.get("event") == name]
 
+    def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run `gearvisor VERB ... -c FILE` (the real CLI) against this master."""
+        verb, *rest = args
+        return subprocess.run(
+            [sys.executable, "-m", "gearvisor", verb, "-c", str(self.config_path), *rest],
+            capture_output=True, text=True, timeout=timeout, cwd=self.tmp,
+            env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+    def status(self) -> dict:
+        out = self.ctl("status", "--json", timeout=10)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def write_config(self, config: dict | str) -> None:
+        """Replace the config file: a dict (merged over the fixture's base keys) or raw text."""
+        if isinstance(config, str):
+            self.config_path.write_text(config)
+        else:
+            self.config_path.write_text(yaml.safe_dump({**self.base, **config}))
+
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 
@@ -232,8 +253,9 @@ def master(tmp_path: Path) -> Iterator[Callable[..., Master]]:
     started: list[Master] = []
 
     def start(config: dict, start: bool = True) -> Master:
-        cfg = {"log_format": "json", "pythonpath": [str(REPO), str(tmp_path)], **config}
-        m = Master(tmp_path, cfg, uuid.uuid4().hex)
+        base = {"log_format": "json", "pythonpath": [str(REPO), str(tmp_path)],
+                "control_socket": str(tmp_path / "gearvisor.sock")}
+        m = Master(tmp_path, config, uuid.uuid4().hex, base)
         started.append(m)
         return m.start() if start else m
 
