@@ -146,9 +146,10 @@ class Master:
         self.marker = marker
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> Master:
+    def start(self, **extra_env: str) -> Master:
         env = dict(os.environ, GEARVISOR_TEST_MARKER=self.marker,
-                   PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                   PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   **extra_env)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gearvisor", "-c", str(self.config_path)],
@@ -252,12 +253,12 @@ def master(tmp_path: Path) -> Iterator[Callable[..., Master]]:
     carries its marker (children that outlived it included), by pid."""
     started: list[Master] = []
 
-    def start(config: dict, start: bool = True) -> Master:
+    def start(config: dict, start: bool = True, env: dict[str, str] | None = None) -> Master:
         base = {"log_format": "json", "pythonpath": [str(REPO), str(tmp_path)],
                 "control_socket": str(tmp_path / "gearvisor.sock")}
         m = Master(tmp_path, config, uuid.uuid4().hex, base)
         started.append(m)
-        return m.start() if start else m
+        return m.start(**(env or {})) if start else m
 
     try:
         yield start
