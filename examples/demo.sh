@@ -32,6 +32,8 @@ wait_until "gearadmin -h 127.0.0.1 -p $PORT --server-version >/dev/null 2>&1"
 step "gearvisor check -c conf/pools.yaml (pointed at that port)"
 sed -e "s/127.0.0.1:4730/127.0.0.1:$PORT/" -e "s#pythonpath: \[\"..\"\]#pythonpath: [\"$REPO\"]#" \
     -e "s/^log_format: auto/log_format: console/" conf/pools.yaml > "$WORK/pools.yaml"
+echo "control_socket: gearvisor.sock   # demo: next to this config" >> "$WORK/pools.yaml"
+CTL="-c $WORK/pools.yaml"
 $GEARVISOR check -c "$WORK/pools.yaml"
 
 step "gearvisor -c pools.yaml (log: key=value lines below)"
@@ -59,8 +61,16 @@ wait_until "pgrep -f 'gearvisor: text\[0\] idle' | grep -vx $VICTIM >/dev/null"
 echo "text[0] was pid $VICTIM, now pid $(pgrep -f 'gearvisor: text\[0\]')"
 $G -f reverse 'still serving'; echo
 
-step "SIGTERM to the master: children finish their jobs, everything exits"
-kill -TERM "$MASTER_PID"
+step "gearvisor status: every pool and child, from the master's control socket"
+$GEARVISOR status $CTL
+
+step "gearvisor reload: each child is replaced by a new one (new code), which must be ready first"
+$GEARVISOR reload $CTL
+$GEARVISOR status $CTL
+$G -f reverse 'served by generation 2'; echo
+
+step "gearvisor stop: children finish their jobs, everything exits"
+$GEARVISOR stop $CTL
 wait_until "! kill -0 $MASTER_PID 2>/dev/null"
 MASTER_PID=""
 echo "gearvisor stopped; workers left registered in gearmand: $(gearadmin -h 127.0.0.1 -p "$PORT" --workers | grep -c ':text:\|:tasks:\|:flaky:' || true)"

@@ -184,6 +184,9 @@ class Arbiter:
         self.stop(fast=True, why="SIGQUIT")
 
     def handle_hup(self) -> None:
+        if self.stopping:
+            self.log.info("SIGHUP ignored: the master is stopping")
+            return
         self.reload(why="SIGHUP")
 
     # -- children -------------------------------------------------------------------------------
@@ -351,7 +354,8 @@ class Arbiter:
                                **ctx)
         else:
             level = self.log.error if decision.log_reason else self.log.warning
-            level("child crashed; restarting with backoff", streak=decision.streak, **retry,
+            what = "crashed" if code != 0 else "exited without being asked to"
+            level(f"child {what}; restarting with backoff", streak=decision.streak, **retry,
                   **ctx)
 
     def kill_overdue(self, now: float) -> None:
