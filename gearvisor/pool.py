@@ -227,6 +227,8 @@ class Pool:
                                for s in self.slots):
             return False, None
         empty = [s for s in self.slots if s.child is None]
+        if any(not s.backoff.in_streak for s in empty):
+            return False, None  # a slot that never failed is only waiting for its fork
         if empty:
             reasons = sorted({s.last_reason or "no child" for s in empty})
             return True, (f"{len(empty)} of {len(self.slots)} children not running "
