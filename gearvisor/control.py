@@ -51,7 +51,7 @@ class ControlServer:
     def __init__(self, path: str) -> None:
         self.path = path
         self.sock: socket.socket | None = None
-        self._ino: int | None = None
+        self._ino: tuple[int, int] | None = None
 
     def open(self) -> socket.socket:
         directory = os.path.dirname(self.path) or "."
@@ -61,19 +61,7 @@ class ControlServer:
             except OSError as e:
                 raise ControlError(f"cannot create {directory} for the control socket: {e}; "
                                    "set control_socket in the config") from None
-        if os.path.lexists(self.path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.settimeout(1.0)
-                probe.connect(self.path)
-            except OSError:
-                os.unlink(self.path)  # stale: nobody listens there any more
-            else:
-                raise AlreadyRunning(
-                    f"another gearvisor master is already listening on {self.path}; stop it "
-                    "first or set a different control_socket")
-            finally:
-                probe.close()
+        self._clear_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)  # created 0600: no window in which others could connect
         try:
@@ -86,9 +74,43 @@ class ControlServer:
         os.chmod(self.path, 0o600)
         sock.listen(16)
         sock.setblocking(False)
-        self._ino = os.stat(self.path).st_ino
+        st = os.stat(self.path)
+        self._ino = (st.st_dev, st.st_ino)
         self.sock = sock
         return sock
+
+    def _clear_stale(self) -> None:
+        """Remove a socket left by a dead master; refuse anything else at the path.
+
+        Only a socket that refuses connections (ECONNREFUSED: nobody listens) is stale. A
+        connect that succeeds, times out or finds the backlog full (EAGAIN) means a live master,
+        and a regular file or directory there is not ours to delete.
+        """
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlError(f"{self.path} exists and is not a socket; move it away or set "
+                               "a different control_socket in the config")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(self.path)
+        except ConnectionRefusedError:
+            os.unlink(self.path)  # stale: nobody listens there any more
+            return
+        except FileNotFoundError:
+            return  # removed meanwhile
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.ETIMEDOUT) and not isinstance(e, TimeoutError):
+                raise ControlError(f"cannot check the existing control socket {self.path}: "
+                                   f"{e}; remove it if no master runs") from None
+        finally:
+            probe.close()
+        raise AlreadyRunning(
+            f"another gearvisor master is already listening on {self.path}; stop it "
+            "first or set a different control_socket")
 
     def accept(self) -> tuple[socket.socket, int] | None:
         """Accept one client; returns (connection, peer uid) or None if none is waiting."""
@@ -109,7 +131,8 @@ class ControlServer:
             self.sock = None
         try:
             # Only remove the socket if it is still ours (a new master may have replaced it).
-            if self._ino is not None and os.stat(self.path).st_ino == self._ino:
+            st = os.stat(self.path)
+            if self._ino is not None and (st.st_dev, st.st_ino) == self._ino:
                 os.unlink(self.path)
         except OSError:
             pass
@@ -125,6 +148,17 @@ def send_reply(conn: socket.socket, reply: dict[str, Any]) -> None:
         pass
     finally:
         conn.close()
+
+
+def read_line(sock: socket.socket) -> bytes:
+    """Read up to and including a newline, or until EOF (blocking, with the socket's timeout)."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
 
 
 def request(path: str, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
@@ -155,12 +189,7 @@ def request(path: str, payload: dict[str, Any], timeout: float = 30.0) -> dict[s
             raise ControlError(f"permission denied on {path}; run as the master's user or "
                                "root") from None
         sock.sendall(json.dumps(payload).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
+        buf = read_line(sock)
     except TimeoutError:
         raise ControlError(f"the master did not answer within {timeout:g}s") from None
     except OSError as e:

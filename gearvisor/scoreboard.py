@@ -12,11 +12,12 @@ import mmap
 import struct
 from dataclasses import dataclass
 
-# seq, busy, done, failed, job_started (monotonic; CLOCK_MONOTONIC is system-wide on Linux),
-# function, handle, unique
-_LAYOUT = struct.Struct("<QB7xQQd128s128s128s")
+# The record: seq (8 bytes) then the body: busy, done, failed, job_started (monotonic;
+# CLOCK_MONOTONIC is system-wide on Linux), function, handle, unique.
 _SEQ = struct.Struct("<Q")
+_BODY = struct.Struct("<B7xQQd128s128s128s")
 _TEXT = 128
+_READ_ATTEMPTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,11 @@ class Snapshot:
 
 
 def _cut(text: str) -> bytes:
-    return text.encode(errors="replace")[:_TEXT]
+    """At most 128 bytes of UTF-8, never ending in half a character."""
+    raw = text.encode(errors="replace")
+    if len(raw) <= _TEXT:
+        return raw
+    return raw[:_TEXT].decode(errors="ignore").encode()
 
 
 class Scoreboard:
@@ -40,19 +45,19 @@ class Scoreboard:
     __slots__ = ("_mm", "_seq", "_done", "_failed")
 
     def __init__(self) -> None:
-        self._mm = mmap.mmap(-1, _LAYOUT.size)  # anonymous + MAP_SHARED: survives fork
+        self._mm = mmap.mmap(-1, _SEQ.size + _BODY.size)  # anonymous + MAP_SHARED: survives fork
         self._seq = 0
         self._done = 0
         self._failed = 0
 
     def _write(self, busy: bool, started: float, function: bytes, handle: bytes,
                unique: bytes) -> None:
+        body = _BODY.pack(busy, self._done, self._failed, started, function, handle, unique)
         self._seq += 1  # odd: a write is in progress
-        _SEQ.pack_into(self._mm, 0, self._seq)
-        _LAYOUT.pack_into(self._mm, 0, self._seq, busy, self._done, self._failed, started,
-                          function, handle, unique)
+        self._mm[0:8] = _SEQ.pack(self._seq)
+        self._mm[8:] = body
         self._seq += 1
-        _SEQ.pack_into(self._mm, 0, self._seq)
+        self._mm[0:8] = _SEQ.pack(self._seq)
 
     def job_started(self, function: str, handle: str, unique: str, now: float) -> None:
         """Child side: a job began."""
@@ -67,15 +72,22 @@ class Scoreboard:
         self._write(False, 0.0, b"", b"", b"")
 
     def read(self) -> Snapshot:
-        """Master side: a consistent snapshot (retries while the child is mid-write)."""
-        for _ in range(100):
-            seq1 = _SEQ.unpack_from(self._mm, 0)[0]
-            if seq1 & 1:
+        """Master side: a consistent snapshot (retries while the child is mid-write).
+
+        Never raises: a child that died mid-write leaves the sequence odd for good, and then
+        the last bytes it wrote are the best answer there is.
+        """
+        mm = self._mm
+        body = mm[8:]
+        for _ in range(_READ_ATTEMPTS):
+            seq1 = mm[0:8]
+            if seq1[0] & 1:
                 continue
-            fields = _LAYOUT.unpack_from(self._mm, 0)
-            if _SEQ.unpack_from(self._mm, 0)[0] == seq1:
+            body = mm[8:]
+            if mm[0:8] == seq1:
                 break
-        _, busy, done, failed, started, fn, handle, unique = fields
+        fields = _BODY.unpack(body)
+        busy, done, failed, started, fn, handle, unique = fields
         return Snapshot(bool(busy), done, failed, started,
                         fn.rstrip(b"\0").decode(errors="replace"),
                         handle.rstrip(b"\0").decode(errors="replace"),

@@ -59,7 +59,9 @@ def pool_status(pool: Pool, now: float) -> dict[str, Any]:
         if slot.child is not None:
             rows.append(_child_row(slot.child, now, "serving"))
         else:
-            rows.append({"slot": slot.index, "pid": None, "state": "backoff", "role": "empty",
+            rows.append({"slot": slot.index, "pid": None, "role": "empty",
+                         # backoff: waiting to restart after a failure; pending: not started yet
+                         "state": "backoff" if slot.backoff.failures else "pending",
                          "generation": None,
                          "retry_in": round(max(0.0, slot.restart_at - now), 3),
                          "failures": slot.backoff.failures, "reason": slot.last_reason})
@@ -148,7 +150,7 @@ def render(status: dict[str, Any]) -> str:
                 job = f"retry in {_duration(row['retry_in'])}"
                 if row.get("reason"):
                     job += f": {row['reason']}"
-                table.append((pool["name"], str(row["slot"]), "-", "backoff", "-", "-", "-", "-",
+                table.append((pool["name"], str(row["slot"]), "-", row["state"], "-", "-", "-", "-",
                               job, "-"))
                 continue
             job = (f"{row['function']} {_duration(row['job_seconds'])}" if row["function"]

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -262,19 +263,19 @@ def test_check_command(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("pools:\n  p:\n    processes: four\n    functions:\n      r: nope:nope\n")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    ok = subprocess.run(["python3", "-m", "gearvisor", "check", "-c", str(good)],
+    ok = subprocess.run([sys.executable, "-m", "gearvisor", "check", "-c", str(good)],
                         capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
     assert "OK, 1 pool(s), 1 process(es)" in ok.stdout
     missing = tmp_path / "missing.yaml"
     missing.write_text("pools:\n  p:\n    functions:\n      r: nosuchmod_q:fn\n")
-    out = subprocess.run(["python3", "-m", "gearvisor", "check", "-c", str(missing)],
+    out = subprocess.run([sys.executable, "-m", "gearvisor", "check", "-c", str(missing)],
                          capture_output=True, text=True, env=env)
     assert out.returncode == 78 and "cannot import module 'nosuchmod_q'" in out.stderr
-    out = subprocess.run(["python3", "-m", "gearvisor", "check", "--no-import", "-c",
+    out = subprocess.run([sys.executable, "-m", "gearvisor", "check", "--no-import", "-c",
                           str(missing)], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
-    out = subprocess.run(["python3", "-m", "gearvisor", "check", "-c", str(bad)],
+    out = subprocess.run([sys.executable, "-m", "gearvisor", "check", "-c", str(bad)],
                          capture_output=True, text=True, env=env)
     assert out.returncode == 78
     assert f"{bad}:3: pools.p.processes: expected a whole number >= 0, got 'four'" in out.stderr
