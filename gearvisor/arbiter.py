@@ -19,8 +19,9 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from setproctitle import setproctitle
 
@@ -33,6 +34,7 @@ from .pool import ExitKind, Pool, Retire, Spawn
 from .process import EXIT_BOOT_ERROR, Child, ChildState, describe_status
 from .scoreboard import Scoreboard
 from .status import fleet_status, summary
+from .watcher import Debouncer, WatcherState, build_spec, run_watcher
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGCHLD)
@@ -72,6 +74,8 @@ class Arbiter:
         self.reloads = 0
         self.waiting: list[_Client] = []  # reload/restart requests waiting for their roll
         self.control = ControlServer(config.control_socket or default_socket_path())
+        self.debouncer = Debouncer(config.watch_debounce)
+        self.watcher = WatcherState(build_spec(config, sys.path))
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -104,17 +108,20 @@ class Arbiter:
         self.log.info("master started", config=self.config.path,
                       control_socket=self.control.path,
                       pools={n: p.config.processes for n, p in self.pools.items()})
+        self._log_watch_notes()
         while True:
             now = self.clock()
             self.handle_signals()
             self.reap()
             if self.stopping:
-                if not self.children:
+                if not self.children and self.watcher.pid is None:
                     break
                 if now >= self.stop_deadline:
                     self.murder_children()
             else:
+                self.apply_file_changes(now)  # first: the pools it rolls act at once
                 self.manage_pools(now)
+                self.manage_watcher(now)
                 self.kill_overdue(now)
                 self.report_progress()
             self.tick_systemd(now)
@@ -132,6 +139,8 @@ class Arbiter:
             entry = self.children.get(key.data[1])
             if entry is not None:
                 self._read_pipe(*entry)
+        elif kind == "watcher":
+            self._read_watcher()
         elif kind == "listen":
             self.accept_control()
         elif kind == "client":
@@ -149,6 +158,10 @@ class Arbiter:
                 if due is not None:
                     deadlines.append(due)
             deadlines += [c.kill_at for c, _ in self.children.values() if c.kill_at]
+            if self.watcher.pid is None and not self.watcher.spec.empty:
+                deadlines.append(self.watcher.restart_at)
+            if self.debouncer.due() is not None:
+                deadlines.append(self.debouncer.due())
         if self.notifier.watchdog_interval:
             deadlines.append(self.next_watchdog)
         return max(0.0, min(deadlines) - now)
@@ -210,28 +223,21 @@ class Arbiter:
         child = Child(pool=pool.name, slot=slot.index, generation=pool.generation,
                       started_at=now)
         child.scoreboard = Scoreboard()
-        r, w = os.pipe()
-        os.set_blocking(w, False)
-        blocked = set(HANDLED_SIGNALS)
-        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        board = child.scoreboard
+
+        def body(w: int, blocked: set[int]) -> NoReturn:
+            os.set_blocking(w, False)
+            run_child(self.config, pool.config, slot.index, pool.generation, w, self.pid,
+                      blocked, board)
+
         try:
-            pid = os.fork()
+            pid, r = self._fork(body)
         except OSError as e:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
-            os.close(r)
-            os.close(w)
             child.scoreboard.close()
             if not action.successor:
                 slot.restart_at = now + slot.backoff.failure(now, now)
             self.log.error("fork failed", pool=pool.name, slot=slot.index, error=str(e))
             return
-        if pid == 0:
-            os.close(r)
-            run_child(self.config, pool.config, slot.index, pool.generation, w, self.pid,
-                      blocked, child.scoreboard)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
-        os.close(w)
-        os.set_blocking(r, False)
         child.pid = pid
         child.event_fd = r
         pool.placed(action, child)
@@ -239,6 +245,28 @@ class Arbiter:
         self.sel.register(r, selectors.EVENT_READ, ("child", pid))
         self.log.debug("child spawned", pool=pool.name, slot=slot.index, child_pid=pid,
                        generation=pool.generation, successor=action.successor)
+
+    def _fork(self, body: Callable[[int, set[int]], NoReturn]) -> tuple[int, int]:
+        """Fork with a pipe back to the master; the child runs body(write_fd, blocked).
+        Returns (pid, read_fd), the read end non-blocking. The master's signals stay blocked
+        across fork, so no handler of the master ever runs in the child."""
+        r, w = os.pipe()
+        blocked = set(HANDLED_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+            os.close(r)
+            os.close(w)
+            raise
+        if pid == 0:
+            os.close(r)
+            body(w, blocked)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+        os.close(w)
+        os.set_blocking(r, False)
+        return pid, r
 
     def retire(self, pool: Pool, action: Retire, now: float) -> None:
         """Tell a child to finish its current job and exit; SIGKILL it after
@@ -314,6 +342,8 @@ class Arbiter:
                 return
             entry = self.children.pop(pid, None)
             if entry is None:
+                if pid == self.watcher.pid:
+                    self.on_watcher_exit(status)
                 continue  # not ours (or already handled)
             child, pool = entry
             # The child is dead, so its pipe holds all it will ever write (a boot_error is
@@ -373,8 +403,9 @@ class Arbiter:
 
     # -- reload ---------------------------------------------------------------------------------
 
-    def reload(self, why: str, client: _Client | None = None) -> None:
-        """Re-read the config; refuse it whole if invalid, else roll every pool to it."""
+    def reload(self, why: str, client: _Client | None = None) -> bool:
+        """Re-read the config; refuse it whole if invalid (return False), else roll every
+        pool to it."""
         try:
             new = load(self.config.path)
         except ConfigError as e:
@@ -383,7 +414,7 @@ class Arbiter:
             if client is not None:
                 self.reply(client, {"ok": False, "error": f"invalid config, nothing changed\n"
                                                           f"{e.render()}"})
-            return
+            return False
         if (new.control_socket or default_socket_path()) != self.control.path:
             self.log.warning("control_socket changed; it takes effect on the next start",
                              running=self.control.path)
@@ -413,15 +444,157 @@ class Arbiter:
         if client is not None:
             client.waits_for = tuple(self.pools)
             self.waiting.append(client)
+        self.debouncer = Debouncer(new.watch_debounce, pending=self.debouncer.pending)
+        self.update_watch_spec()
+        return True
 
-    def restart_pool(self, pool: Pool, client: _Client) -> None:
+    def roll_pool(self, pool: Pool, why: str) -> None:
+        """Roll one pool to a new generation with its current config (new code)."""
         now = self.clock()
         for action in pool.roll():
             self.retire(pool, action, now)
-        self.log.info("restarting pool: rolling to a new generation", pool=pool.name,
+        self.log.info("rolling pool to a new generation", pool=pool.name, trigger=why,
                       generation=pool.generation)
+
+    def restart_pool(self, pool: Pool, client: _Client) -> None:
+        self.roll_pool(pool, why="gearvisor restart")
         client.waits_for = (pool.name,)
         self.waiting.append(client)
+
+    # -- file watching --------------------------------------------------------------------------
+
+    def _log_watch_notes(self) -> None:
+        for note in self.watcher.spec.notes:
+            self.log.warning("not watched", note=note)
+
+    def update_watch_spec(self) -> None:
+        """After a reload: a changed watch list restarts the helper on the new one."""
+        spec = build_spec(self.config, sys.path)
+        w = self.watcher
+        if spec == w.spec:
+            return
+        w.spec = spec
+        self._log_watch_notes()
+        if w.pid is not None:
+            w.replacing = True
+            self.log.info("watch list changed; restarting the file watcher", watcher_pid=w.pid)
+            self._signal_watcher(signal.SIGTERM)
+
+    def _signal_watcher(self, sig: int) -> None:
+        if self.watcher.pid is not None:
+            try:
+                os.kill(self.watcher.pid, sig)
+            except ProcessLookupError:
+                pass  # reap() collects it
+
+    def manage_watcher(self, now: float) -> None:
+        w = self.watcher
+        if w.pid is not None or w.spec.empty or now < w.restart_at:
+            return
+        spec = w.spec
+
+        def body(fd: int, blocked: set[int]) -> NoReturn:
+            run_watcher(spec, fd, self.pid, blocked)
+
+        try:
+            w.pid, w.event_fd = self._fork(body)
+        except OSError as e:
+            w.restart_at = now + w.backoff.failure(now, now)
+            self.log.error("fork of the file watcher failed", error=str(e))
+            return
+        w.started_at = now
+        w.paths, w.missing, w.buf = [], [], bytearray()
+        self.sel.register(w.event_fd, selectors.EVENT_READ, ("watcher",))
+
+    def _read_watcher(self) -> bool:
+        """Handle what the watcher's pipe holds; False at end of file."""
+        w = self.watcher
+        try:
+            data = os.read(w.event_fd, 65536)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self.sel.unregister(w.event_fd)
+            os.close(w.event_fd)
+            w.event_fd = -1
+            return False
+        w.buf += data
+        while b"\n" in w.buf:
+            line, _, rest = bytes(w.buf).partition(b"\n")
+            w.buf = bytearray(rest)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            self.handle_watch_event(event)
+        return True
+
+    def handle_watch_event(self, event: dict) -> None:
+        w = self.watcher
+        kind = event.get("event")
+        if kind == "watching":
+            seen = (w.paths, w.missing, w.polling)
+            w.paths, w.missing = list(event["paths"]), list(event["missing"])
+            w.polling = bool(event["polling"])
+            if seen == (w.paths, w.missing, w.polling):
+                return  # re-watching the same paths after a symlink swap
+            self.log.info("watching files", watcher_pid=w.pid, paths=w.paths,
+                          polling=w.polling)
+            if w.missing:
+                self.log.warning("watched path does not exist; it is checked again every "
+                                 "second and watched once it appears", missing=w.missing)
+        elif kind == "changed":
+            now = self.clock()
+            w.last_change = now
+            pools = {p for p in event["pools"] if p in self.pools}
+            self.debouncer.add(pools, bool(event["config"]), list(event["files"]), now,
+                               count=int(event.get("count", 0)))
+            self.log.info("files changed; rolling once they are quiet", pools=sorted(pools),
+                          config=bool(event["config"]), files=event["count"],
+                          sample=event["files"], why=event.get("why"),
+                          quiet_period=self.debouncer.quiet)
+        elif kind == "error":
+            w.error = str(event.get("message"))
+            self.log.error("file watcher problem; the fleet keeps running", error=w.error)
+
+    def on_watcher_exit(self, status: int) -> None:
+        w = self.watcher
+        while w.event_fd >= 0 and self._read_watcher():
+            pass
+        now = self.clock()
+        w.pid = None
+        if self.stopping:
+            return
+        if w.replacing:
+            w.replacing = False
+            w.restart_at = now
+            return
+        delay = w.backoff.failure(w.started_at, now)
+        w.restarts += 1
+        w.restart_at = now + delay
+        level = self.log.error if w.backoff.failures <= 3 else self.log.debug
+        level("file watcher died; restarting it with backoff (the fleet keeps running)",
+              status=describe_status(status)[2], retry_in=round(delay, 3), error=w.error,
+              streak=w.backoff.failures)
+
+    def apply_file_changes(self, now: float) -> None:
+        """Roll what the debounced changes touched: the config file means a reload (the same
+        path as `gearvisor reload`); code means only the pools whose globs matched."""
+        batch = self.debouncer.pop(now)
+        if batch is None:
+            return
+        if batch.config and self.reload(why="config file changed"):
+            return  # a reload rolls every pool
+        if batch.config and batch.pools:
+            self.log.warning("rolling the pools whose code changed with their old config",
+                             pools=sorted(batch.pools))
+        for name in sorted(batch.pools):
+            pool = self.pools.get(name)
+            if pool is not None and not pool.removed:
+                self.roll_pool(pool, why=f"{batch.files} watched file(s) changed, e.g. "
+                                         f"{', '.join(batch.sample[:3])}")
 
     def report_progress(self) -> None:
         """Answer reload/restart requests whose rolls have finished (or halted), and tell
@@ -567,6 +740,7 @@ class Arbiter:
             self.stopping = "fast"
             self.stop_deadline = now + QUIT_TIMEOUT
             self.log.info("fast stop", signal=why, children=len(self.children))
+            self._signal_watcher(signal.SIGTERM)
             for pid in list(self.children):
                 self.kill_child(pid, signal.SIGQUIT, now, force=True)
             return
@@ -579,6 +753,7 @@ class Arbiter:
                       children=len(self.children), graceful_timeout=timeout)
         for pid in list(self.children):
             self.kill_child(pid, signal.SIGTERM, now)
+        self._signal_watcher(signal.SIGTERM)
 
     def kill_child(self, pid: int, sig: int, now: float, graceful_timeout: float | None = None,
                    force: bool = False) -> None:
@@ -610,6 +785,7 @@ class Arbiter:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        self._signal_watcher(signal.SIGKILL)
         self.stop_deadline = self.clock() + 5.0  # reap and log again if something is stuck
 
     def close(self) -> None:

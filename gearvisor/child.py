@@ -6,7 +6,6 @@ always loads the code that is on disk now.
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import inspect
 import json
@@ -26,10 +25,16 @@ from . import log as logmod
 from .config import Config, PoolConfig
 from .gearman.worker import Hooks, Keepalive, Worker
 from .job import Job
-from .process import EXIT_BOOT_ERROR, EXIT_CRASH, EXIT_OK, EXIT_ORPHANED
+from .process import (
+    EXIT_BOOT_ERROR,
+    EXIT_CRASH,
+    EXIT_OK,
+    EXIT_ORPHANED,
+    close_fds_except,
+    set_pdeathsig,
+)
 from .scoreboard import Scoreboard
 
-PR_SET_PDEATHSIG = 1
 GRACEFUL_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -105,14 +110,6 @@ def send_event(fd: int, event: dict) -> None:
         pass
 
 
-def _set_pdeathsig(sig: int) -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: the getppid() check in the loop still catches an orphan
-
-
 def _switch_user(pool: PoolConfig) -> None:
     import grp
     import pwd
@@ -135,17 +132,7 @@ def _switch_user(pool: PoolConfig) -> None:
 
 
 def _setup_process(pool: PoolConfig, slot: int, keep_fds: set[int]) -> None:
-    # Drop every fd inherited from the master (other children's pipes, the master's
-    # selector) but stdio and our own event pipe.
-    top = max(keep_fds)
-    os.closerange(3, min(keep_fds))
-    for fd in range(min(keep_fds) + 1, top):
-        if fd not in keep_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-    os.closerange(top + 1, 65536)
+    close_fds_except(keep_fds)
     if pool.rlimit_nofile:
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if os.geteuid() == 0:
@@ -190,7 +177,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
     for sig in signals_to_unblock:
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
-    _set_pdeathsig(signal.SIGTERM)
+    set_pdeathsig(signal.SIGTERM)
     setproctitle(f"gearvisor: {pool.name}[{slot}] starting")
     logmod.configure(pool.log_level, pool.log_format)
     logger = logmod.get(pool=pool.name, slot=slot, generation=generation)

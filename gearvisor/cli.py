@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -69,6 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _scan_control_socket(path: str) -> str | None:
+    """control_socket from a file YAML cannot parse (the watcher may just have refused an
+    edit): a top-level `control_socket: PATH` line, so status and stop still reach the
+    master."""
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                m = re.match(r"""^control_socket:\s*["']?([^"'#\s]+)""", line)
+                if m:
+                    return m.group(1)
+    except OSError:
+        pass
+    return None
+
+
 def socket_path(args: argparse.Namespace) -> str:
     """--socket, else control_socket from -c FILE / $GEARVISOR_CONFIG / the default config
     (read leniently: a config the master will refuse must still lead to the master), else
@@ -96,9 +112,13 @@ def socket_path(args: argparse.Namespace) -> str:
                 print("gearvisor reload: nothing was sent; the running fleet is unchanged",
                       file=sys.stderr)
                 raise SystemExit(EXIT_CONFIG) from None
-        print(f"gearvisor: note: cannot read control_socket from {path} ({e.__class__.__name__}"
-              "); using the default control socket", file=sys.stderr)
-        return default_socket_path()
+        value = _scan_control_socket(path)
+        if value is None:
+            print(f"gearvisor: note: cannot read control_socket from {path} "
+                  f"({e.__class__.__name__}); using the default control socket",
+                  file=sys.stderr)
+            return default_socket_path()
+        data = {"control_socket": value}  # found by a line scan of the broken file
     value = data.get("control_socket") if isinstance(data, dict) else None
     if isinstance(value, str) and value:
         return os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(value))

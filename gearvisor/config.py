@@ -200,6 +200,25 @@ def string_list(value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid("expected true or false")
+    return value
+
+
+def watch_list(value: Any) -> tuple[str, ...] | None:
+    """`false` (watch nothing), `true` (the default set) or a list of paths and globs."""
+    if value is False:
+        return ()
+    if value is True:
+        return None
+    try:
+        return string_list(value)
+    except Invalid:
+        raise Invalid('expected a list of paths or globs such as "app/**/*.py", or false') \
+            from None
+
+
 def env_map(value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
         raise Invalid("expected a mapping of NAME: value")
@@ -295,9 +314,20 @@ SETTINGS: tuple[Setting, ...] = (
             "Unix socket of `gearvisor reload/status/stop/restart/scale` (mode 0600).",
             scope="global", shown_default="`/run/gearvisor/gearvisor.sock` as root, else "
             "`$XDG_RUNTIME_DIR/gearvisor.sock`, else `/tmp/gearvisor-$UID/gearvisor.sock`"),
+    Setting("watch_config", boolean, True,
+            "Reload when the config file changes (as `gearvisor reload` does).",
+            scope="global"),
+    Setting("watch_debounce", duration, 1.0,
+            "Quiet period after the last file change before anything rolls, so a deploy "
+            "that touches many files causes one roll.", scope="global"),
     Setting("processes", int_range(0), 1, "How many children the pool runs.", scope="pool"),
     Setting("functions", functions, None,
             'Gearman function name -> Python callable "module:attr". Required.', scope="pool"),
+    Setting("watch", watch_list, None,
+            "Files whose change rolls the pool: paths or globs (`**` spans directories), "
+            "relative to the config file; a directory means everything under it. `false` "
+            "turns watching off.",
+            shown_default="`*.py` in the directory of each function's module"),
     Setting("graceful_timeout", duration, 30.0,
             "How long a child told to stop may finish its current job before SIGKILL."),
     Setting("max_surge", surge, "25%",
@@ -394,6 +424,8 @@ class PoolConfig:
     log_level: str
     log_format: str
     max_surge: int | str = "25%"
+    # None: the directories of the functions' modules, *.py; (): not watched
+    watch: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -407,6 +439,8 @@ class Config:
     log_format: str
     graceful_timeout: float
     control_socket: str | None = None
+    watch_config: bool = True
+    watch_debounce: float = 1.0
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -607,6 +641,8 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
             log_level=merged["log_level"],
             log_format=merged["log_format"],
             max_surge=merged["max_surge"],
+            watch=(None if merged["watch"] is None
+                   else tuple(_resolve(directory, w) for w in merged["watch"])),
         )
 
     pythonpath = []
@@ -630,6 +666,8 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
         graceful_timeout=top.get("graceful_timeout", BY_KEY["graceful_timeout"].default),
         control_socket=(_resolve(directory, top["control_socket"])
                         if top.get("control_socket") else None),
+        watch_config=top.get("watch_config", True),
+        watch_debounce=top.get("watch_debounce", BY_KEY["watch_debounce"].default),
         raw=data,
     )
 

@@ -13,6 +13,7 @@ see pool.Slot.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 from dataclasses import dataclass, field
@@ -27,6 +28,30 @@ EXIT_OK = 0
 EXIT_CRASH = 1  # an unexpected error in the runtime itself
 EXIT_BOOT_ERROR = 3  # cannot import or validate the pool's functions: do not retry blindly
 EXIT_ORPHANED = 4  # the master went away
+PR_SET_PDEATHSIG = 1
+
+
+def set_pdeathsig(sig: int) -> None:
+    """Ask Linux to send `sig` to this process when its parent (the master) dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the getppid() checks still catch an orphan
+
+
+def close_fds_except(keep_fds: set[int]) -> None:
+    """After fork: drop every fd inherited from the master (other children's pipes, the
+    master's selector and sockets) but stdio and `keep_fds`."""
+    top = max(keep_fds)
+    os.closerange(3, min(keep_fds))
+    for fd in range(min(keep_fds) + 1, top):
+        if fd not in keep_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    os.closerange(top + 1, 65536)
 
 
 class ChildState(Enum):

@@ -94,6 +94,7 @@ def fleet_status(arbiter: Arbiter, now: float) -> dict[str, Any]:
             "reloads": arbiter.reloads,
             "rss": _rss(arbiter.pid),
         },
+        "watcher": arbiter.watcher.status(now, arbiter.debouncer),
         "pools": [pool_status(p, now) for p in arbiter.pools.values()],
     }
 
@@ -112,6 +113,8 @@ def summary(arbiter: Arbiter) -> str:
             notes.append(f"{pool.name}: rolling")
         elif pool.backing_off:
             notes.append(f"{pool.name}: {len(pool.backing_off)} restarting")
+    if arbiter.watcher.pid is None and arbiter.watcher.backoff.failures:
+        notes.append("file watcher restarting")
     text = f"{ready}/{desired} children ready in {len(arbiter.pools)} pool(s)"
     return text + (f"; {', '.join(notes)}" if notes else "")
 
@@ -135,6 +138,23 @@ def _size(n: int | None) -> str:
     if n is None:
         return "-"
     return f"{n / 1048576:.1f}M"
+
+
+def _watcher_line(w: dict[str, Any]) -> str:
+    if w["state"] == "disabled":
+        return "watcher disabled (watch: false everywhere and watch_config: false)"
+    if w["state"] == "backoff":
+        text = f"watcher DOWN, restart #{w['restarts']} in {_duration(w['retry_in'])}"
+    else:
+        text = (f"watcher pid {w['pid']}  {w['state']}  {len(w['paths'])} path(s)"
+                + ("  POLLING" if w["polling"] else ""))
+    if w["missing"]:
+        text += f"  missing: {', '.join(w['missing'])}"
+    if w["pending"]:
+        text += f"  pending roll: {', '.join(w['pending'])}"
+    if w["error"]:
+        text += f"  last error: {w['error']}"
+    return text
 
 
 def render(status: dict[str, Any]) -> str:
@@ -177,4 +197,6 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"pool {pool['name']}: {pool['ready']}/{pool['desired']} ready, "
                      f"{pool['actual']} running, generation {pool['generation']}"
                      + (f"  [{'; '.join(flags)}]" if flags else ""))
+    if "watcher" in status:
+        lines.append(_watcher_line(status["watcher"]))
     return "\n".join(lines)

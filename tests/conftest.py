@@ -161,11 +161,26 @@ class Master:
         assert self.proc is not None
         return self.proc.pid
 
-    def children(self) -> list[psutil.Process]:
+    def processes(self) -> list[psutil.Process]:
+        """Every child process of the master: workers and the file-watcher helper."""
         try:
             return psutil.Process(self.pid).children()
         except psutil.NoSuchProcess:
             return []
+
+    @staticmethod
+    def _is_watcher(p: psutil.Process) -> bool:
+        try:
+            return p.cmdline()[:1] == ["gearvisor: watcher"]
+        except psutil.Error:
+            return False
+
+    def children(self) -> list[psutil.Process]:
+        """The worker children (the watcher helper left out)."""
+        return [p for p in self.processes() if not self._is_watcher(p)]
+
+    def watcher(self) -> psutil.Process | None:
+        return next((p for p in self.processes() if self._is_watcher(p)), None)
 
     def titles(self) -> dict[int, str]:
         out = {}

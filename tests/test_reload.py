@@ -57,8 +57,9 @@ def write_version(directory: Path, version: str, preamble: str = "") -> None:
 def config(gearmand, tmp_path: Path, **extra) -> dict:
     pool = {"processes": PROCESSES, "functions": {"work": "vermod:work"},
             "env": {"RESULTS": str(tmp_path / "results.txt")}, "graceful_timeout": 20,
-            **extra}
-    return {"servers": [gearmand.address], "pools": {"ver": pool}}
+            "watch": False, **extra}
+    # File watching off: these tests prove the explicit `gearvisor reload` path.
+    return {"servers": [gearmand.address], "watch_config": False, "pools": {"ver": pool}}
 
 
 def registered_count(gearmand) -> int:
@@ -279,7 +280,8 @@ def test_second_reload_during_a_roll_ends_on_the_newest_generation(gearmand, mas
 def test_reload_adds_and_removes_pools(gearmand, master, tmp_path):
     write_version(tmp_path, "v1")
     cfg = config(gearmand, tmp_path, processes=2)
-    cfg["pools"]["old"] = {"processes": 2, "functions": {"reverse": "examples.text:reverse"}}
+    cfg["pools"]["old"] = {"processes": 2, "functions": {"reverse": "examples.text:reverse"},
+                           "watch": False}
     m = master(cfg)
     wait_for(lambda: len(gearmand.workers("old")) == 2 and len(gearmand.workers("ver")) == 2,
              message="both pools registered")
@@ -332,6 +334,7 @@ def test_status_table_and_json(gearmand, master, tmp_path):
     table = m.ctl("status")
     assert table.returncode == 0
     lines = table.stdout.splitlines()
+    assert lines[-1].startswith("watcher disabled")
     assert lines[1].split() == ["POOL", "SLOT", "PID", "STATE", "GEN", "UPTIME", "DONE",
                                 "FAILED", "JOB", "RSS"]
     assert any(str(busy["pid"]) in line and "busy" in line and "work" in line

@@ -27,6 +27,7 @@ from gearvisor.status import (
     render,
     summary,
 )
+from gearvisor.watcher import Debouncer, WatcherState, WatchSpec
 
 NOW = 10_000.0
 GONE_PID = 2**31 - 1  # above any pid_max: psutil finds no such process
@@ -80,7 +81,8 @@ class Fleet(SimpleNamespace):
 def fleet(*pools: Pool, started_at: float = NOW - 3700, stopping: bool = False) -> Fleet:
     return Fleet(pid=os.getpid(), config=SimpleNamespace(path="/etc/gearvisor/pools.yaml"),
                  started_at=started_at, stopping=stopping, reloads=2,
-                 pools={p.name: p for p in pools})
+                 pools={p.name: p for p in pools},
+                 watcher=WatcherState(WatchSpec(None, ())), debouncer=Debouncer(1.0))
 
 
 @pytest.fixture
@@ -286,7 +288,10 @@ HEADER = ["POOL", "SLOT", "PID", "STATE", "GEN", "UPTIME", "DONE", "FAILED", "JO
 
 
 def rendered(images: Pool) -> list[str]:
-    return render(fleet_status(fleet(images), NOW)).splitlines()
+    """The table and pool lines; the watcher line, always last, is checked and left off."""
+    lines = render(fleet_status(fleet(images), NOW)).splitlines()
+    assert lines[-1].startswith("watcher ")
+    return lines[:-1]
 
 
 def test_render_master_line(images: Pool) -> None:
@@ -349,8 +354,8 @@ def test_render_one_pool_line_each(images: Pool, tmp_path: Path,
     child = make_child(text, 0, boards, state=ChildState.READY, started_at=NOW - 90000)
     text.placed(Spawn(text.slots[0]), child)
     lines = render(fleet_status(fleet(images, text), NOW)).splitlines()
-    assert lines[-2].startswith("pool images: ")
-    assert lines[-1] == "pool text: 1/1 ready, 1 running, generation 1"
+    assert lines[-3].startswith("pool images: ")
+    assert lines[-2] == "pool text: 1/1 ready, 1 running, generation 1"
     text_rows = [line for line in lines if line.startswith("text ")]
     assert len(text_rows) == 1
     assert text_rows[0].split()[3:6] == ["idle", "1", "1d01h"]
@@ -358,7 +363,8 @@ def test_render_one_pool_line_each(images: Pool, tmp_path: Path,
 
 def test_render_without_pools() -> None:
     out = render(fleet_status(fleet(), NOW)).splitlines()
-    assert len(out) == 2
+    assert len(out) == 3
+    assert out[2] == "watcher disabled (watch: false everywhere and watch_config: false)"
     assert out[1].split() == HEADER
 
 

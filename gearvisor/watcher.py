@@ -1,0 +1,348 @@
+"""File watching: which files belong to which pool, the helper process that watches them, and
+the debounce that turns a burst of changes into one roll.
+
+The master never watches files itself: watchfiles runs Rust threads, and the master must stay
+single-threaded so fork() stays safe (DESIGN.md). It forks a helper that runs watchfiles and
+writes one JSON line per batch of changes down a pipe, already mapped to pool names. The
+master debounces those batches (Debouncer, pure, injected clock) and rolls the pools.
+
+Symlinked release directories (`/srv/app/current -> releases/42`): inotify follows a symlink
+once, when the watch is added, so a swap of `current` changes no watched file. The helper
+therefore re-resolves every watched root about once a second; a root whose target moved counts
+as a change of everything under it, and the watch is rebuilt on the new targets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from wcmatch import glob as wcglob
+
+from .config import Config
+from .health import Backoff
+from .process import EXIT_CRASH, EXIT_ORPHANED, close_fds_except, set_pdeathsig
+
+_GLOB_FLAGS = wcglob.GLOBSTAR
+RESOLVE_INTERVAL_MS = 1000  # how often symlinked roots are re-resolved (and the master checked)
+
+
+# -- what is watched (pure) -----------------------------------------------------------------------
+
+
+def module_dir(module: str, search_path: list[str] | tuple[str, ...]) -> str | None:
+    """The directory holding `module`'s source, found on the file system the way the import
+    system would, without importing anything (the master never runs user code)."""
+    parts = module.split(".")
+    for root in search_path:
+        base = os.path.join(root or ".", *parts[:-1])
+        if os.path.isfile(os.path.join(base, parts[-1] + ".py")):
+            return os.path.abspath(base)
+        if os.path.isfile(os.path.join(base, parts[-1], "__init__.py")):
+            return os.path.abspath(os.path.join(base, parts[-1]))
+    return None
+
+
+@dataclass(frozen=True)
+class WatchSpec:
+    """What the helper watches: the config file (or None) and each pool's absolute globs."""
+
+    config: str | None
+    pools: tuple[tuple[str, tuple[str, ...]], ...]
+    notes: tuple[str, ...] = field(default=(), compare=False)  # why something is not watched
+
+    @property
+    def empty(self) -> bool:
+        return self.config is None and not any(patterns for _, patterns in self.pools)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config, "pools": {n: list(p) for n, p in self.pools}}
+
+
+def build_spec(cfg: Config, search_path: list[str] | tuple[str, ...]) -> WatchSpec:
+    """Each pool's watch globs: its own `watch:` list (a directory means everything under it),
+    or by default `*.py` in the directory of each function's module."""
+    pools = []
+    notes = []
+    path = [*cfg.pythonpath, *search_path]
+    for name, pc in cfg.pools.items():
+        if pc.watch is not None:
+            pools.append((name, tuple(os.path.join(w, "**") if os.path.isdir(w) else w
+                                      for w in pc.watch)))
+            continue
+        patterns = []
+        for target in pc.functions.values():
+            module = target.partition(":")[0]
+            where = module_dir(module, path)
+            if where is None:
+                notes.append(f"pool {name}: module {module} not found on the python path, so "
+                             "it is not watched; set watch: for this pool")
+            elif os.path.join(where, "*.py") not in patterns:
+                patterns.append(os.path.join(where, "*.py"))
+        pools.append((name, tuple(patterns)))
+    return WatchSpec(cfg.path if cfg.watch_config else None, tuple(pools), tuple(notes))
+
+
+def root_of(pattern: str) -> str:
+    """The directory to watch for a glob: its leading components without wildcards (for a
+    plain file, its directory, so a file replaced by rename is still seen)."""
+    parts = pattern.split(os.sep)
+    plain = []
+    for part in parts:
+        if wcglob.is_magic(part, flags=_GLOB_FLAGS):
+            return os.sep.join(plain) or os.sep
+        plain.append(part)
+    return pattern if os.path.isdir(pattern) else (os.path.dirname(pattern) or os.sep)
+
+
+def all_roots(spec: WatchSpec) -> list[str]:
+    """The directory of every glob and of the config file. Each one's symlink target is
+    checked for moves, even when an outer root already covers it for watching."""
+    roots = {root_of(p) for _, patterns in spec.pools for p in patterns}
+    if spec.config:
+        roots.add(os.path.dirname(spec.config))
+    return sorted(roots)
+
+
+def outermost(roots: list[str]) -> list[str]:
+    """`roots` without those inside another one (watching is recursive)."""
+    return [r for r in roots
+            if not any(r != o and r.startswith(o.rstrip(os.sep) + os.sep) for o in roots)]
+
+
+class Matcher:
+    """Maps changed paths to the pools whose globs match them (and to the config file)."""
+
+    def __init__(self, spec: WatchSpec) -> None:
+        self.spec = spec
+
+    def pools_for(self, path: str) -> list[str]:
+        return [name for name, patterns in self.spec.pools
+                if patterns and wcglob.globmatch(path, patterns, flags=_GLOB_FLAGS)]
+
+    def match(self, paths: list[str]) -> tuple[set[str], bool]:
+        pools: set[str] = set()
+        config = False
+        for p in paths:
+            if p == self.spec.config:
+                config = True
+            pools.update(self.pools_for(p))
+        return pools, config
+
+    def under(self, roots: list[str]) -> tuple[set[str], bool]:
+        """Pools (and the config) with a glob at or below one of `roots`: a symlink swap or an
+        appearing directory changes everything under it."""
+        def inside(path: str) -> bool:
+            return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+        pools = {name for name, patterns in self.spec.pools
+                 if any(inside(root_of(p)) or inside(p) for p in patterns)}
+        return pools, bool(self.spec.config and inside(self.spec.config))
+
+
+# -- debounce (pure, master side) -----------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    pools: set[str] = field(default_factory=set)
+    config: bool = False
+    files: int = 0
+    sample: list[str] = field(default_factory=list)
+
+
+class Debouncer:
+    """Collects changes until `quiet` seconds pass with none, then hands them over at once.
+
+    A tree that never goes quiet (something rewriting a watched file in a loop) still fires
+    after `max_wait`, so the roll is late but never starved.
+    """
+
+    def __init__(self, quiet: float, max_wait: float | None = None,
+                 pending: Batch | None = None) -> None:
+        self.quiet = quiet
+        self.max_wait = max(10 * quiet, 5.0) if max_wait is None else max_wait
+        self.pending = pending  # carried over when a reload changes the quiet period
+        self.first = self.last = 0.0
+
+    def add(self, pools: set[str], config: bool, files: list[str], now: float,
+            count: int = 0) -> None:
+        """Record one batch of changes: the pools it touched, whether the config file was
+        among them, a few of its paths and how many paths there were in all."""
+        if not pools and not config:
+            return
+        if self.pending is None:
+            self.pending = Batch()
+            self.first = now
+        self.last = now
+        self.pending.pools |= pools
+        self.pending.config |= config
+        self.pending.files += max(count, len(files))
+        self.pending.sample += files[:max(0, 5 - len(self.pending.sample))]
+
+    def due(self) -> float | None:
+        """When the pending batch fires, or None."""
+        if self.pending is None:
+            return None
+        return min(self.last + self.quiet, self.first + self.max_wait)
+
+    def pop(self, now: float) -> Batch | None:
+        due = self.due()
+        if due is None or now < due:
+            return None
+        batch, self.pending = self.pending, None
+        return batch
+
+
+# -- the helper's record in the master -------------------------------------------------------------
+
+
+@dataclass
+class WatcherState:
+    """The master's record of the watcher helper (one process, restarted with backoff)."""
+
+    spec: WatchSpec
+    pid: int | None = None
+    event_fd: int = -1
+    buf: bytearray = field(default_factory=bytearray)
+    started_at: float = 0.0
+    restart_at: float = 0.0
+    backoff: Backoff = field(default_factory=lambda: Backoff(0.5, 30.0, 2.0, 0.1, 10.0))
+    restarts: int = 0
+    replacing: bool = False  # killed on purpose (new spec): respawn at once, not a failure
+    paths: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    polling: bool = False
+    error: str | None = None
+    last_change: float | None = None
+
+    def status(self, now: float, debouncer: Debouncer) -> dict[str, Any]:
+        if self.spec.empty:
+            state = "disabled"
+        elif self.pid is None:
+            state = "backoff" if self.backoff.failures else "starting"
+        else:
+            state = "watching" if self.paths or self.missing else "starting"
+        pending = debouncer.pending
+        return {
+            "state": state,
+            "pid": self.pid,
+            "paths": list(self.paths),
+            "missing": list(self.missing),
+            "polling": self.polling,
+            "restarts": self.restarts,
+            "retry_in": (round(max(0.0, self.restart_at - now), 3)
+                         if self.pid is None and self.backoff.failures else None),
+            "error": self.error,
+            "notes": list(self.spec.notes),
+            "pending": sorted(pending.pools) + (["(config)"] if pending.config else [])
+            if pending else [],
+            "last_change": round(now - self.last_change, 3) if self.last_change else None,
+        }
+
+
+# -- the helper process ---------------------------------------------------------------------------
+
+
+def _send(fd: int, event: dict[str, Any]) -> None:
+    """Blocking write: the master reads its pipes all the time, and a watcher that cannot
+    report has nothing else to do. A gone master (EPIPE) ends the helper."""
+    os.write(fd, json.dumps(event).encode() + b"\n")
+
+
+def run_watcher(spec: WatchSpec, event_fd: int, master_pid: int,
+                signals_to_unblock: set[int]) -> NoReturn:
+    """The body of the forked watcher helper. Never returns."""
+    code = EXIT_CRASH
+    try:
+        for sig in signals_to_unblock:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        set_pdeathsig(signal.SIGTERM)
+        close_fds_except({event_fd})
+        os.set_blocking(event_fd, True)
+        from setproctitle import setproctitle
+        setproctitle("gearvisor: watcher")
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals_to_unblock)
+        code = _watch(spec, event_fd, master_pid)
+    except BrokenPipeError:
+        code = EXIT_ORPHANED
+    except BaseException as e:
+        try:
+            _send(event_fd, {"event": "error", "fatal": True, "message": "".join(
+                traceback.format_exception_only(e)).strip()})
+        except OSError:
+            pass
+    finally:
+        os._exit(code)
+
+
+def _watch(spec: WatchSpec, fd: int, master_pid: int) -> int:
+    import watchfiles  # only here: the master never loads the Rust watcher
+
+    matcher = Matcher(spec)
+    roots = all_roots(spec)
+    polling = False
+    while True:
+        present = outermost([r for r in roots if os.path.exists(r)])
+        resolved = {r: os.path.realpath(r) for r in roots}
+        _send(fd, {"event": "watching", "paths": present,
+                   "missing": [r for r in roots if not os.path.exists(r)], "polling": polling})
+        if not present:
+            while all(not os.path.exists(r) for r in roots):
+                if os.getppid() != master_pid:
+                    return EXIT_ORPHANED
+                time.sleep(RESOLVE_INTERVAL_MS / 1000)
+            _report_moved(fd, matcher, [r for r in roots if os.path.exists(r)])
+            continue
+        try:
+            moved = _watch_until_moved(watchfiles, fd, matcher, present, roots, resolved,
+                                       master_pid, polling)
+        except (OSError, RuntimeError) as e:
+            if polling:
+                raise
+            _send(fd, {"event": "error", "fatal": False, "message": (
+                f"file system notifications failed ({e}); falling back to polling every "
+                "0.5s, which costs more CPU. Raise fs.inotify.max_user_watches or narrow "
+                "the watch: globs")})
+            polling = True
+            continue
+        if moved is None:
+            return EXIT_ORPHANED
+        _report_moved(fd, matcher, moved)
+
+
+def _report_moved(fd: int, matcher: Matcher, roots: list[str]) -> None:
+    pools, config = matcher.under(roots)
+    _send(fd, {"event": "changed", "pools": sorted(pools), "config": config,
+               "files": roots[:5], "count": len(roots), "why": "moved"})
+
+
+def _watch_until_moved(watchfiles: Any, fd: int, matcher: Matcher, present: list[str],
+                       roots: list[str], resolved: dict[str, str], master_pid: int,
+                       polling: bool) -> list[str] | None:
+    """Report changes until a root's symlink target moves or a missing root appears; return
+    those roots (None when the master is gone)."""
+    exists = {r: os.path.exists(r) for r in roots}
+    for changes in watchfiles.watch(*present, watch_filter=watchfiles.DefaultFilter(),
+                                    rust_timeout=RESOLVE_INTERVAL_MS, yield_on_timeout=True,
+                                    force_polling=polling, poll_delay_ms=500,
+                                    raise_interrupt=False):
+        if os.getppid() != master_pid:
+            return None
+        if changes:
+            paths = sorted({p for _, p in changes})
+            pools, config = matcher.match(paths)
+            if pools or config:
+                _send(fd, {"event": "changed", "pools": sorted(pools), "config": config,
+                           "files": paths[:5], "count": len(paths), "why": "edited"})
+        moved = [r for r in roots
+                 if os.path.realpath(r) != resolved[r] or exists[r] != os.path.exists(r)]
+        if moved:
+            return moved
+    return None
