@@ -1,0 +1,263 @@
+"""Integration: file watching rolls the pools whose files changed, against a real gearmand.
+
+Real files, a real master and its real watcher helper (watchfiles). Every wait polls a
+condition until a deadline; "only one roll" is proven by ordering, not by waiting: after the
+burst has rolled, a change to another pool is made and waited for, so a second roll of the
+first pool, had one been coming, would have come before it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import HOST, REPO, wait_for, write_module
+from workload import (
+    CapacityWatch,
+    Load,
+    registered_count,
+    results_by_unique,
+    versions_seen,
+    write_version,
+)
+
+from gearvisor.gearman.client import Client
+
+pytestmark = pytest.mark.integration
+
+QUIET = "200ms"  # watch_debounce: short, so the tests are quick; its logic is unit-tested
+OTHER = '''\
+def name(job):
+    return {tag!r}
+'''
+
+
+def pool(m, name: str) -> dict:
+    return next(p for p in m.status()["pools"] if p["name"] == name)
+
+
+def settled_at(m, name: str, generation: int):
+    """A condition: pool `name` is at `generation`, not rolling, every child ready."""
+    def check():
+        p = pool(m, name)
+        return (p["generation"] == generation and not p["rolling"]
+                and p["ready"] == p["desired"]) and p
+    return check
+
+
+def rolls(m, name: str) -> int:
+    return sum(1 for e in m.events("rolling pool to a new generation") if e.get("pool") == name)
+
+
+def write_other(directory: Path, tag: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "othermod.py").write_text(OTHER.format(tag=tag))
+    for pyc in (directory / "__pycache__").glob("othermod.*"):
+        pyc.unlink()  # a stale .pyc of the same size and second would win (see README)
+
+
+def serving(gearmand, pool: str | None = None) -> int:
+    """Connections gearmand lists with functions registered (of one pool, or all)."""
+    return sum(1 for w in gearmand.workers(pool) if w.functions)
+
+
+def call(gearmand, function: str, payload: str = "{}") -> bytes:
+    with Client(HOST, gearmand.port, timeout=20) as c:
+        r = c.call(function, payload)
+    assert r.ok, r
+    return r.data
+
+
+def two_pools(gearmand, tmp_path: Path, processes: int = 4, **extra) -> dict:
+    """Pool "ver" (tmp/a/vermod.py, `work`) and pool "other" (tmp/b/othermod.py, `name`),
+    each module in its own directory, so each pool watches only its own files."""
+    (tmp_path / "a").mkdir(exist_ok=True)
+    write_version(tmp_path / "a", "v1")
+    write_other(tmp_path / "b", "o1")
+    return {
+        "servers": [gearmand.address],
+        "pythonpath": [str(REPO), str(tmp_path / "a"), str(tmp_path / "b")],
+        "watch_debounce": QUIET,
+        "pools": {
+            "ver": {"processes": processes, "functions": {"work": "vermod:work"},
+                    "env": {"RESULTS": str(tmp_path / "results.txt")}},
+            "other": {"processes": 2, "functions": {"name": "othermod:name"}},
+        },
+        **extra,
+    }
+
+
+def start(gearmand, master, cfg: dict, total: int):
+    m = master(cfg)
+    wait_for(lambda: serving(gearmand) == total, timeout=20,
+             message=f"{total} children registered in gearmand")
+    wait_for(lambda: m.status()["watcher"]["state"] == "watching", message="watcher up")
+    return m
+
+
+def test_editing_a_module_rolls_only_its_pool_and_loses_nothing(gearmand, master, tmp_path):
+    m = start(gearmand, master, two_pools(gearmand, tmp_path), total=6)
+    other_pids = {c["pid"] for c in pool(m, "other")["children"]}
+    capacity = CapacityWatch(gearmand)
+    bg = Load(gearmand, background=True, tag="bg")
+    fg = Load(gearmand, background=False, tag="fg")
+    for t in (capacity, bg, fg):
+        t.start()
+    try:
+        wait_for(lambda: len(fg.results) >= 5 and len(bg.submitted) >= 20, timeout=20,
+                 message="load running on v1")
+        write_version(tmp_path / "a", "v2")  # the edit; no `gearvisor reload`
+        wait_for(lambda: any(d == b"v2" for _, _, d in fg.results[-3:]), timeout=20,
+                 message="foreground results from v2")
+        wait_for(settled_at(m, "ver", 2), timeout=20, message="pool ver rolled to gen 2")
+    finally:
+        bg.stop()
+        fg.stop()
+        capacity.stop()
+    assert bg.error is None and fg.error is None, (bg.error, fg.error)
+    wait_for(lambda: set(results_by_unique(tmp_path)) >= set(bg.submitted), timeout=30,
+             message="every background job done")
+    counts = results_by_unique(tmp_path)
+    assert [u for u in bg.submitted + fg.submitted if counts[u] != 1] == []
+    assert all(ok for _, ok, _ in fg.results), "a foreground job failed"
+    assert versions_seen(tmp_path) == {"v1", "v2"}
+    assert capacity.samples > 10 and capacity.low >= 4, f"capacity fell to {capacity.low}"
+    # Only the edited pool rolled: the other kept its generation and its processes.
+    other = pool(m, "other")
+    assert other["generation"] == 1
+    assert {c["pid"] for c in other["children"]} == other_pids
+    assert rolls(m, "ver") == 1 and rolls(m, "other") == 0
+    changed = m.events("files changed; rolling once they are quiet")
+    assert changed and all(e["pools"] == ["ver"] for e in changed)
+    assert call(gearmand, "name") == b"o1"
+
+
+def test_two_hundred_files_changed_at_once_roll_once(gearmand, master, tmp_path):
+    pkg = tmp_path / "pkg"
+    for i in range(20):
+        (pkg / f"sub{i}").mkdir(parents=True)
+    cfg = two_pools(gearmand, tmp_path, processes=2, watch_debounce="1s")
+    cfg["pools"]["ver"]["watch"] = ["pkg/**/*.py"]  # relative to the config file
+    m = start(gearmand, master, cfg, total=4)
+    # A deploy: 200 files in 20 directories, written in 10 bursts 0.1 s apart (pacing, like
+    # rsync over a slow link), so the helper reports several batches and only the 1 s quiet
+    # period makes them one roll.
+    pause = threading.Event()
+    for i in range(200):
+        (pkg / f"sub{i % 20}" / f"m{i}.py").write_text(f"X = {i}\n")
+        if i % 20 == 19:
+            pause.wait(0.1)
+    wait_for(settled_at(m, "ver", 2), timeout=20, message="pool ver rolled once")
+    # Ordering, not waiting: a later change to the other pool rolls it; any second roll of
+    # "ver" from the burst would have been applied by then.
+    write_other(tmp_path / "b", "o2-changed")
+    wait_for(settled_at(m, "other", 2), timeout=20, message="pool other rolled")
+    assert pool(m, "ver")["generation"] == 2
+    assert rolls(m, "ver") == 1
+    batches = [e for e in m.events("files changed; rolling once they are quiet")
+               if e["pools"] == ["ver"]]
+    assert len(batches) > 1  # the helper did report the burst in pieces...
+    assert sum(e["files"] for e in batches) >= 200  # ...and saw every file; still one roll
+    assert call(gearmand, "name") == b"o2-changed"
+
+
+def test_symlink_swap_of_a_release_directory_loads_the_new_code(gearmand, master, tmp_path):
+    for release in ("1", "2"):
+        (tmp_path / "releases" / release).mkdir(parents=True)
+        write_module(tmp_path / "releases" / release, "relmod",
+                     f"def version(job):\n    return 'release-{release}'\n")
+    current = tmp_path / "current"
+    current.symlink_to(tmp_path / "releases" / "1")
+    m = master({"servers": [gearmand.address], "watch_debounce": QUIET,
+                "pythonpath": [str(REPO), str(current)],
+                "pools": {"rel": {"processes": 2, "functions": {"version": "relmod:version"}}}})
+    wait_for(lambda: serving(gearmand, "rel") == 2, timeout=20, message="registered")
+    wait_for(lambda: m.status()["watcher"]["state"] == "watching", message="watcher up")
+    assert call(gearmand, "version") == b"release-1"
+    # The atomic deploy: a new link renamed over the old one.
+    (tmp_path / "current.new").symlink_to(tmp_path / "releases" / "2")
+    os.rename(tmp_path / "current.new", current)
+    wait_for(settled_at(m, "rel", 2), timeout=20, message="pool rel rolled after the swap")
+    assert call(gearmand, "version") == b"release-2"
+    assert [e["why"] for e in m.events("files changed; rolling once they are quiet")] == [
+        "moved"]
+
+
+def test_an_invalid_config_edit_is_refused_and_the_fleet_is_unchanged(gearmand, master,
+                                                                       tmp_path):
+    cfg = two_pools(gearmand, tmp_path, processes=2)
+    m = start(gearmand, master, cfg, total=4)
+    before = {(c["pid"], c["generation"]) for p in m.status()["pools"] for c in p["children"]}
+    m.write_config({**cfg, "pools": {**cfg["pools"], "ver": {**cfg["pools"]["ver"],
+                                                             "processes": "eight"}}})
+    refused = wait_for(lambda: m.events("reload refused: invalid config; the fleet keeps its "
+                                        "old config"), timeout=20, message="refusal logged")
+    assert refused[0]["trigger"] == "config file changed"
+    assert "pools.ver.processes" in refused[0]["error"]
+    after = {(c["pid"], c["generation"]) for p in m.status()["pools"] for c in p["children"]}
+    assert after == before
+    assert serving(gearmand) == 4
+    assert m.status()["master"]["reloads"] == 0
+    assert call(gearmand, "name") == b"o1"
+
+
+def test_a_config_edit_that_adds_a_pool_starts_it(gearmand, master, tmp_path):
+    cfg = two_pools(gearmand, tmp_path, processes=2)
+    m = start(gearmand, master, cfg, total=4)
+    cfg["pools"]["text"] = {"processes": 3, "functions": {"reverse": "examples.text:reverse"}}
+    m.write_config(cfg)
+    wait_for(lambda: serving(gearmand, "text") == 3, timeout=20,
+             message="the added pool registered in gearmand")
+    assert {p["name"] for p in m.status()["pools"]} == {"ver", "other", "text"}
+    assert m.events("pool added")
+    assert call(gearmand, "reverse", "abc") == b"cba"
+
+
+def test_a_killed_watcher_is_restarted_and_still_watches(gearmand, master, tmp_path):
+    m = start(gearmand, master, two_pools(gearmand, tmp_path, processes=2), total=4)
+    old = m.watcher()
+    assert old is not None and old.ppid() == m.pid
+    assert m.status()["watcher"]["pid"] == old.pid
+    old.kill()
+    status = wait_for(lambda: (w := m.status()["watcher"])["state"] == "watching"
+                      and w["pid"] not in (None, old.pid) and w, timeout=20,
+                      message="a new watcher")
+    assert status["restarts"] == 1
+    died = m.events("file watcher died; restarting it with backoff (the fleet keeps running)")
+    assert died and died[0]["status"] == "killed by SIGKILL"
+    assert psutil.Process(status["pid"]).cmdline()[0] == "gearvisor: watcher"
+    write_other(tmp_path / "b", "o3-after-restart")
+    wait_for(settled_at(m, "other", 2), timeout=20, message="the new watcher saw the edit")
+    assert call(gearmand, "name") == b"o3-after-restart"
+
+
+def test_a_missing_watch_path_is_reported_and_watched_once_it_appears(gearmand, master,
+                                                                      tmp_path):
+    cfg = two_pools(gearmand, tmp_path, processes=2)
+    cfg["pools"]["other"]["watch"] = ["later/*.py"]
+    m = start(gearmand, master, cfg, total=4)
+    watcher = m.status()["watcher"]
+    assert watcher["missing"] == [str(tmp_path / "later")]
+    warned = m.events("watched path does not exist; it is checked again every second and "
+                      "watched once it appears")
+    assert warned and warned[0]["missing"] == [str(tmp_path / "later")]
+    assert serving(gearmand) == 4  # the fleet runs regardless
+    (tmp_path / "later").mkdir()
+    (tmp_path / "later" / "x.py").write_text("X = 1\n")
+    wait_for(settled_at(m, "other", 2), timeout=20, message="the appearing path rolled it")
+    assert not m.status()["watcher"]["missing"]
+
+
+def test_stop_takes_the_watcher_down_too(gearmand, master, tmp_path):
+    m = start(gearmand, master, two_pools(gearmand, tmp_path, processes=2), total=4)
+    watcher = m.watcher()
+    assert watcher is not None
+    m.signal(signal.SIGTERM)
+    assert m.wait_exit() == 0
+    wait_for(lambda: not watcher.is_running() or watcher.status() == psutil.STATUS_ZOMBIE,
+             message="watcher gone")
+    assert registered_count(gearmand) == 0
