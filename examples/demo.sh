@@ -69,6 +69,12 @@ $GEARVISOR reload $CTL
 $GEARVISOR status $CTL
 $G -f reverse 'served by generation 2'; echo
 
+step "edit pools.yaml (add a pool): the file watcher reloads, no command needed"
+sed -i '/^pools:/a\  echo:\n    processes: 1\n    functions: {echo: examples.text:echo}' "$WORK/pools.yaml"
+wait_until "gearadmin -h 127.0.0.1 -p $PORT --workers | grep -q ':echo:'"
+$G -f echo 'served by the pool that was just added'; echo
+$GEARVISOR status $CTL | tail -2
+
 step "gearvisor stop: children finish their jobs, everything exits"
 $GEARVISOR stop $CTL
 wait_until "! kill -0 $MASTER_PID 2>/dev/null"
