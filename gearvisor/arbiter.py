@@ -444,7 +444,7 @@ class Arbiter:
         if client is not None:
             client.waits_for = tuple(self.pools)
             self.waiting.append(client)
-        self.debouncer = Debouncer(new.watch_debounce, pending=self.debouncer.pending)
+        self.debouncer.retime(new.watch_debounce)
         self.update_watch_spec()
         return True
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import traceback
@@ -41,10 +42,11 @@ def module_dir(module: str, search_path: list[str] | tuple[str, ...]) -> str | N
     parts = module.split(".")
     for root in search_path:
         base = os.path.join(root or ".", *parts[:-1])
-        if os.path.isfile(os.path.join(base, parts[-1] + ".py")):
-            return os.path.abspath(base)
+        # A package wins over a module of the same name, as in Python's FileFinder.
         if os.path.isfile(os.path.join(base, parts[-1], "__init__.py")):
             return os.path.abspath(os.path.join(base, parts[-1]))
+        if os.path.isfile(os.path.join(base, parts[-1] + ".py")):
+            return os.path.abspath(base)
     return None
 
 
@@ -72,8 +74,9 @@ def build_spec(cfg: Config, search_path: list[str] | tuple[str, ...]) -> WatchSp
     path = [*cfg.pythonpath, *search_path]
     for name, pc in cfg.pools.items():
         if pc.watch is not None:
-            pools.append((name, tuple(os.path.join(w, "**") if os.path.isdir(w) else w
-                                      for w in pc.watch)))
+            # A directory is taken literally (escaped: "app[1]" is not a character class).
+            pools.append((name, tuple(os.path.join(_literal(w), "**")
+                                      if os.path.isdir(w) else w for w in pc.watch)))
             continue
         patterns = []
         for target in pc.functions.values():
@@ -82,21 +85,31 @@ def build_spec(cfg: Config, search_path: list[str] | tuple[str, ...]) -> WatchSp
             if where is None:
                 notes.append(f"pool {name}: module {module} not found on the python path, so "
                              "it is not watched; set watch: for this pool")
-            elif os.path.join(where, "*.py") not in patterns:
-                patterns.append(os.path.join(where, "*.py"))
+            elif os.path.join(_literal(where), "*.py") not in patterns:
+                patterns.append(os.path.join(_literal(where), "*.py"))
         pools.append((name, tuple(patterns)))
     return WatchSpec(cfg.path if cfg.watch_config else None, tuple(pools), tuple(notes))
 
 
+def _literal(path: str) -> str:
+    """`path` as a glob that matches only itself ("app[1]" is not a character class)."""
+    return wcglob.escape(path) if wcglob.is_magic(path, flags=_GLOB_FLAGS) else path
+
+
 def root_of(pattern: str) -> str:
     """The directory to watch for a glob: its leading components without wildcards (for a
-    plain file, its directory, so a file replaced by rename is still seen)."""
+    plain file, its directory, so a file replaced by rename is still seen). Escaped
+    characters count as plain."""
     parts = pattern.split(os.sep)
     plain = []
     for part in parts:
         if wcglob.is_magic(part, flags=_GLOB_FLAGS):
-            return os.sep.join(plain) or os.sep
+            unescaped = re.sub(r"\\(.)", r"\1", part)
+            if _literal(unescaped) != part:
+                return os.sep.join(plain) or os.sep
+            part = unescaped
         plain.append(part)
+    pattern = os.sep.join(plain)
     return pattern if os.path.isdir(pattern) else (os.path.dirname(pattern) or os.sep)
 
 
@@ -163,12 +176,16 @@ class Debouncer:
     after `max_wait`, so the roll is late but never starved.
     """
 
-    def __init__(self, quiet: float, max_wait: float | None = None,
-                 pending: Batch | None = None) -> None:
+    def __init__(self, quiet: float, max_wait: float | None = None) -> None:
         self.quiet = quiet
         self.max_wait = max(10 * quiet, 5.0) if max_wait is None else max_wait
-        self.pending = pending  # carried over when a reload changes the quiet period
+        self.pending: Batch | None = None
         self.first = self.last = 0.0
+
+    def retime(self, quiet: float) -> None:
+        """A reload changed watch_debounce: keep what is pending and when it was seen."""
+        self.quiet = quiet
+        self.max_wait = max(10 * quiet, 5.0)
 
     def add(self, pools: set[str], config: bool, files: list[str], now: float,
             count: int = 0) -> None:
