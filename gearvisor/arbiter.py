@@ -29,7 +29,9 @@ from . import log as logmod
 from .child import run_child
 from .config import Config, ConfigError, load
 from .control import MAX_REQUEST, ControlError, ControlServer, default_socket_path, send_reply
+from .health import jittered
 from .notify import Notifier
+from .poison import PoisonTable, StrikeCounter, job_key
 from .pool import ExitKind, Pool, Retire, Spawn
 from .process import EXIT_BOOT_ERROR, Child, ChildState, describe_status
 from .scoreboard import Scoreboard
@@ -38,6 +40,7 @@ from .watcher import Debouncer, WatcherState, build_spec, run_watcher
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGCHLD)
+HEALTH_INTERVAL = 0.25  # how often hung jobs and lifetimes are checked, when configured
 QUIT_TIMEOUT = 2.0  # fast stop: how long children get to die from SIGQUIT before SIGKILL
 RETIRE_SIGNAL = signal.SIGHUP  # "finish your current job, then exit 0"
 
@@ -76,6 +79,12 @@ class Arbiter:
         self.control = ControlServer(config.control_socket or default_socket_path())
         self.debouncer = Debouncer(config.watch_debounce)
         self.watcher = WatcherState(build_spec(config, sys.path))
+        self.poison = PoisonTable()  # shared with every child (mapped before any fork)
+        self.strikes = StrikeCounter()
+        self.next_health = 0.0
+        # Internal events ("circuit_open", "circuit_closed", "poison_job", "quarantined"):
+        # alerting hooks in here later.
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -121,6 +130,7 @@ class Arbiter:
             else:
                 self.apply_file_changes(now)  # first: the pools it rolls act at once
                 self.manage_pools(now)
+                self.check_health(now)
                 self.manage_watcher(now)
                 self.kill_overdue(now)
                 self.report_progress()
@@ -162,6 +172,8 @@ class Arbiter:
                 deadlines.append(self.watcher.restart_at)
             if self.debouncer.due() is not None:
                 deadlines.append(self.debouncer.due())
+            if self._health_watched():
+                deadlines.append(self.next_health)
         if self.notifier.watchdog_interval:
             deadlines.append(self.next_watchdog)
         return max(0.0, min(deadlines) - now)
@@ -228,7 +240,7 @@ class Arbiter:
         def body(w: int, blocked: set[int]) -> NoReturn:
             os.set_blocking(w, False)
             run_child(self.config, pool.config, slot.index, pool.generation, w, self.pid,
-                      blocked, board)
+                      blocked, board, self.poison, action.probation)
 
         try:
             pid, r = self._fork(body)
@@ -240,6 +252,9 @@ class Arbiter:
             return
         child.pid = pid
         child.event_fd = r
+        if pool.config.max_lifetime:
+            child.recycle_at = now + jittered(pool.config.max_lifetime,
+                                              pool.config.recycle_jitter)
         pool.placed(action, child)
         self.children[pid] = (child, pool)
         self.sel.register(r, selectors.EVENT_READ, ("child", pid))
@@ -316,10 +331,104 @@ class Arbiter:
             else:
                 self.log.debug("child ready", **ctx)
             if replaced is not None:
-                self.retire(pool, Retire(replaced, f"replaced by generation {child.generation}"
-                                         f" (pid {child.pid})"), self.clock())
+                why = (replaced.quarantined and "quarantined") or (
+                    "recycled" if replaced.generation == child.generation else
+                    f"replaced by generation {child.generation}")
+                self.retire(pool, Retire(replaced, f"{why} (successor pid {child.pid})"),
+                            self.clock())
+            if pool.circuit != "closed" and child is not pool.probe:
+                self._pause(child, True)  # the circuit is open: serve nothing yet
         elif kind == "boot_error":
             child.boot_error = str(event.get("reason", "unknown"))
+        elif kind == "quarantined":
+            self.on_quarantine(child, pool, str(event.get("reason")), event)
+        elif kind == "probation_passed":
+            if pool.probation_passed(child) == "closed":
+                for other in pool.children():
+                    if other.paused:
+                        self._pause(other, False)
+                self.emit("circuit_closed", pool=pool.name, probe_pid=child.pid,
+                          message="circuit closed: the probe child succeeded; the pool "
+                                  "consumes again")
+        elif kind == "recycle":
+            reason = str(event.get("reason"))
+            if pool.recycle(child, reason, self.clock()):
+                self.log.info("recycling child: a successor starts first", pool=pool.name,
+                              slot=child.slot, child_pid=child.pid, reason=reason)
+
+    def emit(self, name: str, message: str, **fields: Any) -> None:
+        """An internal event: logged, and handed to every listener (alerting, later)."""
+        level = self.log.error if name in ("circuit_open", "poison_job") else self.log.warning
+        level(message, internal_event=name, **fields)
+        for listener in self.listeners:
+            try:
+                listener(name, fields)
+            except Exception:
+                self.log.exception("event listener failed", internal_event=name)
+
+    def _pause(self, child: Child, paused: bool) -> None:
+        """SIGUSR1: stop taking jobs (the circuit opened); SIGUSR2: take them again."""
+        if child.state is not ChildState.READY or child.quarantined or child.paused == paused:
+            return
+        child.paused = paused
+        try:
+            os.kill(child.pid, signal.SIGUSR1 if paused else signal.SIGUSR2)
+        except ProcessLookupError:
+            pass
+
+    def on_quarantine(self, child: Child, pool: Pool, reason: str, event: dict) -> None:
+        now = self.clock()
+        cooldown, circuit = pool.child_quarantined(child, reason, now)
+        self.emit("quarantined", pool=pool.name, slot=child.slot, child_pid=child.pid,
+                  reason=reason, jobs_failed=event.get("failed"), jobs_done=event.get("done"),
+                  replaced_in=round(cooldown, 3),
+                  message="child quarantined itself: it fails fast, so it takes no more jobs")
+        if circuit is None:
+            return
+        for other in pool.children():
+            self._pause(other, True)
+        quarantined = sum(1 for s in pool.slots if s.child is not None and s.child.quarantined)
+        self.emit("circuit_open", pool=pool.name, quarantined=quarantined,
+                  desired=pool.desired, probe_in=round(pool.circuit_until - now, 3),
+                  message=("circuit open: most children of the pool fail fast, so the fault "
+                           "is downstream or in the jobs; the pool stops consuming (jobs stay "
+                           "queued in gearmand) and probes with one child after a cooldown")
+                  if circuit == "opened" else
+                  "circuit stays open: the probe child failed too; next probe later")
+
+    def _health_watched(self) -> bool:
+        return any(p.config.timeouts or p.config.max_lifetime for p in self.pools.values())
+
+    def check_health(self, now: float) -> None:
+        """Hard job timeouts (SIGKILL at timeout + timeout_grace) and max_lifetime."""
+        if now < self.next_health or not self._health_watched():
+            return
+        self.next_health = now + HEALTH_INTERVAL
+        for pool in self.pools.values():
+            cfg = pool.config
+            for child in pool.children():
+                if (child.recycle_at is not None and now >= child.recycle_at
+                        and child.state is ChildState.READY):
+                    child.recycle_at = None
+                    if pool.recycle(child, f"max_lifetime: up {now - child.started_at:.0f}s",
+                                    now):
+                        self.log.info("recycling child: a successor starts first",
+                                      pool=pool.name, slot=child.slot, child_pid=child.pid,
+                                      reason="max_lifetime")
+                if not cfg.timeouts or child.scoreboard is None or child.killed_for:
+                    continue
+                job = child.scoreboard.read()
+                limit = cfg.timeouts.get(job.function) if job.busy else None
+                if limit is not None and now - job.job_started > limit + cfg.timeout_grace:
+                    child.killed_for = "timeout"
+                    self.log.error("job hung past its timeout; killing the child",
+                                   pool=pool.name, slot=child.slot, child_pid=child.pid,
+                                   function=job.function, handle=job.handle, unique=job.unique,
+                                   timeout=limit, grace=cfg.timeout_grace)
+                    try:
+                        os.kill(child.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
 
     def _close_events(self, child: Child) -> None:
         if child.event_fd < 0:
@@ -364,6 +473,7 @@ class Arbiter:
         job = child.scoreboard.read() if child.scoreboard is not None else None
         if job is not None and job.busy and decision.kind is not ExitKind.STOPPED:
             ctx.update(function=job.function, handle=job.handle, unique=job.unique)
+            self._strike(pool, job, "hung past its timeout" if child.killed_for else "crashed")
         if decision.kind is ExitKind.STOPPED:
             level = self.log.debug if code == 0 else self.log.warning
             level("child stopped", **ctx)
@@ -387,6 +497,23 @@ class Arbiter:
             what = "crashed" if code != 0 else "exited without being asked to"
             level(f"child {what}; restarting with backoff", streak=decision.streak, **retry,
                   **ctx)
+
+    def _strike(self, pool: Pool, job: Any, what: str) -> None:
+        """The job `job` crashed or hung its child: one more strike; poison at
+        poison_after."""
+        limit = pool.config.poison_after
+        if not limit:
+            return
+        key = job_key(job.function, job.unique, job.handle)
+        if key in self.poison:
+            return
+        strikes = self.strikes.strike(key)
+        if strikes >= limit:
+            self.poison.add(key)
+            self.emit("poison_job", pool=pool.name, function=job.function, unique=job.unique,
+                      handle=job.handle, size=job.size, strikes=strikes, last=what,
+                      message=f"poison job: it {what}; {strikes} children died on it, so "
+                              "from now on it is failed without running")
 
     def kill_overdue(self, now: float) -> None:
         """SIGKILL retired children that outlived their graceful_timeout."""
@@ -794,6 +921,7 @@ class Arbiter:
             client.sock.close()
         self.control.close()
         self.sel.close()
+        self.poison.close()
 
 
 def run(config: Config) -> int:

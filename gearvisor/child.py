@@ -23,8 +23,10 @@ from setproctitle import setproctitle
 
 from . import log as logmod
 from .config import Config, PoolConfig
-from .gearman.worker import Hooks, Keepalive, Worker
-from .job import Job
+from .gearman.worker import Hooks, JobTimer, Keepalive, Worker
+from .health import ErrorWindow, jittered
+from .job import Job, JobTimeout
+from .poison import PoisonTable, job_key
 from .process import (
     EXIT_BOOT_ERROR,
     EXIT_CRASH,
@@ -72,26 +74,48 @@ def load_functions(functions: dict[str, str]) -> dict[str, Callable[[Job], Any]]
 
 
 class _ChildHooks(Hooks):
-    """Reports readiness to the master, keeps the process title and the scoreboard current."""
+    """Reports readiness to the master, keeps the process title and the scoreboard current,
+    tracks the error rate (self-quarantine) and the recycling limits."""
 
-    def __init__(self, pool: str, slot: int, event_fd: int, board: Scoreboard) -> None:
-        self.prefix = f"gearvisor: {pool}[{slot}]"
+    def __init__(self, pool: PoolConfig, slot: int, event_fd: int, board: Scoreboard,
+                 probation: bool, log: Any) -> None:
+        self.prefix = f"gearvisor: {pool.name}[{slot}]"
         self.event_fd = event_fd
         self.board = board
+        self.log = log
         self.done = 0
         self.failed = 0
         self.stopping = False
+        self.worker: Worker | None = None
+        q = pool.quarantine
+        self.window = ErrorWindow(q.window, q.min_jobs, q.ratio, q.fast,
+                                  q.probation_jobs if probation else 0) if q.enabled else None
+        self.quarantined: str | None = None
+        self.max_jobs = (max(1, round(jittered(pool.max_jobs, pool.recycle_jitter)))
+                         if pool.max_jobs else None)
+        self.max_memory = pool.max_memory
+        self.recycling = False
 
     def ready(self) -> None:
         send_event(self.event_fd, {"event": "ready"})
         self._idle()
 
     def _idle(self) -> None:
-        setproctitle(f"{self.prefix} {'draining' if self.stopping else 'idle'}")
+        state = ("draining" if self.stopping else "quarantined" if self.quarantined
+                 else "paused" if self.worker is not None and self.worker._want_paused
+                 else "idle")
+        setproctitle(f"{self.prefix} {state}")
 
     def job_started(self, job: Job) -> None:
-        self.board.job_started(job.function, job.handle, job.unique, time.monotonic())
+        self.board.job_started(job.function, job.handle, job.unique, time.monotonic(),
+                               len(job.data))
         setproctitle(f"{self.prefix} busy {job.function} {job.handle}")
+
+    def job_refused(self, job: Job) -> None:
+        self.failed += 1
+        self.board.job_started(job.function, job.handle, job.unique, time.monotonic(),
+                               len(job.data))
+        self.board.job_finished(False)
 
     def job_finished(self, job: Job, ok: bool, seconds: float) -> None:
         if ok:
@@ -99,7 +123,87 @@ class _ChildHooks(Hooks):
         else:
             self.failed += 1
         self.board.job_finished(ok)
+        if self.window is not None and not self.quarantined and not self.stopping:
+            was_on_probation = self.window.on_probation
+            reason = self.window.record(ok, seconds)
+            if reason:
+                self.quarantine(reason)
+            elif was_on_probation and not self.window.on_probation:
+                send_event(self.event_fd, {"event": "probation_passed"})
+        self._check_limits()
         self._idle()
+
+    def quarantine(self, reason: str) -> None:
+        """Stop taking jobs at once (RESET_ABILITIES everywhere) and tell the master."""
+        self.quarantined = reason
+        if self.worker is not None:
+            self.worker.pause()
+        self.log.warning("quarantined: failing fast; no more jobs taken", reason=reason,
+                         jobs_failed=self.failed, jobs_done=self.done)
+        send_event(self.event_fd, {"event": "quarantined", "reason": reason,
+                                   "failed": self.failed, "done": self.done})
+
+    def _check_limits(self) -> None:
+        if self.recycling or self.stopping:
+            return
+        why = None
+        if self.max_jobs is not None and self.done + self.failed >= self.max_jobs:
+            why = f"max_jobs: ran {self.done + self.failed} jobs (limit {self.max_jobs})"
+        elif self.max_memory is not None:
+            rss = _rss()
+            if rss is not None and rss > self.max_memory:
+                why = (f"max_memory: RSS {rss / 1048576:.0f} MiB over "
+                       f"{self.max_memory / 1048576:.0f} MiB")
+        if why:
+            self.recycling = True
+            send_event(self.event_fd, {"event": "recycle", "reason": why})
+
+
+def _rss() -> int | None:
+    """This process's resident set size, from /proc (no psutil call per job)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _AlarmTimer(JobTimer):
+    """SIGALRM serves two deadlines: a job's soft timeout (raise JobTimeout inside the job)
+    and, once a stop was asked, the hard exit backstop for a job that ignores the stop even
+    when the master is gone and cannot SIGKILL us."""
+
+    def __init__(self) -> None:
+        self.job_deadline: float | None = None
+        self.exit_deadline: float | None = None
+        signal.signal(signal.SIGALRM, self._fire)
+
+    def start(self, seconds: float) -> None:
+        self.job_deadline = time.monotonic() + seconds
+        self._arm()
+
+    def stop(self) -> None:
+        self.job_deadline = None
+        self._arm()
+
+    def exit_in(self, seconds: float) -> None:
+        self.exit_deadline = time.monotonic() + seconds
+        self._arm()
+
+    def _arm(self) -> None:
+        deadlines = [d for d in (self.job_deadline, self.exit_deadline) if d is not None]
+        delay = max(0.001, min(deadlines) - time.monotonic()) if deadlines else 0.0
+        signal.setitimer(signal.ITIMER_REAL, delay)
+
+    def _fire(self, signum: int, _frame: Any) -> None:
+        now = time.monotonic()
+        if self.exit_deadline is not None and now >= self.exit_deadline:
+            os._exit(EXIT_CRASH)
+        if self.job_deadline is not None and now >= self.job_deadline:
+            self.job_deadline = None
+            self._arm()
+            raise JobTimeout("the job ran past its timeout")
+        self._arm()
 
 
 def send_event(fd: int, event: dict) -> None:
@@ -146,13 +250,14 @@ def _setup_process(pool: PoolConfig, slot: int, keep_fds: set[int]) -> None:
 
 
 def run_child(cfg: Config, pool: PoolConfig, slot: int, generation: int, event_fd: int,
-              master_pid: int, signals_to_unblock: set[int], board: Scoreboard) -> NoReturn:
+              master_pid: int, signals_to_unblock: set[int], board: Scoreboard,
+              poison: PoisonTable | None = None, probation: bool = False) -> NoReturn:
     """The body of a forked child. Never returns: always ends in os._exit()."""
     code = EXIT_CRASH
     logger: Any = None
     try:
         code, logger = _child_main(cfg, pool, slot, generation, event_fd, master_pid,
-                                   signals_to_unblock, board)
+                                   signals_to_unblock, board, poison, probation)
     except SystemExit as e:  # user code called sys.exit() at import time
         code = e.code if isinstance(e.code, int) else EXIT_CRASH
     except BaseException:
@@ -170,8 +275,8 @@ def run_child(cfg: Config, pool: PoolConfig, slot: int, generation: int, event_f
 
 
 def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event_fd: int,
-                master_pid: int, signals_to_unblock: set[int],
-                board: Scoreboard) -> tuple[int, Any]:
+                master_pid: int, signals_to_unblock: set[int], board: Scoreboard,
+                poison: PoisonTable | None, probation: bool) -> tuple[int, Any]:
     # Default dispositions first, while signals are still blocked (they were blocked around
     # fork, so nothing the master set can run here).
     for sig in signals_to_unblock:
@@ -185,6 +290,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
     worker: Worker | None = None
     hooks: _ChildHooks | None = None
     stop_requested = False
+    timer = _AlarmTimer()
 
     def graceful(signum: int, _frame: Any) -> None:
         # Record only; the loop acts. alarm() is a backstop so a job that ignores the stop
@@ -197,14 +303,23 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
             hooks.stopping = True
             if not board.read().busy:
                 hooks._idle()
-        signal.alarm(max(1, math.ceil(pool.graceful_timeout)) + 1)
+        timer.exit_in(max(1, math.ceil(pool.graceful_timeout)) + 1)
 
     def fast(signum: int, _frame: Any) -> None:
         os._exit(EXIT_OK)
 
+    def pause(signum: int, _frame: Any) -> None:
+        # SIGUSR1: the pool's circuit opened (stop taking jobs); SIGUSR2: it closed.
+        if worker is not None and (hooks is None or not hooks.quarantined):
+            worker.pause() if signum == signal.SIGUSR1 else worker.resume()
+            if hooks is not None and not board.read().busy:
+                hooks._idle()
+
     for sig in GRACEFUL_SIGNALS:
         signal.signal(sig, graceful)
     signal.signal(signal.SIGQUIT, fast)
+    signal.signal(signal.SIGUSR1, pause)
+    signal.signal(signal.SIGUSR2, pause)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals_to_unblock)
     if os.getppid() != master_pid:
         return EXIT_ORPHANED, logger
@@ -219,7 +334,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         send_event(event_fd, {"event": "boot_error", "reason": str(e)})
         return EXIT_BOOT_ERROR, logger
 
-    hooks = _ChildHooks(pool.name, slot, event_fd, board)
+    hooks = _ChildHooks(pool, slot, event_fd, board, probation, logger)
     ka = pool.keepalive
     worker = Worker(
         servers=[(s.host, s.port) for s in pool.servers],
@@ -231,7 +346,12 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         reconnect_max_delay=pool.reconnect_max_delay,
         keepalive=Keepalive(ka.idle, ka.interval, ka.count),
         exception_packet=pool.exception_packet,
+        timeouts=pool.timeouts,
+        timer=timer,
+        is_poison=(None if poison is None or not pool.poison_after else
+                   lambda job: job_key(job.function, job.unique, job.handle) in poison),
     )
+    hooks.worker = worker
     signal.set_wakeup_fd(worker.wakeup_fd, warn_on_full_buffer=False)
     if stop_requested:
         worker.stop()

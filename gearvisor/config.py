@@ -236,20 +236,59 @@ _FUNCTION_NAME = re.compile(r"^[^\s\0]{1,255}$")
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
-def functions(value: Any) -> dict[str, str]:
-    """Gearman function name -> "module:attr" of the Python callable that runs it."""
+class Functions(dict):
+    """Gearman function name -> "module:attr", plus each function's `timeout` (seconds)."""
+
+    timeouts: dict[str, float]
+
+
+def functions(value: Any) -> Functions:
+    """Gearman function name -> "module:attr" of the Python callable that runs it, or a
+    mapping {callable: "module:attr", timeout: 30s}."""
     if not isinstance(value, dict) or not value:
         raise Invalid('expected a mapping of gearman function name -> "module:callable"')
-    out = {}
+    out = Functions()
+    out.timeouts = {}
     for name, target in value.items():
         if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
             raise Invalid("function names are 1-255 characters with no spaces", at=(name,),
                           value=name)
+        if isinstance(target, dict):
+            unknown = sorted(set(target) - {"callable", "timeout"})
+            if unknown:
+                raise Invalid(f"unknown key {unknown[0]!r}; a function takes callable and "
+                              "timeout", at=(name, unknown[0]), value=unknown[0])
+            if "timeout" in target:
+                try:
+                    timeout = duration(target["timeout"])
+                except Invalid as e:
+                    raise Invalid(str(e), at=(name, "timeout"), value=target["timeout"]) \
+                        from None
+                if timeout <= 0:
+                    raise Invalid("expected a timeout > 0", at=(name, "timeout"),
+                                  value=target["timeout"])
+                out.timeouts[name] = timeout
+            target = target.get("callable")
         if not isinstance(target, str) or not _CALLABLE.match(target):
             raise Invalid('expected "module:callable" such as "examples.text:reverse"',
                           at=(name,), value=target)
         out[name] = target
     return out
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def size(value: Any) -> int:
+    """Bytes as a number, or a string like "512M", "2G", "300MiB"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m and float(m.group(1)) > 0:
+            unit = (m.group(2) or "B").upper()[0]
+            return int(float(m.group(1)) * 1024 ** "BKMGT".index(unit))
+    raise Invalid('expected a size such as 512M, 2G or a number of bytes')
 
 
 def surge(value: Any) -> int | str:
@@ -330,6 +369,46 @@ SETTINGS: tuple[Setting, ...] = (
             shown_default="`*.py` in the directory of each function's module"),
     Setting("graceful_timeout", duration, 30.0,
             "How long a child told to stop may finish its current job before SIGKILL."),
+    Setting("timeout_grace", duration, 5.0,
+            "A job past its function's `timeout` gets an exception (soft); this much later "
+            "the master kills the child (hard), which counts toward `poison_after`."),
+    Setting("quarantine.enabled", boolean, True,
+            "A child that fails fast, job after job, stops taking jobs (self-quarantine)."),
+    Setting("quarantine.window", int_range(1, 10000), 20,
+            "How many of a child's latest jobs its failure ratio is taken over."),
+    Setting("quarantine.min_jobs", int_range(1, 10000), 5,
+            "Jobs in the window before a child may quarantine itself."),
+    Setting("quarantine.ratio", float_range(0.0, 1.0), 0.8,
+            "Share of fast failures in the window that quarantines the child."),
+    Setting("quarantine.fast", duration, 1.0,
+            "A failure quicker than this counts as fast (a broken worker, not a hard job)."),
+    Setting("quarantine.cooldown", duration, 5.0,
+            "How long a quarantined child waits before a fresh child replaces it; doubles "
+            "on each repeat, up to `quarantine.cooldown_max`."),
+    Setting("quarantine.cooldown_max", duration, 300.0, "Longest quarantine cooldown."),
+    Setting("quarantine.probation_jobs", int_range(0, 10000), 3,
+            "A replacement starts on probation: its first fast failure quarantines it "
+            "again, and this many successes end the probation."),
+    Setting("circuit.ratio", float_range(0.0, 1.0), 0.6,
+            "When this share of a pool's children is quarantined, the pool stops consuming "
+            "(jobs stay queued in gearmand) and probes with one child after a cooldown."),
+    Setting("circuit.cooldown", duration, 10.0,
+            "Wait before the first probe of an open circuit; doubles on each failed probe."),
+    Setting("circuit.cooldown_max", duration, 300.0, "Longest wait between probes."),
+    Setting("poison_after", int_range(0), 2,
+            "A job that crashed or hung this many children is failed without running when "
+            "it comes back (0: never)."),
+    Setting("max_jobs", optional(int_range(1)), None,
+            "Recycle a child after this many jobs (+/- `recycle_jitter`).",
+            shown_default="no limit"),
+    Setting("max_memory", optional(size), None,
+            "Recycle a child whose RSS exceeds this, checked between jobs (e.g. 512M).",
+            shown_default="no limit"),
+    Setting("max_lifetime", optional(duration), None,
+            "Recycle a child after it has run this long (+/- `recycle_jitter`).",
+            shown_default="no limit"),
+    Setting("recycle_jitter", float_range(0.0, 0.5), 0.1,
+            "Spread of `max_jobs` and `max_lifetime` per child, as a fraction."),
     Setting("max_surge", surge, "25%",
             "During a roll, how many new children may start beside the old ones at once: a "
             'number or a percentage of `processes` (at least 1).'),
@@ -402,6 +481,25 @@ class KeepaliveConfig:
 
 
 @dataclass(frozen=True)
+class QuarantineConfig:
+    enabled: bool = True
+    window: int = 20
+    min_jobs: int = 5
+    ratio: float = 0.8
+    fast: float = 1.0
+    cooldown: float = 5.0
+    cooldown_max: float = 300.0
+    probation_jobs: int = 3
+
+
+@dataclass(frozen=True)
+class CircuitConfig:
+    ratio: float = 0.6
+    cooldown: float = 10.0
+    cooldown_max: float = 300.0
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     """Everything one pool needs, with the top-level defaults already applied."""
 
@@ -424,6 +522,15 @@ class PoolConfig:
     log_level: str
     log_format: str
     max_surge: int | str = "25%"
+    timeouts: dict[str, float] = field(default_factory=dict)  # function -> seconds
+    timeout_grace: float = 5.0
+    quarantine: QuarantineConfig = field(default_factory=lambda: QuarantineConfig())
+    circuit: CircuitConfig = field(default_factory=lambda: CircuitConfig())
+    poison_after: int = 2
+    max_jobs: int | None = None
+    max_memory: int | None = None
+    max_lifetime: float | None = None
+    recycle_jitter: float = 0.1
     # None: the directories of the functions' modules, *.py; (): not watched
     watch: tuple[str, ...] | None = None
 
@@ -546,6 +653,11 @@ def _default(setting: Setting) -> Any:
     return setting.default
 
 
+def _block(merged: dict[str, Any], block: str) -> dict[str, Any]:
+    """The values of one nested block ("backoff.initial" -> {"initial": ...})."""
+    return {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith(block + ".")}
+
+
 def _resolve(directory: str, p: str) -> str:
     return os.path.normpath(os.path.join(directory, os.path.expanduser(p)))
 
@@ -619,30 +731,22 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
             which = "user" if merged["user"] else "group"
             col.add(origin[which], f"switching {which} needs gearvisor to run as root; "
                     f"remove {which} or start gearvisor as root")
+        special = {"functions", "env", "cwd", "watch"}
+        plain = {s.key: merged[s.key] for s in SETTINGS
+                 if s.scope != "global" and s.block is None and s.key not in special}
         pools[name] = PoolConfig(
             name=name,
-            processes=merged["processes"],
             functions=merged["functions"] or {},
-            servers=merged["servers"],
-            graceful_timeout=merged["graceful_timeout"],
-            connect_timeout=merged["connect_timeout"],
-            reconnect_max_delay=merged["reconnect_max_delay"],
-            backoff=BackoffConfig(**{k.split(".")[1]: v for k, v in merged.items()
-                                     if k.startswith("backoff.")}),
-            keepalive=KeepaliveConfig(**{k.split(".")[1]: v for k, v in merged.items()
-                                         if k.startswith("keepalive.")}),
             env=merged["env"],
             cwd=merged["cwd"],
-            user=merged["user"],
-            group=merged["group"],
-            rlimit_nofile=merged["rlimit_nofile"],
-            client_id_prefix=merged["client_id_prefix"],
-            exception_packet=merged["exception_packet"],
-            log_level=merged["log_level"],
-            log_format=merged["log_format"],
-            max_surge=merged["max_surge"],
             watch=(None if merged["watch"] is None
                    else tuple(_resolve(directory, w) for w in merged["watch"])),
+            timeouts=dict(getattr(merged["functions"], "timeouts", {})),
+            backoff=BackoffConfig(**_block(merged, "backoff")),
+            keepalive=KeepaliveConfig(**_block(merged, "keepalive")),
+            quarantine=QuarantineConfig(**_block(merged, "quarantine")),
+            circuit=CircuitConfig(**_block(merged, "circuit")),
+            **plain,
         )
 
     pythonpath = []

@@ -5,6 +5,7 @@ Callers pass `now` (time.monotonic()) so tests drive time by hand.
 
 from __future__ import annotations
 
+import collections
 import random
 from collections.abc import Callable
 
@@ -52,3 +53,55 @@ class Backoff:
     @property
     def in_streak(self) -> bool:
         return self.failures > 0
+
+
+class ErrorWindow:
+    """One child's recent job outcomes, and whether it fails fast enough to quarantine itself.
+
+    A failure counts as *fast* when the job ended (raised or failed) in under `fast` seconds:
+    a worker whose database is gone fails every job in milliseconds, while a job that fails
+    after real work is the job's problem, not the worker's. The child quarantines itself when,
+    among its last `window` jobs (at least `min_jobs` of them), fast failures make up at least
+    `ratio`. On probation (a replacement of a quarantined child) the first fast failure is
+    enough, and `probation_jobs` successes end the probation.
+    """
+
+    def __init__(self, window: int, min_jobs: int, ratio: float, fast: float,
+                 probation_jobs: int = 0) -> None:
+        self.window = window
+        self.min_jobs = min_jobs
+        self.ratio = ratio
+        self.fast = fast
+        self.outcomes: collections.deque[bool] = collections.deque(maxlen=window)  # True: fast fail
+        self.probation_left = probation_jobs  # successes still needed; 0 = not on probation
+        self.failed = 0  # failures seen in all (reported when it quarantines)
+
+    @property
+    def on_probation(self) -> bool:
+        return self.probation_left > 0
+
+    def record(self, ok: bool, seconds: float) -> str | None:
+        """Record one job; return why the child must quarantine itself now, or None."""
+        if not ok:
+            self.failed += 1
+        fast_fail = not ok and seconds < self.fast
+        self.outcomes.append(fast_fail)
+        if self.on_probation:
+            if fast_fail:
+                return (f"failed a job in {seconds * 1000:.0f} ms while on probation after an "
+                        "earlier quarantine")
+            if ok:
+                self.probation_left -= 1
+            return None
+        n = len(self.outcomes)
+        fast = sum(self.outcomes)
+        if n >= self.min_jobs and fast >= self.ratio * n:
+            return (f"{fast} of its last {n} jobs failed in under {self.fast * 1000:.0f} ms "
+                    f"(threshold {self.ratio:.0%} of at least {self.min_jobs})")
+        return None
+
+
+def jittered(value: float, jitter: float, rand: Callable[[], float] = random.random) -> float:
+    """`value` spread by +/- `jitter` (a fraction), so a pool's children do not all recycle
+    at the same moment."""
+    return value * (1.0 + jitter * (2.0 * rand() - 1.0))

@@ -67,3 +67,9 @@ def encode_result(value: Any) -> bytes:
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
     return json.dumps(value, separators=(",", ":"), default=str).encode()
+
+
+class JobTimeout(Exception):
+    """Raised inside a job that ran past its function's `timeout` (the soft limit). Catch it
+    to clean up; if it escapes, the job ends in WORK_FAIL. The master kills the child
+    `timeout_grace` seconds later if the job still has not returned."""

@@ -45,6 +45,8 @@ class Spawn:
 
     slot: Slot
     successor: bool = False
+    probation: bool = False  # replaces a quarantined child: starts on probation
+    probe: bool = False  # the one child that tests an open circuit
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,12 @@ class Slot:
         self.successor: Child | None = None  # a newer-generation child starting beside it
         self.restart_at = 0.0  # monotonic time before which no child may start
         self.last_reason: str | None = None  # last failure reason logged in this streak
+        # Replacing a healthy-enough child through the surge path (recycle, quarantine):
+        self.replace_at: float | None = None  # start a successor at this time
+        self.replace_why: str | None = None
+        self.probation_next = False  # the next child of this slot starts on probation
+        q = config.quarantine
+        self.quarantines = Backoff(q.cooldown, q.cooldown_max, 2.0, 0.1, math.inf)
 
     @staticmethod
     def _backoff(config: PoolConfig) -> Backoff:
@@ -98,6 +106,13 @@ class Pool:
         self.halted: str | None = None  # why the current roll stopped, if it did
         self.removed = False  # gone from the config: drain, then forget
         self.scaled_to: int | None = None  # `gearvisor scale` override of processes
+        # Circuit breaker: "closed" (normal), "open" (not consuming), "probing" (one child
+        # tries again after the cooldown).
+        self.circuit = "closed"
+        self.circuit_until = 0.0
+        c = config.circuit
+        self.circuit_backoff = Backoff(c.cooldown, c.cooldown_max, 2.0, 0.1, math.inf)
+        self.probe: Child | None = None
 
     @property
     def name(self) -> str:
@@ -137,8 +152,12 @@ class Pool:
     # -- planning -------------------------------------------------------------------------------
 
     def next_due(self) -> float | None:
-        """The earliest time an empty slot will want a child (for the loop's timeout)."""
+        """The earliest time the pool will want to act (for the loop's timeout)."""
         times = [s.restart_at for s in self.slots if s.child is None]
+        times += [s.replace_at for s in self.slots
+                  if s.replace_at is not None and s.successor is None]
+        if self.circuit == "open":
+            times.append(self.circuit_until)
         return min(times) if times else None
 
     def plan(self, now: float) -> list[Action]:
@@ -156,9 +175,27 @@ class Pool:
         for slot in self.slots:
             if slot.child is None and slot.restart_at <= now:
                 actions.append(Spawn(slot))
+        surge = surge_count(self.config.max_surge, self.desired)
+        in_flight = sum(1 for s in self.slots if s.successor is not None)
+        for slot in self.slots:
+            # Replacements of the same generation (recycling, quarantine cooldown over).
+            child = slot.child
+            if (slot.replace_at is None or slot.replace_at > now or slot.successor is not None
+                    or child is None or child.generation < self.generation):
+                continue
+            if child.quarantined and self.circuit != "closed":
+                continue  # an open circuit probes with one child first (below)
+            if in_flight < surge:
+                actions.append(Spawn(slot, successor=True, probation=slot.probation_next))
+                in_flight += 1
+        if self.circuit == "open" and now >= self.circuit_until and self.probe is None:
+            for slot in self.slots:
+                if slot.child is not None and slot.child.quarantined and slot.successor is None:
+                    actions.append(Spawn(slot, successor=True, probation=True, probe=True))
+                    self.circuit = "probing"
+                    in_flight += 1
+                    break
         if self.halted is None:
-            surge = surge_count(self.config.max_surge, self.desired)
-            in_flight = sum(1 for s in self.slots if s.successor is not None)
             for slot in self.slots:
                 if in_flight >= surge:
                     break
@@ -175,6 +212,9 @@ class Pool:
 
     def placed(self, action: Spawn, child: Child) -> None:
         """The arbiter forked `child` for `action`: record it in its slot."""
+        child.probation = action.probation
+        if action.probe:
+            self.probe = child
         if action.successor:
             action.slot.successor = child
         else:
@@ -202,12 +242,69 @@ class Pool:
             if slot.successor is child:
                 old = slot.child
                 slot.child, slot.successor = child, None
+                slot.replace_at = slot.replace_why = None
                 return slot.backoff.failures, old
             if slot.child is child:
                 failures = slot.backoff.failures
                 slot.last_reason = None
                 return failures, None
         return 0, None
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def _slot_of(self, child: Child) -> Slot | None:
+        return next((s for s in self.slots if s.child is child), None)
+
+    def recycle(self, child: Child, why: str, now: float) -> bool:
+        """Replace `child` through the surge path (a successor first): a recycling limit.
+        False when it is not serving a slot or a replacement is already under way."""
+        slot = self._slot_of(child)
+        if slot is None or slot.replace_at is not None or slot.successor is not None:
+            return False
+        slot.replace_at, slot.replace_why = now, why
+        return True
+
+    def child_quarantined(self, child: Child, reason: str, now: float) -> tuple[float, str | None]:
+        """`child` stopped taking jobs. Returns (cooldown before its replacement starts, and
+        "opened" when the pool's circuit opens, "reopened" when a probe failed, or None)."""
+        child.quarantined = reason
+        slot = self._slot_of(child)
+        cooldown = 0.0
+        if slot is not None:
+            cooldown = slot.quarantines.failure(now, now)
+            slot.replace_at, slot.replace_why = now + cooldown, f"quarantined: {reason}"
+            slot.probation_next = True
+        if child is self.probe:
+            self.probe = None
+            return cooldown, self._open(now, "reopened")
+        if self.circuit == "closed":
+            count = sum(1 for s in self.slots if s.child is not None and s.child.quarantined)
+            if self.desired and count >= self.config.circuit.ratio * self.desired:
+                return cooldown, self._open(now, "opened")
+        return cooldown, None
+
+    def _open(self, now: float, how: str) -> str:
+        self.circuit = "open"
+        self.circuit_until = now + self.circuit_backoff.failure(now, now)
+        return how
+
+    def probation_passed(self, child: Child) -> str | None:
+        """A replacement proved itself: forget its slot's quarantine streak. Returns
+        "closed" when it was the probe of an open circuit."""
+        child.probation = False
+        slot = self._slot_of(child)
+        if slot is not None:
+            slot.quarantines.reset()
+            slot.probation_next = False
+        if child is self.probe:
+            self.probe = None
+            self.circuit = "closed"
+            self.circuit_backoff.reset()
+            for s in self.slots:  # the fault is gone: replace the quarantined ones now
+                if s.child is not None and s.child.quarantined and s.replace_at is not None:
+                    s.replace_at = 0.0
+            return "closed"
+        return None
 
     def settled(self) -> bool:
         """Start-up is over: every slot has a ready child or has failed at least once (a
@@ -248,6 +345,8 @@ class Pool:
                 slot.reconfigure(config)
         self.generation += 1
         self.halted = None
+        if self.circuit == "open":
+            self.circuit_until = 0.0  # new code may have fixed it: probe at once
         actions: list[Action] = []
         for slot in self.slots:
             if slot.successor is not None:
@@ -278,7 +377,17 @@ class Pool:
             return ExitDecision(ExitKind.STOPPED, None, False, 0)
         kind = ExitKind.BOOT_ERROR if code == EXIT_BOOT_ERROR else ExitKind.CRASHED
         reason = f"{kind.value}: {child.boot_error}" if kind is ExitKind.BOOT_ERROR else kind.value
+        if child is self.probe:
+            self.probe = None
+            self._open(now, "reopened")  # the probe died: the fault is still there
         for slot in self.slots:
+            if slot.successor is child and slot.child is not None and (
+                    slot.child.generation == child.generation):
+                # A replacement (recycle, quarantine) died before it was ready: not a roll;
+                # the old child keeps serving and the replacement is retried with backoff.
+                slot.successor = None
+                slot.replace_at = now + slot.backoff.failure(child.started_at, now)
+                return ExitDecision(kind, None, True, slot.backoff.failures)
             if slot.successor is child:
                 # A new-generation child died before it was ready: halt, keep the old one.
                 slot.successor = None
@@ -288,6 +397,7 @@ class Pool:
                 return ExitDecision(ExitKind.ROLL_FAILED, None, True, 0)
             if slot.child is child:
                 slot.child = None
+                slot.replace_at = slot.replace_why = None  # the restart replaces it
                 delay = slot.backoff.failure(child.started_at, now)
                 if slot.successor is not None:
                     # It crashed mid-roll: its successor, already starting, takes the slot.

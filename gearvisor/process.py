@@ -90,6 +90,12 @@ class Child:
     event_buf: bytearray = field(default_factory=bytearray)
     boot_error: str | None = None  # reason reported by a child that could not boot
     scoreboard: Scoreboard | None = field(default=None, repr=False)  # its job counters
+    # Health (issue: self-quarantine, circuit, poison, timeouts, recycling)
+    quarantined: str | None = None  # why it quarantined itself; it takes no jobs
+    paused: bool = False  # told to stop taking jobs because its pool's circuit is open
+    probation: bool = False  # started to replace a quarantined child
+    killed_for: str | None = None  # "timeout": the master SIGKILLed it for a hung job
+    recycle_at: float | None = None  # max_lifetime deadline (monotonic), jittered
 
     def transition(self, new: ChildState) -> None:
         """Move to `new`, refusing any change not listed in _ALLOWED."""

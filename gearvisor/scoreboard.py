@@ -13,9 +13,9 @@ import struct
 from dataclasses import dataclass
 
 # The record: seq (8 bytes) then the body: busy, done, failed, job_started (monotonic;
-# CLOCK_MONOTONIC is system-wide on Linux), function, handle, unique.
+# CLOCK_MONOTONIC is system-wide on Linux), function, handle, unique, payload size.
 _SEQ = struct.Struct("<Q")
-_BODY = struct.Struct("<B7xQQd128s128s128s")
+_BODY = struct.Struct("<B7xQQd128s128s128sQ")
 _TEXT = 128
 _READ_ATTEMPTS = 10_000
 
@@ -29,6 +29,7 @@ class Snapshot:
     function: str
     handle: str
     unique: str
+    size: int = 0  # payload bytes of the current job
 
 
 def _cut(text: str) -> bytes:
@@ -51,17 +52,19 @@ class Scoreboard:
         self._failed = 0
 
     def _write(self, busy: bool, started: float, function: bytes, handle: bytes,
-               unique: bytes) -> None:
-        body = _BODY.pack(busy, self._done, self._failed, started, function, handle, unique)
+               unique: bytes, size: int = 0) -> None:
+        body = _BODY.pack(busy, self._done, self._failed, started, function, handle, unique,
+                          size)
         self._seq += 1  # odd: a write is in progress
         self._mm[0:8] = _SEQ.pack(self._seq)
         self._mm[8:] = body
         self._seq += 1
         self._mm[0:8] = _SEQ.pack(self._seq)
 
-    def job_started(self, function: str, handle: str, unique: str, now: float) -> None:
+    def job_started(self, function: str, handle: str, unique: str, now: float,
+                    size: int = 0) -> None:
         """Child side: a job began."""
-        self._write(True, now, _cut(function), _cut(handle), _cut(unique))
+        self._write(True, now, _cut(function), _cut(handle), _cut(unique), size)
 
     def job_finished(self, ok: bool) -> None:
         """Child side: the current job ended."""
@@ -87,11 +90,11 @@ class Scoreboard:
             if mm[0:8] == seq1:
                 break
         fields = _BODY.unpack(body)
-        busy, done, failed, started, fn, handle, unique = fields
+        busy, done, failed, started, fn, handle, unique, size = fields
         return Snapshot(bool(busy), done, failed, started,
                         fn.rstrip(b"\0").decode(errors="replace"),
                         handle.rstrip(b"\0").decode(errors="replace"),
-                        unique.rstrip(b"\0").decode(errors="replace"))
+                        unique.rstrip(b"\0").decode(errors="replace"), size)
 
     def close(self) -> None:
         self._mm.close()

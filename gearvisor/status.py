@@ -34,6 +34,10 @@ def _child_row(child: Child, now: float, role: str) -> dict[str, Any]:
         state = "starting"
     elif child.state is ChildState.DRAINING:
         state = "draining"
+    elif child.quarantined:
+        state = "quarantined"
+    elif child.paused:
+        state = "paused"
     else:
         state = "busy" if busy else "idle"
     return {
@@ -50,6 +54,8 @@ def _child_row(child: Child, now: float, role: str) -> dict[str, Any]:
         "unique": board.unique if busy else None,
         "job_seconds": round(max(0.0, now - board.job_started), 3) if busy else None,
         "rss": _rss(child.pid),
+        "quarantined": child.quarantined,
+        "probation": child.probation,
     }
 
 
@@ -79,6 +85,7 @@ def pool_status(pool: Pool, now: float) -> dict[str, Any]:
         "halted": pool.halted,
         "removed": pool.removed,
         "scaled": pool.scaled_to is not None,
+        "circuit": pool.circuit,
         "children": rows,
     }
 
@@ -113,6 +120,8 @@ def summary(arbiter: Arbiter) -> str:
             notes.append(f"{pool.name}: rolling")
         elif pool.backing_off:
             notes.append(f"{pool.name}: {len(pool.backing_off)} restarting")
+        if pool.circuit != "closed":
+            notes.append(f"{pool.name}: circuit {pool.circuit}")
     if arbiter.watcher.pid is None and arbiter.watcher.backoff.failures:
         notes.append("file watcher restarting")
     text = f"{ready}/{desired} children ready in {len(arbiter.pools)} pool(s)"
@@ -194,6 +203,8 @@ def render(status: dict[str, Any]) -> str:
             flags.append("rolling")
         if pool["scaled"]:
             flags.append("scaled by hand")
+        if pool.get("circuit", "closed") != "closed":
+            flags.append(f"CIRCUIT {pool['circuit'].upper()}: not consuming")
         lines.append(f"pool {pool['name']}: {pool['ready']}/{pool['desired']} ready, "
                      f"{pool['actual']} running, generation {pool['generation']}"
                      + (f"  [{'; '.join(flags)}]" if flags else ""))

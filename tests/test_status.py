@@ -149,7 +149,8 @@ def test_pool_fields(images: Pool) -> None:
     st = pool_status(images, NOW)
     assert {k: v for k, v in st.items() if k != "children"} == {
         "name": "images", "generation": 2, "desired": 4, "actual": 3, "ready": 2,
-        "rolling": True, "halted": None, "removed": False, "scaled": False}
+        "rolling": True, "halted": None, "removed": False, "scaled": False,
+        "circuit": "closed"}
 
 
 def test_rows_in_order(images: Pool) -> None:
@@ -170,7 +171,8 @@ def test_busy_child_row(images: Pool) -> None:
     assert row == {
         "slot": 0, "pid": os.getpid(), "state": "busy", "role": "serving", "generation": 1,
         "uptime": 125.0, "jobs_done": 5, "jobs_failed": 1, "function": "resize",
-        "handle": "H:host:77", "unique": "img-77", "job_seconds": 2.5}
+        "handle": "H:host:77", "unique": "img-77", "job_seconds": 2.5,
+        "quarantined": None, "probation": False}
     own = psutil.Process().memory_info().rss
     assert isinstance(rss, int) and own / 2 < rss < own * 2
 

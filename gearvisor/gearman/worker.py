@@ -36,6 +36,7 @@ RECONNECT_INITIAL = 0.05
 
 GRAB = encode(Packet.GRAB_JOB_ALL)
 PRE_SLEEP = encode(Packet.PRE_SLEEP)
+RESET = encode(Packet.RESET_ABILITIES)
 _ASSIGN = (Packet.JOB_ASSIGN, Packet.JOB_ASSIGN_UNIQ, Packet.JOB_ASSIGN_ALL)
 
 
@@ -66,6 +67,19 @@ class Hooks:
 
     def job_finished(self, job: Job, ok: bool, seconds: float) -> None:
         """A job ended; ok is False when it failed or raised."""
+
+    def job_refused(self, job: Job) -> None:
+        """A poisoned job was answered WORK_FAIL without running."""
+
+
+class JobTimer:
+    """Arms the soft timeout of one job (the child implements it with SIGALRM)."""
+
+    def start(self, seconds: float) -> None:
+        """The job may run `seconds`; then it receives JobTimeout."""
+
+    def stop(self) -> None:
+        """The job ended."""
 
 
 class Connection:
@@ -116,6 +130,9 @@ class Worker:
         keepalive: Keepalive = Keepalive(),
         exception_packet: str = "warning",
         clock: Callable[[], float] = time.monotonic,
+        timeouts: dict[str, float] | None = None,
+        timer: JobTimer | None = None,
+        is_poison: Callable[[Job], bool] | None = None,
     ) -> None:
         self.conns = [Connection(h, p) for h, p in servers]
         self.functions = functions
@@ -127,15 +144,20 @@ class Worker:
         self.keepalive = keepalive
         self.exception_packet = exception_packet
         self.clock = clock
+        self.timeouts = timeouts or {}
+        self.timer = timer or JobTimer()
+        self.is_poison = is_poison
         self.stopping = False
         self.is_ready = False
+        self.paused = False  # registered without functions: takes no jobs (quarantine, circuit)
+        self._want_paused = False
         self.sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
-        self._register = b"".join(encode(Packet.CAN_DO, f) for f in functions) + encode(
-            Packet.SET_CLIENT_ID, client_id)
+        self._can_do = b"".join(encode(Packet.CAN_DO, f) for f in functions)
+        self._client_id = encode(Packet.SET_CLIENT_ID, client_id)
         self._extra_checks: list[Callable[[], None]] = []
 
     # -- public ------------------------------------------------------------------------------
@@ -148,6 +170,33 @@ class Worker:
     def stop(self) -> None:
         """Ask the loop to finish its current job and return. Safe in a signal handler."""
         self.stopping = True
+
+    def pause(self) -> None:
+        """Stop taking jobs (after the current one): RESET_ABILITIES on every server, so
+        gearmand keeps the jobs queued for others. Safe in a signal handler."""
+        self._want_paused = True
+
+    def resume(self) -> None:
+        """Take jobs again (CAN_DO each function, GRAB). Safe in a signal handler."""
+        self._want_paused = False
+
+    def _apply_pause(self) -> None:
+        if self._want_paused == self.paused:
+            if not self.paused and not self.stopping:
+                # A pause asked for and taken back before it applied: pick up the grab.
+                for conn in self.conns:
+                    if conn.state is ConnState.IDLE and conn.sock is not None:
+                        self._grab(conn)
+            return
+        self.paused = self._want_paused
+        for conn in self.conns:
+            if conn.sock is None or conn.state is ConnState.CONNECTING:
+                continue  # registers in the right mode when the connect finishes
+            if self.paused:
+                if self._send(conn, RESET) and conn.state is not ConnState.GRABBING:
+                    conn.state = ConnState.IDLE  # a GRAB in flight is answered, then idles
+            elif not self.stopping and self._send(conn, self._can_do + GRAB):
+                conn.state = ConnState.GRABBING
 
     def every_tick(self, check: Callable[[], None]) -> None:
         """Run `check` on every loop pass (at least once a second): e.g. parent-alive checks."""
@@ -162,6 +211,7 @@ class Worker:
             now = self.clock()
             if self.stopping and not any(c.state is ConnState.GRABBING for c in self.conns):
                 break
+            self._apply_pause()
             self._tick(now)
             timeout = self._timeout(now)
             for key, _mask in self.sel.select(timeout):
@@ -209,7 +259,7 @@ class Worker:
                     self._drop(conn, f"connect timed out after {self.connect_timeout:g}s")
             else:
                 live.append(conn)
-        if self.stopping or not live:
+        if self.stopping or self.paused or not live:
             return
         if all(c.state is ConnState.EMPTY for c in live):
             # Every server said NO_JOB: sleep on all of them; a NOOP from any wakes us.
@@ -281,8 +331,12 @@ class Worker:
         conn.down_logged = False
         conn.delay = RECONNECT_INITIAL
         conn.ever_up = True
-        # Register and ask for work in one write.
-        if self._send(conn, self._register + GRAB):
+        # Register and ask for work in one write (paused: only say who we are).
+        if self.paused:
+            if self._send(conn, self._client_id):
+                conn.state = ConnState.IDLE
+                self._mark_answered(conn)
+        elif self._send(conn, self._can_do + self._client_id + GRAB):
             conn.state = ConnState.GRABBING
 
     def _tune(self, sock: socket.socket) -> None:
@@ -376,13 +430,13 @@ class Worker:
             self._run_job(conn, ptype, args)
         elif ptype == Packet.NO_JOB:
             self._mark_answered(conn)
-            if self.stopping:
+            if self.stopping or self.paused:
                 conn.state = ConnState.IDLE
             else:
                 conn.state = ConnState.EMPTY
                 conn.empty_since = self.clock()
         elif ptype == Packet.NOOP:
-            if conn.state is ConnState.SLEEPING and not self.stopping:
+            if conn.state is ConnState.SLEEPING and not self.stopping and not self.paused:
                 self._grab(conn)
         elif ptype == Packet.ERROR:
             code = args[0].decode(errors="replace")
@@ -419,8 +473,16 @@ class Worker:
                   data, send)
         fn = self.functions.get(function)
         hooks = self.hooks
+        if self.is_poison is not None and self.is_poison(job):
+            # It crashed or hung `poison_after` workers already: fail it, do not run it.
+            self.log.error("poison job failed without running", function=function,
+                           handle=job.handle, unique=job.unique, size=len(data))
+            self._reply(conn, encode(Packet.WORK_FAIL, handle))
+            hooks.job_refused(job)
+            return
         hooks.job_started(job)
         started = time.perf_counter()
+        timeout = self.timeouts.get(function)
         if fn is None:
             # gearmand only assigns what we CAN_DO; this is a server bug. Fail, don't crash.
             self.log.error("job for a function this worker does not serve", function=function,
@@ -429,7 +491,13 @@ class Worker:
             ok = False
         else:
             try:
-                result = fn(job)
+                if timeout is not None:
+                    self.timer.start(timeout)
+                try:
+                    result = fn(job)
+                finally:
+                    if timeout is not None:
+                        self.timer.stop()
                 reply = encode(Packet.WORK_COMPLETE, handle, encode_result(result))
                 ok = True
             except Exception as e:  # a user bug: report it, log it, keep serving
@@ -438,13 +506,16 @@ class Worker:
                 self.log.error("job raised", function=function, handle=job.handle,
                                unique=job.unique, error=f"{type(e).__name__}: {e}",
                                traceback="".join(traceback.format_exception(e)).rstrip())
+        self._reply(conn, reply)
+        hooks.job_finished(job, ok, time.perf_counter() - started)
+
+    def _reply(self, conn: Connection, reply: bytes) -> None:
         # The result and the next GRAB leave in one write: one round trip per job.
-        if not self.stopping:
+        if not self.stopping and not self.paused and not self._want_paused:
             if self._send(conn, reply + GRAB):
                 conn.state = ConnState.GRABBING
         elif self._send(conn, reply):
             conn.state = ConnState.IDLE
-        hooks.job_finished(job, ok, time.perf_counter() - started)
 
     def _failure_reply(self, handle: bytes, exc: Exception) -> bytes:
         text = f"{type(exc).__name__}: {exc}\n".encode(errors="replace")

@@ -1,0 +1,250 @@
+"""Integration: self-quarantine, the pool circuit breaker, poison jobs, job timeouts and
+recycling, against a real gearmand with real forked children.
+
+Every load loop is bounded in count and time; every wait polls a condition to a deadline.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import HOST, wait_for, write_module
+
+from gearvisor.gearman import admin
+from gearvisor.gearman.client import Client
+
+pytestmark = pytest.mark.integration
+
+MAX_JOBS = 400
+MAX_SECONDS = 30
+
+WORKERS = '''
+import os, time
+from gearvisor.job import JobTimeout
+
+FLAG = {flag!r}
+RESULTS = {results!r}
+HOARD = []
+
+
+def record(job, what="ok"):
+    with open(RESULTS, "a") as f:  # O_APPEND: one whole line per job
+        f.write(f"{{job.unique}} {{what}} {{os.getpid()}}\\n")
+
+
+def slot0_broken(job):
+    """Fails at once in slot 0 only (its database connection is gone)."""
+    if os.environ["GEARVISOR_SLOT"] == "0":
+        raise ConnectionError("database connection lost")
+    record(job)
+    return "ok"
+
+
+def all_broken(job):
+    """Fails at once in every child while the flag file exists (a downstream outage)."""
+    if os.path.exists(FLAG):
+        raise ConnectionError("downstream is down")
+    record(job)
+    return "ok"
+
+
+def crash(job):
+    if job.data == b"crash":
+        os._exit(1)
+    record(job)
+    return "ok"
+
+
+def hang(job):
+    """Sleeps; with b"stubborn" it ignores the soft timeout and must be killed."""
+    while True:
+        try:
+            time.sleep(3600)
+        except JobTimeout:
+            if job.data != b"stubborn":
+                raise
+
+
+def work(job):
+    if job.data == b"hoard":
+        HOARD.append(bytearray(8 * 1024 * 1024))  # 8 MiB more per job: a leak
+    record(job)
+    return "ok"
+'''
+
+
+def results(tmp_path: Path) -> collections.Counter:
+    path = tmp_path / "results.txt"
+    if not path.exists():
+        return collections.Counter()
+    return collections.Counter(line.split()[0] for line in path.read_text().splitlines())
+
+
+def fleet(gearmand, master, tmp_path: Path, functions: dict, processes: int = 3,
+          **pool) -> object:
+    write_module(tmp_path, "healthmod", WORKERS.format(flag=str(tmp_path / "broken"),
+                                                       results=str(tmp_path / "results.txt")))
+    m = master({"servers": [gearmand.address], "watch_config": False,
+                "pools": {"p": {"processes": processes, "functions": functions, "watch": False,
+                                **pool}}})
+    wait_for(lambda: sum(1 for w in gearmand.workers("p") if w.functions) == processes,
+             timeout=20, message=f"{processes} children registered")
+    return m
+
+
+def queued(gearmand, function: str) -> int:
+    st = admin.status(HOST, gearmand.port, 2.0).get(function)
+    return st.queued if st else 0
+
+
+def children(m) -> list[dict]:
+    return m.status()["pools"][0]["children"]
+
+
+def test_a_child_that_fails_fast_quarantines_itself_and_the_others_keep_serving(
+        gearmand, master, tmp_path):
+    m = fleet(gearmand, master, tmp_path, {"work": "healthmod:slot0_broken"},
+              quarantine={"min_jobs": 3, "ratio": 1.0, "window": 5, "cooldown": "60s"})
+    slot0 = next(c for c in children(m) if c["slot"] == 0)
+    submitted = []
+    deadline = time.monotonic() + MAX_SECONDS
+    with Client(HOST, gearmand.port) as c:
+        for i in range(MAX_JOBS):  # until slot 0 has quarantined itself
+            if m.events("child quarantined itself: it fails fast, so it takes no more jobs") \
+                    or time.monotonic() > deadline:
+                break
+            c.submit_background("work", "x", f"job-{i}")
+            submitted.append(f"job-{i}")
+        event = wait_for(lambda: m.events("child quarantined itself: it fails fast, so it "
+                                          "takes no more jobs"), message="quarantine")[0]
+        assert (event["slot"], event["child_pid"]) == (0, slot0["pid"])
+        assert event["jobs_failed"] == 3  # within min_jobs: 3 fast failures in a row
+        # From now on every job succeeds: the quarantined child takes none.
+        more = [f"after-{i}" for i in range(30)]
+        for u in more:
+            c.submit_background("work", "x", u)
+    wait_for(lambda: set(results(tmp_path)) >= set(more), message="later jobs all done")
+    assert all(results(tmp_path)[u] == 1 for u in more)
+    ok_before = sum(1 for u in submitted if results(tmp_path)[u])
+    assert ok_before == len(submitted) - 3  # only the 3 jobs slot 0 failed were lost
+    row = next(c for c in children(m) if c["slot"] == 0 and c["role"] == "serving")
+    assert (row["pid"], row["state"]) == (slot0["pid"], "quarantined")
+    assert "failed in under" in row["quarantined"]
+    assert "quarantined" in " ".join(psutil.Process(slot0["pid"]).cmdline())
+    # gearmand agrees: the quarantined connection has no functions registered any more.
+    mine = [w for w in gearmand.workers("p") if w.client_id.endswith(":p:0")]
+    assert mine and all(not w.functions for w in mine)
+    assert sum(1 for w in gearmand.workers("p") if w.functions) == 2
+
+
+def test_when_every_child_fails_the_circuit_opens_and_the_queue_waits(gearmand, master,
+                                                                       tmp_path):
+    (tmp_path / "broken").touch()
+    m = fleet(gearmand, master, tmp_path, {"work": "healthmod:all_broken"},
+              quarantine={"min_jobs": 2, "ratio": 1.0, "window": 4, "cooldown": "60s",
+                          "probation_jobs": 1},
+              circuit={"ratio": 0.6, "cooldown": "1s"})
+    uniques = [f"job-{i}" for i in range(60)]
+    with Client(HOST, gearmand.port) as c:
+        for u in uniques:
+            c.submit_background("work", "x", u)
+    opened = wait_for(lambda: m.events("circuit open: most children of the pool fail fast, "
+                                       "so the fault is downstream or in the jobs; the pool "
+                                       "stops consuming (jobs stay queued in gearmand) and "
+                                       "probes with one child after a cooldown"),
+                      timeout=20, message="circuit open")[0]
+    assert opened["internal_event"] == "circuit_open"
+    depth = wait_for(lambda: queued(gearmand, "work"), message="jobs queued")
+    assert depth >= 60 - 3 * 2  # at most min_jobs failures per child before it stopped
+    # Each probe takes at most one job; the rest stay queued in gearmand.
+    wait_for(lambda: m.events("circuit stays open: the probe child failed too; next probe "
+                              "later"), timeout=20, message="a failed probe")
+    assert queued(gearmand, "work") >= depth - 2
+    status = m.status()["pools"][0]
+    assert status["circuit"] in ("open", "probing")
+    assert not any(w.functions for w in gearmand.workers("p"))  # nobody consumes
+    # The fault is cleared: the next probe succeeds, the circuit closes, the queue drains.
+    (tmp_path / "broken").unlink()
+    wait_for(lambda: m.events("circuit closed: the probe child succeeded; the pool consumes "
+                              "again"), timeout=30, message="circuit closed")
+    wait_for(lambda: queued(gearmand, "work") == 0, timeout=30, message="queue drained")
+    done = results(tmp_path)
+    failed = [u for u in uniques if not done[u]]
+    assert len(failed) <= 3 * 2 + 3  # the fast failures before the circuit opened + probes
+    assert all(done[u] <= 1 for u in uniques)
+
+
+def test_a_job_that_kills_its_worker_is_poison_after_two_crashes(gearmand, master, tmp_path):
+    m = fleet(gearmand, master, tmp_path, {"work": "healthmod:crash"}, processes=2,
+              backoff={"initial": 0})
+    with Client(HOST, gearmand.port) as c:
+        c.submit_background("work", "crash", "the-poison")
+        others = [f"ok-{i}" for i in range(20)]
+        for u in others:
+            c.submit_background("work", "fine", u)
+    poison = wait_for(lambda: m.events("poison job: it crashed; 2 children died on it, so "
+                                       "from now on it is failed without running"),
+                      timeout=20, message="poison recognised")[0]
+    assert (poison["function"], poison["unique"], poison["size"]) == ("work", "the-poison", 5)
+    refused = wait_for(lambda: m.events("poison job failed without running"), timeout=20,
+                       message="a child refused it")[0]
+    assert (refused["unique"], refused["size"]) == ("the-poison", 5)
+    crashes = [e for e in m.events("child crashed; restarting with backoff")
+               if e.get("unique") == "the-poison"]
+    assert len(crashes) == 2
+    wait_for(lambda: queued(gearmand, "work") == 0, message="queue empty: the poison is gone")
+    wait_for(lambda: set(results(tmp_path)) >= set(others), message="other jobs done")
+    assert sum(1 for w in gearmand.workers("p") if w.functions) == 2
+
+
+def test_a_hung_job_is_killed_after_its_timeout_and_the_child_replaced(gearmand, master,
+                                                                       tmp_path):
+    m = fleet(gearmand, master, tmp_path,
+              {"hang": {"callable": "healthmod:hang", "timeout": "300ms"}}, processes=1,
+              timeout_grace="300ms", backoff={"initial": 0}, poison_after=0)
+    pid = children(m)[0]["pid"]
+    # Soft: a job that lets JobTimeout escape ends in WORK_FAIL; the child lives on.
+    with Client(HOST, gearmand.port, timeout=20) as c:
+        r = c.call("hang", "polite")
+    assert not r.ok
+    assert children(m)[0]["pid"] == pid
+    # Hard: a job that swallows JobTimeout is killed at timeout + grace, and replaced.
+    with Client(HOST, gearmand.port, timeout=20) as c:
+        c.submit_background("hang", "stubborn", "stubborn-1")
+    killed = wait_for(lambda: m.events("job hung past its timeout; killing the child"),
+                      timeout=20, message="hard timeout")[0]
+    assert (killed["child_pid"], killed["unique"], killed["timeout"]) == (pid, "stubborn-1",
+                                                                          0.3)
+    wait_for(lambda: (c := children(m)) and c[0]["pid"] != pid and c[0]["state"] == "busy"
+             or (c[0]["pid"] != pid and c[0]["state"] == "idle"),
+             timeout=20, message="a replacement child")
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("limit", ["max_jobs", "max_memory"])
+def test_recycling_replaces_children_without_losing_a_job(gearmand, master, tmp_path, limit):
+    pool = ({"max_jobs": 10, "recycle_jitter": 0} if limit == "max_jobs"
+            else {"max_memory": "120M"})
+    payload = "x" if limit == "max_jobs" else "hoard"
+    m = fleet(gearmand, master, tmp_path, {"work": "healthmod:work"}, processes=2, **pool)
+    first = {c["pid"] for c in children(m)}
+    uniques = [f"job-{i}" for i in range(60)]
+    low = 2
+    with Client(HOST, gearmand.port) as c:
+        for u in uniques:
+            c.submit_background("work", payload, u)
+            low = min(low, sum(1 for w in gearmand.workers("p") if w.functions))
+    wait_for(lambda: set(results(tmp_path)) >= set(uniques), timeout=30,
+             message="every job done")
+    counts = results(tmp_path)
+    assert [u for u in uniques if counts[u] != 1] == []  # none lost, none run twice
+    recycled = m.events("recycling child: a successor starts first")
+    assert recycled and all(e["reason"].startswith(limit) for e in recycled)
+    wait_for(lambda: not first & {c["pid"] for c in children(m)}, timeout=20,
+             message="every original child recycled")
+    assert low >= 2  # capacity held while submitting
+    assert not m.events("child crashed; restarting with backoff")
