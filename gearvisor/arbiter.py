@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -29,7 +30,7 @@ from . import log as logmod
 from .child import run_child
 from .config import Config, ConfigError, load
 from .control import MAX_REQUEST, ControlError, ControlServer, default_socket_path, send_reply
-from .health import jittered
+from .health import fd_warnings, jittered
 from .notify import Notifier
 from .poison import PoisonTable, StrikeCounter, job_key
 from .pool import ExitKind, Pool, Retire, Spawn
@@ -118,6 +119,7 @@ class Arbiter:
                       control_socket=self.control.path,
                       pools={n: p.config.processes for n, p in self.pools.items()})
         self._log_watch_notes()
+        self.check_fd_limits()
         while True:
             now = self.clock()
             self.handle_signals()
@@ -573,6 +575,7 @@ class Arbiter:
             self.waiting.append(client)
         self.debouncer.retime(new.watch_debounce)
         self.update_watch_spec()
+        self.check_fd_limits()
         return True
 
     def roll_pool(self, pool: Pool, why: str) -> None:
@@ -589,6 +592,14 @@ class Arbiter:
         self.waiting.append(client)
 
     # -- file watching --------------------------------------------------------------------------
+
+    def check_fd_limits(self) -> None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft = soft if soft != resource.RLIM_INFINITY else 1 << 20
+        for warning in fd_warnings([(p.name, p.desired, len(p.config.servers),
+                                     p.config.rlimit_nofile) for p in self.pools.values()],
+                                   soft):
+            self.log.warning("open-files limit is close", problem=warning)
 
     def _log_watch_notes(self) -> None:
         for note in self.watcher.spec.notes:

@@ -105,3 +105,38 @@ def jittered(value: float, jitter: float, rand: Callable[[], float] = random.ran
     """`value` spread by +/- `jitter` (a fraction), so a pool's children do not all recycle
     at the same moment."""
     return value * (1.0 + jitter * (2.0 * rand() - 1.0))
+
+
+FD_MARGIN = 0.8  # warn when a count reaches this share of an open-files limit
+CHILD_BASE_FDS = 16  # stdio, event pipe, epoll, wake-up pipe, imports and some slack
+
+
+def fd_warnings(pools: list[tuple[str, int, int, int | None]], soft_limit: int) -> list[str]:
+    """Warnings about open-file limits, from (pool, processes, servers, rlimit_nofile) and
+    the master's own soft RLIMIT_NOFILE (children inherit it unless rlimit_nofile is set).
+
+    A child needs a descriptor per job server plus its own few; the master one per child
+    (its event pipe); every job server one per child connected to it, and a job server on
+    this machine usually runs under the same default limit (often 1024).
+    """
+    out = []
+    children = 0
+    for name, processes, servers, rlimit in pools:
+        limit = rlimit or soft_limit
+        need = servers + CHILD_BASE_FDS
+        if need >= FD_MARGIN * limit:
+            out.append(f"pool {name}: each child needs about {need} open files ({servers} "
+                       f"job servers) but its limit is {limit}; raise rlimit_nofile")
+        children += processes
+    connections = children  # every child connects to every job server of its pool
+    # The master: one pipe per child (twice during a surge roll) plus its own.
+    master_need = 2 * children + CHILD_BASE_FDS
+    if master_need >= FD_MARGIN * soft_limit:
+        out.append(f"the master may need {master_need} open files for {children} children "
+                   f"(surge rolls double them) but its limit is {soft_limit}; raise "
+                   "LimitNOFILE in the systemd unit or `ulimit -n`")
+    if connections >= FD_MARGIN * soft_limit:
+        out.append(f"{connections} children connect to each job server; a job server with "
+                   f"the same open-files limit ({soft_limit}) is close to refusing them: "
+                   "raise gearmand's LimitNOFILE")
+    return out
