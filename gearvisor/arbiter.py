@@ -574,6 +574,7 @@ class Arbiter:
             client.waits_for = tuple(self.pools)
             self.waiting.append(client)
         self.debouncer.retime(new.watch_debounce)
+        self.debouncer.pending = None  # this reload rolls every pool: nothing left to apply
         self.update_watch_spec()
         self.check_fd_limits()
         return True
@@ -613,6 +614,7 @@ class Arbiter:
             return
         w.spec = spec
         self._log_watch_notes()
+        w.restart_at = 0.0  # in backoff: start on the new list now
         if w.pid is not None:
             w.replacing = True
             self.log.info("watch list changed; restarting the file watcher", watcher_pid=w.pid)

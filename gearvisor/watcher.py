@@ -14,6 +14,7 @@ as a change of everything under it, and the watch is rebuilt on the new targets.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -178,14 +179,14 @@ class Debouncer:
 
     def __init__(self, quiet: float, max_wait: float | None = None) -> None:
         self.quiet = quiet
-        self.max_wait = max(10 * quiet, 5.0) if max_wait is None else max_wait
+        self.max_wait = max(10 * quiet, 30.0) if max_wait is None else max_wait
         self.pending: Batch | None = None
         self.first = self.last = 0.0
 
     def retime(self, quiet: float) -> None:
         """A reload changed watch_debounce: keep what is pending and when it was seen."""
         self.quiet = quiet
-        self.max_wait = max(10 * quiet, 5.0)
+        self.max_wait = max(10 * quiet, 30.0)
 
     def add(self, pools: set[str], config: bool, files: list[str], now: float,
             count: int = 0) -> None:
@@ -299,67 +300,161 @@ def run_watcher(spec: WatchSpec, event_fd: int, master_pid: int,
         os._exit(code)
 
 
+def split_roots(spec: WatchSpec) -> tuple[list[str], list[str]]:
+    """(recursive roots, flat roots). Only a glob that reaches below its root ("**", or a
+    wildcard in a subdirectory) needs a recursive watch; "dir/*.py" and the config file's
+    directory are watched flat, so a config in "/" or $HOME never means watching a tree."""
+    deep, flat = set(), set()
+    for _, patterns in spec.pools:
+        for p in patterns:
+            root = root_of(p)
+            rest = p[len(root):].lstrip(os.sep)
+            (deep if not rest or os.sep in rest or "**" in rest else flat).add(root)
+    if spec.config:
+        flat.add(os.path.dirname(spec.config))
+        flat.add(os.path.dirname(os.path.realpath(spec.config)))  # a symlinked config file
+    deep_roots = outermost(sorted(deep))
+    flat_roots = sorted(r for r in flat if not any(
+        r == d or r.startswith(d.rstrip(os.sep) + os.sep) for d in deep_roots))
+    return deep_roots, flat_roots
+
+
+class _Ignore:
+    """watchfiles' default ignore list (.git, __pycache__, node_modules, *.pyc, editor swap
+    files...), applied only to the part of a path below its watched root: code installed
+    under /srv/app/.venv is still watched."""
+
+    def __init__(self, roots: list[str]) -> None:
+        from watchfiles import DefaultFilter
+
+        self.dirs = set(DefaultFilter.ignore_dirs)
+        self.names = [re.compile(p) for p in DefaultFilter.ignore_entity_patterns]
+        self.roots = sorted(roots, key=len, reverse=True)
+
+    def __call__(self, path: str) -> bool:
+        root = next((r for r in self.roots if path.startswith(r.rstrip(os.sep) + os.sep)), None)
+        below = path[len(root):].strip(os.sep).split(os.sep) if root else [
+            os.path.basename(path)]
+        return any(part in self.dirs for part in below[:-1]) or any(
+            n.search(below[-1]) for n in self.names)
+
+
+def aliases(path: str, roots: list[str]) -> list[str]:
+    """`path` and the same file under every root whose real path holds it: inotify keeps
+    one watch per directory inode, so a file reached through a symlink may be reported
+    under another name than the glob uses."""
+    out = [path]
+    real = os.path.realpath(path)
+    for root in roots:
+        rr = os.path.realpath(root)
+        if real == rr or real.startswith(rr.rstrip(os.sep) + os.sep):
+            alias = root.rstrip(os.sep) + real[len(rr.rstrip(os.sep)):]
+            if alias not in out:
+                out.append(alias)
+    return out
+
+
+def _signature(path: str) -> tuple | None:
+    """What identifies `path` now: its target and inode (a symlink swap or a directory
+    replaced by rename changes it), None while it does not exist."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.realpath(path), st.st_dev, st.st_ino
+
+
+def _config_signature(path: str | None) -> tuple | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.realpath(path), st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _is_limit(e: BaseException) -> bool:
+    text = str(e).lower()
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EMFILE) or "limit" in text
+
+
 def _watch(spec: WatchSpec, fd: int, master_pid: int) -> int:
-    import watchfiles  # only here: the master never loads the Rust watcher
+    from watchfiles._rust_notify import RustNotify  # only here: the master never loads it
 
     matcher = Matcher(spec)
     roots = all_roots(spec)
+    checked = sorted(set(roots) | ({os.path.dirname(spec.config)} if spec.config else set()))
     polling = False
+    last_error = None
+    config_sig = _config_signature(spec.config)
     while True:
-        present = outermost([r for r in roots if os.path.exists(r)])
-        resolved = {r: os.path.realpath(r) for r in roots}
-        _send(fd, {"event": "watching", "paths": present,
-                   "missing": [r for r in roots if not os.path.exists(r)], "polling": polling})
-        if not present:
-            while all(not os.path.exists(r) for r in roots):
-                if os.getppid() != master_pid:
-                    return EXIT_ORPHANED
-                time.sleep(RESOLVE_INTERVAL_MS / 1000)
-            _report_moved(fd, matcher, [r for r in roots if os.path.exists(r)])
-            continue
-        try:
-            moved = _watch_until_moved(watchfiles, fd, matcher, present, roots, resolved,
-                                       master_pid, polling)
-        except (OSError, RuntimeError) as e:
-            if polling:
-                raise
-            _send(fd, {"event": "error", "fatal": False, "message": (
-                f"file system notifications failed ({e}); falling back to polling every "
-                "0.5s, which costs more CPU. Raise fs.inotify.max_user_watches or narrow "
-                "the watch: globs")})
-            polling = True
-            continue
-        if moved is None:
+        if os.getppid() != master_pid:
             return EXIT_ORPHANED
-        _report_moved(fd, matcher, moved)
+        deep, flat = split_roots(spec)
+        deep = [r for r in deep if os.path.isdir(r)]
+        flat = [r for r in flat if os.path.isdir(r)]
+        sigs = {r: _signature(r) for r in checked}
+        watchers = []
+        try:
+            for paths, recursive in ((deep, True), (flat, False)):
+                if paths:
+                    watchers.append(RustNotify(paths, False, polling, 500, recursive, True))
+        except (OSError, RuntimeError) as e:
+            message = str(e)
+            switched = _is_limit(e) and not polling
+            if switched:
+                message = (f"file system notifications failed ({e}); falling back to polling "
+                           "every 0.5s, which costs more CPU. Raise fs.inotify.max_user_watches "
+                           "or narrow the watch: globs")
+                polling = True
+            if message != last_error:
+                _send(fd, {"event": "error", "fatal": False, "message": message})
+                last_error = message
+            if not switched:
+                time.sleep(RESOLVE_INTERVAL_MS / 1000)  # retry once a second, quietly
+            continue
+        _send(fd, {"event": "watching", "paths": deep + flat,
+                   "missing": [r for r in roots if not os.path.exists(r)], "polling": polling})
+        ignore = _Ignore(deep + flat + roots)
+        timeout = max(50, RESOLVE_INTERVAL_MS // max(1, len(watchers)))
+        while True:
+            if os.getppid() != master_pid:
+                return EXIT_ORPHANED
+            changed: set[str] = set()
+            if watchers:
+                for w in watchers:
+                    raw = w.watch(1600, 50, timeout, None)
+                    if isinstance(raw, set):
+                        changed.update(p for _, p in raw if not ignore(p))
+            else:
+                time.sleep(RESOLVE_INTERVAL_MS / 1000)  # nothing exists yet: just re-check
+            now_sig = _config_signature(spec.config)
+            if now_sig != config_sig:  # also catches a symlinked config's target changing
+                config_sig = now_sig
+                if spec.config:
+                    changed.add(spec.config)
+            if changed:
+                paths = sorted(changed)
+                pools: set[str] = set()
+                config = False
+                for p in paths:
+                    more, cfg = matcher.match(aliases(p, roots))
+                    pools |= more
+                    config = config or cfg
+                if pools or config:
+                    _send(fd, {"event": "changed", "pools": sorted(pools), "config": config,
+                               "files": paths[:5], "count": len(paths), "why": "edited"})
+            moved = [r for r in checked if _signature(r) != sigs[r]]
+            if moved:
+                _report_moved(fd, matcher, moved)
+                for w in watchers:
+                    w.close()
+                break  # rebuild the watches on the new targets
 
 
 def _report_moved(fd: int, matcher: Matcher, roots: list[str]) -> None:
     pools, config = matcher.under(roots)
-    _send(fd, {"event": "changed", "pools": sorted(pools), "config": config,
-               "files": roots[:5], "count": len(roots), "why": "moved"})
-
-
-def _watch_until_moved(watchfiles: Any, fd: int, matcher: Matcher, present: list[str],
-                       roots: list[str], resolved: dict[str, str], master_pid: int,
-                       polling: bool) -> list[str] | None:
-    """Report changes until a root's symlink target moves or a missing root appears; return
-    those roots (None when the master is gone)."""
-    exists = {r: os.path.exists(r) for r in roots}
-    for changes in watchfiles.watch(*present, watch_filter=watchfiles.DefaultFilter(),
-                                    rust_timeout=RESOLVE_INTERVAL_MS, yield_on_timeout=True,
-                                    force_polling=polling, poll_delay_ms=500,
-                                    raise_interrupt=False):
-        if os.getppid() != master_pid:
-            return None
-        if changes:
-            paths = sorted({p for _, p in changes})
-            pools, config = matcher.match(paths)
-            if pools or config:
-                _send(fd, {"event": "changed", "pools": sorted(pools), "config": config,
-                           "files": paths[:5], "count": len(paths), "why": "edited"})
-        moved = [r for r in roots
-                 if os.path.realpath(r) != resolved[r] or exists[r] != os.path.exists(r)]
-        if moved:
-            return moved
-    return None
+    if pools or config:
+        _send(fd, {"event": "changed", "pools": sorted(pools), "config": config,
+                   "files": roots[:5], "count": len(roots), "why": "moved"})

@@ -261,3 +261,61 @@ def test_stop_takes_the_watcher_down_too(gearmand, master, tmp_path):
     wait_for(lambda: not watcher.is_running() or watcher.status() == psutil.STATUS_ZOMBIE,
              message="watcher gone")
     assert registered_count(gearmand) == 0
+
+
+def test_a_directory_replaced_by_rename_rolls_and_stays_watched(gearmand, master, tmp_path):
+    """A deploy that swaps directories, not symlinks: mv app app.old && mv app.new app."""
+    app = tmp_path / "app"
+    app.mkdir()
+    write_module(app, "relmod", "def version(job):\n    return 'v1'\n")
+    m = master({"servers": [gearmand.address], "watch_debounce": QUIET,
+                "pythonpath": [str(REPO), str(app)],
+                "pools": {"rel": {"processes": 1, "functions": {"version": "relmod:version"}}}})
+    wait_for(lambda: serving(gearmand, "rel") == 1, timeout=20, message="registered")
+    wait_for(lambda: m.status()["watcher"]["state"] == "watching", message="watcher up")
+    new = tmp_path / "app.new"
+    new.mkdir()
+    write_module(new, "relmod", "def version(job):\n    return 'v2-longer'\n")
+    os.rename(app, tmp_path / "app.old")
+    os.rename(new, app)
+    wait_for(settled_at(m, "rel", 2), timeout=20, message="rolled after the swap")
+    assert call(gearmand, "version") == b"v2-longer"
+    # The new directory is watched: a later edit in it rolls again.
+    write_module(app, "relmod", "def version(job):\n    return 'v3-even-longer'\n")
+    wait_for(settled_at(m, "rel", 3), timeout=20, message="rolled after an edit")
+    assert call(gearmand, "version") == b"v3-even-longer"
+
+
+def test_a_symlinked_config_file_is_reloaded_when_its_target_changes(gearmand, master,
+                                                                    tmp_path):
+    """-c /etc/...yaml -> /srv/app/current/conf/...yaml, or a Kubernetes ConfigMap."""
+    cfg = two_pools(gearmand, tmp_path, processes=2)
+    m = master(cfg, start=False)
+    real = tmp_path / "release" / "pools.yaml"
+    real.parent.mkdir()
+    real.write_text(m.config_path.read_text())
+    m.config_path.unlink()
+    m.config_path.symlink_to(real)
+    m.start()
+    wait_for(lambda: serving(gearmand) == 4, timeout=20, message="registered")
+    wait_for(lambda: m.status()["watcher"]["state"] == "watching", message="watcher up")
+    cfg["pools"]["text"] = {"processes": 1, "functions": {"reverse": "examples.text:reverse"}}
+    m.write_config(cfg)  # writes through the link into the target
+    wait_for(lambda: serving(gearmand, "text") == 1, timeout=20, message="pool added")
+    assert any(e["trigger"] == "config file changed" for e in m.events(
+        "reloading: rolling every pool to new code and config"))
+
+
+def test_code_under_a_virtualenv_directory_is_watched(gearmand, master, tmp_path):
+    """watchfiles ignores .venv; that must apply below the watched root, not above it."""
+    lib = tmp_path / ".venv" / "lib" / "site-packages"
+    lib.mkdir(parents=True)
+    write_module(lib, "venvmod", "def version(job):\n    return 'v1'\n")
+    m = master({"servers": [gearmand.address], "watch_debounce": QUIET,
+                "pythonpath": [str(REPO), str(lib)],
+                "pools": {"v": {"processes": 1, "functions": {"version": "venvmod:version"}}}})
+    wait_for(lambda: serving(gearmand, "v") == 1, timeout=20, message="registered")
+    wait_for(lambda: m.status()["watcher"]["state"] == "watching", message="watcher up")
+    write_module(lib, "venvmod", "def version(job):\n    return 'v2-longer'\n")
+    wait_for(settled_at(m, "v", 2), timeout=20, message="rolled")
+    assert call(gearmand, "version") == b"v2-longer"

@@ -20,11 +20,14 @@ from gearvisor.watcher import (
     Matcher,
     WatcherState,
     WatchSpec,
+    _Ignore,
+    aliases,
     all_roots,
     build_spec,
     module_dir,
     outermost,
     root_of,
+    split_roots,
 )
 
 NOW = 10_000.0
@@ -506,7 +509,7 @@ def test_matcher_under_without_config() -> None:
 
 def test_debouncer_burst_gives_one_batch_after_the_quiet_period() -> None:
     d = Debouncer(1.0)
-    assert d.max_wait == 10.0
+    assert d.max_wait == 30.0
     batches = []
     now = 0.0
     for i in range(500):
@@ -582,9 +585,10 @@ def test_debouncer_never_quiet_still_fires_at_max_wait() -> None:
 
 
 def test_debouncer_default_max_wait() -> None:
-    assert Debouncer(1.0).max_wait == 10.0
-    assert Debouncer(0.1).max_wait == 5.0
+    assert Debouncer(1.0).max_wait == 30.0
+    assert Debouncer(0.1).max_wait == 30.0
     assert Debouncer(2.0, max_wait=3.0).max_wait == 3.0
+    assert Debouncer(5.0).max_wait == 50.0
 
 
 def test_debouncer_next_change_after_pop_starts_a_new_batch() -> None:
@@ -620,7 +624,7 @@ def test_debouncer_retime_keeps_the_pending_batch_and_its_times() -> None:
     d = Debouncer(1.0)
     d.add({"a"}, True, ["/srv/a.py"], NOW, count=7)
     d.retime(2.0)  # a reload changed watch_debounce mid-burst
-    assert (d.quiet, d.max_wait) == (2.0, 20.0)
+    assert (d.quiet, d.max_wait) == (2.0, 30.0)
     assert d.pop(NOW + 1.5) is None  # the last change was only 1.5 s ago: not quiet yet
     d.add({"b"}, False, ["/srv/b.py"], NOW + 1.6)
     assert d.pop(NOW + 3.5) is None
@@ -718,3 +722,55 @@ def test_status_pending_lists_pools_and_config() -> None:
     assert st["last_change"] == 3.0
     assert d.pop(NOW + 5.0) is not None
     assert w.status(NOW, d)["pending"] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# split_roots, aliases, the ignore list (what the helper hands to watchfiles)
+
+
+def test_split_roots_watches_the_config_dir_and_flat_globs_flat(tmp_path: Path) -> None:
+    """A config in a big tree (or in /) must never mean a recursive watch of that tree."""
+    (tmp_path / "app" / "lib").mkdir(parents=True)
+    spec = WatchSpec(str(tmp_path / "pools.yaml"), (
+        ("a", (f"{tmp_path}/app/*.py",)),  # flat
+        ("b", (f"{tmp_path}/app/lib/**/*.py",)),  # recursive
+        ("c", (f"{tmp_path}/app/lib/x.py",)),  # flat, but inside a recursive root: dropped
+        ("d", (f"{tmp_path}/other/*/x.py",)),  # a wildcard directory: recursive
+    ))
+    deep, flat = split_roots(spec)
+    assert deep == [str(tmp_path / "app" / "lib"), str(tmp_path / "other")]
+    assert flat == [str(tmp_path), str(tmp_path / "app")]
+
+
+def test_split_roots_also_watches_a_symlinked_config_files_target(tmp_path: Path) -> None:
+    real = touch(tmp_path / "release" / "conf" / "pools.yaml")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "pools.yaml").symlink_to(real)
+    _, flat = split_roots(WatchSpec(str(tmp_path / "etc" / "pools.yaml"), ()))
+    assert flat == [str(tmp_path / "etc"), str(tmp_path / "release" / "conf")]
+
+
+def test_aliases_map_a_path_reported_through_the_real_directory(tmp_path: Path) -> None:
+    touch(tmp_path / "releases" / "1" / "app" / "mod.py")
+    (tmp_path / "current").symlink_to(tmp_path / "releases" / "1")
+    real = str(tmp_path / "releases" / "1" / "app" / "mod.py")
+    link_root = str(tmp_path / "current" / "app")
+    assert aliases(real, [link_root]) == [real, f"{link_root}/mod.py"]
+    matcher = Matcher(WatchSpec(None, (("p", (f"{link_root}/*.py",)),)))
+    assert matcher.match([real]) == (set(), False)  # what inotify may report...
+    assert matcher.match(aliases(real, [link_root])) == ({"p"}, False)  # ...still matches
+
+
+def test_aliases_of_an_unrelated_path_is_itself(tmp_path: Path) -> None:
+    assert aliases(str(tmp_path / "x.py"), [str(tmp_path / "elsewhere")]) == [
+        str(tmp_path / "x.py")]
+
+
+def test_ignore_applies_only_below_the_watched_root() -> None:
+    ignore = _Ignore(["/srv/app/.venv/lib/site-packages/myapp", "/srv/app"])
+    assert not ignore("/srv/app/.venv/lib/site-packages/myapp/jobs.py")  # code in a venv
+    assert ignore("/srv/app/.git/HEAD")
+    assert ignore("/srv/app/pkg/__pycache__/jobs.cpython-311.pyc")
+    assert ignore("/srv/app/pkg/.jobs.py.swp")
+    assert ignore("/srv/app/node_modules/x/index.js")
+    assert not ignore("/srv/app/pkg/jobs.py")
