@@ -250,6 +250,10 @@ class Arbiter:
             child.scoreboard.close()
             if not action.successor:
                 slot.restart_at = now + slot.backoff.failure(now, now)
+            elif slot.replace_at is not None:
+                slot.replace_at = now + slot.backoff.failure(now, now)
+            if action.probe:
+                pool.circuit_until = now + 1.0  # try the probe again in a second
             self.log.error("fork failed", pool=pool.name, slot=slot.index, error=str(e))
             return
         child.pid = pid

@@ -287,7 +287,9 @@ def size(value: Any) -> int:
         m = _SIZE.match(value)
         if m and float(m.group(1)) > 0:
             unit = (m.group(2) or "B").upper()[0]
-            return int(float(m.group(1)) * 1024 ** "BKMGT".index(unit))
+            n = int(float(m.group(1)) * 1024 ** "BKMGT".index(unit))
+            if n >= 1:
+                return n
     raise Invalid('expected a size such as 512M, 2G or a number of bytes')
 
 
@@ -727,6 +729,10 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
         if merged["backoff.max"] < merged["backoff.initial"]:
             col.add(origin["backoff.max"], f"must be >= backoff.initial "
                     f"({merged['backoff.initial']}), got {merged['backoff.max']}")
+        if merged["quarantine.min_jobs"] > merged["quarantine.window"]:
+            col.add(origin["quarantine.min_jobs"], "must be <= quarantine.window "
+                    f"({merged['quarantine.window']}), or the child can never quarantine, "
+                    f"got {merged['quarantine.min_jobs']}")
         if (merged["user"] or merged["group"]) and (os.geteuid() if euid is None else euid) != 0:
             which = "user" if merged["user"] else "group"
             col.add(origin[which], f"switching {which} needs gearvisor to run as root; "

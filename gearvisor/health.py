@@ -95,7 +95,7 @@ class ErrorWindow:
             return None
         n = len(self.outcomes)
         fast = sum(self.outcomes)
-        if n >= self.min_jobs and fast >= self.ratio * n:
+        if n >= self.min_jobs and fast and fast >= self.ratio * n:
             return (f"{fast} of its last {n} jobs failed in under {self.fast * 1000:.0f} ms "
                     f"(threshold {self.ratio:.0%} of at least {self.min_jobs})")
         return None

@@ -154,11 +154,20 @@ class Pool:
     def next_due(self) -> float | None:
         """The earliest time the pool will want to act (for the loop's timeout)."""
         times = [s.restart_at for s in self.slots if s.child is None]
-        times += [s.replace_at for s in self.slots
-                  if s.replace_at is not None and s.successor is None]
+        in_flight = sum(1 for s in self.slots if s.successor is not None)
+        if in_flight < surge_count(self.config.max_surge, self.desired):
+            # (while surge holds replacements back, a successor's readiness frees them)
+            times += [s.replace_at for s in self.slots if self._replaceable(s)]
         if self.circuit == "open":
             times.append(self.circuit_until)
         return min(times) if times else None
+
+    def _replaceable(self, slot: Slot) -> bool:
+        """A slot whose child waits for a same-generation replacement plan() may start."""
+        child = slot.child
+        return (slot.replace_at is not None and slot.successor is None and child is not None
+                and child.generation == self.generation
+                and not (child.quarantined and self.circuit != "closed"))
 
     def plan(self, now: float) -> list[Action]:
         """What to do now: fill empty slots past their backoff, push the roll forward."""
@@ -172,29 +181,26 @@ class Pool:
         # Scale up.
         while len(self.slots) < self.desired:
             self.slots.append(Slot(len(self.slots), self.config))
+        probe_due = self.circuit == "open" and now >= self.circuit_until and self.probe is None
         for slot in self.slots:
             if slot.child is None and slot.restart_at <= now:
-                actions.append(Spawn(slot))
+                # While the circuit is open, the first fresh child is its probe.
+                actions.append(Spawn(slot, probation=probe_due, probe=probe_due))
+                probe_due = False
         surge = surge_count(self.config.max_surge, self.desired)
         in_flight = sum(1 for s in self.slots if s.successor is not None)
         for slot in self.slots:
             # Replacements of the same generation (recycling, quarantine cooldown over).
-            child = slot.child
-            if (slot.replace_at is None or slot.replace_at > now or slot.successor is not None
-                    or child is None or child.generation < self.generation):
-                continue
-            if child.quarantined and self.circuit != "closed":
-                continue  # an open circuit probes with one child first (below)
-            if in_flight < surge:
+            if self._replaceable(slot) and slot.replace_at <= now and in_flight < surge:
                 actions.append(Spawn(slot, successor=True, probation=slot.probation_next))
                 in_flight += 1
-        if self.circuit == "open" and now >= self.circuit_until and self.probe is None:
-            for slot in self.slots:
-                if slot.child is not None and slot.child.quarantined and slot.successor is None:
-                    actions.append(Spawn(slot, successor=True, probation=True, probe=True))
-                    self.circuit = "probing"
-                    in_flight += 1
-                    break
+        if probe_due:
+            # Probe with a fresh child beside a quarantined one (else beside any child).
+            slots = sorted((s for s in self.slots if s.child is not None and s.successor is None),
+                           key=lambda s: not s.child.quarantined)
+            if slots:
+                actions.append(Spawn(slots[0], successor=True, probation=True, probe=True))
+                in_flight += 1
         if self.halted is None:
             for slot in self.slots:
                 if in_flight >= surge:
@@ -215,6 +221,7 @@ class Pool:
         child.probation = action.probation
         if action.probe:
             self.probe = child
+            self.circuit = "probing"
         if action.successor:
             action.slot.successor = child
         else:
@@ -369,6 +376,12 @@ class Pool:
         A child the master asked to stop (retired, or signalled by a fleet stop) is never a
         failure, whatever its status (circus #809).
         """
+        if child is self.probe:
+            self.probe = None
+            if child in self.retired or child.stop_requested_at is not None:
+                self.circuit, self.circuit_until = "open", now  # retired on purpose: again
+            else:
+                self._open(now, "reopened")  # the probe died: the fault is still there
         if child in self.retired or child.stop_requested_at is not None:
             if child in self.retired:
                 self.retired.remove(child)
@@ -377,9 +390,6 @@ class Pool:
             return ExitDecision(ExitKind.STOPPED, None, False, 0)
         kind = ExitKind.BOOT_ERROR if code == EXIT_BOOT_ERROR else ExitKind.CRASHED
         reason = f"{kind.value}: {child.boot_error}" if kind is ExitKind.BOOT_ERROR else kind.value
-        if child is self.probe:
-            self.probe = None
-            self._open(now, "reopened")  # the probe died: the fault is still there
         for slot in self.slots:
             if slot.successor is child and slot.child is not None and (
                     slot.child.generation == child.generation):
