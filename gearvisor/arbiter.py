@@ -28,8 +28,10 @@ from setproctitle import setproctitle
 
 from . import log as logmod
 from .child import run_child
+from .command import OutputSink, exec_command, output_pipe, split_lines
 from .config import Config, ConfigError, load
 from .control import MAX_REQUEST, ControlError, ControlServer, default_socket_path, send_reply
+from .gearman import admin
 from .health import fd_warnings, jittered
 from .notify import Notifier
 from .poison import PoisonTable, StrikeCounter, job_key
@@ -41,6 +43,8 @@ from .watcher import Debouncer, WatcherState, build_spec, run_watcher
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGCHLD)
+ADMIN_TIMEOUT = 0.3  # gearmand admin queries from the loop (ready: registered): kept short
+REGISTERED_POLL = 0.25  # how often gearmand's workers list is read while a child starts
 HEALTH_INTERVAL = 0.25  # how often hung jobs and lifetimes are checked, when configured
 QUIT_TIMEOUT = 2.0  # fast stop: how long children get to die from SIGQUIT before SIGKILL
 RETIRE_SIGNAL = signal.SIGHUP  # "finish your current job, then exit 0"
@@ -86,6 +90,8 @@ class Arbiter:
         # Internal events ("circuit_open", "circuit_closed", "poison_job", "quarantined"):
         # alerting hooks in here later.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self.sinks: dict[str, OutputSink] = {}  # command pools' output, by pool
+        self.next_registered_poll = 0.0
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -133,6 +139,7 @@ class Arbiter:
                 self.apply_file_changes(now)  # first: the pools it rolls act at once
                 self.manage_pools(now)
                 self.check_health(now)
+                self.check_commands(now)
                 self.manage_watcher(now)
                 self.kill_overdue(now)
                 self.report_progress()
@@ -153,6 +160,10 @@ class Arbiter:
                 self._read_pipe(*entry)
         elif kind == "watcher":
             self._read_watcher()
+        elif kind == "output":
+            entry = self.children.get(key.data[1])
+            if entry is not None:
+                self._read_output(entry[0], entry[1], key.data[2])
         elif kind == "listen":
             self.accept_control()
         elif kind == "client":
@@ -176,6 +187,9 @@ class Arbiter:
                 deadlines.append(self.debouncer.due())
             if self._health_watched():
                 deadlines.append(self.next_health)
+            due = self._command_due(now)
+            if due is not None:
+                deadlines.append(due)
         if self.notifier.watchdog_interval:
             deadlines.append(self.next_watchdog)
         return max(0.0, min(deadlines) - now)
@@ -236,10 +250,25 @@ class Arbiter:
         slot = action.slot
         child = Child(pool=pool.name, slot=slot.index, generation=pool.generation,
                       started_at=now)
-        child.scoreboard = Scoreboard()
+        command = pool.config.command is not None
+        pipes: list[tuple[int, int]] = []
+        if command:
+            try:
+                pipes = [output_pipe(), output_pipe()]
+            except OSError as e:
+                for fd in (fd for p in pipes for fd in p):
+                    os.close(fd)
+                self.log.error("cannot create output pipes", pool=pool.name, error=str(e))
+                slot.restart_at = now + slot.backoff.failure(now, now)
+                return
+        else:
+            child.scoreboard = Scoreboard()
         board = child.scoreboard
 
         def body(w: int, blocked: set[int]) -> NoReturn:
+            if command:
+                exec_command(self.config, pool.config, slot.index, w, pipes[0][1],
+                             pipes[1][1], blocked)
             os.set_blocking(w, False)
             run_child(self.config, pool.config, slot.index, pool.generation, w, self.pid,
                       blocked, board, self.poison, action.probation)
@@ -247,7 +276,10 @@ class Arbiter:
         try:
             pid, r = self._fork(body)
         except OSError as e:
-            child.scoreboard.close()
+            for fd in (fd for p in pipes for fd in p):
+                os.close(fd)
+            if child.scoreboard is not None:
+                child.scoreboard.close()
             if not action.successor:
                 slot.restart_at = now + slot.backoff.failure(now, now)
             elif slot.replace_at is not None:
@@ -258,6 +290,10 @@ class Arbiter:
             return
         child.pid = pid
         child.event_fd = r
+        for (out_r, out_w), stream in zip(pipes, ("stdout", "stderr"), strict=False):
+            os.close(out_w)
+            child.output[out_r] = (stream, bytearray())
+            self.sel.register(out_r, selectors.EVENT_READ, ("output", pid, out_r))
         if pool.config.max_lifetime:
             child.recycle_at = now + jittered(pool.config.max_lifetime,
                                               pool.config.recycle_jitter)
@@ -296,7 +332,87 @@ class Arbiter:
         pool.retiring(child)
         self.log.info("retiring child", pool=pool.name, slot=child.slot, child_pid=child.pid,
                       generation=child.generation, why=action.why)
-        self.kill_child(child.pid, RETIRE_SIGNAL, now, pool.config.graceful_timeout)
+        cfg = pool.config
+        sig = (RETIRE_SIGNAL if cfg.command is None else
+               signal.Signals[cfg.reload_signal or cfg.stop_signal])
+        self.kill_child(child.pid, sig, now, cfg.graceful_timeout)
+
+    # -- command pools ----------------------------------------------------------------------
+
+    def _sink(self, pool: Pool) -> OutputSink:
+        sink = self.sinks.get(pool.name)
+        if sink is None:
+            sink = self.sinks[pool.name] = OutputSink(pool.config, self.log.bind(pool=pool.name))
+        return sink
+
+    def _read_output(self, child: Child, pool: Pool, fd: int, final: bool = False) -> bool:
+        """Log what a command child wrote; False once the pipe reached end of file."""
+        stream, buf = child.output[fd]
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        sink = self._sink(pool)
+        for line in split_lines(buf, data, final=not data):
+            sink.line(child.slot, child.pid, stream, line)
+        if not data:
+            try:
+                self.sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+            os.close(fd)
+            del child.output[fd]
+            return False
+        return True
+
+    def check_commands(self, now: float) -> None:
+        """Readiness of command children: alive `startsecs` (ready: started), or their
+        functions registered under their client id in gearmand (ready: registered)."""
+        poll = now >= self.next_registered_poll
+        for pool in self.pools.values():
+            cfg = pool.config
+            if cfg.command is None:
+                continue
+            starting = [c for c in pool.children() if c.state is ChildState.STARTING]
+            for child in starting:
+                if now - child.started_at < cfg.startsecs:
+                    continue
+                if cfg.ready == "started" or (poll and self._registered(pool, child)):
+                    self.handle_event(child, pool, {"event": "ready"})
+        if poll:
+            self.next_registered_poll = now + REGISTERED_POLL
+
+    def _registered(self, pool: Pool, child: Child) -> bool:
+        """gearmand lists the child's client id with every function of the pool, on each
+        server that answers (an unreachable one does not hold the pool back)."""
+        from .command import client_id
+
+        want = client_id(pool.config, child.slot, child.pid)
+        needed = set(pool.config.functions)
+        answered = False
+        for server in pool.config.servers:
+            try:
+                workers = admin.workers(server.host, server.port, ADMIN_TIMEOUT)
+            except (admin.AdminError, OSError):
+                continue
+            answered = True
+            if not any(w.client_id == want and needed <= set(w.functions) for w in workers):
+                return False
+        return answered
+
+    def _command_due(self, now: float) -> float | None:
+        times = []
+        for pool in self.pools.values():
+            if pool.config.command is None:
+                continue
+            for c in pool.children():
+                if c.state is ChildState.STARTING:
+                    due = c.started_at + pool.config.startsecs
+                    times.append(max(due, self.next_registered_poll)
+                                 if pool.config.ready == "registered" and due <= now else due)
+        return min(times) if times else None
 
     def _read_pipe(self, child: Child, pool: Pool) -> bool:
         """Handle what the pipe holds now; return False once it reached end of file."""
@@ -465,6 +581,9 @@ class Arbiter:
             # written just before exit): read to end of file before deciding.
             while child.event_fd >= 0 and self._read_pipe(child, pool):
                 pass
+            for fd in list(child.output):
+                while fd in child.output and self._read_output(child, pool, fd):
+                    pass
             child.transition(ChildState.EXITED)  # any -> EXITED
             self.on_child_exit(child, pool, status)
             if child.scoreboard is not None:
@@ -473,6 +592,13 @@ class Arbiter:
     def on_child_exit(self, child: Child, pool: Pool, status: int) -> None:
         now = self.clock()
         code, _sig, words = describe_status(status)
+        if (pool.config.command is not None and child.ready_at is None
+                and child.stop_requested_at is None and code != EXIT_BOOT_ERROR):
+            # A command that exits before it is ready (startsecs) failed to start.
+            child.boot_error = (f"{pool.config.command[0]} {words} after "
+                                f"{now - child.started_at:.1f}s, before startsecs "
+                                f"({pool.config.startsecs:g}s)")
+            code = EXIT_BOOT_ERROR
         decision = pool.child_exited(child, code, now, stopping=bool(self.stopping))
         ctx = dict(pool=pool.name, slot=child.slot, child_pid=child.pid, status=words,
                    generation=child.generation, uptime=round(now - child.started_at, 3))
@@ -579,6 +705,9 @@ class Arbiter:
             self.waiting.append(client)
         self.debouncer.retime(new.watch_debounce)
         self.debouncer.pending = None  # this reload rolls every pool: nothing left to apply
+        for sink in self.sinks.values():
+            sink.close()  # reopened with the new log_file settings on the next line
+        self.sinks.clear()
         self.update_watch_spec()
         self.check_fd_limits()
         return True
@@ -895,8 +1024,9 @@ class Arbiter:
         self.stop_deadline = now + timeout
         self.log.info("graceful stop: children finish their current job", signal=why,
                       children=len(self.children), graceful_timeout=timeout)
-        for pid in list(self.children):
-            self.kill_child(pid, signal.SIGTERM, now)
+        for pid, (_, pool) in list(self.children.items()):
+            self.kill_child(pid, signal.Signals[pool.config.stop_signal]
+                            if pool.config.command is not None else signal.SIGTERM, now)
         self._signal_watcher(signal.SIGTERM)
 
     def kill_child(self, pid: int, sig: int, now: float, graceful_timeout: float | None = None,

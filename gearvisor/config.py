@@ -18,6 +18,9 @@ import math
 import os
 import pwd
 import re
+import resource
+import shlex
+import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping
@@ -200,6 +203,64 @@ def string_list(value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+def command(value: Any) -> tuple[str, ...]:
+    """argv as a list (run with no shell), or a string split like a shell would (shlex)."""
+    if isinstance(value, str):
+        try:
+            argv = shlex.split(value)
+        except ValueError as e:
+            raise Invalid(f"cannot split the command: {e}") from None
+    elif isinstance(value, list) and all(isinstance(a, (str, int, float)) for a in value):
+        argv = [str(a) for a in value]
+    else:
+        raise Invalid('expected an argv list such as ["php", "worker.php"] or a string')
+    if not argv or not argv[0]:
+        raise Invalid('expected an argv list such as ["php", "worker.php"] or a string')
+    return tuple(argv)
+
+
+def signal_name(value: Any) -> str:
+    """A signal: "TERM", "SIGTERM", "QUIT"..."""
+    if isinstance(value, str):
+        name = value.strip().upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        if name in signal.Signals.__members__:
+            return name
+    raise Invalid("expected a signal name such as TERM, QUIT, INT, HUP or USR1")
+
+
+def umask(value: Any) -> int:
+    """An octal umask: 22, "022" or "0o022"."""
+    text = str(value).strip().lower().removeprefix("0o") if not isinstance(value, bool) else "x"
+    if re.fullmatch(r"[0-7]{1,4}", text):
+        return int(text, 8)
+    raise Invalid('expected an octal umask such as "022"')
+
+
+_RLIMITS = {name[len("RLIMIT_"):].lower(): getattr(resource, name)
+            for name in dir(resource) if name.startswith("RLIMIT_")}
+
+
+def rlimits(value: Any) -> dict[str, int]:
+    """Soft resource limits by name: {nofile: 4096, core: 0, as: 2G, nproc: 64}."""
+    if not isinstance(value, dict):
+        raise Invalid("expected a mapping such as {nofile: 4096, core: 0}")
+    out = {}
+    for k, v in value.items():
+        if k not in _RLIMITS:
+            raise Invalid(f"unknown limit; known: {', '.join(sorted(_RLIMITS))}", at=(k,),
+                          value=k)
+        if v == "unlimited":
+            out[k] = resource.RLIM_INFINITY
+            continue
+        try:
+            out[k] = v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else size(v)
+        except Invalid:
+            raise Invalid("expected a whole number >= 0, a size such as 2G, or unlimited",
+                          at=(k,), value=v) from None
+    return out
+
+
 def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise Invalid("expected true or false")
@@ -244,7 +305,17 @@ class Functions(dict):
 
 def functions(value: Any) -> Functions:
     """Gearman function name -> "module:attr" of the Python callable that runs it, or a
-    mapping {callable: "module:attr", timeout: 30s}."""
+    mapping {callable: "module:attr", timeout: 30s}. In a `command:` pool: a list of the
+    function names the command registers (for `ready: registered`)."""
+    if isinstance(value, list) and value:
+        out = Functions()
+        out.timeouts = {}
+        for i, name in enumerate(value):
+            if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
+                raise Invalid("function names are 1-255 characters with no spaces", at=(i,),
+                              value=name)
+            out[name] = ""  # registered by an external command, not a Python callable
+        return out
     if not isinstance(value, dict) or not value:
         raise Invalid('expected a mapping of gearman function name -> "module:callable"')
     out = Functions()
@@ -369,6 +440,37 @@ SETTINGS: tuple[Setting, ...] = (
             "relative to the config file; a directory means everything under it. `false` "
             "turns watching off.",
             shown_default="`*.py` in the directory of each function's module"),
+    Setting("command", command, None,
+            "Run an external worker (PHP, Perl, any language) instead of Python functions: "
+            "an argv list, no shell (a string is split with shlex).", scope="pool",
+            shown_default="none (a Python pool)"),
+    Setting("stop_signal", signal_name, "SIGTERM",
+            "Command pools: the signal that stops a child; SIGKILL after graceful_timeout."),
+    Setting("reload_signal", optional(signal_name), None,
+            "Command pools: the signal that retires a child in a graceful roll.",
+            shown_default="stop_signal"),
+    Setting("startsecs", duration, 1.0,
+            "Command pools: a child that exits sooner failed to start; one that lives this "
+            "long is ready (unless `ready: registered`)."),
+    Setting("ready", choice("started", "registered"), "started",
+            "Command pools: `registered` waits until gearmand's `workers` list shows the "
+            "pool's `functions` from the child's client id ($GEARVISOR_CLIENT_ID)."),
+    Setting("max_restarts", optional(int_range(0)), None,
+            "Give a slot up after this many consecutive failed starts or crashes (status "
+            "shows `fatal`; `gearvisor restart` tries again).", shown_default="never"),
+    Setting("umask", optional(umask), None, "Command pools: the children's umask, octal.",
+            shown_default="inherited"),
+    Setting("rlimits", rlimits, {},
+            "Soft resource limits for each child by name, e.g. `{nofile: 4096, core: 0}`."),
+    Setting("log_file", optional(text), None,
+            "Command pools: write the children's stdout/stderr lines to this file (rotated "
+            "by size) instead of gearvisor's log; relative to the config file.",
+            shown_default="gearvisor's log"),
+    Setting("log_file_max", size, 10 * 1024 * 1024, "Rotate `log_file` at this size."),
+    Setting("log_file_backups", int_range(0, 100), 3, "Rotated `log_file`s kept."),
+    Setting("output_rate", int_range(1), 1000,
+            "Command pools: output lines per second a pool may log; more are dropped and "
+            "counted, so a chatty worker never stalls the master or itself."),
     Setting("graceful_timeout", duration, 30.0,
             "How long a child told to stop may finish its current job before SIGKILL."),
     Setting("timeout_grace", duration, 5.0,
@@ -533,6 +635,18 @@ class PoolConfig:
     max_memory: int | None = None
     max_lifetime: float | None = None
     recycle_jitter: float = 0.1
+    command: tuple[str, ...] | None = None  # an external worker's argv (a command pool)
+    stop_signal: str = "SIGTERM"
+    reload_signal: str | None = None
+    startsecs: float = 1.0
+    ready: str = "started"
+    max_restarts: int | None = None
+    umask: int | None = None
+    rlimits: dict[str, int] = field(default_factory=dict)
+    log_file: str | None = None
+    log_file_max: int = 10 * 1024 * 1024
+    log_file_backups: int = 3
+    output_rate: int = 1000
     # None: the directories of the functions' modules, *.py; (): not watched
     watch: tuple[str, ...] | None = None
 
@@ -704,9 +818,18 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
             col.add(path, f"expected a mapping of pool settings, got {_show(praw)}")
             continue
         own = _read_scope(col, path, praw, "pool")
-        if "functions" not in praw:
+        if "functions" not in praw and "command" not in praw:
             col.add(path, 'missing "functions": map each gearman function name to '
-                    '"module:callable"')
+                    '"module:callable" (or give a `command:` to run an external worker)')
+        elif "command" in praw and isinstance(praw.get("functions"), dict):
+            col.add(path + ("functions",), "a command pool lists the function names its "
+                    "command registers (a list), not Python callables")
+        elif "command" not in praw and isinstance(praw.get("functions"), list):
+            col.add(path + ("functions",), 'a list of names needs `command:`; a Python pool '
+                    'maps each name to "module:callable"')
+        if praw.get("ready") == "registered" and not isinstance(praw.get("functions"), list):
+            col.add(path + ("ready",), "`ready: registered` needs `functions:`, the list of "
+                    "function names the command registers")
         merged: dict[str, Any] = {}
         origin: dict[str, tuple] = {}  # where a value was written, for error messages
         for s in SETTINGS:
@@ -737,7 +860,7 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
             which = "user" if merged["user"] else "group"
             col.add(origin[which], f"switching {which} needs gearvisor to run as root; "
                     f"remove {which} or start gearvisor as root")
-        special = {"functions", "env", "cwd", "watch"}
+        special = {"functions", "env", "cwd", "watch", "log_file", "command"}
         plain = {s.key: merged[s.key] for s in SETTINGS
                  if s.scope != "global" and s.block is None and s.key not in special}
         pools[name] = PoolConfig(
@@ -748,6 +871,8 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
             watch=(None if merged["watch"] is None
                    else tuple(_resolve(directory, w) for w in merged["watch"])),
             timeouts=dict(getattr(merged["functions"], "timeouts", {})),
+            command=merged["command"],
+            log_file=_resolve(directory, merged["log_file"]) if merged["log_file"] else None,
             backoff=BackoffConfig(**_block(merged, "backoff")),
             keepalive=KeepaliveConfig(**_block(merged, "keepalive")),
             quarantine=QuarantineConfig(**_block(merged, "quarantine")),

@@ -74,6 +74,7 @@ class Slot:
         self.replace_at: float | None = None  # start a successor at this time
         self.replace_why: str | None = None
         self.probation_next = False  # the next child of this slot starts on probation
+        self.fatal: str | None = None  # gave up (max_restarts): no more starts until a roll
         q = config.quarantine
         self.quarantines = Backoff(q.cooldown, q.cooldown_max, 2.0, 0.1, math.inf)
 
@@ -86,6 +87,9 @@ class Slot:
         failures = self.backoff.failures
         self.backoff = self._backoff(config)
         self.backoff.failures = failures
+
+
+QUARANTINE_AFTER = 5  # consecutive failed starts/crashes of a command slot before quarantine
 
 
 def surge_count(max_surge: int | str, processes: int) -> int:
@@ -153,7 +157,7 @@ class Pool:
 
     def next_due(self) -> float | None:
         """The earliest time the pool will want to act (for the loop's timeout)."""
-        times = [s.restart_at for s in self.slots if s.child is None]
+        times = [s.restart_at for s in self.slots if s.child is None and s.fatal is None]
         in_flight = sum(1 for s in self.slots if s.successor is not None)
         if in_flight < surge_count(self.config.max_surge, self.desired):
             # (while surge holds replacements back, a successor's readiness frees them)
@@ -183,7 +187,7 @@ class Pool:
             self.slots.append(Slot(len(self.slots), self.config))
         probe_due = self.circuit == "open" and now >= self.circuit_until and self.probe is None
         for slot in self.slots:
-            if slot.child is None and slot.restart_at <= now:
+            if slot.child is None and slot.restart_at <= now and slot.fatal is None:
                 # While the circuit is open, the first fresh child is its probe.
                 actions.append(Spawn(slot, probation=probe_due, probe=probe_due))
                 probe_due = False
@@ -360,6 +364,7 @@ class Pool:
                 actions.append(Retire(slot.successor, "superseded by a newer reload"))
             if slot.child is None:
                 slot.restart_at = 0.0  # an operator's reload retries a backing-off slot now
+                slot.fatal = None
         return actions
 
     def remove(self) -> None:
@@ -415,6 +420,15 @@ class Pool:
                     delay = None
                 log_reason = slot.backoff.failures == 1 or reason != slot.last_reason
                 slot.last_reason = reason
+                limit = self.config.max_restarts
+                if limit is not None and slot.backoff.failures > limit and delay is not None:
+                    slot.fatal = (f"gave up after {slot.backoff.failures} failures in a row "
+                                  f"(max_restarts: {limit}): {reason}")
+                    return ExitDecision(kind, None, True, slot.backoff.failures)
+                if (self.config.command is not None and delay is not None
+                        and slot.backoff.failures >= QUARANTINE_AFTER):
+                    # A command that keeps failing: quarantine the slot, cooldown doubling.
+                    delay = max(delay, slot.quarantines.failure(now, now))
                 if delay is not None:
                     slot.restart_at = now + delay
                 return ExitDecision(kind, None if stopping else delay, log_reason,

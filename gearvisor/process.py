@@ -96,6 +96,8 @@ class Child:
     probation: bool = False  # started to replace a quarantined child
     killed_for: str | None = None  # "timeout": the master SIGKILLed it for a hung job
     recycle_at: float | None = None  # max_lifetime deadline (monotonic), jittered
+    # Command pools: its stdout/stderr pipes (read end fd -> stream name, partial line)
+    output: dict[int, tuple[str, bytearray]] = field(default_factory=dict, repr=False)
 
     def transition(self, new: ChildState) -> None:
         """Move to `new`, refusing any change not listed in _ALLOWED."""

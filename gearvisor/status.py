@@ -67,10 +67,12 @@ def pool_status(pool: Pool, now: float) -> dict[str, Any]:
         else:
             rows.append({"slot": slot.index, "pid": None, "role": "empty",
                          # backoff: waiting to restart after a failure; pending: not started yet
-                         "state": "backoff" if slot.backoff.failures else "pending",
+                         "state": ("fatal" if slot.fatal else "backoff"
+                                   if slot.backoff.failures else "pending"),
                          "generation": None,
                          "retry_in": round(max(0.0, slot.restart_at - now), 3),
-                         "failures": slot.backoff.failures, "reason": slot.last_reason})
+                         "failures": slot.backoff.failures,
+                         "reason": slot.fatal or slot.last_reason})
         if slot.successor is not None:
             rows.append(_child_row(slot.successor, now, "successor"))
     rows += [_child_row(c, now, "retired") for c in pool.retired]
@@ -86,6 +88,7 @@ def pool_status(pool: Pool, now: float) -> dict[str, Any]:
         "removed": pool.removed,
         "scaled": pool.scaled_to is not None,
         "circuit": pool.circuit,
+        "command": list(pool.config.command) if pool.config.command else None,
         "children": rows,
     }
 
@@ -176,7 +179,8 @@ def render(status: dict[str, Any]) -> str:
     for pool in status["pools"]:
         for row in pool["children"]:
             if row["pid"] is None:
-                job = f"retry in {_duration(row['retry_in'])}"
+                job = ("no restart (gearvisor restart POOL)" if row["state"] == "fatal"
+                       else f"retry in {_duration(row['retry_in'])}")
                 if row.get("reason"):
                     job += f": {row['reason']}"
                 table.append((pool["name"], str(row["slot"]), "-", row["state"], "-", "-", "-", "-",

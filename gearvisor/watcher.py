@@ -80,6 +80,22 @@ def build_spec(cfg: Config, search_path: list[str] | tuple[str, ...]) -> WatchSp
                                       if os.path.isdir(w) else w for w in pc.watch)))
             continue
         patterns = []
+        if pc.command is not None:
+            # A command pool: the directory of each script argument that is a file, with its
+            # extension ("php worker.php" watches *.php beside worker.php).
+            for arg in pc.command[1:]:
+                path = os.path.join(pc.cwd, arg)
+                if os.path.isfile(path):
+                    ext = os.path.splitext(path)[1]
+                    glob = os.path.join(_literal(os.path.dirname(os.path.abspath(path))),
+                                        f"*{ext}" if ext else "*")
+                    if glob not in patterns:
+                        patterns.append(glob)
+            if not patterns:
+                notes.append(f"pool {name}: no script file in its command to watch; set watch:"
+                             " for this pool")
+            pools.append((name, tuple(patterns)))
+            continue
         for target in pc.functions.values():
             module = target.partition(":")[0]
             where = module_dir(module, path)

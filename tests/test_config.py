@@ -290,7 +290,8 @@ def test_missing_functions(tmp_path: Path) -> None:
     text = "pools:\n  text:\n    processes: 2\n"
     msg, path, _ = errors(tmp_path, text)
     assert msg == (f'{path}:2: pools.text: missing "functions": map each gearman function '
-                   'name to "module:callable"')
+                   'name to "module:callable" (or give a `command:` to run an external '
+                   'worker)')
 
 
 def test_missing_pools(tmp_path: Path) -> None:
