@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepare a fresh Debian machine for gearvisor: gearmand + gearman tools from Debian, and a
+# Prepare a fresh Debian machine for gearvisor: gearmand + gearman tools, php-gearman and
+# Perl's Gearman::Worker (for the example command pools) from Debian, and a
 # virtualenv in .venv with gearvisor installed (editable) plus the test tools.
 # Idempotent and quiet when everything is already there. Used by examples/demo.sh and
 # tests/run.sh (and so by .ci/run).
@@ -14,6 +15,10 @@ command -v gearmand >/dev/null 2>&1 || [ -x /usr/sbin/gearmand ] || need+=(gearm
 command -v gearman >/dev/null 2>&1 && command -v gearadmin >/dev/null 2>&1 || need+=(gearman-tools)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need+=(python3-venv); fi
+# The PHP and Perl example workers (command pools) and their integration tests.
+command -v php >/dev/null 2>&1 || need+=(php-cli)
+php -r 'exit(class_exists("GearmanWorker") ? 0 : 1);' >/dev/null 2>&1 || need+=(php-gearman)
+perl -MGearman::Worker -e 1 >/dev/null 2>&1 || need+=(libgearman-client-perl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} from Debian" >&2
   $SUDO apt-get update -qq

@@ -190,6 +190,7 @@ class Arbiter:
             due = self._command_due(now)
             if due is not None:
                 deadlines.append(due)
+            deadlines += [d for d in (sink.due() for sink in self.sinks.values()) if d]
         if self.notifier.watchdog_interval:
             deadlines.append(self.next_watchdog)
         return max(0.0, min(deadlines) - now)
@@ -370,6 +371,8 @@ class Arbiter:
     def check_commands(self, now: float) -> None:
         """Readiness of command children: alive `startsecs` (ready: started), or their
         functions registered under their client id in gearmand (ready: registered)."""
+        for sink in self.sinks.values():
+            sink.report(now)  # dropped-line counts, even when no more lines come
         poll = now >= self.next_registered_poll
         for pool in self.pools.values():
             cfg = pool.config
@@ -613,6 +616,10 @@ class Arbiter:
         if decision.kind is ExitKind.ROLL_FAILED:
             self.log.error("roll halted: a new child failed before it was ready; the old "
                            "children keep serving", reason=pool.halted, **ctx)
+            return
+        if decision.fatal:
+            self.log.error("giving up on this slot: no more restarts until `gearvisor "
+                           "restart` or a reload", reason=decision.fatal, **ctx)
             return
         retry = {} if decision.restart_in is None else {"retry_in": round(decision.restart_in,
                                                                          3)}

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from typing import Any
@@ -206,6 +207,15 @@ def cmd_check(path: str, import_functions: bool) -> int:
                 sys.path.insert(0, p)
         bad = 0
         for pool in cfg.pools.values():
+            if pool.command is not None:
+                exe = pool.command[0]
+                found = (os.access(os.path.join(pool.cwd, exe), os.X_OK) if os.sep in exe
+                         else shutil.which(exe, path=pool.env.get("PATH")))
+                if not found:
+                    bad += 1
+                    print(f"{cfg.path}: pools.{pool.name}.command: {exe!r} is not an "
+                          "executable on PATH (or relative to cwd)", file=sys.stderr)
+                continue
             try:
                 load_functions(pool.functions)
             except BootError as e:

@@ -132,16 +132,21 @@ class OutputSink:
         self.last = now
         if self.tokens < 1.0:
             self.dropped += 1
-            self._report(now)
+            self.report(now)
             return
         self.tokens -= 1.0
         if self.file is not None:
             self.file.info("%s[%d] pid %d %s: %s", self.pool, slot, pid, stream, text)
         else:
             self.log.info(text, source=stream, slot=slot, child_pid=pid)
-        self._report(now)
+        self.report(now)
 
-    def _report(self, now: float) -> None:
+    def due(self) -> float | None:
+        """When dropped lines are next reported (the loop wakes for it), or None."""
+        return self.reported_at + 5.0 if self.dropped else None
+
+    def report(self, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
         if self.dropped and now - self.reported_at >= 5.0:
             self.log.warning("output dropped: the pool writes more lines than output_rate",
                              dropped=self.dropped, output_rate=self.rate)

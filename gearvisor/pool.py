@@ -37,6 +37,7 @@ class ExitDecision:
     restart_in: float | None  # seconds until a replacement; None = none planned
     log_reason: bool  # first failure of a streak (or a new reason): log it loudly
     streak: int  # consecutive failures of this slot
+    fatal: str | None = None  # the slot was given up (max_restarts): why
 
 
 @dataclass(frozen=True)
@@ -424,7 +425,7 @@ class Pool:
                 if limit is not None and slot.backoff.failures > limit and delay is not None:
                     slot.fatal = (f"gave up after {slot.backoff.failures} failures in a row "
                                   f"(max_restarts: {limit}): {reason}")
-                    return ExitDecision(kind, None, True, slot.backoff.failures)
+                    return ExitDecision(kind, None, True, slot.backoff.failures, slot.fatal)
                 if (self.config.command is not None and delay is not None
                         and slot.backoff.failures >= QUARANTINE_AFTER):
                     # A command that keeps failing: quarantine the slot, cooldown doubling.

@@ -1,0 +1,75 @@
+<?php
+// An example PHP worker (php-gearman's GearmanWorker) for a gearvisor command pool.
+//
+// gearvisor passes GEARVISOR_SERVERS ("host:port,host:port"), GEARVISOR_POOL, GEARVISOR_SLOT
+// and GEARVISOR_CLIENT_ID (send it with setId() so `ready: registered` can see this worker).
+// It stops the worker with stop_signal / reload_signal (SIGTERM here): the handler only
+// records it, the current job finishes, and the loop exits between jobs.
+//
+// Functions:
+//   php_reverse  returns the payload reversed
+//   php_slow     sleeps for the payload's seconds (a float), then returns "slept"
+//   php_record   appends "<unique> <VERSION> <pid>" to $RESULTS, returns VERSION
+//   php_crash    exits the process (a crash) without answering
+
+const VERSION = "php-v1";
+
+pcntl_async_signals(true);
+$stop = false;
+foreach ([SIGTERM, SIGHUP, SIGINT] as $sig) {
+    pcntl_signal($sig, function () use (&$stop) { $stop = true; });
+}
+
+$worker = new GearmanWorker();
+foreach (explode(",", getenv("GEARVISOR_SERVERS") ?: "127.0.0.1:4730") as $server) {
+    [$host, $port] = explode(":", $server);
+    $worker->addServer($host, (int)$port);
+}
+if (getenv("GEARVISOR_CLIENT_ID")) {
+    $worker->setId(getenv("GEARVISOR_CLIENT_ID"));
+}
+$worker->addOptions(GEARMAN_WORKER_NON_BLOCKING);
+$worker->setTimeout(200);  // ms: wake up to notice a stop signal
+
+$worker->addFunction("php_reverse", function (GearmanJob $job) {
+    return strrev($job->workload());
+});
+$worker->addFunction("php_slow", function (GearmanJob $job) {
+    // A signal interrupts usleep(); sleep on until the job's time is up: a stop lets the
+    // current job finish.
+    $end = microtime(true) + floatval($job->workload());
+    while (($left = $end - microtime(true)) > 0) {
+        usleep((int)($left * 1e6));
+    }
+    return "slept";
+});
+$worker->addFunction("php_record", function (GearmanJob $job) {
+    $results = getenv("RESULTS");
+    if ($results) {
+        file_put_contents($results, $job->unique() . " " . VERSION . " " . getmypid() . "\n",
+                          FILE_APPEND | LOCK_EX);
+    }
+    return VERSION;
+});
+$worker->addFunction("php_crash", function (GearmanJob $job) {
+    exit(3);
+});
+
+fwrite(STDERR, "php worker " . getmypid() . " serving " . getenv("GEARVISOR_POOL")
+       . "[" . getenv("GEARVISOR_SLOT") . "]\n");
+while (!$stop) {
+    if (@$worker->work()) {
+        continue;
+    }
+    $code = $worker->returnCode();
+    if ($code == GEARMAN_IO_WAIT || $code == GEARMAN_NO_JOBS) {
+        @$worker->wait();  // returns at setTimeout or when a job may be there
+        continue;
+    }
+    if ($code != GEARMAN_SUCCESS && $code != GEARMAN_TIMEOUT) {
+        fwrite(STDERR, "gearman error: " . $worker->error() . "\n");
+        usleep(200000);
+    }
+}
+fwrite(STDERR, "php worker " . getmypid() . " stopping\n");
+exit(0);

@@ -1,0 +1,285 @@
+"""Integration: command pools (external workers) against a real gearmand.
+
+The PHP worker (php-gearman's GearmanWorker) and the Perl worker (Gearman::Worker) from
+examples/ run for real: crash and restart, a rolling reload with no job lost, a stop with jobs
+in flight. Plus the generic machinery with plain commands: failed starts, quarantine,
+max_restarts, output capture and its rate limit, and gearmand itself as a command pool.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import HOST, REPO, free_port, wait_for
+
+from gearvisor.gearman import admin
+from gearvisor.gearman.client import Client
+
+pytestmark = pytest.mark.integration
+
+PHP = REPO / "examples" / "php" / "worker.php"
+PERL = REPO / "examples" / "perl" / "worker.pl"
+MAX_JOBS = 2000
+MAX_SECONDS = 60
+
+
+def have_php() -> bool:
+    return shutil.which("php") is not None and subprocess.run(
+        ["php", "-r", 'exit(class_exists("GearmanWorker") ? 0 : 1);'],
+        capture_output=True).returncode == 0
+
+
+def have_perl() -> bool:
+    return subprocess.run(["perl", "-MGearman::Worker", "-e", "1"],
+                          capture_output=True).returncode == 0
+
+
+needs_php = pytest.mark.skipif(not have_php(), reason="php-cli + php-gearman not installed "
+                               "(bash examples/setup.sh installs them)")
+needs_perl = pytest.mark.skipif(not have_perl(), reason="libgearman-client-perl not installed "
+                                "(bash examples/setup.sh installs it)")
+
+LANGS = {
+    "php": pytest.param(("php", PHP, "php_record", "php_slow", "php-v1"), marks=needs_php,
+                        id="php"),
+    "perl": pytest.param(("perl", PERL, "perl_record", "perl_slow", "perl-v1"),
+                         marks=needs_perl, id="perl"),
+}
+
+
+def registered(gearmand, pool: str, function: str) -> list[admin.WorkerInfo]:
+    return [w for w in gearmand.workers(pool) if function in w.functions]
+
+
+def lang_pool(tmp_path: Path, lang: tuple, processes: int = 3, **extra) -> dict:
+    """A pool running a copy of the example worker (so the test may edit it)."""
+    exe, script, record, slow, _ = lang
+    copy = tmp_path / script.name
+    copy.write_text(script.read_text())
+    functions = {"php": ["php_reverse", "php_slow", "php_record", "php_crash"],
+                 "perl": ["perl_upper", "perl_slow", "perl_record"]}[exe]
+    return {"processes": processes, "command": [exe, str(copy)], "functions": functions,
+            "ready": "registered", "startsecs": "100ms", "graceful_timeout": 20,
+            "env": {"RESULTS": str(tmp_path / "results.txt")}, "watch": False, **extra}
+
+
+def start(gearmand, master, pools: dict, **top):
+    m = master({"servers": [gearmand.address], "watch_config": False, "pools": pools, **top})
+    return m
+
+
+def results(tmp_path: Path) -> collections.Counter:
+    path = tmp_path / "results.txt"
+    if not path.exists():
+        return collections.Counter()
+    return collections.Counter(line.split()[0] for line in path.read_text().splitlines())
+
+
+@pytest.mark.parametrize("lang", [LANGS["php"], LANGS["perl"]])
+def test_a_command_worker_registers_with_its_client_id_and_restarts_after_a_crash(
+        gearmand, master, tmp_path, lang):
+    exe, _, record, _, version = lang
+    m = start(gearmand, master, {"w": lang_pool(tmp_path, lang, processes=2)})
+    wait_for(lambda: len(registered(gearmand, "w", record)) == 2, timeout=20,
+             message="both workers registered")
+    children = wait_for(lambda: (p := m.status()["pools"][0])["ready"] == 2 and p["children"],
+                        message="both ready in gearvisor")
+    ids = {w.client_id for w in registered(gearmand, "w", record)}
+    assert ids == {f"{_prefix(m)}:w:{c['slot']}:{c['pid']}" for c in children}
+    assert all(c["state"] == "idle" for c in children)
+    with Client(HOST, gearmand.port, timeout=20) as c:
+        r = c.call(record, "x", "first")
+    assert (r.ok, r.data) == (True, version.encode())
+    # The environment: GEARVISOR_POOL/SLOT reached the worker (its start-up line says so),
+    # and its stderr is in gearvisor's log with pool, slot and pid.
+    lines = wait_for(lambda: [e for e in m.logs() if e.get("source") == "stderr"
+                              and "serving" in e.get("event", "")], message="worker output")
+    assert {(e["pool"], e["slot"], e["child_pid"]) for e in lines} >= {
+        ("w", c["slot"], c["pid"]) for c in children}
+    assert any(e["event"].endswith(f"serving w[{e['slot']}]") for e in lines)
+    # A crash (SIGKILL) is restarted with backoff and registers again.
+    victim = children[0]["pid"]
+    psutil.Process(victim).kill()
+    wait_for(lambda: len(registered(gearmand, "w", record)) == 2 and victim not in {
+        c["pid"] for c in m.status()["pools"][0]["children"]}, timeout=20,
+        message="the crashed worker replaced")
+    crashed = m.events("child crashed; restarting with backoff")
+    assert crashed and crashed[0]["child_pid"] == victim
+
+
+def _prefix(m) -> str:
+    import socket
+    return socket.gethostname().split(".")[0] or "gearvisor"
+
+
+class RecordLoad(threading.Thread):
+    """Background jobs with unique ids, paced, bounded in count and time."""
+
+    def __init__(self, gearmand, function: str) -> None:
+        super().__init__(daemon=True)
+        self.gearmand, self.function = gearmand, function
+        self.submitted: list[str] = []
+        self.error: BaseException | None = None
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + MAX_SECONDS
+        try:
+            with Client(HOST, self.gearmand.port, timeout=30) as c:
+                for i in range(MAX_JOBS):
+                    if self.halt.is_set() or time.monotonic() > deadline:
+                        break
+                    c.submit_background(self.function, "x", f"job-{i}")
+                    self.submitted.append(f"job-{i}")
+                    self.halt.wait(0.005)
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+
+@pytest.mark.parametrize("lang", [LANGS["php"], LANGS["perl"]])
+def test_a_rolling_reload_of_command_workers_loses_no_job(gearmand, master, tmp_path, lang):
+    exe, _, record, _, _ = lang
+    m = start(gearmand, master, {"w": lang_pool(tmp_path, lang, processes=3)})
+    wait_for(lambda: len(registered(gearmand, "w", record)) == 3, timeout=20,
+             message="registered")
+    low = [3]
+    stop_sampling = threading.Event()
+
+    def sample() -> None:
+        deadline = time.monotonic() + MAX_SECONDS
+        while not stop_sampling.is_set() and time.monotonic() < deadline:
+            try:
+                low[0] = min(low[0], len(registered(gearmand, "w", record)))
+            except admin.AdminError:
+                pass
+            stop_sampling.wait(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    load = RecordLoad(gearmand, record)
+    sampler.start()
+    load.start()
+    try:
+        wait_for(lambda: len(load.submitted) >= 30, message="load running")
+        out = m.ctl("reload")
+        assert out.returncode == 0 and "w: ok (generation 2)" in out.stdout, out.stderr
+        wait_for(lambda: len(load.submitted) >= 80, message="more load after the roll")
+    finally:
+        load.halt.set()
+        load.join(30)
+        stop_sampling.set()
+        sampler.join(10)
+    assert load.error is None, load.error
+    done = wait_for(lambda: (r := results(tmp_path)) and len(r) >= len(load.submitted) and r,
+                    timeout=30, message="every job done")
+    # Perl's Gearman::Worker writes the handle (it has no unique accessor): count lines.
+    assert sum(done.values()) == len(load.submitted)
+    assert all(v == 1 for v in done.values())
+    assert low[0] >= 3, f"registered workers fell to {low[0]} during the roll"
+    assert {c["generation"] for c in m.status()["pools"][0]["children"]} == {2}
+
+
+@pytest.mark.parametrize("lang", [LANGS["php"], LANGS["perl"]])
+def test_stop_lets_command_workers_finish_jobs_in_flight(gearmand, master, tmp_path, lang):
+    exe, _, _, slow, _ = lang
+    m = start(gearmand, master, {"w": lang_pool(tmp_path, lang, processes=2)})
+    wait_for(lambda: len(registered(gearmand, "w", slow)) == 2, timeout=20,
+             message="registered")
+    outcomes: list = []
+
+    def call() -> None:
+        with Client(HOST, gearmand.port, timeout=30) as c:
+            outcomes.append(c.call(slow, "1.0"))
+
+    callers = [threading.Thread(target=call, daemon=True) for _ in range(2)]
+    for t in callers:
+        t.start()
+    wait_for(lambda: (st := gearmand.status().get(slow)) and st.running == 2,
+             message="two jobs running")
+    m.signal(15)
+    assert m.wait_exit(timeout=30) == 0
+    for t in callers:
+        t.join(30)
+    assert [(r.ok, r.data) for r in outcomes] == [(True, b"slept")] * 2
+    assert not m.events("child did not stop in time; killing")
+
+
+def test_a_command_that_exits_at_once_fails_to_start_then_quarantines_then_gives_up(
+        gearmand, master, tmp_path):
+    m = start(gearmand, master, {
+        "bad": {"processes": 1, "command": [sys.executable, "-c", "import sys; sys.exit(2)"],
+                "startsecs": "500ms", "backoff": {"initial": 0, "max": "50ms"},
+                "quarantine": {"cooldown": "100ms"}, "max_restarts": 7, "watch": False}})
+    wait_for(lambda: m.events("master started"), message="master up")
+    row = wait_for(lambda: (c := m.status()["pools"][0]["children"][0])["state"] == "fatal"
+                   and c, timeout=20, message="the slot given up")
+    assert "max_restarts: 7" in row["reason"] and "code 2" in row["reason"]
+    failed = m.events("child failed to boot; retrying with backoff")
+    assert len(failed) == 1  # logged once per streak, not once per attempt
+    assert "before startsecs" in failed[0]["reason"]
+    assert m.events("giving up on this slot: no more restarts until `gearvisor restart` or a "
+                    "reload")
+    assert "no restart" in m.ctl("status").stdout
+    # `gearvisor restart` tries again (and the slot fails again, fast).
+    out = m.ctl("restart", "bad")
+    assert out.returncode == 1  # the roll reports the failure
+    assert "failed" in out.stdout + out.stderr
+
+
+def test_output_lines_are_captured_and_a_flood_is_dropped_not_blocking(gearmand, master,
+                                                                       tmp_path):
+    done = tmp_path / "flood-done"
+    script = ("import os, pathlib, sys, time\n"
+              "print('hello from the worker', flush=True)\n"
+              "print('an error line', file=sys.stderr, flush=True)\n"
+              "for i in range(200000):\n"
+              "    try:\n"
+              "        os.write(1, b'line %d\\n' % i)\n"
+              "    except BlockingIOError:\n"
+              "        pass  # a full pipe: this line is lost, the worker goes on\n"
+              f"pathlib.Path({str(done)!r}).touch()\n"
+              "time.sleep(3600)\n")
+    (tmp_path / "chatty.py").write_text(script)
+    m = start(gearmand, master, {
+        "chatty": {"processes": 1, "command": [sys.executable, str(tmp_path / "chatty.py")],
+                   "output_rate": 100, "startsecs": "100ms", "watch": False}})
+    wait_for(done.exists, timeout=30, message="the worker got through its flood unblocked")
+    hello = next(e for e in m.logs() if e.get("event") == "hello from the worker")
+    pid = m.status()["pools"][0]["children"][0]["pid"]
+    assert (hello["pool"], hello["slot"], hello["child_pid"], hello["source"]) == (
+        "chatty", 0, pid, "stdout")
+    assert any(e.get("event") == "an error line" and e["source"] == "stderr" for e in m.logs())
+    dropped = wait_for(lambda: m.events("output dropped: the pool writes more lines than "
+                                        "output_rate"), timeout=20, message="drops counted")
+    assert dropped[0]["dropped"] > 1000 and dropped[0]["output_rate"] == 100
+    logged = sum(1 for e in m.logs() if str(e.get("event", "")).startswith("line "))
+    assert logged < 2000  # the flood did not go to the log
+
+
+def test_gearmand_itself_as_a_command_pool(master, tmp_path):
+    gearmand = shutil.which("gearmand") or "/usr/sbin/gearmand"
+    if not Path(gearmand).exists():
+        pytest.skip("gearmand not installed")
+    port = free_port()
+    m = master({"servers": [f"127.0.0.1:{port}"], "watch_config": False, "pools": {
+        "gearmand": {"processes": 1, "command": [gearmand, "-L", "127.0.0.1", "-p", str(port),
+                                                 "-t", "1", "--log-file=none"],
+                     "startsecs": "300ms", "watch": False},
+        "text": {"processes": 2, "functions": {"reverse": "examples.text:reverse"},
+                 "watch": False}}})
+    wait_for(lambda: sum(1 for w in admin.workers(HOST, port, 2.0) if w.functions) == 2,
+             timeout=20, message="python workers registered on the supervised gearmand")
+    with Client(HOST, port, timeout=10) as c:
+        assert c.call("reverse", "stack").data == b"kcats"
+    st = wait_for(lambda: (st := m.status()["pools"])[0]["ready"] == 1 and st,
+                  message="gearmand ready once it lived startsecs")
+    assert [(p["name"], p["ready"]) for p in st] == [("gearmand", 1), ("text", 2)]
+    assert json.dumps(st[0]["command"]).startswith('["' + gearmand)
