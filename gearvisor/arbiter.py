@@ -252,6 +252,10 @@ class Arbiter:
         child = Child(pool=pool.name, slot=slot.index, generation=pool.generation,
                       started_at=now)
         command = pool.config.command is not None
+        # An open circuit: a new child (a crash restart, a roll, a scale-up) serves nothing
+        # until the probe has passed; only the probe itself takes jobs.
+        start_paused = pool.circuit != "closed" and not action.probe and not command
+        child.paused = start_paused
         pipes: list[tuple[int, int]] = []
         if command:
             try:
@@ -272,7 +276,7 @@ class Arbiter:
                              pipes[1][1], blocked)
             os.set_blocking(w, False)
             run_child(self.config, pool.config, slot.index, pool.generation, w, self.pid,
-                      blocked, board, self.poison, action.probation)
+                      blocked, board, self.poison, action.probation, start_paused)
 
         try:
             pid, r = self._fork(body)
@@ -504,6 +508,10 @@ class Arbiter:
     def on_quarantine(self, child: Child, pool: Pool, reason: str, event: dict) -> None:
         now = self.clock()
         cooldown, circuit = pool.child_quarantined(child, reason, now)
+        if child.state is not ChildState.DRAINING and not any(
+                s.child is child for s in pool.slots):
+            # Quarantined before it took its slot (a successor): it will never serve.
+            self.retire(pool, Retire(child, "quarantined before it was ready"), now)
         self.emit("quarantined", pool=pool.name, slot=child.slot, child_pid=child.pid,
                   reason=reason, jobs_failed=event.get("failed"), jobs_done=event.get("done"),
                   replaced_in=round(cooldown, 3),
@@ -606,7 +614,9 @@ class Arbiter:
         ctx = dict(pool=pool.name, slot=child.slot, child_pid=child.pid, status=words,
                    generation=child.generation, uptime=round(now - child.started_at, 3))
         job = child.scoreboard.read() if child.scoreboard is not None else None
-        if job is not None and job.busy and decision.kind is not ExitKind.STOPPED:
+        if job is not None and job.busy and (decision.kind is not ExitKind.STOPPED
+                                             or child.killed_for == "timeout"):
+            # A crash mid-job, or a hard-timeout kill (even of a child told to stop).
             ctx.update(function=job.function, handle=job.handle, unique=job.unique)
             self._strike(pool, job, "hung past its timeout" if child.killed_for else "crashed")
         if decision.kind is ExitKind.STOPPED:
@@ -643,7 +653,7 @@ class Arbiter:
         limit = pool.config.poison_after
         if not limit:
             return
-        key = job_key(job.function, job.unique, job.handle)
+        key = job.key or job_key(job.function, job.unique, job.handle)
         if key in self.poison:
             return
         strikes = self.strikes.strike(key)

@@ -91,6 +91,7 @@ class _ChildHooks(Hooks):
         self.window = ErrorWindow(q.window, q.min_jobs, q.ratio, q.fast,
                                   q.probation_jobs if probation else 0) if q.enabled else None
         self.quarantined: str | None = None
+        self.probation = probation
         self.max_jobs = (max(1, round(jittered(pool.max_jobs, pool.recycle_jitter)))
                          if pool.max_jobs else None)
         self.max_memory = pool.max_memory
@@ -108,7 +109,7 @@ class _ChildHooks(Hooks):
 
     def job_started(self, job: Job) -> None:
         self.board.job_started(job.function, job.handle, job.unique, time.monotonic(),
-                               len(job.data))
+                               len(job.data), _key(job))
         setproctitle(f"{self.prefix} busy {job.function} {job.handle}")
 
     def job_refused(self, job: Job) -> None:
@@ -123,6 +124,9 @@ class _ChildHooks(Hooks):
         else:
             self.failed += 1
         self.board.job_finished(ok)
+        if self.window is None and self.probation and ok:
+            self.probation = False  # no error tracking (quarantine off): one good job will do
+            send_event(self.event_fd, {"event": "probation_passed"})
         if self.window is not None and not self.quarantined and not self.stopping:
             was_on_probation = self.window.on_probation
             reason = self.window.record(ok, seconds)
@@ -159,6 +163,10 @@ class _ChildHooks(Hooks):
             send_event(self.event_fd, {"event": "recycle", "reason": why})
 
 
+def _key(job: Job) -> int:
+    return job_key(job.function, job.unique, job.handle, job.data, job.server)
+
+
 def _rss() -> int | None:
     """This process's resident set size, from /proc (no psutil call per job)."""
     try:
@@ -176,7 +184,21 @@ class _AlarmTimer(JobTimer):
     def __init__(self) -> None:
         self.job_deadline: float | None = None
         self.exit_deadline: float | None = None
+        self.held = False  # the runtime is writing to a server: do not raise now
+        self.pending = False  # the timeout fired while held: raise on release
         signal.signal(signal.SIGALRM, self._fire)
+
+    def hold(self) -> None:
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
+        if self.pending:
+            self.pending = False
+            if self.job_deadline is not None:
+                self.job_deadline = None
+                self._arm()
+                raise JobTimeout("the job ran past its timeout")
 
     def start(self, seconds: float) -> None:
         self.job_deadline = time.monotonic() + seconds
@@ -184,6 +206,7 @@ class _AlarmTimer(JobTimer):
 
     def stop(self) -> None:
         self.job_deadline = None
+        self.pending = False
         self._arm()
 
     def exit_in(self, seconds: float) -> None:
@@ -200,6 +223,9 @@ class _AlarmTimer(JobTimer):
         if self.exit_deadline is not None and now >= self.exit_deadline:
             os._exit(EXIT_CRASH)
         if self.job_deadline is not None and now >= self.job_deadline:
+            if self.held:
+                self.pending = True  # mid-write: raise once the packet is out
+                return
             self.job_deadline = None
             self._arm()
             raise JobTimeout("the job ran past its timeout")
@@ -251,13 +277,15 @@ def _setup_process(pool: PoolConfig, slot: int, keep_fds: set[int]) -> None:
 
 def run_child(cfg: Config, pool: PoolConfig, slot: int, generation: int, event_fd: int,
               master_pid: int, signals_to_unblock: set[int], board: Scoreboard,
-              poison: PoisonTable | None = None, probation: bool = False) -> NoReturn:
+              poison: PoisonTable | None = None, probation: bool = False,
+              start_paused: bool = False) -> NoReturn:
     """The body of a forked child. Never returns: always ends in os._exit()."""
     code = EXIT_CRASH
     logger: Any = None
     try:
         code, logger = _child_main(cfg, pool, slot, generation, event_fd, master_pid,
-                                   signals_to_unblock, board, poison, probation)
+                                   signals_to_unblock, board, poison, probation,
+                                   start_paused)
     except SystemExit as e:  # user code called sys.exit() at import time
         code = e.code if isinstance(e.code, int) else EXIT_CRASH
     except BaseException:
@@ -276,7 +304,8 @@ def run_child(cfg: Config, pool: PoolConfig, slot: int, generation: int, event_f
 
 def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event_fd: int,
                 master_pid: int, signals_to_unblock: set[int], board: Scoreboard,
-                poison: PoisonTable | None, probation: bool) -> tuple[int, Any]:
+                poison: PoisonTable | None, probation: bool,
+                start_paused: bool = False) -> tuple[int, Any]:
     # Default dispositions first, while signals are still blocked (they were blocked around
     # fork, so nothing the master set can run here).
     for sig in signals_to_unblock:
@@ -349,9 +378,11 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         timeouts=pool.timeouts,
         timer=timer,
         is_poison=(None if poison is None or not pool.poison_after else
-                   lambda job: job_key(job.function, job.unique, job.handle) in poison),
+                   lambda job: _key(job) in poison),
     )
     hooks.worker = worker
+    if start_paused:
+        worker.pause()  # the pool's circuit is open: register, take nothing (SIGUSR2 resumes)
     signal.set_wakeup_fd(worker.wakeup_fd, warn_on_full_buffer=False)
     if stop_requested:
         worker.stop()

@@ -490,7 +490,7 @@ SETTINGS: tuple[Setting, ...] = (
             "How long a quarantined child waits before a fresh child replaces it; doubles "
             "on each repeat, up to `quarantine.cooldown_max`."),
     Setting("quarantine.cooldown_max", duration, 300.0, "Longest quarantine cooldown."),
-    Setting("quarantine.probation_jobs", int_range(0, 10000), 3,
+    Setting("quarantine.probation_jobs", int_range(1, 10000), 3,
             "A replacement starts on probation: its first fast failure quarantines it "
             "again, and this many successes end the probation."),
     Setting("circuit.ratio", float_range(0.0, 1.0), 0.6,

@@ -21,14 +21,16 @@ class Job:
         data: the payload, as bytes.
     """
 
-    __slots__ = ("function", "handle", "unique", "data", "_send")
+    __slots__ = ("function", "handle", "unique", "data", "_send", "server")
 
-    def __init__(self, function: str, handle: str, unique: str, data: bytes, send: Send) -> None:
+    def __init__(self, function: str, handle: str, unique: str, data: bytes, send: Send,
+                 server: str = "") -> None:
         self.function = function
         self.handle = handle
         self.unique = unique
         self.data = data
         self._send = send
+        self.server = server  # "host:port" of the job server that assigned it
 
     def text(self, encoding: str = "utf-8") -> str:
         """The payload decoded as text."""

@@ -22,10 +22,19 @@ _KEY = struct.Struct("<Q")
 CAPACITY = 4096  # keys kept; the oldest is overwritten when full (a ring)
 
 
-def job_key(function: str, unique: str, handle: str) -> int:
-    ident = unique or handle
-    digest = hashlib.blake2b(f"{function}\0{ident}".encode(errors="replace"), digest_size=8)
-    return _KEY.unpack(digest.digest())[0]
+def job_key(function: str, unique: str, handle: str, data: bytes = b"",
+            server: str = "") -> int:
+    """The job's identity across retries: its unique id; without one, its handle on its
+    server plus a digest of its payload (handles restart at 1 with gearmand, and two
+    gearmands hand out the same ones)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(function.encode(errors="replace") + b"\0")
+    if unique:
+        h.update(b"u\0" + unique.encode(errors="replace"))
+    else:
+        h.update(b"h\0" + f"{server}\0{handle}\0".encode(errors="replace"))
+        h.update(hashlib.blake2b(data, digest_size=16).digest())
+    return _KEY.unpack(h.digest())[0]
 
 
 class PoisonTable:

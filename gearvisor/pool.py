@@ -206,6 +206,8 @@ class Pool:
             if slots:
                 actions.append(Spawn(slots[0], successor=True, probation=True, probe=True))
                 in_flight += 1
+            else:
+                self.circuit_until = now + 1.0  # no place for a probe now: look again later
         if self.halted is None:
             for slot in self.slots:
                 if in_flight >= surge:
@@ -271,8 +273,10 @@ class Pool:
         """Replace `child` through the surge path (a successor first): a recycling limit.
         False when it is not serving a slot or a replacement is already under way."""
         slot = self._slot_of(child)
-        if slot is None or slot.replace_at is not None or slot.successor is not None:
+        if slot is None or slot.replace_at is not None:
             return False
+        # With a successor already starting (a roll), this is kept: should the successor
+        # not take over, the recycle still happens.
         slot.replace_at, slot.replace_why = now, why
         return True
 
@@ -282,6 +286,13 @@ class Pool:
         child.quarantined = reason
         slot = self._slot_of(child)
         cooldown = 0.0
+        for s in self.slots:
+            if s.successor is child:  # quarantined before it was ready: it never serves
+                s.successor = None
+                cooldown = s.quarantines.failure(now, now)
+                if s.child is not None and s.child.generation == child.generation:
+                    s.replace_at, s.replace_why = now + cooldown, f"quarantined: {reason}"
+                s.probation_next = True
         if slot is not None:
             cooldown = slot.quarantines.failure(now, now)
             slot.replace_at, slot.replace_why = now + cooldown, f"quarantined: {reason}"

@@ -13,9 +13,9 @@ import struct
 from dataclasses import dataclass
 
 # The record: seq (8 bytes) then the body: busy, done, failed, job_started (monotonic;
-# CLOCK_MONOTONIC is system-wide on Linux), function, handle, unique, payload size.
+# CLOCK_MONOTONIC is system-wide on Linux), function, handle, unique, payload size, poison key.
 _SEQ = struct.Struct("<Q")
-_BODY = struct.Struct("<B7xQQd128s128s128sQ")
+_BODY = struct.Struct("<B7xQQd128s128s128sQQ")
 _TEXT = 128
 _READ_ATTEMPTS = 10_000
 
@@ -30,6 +30,7 @@ class Snapshot:
     handle: str
     unique: str
     size: int = 0  # payload bytes of the current job
+    key: int = 0  # its poison.job_key (0: unknown)
 
 
 def _cut(text: str) -> bytes:
@@ -52,9 +53,9 @@ class Scoreboard:
         self._failed = 0
 
     def _write(self, busy: bool, started: float, function: bytes, handle: bytes,
-               unique: bytes, size: int = 0) -> None:
+               unique: bytes, size: int = 0, key: int = 0) -> None:
         body = _BODY.pack(busy, self._done, self._failed, started, function, handle, unique,
-                          size)
+                          size, key)
         self._seq += 1  # odd: a write is in progress
         self._mm[0:8] = _SEQ.pack(self._seq)
         self._mm[8:] = body
@@ -62,9 +63,9 @@ class Scoreboard:
         self._mm[0:8] = _SEQ.pack(self._seq)
 
     def job_started(self, function: str, handle: str, unique: str, now: float,
-                    size: int = 0) -> None:
+                    size: int = 0, key: int = 0) -> None:
         """Child side: a job began."""
-        self._write(True, now, _cut(function), _cut(handle), _cut(unique), size)
+        self._write(True, now, _cut(function), _cut(handle), _cut(unique), size, key)
 
     def job_finished(self, ok: bool) -> None:
         """Child side: the current job ended."""
@@ -90,11 +91,11 @@ class Scoreboard:
             if mm[0:8] == seq1:
                 break
         fields = _BODY.unpack(body)
-        busy, done, failed, started, fn, handle, unique, size = fields
+        busy, done, failed, started, fn, handle, unique, size, key = fields
         return Snapshot(bool(busy), done, failed, started,
                         fn.rstrip(b"\0").decode(errors="replace"),
                         handle.rstrip(b"\0").decode(errors="replace"),
-                        unique.rstrip(b"\0").decode(errors="replace"), size)
+                        unique.rstrip(b"\0").decode(errors="replace"), size, key)
 
     def close(self) -> None:
         self._mm.close()

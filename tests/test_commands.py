@@ -151,6 +151,9 @@ def test_a_rolling_reload_of_command_workers_loses_no_job(gearmand, master, tmp_
     m = start(gearmand, master, {"w": lang_pool(tmp_path, lang, processes=3)})
     wait_for(lambda: len(registered(gearmand, "w", record)) == 3, timeout=20,
              message="registered")
+    # Ready in gearvisor too (it polls gearmand): a child still starting when the reload
+    # comes is replaced outright, which is no dip gearvisor promised.
+    wait_for(lambda: m.status()["pools"][0]["ready"] == 3, message="ready in gearvisor")
     low = [3]
     stop_sampling = threading.Event()
 

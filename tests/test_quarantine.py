@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -901,6 +902,7 @@ def wired():
         conn.sock = ours
         conn.state = ConnState.GRABBING
         conn.answered = True
+        conn.can_do = True
         made.append((worker, theirs))
         return worker, Server(theirs)
 
@@ -922,11 +924,14 @@ def test_pause_resets_abilities_and_no_grab_follows_a_reply(wired) -> None:
     assert not worker.paused  # a signal handler only records the wish
     worker._apply_pause()
     assert worker.paused
-    assert server.received() == [(Packet.RESET_ABILITIES, ())]
-    assert conn.state is ConnState.GRABBING  # the GRAB in flight is still answered
-    # gearmand assigned a job before it saw the reset: it runs, and nothing is grabbed after.
+    # No RESET while a GRAB is unanswered: gearmand would requeue a job it is assigning to
+    # us at that moment, and the job would run twice.
+    assert server.received() == []
+    assert conn.state is ConnState.GRABBING
+    # The GRAB is answered with a job: it runs, its result goes out, then the RESET; no GRAB.
     assign(worker, b"echo")
-    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:gm:1", b"hello"))]
+    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:gm:1", b"hello")),
+                                 (Packet.RESET_ABILITIES, ())]
     assert conn.state is ConnState.IDLE
     worker._tick(worker.clock())
     worker._apply_pause()
@@ -966,10 +971,11 @@ def test_pause_asked_during_a_job_holds_back_its_grab(wired) -> None:
     worker, server = wired(functions={"echo": quarantine_me})
     holder.append(worker)
     assign(worker, b"echo")
-    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:gm:1", b"done"))]
+    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:gm:1", b"done")),
+                                 (Packet.RESET_ABILITIES, ())]
     assert worker.conns[0].state is ConnState.IDLE
     worker._apply_pause()
-    assert server.received() == [(Packet.RESET_ABILITIES, ())]
+    assert server.received() == []
 
 
 def test_pause_taken_back_before_it_applied_picks_up_the_grab(wired) -> None:
@@ -982,10 +988,11 @@ def test_pause_taken_back_before_it_applied_picks_up_the_grab(wired) -> None:
     worker, server = wired(functions={"echo": flap})
     holder.append(worker)
     assign(worker, b"echo")
-    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:gm:1", b"ok"))]
+    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:gm:1", b"ok")),
+                                 (Packet.RESET_ABILITIES, ())]
     worker.resume()
     worker._apply_pause()
-    assert server.received() == [(Packet.GRAB_JOB_ALL, ())]
+    assert server.received() == [(Packet.CAN_DO, (b"echo",)), (Packet.GRAB_JOB_ALL, ())]
     assert worker.conns[0].state is ConnState.GRABBING and not worker.paused
 
 
@@ -1045,3 +1052,41 @@ def test_soft_timeout_arms_the_timer_and_an_escaped_jobtimeout_fails_the_job(wir
     assign(worker, b"echo", b"H:gm:4")  # no timeout: the timer is not touched
     assert timer.calls == [("start", 2.5), ("stop", None)]
     assert hooks.finished[-1] == ("H:gm:4", True)
+
+
+def test_job_key_without_unique_includes_server_and_payload() -> None:
+    """Handles restart at 1 with gearmand and repeat across servers: without a unique id the
+    key also takes the server and a digest of the payload."""
+    from gearvisor.poison import job_key as key
+
+    base = key("resize", "", "H:gm:1", b"img-1", "127.0.0.1:4730")
+    assert base == key("resize", "", "H:gm:1", b"img-1", "127.0.0.1:4730")
+    assert base != key("resize", "", "H:gm:1", b"img-2", "127.0.0.1:4730")
+    assert base != key("resize", "", "H:gm:1", b"img-1", "127.0.0.1:4731")
+    # With a unique id, only the function and the unique count.
+    assert key("resize", "u1", "H:gm:1", b"a", "s1") == key("resize", "u1", "H:gm:9", b"b", "s2")
+
+
+def test_a_soft_timeout_never_interrupts_a_write_in_progress() -> None:
+    """SIGALRM during the runtime's own send: JobTimeout waits until the write is done."""
+    import signal as _signal
+
+    from gearvisor.child import _AlarmTimer
+    from gearvisor.job import JobTimeout
+
+    old = _signal.getsignal(_signal.SIGALRM)
+    try:
+        timer = _AlarmTimer()
+        timer.start(0.005)
+        timer.hold()  # the worker is in sendall()
+        deadline = time.monotonic() + 5.0
+        while not timer.pending and time.monotonic() < deadline:
+            time.sleep(0.001)  # a bounded poll: the signal handler runs between bytecodes
+        assert timer.pending, "the alarm did not fire"
+        with pytest.raises(JobTimeout):
+            timer.release()  # raised here, after the packet went out
+        assert timer.job_deadline is None and not timer.pending
+        timer.release()  # nothing left to raise
+    finally:
+        _signal.setitimer(_signal.ITIMER_REAL, 0)
+        _signal.signal(_signal.SIGALRM, old)

@@ -81,17 +81,25 @@ class JobTimer:
     def stop(self) -> None:
         """The job ended."""
 
+    def hold(self) -> None:
+        """The runtime writes to a server: a timeout now must wait (see release)."""
+
+    def release(self) -> None:
+        """The write is done: a timeout that fired meanwhile is raised now."""
+
 
 class Connection:
     """One job server: its socket, decoder and state."""
 
     __slots__ = ("host", "port", "label", "sock", "decoder", "state", "retry_at", "delay",
-                 "deadline", "empty_since", "answered", "attempts", "down_logged", "ever_up")
+                 "deadline", "empty_since", "answered", "attempts", "down_logged", "ever_up",
+                 "can_do")
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
         self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.can_do = False  # the server believes we serve our functions (CAN_DO sent)
         self.sock: socket.socket | None = None
         self.decoder = Decoder()
         self.state = ConnState.DOWN
@@ -181,21 +189,26 @@ class Worker:
         self._want_paused = False
 
     def _apply_pause(self) -> None:
-        if self._want_paused == self.paused:
-            if not self.paused and not self.stopping:
-                # A pause asked for and taken back before it applied: pick up the grab.
-                for conn in self.conns:
-                    if conn.state is ConnState.IDLE and conn.sock is not None:
-                        self._grab(conn)
-            return
+        """Make every connection match the wanted mode. RESET_ABILITIES is never sent while
+        a GRAB is unanswered: gearmand would requeue a job it is assigning to us right then,
+        and we would run it anyway (run twice). The answer comes first (_settle)."""
         self.paused = self._want_paused
         for conn in self.conns:
             if conn.sock is None or conn.state is ConnState.CONNECTING:
                 continue  # registers in the right mode when the connect finishes
-            if self.paused:
-                if self._send(conn, RESET) and conn.state is not ConnState.GRABBING:
-                    conn.state = ConnState.IDLE  # a GRAB in flight is answered, then idles
-            elif not self.stopping and self._send(conn, self._can_do + GRAB):
+            if conn.state is not ConnState.GRABBING:
+                self._settle(conn)
+
+    def _settle(self, conn: Connection) -> None:
+        """A connection with nothing in flight: unregister it (paused), or register and grab
+        (not paused); stopping leaves it idle."""
+        if self.paused or self._want_paused:
+            if conn.can_do and self._send(conn, RESET):
+                conn.can_do = False
+            conn.state = ConnState.IDLE
+        elif not self.stopping and conn.state is ConnState.IDLE:
+            if self._send(conn, (b"" if conn.can_do else self._can_do) + GRAB):
+                conn.can_do = True
                 conn.state = ConnState.GRABBING
 
     def every_tick(self, check: Callable[[], None]) -> None:
@@ -332,11 +345,13 @@ class Worker:
         conn.delay = RECONNECT_INITIAL
         conn.ever_up = True
         # Register and ask for work in one write (paused: only say who we are).
-        if self.paused:
+        conn.can_do = False
+        if self._want_paused:
             if self._send(conn, self._client_id):
                 conn.state = ConnState.IDLE
                 self._mark_answered(conn)
         elif self._send(conn, self._can_do + self._client_id + GRAB):
+            conn.can_do = True
             conn.state = ConnState.GRABBING
 
     def _tune(self, sock: socket.socket) -> None:
@@ -386,12 +401,17 @@ class Worker:
         sock = conn.sock
         if sock is None:
             return False
+        # A soft job timeout (SIGALRM) must not cut a packet in half: it waits until the
+        # write is done (the timer raises JobTimeout on release).
+        self.timer.hold()
         try:
             sock.sendall(data)
             return True
         except OSError as e:
             self._drop(conn, f"send failed: {e}")
             return False
+        finally:
+            self.timer.release()
 
     def _grab(self, conn: Connection) -> None:
         if self._send(conn, GRAB):
@@ -430,13 +450,16 @@ class Worker:
             self._run_job(conn, ptype, args)
         elif ptype == Packet.NO_JOB:
             self._mark_answered(conn)
-            if self.stopping or self.paused:
+            if self.paused or self._want_paused:
+                self._settle(conn)  # the GRAB is answered: now unregister
+            elif self.stopping:
                 conn.state = ConnState.IDLE
             else:
                 conn.state = ConnState.EMPTY
                 conn.empty_since = self.clock()
         elif ptype == Packet.NOOP:
-            if conn.state is ConnState.SLEEPING and not self.stopping and not self.paused:
+            if conn.state is ConnState.SLEEPING and not self.stopping and not (
+                    self.paused or self._want_paused):
                 self._grab(conn)
         elif ptype == Packet.ERROR:
             code = args[0].decode(errors="replace")
@@ -470,7 +493,7 @@ class Worker:
             self._send(conn, encode(ptype_, h, payload))
 
         job = Job(function, handle.decode(errors="replace"), unique.decode(errors="replace"),
-                  data, send)
+                  data, send, conn.label)
         fn = self.functions.get(function)
         hooks = self.hooks
         if self.is_poison is not None and self.is_poison(job):
@@ -506,8 +529,10 @@ class Worker:
                 self.log.error("job raised", function=function, handle=job.handle,
                                unique=job.unique, error=f"{type(e).__name__}: {e}",
                                traceback="".join(traceback.format_exception(e)).rstrip())
-        self._reply(conn, reply)
+        # The host decides first (it may quarantine itself: then no GRAB goes out with the
+        # result, so gearmand cannot hand us a job we would have to give back).
         hooks.job_finished(job, ok, time.perf_counter() - started)
+        self._reply(conn, reply)
 
     def _reply(self, conn: Connection, reply: bytes) -> None:
         # The result and the next GRAB leave in one write: one round trip per job.
@@ -516,6 +541,8 @@ class Worker:
                 conn.state = ConnState.GRABBING
         elif self._send(conn, reply):
             conn.state = ConnState.IDLE
+            if self.paused or self._want_paused:
+                self._settle(conn)
 
     def _failure_reply(self, handle: bytes, exc: Exception) -> bytes:
         text = f"{type(exc).__name__}: {exc}\n".encode(errors="replace")
