@@ -69,11 +69,11 @@ $GEARVISOR reload $CTL
 $GEARVISOR status $CTL
 $G -f reverse 'served by generation 2'; echo
 
-step "edit pools.yaml (add a pool): the file watcher reloads, no command needed"
-sed -i '/^pools:/a\  echo:\n    processes: 1\n    functions: {echo: examples.text:echo}' "$WORK/pools.yaml"
-wait_until "gearadmin -h 127.0.0.1 -p $PORT --workers | grep -q ':echo:'"
-$G -f echo 'served by the pool that was just added'; echo
-$GEARVISOR status $CTL | tail -2
+step "edit pools.yaml (add a PHP worker pool): the file watcher reloads, no command needed"
+sed -i "/^pools:/a\\  php:\\n    processes: 1\\n    command: [php, $REPO/examples/php/worker.php]\\n    functions: [php_reverse]\\n    ready: registered" "$WORK/pools.yaml"
+wait_until "gearadmin -h 127.0.0.1 -p $PORT --workers | grep -q ':php:.*php_reverse'"
+$G -f php_reverse 'served by PHP, supervised by gearvisor'; echo
+$GEARVISOR status $CTL | tail -3
 
 step "gearvisor stop: children finish their jobs, everything exits"
 $GEARVISOR stop $CTL

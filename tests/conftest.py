@@ -220,6 +220,8 @@ class Master:
 
     def status(self) -> dict:
         out = self.ctl("status", "--json", timeout=10)
+        if out.returncode == 3:  # no master listening (yet): wait_for() polls on
+            raise ConnectionRefusedError(out.stderr.strip())
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 

@@ -286,3 +286,37 @@ def test_gearmand_itself_as_a_command_pool(master, tmp_path):
                   message="gearmand ready once it lived startsecs")
     assert [(p["name"], p["ready"]) for p in st] == [("gearmand", 1), ("text", 2)]
     assert json.dumps(st[0]["command"]).startswith('["' + gearmand)
+
+
+def test_output_to_a_rotated_log_file(gearmand, master, tmp_path):
+    script = ("import os, time\n"
+              "for i in range(400):\n"
+              "    os.write(1, b'x' * 100 + b' %d\\n' % i)\n"
+              "time.sleep(3600)\n")
+    (tmp_path / "writer.py").write_text(script)
+    m = start(gearmand, master, {
+        "writer": {"processes": 1, "command": [sys.executable, str(tmp_path / "writer.py")],
+                   "log_file": "writer.log", "log_file_max": 8192, "log_file_backups": 2,
+                   "startsecs": "100ms", "watch": False}})
+    log = tmp_path / "writer.log"  # relative to the config file
+    wait_for(lambda: (tmp_path / "writer.log.2").exists() and log.exists()
+             and " 399" in log.read_text(), timeout=20, message="rotated log files")
+    assert not (tmp_path / "writer.log.3").exists()  # backups kept: 2
+    assert all(p.stat().st_size <= 8192 + 200 for p in tmp_path.glob("writer.log*"))
+    pid = m.status()["pools"][0]["children"][0]["pid"]
+    assert f"writer[0] pid {pid} stdout: " in log.read_text()
+    assert not [e for e in m.logs() if str(e.get("event", "")).startswith("x" * 100)]
+
+
+@needs_php
+def test_editing_a_command_workers_script_rolls_its_pool(gearmand, master, tmp_path):
+    pool = lang_pool(tmp_path, LANGS["php"].values[0], processes=2)
+    del pool["watch"]  # the default: *.php beside the script
+    m = start(gearmand, master, {"w": pool}, watch_debounce="200ms")
+    wait_for(lambda: m.status()["pools"][0]["ready"] == 2, timeout=20, message="ready")
+    script = tmp_path / "worker.php"
+    script.write_text(script.read_text().replace('"php-v1"', '"php-v2-edited"'))
+    wait_for(lambda: (p := m.status()["pools"][0])["generation"] == 2 and not p["rolling"]
+             and p["ready"] == 2, timeout=20, message="rolled after the edit")
+    with Client(HOST, gearmand.port, timeout=20) as c:
+        assert c.call("php_record", "x", "after-edit").data == b"php-v2-edited"
