@@ -71,7 +71,7 @@ $G -f reverse 'served by generation 2'; echo
 
 step "edit pools.yaml (add a PHP worker pool): the file watcher reloads, no command needed"
 sed -i "/^pools:/a\\  php:\\n    processes: 1\\n    command: [php, $REPO/examples/php/worker.php]\\n    functions: [php_reverse]\\n    ready: registered" "$WORK/pools.yaml"
-wait_until "gearadmin -h 127.0.0.1 -p $PORT --workers | grep -q ':php:.*php_reverse'"
+wait_until "$GEARVISOR status $CTL 2>/dev/null | grep -q 'pool php: 1/1 ready'"
 $G -f php_reverse 'served by PHP, supervised by gearvisor'; echo
 $GEARVISOR status $CTL | tail -3
 

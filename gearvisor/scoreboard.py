@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+import time
 from dataclasses import dataclass
 
 # The record: seq (8 bytes) then the body: busy, done, failed, job_started (monotonic;
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 _SEQ = struct.Struct("<Q")
 _BODY = struct.Struct("<B7xQQd128s128s128sQQ")
 _TEXT = 128
-_READ_ATTEMPTS = 10_000
+_READ_ATTEMPTS = 1000  # spins: a write takes about a microsecond
+_YIELDS = 250  # then sleeps, for a writer that was preempted mid-write (50 ms in all)
+_YIELD_SECONDS = 0.0002
 
 
 @dataclass(frozen=True)
@@ -78,12 +81,15 @@ class Scoreboard:
     def read(self) -> Snapshot:
         """Master side: a consistent snapshot (retries while the child is mid-write).
 
-        Never raises: a child that died mid-write leaves the sequence odd for good, and then
-        the last bytes it wrote are the best answer there is.
+        Never raises: a child that died mid-write leaves the sequence odd for good, and then,
+        after about 50 ms, the last bytes it wrote are the best answer there is.
         """
         mm = self._mm
         body = mm[8:]
-        for _ in range(_READ_ATTEMPTS):
+        for attempt in range(_READ_ATTEMPTS + _YIELDS):
+            if attempt >= _READ_ATTEMPTS:
+                # The writer was preempted mid-write: give it the CPU back to finish.
+                time.sleep(_YIELD_SECONDS)
             seq1 = mm[0:8]
             if seq1[0] & 1:
                 continue
