@@ -243,6 +243,11 @@ def test_output_lines_are_captured_and_a_flood_is_dropped_not_blocking(gearmand,
     script = ("import os, pathlib, sys, time\n"
               "print('hello from the worker', flush=True)\n"
               "print('an error line', file=sys.stderr, flush=True)\n"
+              f"go = pathlib.Path({str(tmp_path / 'go')!r})\n"
+              "for _ in range(30000):  # wait (bounded) for the test to say go\n"
+              "    if go.exists():\n"
+              "        break\n"
+              "    time.sleep(0.001)\n"
               "for i in range(200000):\n"
               "    try:\n"
               "        os.write(1, b'line %d\\n' % i)\n"
@@ -254,6 +259,9 @@ def test_output_lines_are_captured_and_a_flood_is_dropped_not_blocking(gearmand,
     m = start(gearmand, master, {
         "chatty": {"processes": 1, "command": [sys.executable, str(tmp_path / "chatty.py")],
                    "output_rate": 100, "startsecs": "100ms", "watch": False}})
+    wait_for(lambda: any(e.get("event") == "an error line" for e in m.logs()),
+             message="the first lines logged")
+    (tmp_path / "go").touch()  # now the flood
     wait_for(done.exists, timeout=30, message="the worker got through its flood unblocked")
     hello = next(e for e in m.logs() if e.get("event") == "hello from the worker")
     pid = m.status()["pools"][0]["children"][0]["pid"]
