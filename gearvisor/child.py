@@ -80,6 +80,7 @@ class _ChildHooks(Hooks):
     def __init__(self, pool: PoolConfig, slot: int, event_fd: int, board: Scoreboard,
                  probation: bool, log: Any) -> None:
         self.prefix = f"gearvisor: {pool.name}[{slot}]"
+        self.title = ""
         self.event_fd = event_fd
         self.board = board
         self.log = log
@@ -105,12 +106,20 @@ class _ChildHooks(Hooks):
         state = ("draining" if self.stopping else "quarantined" if self.quarantined
                  else "paused" if self.worker is not None and self.worker._want_paused
                  else "idle")
-        setproctitle(f"{self.prefix} {state}")
+        self._title(f"{self.prefix} {state}")
+
+    def _title(self, text: str) -> None:
+        if text != self.title:  # a queue drained back to back keeps one "busy" title
+            self.title = text
+            setproctitle(text)
+
+    def waiting(self) -> None:
+        self._idle()
 
     def job_started(self, job: Job) -> None:
         self.board.job_started(job.function, job.handle, job.unique, time.monotonic(),
                                len(job.data), _key(job))
-        setproctitle(f"{self.prefix} busy {job.function} {job.handle}")
+        self._title(f"{self.prefix} busy {job.function}")
 
     def job_refused(self, job: Job) -> None:
         self.failed += 1
@@ -135,7 +144,8 @@ class _ChildHooks(Hooks):
             elif was_on_probation and not self.window.on_probation:
                 send_event(self.event_fd, {"event": "probation_passed"})
         self._check_limits()
-        self._idle()
+        if self.stopping or self.quarantined:
+            self._idle()  # (otherwise the title says idle once the worker waits for work)
 
     def quarantine(self, reason: str) -> None:
         """Stop taking jobs at once (RESET_ABILITIES everywhere) and tell the master."""
@@ -164,7 +174,9 @@ class _ChildHooks(Hooks):
 
 
 def _key(job: Job) -> int:
-    return job_key(job.function, job.unique, job.handle, job.data, job.server)
+    if not job.key:
+        job.key = job_key(job.function, job.unique, job.handle, job.data, job.server)
+    return job.key
 
 
 def _rss() -> int | None:

@@ -21,7 +21,7 @@ class Job:
         data: the payload, as bytes.
     """
 
-    __slots__ = ("function", "handle", "unique", "data", "_send", "server")
+    __slots__ = ("function", "handle", "unique", "data", "_send", "server", "key")
 
     def __init__(self, function: str, handle: str, unique: str, data: bytes, send: Send,
                  server: str = "") -> None:
@@ -31,6 +31,7 @@ class Job:
         self.data = data
         self._send = send
         self.server = server  # "host:port" of the job server that assigned it
+        self.key = 0  # its poison key, once computed (gearvisor.poison.job_key)
 
     def text(self, encoding: str = "utf-8") -> str:
         """The payload decoded as text."""

@@ -285,8 +285,12 @@ def master(tmp_path: Path) -> Iterator[Callable[..., Master]]:
 
 
 def write_module(directory: Path, name: str, source: str) -> Path:
+    """Write a module atomically (temp file + rename), as a deploy would: a child starting
+    at that moment must never import half a file."""
     path = directory / f"{name}.py"
-    path.write_text(textwrap.dedent(source))
+    tmp = directory / f".{name}.py.tmp"
+    tmp.write_text(textwrap.dedent(source))
+    os.replace(tmp, path)
     return path
 
 

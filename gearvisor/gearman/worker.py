@@ -31,6 +31,7 @@ from .protocol import Decoder, Packet, ProtocolError, encode
 
 RECV_SIZE = 256 * 1024
 SEND_TIMEOUT = 30.0  # a server that accepts no bytes for this long is treated as dead
+RECV_TIMEOUT = 0.5  # a blocking read (the one-server fast path) gives the loop back this often
 REPOLL_EMPTY = 0.5  # re-ask an EMPTY server this often while another keeps us busy
 RECONNECT_INITIAL = 0.05
 
@@ -70,6 +71,9 @@ class Hooks:
 
     def job_refused(self, job: Job) -> None:
         """A poisoned job was answered WORK_FAIL without running."""
+
+    def waiting(self) -> None:
+        """No server has a job for us: the worker sleeps until one does."""
 
 
 class JobTimer:
@@ -220,7 +224,17 @@ class Worker:
         now = self.clock()
         for conn in self.conns:
             self._connect(conn, now)
+        only = self.conns[0] if len(self.conns) == 1 else None
         while True:
+            if (only is not None and only.state is ConnState.GRABBING and not self.stopping
+                    and self._want_paused == self.paused):
+                # One server, a GRAB just sent: gearmand answers it at once (a job or NO_JOB),
+                # so read without epoll and without the loop's bookkeeping: the fast path of
+                # a queue being drained. The socket's receive timeout bounds the wait.
+                self._read(only)
+                for check in self._extra_checks:
+                    check()
+                continue
             now = self.clock()
             if self.stopping and not any(c.state is ConnState.GRABBING for c in self.conns):
                 break
@@ -279,6 +293,7 @@ class Worker:
             for conn in live:
                 if self._send(conn, PRE_SLEEP):
                     conn.state = ConnState.SLEEPING
+            self.hooks.waiting()
             return
         for conn in live:
             # Another server keeps us busy; do not starve this one.
@@ -359,6 +374,8 @@ class Worker:
         # SO_SNDTIMEO, not settimeout(): a Python timeout adds a poll() before every send.
         tv = struct.pack("ll", int(SEND_TIMEOUT), 0)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", 0, int(RECV_TIMEOUT * 1e6)))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         ka = self.keepalive

@@ -1,0 +1,416 @@
+"""Throughput (issue 7, part 1): trivial echo jobs through gearmand on loopback, drained and
+round-tripped by gearvisor children, pygearman workers and libgearman (PHP) workers.
+
+    .venv/bin/python bench/throughput.py            # the full run (a few minutes on 2 cores)
+    .venv/bin/python bench/throughput.py --tiny     # seconds: what the test suite runs
+
+For each gearmand thread setting (`-t 1` and gearmand's default), each worker count (1, 2, 4)
+and each competitor, on a fresh gearmand:
+
+- drain: N_JOBS background echo jobs are queued first (pipelined, outside the timing), then the
+  workers start; the clock runs from the first `status` that shows a worker registered (or the
+  queue shrinking) until `status` shows the queue empty. Rate = jobs queued at that first
+  sighting / elapsed.
+- round trip: once every worker is registered, one client keeps k foreground jobs in flight
+  (k = 1 and 8) for a fixed number of jobs. Rate = jobs / elapsed.
+
+The full run repeats each measurement 3 times, interleaving the competitors, and reports the
+median: a single 20,000-job drain lasts about a second and swings by tens of percent on a
+busy machine.
+
+Every worker here is a separate OS process; all of them, the client and gearmand share the
+machine's cores, so the rates are only comparable within one run: quote the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from subprocess import Popen
+from typing import IO
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import HOST, PYTHON, REPO, Gearmand, Row, Target, kill, spawn  # noqa: E402
+
+from gearvisor.gearman.client import Client  # noqa: E402
+from gearvisor.gearman.protocol import Decoder, Packet, encode  # noqa: E402
+
+SECTION = "throughput"
+FUNCTION = "echo"
+PAYLOAD = b"x" * 8
+SUBMIT_BATCH = 1000  # background submits written per send(); then their JOB_CREATEDs are read
+POLL_START = 0.002  # status polling while waiting for the first worker (sets the clock start)
+POLL_DRAIN = 0.005  # status polling while the queue drains (sets the clock's resolution)
+
+ECHO_MODULE = '''\
+def echo(job):
+    return job.data
+'''
+
+PYGEARMAN_WORKER = '''\
+import sys
+
+import gearman
+
+
+def echo(worker, job):
+    return job.data
+
+
+worker = gearman.GearmanWorker([sys.argv[1]])
+worker.register_task(b"echo", echo)  # pygearman matches task names as bytes
+worker.work()
+'''
+
+PHP_WORKER = '''\
+<?php
+$worker = new GearmanWorker();
+$worker->addServer($argv[1], (int)$argv[2]);
+$worker->addFunction("echo", function (GearmanJob $job) { return $job->workload(); });
+while ($worker->work()) {
+}
+fwrite(STDERR, "gearman error: " . $worker->error() . "\\n");
+exit(1);
+'''
+
+GEARVISOR_CONFIG = '''\
+servers: ["{address}"]
+pythonpath: ["{dir}"]
+control_socket: "{dir}/gearvisor.sock"
+watch_config: false
+watch: false
+log_level: warning
+pools:
+  bench:
+    processes: {n}
+    functions:
+      echo: "benchecho:echo"
+'''
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to measure: the full run, or the tiny one the test suite runs."""
+
+    jobs: int  # background jobs drained
+    round_trips: int  # foreground jobs per round-trip measurement
+    workers: tuple[int, ...]
+    threads: tuple[int | None, ...]
+    deadline: float  # seconds any one measurement (or start-up) may take
+    repeats: int  # runs of each measurement, interleaved across competitors; rows = medians
+
+
+FULL = Plan(jobs=20_000, round_trips=3000, workers=(1, 2, 4), threads=(1, None), deadline=120.0,
+            repeats=3)
+TINY = Plan(jobs=500, round_trips=200, workers=(1,), threads=(1,), deadline=20.0, repeats=1)
+IN_FLIGHT = (1, 8)
+
+
+class StatusPoller:
+    """`status` for one function over one persistent admin connection: a poll is one small
+    round trip, not a connect, so polling every few ms costs gearmand and us little."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=5.0)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def poll(self, function: str = FUNCTION) -> tuple[int, int]:
+        """(jobs queued including running ones, capable workers) for `function`."""
+        self.sock.sendall(b"status\r\n")
+        buf = b""
+        while not (buf == b".\n" or buf.endswith(b"\n.\n")):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise OSError("gearmand closed the admin connection")
+            buf += chunk
+        for line in buf.decode().split("\n"):
+            parts = line.split("\t")
+            if len(parts) == 4 and parts[0] == function:
+                return int(parts[1]), int(parts[3])
+        return 0, 0
+
+
+def poll_until(cond: Callable[[], object], deadline: float, interval: float,
+               what: str) -> object:
+    """Poll `cond` until it returns something truthy; raise TimeoutError at `deadline`
+    (a time.monotonic() value)."""
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(interval)  # polling interval, not synchronisation
+
+
+def submit_background(port: int, n: int, deadline: float) -> float:
+    """Queue `n` background echo jobs (each with its own unique id), pipelined in batches on
+    one connection. Returns the seconds it took."""
+    started = time.monotonic()
+    token = uuid.uuid4().hex[:12]
+    decoder = Decoder()
+    created = 0
+    with socket.create_connection((HOST, port), timeout=10.0) as sock:
+        for first in range(0, n, SUBMIT_BATCH):
+            last = min(n, first + SUBMIT_BATCH)
+            sock.sendall(b"".join(encode(Packet.SUBMIT_JOB_BG, FUNCTION, f"{token}-{i}", PAYLOAD)
+                                  for i in range(first, last)))
+            while created < last:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"submitting {n} background jobs: {created} created")
+                data = sock.recv(1 << 20)
+                if not data:
+                    raise OSError("gearmand closed the connection while jobs were submitted")
+                for f in decoder.feed(data):
+                    if f.type == Packet.JOB_CREATED:
+                        created += 1
+                    elif f.type == Packet.ERROR:
+                        raise OSError(f"gearmand refused a job: {f.args!r}")
+    return time.monotonic() - started
+
+
+def round_trips(port: int, in_flight: int, jobs: int, deadline: float) -> float:
+    """Keep `in_flight` foreground echo jobs outstanding on one Client until `jobs` have come
+    back; returns jobs/s."""
+    with Client(HOST, port, timeout=10.0) as client:
+        window: list[str] = []
+        sent = done = 0
+        started = time.monotonic()
+        while done < jobs:
+            while sent < jobs and len(window) < in_flight:
+                window.append(client.submit(FUNCTION, PAYLOAD))
+                sent += 1
+            client.wait([window[0]])  # the oldest; any others that came back too are counted
+            still = []
+            for handle in window:
+                result = client.results[handle]
+                if not result.done:
+                    still.append(handle)
+                    continue
+                if not result.ok or result.data != PAYLOAD:
+                    raise RuntimeError(f"echo job {handle} came back wrong: {result!r}")
+                del client.results[handle]
+                done += 1
+            window = still
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"round trips, {in_flight} in flight: {done}/{jobs} done")
+        return jobs / (time.monotonic() - started)
+
+
+class Competitor:
+    """Starts N workers of one kind against a gearmand; stop() kills all it started."""
+
+    name = ""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[Popen] = []
+        self.logs: list[IO[bytes]] = []
+
+    def start(self, gm: Gearmand, n: int) -> None:
+        raise NotImplementedError
+
+    def _spawn(self, args: list[str], **kw: object) -> None:
+        log = open(self.workdir / f"{self.name}-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        self.logs.append(log)
+        self.procs.append(spawn(args, stderr=log, **kw))
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            kill(proc)
+        for log in self.logs:
+            log.close()
+        self.procs, self.logs = [], []
+
+    def diagnose(self) -> str:
+        """Exit codes and the tail of stderr of what we started, for an error message."""
+        out = []
+        for i, proc in enumerate(self.procs):
+            path = self.workdir / f"{self.name}-{i}.log"
+            tail = path.read_text(errors="replace")[-800:] if path.exists() else ""
+            out.append(f"{self.name}[{i}] pid {proc.pid} exit {proc.poll()}: {tail.strip()}")
+        return "\n".join(out)
+
+
+class GearvisorMaster(Competitor):
+    """One real gearvisor master with one pool of N children."""
+
+    name = "gearvisor"
+
+    def start(self, gm: Gearmand, n: int) -> None:
+        config = self.workdir / "pools.yaml"
+        config.write_text(GEARVISOR_CONFIG.format(address=gm.address, dir=self.workdir, n=n))
+        self._spawn([PYTHON, "-m", "gearvisor", "-c", str(config)], cwd=str(REPO))
+
+
+class PygearmanWorkers(Competitor):
+    """N python processes, each one pygearman GearmanWorker."""
+
+    name = "pygearman"
+
+    def start(self, gm: Gearmand, n: int) -> None:
+        for _ in range(n):
+            self._spawn([PYTHON, str(self.workdir / "pygearman_worker.py"), gm.address])
+
+
+class LibgearmanWorkers(Competitor):
+    """N php processes, each one GearmanWorker (php-gearman, on libgearman)."""
+
+    name = "libgearman"
+
+    def start(self, gm: Gearmand, n: int) -> None:
+        for _ in range(n):
+            self._spawn(["php", str(self.workdir / "worker.php"), HOST, str(gm.port)])
+
+
+COMPETITORS: tuple[type[Competitor], ...] = (GearvisorMaster, PygearmanWorkers,
+                                             LibgearmanWorkers)
+
+
+def write_workers(workdir: Path) -> None:
+    (workdir / "benchecho.py").write_text(ECHO_MODULE)
+    (workdir / "pygearman_worker.py").write_text(PYGEARMAN_WORKER)
+    (workdir / "worker.php").write_text(PHP_WORKER)
+
+
+@dataclass
+class Run:
+    """What one competitor did with N workers on one gearmand."""
+
+    drain: float  # jobs/s
+    round_trips: dict[int, float]  # in flight -> jobs/s
+    submit_seconds: float  # queueing the background jobs (not timed)
+    all_registered_after: float  # seconds from the first worker seen to the N-th
+
+
+def measure_one(competitor: Competitor, threads: int | None, n: int, plan: Plan) -> Run:
+    """Fresh gearmand: queue, start the workers, time the drain, then the round trips."""
+    with Gearmand(threads=threads) as gm:
+        submit_seconds = submit_background(gm.port, plan.jobs, time.monotonic() + plan.deadline)
+        poller = StatusPoller(gm.port)
+        try:
+            queued, _ = poller.poll()
+            if queued != plan.jobs:
+                raise RuntimeError(f"gearmand queued {queued} of {plan.jobs} jobs")
+            competitor.start(gm, n)
+            deadline = time.monotonic() + plan.deadline
+            try:
+                def first_worker() -> tuple[float, int, int] | None:
+                    q, capable = poller.poll()
+                    return (time.monotonic(), q, capable) if capable or q < plan.jobs else None
+
+                t0, q0, capable = poll_until(first_worker, deadline, POLL_START,
+                                             "the first worker to register")
+                all_at = t0 if capable >= n else None
+                deadline = time.monotonic() + plan.deadline
+
+                def drained() -> float | None:
+                    nonlocal all_at
+                    q, capable = poller.poll()
+                    now = time.monotonic()
+                    if all_at is None and capable >= n:
+                        all_at = now
+                    return now if q == 0 else None
+
+                t1 = poll_until(drained, deadline, POLL_DRAIN, "the queue to drain")
+                poll_until(lambda: poller.poll()[1] >= n, time.monotonic() + plan.deadline,
+                           0.01, f"{n} workers registered")
+                if all_at is None:
+                    all_at = time.monotonic()
+                rates = {k: round_trips(gm.port, k, plan.round_trips,
+                                        time.monotonic() + plan.deadline) for k in IN_FLIGHT}
+            except (TimeoutError, OSError, RuntimeError) as e:
+                raise RuntimeError(f"{competitor.name}, {n} workers, -t "
+                                   f"{threads or 'default'}: {e}\n{competitor.diagnose()}") from e
+            finally:
+                competitor.stop()
+        finally:
+            poller.close()
+        return Run(q0 / (t1 - t0), rates, submit_seconds, all_at - t0)
+
+
+def plural(n: int) -> str:
+    return f"{n} worker" if n == 1 else f"{n} workers"
+
+
+def measure(tiny: bool) -> tuple[list[Row], list[Target]]:
+    """Every competitor at every worker count and gearmand thread setting; rows in jobs/s
+    (medians of the repeats) and the issue's targets (ratios of the -t 1 drain rates)."""
+    plan = TINY if tiny else FULL
+    rows: list[Row] = []
+    drains: dict[tuple[str, int, int | None], float] = {}
+    with tempfile.TemporaryDirectory(prefix="gearvisor-bench-") as tmp:
+        workdir = Path(tmp)
+        write_workers(workdir)
+        for threads in plan.threads:
+            t = "1" if threads == 1 else "default" if threads is None else str(threads)
+            for n in plan.workers:
+                runs: dict[str, list[Run]] = {kind.name: [] for kind in COMPETITORS}
+                for rep in range(plan.repeats):
+                    # Interleaved and rotated, so a noisy moment does not hit one competitor.
+                    for i in range(len(COMPETITORS)):
+                        kind = COMPETITORS[(rep + i) % len(COMPETITORS)]
+                        run = measure_one(kind(workdir), threads, n, plan)
+                        runs[kind.name].append(run)
+                        print(f"  {kind.name}, {plural(n)}, -t {t}: drain {run.drain:.0f} jobs/s "
+                              f"(queued in {run.submit_seconds:.2f} s; all {n} registered "
+                              f"{run.all_registered_after * 1000:.0f} ms after the first), "
+                              "round trips " + ", ".join(f"{k} in flight {r:.0f}/s"
+                                                         for k, r in run.round_trips.items()),
+                              file=sys.stderr, flush=True)
+                for kind in COMPETITORS:
+                    got = runs[kind.name]
+                    drain = statistics.median(r.drain for r in got)
+                    drains[(kind.name, n, threads)] = drain
+                    rows.append(Row(SECTION, f"drain {plan.jobs}, {plural(n)}, -t {t}",
+                                    kind.name, drain, "jobs/s"))
+                    for k in IN_FLIGHT:
+                        rows.append(Row(SECTION, f"round trip, {k} in flight, {plural(n)}, -t {t}",
+                                        kind.name, statistics.median(r.round_trips[k] for r in got),
+                                        "jobs/s"))
+    return rows, targets(drains)
+
+
+def targets(drains: dict[tuple[str, int, int | None], float]) -> list[Target]:
+    """The issue's throughput targets, from the -t 1 drains that were measured."""
+    out = []
+    for n, other, goal in ((1, "pygearman", 2.0), (1, "libgearman", 0.9), (4, "libgearman", 0.9)):
+        ours, theirs = drains.get(("gearvisor", n, 1)), drains.get((other, n, 1))
+        if ours is None or theirs is None:
+            continue  # not measured in this plan (tiny mode has 1 worker only)
+        ratio = ours / theirs
+        children = "1 gearvisor child" if n == 1 else f"{n} gearvisor children"
+        out.append(Target(f"drain, -t 1: {children} vs. {plural(n)} of {other}", ratio,
+                          f">= {goal}x", ratio >= goal))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="seconds, for the test suite")
+    args = p.parse_args(argv)
+    started = time.monotonic()
+    rows, goals = measure(args.tiny)
+    width = max(len(r.case) for r in rows)
+    for r in rows:
+        print(f"{r.case:<{width}}  {r.competitor:<10}  {r.value:>8.0f} {r.unit}")
+    for t in goals:
+        print(f"target: {t.name}: {t.value:.2f}x (goal {t.goal}) {'met' if t.ok else 'MISSED'}")
+    print(f"{time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

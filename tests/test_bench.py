@@ -1,0 +1,33 @@
+"""The benchmark script, in its tiny mode (seconds), so it cannot rot. Its numbers are not
+checked here (speed is measured by bench/, never by timed tests): only that every section
+ran, measured gearvisor against its competitors and wrote the report, JSON and chart."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_tiny_mode_writes_the_report(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--tiny", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["tiny"] is True
+    sections = {r["section"] for r in data["rows"]}
+    assert {"throughput", "startup", "reload", "overhead", "recovery"} <= sections
+    competitors = {r["competitor"] for r in data["rows"]}
+    assert {"gearvisor", "pygearman", "libgearman", "supervisord"} <= competitors
+    assert all(r["value"] >= 0 for r in data["rows"])
+    assert data["targets"] and all({"name", "value", "goal", "ok"} <= set(t)
+                                   for t in data["targets"])
+    md = (tmp_path / "results.md").read_text()
+    assert "## Targets" in md and "## Ratios" in md and "| throughput |" in md
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
