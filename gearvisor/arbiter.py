@@ -43,7 +43,7 @@ from .watcher import Debouncer, WatcherState, build_spec, run_watcher
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGCHLD)
-ADMIN_TIMEOUT = 0.3  # gearmand admin queries from the loop (ready: registered): kept short
+ADMIN_TIMEOUT = 2.0  # a `workers` query (ready: registered) that takes longer is dropped
 REGISTERED_POLL = 0.25  # how often gearmand's workers list is read while a child starts
 HEALTH_INTERVAL = 0.25  # how often hung jobs and lifetimes are checked, when configured
 QUIT_TIMEOUT = 2.0  # fast stop: how long children get to die from SIGQUIT before SIGKILL
@@ -92,6 +92,10 @@ class Arbiter:
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.sinks: dict[str, OutputSink] = {}  # command pools' output, by pool
         self.next_registered_poll = 0.0
+        # ready: registered: non-blocking `workers` queries in flight, and the last answer
+        # of each job server (None: it could not be asked)
+        self.admin_polls: dict[tuple[str, int], admin.WorkersPoll] = {}
+        self.admin_seen: dict[tuple[str, int], list[admin.WorkerInfo] | None] = {}
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -160,6 +164,8 @@ class Arbiter:
                 self._read_pipe(*entry)
         elif kind == "watcher":
             self._read_watcher()
+        elif kind == "admin":
+            self._admin_event(key.data[1])
         elif kind == "output":
             entry = self.children.get(key.data[1])
             if entry is not None:
@@ -191,6 +197,7 @@ class Arbiter:
             if due is not None:
                 deadlines.append(due)
             deadlines += [d for d in (sink.due() for sink in self.sinks.values()) if d]
+            deadlines += [p.deadline for p in self.admin_polls.values()]
         if self.notifier.watchdog_interval:
             deadlines.append(self.next_watchdog)
         return max(0.0, min(deadlines) - now)
@@ -377,19 +384,59 @@ class Arbiter:
         functions registered under their client id in gearmand (ready: registered)."""
         for sink in self.sinks.values():
             sink.report(now)  # dropped-line counts, even when no more lines come
-        poll = now >= self.next_registered_poll
+        for key, poll in list(self.admin_polls.items()):
+            if now >= poll.deadline:
+                poll.finish(ok=False)  # too slow: counts as not answering
+                self._admin_done(key, poll)
+        wanted: set[tuple[str, int]] = set()
         for pool in self.pools.values():
             cfg = pool.config
             if cfg.command is None:
                 continue
             starting = [c for c in pool.children() if c.state is ChildState.STARTING]
+            if starting and cfg.ready == "registered":
+                wanted |= {(s.host, s.port) for s in cfg.servers}
             for child in starting:
                 if now - child.started_at < cfg.startsecs:
                     continue
-                if cfg.ready == "started" or (poll and self._registered(pool, child)):
+                if cfg.ready == "started" or self._registered(pool, child):
                     self.handle_event(child, pool, {"event": "ready"})
-        if poll:
+        if wanted and now >= self.next_registered_poll:
             self.next_registered_poll = now + REGISTERED_POLL
+            for key in wanted - set(self.admin_polls):
+                self._admin_start(key, now)
+
+    def _admin_start(self, key: tuple[str, int], now: float) -> None:
+        try:
+            poll = admin.WorkersPoll(key[0], key[1], now + ADMIN_TIMEOUT)
+        except OSError:
+            self.admin_seen[key] = None  # cannot even resolve or open a socket
+            return
+        if poll.done:
+            self.admin_seen[key] = None
+            return
+        self.admin_polls[key] = poll
+        self.sel.register(poll.sock, selectors.EVENT_WRITE, ("admin", key))
+
+    def _admin_event(self, key: tuple[str, int]) -> None:
+        poll = self.admin_polls.get(key)
+        if poll is None:
+            return
+        sent = poll.sent
+        poll.on_ready()
+        if poll.done:
+            self._admin_done(key, poll)
+        elif poll.sent and not sent:
+            self.sel.modify(poll.sock, selectors.EVENT_READ, ("admin", key))
+
+    def _admin_done(self, key: tuple[str, int], poll: admin.WorkersPoll) -> None:
+        try:
+            self.sel.unregister(poll.sock)
+        except (KeyError, ValueError):
+            pass
+        poll.sock.close()
+        del self.admin_polls[key]
+        self.admin_seen[key] = poll.result
 
     def _registered(self, pool: Pool, child: Child) -> bool:
         """gearmand lists the child's client id with every function of the pool, on each
@@ -400,10 +447,9 @@ class Arbiter:
         needed = set(pool.config.functions)
         answered = False
         for server in pool.config.servers:
-            try:
-                workers = admin.workers(server.host, server.port, ADMIN_TIMEOUT)
-            except (admin.AdminError, OSError):
-                continue
+            workers = self.admin_seen.get((server.host, server.port))
+            if workers is None:
+                continue  # not asked yet, or not answering: does not hold the pool back
             answered = True
             if not any(w.client_id == want and needed <= set(w.functions) for w in workers):
                 return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 from dataclasses import dataclass
 
@@ -38,11 +39,14 @@ def command(host: str, port: int, cmd: str, timeout: float = 5.0) -> list[str]:
                 if not chunk:
                     break
                 buf += chunk
-                if buf.endswith(b"\n.\n") or buf == b".\n" or (
-                        cmd in ("version", "getpid") and buf.endswith(b"\n")):
+                if complete(buf) or (cmd in ("version", "getpid") and buf.endswith(b"\n")):
                     break
     except OSError as e:
         raise AdminError(f"job server {host}:{port}: {e}") from e
+    return _lines(buf, host, port)
+
+
+def _lines(buf: bytes, host: str, port: int) -> list[str]:
     text = buf.decode(errors="replace")
     if text.startswith("ERR "):
         raise AdminError(f"job server {host}:{port}: {text.strip()}")
@@ -52,6 +56,53 @@ def command(host: str, port: int, cmd: str, timeout: float = 5.0) -> list[str]:
     if lines and lines[-1] == ".":
         lines.pop()
     return lines
+
+
+class WorkersPoll:
+    """A non-blocking `workers` query, driven by the master's selector loop (the master
+    never blocks on a job server). on_ready() after each selector event; `done` then
+    `result` (None when the server could not be asked)."""
+
+    def __init__(self, host: str, port: int, deadline: float) -> None:
+        self.host, self.port, self.deadline = host, port, deadline
+        self.buf = b""
+        self.done = False
+        self.sent = False
+        self.result: list[WorkerInfo] | None = None
+        family, stype, proto, _, addr = socket.getaddrinfo(host, port,
+                                                           type=socket.SOCK_STREAM)[0]
+        self.sock = socket.socket(family, stype, proto)
+        self.sock.setblocking(False)
+        if self.sock.connect_ex(addr) not in (0, errno.EINPROGRESS):
+            self.finish(ok=False)
+
+    def on_ready(self) -> None:
+        try:
+            if not self.sent:
+                if self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    self.finish(ok=False)
+                    return
+                self.sock.send(b"workers\r\n")  # a few bytes into an empty buffer
+                self.sent = True
+                return
+            chunk = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.finish(ok=False)
+            return
+        self.buf += chunk
+        if not chunk or complete(self.buf):
+            self.finish(ok=complete(self.buf))
+
+    def finish(self, ok: bool) -> None:
+        if ok:
+            try:
+                self.result = parse_workers(_lines(self.buf, self.host, self.port))
+            except AdminError:
+                self.result = None
+        self.done = True
+        self.sock.close()
 
 
 def status(host: str, port: int, timeout: float = 5.0) -> dict[str, FunctionStatus]:
@@ -67,8 +118,18 @@ def status(host: str, port: int, timeout: float = 5.0) -> dict[str, FunctionStat
 
 def workers(host: str, port: int, timeout: float = 5.0) -> list[WorkerInfo]:
     """`workers`: one entry per connection, with its client id and registered functions."""
+    return parse_workers(command(host, port, "workers", timeout))
+
+
+def complete(buf: bytes) -> bool:
+    """A multi-line admin reply (status, workers) has arrived whole."""
+    return buf.endswith(b"\n.\n") or buf == b".\n"
+
+
+def parse_workers(lines: list[str]) -> list[WorkerInfo]:
+    """The lines of a `workers` reply (without the final ".")."""
     out = []
-    for line in command(host, port, "workers", timeout):
+    for line in lines:
         head, sep, fns = line.partition(" : ")
         if not sep:
             head, fns = line.rstrip(" :"), ""
