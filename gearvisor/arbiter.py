@@ -302,6 +302,7 @@ class Arbiter:
             return
         child.pid = pid
         child.event_fd = r
+        child.timeouts, child.timeout_grace = pool.config.timeouts, pool.config.timeout_grace
         for (out_r, out_w), stream in zip(pipes, ("stdout", "stderr"), strict=False):
             os.close(out_w)
             child.output[out_r] = (stream, bytearray())
@@ -576,7 +577,8 @@ class Arbiter:
                   "circuit stays open: the probe child failed too; next probe later")
 
     def _health_watched(self) -> bool:
-        return any(p.config.timeouts or p.config.max_lifetime for p in self.pools.values())
+        return any(c.timeouts or c.recycle_at is not None
+                   for p in self.pools.values() for c in p.children())
 
     def check_health(self, now: float) -> None:
         """Hard job timeouts (SIGKILL at timeout + timeout_grace) and max_lifetime."""
@@ -584,7 +586,6 @@ class Arbiter:
             return
         self.next_health = now + HEALTH_INTERVAL
         for pool in self.pools.values():
-            cfg = pool.config
             for child in pool.children():
                 if (child.recycle_at is not None and now >= child.recycle_at
                         and child.state is ChildState.READY):
@@ -594,16 +595,16 @@ class Arbiter:
                         self.log.info("recycling child: a successor starts first",
                                       pool=pool.name, slot=child.slot, child_pid=child.pid,
                                       reason="max_lifetime")
-                if not cfg.timeouts or child.scoreboard is None or child.killed_for:
+                if not child.timeouts or child.scoreboard is None or child.killed_for:
                     continue
                 job = child.scoreboard.read()
-                limit = cfg.timeouts.get(job.function) if job.busy else None
-                if limit is not None and now - job.job_started > limit + cfg.timeout_grace:
+                limit = child.timeouts.get(job.function) if job.busy else None
+                if limit is not None and now - job.job_started > limit + child.timeout_grace:
                     child.killed_for = "timeout"
                     self.log.error("job hung past its timeout; killing the child",
                                    pool=pool.name, slot=child.slot, child_pid=child.pid,
                                    function=job.function, handle=job.handle, unique=job.unique,
-                                   timeout=limit, grace=cfg.timeout_grace)
+                                   timeout=limit, grace=child.timeout_grace)
                     try:
                         os.kill(child.pid, signal.SIGKILL)
                     except ProcessLookupError:

@@ -81,6 +81,8 @@ class _ChildHooks(Hooks):
                  probation: bool, log: Any) -> None:
         self.prefix = f"gearvisor: {pool.name}[{slot}]"
         self.title = ""
+        self.timer: _AlarmTimer | None = None
+        self.timer_warned = False
         self.event_fd = event_fd
         self.board = board
         self.log = log
@@ -144,6 +146,12 @@ class _ChildHooks(Hooks):
             elif was_on_probation and not self.window.on_probation:
                 send_event(self.event_fd, {"event": "probation_passed"})
         self._check_limits()
+        if self.timer is not None and not self.timer_warned and not self.timer.installed():
+            self.timer_warned = True
+            self.log.warning("the job code replaced gearvisor's SIGALRM handler: soft job "
+                             "timeouts and the graceful-stop backstop no longer work in this "
+                             "child; use JobTimeout (function timeout:) instead of "
+                             "signal.alarm", function=job.function)
         if self.stopping or self.quarantined:
             self._idle()  # (otherwise the title says idle once the worker waits for work)
 
@@ -199,6 +207,10 @@ class _AlarmTimer(JobTimer):
         self.held = False  # the runtime is writing to a server: do not raise now
         self.pending = False  # the timeout fired while held: raise on release
         signal.signal(signal.SIGALRM, self._fire)
+
+    def installed(self) -> bool:
+        """Still the SIGALRM handler (job code may have installed its own)."""
+        return signal.getsignal(signal.SIGALRM) == self._fire
 
     def hold(self) -> None:
         self.held = True
@@ -393,6 +405,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
                    lambda job: _key(job) in poison),
     )
     hooks.worker = worker
+    hooks.timer = timer
     if start_paused:
         worker.pause()  # the pool's circuit is open: register, take nothing (SIGUSR2 resumes)
     signal.set_wakeup_fd(worker.wakeup_fd, warn_on_full_buffer=False)

@@ -96,6 +96,10 @@ class Child:
     probation: bool = False  # started to replace a quarantined child
     killed_for: str | None = None  # "timeout": the master SIGKILLed it for a hung job
     recycle_at: float | None = None  # max_lifetime deadline (monotonic), jittered
+    # The function timeouts (and grace) it was started with: a reload that changes them
+    # must not hard-kill a job of an older child that never got the new soft timeout.
+    timeouts: dict[str, float] = field(default_factory=dict, repr=False)
+    timeout_grace: float = 0.0
     # Command pools: its stdout/stderr pipes (read end fd -> stream name, partial line)
     output: dict[int, tuple[str, bytearray]] = field(default_factory=dict, repr=False)
 

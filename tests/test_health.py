@@ -69,6 +69,12 @@ def hang(job):
                 raise
 
 
+def steal_alarm(job):
+    import signal
+    signal.signal(signal.SIGALRM, lambda *args: None)  # job code that uses alarm() itself
+    return "ok"
+
+
 def work(job):
     if job.data == b"hoard":
         HOARD.append(bytearray(8 * 1024 * 1024))  # 8 MiB more per job: a leak
@@ -250,3 +256,15 @@ def test_recycling_replaces_children_without_losing_a_job(gearmand, master, tmp_
              message="every original child recycled")
     assert low >= 2  # capacity held while submitting
     assert not m.events("child crashed; restarting with backoff")
+
+
+def test_job_code_that_takes_over_sigalrm_is_reported(gearmand, master, tmp_path):
+    m = fleet(gearmand, master, tmp_path, {"steal": "healthmod:steal_alarm"}, processes=1)
+    with Client(HOST, gearmand.port, timeout=20) as c:
+        assert c.call("steal", "x").ok
+        assert c.call("steal", "x").ok
+    warned = wait_for(lambda: m.events(
+        "the job code replaced gearvisor's SIGALRM handler: soft job timeouts and the "
+        "graceful-stop backstop no longer work in this child; use JobTimeout (function "
+        "timeout:) instead of signal.alarm"), message="the warning")
+    assert len(warned) == 1 and warned[0]["function"] == "steal"  # once per child
