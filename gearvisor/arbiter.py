@@ -276,6 +276,8 @@ class Arbiter:
         else:
             child.scoreboard = Scoreboard()
         board = child.scoreboard
+        if board is not None:
+            board.set_paused(start_paused)
 
         def body(w: int, blocked: set[int]) -> NoReturn:
             if command:
@@ -543,12 +545,15 @@ class Arbiter:
                 self.log.exception("event listener failed", internal_event=name)
 
     def _pause(self, child: Child, paused: bool) -> None:
-        """SIGUSR1: stop taking jobs (the circuit opened); SIGUSR2: take them again."""
-        if child.state is not ChildState.READY or child.quarantined or child.paused == paused:
+        """Stop taking jobs (the circuit opened) or take them again: the wanted state goes
+        into the child's scoreboard, then SIGUSR1 tells it to look."""
+        if (child.state is not ChildState.READY or child.quarantined
+                or child.paused == paused or child.scoreboard is None):
             return
         child.paused = paused
+        child.scoreboard.set_paused(paused)
         try:
-            os.kill(child.pid, signal.SIGUSR1 if paused else signal.SIGUSR2)
+            os.kill(child.pid, signal.SIGUSR1)
         except ProcessLookupError:
             pass
 

@@ -362,9 +362,11 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         os._exit(EXIT_OK)
 
     def pause(signum: int, _frame: Any) -> None:
-        # SIGUSR1: the pool's circuit opened (stop taking jobs); SIGUSR2: it closed.
+        # SIGUSR1 (or SIGUSR2): the master changed the wanted state in the scoreboard's
+        # control byte (circuit open: take no jobs). Signals may arrive out of order; the
+        # byte is the truth.
         if worker is not None and (hooks is None or not hooks.quarantined):
-            worker.pause() if signum == signal.SIGUSR1 else worker.resume()
+            worker.pause() if board.paused_wanted() else worker.resume()
             if hooks is not None and not board.read().busy:
                 hooks._idle()
 
@@ -406,8 +408,8 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
     )
     hooks.worker = worker
     hooks.timer = timer
-    if start_paused:
-        worker.pause()  # the pool's circuit is open: register, take nothing (SIGUSR2 resumes)
+    if start_paused or board.paused_wanted():
+        worker.pause()  # the pool's circuit is open: register, take nothing until told
     signal.set_wakeup_fd(worker.wakeup_fd, warn_on_full_buffer=False)
     if stop_requested:
         worker.stop()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 _SEQ = struct.Struct("<Q")
 _BODY = struct.Struct("<B7xQQd128s128s128sQQ")
 _TEXT = 128
+_END = _SEQ.size + _BODY.size  # where the body ends and the master's control byte is
 _READ_ATTEMPTS = 1000  # spins: a write takes about a microsecond
 _YIELDS = 250  # then sleeps, for a writer that was preempted mid-write (50 ms in all)
 _YIELD_SECONDS = 0.0002
@@ -50,7 +51,9 @@ class Scoreboard:
     __slots__ = ("_mm", "_seq", "_done", "_failed")
 
     def __init__(self) -> None:
-        self._mm = mmap.mmap(-1, _SEQ.size + _BODY.size)  # anonymous + MAP_SHARED: survives fork
+        # anonymous + MAP_SHARED: survives fork. Layout: seq, body (the child writes), then
+        # one control byte the master writes (1: stop taking jobs, the circuit is open).
+        self._mm = mmap.mmap(-1, _SEQ.size + _BODY.size + 1)
         self._seq = 0
         self._done = 0
         self._failed = 0
@@ -61,7 +64,7 @@ class Scoreboard:
                           size, key)
         self._seq += 1  # odd: a write is in progress
         self._mm[0:8] = _SEQ.pack(self._seq)
-        self._mm[8:] = body
+        self._mm[8:_END] = body
         self._seq += 1
         self._mm[0:8] = _SEQ.pack(self._seq)
 
@@ -85,7 +88,7 @@ class Scoreboard:
         after about 50 ms, the last bytes it wrote are the best answer there is.
         """
         mm = self._mm
-        body = mm[8:]
+        body = mm[8:_END]
         for attempt in range(_READ_ATTEMPTS + _YIELDS):
             if attempt >= _READ_ATTEMPTS:
                 # The writer was preempted mid-write: give it the CPU back to finish.
@@ -93,7 +96,7 @@ class Scoreboard:
             seq1 = mm[0:8]
             if seq1[0] & 1:
                 continue
-            body = mm[8:]
+            body = mm[8:_END]
             if mm[0:8] == seq1:
                 break
         fields = _BODY.unpack(body)
@@ -102,6 +105,15 @@ class Scoreboard:
                         fn.rstrip(b"\0").decode(errors="replace"),
                         handle.rstrip(b"\0").decode(errors="replace"),
                         unique.rstrip(b"\0").decode(errors="replace"), size, key)
+
+    def set_paused(self, paused: bool) -> None:
+        """Master side: the state the child must be in (a single byte: no tearing). The
+        master then sends SIGUSR1, which only means "look"; the byte says what."""
+        self._mm[_END] = 1 if paused else 0
+
+    def paused_wanted(self) -> bool:
+        """Child side."""
+        return self._mm[_END] == 1
 
     def close(self) -> None:
         self._mm.close()

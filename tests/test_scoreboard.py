@@ -208,3 +208,22 @@ def test_read_after_a_child_died_mid_write(board: Scoreboard) -> None:
     assert run_in_child(child) == 0
     snap = board.read()
     assert isinstance(snap, Snapshot)
+
+
+def test_the_masters_control_byte_is_seen_by_the_child_and_left_alone_by_its_writes(
+        board: Scoreboard) -> None:
+    """The circuit breaker's wanted state: written by the master, read by the child; the
+    child's own record writes never touch it, and it never shows up in the record."""
+    assert not board.paused_wanted()
+    board.set_paused(True)
+
+    def child() -> None:
+        board.job_started("resize", "H:1", "u1", 1.0)
+        board.job_finished(True)
+        os._exit(0 if board.paused_wanted() else 1)
+
+    assert run_in_child(child) == 0
+    assert board.paused_wanted()
+    assert board.read().done == 1
+    board.set_paused(False)
+    assert not board.paused_wanted()
