@@ -34,7 +34,7 @@ from .control import MAX_REQUEST, ControlError, ControlServer, default_socket_pa
 from .gearman import admin
 from .health import fd_warnings, jittered
 from .notify import Notifier
-from .poison import PoisonTable, StrikeCounter, job_key
+from .poison import PoisonTable, RunningJobs, StrikeCounter, job_key
 from .pool import ExitKind, Pool, Retire, Spawn
 from .process import EXIT_BOOT_ERROR, Child, ChildState, describe_status
 from .scoreboard import Scoreboard
@@ -84,7 +84,8 @@ class Arbiter:
         self.control = ControlServer(config.control_socket or default_socket_path())
         self.debouncer = Debouncer(config.watch_debounce)
         self.watcher = WatcherState(build_spec(config, sys.path))
-        self.poison = PoisonTable()  # shared with every child (mapped before any fork)
+        self.poison = PoisonTable()  # strikes, shared with every child (mapped before forks)
+        self.running = RunningJobs()  # the job each child runs, shared likewise
         self.strikes = StrikeCounter()
         self.next_health = 0.0
         # Internal events ("circuit_open", "circuit_closed", "poison_job", "quarantined"):
@@ -276,6 +277,7 @@ class Arbiter:
         else:
             child.scoreboard = Scoreboard()
         board = child.scoreboard
+        index = self.running.allocate() if board is not None else -1
         if board is not None:
             board.set_paused(start_paused)
 
@@ -285,13 +287,15 @@ class Arbiter:
                              pipes[1][1], blocked)
             os.set_blocking(w, False)
             run_child(self.config, pool.config, slot.index, pool.generation, w, self.pid,
-                      blocked, board, self.poison, action.probation, start_paused)
+                      blocked, board, self.poison, action.probation, start_paused,
+                      self.running, index)
 
         try:
             pid, r = self._fork(body)
         except OSError as e:
             for fd in (fd for p in pipes for fd in p):
                 os.close(fd)
+            self.running.release(index)
             if child.scoreboard is not None:
                 child.scoreboard.close()
             if not action.successor:
@@ -304,6 +308,7 @@ class Arbiter:
             return
         child.pid = pid
         child.event_fd = r
+        child.running_index = index
         child.timeouts, child.timeout_grace = pool.config.timeouts, pool.config.timeout_grace
         for (out_r, out_w), stream in zip(pipes, ("stdout", "stderr"), strict=False):
             os.close(out_w)
@@ -649,6 +654,7 @@ class Arbiter:
                     pass
             child.transition(ChildState.EXITED)  # any -> EXITED
             self.on_child_exit(child, pool, status)
+            self.running.release(child.running_index)  # after its strike, if any
             if child.scoreboard is not None:
                 child.scoreboard.close()
 
@@ -670,7 +676,8 @@ class Arbiter:
                                              or child.killed_for == "timeout"):
             # A crash mid-job, or a hard-timeout kill (even of a child told to stop).
             ctx.update(function=job.function, handle=job.handle, unique=job.unique)
-            self._strike(pool, job, "hung past its timeout" if child.killed_for else "crashed")
+            self._strike(pool, job, "hung past its timeout" if child.killed_for else "crashed",
+                         child)
         if decision.kind is ExitKind.STOPPED:
             level = self.log.debug if code == 0 else self.log.warning
             level("child stopped", **ctx)
@@ -699,18 +706,21 @@ class Arbiter:
             level(f"child {what}; restarting with backoff", streak=decision.streak, **retry,
                   **ctx)
 
-    def _strike(self, pool: Pool, job: Any, what: str) -> None:
+    def _strike(self, pool: Pool, job: Any, what: str, child: Child) -> None:
         """The job `job` crashed or hung its child: one more strike; poison at
         poison_after."""
         limit = pool.config.poison_after
         if not limit:
             return
         key = job.key or job_key(job.function, job.unique, job.handle)
-        if key in self.poison:
-            return
         strikes = self.strikes.strike(key)
-        if strikes >= limit:
-            self.poison.add(key)
+        # The death moves from the child's running slot to the strike table, back to back:
+        # freed first, so a child checking in between undercounts by one (one more crash at
+        # worst) rather than failing a job that crashed only once.
+        self.running.release(child.running_index)
+        child.running_index = -1
+        self.poison.add(key)
+        if strikes == limit:
             self.emit("poison_job", pool=pool.name, function=job.function, unique=job.unique,
                       handle=job.handle, size=job.size, strikes=strikes, last=what,
                       message=f"poison job: it {what}; {strikes} children died on it, so "
@@ -1138,6 +1148,7 @@ class Arbiter:
         self.control.close()
         self.sel.close()
         self.poison.close()
+        self.running.close()
 
 
 def run(config: Config) -> int:

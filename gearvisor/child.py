@@ -26,7 +26,7 @@ from .config import Config, PoolConfig
 from .gearman.worker import Hooks, JobTimer, Keepalive, Worker
 from .health import ErrorWindow, jittered
 from .job import Job, JobTimeout
-from .poison import PoisonTable, job_key
+from .poison import PoisonTable, RunningJobs, job_key
 from .process import (
     EXIT_BOOT_ERROR,
     EXIT_CRASH,
@@ -83,6 +83,8 @@ class _ChildHooks(Hooks):
         self.title = ""
         self.timer: _AlarmTimer | None = None
         self.timer_warned = False
+        self.running: RunningJobs | None = None
+        self.running_index = -1
         self.event_fd = event_fd
         self.board = board
         self.log = log
@@ -119,8 +121,11 @@ class _ChildHooks(Hooks):
         self._idle()
 
     def job_started(self, job: Job) -> None:
+        key = _key(job)
+        if self.running is not None:
+            self.running.set(self.running_index, key)  # before it runs: if it kills us
         self.board.job_started(job.function, job.handle, job.unique, time.monotonic(),
-                               len(job.data), _key(job))
+                               len(job.data), key)
         self._title(f"{self.prefix} busy {job.function}")
 
     def job_refused(self, job: Job) -> None:
@@ -130,6 +135,8 @@ class _ChildHooks(Hooks):
         self.board.job_finished(False)
 
     def job_finished(self, job: Job, ok: bool, seconds: float) -> None:
+        if self.running is not None:
+            self.running.set(self.running_index, 0)
         if ok:
             self.done += 1
         else:
@@ -185,6 +192,13 @@ def _key(job: Job) -> int:
     if not job.key:
         job.key = job_key(job.function, job.unique, job.handle, job.data, job.server)
     return job.key
+
+
+def _deaths(job: Job, poison: PoisonTable, running: RunningJobs | None, index: int) -> int:
+    """Children that died on this job: strikes the master recorded, plus children that died
+    on it and are not reaped yet (their running slot still holds it)."""
+    key = _key(job)
+    return poison.strikes(key) + (running.others(key, index) if running is not None else 0)
 
 
 def _rss() -> int | None:
@@ -302,14 +316,15 @@ def _setup_process(pool: PoolConfig, slot: int, keep_fds: set[int]) -> None:
 def run_child(cfg: Config, pool: PoolConfig, slot: int, generation: int, event_fd: int,
               master_pid: int, signals_to_unblock: set[int], board: Scoreboard,
               poison: PoisonTable | None = None, probation: bool = False,
-              start_paused: bool = False) -> NoReturn:
+              start_paused: bool = False, running: RunningJobs | None = None,
+              running_index: int = -1) -> NoReturn:
     """The body of a forked child. Never returns: always ends in os._exit()."""
     code = EXIT_CRASH
     logger: Any = None
     try:
         code, logger = _child_main(cfg, pool, slot, generation, event_fd, master_pid,
                                    signals_to_unblock, board, poison, probation,
-                                   start_paused)
+                                   start_paused, running, running_index)
     except SystemExit as e:  # user code called sys.exit() at import time
         code = e.code if isinstance(e.code, int) else EXIT_CRASH
     except BaseException:
@@ -329,7 +344,8 @@ def run_child(cfg: Config, pool: PoolConfig, slot: int, generation: int, event_f
 def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event_fd: int,
                 master_pid: int, signals_to_unblock: set[int], board: Scoreboard,
                 poison: PoisonTable | None, probation: bool,
-                start_paused: bool = False) -> tuple[int, Any]:
+                start_paused: bool = False, running: RunningJobs | None = None,
+                running_index: int = -1) -> tuple[int, Any]:
     # Default dispositions first, while signals are still blocked (they were blocked around
     # fork, so nothing the master set can run here).
     for sig in signals_to_unblock:
@@ -390,6 +406,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         return EXIT_BOOT_ERROR, logger
 
     hooks = _ChildHooks(pool, slot, event_fd, board, probation, logger)
+    hooks.running, hooks.running_index = running, running_index
     ka = pool.keepalive
     worker = Worker(
         servers=[(s.host, s.port) for s in pool.servers],
@@ -404,7 +421,8 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         timeouts=pool.timeouts,
         timer=timer,
         is_poison=(None if poison is None or not pool.poison_after else
-                   lambda job: _key(job) in poison),
+                   lambda job: _deaths(job, poison, running, running_index)
+                   >= pool.poison_after),
     )
     hooks.worker = worker
     hooks.timer = timer

@@ -1,13 +1,15 @@
 """Poison jobs: a job that kills or hangs its worker again and again.
 
-gearmand hands a job whose worker died to the next worker, forever (`-j 0`). The master knows
-which job each child was running (its scoreboard), so when a child crashes or is killed for a
-hard timeout mid-job, the job gets a strike. At `poison_after` strikes the job is poison: its
-key goes into a table in shared memory that every child checks before it runs a job, and a
-poisoned job is answered WORK_FAIL without running.
+gearmand hands a job whose worker died to the next worker, at once and forever (`-j 0`). Each
+child writes the key of the job it runs into its slot of a shared table (RunningJobs); when a
+child crashes or is killed for a hard timeout mid-job, the master records a strike against
+that key in another shared table (PoisonTable) and only then frees the slot. Before a child
+runs a job it counts the deaths on it: strikes, plus slots of children that died on it and
+are not reaped yet. At `poison_after` the job is answered WORK_FAIL without running. So the
+count holds even when gearmand re-hands the job before the master has noticed the death.
 
-A job is known by its unique id, or by its handle when the client gave none (gearmand keeps the
-handle across retries). The key is a 64-bit BLAKE2b digest of "function\\0id".
+A job is known by its unique id; without one, by its server, handle and a digest of its
+payload (see job_key).
 """
 
 from __future__ import annotations
@@ -38,19 +40,21 @@ def job_key(function: str, unique: str, handle: str, data: bytes = b"",
 
 
 class PoisonTable:
-    """The shared list of poisoned job keys. Created in the master before any fork; the
-    master adds, children look up (a child refreshes its local set when `seq` moved)."""
+    """Strikes against jobs, shared by the master (writes) and every child (reads): a ring
+    of job keys, one entry per child that died on that job. Created before any fork. A child
+    rebuilds its counts when the sequence number moved (one 8-byte read per job otherwise).
+    Old strikes fall off the ring: keys are forgotten after CAPACITY more strikes."""
 
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.capacity = capacity
         self._mm = mmap.mmap(-1, _HEADER.size + _KEY.size * capacity)
         self._seq = 0
         self._count = 0
-        self._seen_seq = -1  # child side: the seq its local set was built at
-        self._local: set[int] = set()
+        self._seen_seq = -1  # child side: the seq its local counts were built at
+        self._local: collections.Counter[int] = collections.Counter()
 
     def add(self, key: int) -> None:
-        """Master side."""
+        """Master side: one more strike against `key`."""
         slot = self._count % self.capacity
         self._seq += 1
         self._mm[0:8] = _KEY.pack(self._seq)
@@ -60,12 +64,15 @@ class PoisonTable:
         self._seq += 1
         self._mm[0:8] = _KEY.pack(self._seq)
 
-    def __contains__(self, key: int) -> bool:
-        """Child side: one 8-byte read per job while nothing changed."""
+    def strikes(self, key: int) -> int:
+        """Child side (and tests): strikes recorded against `key`."""
         seq = _KEY.unpack_from(self._mm, 0)[0]
         if seq != self._seen_seq:
             self._refresh()
-        return key in self._local
+        return self._local[key]
+
+    def __contains__(self, key: int) -> bool:
+        return self.strikes(key) > 0
 
     def _refresh(self) -> None:
         for _ in range(1000):
@@ -73,10 +80,54 @@ class PoisonTable:
             if seq & 1:
                 continue
             n = min(count, self.capacity)
-            keys = set(struct.unpack_from(f"<{n}Q", self._mm, _HEADER.size)) if n else set()
+            keys = collections.Counter(struct.unpack_from(f"<{n}Q", self._mm, _HEADER.size)
+                                       if n else ())
             if _KEY.unpack_from(self._mm, 0)[0] == seq:
                 self._local, self._seen_seq = keys, seq
                 return
+
+    def close(self) -> None:
+        self._mm.close()
+
+
+class RunningJobs:
+    """Which job each child is running, fleet-wide, in shared memory: one 8-byte slot per
+    child (the master hands out the slot before fork; only that child writes it). A child
+    that died mid-job leaves its job's key in its slot until the master has reaped it and
+    recorded the strike, so the next child offered the job (gearmand re-hands it at once)
+    still counts that death."""
+
+    def __init__(self, capacity: int = CAPACITY) -> None:
+        self.capacity = capacity
+        self._mm = mmap.mmap(-1, _KEY.size * capacity)
+        self._free = list(range(capacity - 1, -1, -1))  # master side
+
+    def allocate(self) -> int:
+        """Master side: a free slot for a new child (-1 when all are taken)."""
+        return self._free.pop() if self._free else -1
+
+    def release(self, index: int) -> None:
+        """Master side, after the strike (if any) was recorded: the slot is free again."""
+        if index >= 0:
+            self.set(index, 0)
+            self._free.append(index)
+
+    def set(self, index: int, key: int) -> None:
+        """Child side: the job it starts (key) or 0 when it ends."""
+        if index >= 0:
+            _KEY.pack_into(self._mm, index * _KEY.size, key)
+
+    def others(self, key: int, index: int) -> int:
+        """Child side: slots other than `index` holding `key` (children that died on it,
+        not reaped yet: gearmand never hands one job to two live workers)."""
+        needle = _KEY.pack(key)
+        n = 0
+        at = self._mm.find(needle)
+        while at >= 0:
+            if at % _KEY.size == 0 and at // _KEY.size != index:
+                n += 1
+            at = self._mm.find(needle, at + 1)
+        return n
 
     def close(self) -> None:
         self._mm.close()

@@ -100,6 +100,7 @@ class Child:
     # must not hard-kill a job of an older child that never got the new soft timeout.
     timeouts: dict[str, float] = field(default_factory=dict, repr=False)
     timeout_grace: float = 0.0
+    running_index: int = -1  # its slot in the fleet's RunningJobs table (-1: none)
     # Command pools: its stdout/stderr pipes (read end fd -> stream name, partial line)
     output: dict[int, tuple[str, bytearray]] = field(default_factory=dict, repr=False)
 

@@ -1090,3 +1090,37 @@ def test_a_soft_timeout_never_interrupts_a_write_in_progress() -> None:
     finally:
         _signal.setitimer(_signal.ITIMER_REAL, 0)
         _signal.signal(_signal.SIGALRM, old)
+
+
+def test_running_jobs_count_deaths_not_yet_reaped() -> None:
+    """A child that died mid-job leaves the job's key in its slot; the next child offered
+    that job counts it, its own slot excluded, whatever the byte alignment of the key."""
+    from gearvisor.poison import PoisonTable, RunningJobs
+
+    running = RunningJobs(capacity=8)
+    a, b, c = running.allocate(), running.allocate(), running.allocate()
+    assert (a, b, c) == (0, 1, 2)
+    key = 0x0102030405060708
+    running.set(a, key)  # a runs it, then dies
+    assert running.others(key, c) == 1
+    assert running.others(key, a) == 0  # its own slot does not count
+    # Slots b and c hold other keys whose bytes spell `key` across their boundary
+    # (unaligned): that is no match.
+    running.set(b, (key << 8) & 0xFFFFFFFFFFFFFFFF)
+    running.set(c, 1)
+    assert running._mm.find(key.to_bytes(8, "little")) == 0
+    assert running._mm.find(key.to_bytes(8, "little"), 1) == 9
+    assert running.others(key, 7) == 1
+    running.set(c, key)  # c takes it too (after a died): a still counts for c
+    assert running.others(key, c) == 1 and running.others(key, b) == 2
+    running.release(a)  # the master reaped a and recorded its strike
+    assert running.others(key, c) == 0
+    assert running.allocate() == a  # freed slots are reused
+    strikes = PoisonTable(capacity=4)
+    strikes.add(key)
+    strikes.add(key)
+    strikes.add(7)
+    assert strikes.strikes(key) == 2 and strikes.strikes(7) == 1 and strikes.strikes(8) == 0
+    for _ in range(4):
+        strikes.add(9)  # the ring forgets the oldest strikes
+    assert strikes.strikes(key) == 0 and strikes.strikes(9) == 4
