@@ -85,9 +85,13 @@ class Slot:
         return Backoff(b.initial, b.max, b.multiplier, b.jitter, b.reset_after)
 
     def reconfigure(self, config: PoolConfig) -> None:
-        failures = self.backoff.failures
+        """New delays from a reloaded config; the streaks so far are kept."""
+        failures, quarantines = self.backoff.failures, self.quarantines.failures
         self.backoff = self._backoff(config)
         self.backoff.failures = failures
+        q = config.quarantine
+        self.quarantines = Backoff(q.cooldown, q.cooldown_max, 2.0, 0.1, math.inf)
+        self.quarantines.failures = quarantines
 
 
 QUARANTINE_AFTER = 5  # consecutive failed starts/crashes of a command slot before quarantine
@@ -366,6 +370,9 @@ class Pool:
             self.config = config
             for slot in self.slots:
                 slot.reconfigure(config)
+            c, failures = config.circuit, self.circuit_backoff.failures
+            self.circuit_backoff = Backoff(c.cooldown, c.cooldown_max, 2.0, 0.1, math.inf)
+            self.circuit_backoff.failures = failures
         self.generation += 1
         self.halted = None
         if self.circuit == "open":

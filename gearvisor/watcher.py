@@ -76,8 +76,16 @@ def build_spec(cfg: Config, search_path: list[str] | tuple[str, ...]) -> WatchSp
     for name, pc in cfg.pools.items():
         if pc.watch is not None:
             # A directory is taken literally (escaped: "app[1]" is not a character class).
-            pools.append((name, tuple(os.path.join(_literal(w), "**")
-                                      if os.path.isdir(w) else w for w in pc.watch)))
+            # A plain path that does not exist yet may become a file or a directory: both.
+            patterns = []
+            for w in pc.watch:
+                if os.path.isdir(w):
+                    patterns.append(os.path.join(_literal(w), "**"))
+                elif not os.path.exists(w) and not wcglob.is_magic(w, flags=_GLOB_FLAGS):
+                    patterns += [w, os.path.join(_literal(w), "**")]
+                else:
+                    patterns.append(w)
+            pools.append((name, tuple(patterns)))
             continue
         patterns = []
         if pc.command is not None:

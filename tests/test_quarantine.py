@@ -1124,3 +1124,15 @@ def test_running_jobs_count_deaths_not_yet_reaped() -> None:
     for _ in range(4):
         strikes.add(9)  # the ring forgets the oldest strikes
     assert strikes.strikes(key) == 0 and strikes.strikes(9) == 4
+
+
+def test_a_reload_retunes_cooldowns_and_keeps_the_streaks() -> None:
+    pool, _ = started(5)
+    assert quarantine(pool, 2, 100.0)[0] == 5.0  # streak 1 at the old cooldown
+    pool.circuit_backoff.failure(0, 0)  # the circuit opened once
+    pool.roll(pool_config(5, quarantine={"cooldown": 1}, circuit={"cooldown": 3}))
+    no_jitter(pool)
+    assert pool.slots[2].quarantines.failures == 1
+    assert pool.slots[2].quarantines.failure(0, 0) == 2.0  # new cooldown, streak kept: 1 x 2
+    assert pool.circuit_backoff.failures == 1
+    assert pool.circuit_backoff.failure(0, 0) == 6.0

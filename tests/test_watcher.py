@@ -224,7 +224,8 @@ pools:
         f"{tmp_path}/src/**",  # an existing directory means everything under it
         f"{tmp_path}/templates/**/*.html",  # a glob stays a glob
         f"{tmp_path}/settings.ini",
-        f"{tmp_path}/not-yet/created.txt",
+        f"{tmp_path}/not-yet/created.txt",  # missing: it may become a file...
+        f"{tmp_path}/not-yet/created.txt/**",  # ...or a directory
         f"{tmp_path.parent}/shared/*.py",  # relative to the config file's directory
     )),)
     assert spec.notes == ()  # an explicit watch list never looks the module up
