@@ -421,6 +421,7 @@ class Arbiter:
             self.admin_seen[key] = None  # cannot even resolve or open a socket
             return
         if poll.done:
+            poll.sock.close()
             self.admin_seen[key] = None
             return
         self.admin_polls[key] = poll
@@ -519,8 +520,9 @@ class Arbiter:
                     f"replaced by generation {child.generation}")
                 self.retire(pool, Retire(replaced, f"{why} (successor pid {child.pid})"),
                             self.clock())
-            if pool.circuit != "closed" and child is not pool.probe:
-                self._pause(child, True)  # the circuit is open: serve nothing yet
+            # Match the circuit as it is now: paused while open (the probe aside), taking
+            # jobs once closed (it may have closed while this child was starting).
+            self._pause(child, pool.circuit != "closed" and child is not pool.probe)
         elif kind == "boot_error":
             child.boot_error = str(event.get("reason", "unknown"))
         elif kind == "quarantined":
@@ -672,9 +674,10 @@ class Arbiter:
         ctx = dict(pool=pool.name, slot=child.slot, child_pid=child.pid, status=words,
                    generation=child.generation, uptime=round(now - child.started_at, 3))
         job = child.scoreboard.read() if child.scoreboard is not None else None
+        died = _sig is not None and not child.master_killed  # a crash signal, not our kill
         if job is not None and job.busy and (decision.kind is not ExitKind.STOPPED
-                                             or child.killed_for == "timeout"):
-            # A crash mid-job, or a hard-timeout kill (even of a child told to stop).
+                                             or child.killed_for == "timeout" or died):
+            # A crash mid-job (even of a child told to stop), or a hard-timeout kill.
             ctx.update(function=job.function, handle=job.handle, unique=job.unique)
             self._strike(pool, job, "hung past its timeout" if child.killed_for else "crashed",
                          child)
@@ -734,6 +737,7 @@ class Arbiter:
                                  slot=child.slot, child_pid=pid,
                                  graceful_timeout=pool.config.graceful_timeout)
                 child.kill_at = now + 5.0  # if SIGKILL does not reap it, say so again later
+                self._killing(child)
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -1129,11 +1133,19 @@ class Arbiter:
         except ProcessLookupError:
             pass  # already dead; reap() will collect it
 
+    def _killing(self, child: Child) -> None:
+        """We SIGKILL a child for running out of time on a stop: whatever job it runs is no
+        strike against that job (the hard job timeout is the one that counts)."""
+        if child.killed_for != "timeout":
+            child.master_killed = True
+            self.running.forget(child.running_index)
+
     def murder_children(self) -> None:
         """SIGKILL every child still alive past the stop deadline."""
         for pid, (child, _) in list(self.children.items()):
             self.log.warning("child did not stop in time; killing", pool=child.pool,
                              slot=child.slot, child_pid=pid)
+            self._killing(child)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -407,6 +407,8 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
 
     hooks = _ChildHooks(pool, slot, event_fd, board, probation, logger)
     hooks.running, hooks.running_index = running, running_index
+    if running is not None:
+        running.claim(running_index, os.getpid())
     ka = pool.keepalive
     worker = Worker(
         servers=[(s.host, s.port) for s in pool.servers],

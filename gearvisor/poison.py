@@ -91,15 +91,18 @@ class PoisonTable:
 
 
 class RunningJobs:
-    """Which job each child is running, fleet-wide, in shared memory: one 8-byte slot per
-    child (the master hands out the slot before fork; only that child writes it). A child
-    that died mid-job leaves its job's key in its slot until the master has reaped it and
-    recorded the strike, so the next child offered the job (gearmand re-hands it at once)
-    still counts that death."""
+    """Which job each child is running, fleet-wide, in shared memory: one slot per child (the
+    master hands it out before fork; only that child writes it): its pid, then the key of
+    the job it runs (0 when idle). A child that died mid-job leaves the key in its slot until
+    the master has reaped it and recorded the strike, so the next child offered the job
+    (gearmand re-hands it at once) still counts that death. A slot whose child is alive
+    does not count (gearmand re-queues the job of a live worker that lost its connection)."""
+
+    SLOT = 16
 
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.capacity = capacity
-        self._mm = mmap.mmap(-1, _KEY.size * capacity)
+        self._mm = mmap.mmap(-1, self.SLOT * capacity)
         self._free = list(range(capacity - 1, -1, -1))  # master side
 
     def allocate(self) -> int:
@@ -109,28 +112,53 @@ class RunningJobs:
     def release(self, index: int) -> None:
         """Master side, after the strike (if any) was recorded: the slot is free again."""
         if index >= 0:
-            self.set(index, 0)
+            self._mm[index * self.SLOT:(index + 1) * self.SLOT] = bytes(self.SLOT)
             self._free.append(index)
+
+    def forget(self, index: int) -> None:
+        """Master side, before it kills a child on purpose (a stop that ran out of time):
+        whatever it runs then is no strike against the job."""
+        if index >= 0:
+            _KEY.pack_into(self._mm, index * self.SLOT, 0)
+
+    def claim(self, index: int, pid: int) -> None:
+        """Child side, at start: who owns the slot."""
+        if index >= 0:
+            _KEY.pack_into(self._mm, index * self.SLOT + 8, pid)
 
     def set(self, index: int, key: int) -> None:
         """Child side: the job it starts (key) or 0 when it ends."""
         if index >= 0:
-            _KEY.pack_into(self._mm, index * _KEY.size, key)
+            _KEY.pack_into(self._mm, index * self.SLOT, key)
 
     def others(self, key: int, index: int) -> int:
-        """Child side: slots other than `index` holding `key` (children that died on it,
-        not reaped yet: gearmand never hands one job to two live workers)."""
+        """Child side: other slots holding `key` whose child is dead (not reaped yet)."""
         needle = _KEY.pack(key)
         n = 0
         at = self._mm.find(needle)
         while at >= 0:
-            if at % _KEY.size == 0 and at // _KEY.size != index:
-                n += 1
+            if at % self.SLOT == 0 and at // self.SLOT != index:
+                pid = _KEY.unpack_from(self._mm, at + 8)[0]
+                if not _alive(pid):
+                    n += 1
             at = self._mm.find(needle, at + 1)
         return n
 
     def close(self) -> None:
         self._mm.close()
+
+
+def _alive(pid: int) -> bool:
+    """A running process (not a zombie waiting to be reaped, not gone)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    state = stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X", b"x")
 
 
 class StrikeCounter:

@@ -101,6 +101,7 @@ class Child:
     timeouts: dict[str, float] = field(default_factory=dict, repr=False)
     timeout_grace: float = 0.0
     running_index: int = -1  # its slot in the fleet's RunningJobs table (-1: none)
+    master_killed: bool = False  # SIGKILLed by the master for a stop that ran out of time
     # Command pools: its stdout/stderr pipes (read end fd -> stream name, partial line)
     output: dict[int, tuple[str, bytearray]] = field(default_factory=dict, repr=False)
 

@@ -64,7 +64,8 @@ def test_a_poll_reads_and_parses_the_workers_list() -> None:
         assert poll.result == [
             admin.WorkerInfo(31, "127.0.0.1", "web1:php:0:4242", ("php_reverse", "php_slow")),
             admin.WorkerInfo(32, "127.0.0.1", "-", ())]
-        assert poll.sock.fileno() == -1  # closed
+        assert poll.sock.fileno() != -1  # the owner unregisters it first, then closes it
+        poll.sock.close()
     finally:
         server.close()
 
@@ -76,6 +77,7 @@ def test_a_refused_connection_ends_with_no_result() -> None:
     poll = admin.WorkersPoll("127.0.0.1", port, time.monotonic() + 5)
     drive(poll, None, None)
     assert poll.done and poll.result is None
+    poll.sock.close()
 
 
 def test_a_server_that_never_answers_leaves_the_poll_open_until_its_deadline() -> None:
@@ -87,6 +89,7 @@ def test_a_server_that_never_answers_leaves_the_poll_open_until_its_deadline() -
         assert poll.sent and not poll.done
         poll.finish(ok=False)  # what the arbiter does at poll.deadline
         assert poll.done and poll.result is None
+        poll.sock.close()
     finally:
         server.close()
 
@@ -99,5 +102,6 @@ def test_a_partial_reply_cut_by_the_server_gives_no_result() -> None:
         assert not poll.done  # waiting for the rest
         poll.finish(ok=admin.complete(poll.buf))
         assert poll.result is None
+        poll.sock.close()
     finally:
         server.close()

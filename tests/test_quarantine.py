@@ -1094,26 +1094,32 @@ def test_a_soft_timeout_never_interrupts_a_write_in_progress() -> None:
 
 def test_running_jobs_count_deaths_not_yet_reaped() -> None:
     """A child that died mid-job leaves the job's key in its slot; the next child offered
-    that job counts it, its own slot excluded, whatever the byte alignment of the key."""
+    that job counts it (its own slot aside, a live child's slot aside: gearmand re-queues the
+    job of a live worker that lost its connection), whatever the byte alignment."""
+    import os as _os
+
     from gearvisor.poison import PoisonTable, RunningJobs
 
+    dead = _os.fork()
+    if dead == 0:
+        _os._exit(0)
+    _os.waitpid(dead, 0)  # a pid that is gone
     running = RunningJobs(capacity=8)
     a, b, c = running.allocate(), running.allocate(), running.allocate()
     assert (a, b, c) == (0, 1, 2)
     key = 0x0102030405060708
-    running.set(a, key)  # a runs it, then dies
+    running.claim(a, dead)
+    running.set(a, key)  # a ran it, then died
     assert running.others(key, c) == 1
     assert running.others(key, a) == 0  # its own slot does not count
-    # Slots b and c hold other keys whose bytes spell `key` across their boundary
-    # (unaligned): that is no match.
-    running.set(b, (key << 8) & 0xFFFFFFFFFFFFFFFF)
-    running.set(c, 1)
-    assert running._mm.find(key.to_bytes(8, "little")) == 0
-    assert running._mm.find(key.to_bytes(8, "little"), 1) == 9
-    assert running.others(key, 7) == 1
-    running.set(c, key)  # c takes it too (after a died): a still counts for c
-    assert running.others(key, c) == 1 and running.others(key, b) == 2
-    running.release(a)  # the master reaped a and recorded its strike
+    running.claim(b, _os.getpid())  # a live child holding the key (lost its connection)
+    running.set(b, key)
+    assert running.others(key, c) == 1
+    running.set(b, 0)
+    running.forget(a)  # the master killed it on purpose: no death on the job
+    assert running.others(key, c) == 0
+    running.set(a, key)
+    running.release(a)  # reaped, strike recorded: the slot is free and empty
     assert running.others(key, c) == 0
     assert running.allocate() == a  # freed slots are reused
     strikes = PoisonTable(capacity=4)
@@ -1136,3 +1142,18 @@ def test_a_reload_retunes_cooldowns_and_keeps_the_streaks() -> None:
     assert pool.slots[2].quarantines.failure(0, 0) == 2.0  # new cooldown, streak kept: 1 x 2
     assert pool.circuit_backoff.failures == 1
     assert pool.circuit_backoff.failure(0, 0) == 6.0
+
+
+def test_a_pause_whose_reset_cannot_be_sent_leaves_the_connection_down_to_reconnect(
+        wired) -> None:
+    """gearmand went away as the worker paused: the connection must end DOWN (reconnected
+    later), never IDLE with no socket, which nothing would ever reconnect."""
+    worker, server = wired()
+    conn = worker.conns[0]
+    conn.state = ConnState.EMPTY
+    server.sock.close()  # the job server is gone
+    worker.pause()
+    worker._apply_pause()
+    assert conn.sock is None
+    assert conn.state is ConnState.DOWN
+    assert conn.attempts == 1  # a reconnect is scheduled

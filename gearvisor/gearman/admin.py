@@ -101,8 +101,7 @@ class WorkersPoll:
                 self.result = parse_workers(_lines(self.buf, self.host, self.port))
             except AdminError:
                 self.result = None
-        self.done = True
-        self.sock.close()
+        self.done = True  # the owner unregisters the socket from its selector, then closes
 
 
 def status(host: str, port: int, timeout: float = 5.0) -> dict[str, FunctionStatus]:

@@ -207,8 +207,9 @@ class Worker:
         """A connection with nothing in flight: unregister it (paused), or register and grab
         (not paused); stopping leaves it idle."""
         if self.paused or self._want_paused:
-            if conn.can_do and self._send(conn, RESET):
-                conn.can_do = False
+            if conn.can_do and not self._send(conn, RESET):
+                return  # the connection dropped: it reconnects (unregistered) from DOWN
+            conn.can_do = False
             conn.state = ConnState.IDLE
         elif not self.stopping and conn.state is ConnState.IDLE:
             if self._send(conn, (b"" if conn.can_do else self._can_do) + GRAB):
@@ -361,7 +362,7 @@ class Worker:
         conn.ever_up = True
         # Register and ask for work in one write (paused: only say who we are).
         conn.can_do = False
-        if self._want_paused:
+        if self._want_paused or self.stopping:
             if self._send(conn, self._client_id):
                 conn.state = ConnState.IDLE
                 self._mark_answered(conn)
