@@ -4,12 +4,12 @@ states, without a single process: children are records with fake pids and time i
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import signal
 from pathlib import Path
 
 import pytest
+from fleet import Fleet, next_pid
 
 from gearvisor.config import BackoffConfig, KeepaliveConfig, PoolConfig, Server, parse
 from gearvisor.pool import ExitDecision, ExitKind, Pool, Retire, Slot, Spawn, surge_count
@@ -52,82 +52,12 @@ def pool_config(processes: int = 2, *, initial: float = 1.0, maximum: float = 30
     )
 
 
-_pids = itertools.count(1000)
-
-
 def start(pool: Pool, slot: Slot, now: float, *, successor: bool = False) -> Child:
     """Place a new child of the pool's current generation in `slot`, as the arbiter does."""
     child = Child(pool=pool.name, slot=slot.index, generation=pool.generation, started_at=now,
-                  pid=next(_pids))
+                  pid=next_pid())
     pool.placed(Spawn(slot, successor=successor), child)
     return child
-
-
-class Fleet:
-    """Carries out a pool's decisions the way the arbiter does, minus fork and signals.
-
-    Every child ever told to stop is recorded in `retired_log`, so tests can check that none
-    is told twice and when each was told.
-    """
-
-    def __init__(self, pool: Pool, now: float = 0.0) -> None:
-        self.pool = pool
-        self.now = now
-        self.retired_log: list[Child] = []
-
-    def execute(self, actions: list) -> list:
-        for action in actions:
-            if isinstance(action, Spawn):
-                child = Child(pool=self.pool.name, slot=action.slot.index,
-                              generation=self.pool.generation, started_at=self.now,
-                              pid=next(_pids))
-                self.pool.placed(action, child)
-            else:
-                assert isinstance(action, Retire)
-                self.retire(action.child)
-        return actions
-
-    def step(self) -> list:
-        """One pass of the master loop: plan and carry it out."""
-        return self.execute(self.pool.plan(self.now))
-
-    def retire(self, child: Child) -> None:
-        self.retired_log.append(child)
-        self.pool.retiring(child)
-        if child.state in (ChildState.STARTING, ChildState.READY):
-            child.transition(ChildState.DRAINING)
-        if child.stop_requested_at is None:
-            child.stop_requested_at = self.now
-
-    def ready(self, child: Child) -> tuple[int, Child | None] | None:
-        """The child reported ready. Like the arbiter, a child told to stop is not serving."""
-        if child.state is not ChildState.STARTING:
-            return None
-        child.transition(ChildState.READY)
-        child.ready_at = self.now
-        failures, replaced = self.pool.child_ready(child)
-        if replaced is not None:
-            self.retire(replaced)
-        return failures, replaced
-
-    def exit(self, child: Child, code: int | None, *, stopping: bool = False) -> ExitDecision:
-        child.transition(ChildState.EXITED)
-        return self.pool.child_exited(child, code, self.now, stopping)
-
-    def reap_retired(self) -> list[ExitDecision]:
-        return [self.exit(c, 0) for c in list(self.pool.retired)]
-
-    def ready_all(self) -> None:
-        for child in self.pool.children():
-            self.ready(child)
-
-    def capacity(self) -> int:
-        """Children serving in slots (retired ones are finishing a job, not taking new ones)."""
-        return sum(1 for s in self.pool.slots
-                   if s.child is not None and s.child.state is ChildState.READY)
-
-    def successors(self) -> list[Child]:
-        return [s.successor for s in self.pool.slots if s.successor is not None]
 
 
 def started_pool(processes: int, **kw) -> tuple[Pool, Fleet]:
@@ -334,7 +264,7 @@ def test_child_ready_reports_streak_but_does_not_reset_backoff() -> None:
 def test_child_ready_of_an_unknown_child_changes_nothing() -> None:
     pool, _ = started_pool(2)
     before = [s.child for s in pool.slots]
-    stranger = Child(pool="images", slot=0, generation=1, started_at=0.0, pid=next(_pids))
+    stranger = Child(pool="images", slot=0, generation=1, started_at=0.0, pid=next_pid())
     assert pool.child_ready(stranger) == (0, None)
     assert [s.child for s in pool.slots] == before
 

@@ -7,7 +7,6 @@ time is a float driven by hand, and the worker talks to one end of a socketpair.
 
 from __future__ import annotations
 
-import itertools
 import random
 import socket
 import time
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from fleet import Fleet
 
 from gearvisor.config import (
     CircuitConfig,
@@ -30,8 +30,8 @@ from gearvisor.gearman.protocol import Decoder, Packet
 from gearvisor.gearman.worker import ConnState, Hooks, JobTimer, Worker
 from gearvisor.health import CHILD_BASE_FDS, ErrorWindow, fd_warnings, jittered
 from gearvisor.job import Job, JobTimeout
-from gearvisor.poison import PoisonTable, StrikeCounter, job_key
-from gearvisor.pool import ExitKind, Pool, Retire, Spawn
+from gearvisor.poison import PoisonTable, job_key
+from gearvisor.pool import ExitDecision, ExitKind, Pool, Retire, Spawn
 from gearvisor.process import EXIT_CRASH, Child, ChildState
 
 # parse() only needs the file's directory (the default cwd) to exist: the file itself is not read.
@@ -68,59 +68,22 @@ def no_jitter(pool: Pool) -> None:
     pool.circuit_backoff._rand = lambda: 0.5
 
 
-_pids = itertools.count(20000)
-
-
-class Master:
-    """Carries out a pool's decisions the way the arbiter does, minus fork, pipes and signals."""
-
-    def __init__(self, pool: Pool, now: float = 0.0) -> None:
-        self.pool = pool
-        self.now = now
+class Master(Fleet):
+    """The shared simulation, driven by time: step(now), and ready() returns the child a
+    successor replaced (retired)."""
 
     def step(self, now: float | None = None) -> list:
-        """One pass of the loop at `now`: plan, then place each Spawn and carry out each Retire."""
         if now is not None:
             self.now = now
-        actions = self.pool.plan(self.now)
-        for action in actions:
-            if isinstance(action, Spawn):
-                child = Child(pool=self.pool.name, slot=action.slot.index,
-                              generation=self.pool.generation, started_at=self.now,
-                              pid=next(_pids))
-                self.pool.placed(action, child)
-            else:
-                assert isinstance(action, Retire)
-                self.retire(action.child)
-        return actions
-
-    def retire(self, child: Child) -> None:
-        self.pool.retiring(child)
-        if child.state in (ChildState.STARTING, ChildState.READY):
-            child.transition(ChildState.DRAINING)
-        child.stop_requested_at = self.now
+        return super().step()
 
     def ready(self, child: Child) -> Child | None:
-        """The child reported ready; the child it replaces (if any) is retired and returned."""
-        child.transition(ChildState.READY)
-        child.ready_at = self.now
-        _, old = self.pool.child_ready(child)
-        if old is not None:
-            self.retire(old)
-        return old
+        got = super().ready(child)
+        return got[1] if got else None
 
-    def exit(self, child: Child, code: int | None = EXIT_CRASH):
-        child.transition(ChildState.EXITED)
-        return self.pool.child_exited(child, code, self.now, False)
-
-    def reap_retired(self) -> None:
-        for child in list(self.pool.retired):
-            self.exit(child, 0)
-
-    def ready_all(self) -> None:
-        for child in self.pool.children():
-            if child.state is ChildState.STARTING:
-                self.ready(child)
+    def exit(self, child: Child, code: int | None = EXIT_CRASH, *,
+             stopping: bool = False) -> ExitDecision:
+        return super().exit(child, code, stopping=stopping)
 
 
 def started(processes: int = 5, **kw: Any) -> tuple[Pool, Master]:
@@ -671,18 +634,6 @@ def test_poison_table_ring_overwrites_the_oldest_at_capacity() -> None:
         assert all(k in table for k in keys[2:5])
     finally:
         table.close()
-
-
-def test_strike_counter_counts_and_forgets_the_oldest() -> None:
-    strikes = StrikeCounter(limit=2)
-    assert strikes.strike(1) == 1
-    assert strikes.strike(1) == 2
-    assert strikes.strike(2) == 1
-    assert strikes.strike(1) == 3  # a strike makes a key the newest
-    assert strikes.strike(3) == 1  # over the limit: key 2, the oldest, is forgotten
-    assert list(strikes.strikes) == [1, 3]
-    assert strikes.strike(2) == 1  # it starts again
-    assert 1 not in strikes.strikes
 
 
 # ---------------------------------------------------------------------------------------------
