@@ -34,7 +34,7 @@ from .control import MAX_REQUEST, ControlError, ControlServer, default_socket_pa
 from .gearman import admin
 from .health import fd_warnings, jittered
 from .notify import Notifier
-from .poison import PoisonTable, RunningJobs, StrikeCounter, job_key
+from .poison import PoisonTable, RunningJobs, job_key
 from .pool import ExitKind, Pool, Retire, Spawn
 from .process import EXIT_BOOT_ERROR, Child, ChildState, describe_status
 from .scoreboard import Scoreboard
@@ -86,7 +86,6 @@ class Arbiter:
         self.watcher = WatcherState(build_spec(config, sys.path))
         self.poison = PoisonTable()  # strikes, shared with every child (mapped before forks)
         self.running = RunningJobs()  # the job each child runs, shared likewise
-        self.strikes = StrikeCounter()
         self.next_health = 0.0
         # Internal events ("circuit_open", "circuit_closed", "poison_job", "quarantined"):
         # alerting hooks in here later.
@@ -478,19 +477,11 @@ class Arbiter:
 
     def _read_pipe(self, child: Child, pool: Pool) -> bool:
         """Handle what the pipe holds now; return False once it reached end of file."""
-        try:
-            data = os.read(child.event_fd, 65536)
-        except BlockingIOError:
-            return True
-        except OSError:
-            data = b""
-        if not data:
+        lines = _read_lines(child.event_fd, child.event_buf)
+        if lines is None:
             self._close_events(child)
             return False
-        child.event_buf += data
-        while b"\n" in child.event_buf:
-            line, _, rest = bytes(child.event_buf).partition(b"\n")
-            child.event_buf = bytearray(rest)
+        for line in lines:
             try:
                 event = json.loads(line)
             except ValueError:
@@ -716,13 +707,13 @@ class Arbiter:
         if not limit:
             return
         key = job.key or job_key(job.function, job.unique, job.handle)
-        strikes = self.strikes.strike(key)
         # The death moves from the child's running slot to the strike table, back to back:
         # freed first, so a child checking in between undercounts by one (one more crash at
         # worst) rather than failing a job that crashed only once.
         self.running.release(child.running_index)
         child.running_index = -1
         self.poison.add(key)
+        strikes = self.poison.strikes(key)  # the count every child sees
         if strikes == limit:
             self.emit("poison_job", pool=pool.name, function=job.function, unique=job.unique,
                       handle=job.handle, size=job.size, strikes=strikes, last=what,
@@ -865,21 +856,13 @@ class Arbiter:
     def _read_watcher(self) -> bool:
         """Handle what the watcher's pipe holds; False at end of file."""
         w = self.watcher
-        try:
-            data = os.read(w.event_fd, 65536)
-        except BlockingIOError:
-            return True
-        except OSError:
-            data = b""
-        if not data:
+        lines = _read_lines(w.event_fd, w.buf)
+        if lines is None:
             self.sel.unregister(w.event_fd)
             os.close(w.event_fd)
             w.event_fd = -1
             return False
-        w.buf += data
-        while b"\n" in w.buf:
-            line, _, rest = bytes(w.buf).partition(b"\n")
-            w.buf = bytearray(rest)
+        for line in lines:
             try:
                 event = json.loads(line)
             except ValueError:
@@ -1161,6 +1144,25 @@ class Arbiter:
         self.sel.close()
         self.poison.close()
         self.running.close()
+
+
+def _read_lines(fd: int, buf: bytearray) -> list[bytes] | None:
+    """Read what a child's event pipe holds into `buf` and take out the complete lines;
+    None once it reached end of file (or failed)."""
+    try:
+        data = os.read(fd, 65536)
+    except BlockingIOError:
+        return []
+    except OSError:
+        return None
+    if not data:
+        return None
+    buf += data
+    lines = []
+    while (end := buf.find(b"\n")) >= 0:
+        lines.append(bytes(buf[:end]))
+        del buf[:end + 1]
+    return lines
 
 
 def run(config: Config) -> int:

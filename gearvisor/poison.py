@@ -159,19 +159,3 @@ def _alive(pid: int) -> bool:
         return False
     state = stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3]
     return state not in (b"Z", b"X", b"x")
-
-
-class StrikeCounter:
-    """Master side: strikes per job key, bounded (the oldest keys are forgotten)."""
-
-    def __init__(self, limit: int = 10000) -> None:
-        self.limit = limit
-        self.strikes: collections.OrderedDict[int, int] = collections.OrderedDict()
-
-    def strike(self, key: int) -> int:
-        """One more strike for `key`; returns its count."""
-        count = self.strikes.pop(key, 0) + 1
-        self.strikes[key] = count
-        while len(self.strikes) > self.limit:
-            self.strikes.popitem(last=False)
-        return count
