@@ -99,49 +99,65 @@ class RunningJobs:
     does not count (gearmand re-queues the job of a live worker that lost its connection)."""
 
     SLOT = 16
+    # The table starts with the number of slots ever handed out (the master writes it), so
+    # a child scans only those: slots are handed out lowest first, and a freed slot is the
+    # next one handed out, so the used part stays about as big as the fleet.
+    _TOP = 8
 
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.capacity = capacity
-        self._mm = mmap.mmap(-1, self.SLOT * capacity)
+        self._mm = mmap.mmap(-1, self._TOP + self.SLOT * capacity)
         self._free = list(range(capacity - 1, -1, -1))  # master side
+        self._high = 0
+
+    def _at(self, index: int) -> int:
+        return self._TOP + index * self.SLOT
 
     def allocate(self) -> int:
         """Master side: a free slot for a new child (-1 when all are taken)."""
-        return self._free.pop() if self._free else -1
+        if not self._free:
+            return -1
+        index = self._free.pop()
+        if index >= self._high:
+            self._high = index + 1
+            _KEY.pack_into(self._mm, 0, self._high)
+        return index
 
     def release(self, index: int) -> None:
         """Master side, after the strike (if any) was recorded: the slot is free again."""
         if index >= 0:
-            self._mm[index * self.SLOT:(index + 1) * self.SLOT] = bytes(self.SLOT)
+            self._mm[self._at(index):self._at(index + 1)] = bytes(self.SLOT)
             self._free.append(index)
 
     def forget(self, index: int) -> None:
         """Master side, before it kills a child on purpose (a stop that ran out of time):
         whatever it runs then is no strike against the job."""
         if index >= 0:
-            _KEY.pack_into(self._mm, index * self.SLOT, 0)
+            _KEY.pack_into(self._mm, self._at(index), 0)
 
     def claim(self, index: int, pid: int) -> None:
         """Child side, at start: who owns the slot."""
         if index >= 0:
-            _KEY.pack_into(self._mm, index * self.SLOT + 8, pid)
+            _KEY.pack_into(self._mm, self._at(index) + 8, pid)
 
     def set(self, index: int, key: int) -> None:
         """Child side: the job it starts (key) or 0 when it ends."""
         if index >= 0:
-            _KEY.pack_into(self._mm, index * self.SLOT, key)
+            _KEY.pack_into(self._mm, self._at(index), key)
 
     def others(self, key: int, index: int) -> int:
         """Child side: other slots holding `key` whose child is dead (not reaped yet)."""
         needle = _KEY.pack(key)
+        end = self._at(_KEY.unpack_from(self._mm, 0)[0])
         n = 0
-        at = self._mm.find(needle)
+        at = self._mm.find(needle, self._TOP, end)
         while at >= 0:
-            if at % self.SLOT == 0 and at // self.SLOT != index:
+            slot, offset = divmod(at - self._TOP, self.SLOT)
+            if offset == 0 and slot != index:
                 pid = _KEY.unpack_from(self._mm, at + 8)[0]
                 if not _alive(pid):
                     n += 1
-            at = self._mm.find(needle, at + 1)
+            at = self._mm.find(needle, at + 1, end)
         return n
 
     def close(self) -> None:
