@@ -14,12 +14,12 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 from conftest import HOST, REPO, free_port, wait_for
+from workload import CapacityWatch, Load
 
 from gearvisor.gearman import admin
 from gearvisor.gearman.client import Client
@@ -28,8 +28,6 @@ pytestmark = pytest.mark.integration
 
 PHP = REPO / "examples" / "php" / "worker.php"
 PERL = REPO / "examples" / "perl" / "worker.pl"
-MAX_JOBS = 2000
-MAX_SECONDS = 60
 
 
 def have_php() -> bool:
@@ -121,30 +119,6 @@ def _prefix(m) -> str:
     return socket.gethostname().split(".")[0] or "gearvisor"
 
 
-class RecordLoad(threading.Thread):
-    """Background jobs with unique ids, paced, bounded in count and time."""
-
-    def __init__(self, gearmand, function: str) -> None:
-        super().__init__(daemon=True)
-        self.gearmand, self.function = gearmand, function
-        self.submitted: list[str] = []
-        self.error: BaseException | None = None
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        deadline = time.monotonic() + MAX_SECONDS
-        try:
-            with Client(HOST, self.gearmand.port, timeout=30) as c:
-                for i in range(MAX_JOBS):
-                    if self.halt.is_set() or time.monotonic() > deadline:
-                        break
-                    c.submit_background(self.function, "x", f"job-{i}")
-                    self.submitted.append(f"job-{i}")
-                    self.halt.wait(0.005)
-        except BaseException as e:  # reported by the test
-            self.error = e
-
-
 @pytest.mark.parametrize("lang", [LANGS["php"], LANGS["perl"]])
 def test_a_rolling_reload_of_command_workers_loses_no_job(gearmand, master, tmp_path, lang):
     exe, _, record, _, _ = lang
@@ -154,21 +128,9 @@ def test_a_rolling_reload_of_command_workers_loses_no_job(gearmand, master, tmp_
     # Ready in gearvisor too (it polls gearmand): a child still starting when the reload
     # comes is replaced outright, which is no dip gearvisor promised.
     wait_for(lambda: m.status()["pools"][0]["ready"] == 3, message="ready in gearvisor")
-    low = [3]
-    stop_sampling = threading.Event()
-
-    def sample() -> None:
-        deadline = time.monotonic() + MAX_SECONDS
-        while not stop_sampling.is_set() and time.monotonic() < deadline:
-            try:
-                low[0] = min(low[0], len(registered(gearmand, "w", record)))
-            except admin.AdminError:
-                pass
-            stop_sampling.wait(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    load = RecordLoad(gearmand, record)
-    sampler.start()
+    capacity = CapacityWatch(gearmand, count=lambda: len(registered(gearmand, "w", record)))
+    load = Load(gearmand, background=True, tag="job", function=record, payload="x")
+    capacity.start()
     load.start()
     try:
         wait_for(lambda: len(load.submitted) >= 30, message="load running")
@@ -176,17 +138,16 @@ def test_a_rolling_reload_of_command_workers_loses_no_job(gearmand, master, tmp_
         assert out.returncode == 0 and "w: ok (generation 2)" in out.stdout, out.stderr
         wait_for(lambda: len(load.submitted) >= 80, message="more load after the roll")
     finally:
-        load.halt.set()
-        load.join(30)
-        stop_sampling.set()
-        sampler.join(10)
+        load.stop()
+        capacity.stop()
     assert load.error is None, load.error
     done = wait_for(lambda: (r := results(tmp_path)) and len(r) >= len(load.submitted) and r,
                     timeout=30, message="every job done")
     # Perl's Gearman::Worker writes the handle (it has no unique accessor): count lines.
     assert sum(done.values()) == len(load.submitted)
     assert all(v == 1 for v in done.values())
-    assert low[0] >= 3, f"registered workers fell to {low[0]} during the roll"
+    assert capacity.samples > 0
+    assert capacity.low >= 3, f"registered workers fell to {capacity.low} during the roll"
     assert {c["generation"] for c in m.status()["pools"][0]["children"]} == {2}
 
 
@@ -254,7 +215,7 @@ def test_output_lines_are_captured_and_a_flood_is_dropped_not_blocking(gearmand,
               "    except BlockingIOError:\n"
               "        pass  # a full pipe: this line is lost, the worker goes on\n"
               f"pathlib.Path({str(done)!r}).touch()\n"
-              "time.sleep(3600)\n")
+              "time.sleep(3600)  # the worker idles until gearvisor stops it\n")
     (tmp_path / "chatty.py").write_text(script)
     m = start(gearmand, master, {
         "chatty": {"processes": 1, "command": [sys.executable, str(tmp_path / "chatty.py")],
@@ -300,7 +261,7 @@ def test_output_to_a_rotated_log_file(gearmand, master, tmp_path):
     script = ("import os, time\n"
               "for i in range(400):\n"
               "    os.write(1, b'x' * 100 + b' %d\\n' % i)\n"
-              "time.sleep(3600)\n")
+              "time.sleep(3600)  # the worker idles until gearvisor stops it\n")
     (tmp_path / "writer.py").write_text(script)
     m = start(gearmand, master, {
         "writer": {"processes": 1, "command": [sys.executable, str(tmp_path / "writer.py")],

@@ -61,7 +61,7 @@ def crash(job):
 
 def hang(job):
     """Sleeps; with b"stubborn" it ignores the soft timeout and must be killed."""
-    while True:
+    while True:  # the hung job under test, not a wait of the test: only a timeout ends it
         try:
             time.sleep(3600)
         except JobTimeout:

@@ -91,6 +91,19 @@ def two_pools(gearmand, tmp_path: Path, processes: int = 4, **extra) -> dict:
     }
 
 
+def version_pool(gearmand, master, pool: str, module: str, directory: Path,
+                 processes: int = 1):
+    """A master with one pool serving `version` from `module` found in `directory`, its
+    children registered and its watcher up."""
+    m = master({"servers": [gearmand.address], "watch_debounce": QUIET,
+                "pythonpath": [str(REPO), str(directory)],
+                "pools": {pool: {"processes": processes,
+                                 "functions": {"version": f"{module}:version"}}}})
+    wait_for(lambda: serving(gearmand, pool) == processes, timeout=20, message="registered")
+    wait_for(lambda: m.status()["watcher"]["state"] == "watching", message="watcher up")
+    return m
+
+
 def start(gearmand, master, cfg: dict, total: int):
     m = master(cfg)
     wait_for(lambda: serving(gearmand) == total, timeout=20,
@@ -172,11 +185,7 @@ def test_symlink_swap_of_a_release_directory_loads_the_new_code(gearmand, master
                      f"def version(job):\n    return 'release-{release}'\n")
     current = tmp_path / "current"
     current.symlink_to(tmp_path / "releases" / "1")
-    m = master({"servers": [gearmand.address], "watch_debounce": QUIET,
-                "pythonpath": [str(REPO), str(current)],
-                "pools": {"rel": {"processes": 2, "functions": {"version": "relmod:version"}}}})
-    wait_for(lambda: serving(gearmand, "rel") == 2, timeout=20, message="registered")
-    wait_for(lambda: m.status()["watcher"]["state"] == "watching", message="watcher up")
+    m = version_pool(gearmand, master, "rel", "relmod", current, processes=2)
     assert call(gearmand, "version") == b"release-1"
     # The atomic deploy: a new link renamed over the old one.
     (tmp_path / "current.new").symlink_to(tmp_path / "releases" / "2")
@@ -268,11 +277,7 @@ def test_a_directory_replaced_by_rename_rolls_and_stays_watched(gearmand, master
     app = tmp_path / "app"
     app.mkdir()
     write_module(app, "relmod", "def version(job):\n    return 'v1'\n")
-    m = master({"servers": [gearmand.address], "watch_debounce": QUIET,
-                "pythonpath": [str(REPO), str(app)],
-                "pools": {"rel": {"processes": 1, "functions": {"version": "relmod:version"}}}})
-    wait_for(lambda: serving(gearmand, "rel") == 1, timeout=20, message="registered")
-    wait_for(lambda: m.status()["watcher"]["state"] == "watching", message="watcher up")
+    m = version_pool(gearmand, master, "rel", "relmod", app, processes=1)
     new = tmp_path / "app.new"
     new.mkdir()
     write_module(new, "relmod", "def version(job):\n    return 'v2-longer'\n")
@@ -311,11 +316,7 @@ def test_code_under_a_virtualenv_directory_is_watched(gearmand, master, tmp_path
     lib = tmp_path / ".venv" / "lib" / "site-packages"
     lib.mkdir(parents=True)
     write_module(lib, "venvmod", "def version(job):\n    return 'v1'\n")
-    m = master({"servers": [gearmand.address], "watch_debounce": QUIET,
-                "pythonpath": [str(REPO), str(lib)],
-                "pools": {"v": {"processes": 1, "functions": {"version": "venvmod:version"}}}})
-    wait_for(lambda: serving(gearmand, "v") == 1, timeout=20, message="registered")
-    wait_for(lambda: m.status()["watcher"]["state"] == "watching", message="watcher up")
+    m = version_pool(gearmand, master, "v", "venvmod", lib, processes=1)
     write_module(lib, "venvmod", "def version(job):\n    return 'v2-longer'\n")
     wait_for(settled_at(m, "v", 2), timeout=20, message="rolled")
     assert call(gearmand, "version") == b"v2-longer"

@@ -12,6 +12,7 @@ import collections
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from conftest import HOST
@@ -53,11 +54,13 @@ def registered_count(gearmand) -> int:
 
 
 class CapacityWatch(threading.Thread):
-    """Polls gearmand's `workers` until stopped; keeps the lowest count seen."""
+    """Polls gearmand's `workers` until stopped; keeps the lowest count seen. `count` says
+    what to count (default: connections able to run `work`)."""
 
-    def __init__(self, gearmand) -> None:
+    def __init__(self, gearmand, count: Callable[[], int] | None = None) -> None:
         super().__init__(daemon=True)
         self.gearmand = gearmand
+        self.count = count or (lambda: registered_count(gearmand))
         self.low = 10**9
         self.samples = 0
         self.errors: list[str] = []
@@ -67,7 +70,7 @@ class CapacityWatch(threading.Thread):
         deadline = time.monotonic() + MAX_LOAD_SECONDS
         while not self.halt.is_set() and time.monotonic() < deadline:
             try:
-                n = registered_count(self.gearmand)
+                n = self.count()
             except admin.AdminError as e:
                 self.errors.append(str(e))
                 continue
@@ -83,11 +86,14 @@ class CapacityWatch(threading.Thread):
 class Load(threading.Thread):
     """Background jobs (unique ids) or foreground jobs, one after another, until stopped."""
 
-    def __init__(self, gearmand, background: bool, tag: str) -> None:
+    def __init__(self, gearmand, background: bool, tag: str, function: str = "work",
+                 payload: str = json.dumps({"sleep": 0.02})) -> None:
         super().__init__(daemon=True)
         self.gearmand = gearmand
         self.background = background
         self.tag = tag
+        self.function = function
+        self.payload = payload
         self.submitted: list[str] = []
         self.results: list[tuple[str, bool, bytes]] = []  # foreground: unique, ok, data
         self.error: BaseException | None = None
@@ -101,14 +107,14 @@ class Load(threading.Thread):
                     if self.halt.is_set() or time.monotonic() >= deadline:
                         break
                     unique = f"{self.tag}-{i}"
-                    payload = json.dumps({"sleep": 0.02})
+                    payload = self.payload
                     if self.background:
-                        c.submit_background("work", payload, unique)
+                        c.submit_background(self.function, payload, unique)
                         self.submitted.append(unique)
                         self.halt.wait(0.005)  # pacing, so the queue stays short
                     else:
                         self.submitted.append(unique)
-                        r = c.call("work", payload, unique)
+                        r = c.call(self.function, payload, unique)
                         self.results.append((unique, r.ok, r.data))
         except BaseException as e:  # reported by the test
             self.error = e
