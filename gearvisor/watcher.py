@@ -460,25 +460,18 @@ def _watch(spec: WatchSpec, fd: int, master_pid: int) -> int:
                     changed.add(spec.config)
             if changed:
                 paths = sorted(changed)
-                pools: set[str] = set()
-                config = False
-                for p in paths:
-                    more, cfg = matcher.match(aliases(p, roots))
-                    pools |= more
-                    config = config or cfg
-                if pools or config:
-                    _send(fd, {"event": "changed", "pools": sorted(pools), "config": config,
-                               "files": paths[:5], "count": len(paths), "why": "edited"})
+                pools, config = matcher.match([a for p in paths for a in aliases(p, roots)])
+                _report(fd, pools, config, paths, "edited")
             moved = [r for r in checked if _signature(r) != sigs[r]]
             if moved:
-                _report_moved(fd, matcher, moved)
+                _report(fd, *matcher.under(moved), moved, "moved")
                 for w in watchers:
                     w.close()
                 break  # rebuild the watches on the new targets
 
 
-def _report_moved(fd: int, matcher: Matcher, roots: list[str]) -> None:
-    pools, config = matcher.under(roots)
+def _report(fd: int, pools: set[str], config: bool, paths: list[str], why: str) -> None:
+    """Tell the master which pools (and whether the config) `paths` changed, if any."""
     if pools or config:
         _send(fd, {"event": "changed", "pools": sorted(pools), "config": config,
-                   "files": roots[:5], "count": len(roots), "why": "moved"})
+                   "files": paths[:5], "count": len(paths), "why": why})
