@@ -37,6 +37,11 @@ from .process import (
 )
 from .scoreboard import Scoreboard
 
+try:  # CPython: the handler as set, without signal.getsignal's enum lookup (checked per job)
+    from _signal import getsignal as _getsignal
+except ImportError:  # pragma: no cover - other interpreters
+    _getsignal = signal.getsignal
+
 GRACEFUL_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -218,13 +223,29 @@ class _AlarmTimer(JobTimer):
     def __init__(self) -> None:
         self.job_deadline: float | None = None
         self.exit_deadline: float | None = None
+        self.flush_deadline: float | None = None  # held-back results must leave then
+        self.flush_callback: Callable[[], None] | None = None
         self.held = False  # the runtime is writing to a server: do not raise now
         self.pending = False  # the timeout fired while held: raise on release
         signal.signal(signal.SIGALRM, self._fire)
 
     def installed(self) -> bool:
         """Still the SIGALRM handler (job code may have installed its own)."""
-        return signal.getsignal(signal.SIGALRM) == self._fire
+        # _signal's getsignal: signal.getsignal wraps the answer in an enum (slow, per job).
+        return _getsignal(signal.SIGALRM) == self._fire
+
+    def flush_in(self, seconds: float, callback: Callable[[], None]) -> bool:
+        if not self.installed():
+            return False  # the job code's handler would get our alarm: send results at once
+        self.flush_deadline = time.monotonic() + seconds
+        self.flush_callback = callback
+        self._arm()
+        return True
+
+    def flush_cancel(self) -> None:
+        if self.flush_deadline is not None:
+            self.flush_deadline = None
+            self._arm()
 
     def hold(self) -> None:
         self.held = True
@@ -252,12 +273,17 @@ class _AlarmTimer(JobTimer):
         self._arm()
 
     def _arm(self) -> None:
-        deadlines = [d for d in (self.job_deadline, self.exit_deadline) if d is not None]
+        deadlines = [d for d in (self.job_deadline, self.exit_deadline, self.flush_deadline)
+                     if d is not None]
         delay = max(0.001, min(deadlines) - time.monotonic()) if deadlines else 0.0
         signal.setitimer(signal.ITIMER_REAL, delay)
 
     def _fire(self, signum: int, _frame: Any) -> None:
         now = time.monotonic()
+        if self.flush_deadline is not None and now >= self.flush_deadline:
+            self.flush_deadline = None
+            if self.flush_callback is not None:
+                self.flush_callback()  # results held back leave (before any exit below)
         if self.exit_deadline is not None and now >= self.exit_deadline:
             os._exit(EXIT_CRASH)
         if self.job_deadline is not None and now >= self.job_deadline:
@@ -422,6 +448,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         exception_packet=pool.exception_packet,
         timeouts=pool.timeouts,
         timer=timer,
+        prefetch=pool.prefetch,
         is_poison=(None if poison is None or not pool.poison_after else
                    lambda job: _deaths(job, poison, running, running_index)
                    >= pool.poison_after),

@@ -170,7 +170,7 @@ class Decoder:
         self._buf = bytearray()
         self.max_packet = max_packet
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | memoryview) -> list[Frame]:
         """Add bytes from the stream; return every packet they complete, in order."""
         buf = self._buf
         buf += data

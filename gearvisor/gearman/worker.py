@@ -5,10 +5,17 @@ The loop keeps one connection per server and drives each through a small state m
     DOWN -> CONNECTING -> GRABBING -> (job runs) -> GRABBING ...
                               \\-> EMPTY (NO_JOB) -> SLEEPING (PRE_SLEEP) -> NOOP -> GRABBING
 
-Throughput comes from two choices (DESIGN.md): PRE_SLEEP is sent only once every live server
-has answered NO_JOB, and each result is written in the same send() as the next GRAB, so a busy
-queue costs one round trip per job. A server that goes away is reconnected with backoff while
-jobs from the others keep flowing; a malformed packet closes only that connection.
+Throughput comes from three choices (DESIGN.md): PRE_SLEEP is sent only once every live server
+has answered NO_JOB; each result is written in the same send() as the next GRAB, so a busy
+queue costs one round trip per job; and while jobs are short and succeed, up to `prefetch`
+GRABs stay in flight on a connection (adaptive prefetch, see Connection.depth). Several jobs
+then arrive in one read, and their results are held back until the last of them is done (or
+FLUSH_AFTER has passed, by the timer's alarm), so a deep queue of fast jobs costs gearmand one
+wake-up per read instead of one per job. A job gearmand has
+assigned is always run, even when the worker is stopping or pausing: prefetch never hands a
+job back (that would count as a retry in gearmand and reorder the queue). A server that goes
+away is reconnected with backoff while jobs from the others keep flowing; a malformed packet
+closes only that connection.
 """
 
 from __future__ import annotations
@@ -34,6 +41,13 @@ SEND_TIMEOUT = 30.0  # a server that accepts no bytes for this long is treated a
 RECV_TIMEOUT = 0.5  # a blocking read (the one-server fast path) gives the loop back this often
 REPOLL_EMPTY = 0.5  # re-ask an EMPTY server this often while another keeps us busy
 RECONNECT_INITIAL = 0.05
+# Prefetch grows only while jobs end successfully within this time: a job that is slower, or
+# fails, drops the connection back to one GRAB in flight at once. So prefetched jobs wait
+# behind short jobs, and a worker that starts failing (quarantine) holds few jobs.
+PREFETCH_FAST = 0.001
+# A result held back while more jobs of the same read run leaves at the latest this long
+# after it was held: the timer's alarm sends it even when the next job runs long.
+FLUSH_AFTER = 0.001
 
 GRAB = encode(Packet.GRAB_JOB_ALL)
 PRE_SLEEP = encode(Packet.PRE_SLEEP)
@@ -44,7 +58,7 @@ _ASSIGN = (Packet.JOB_ASSIGN, Packet.JOB_ASSIGN_UNIQ, Packet.JOB_ASSIGN_ALL)
 class ConnState(Enum):
     DOWN = "down"  # not connected; retry at conn.retry_at
     CONNECTING = "connecting"  # non-blocking connect in flight
-    GRABBING = "grabbing"  # GRAB sent, answer pending
+    GRABBING = "grabbing"  # GRAB(s) sent, answer pending (conn.outstanding > 0)
     IDLE = "idle"  # connected, nothing in flight (only while stopping)
     EMPTY = "empty"  # answered NO_JOB
     SLEEPING = "sleeping"  # PRE_SLEEP sent; a NOOP wakes it
@@ -91,13 +105,22 @@ class JobTimer:
     def release(self) -> None:
         """The write is done: a timeout that fired meanwhile is raised now."""
 
+    def flush_in(self, seconds: float, callback: Callable[[], None]) -> bool:
+        """Call `callback` once, in about `seconds`, from a signal handler: the worker sends
+        the results it held back. False (this base class): not possible, so the worker
+        sends each result at once."""
+        return False
+
+    def flush_cancel(self) -> None:
+        """The held-back results left: the callback is not needed."""
+
 
 class Connection:
     """One job server: its socket, decoder and state."""
 
     __slots__ = ("host", "port", "label", "sock", "decoder", "state", "retry_at", "delay",
                  "deadline", "empty_since", "answered", "attempts", "down_logged", "ever_up",
-                 "can_do")
+                 "can_do", "outstanding", "depth", "out")
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -115,6 +138,11 @@ class Connection:
         self.attempts = 0  # failed attempts in the current outage
         self.down_logged = False
         self.ever_up = False
+        self.outstanding = 0  # GRABs sent and not answered yet (JOB_ASSIGN* or NO_JOB)
+        # GRABs to keep in flight: 1, doubled after each short successful job up to the
+        # worker's prefetch; back to 1 after a slow or failed job, or NO_JOB.
+        self.depth = 1
+        self.out: list[bytes] = []  # results held back; every send writes them first
 
 
 class Worker:
@@ -128,6 +156,8 @@ class Worker:
         hooks: readiness and job notifications for the host process.
         exception_packet: "warning" (WORK_WARNING + WORK_FAIL) or "exception"
             (WORK_EXCEPTION + WORK_FAIL): how a job that raised is reported.
+        prefetch: the most GRABs kept in flight per server while jobs are short (1: one job
+            per round trip, never more than one job assigned to this worker per server).
     """
 
     def __init__(
@@ -145,6 +175,7 @@ class Worker:
         timeouts: dict[str, float] | None = None,
         timer: JobTimer | None = None,
         is_poison: Callable[[Job], bool] | None = None,
+        prefetch: int = 1,
     ) -> None:
         self.conns = [Connection(h, p) for h, p in servers]
         self.functions = functions
@@ -159,6 +190,7 @@ class Worker:
         self.timeouts = timeouts or {}
         self.timer = timer or JobTimer()
         self.is_poison = is_poison
+        self.prefetch = max(1, prefetch)
         self.stopping = False
         self.is_ready = False
         self.paused = False  # registered without functions: takes no jobs (quarantine, circuit)
@@ -171,6 +203,13 @@ class Worker:
         self._can_do = b"".join(encode(Packet.CAN_DO, f) for f in functions)
         self._client_id = encode(Packet.SET_CLIENT_ID, client_id)
         self._extra_checks: list[Callable[[], None]] = []
+        # One receive buffer for every connection: recv() of a fresh 256 KiB bytes object
+        # costs an mmap, mremap and munmap per call.
+        self._rbuf = memoryview(bytearray(RECV_SIZE))
+        self._more = False  # more packets of the current read follow: results may wait
+        self._holding: Connection | None = None  # the connection whose results wait
+        self._in_job = False  # job code runs (not a send of its own): the alarm may flush
+        self._flush_due = False  # the flush alarm came between jobs: flush before the next
 
     # -- public ------------------------------------------------------------------------------
 
@@ -212,9 +251,8 @@ class Worker:
             conn.can_do = False
             conn.state = ConnState.IDLE
         elif not self.stopping and conn.state is ConnState.IDLE:
-            if self._send(conn, (b"" if conn.can_do else self._can_do) + GRAB):
+            if self._grab(conn, b"" if conn.can_do else self._can_do):
                 conn.can_do = True
-                conn.state = ConnState.GRABBING
 
     def every_tick(self, check: Callable[[], None]) -> None:
         """Run `check` on every loop pass (at least once a second): e.g. parent-alive checks."""
@@ -340,6 +378,9 @@ class Worker:
             return
         conn.sock = sock
         conn.decoder = Decoder()
+        conn.outstanding = 0
+        conn.depth = 1
+        conn.out.clear()
         conn.answered = False
         conn.state = ConnState.CONNECTING
         conn.deadline = now + self.connect_timeout
@@ -366,9 +407,8 @@ class Worker:
             if self._send(conn, self._client_id):
                 conn.state = ConnState.IDLE
                 self._mark_answered(conn)
-        elif self._send(conn, self._can_do + self._client_id + GRAB):
+        elif self._grab(conn, self._can_do + self._client_id):
             conn.can_do = True
-            conn.state = ConnState.GRABBING
 
     def _tune(self, sock: socket.socket) -> None:
         sock.setblocking(True)
@@ -400,6 +440,8 @@ class Worker:
         """Close a connection and schedule a reconnect with backoff; other servers go on."""
         self._close_socket(conn)
         conn.state = ConnState.DOWN
+        conn.outstanding = 0  # gearmand requeues whatever it assigned on this connection
+        conn.out.clear()  # results of jobs it will now run again (at least once)
         conn.answered = False
         conn.attempts += 1
         now = self.clock()
@@ -419,6 +461,10 @@ class Worker:
         sock = conn.sock
         if sock is None:
             return False
+        if conn.out:  # held-back results go first: the stream keeps its order
+            data = b"".join(conn.out) + data
+            conn.out.clear()
+            self.timer.flush_cancel()
         # A soft job timeout (SIGALRM) must not cut a packet in half: it waits until the
         # write is done (the timer raises JobTimeout on release).
         self.timer.hold()
@@ -431,9 +477,14 @@ class Worker:
         finally:
             self.timer.release()
 
-    def _grab(self, conn: Connection) -> None:
-        if self._send(conn, GRAB):
+    def _grab(self, conn: Connection, before: bytes = b"", n: int = 1) -> bool:
+        """Write `before` (a result, CAN_DOs) and `n` GRABs in one send."""
+        if not self._send(conn, before + GRAB * n):
+            return False
+        conn.outstanding += n
+        if conn.outstanding:
             conn.state = ConnState.GRABBING
+        return True
 
     # -- packets -------------------------------------------------------------------------------
 
@@ -441,33 +492,44 @@ class Worker:
         sock = conn.sock
         assert sock is not None
         try:
-            data = sock.recv(RECV_SIZE)
+            got = sock.recv_into(self._rbuf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
             self._drop(conn, f"recv failed: {e}")
             return
-        if not data:
+        if not got:
             self._drop(conn, "server closed the connection")
             return
         try:
-            frames = conn.decoder.feed(data)
+            frames = conn.decoder.feed(self._rbuf[:got])
         except ProtocolError as e:
             self.log.error("malformed packet from job server; closing that connection",
                            server=conn.label, error=str(e))
             self._drop(conn, f"protocol error: {e}")
             return
-        for frame in frames:
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
             if conn.sock is None:
                 return  # dropped while handling an earlier frame
+            self._more = i < last
             self._handle(conn, frame.type, frame.args)
+        if conn.out:
+            self._send(conn, b"")
 
     def _handle(self, conn: Connection, ptype: int, args: tuple[bytes, ...]) -> None:
         if ptype in _ASSIGN:
+            if conn.outstanding:
+                conn.outstanding -= 1
             self._mark_answered(conn)
             self._run_job(conn, ptype, args)
         elif ptype == Packet.NO_JOB:
             self._mark_answered(conn)
+            conn.depth = 1  # the queue ran dry: no prefetch until it is busy again
+            if conn.outstanding:
+                conn.outstanding -= 1
+                if conn.outstanding:
+                    return  # the answers to our other GRABs are on their way
             if self.paused or self._want_paused:
                 self._settle(conn)  # the GRAB is answered: now unregister
             elif self.stopping:
@@ -508,7 +570,11 @@ class Worker:
         function = fname.decode(errors="replace")
 
         def send(ptype_: int, h: bytes, payload: bytes) -> None:
-            self._send(conn, encode(ptype_, h, payload))
+            self._in_job = False  # the runtime writes: the flush alarm must not
+            try:
+                self._send(conn, encode(ptype_, h, payload))
+            finally:
+                self._in_job = True
 
         job = Job(function, handle.decode(errors="replace"), unique.decode(errors="replace"),
                   data, send, conn.label)
@@ -518,11 +584,12 @@ class Worker:
             # It crashed or hung `poison_after` workers already: fail it, do not run it.
             self.log.error("poison job failed without running", function=function,
                            handle=job.handle, unique=job.unique, size=len(data))
+            conn.depth = 1
             self._reply(conn, encode(Packet.WORK_FAIL, handle))
             hooks.job_refused(job)
             return
         hooks.job_started(job)
-        started = time.perf_counter()
+        started = self.clock()
         timeout = self.timeouts.get(function)
         if fn is None:
             # gearmand only assigns what we CAN_DO; this is a server bug. Fail, don't crash.
@@ -532,11 +599,17 @@ class Worker:
             ok = False
         else:
             try:
+                if self._flush_due:
+                    self._flush_due = False
+                    if conn.out:
+                        self._send(conn, b"")
                 if timeout is not None:
                     self.timer.start(timeout)
+                self._in_job = True
                 try:
                     result = fn(job)
                 finally:
+                    self._in_job = False
                     if timeout is not None:
                         self.timer.stop()
                 reply = encode(Packet.WORK_COMPLETE, handle, encode_result(result))
@@ -549,18 +622,51 @@ class Worker:
                                traceback="".join(traceback.format_exception(e)).rstrip())
         # The host decides first (it may quarantine itself: then no GRAB goes out with the
         # result, so gearmand cannot hand us a job we would have to give back).
-        hooks.job_finished(job, ok, time.perf_counter() - started)
+        seconds = self.clock() - started
+        hooks.job_finished(job, ok, seconds)
+        conn.depth = (min(conn.depth * 2, self.prefetch) if ok and seconds < PREFETCH_FAST
+                      else 1)
         self._reply(conn, reply)
 
     def _reply(self, conn: Connection, reply: bytes) -> None:
-        # The result and the next GRAB leave in one write: one round trip per job.
+        # The result and the next GRAB(s) leave in one write: at most one round trip per job.
         if not self.stopping and not self.paused and not self._want_paused:
-            if self._send(conn, reply + GRAB):
-                conn.state = ConnState.GRABBING
-        elif self._send(conn, reply):
+            n = max(0, conn.depth - conn.outstanding)
+            if self._more and conn.depth > 1 and (conn.out or self.timer.flush_in(
+                    FLUSH_AFTER, self._flush_alarm)):
+                # More assigned jobs arrived in this read: this result leaves with theirs.
+                self._holding = conn
+                conn.out.append(reply + GRAB * n)
+                conn.outstanding += n
+            else:
+                self._grab(conn, reply, n)
+        elif self._send(conn, reply) and not conn.outstanding:
+            # Stopping or pausing: no more GRABs; jobs already assigned to us still run.
             conn.state = ConnState.IDLE
             if self.paused or self._want_paused:
                 self._settle(conn)
+
+    def _flush_alarm(self) -> None:
+        """From the timer's signal handler: results held back too long leave now, if job
+        code is running (the runtime itself is between two sends: it flushes before the
+        next job or at the end of the read)."""
+        conn = self._holding
+        if conn is None or not conn.out:
+            return
+        if not self._in_job or conn.sock is None:
+            self._flush_due = True
+            return
+        data = b"".join(conn.out)
+        conn.out.clear()
+        try:
+            conn.sock.sendall(data)
+        except OSError:
+            # Maybe cut mid-packet: make the runtime's next read or write fail, so it drops
+            # the connection (no logging or selector work from a signal handler).
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _failure_reply(self, handle: bytes, exc: Exception) -> bytes:
         text = f"{type(exc).__name__}: {exc}\n".encode(errors="replace")
