@@ -295,3 +295,16 @@ def write_module(directory: Path, name: str, source: str) -> Path:
 
 
 __all__ = ["wait_for", "free_port", "Gearmand", "Master", "write_module", "HOST", "signal"]
+
+
+@pytest.fixture
+def wired() -> Iterator[Callable[..., Any]]:
+    """make(**worker_kwargs) -> (Worker, Server): a Worker on a socketpair (tests/wired.py);
+    everything made is closed afterwards."""
+    from wired import make_wired
+
+    made: list = []
+    yield lambda **kw: make_wired(made, **kw)
+    for worker, theirs in made:
+        worker.close()
+        theirs.close()
