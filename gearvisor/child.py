@@ -283,7 +283,13 @@ class _AlarmTimer(JobTimer):
         if self.flush_deadline is not None and now >= self.flush_deadline:
             self.flush_deadline = None
             if self.flush_callback is not None:
-                self.flush_callback()  # results held back leave (before any exit below)
+                # Results held back leave (before any exit below). Held: a nested alarm
+                # must not raise JobTimeout in the middle of that write.
+                held, self.held = self.held, True
+                try:
+                    self.flush_callback()
+                finally:
+                    self.held = held
         if self.exit_deadline is not None and now >= self.exit_deadline:
             os._exit(EXIT_CRASH)
         if self.job_deadline is not None and now >= self.job_deadline:

@@ -502,11 +502,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("poison_after", int_range(0), 2,
             "A job that crashed or hung this many children is failed without running when "
             "it comes back (0: never)."),
-    Setting("prefetch", int_range(1, 64), 8,
-            "Most jobs a child may hold per job server while it drains a queue of short jobs: "
-            "it asks for more before it has finished the current one. Grows only while jobs "
-            "succeed in under 1 ms, and drops to 1 on a slower or failed job. 1: one job at a "
-            "time."),
+    Setting("prefetch", int_range(1, 64), 1,
+            "Most jobs a child may hold per job server while it drains a queue of short jobs "
+            "(it asks for more before it has finished the current one). Above 1 it grows only "
+            "while jobs succeed in under 1 ms and drops to 1 on a slower or failed job; see "
+            "Prefetch. 1: one job at a time."),
     Setting("max_jobs", optional(int_range(1)), None,
             "Recycle a child after this many jobs (+/- `recycle_jitter`).",
             shown_default="no limit"),
@@ -636,7 +636,7 @@ class PoolConfig:
     quarantine: QuarantineConfig = field(default_factory=lambda: QuarantineConfig())
     circuit: CircuitConfig = field(default_factory=lambda: CircuitConfig())
     poison_after: int = 2
-    prefetch: int = 8
+    prefetch: int = 1
     max_jobs: int | None = None
     max_memory: int | None = None
     max_lifetime: float | None = None

@@ -41,6 +41,13 @@ class FlushTimer(JobTimer):
         self.armed: list[float] = []
         self.cancelled = 0
         self.callback: Callable[[], None] | None = None
+        self.held = False
+
+    def hold(self) -> None:
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
 
     def flush_in(self, seconds: float, callback: Callable[[], None]) -> bool:
         self.armed.append(seconds)
@@ -48,6 +55,9 @@ class FlushTimer(JobTimer):
         return True
 
     def flush_cancel(self) -> None:
+        # Held results are taken only inside hold(): a soft timeout raised in between
+        # would drop them.
+        assert self.held, "held-back results taken outside hold()"
         self.cancelled += 1
 
 
@@ -203,22 +213,29 @@ def test_results_of_one_read_leave_together_after_its_last_job(wired) -> None:
     assert timer.cancelled == 1 and conn.out == []
 
 
+class Batch:
+    """A worker (prefetch 8, depth 4, a FlushTimer) serving f, which calls
+    body(worker, server, timer, job) and returns the job's data."""
+
+    def __init__(self, wired, body: Callable[[Worker, Any, FlushTimer, Job], None]) -> None:
+        self.timer = FlushTimer()
+
+        def f(job: Job) -> bytes:
+            body(self.worker, self.server, self.timer, job)
+            return job.data
+
+        self.worker, self.server = wired(functions={"f": f}, prefetch=8, timer=self.timer)
+
+    def read(self, *handles: str) -> tuple[Worker, Any]:
+        """gearmand answers len(handles) GRABs with these jobs, all in one recv."""
+        self.worker.conns[0].depth, self.worker.conns[0].outstanding = 4, len(handles)
+        feed(self.worker, self.server, jobs(*((h, "f") for h in handles)))
+        return self.worker, self.server
+
+
 def read_batch(wired, body: Callable[[Worker, Any, FlushTimer, Job], None], *handles: str
                ) -> tuple[Worker, Any]:
-    """A worker (prefetch 8, depth 4, a FlushTimer) reads jobs `handles` of function f in one
-    recv; f calls body(worker, server, timer, job), then returns the job's data."""
-    timer = FlushTimer()
-    holder: list[tuple[Worker, Any]] = []
-
-    def f(job: Job) -> bytes:
-        body(*holder[0], timer, job)
-        return job.data
-
-    worker, server = wired(functions={"f": f}, prefetch=8, timer=timer)
-    holder.append((worker, server))
-    worker.conns[0].depth, worker.conns[0].outstanding = 4, len(handles)
-    feed(worker, server, jobs(*((h, "f") for h in handles)))
-    return worker, server
+    return Batch(wired, body).read(*handles)
 
 
 def test_held_results_leave_before_the_next_job_runs_when_the_alarm_came_between_jobs(
@@ -251,8 +268,9 @@ def test_the_alarm_sends_held_results_while_a_long_job_runs(wired) -> None:
     assert seen == [[b"H:1", b"H:2"]]  # out while H:3 still ran
     packets = server.received()
     assert completed(packets) == [b"H:3"]
-    # Nothing lost or doubled: three results; GRABs topped up to the depth (now 8).
-    assert grabs(packets) == 1 and conn.outstanding == 8 and conn.out == []
+    # Nothing lost or doubled: three results; the GRABs leave with the last one, topping
+    # the connection up to the depth (now 8).
+    assert grabs(packets) == 8 and conn.outstanding == 8 and conn.out == []
 
 
 def test_a_job_that_sends_status_flushes_held_results_first(wired) -> None:
@@ -290,6 +308,52 @@ def test_a_dropped_connection_forgets_held_results(wired) -> None:
     worker._drop(conn, "test")
     # gearmand requeues every job it had assigned on that connection: none is ours now.
     assert conn.out == [] and conn.outstanding == 0 and conn.state is ConnState.DOWN
+
+
+def test_the_alarm_between_jobs_looks_again_soon(wired) -> None:
+    def body(worker: Worker, server: Any, timer: FlushTimer, job: Job) -> None:
+        if job.data == b"H:2":
+            worker._in_job = False
+            timer.callback()
+            worker._in_job = True
+
+    batch = Batch(wired, body)
+    batch.read("H:1", "H:2", "H:3")
+    # H:1 held: armed once; the alarm came between jobs: armed again, in case H:3 runs long.
+    assert batch.timer.armed == [FLUSH_AFTER, FLUSH_AFTER]
+
+
+def test_results_held_before_a_stop_leave_without_grabs(wired) -> None:
+    def body(worker: Worker, server: Any, timer: FlushTimer, job: Job) -> None:
+        if job.data == b"H:2":
+            worker.stop()  # SIGHUP while H:1's result is held back
+
+    worker, server = read_batch(wired, body, "H:1", "H:2")
+    packets = server.received()
+    assert completed(packets) == [b"H:1", b"H:2"] and grabs(packets) == 0
+    assert worker.conns[0].state is ConnState.IDLE and worker.conns[0].outstanding == 0
+
+
+def test_results_held_before_a_pause_leave_then_reset_without_grabs(wired) -> None:
+    def body(worker: Worker, server: Any, timer: FlushTimer, job: Job) -> None:
+        if job.data == b"H:2":
+            worker.pause()  # quarantine (or the circuit) while H:1's result is held back
+
+    worker, server = read_batch(wired, body, "H:1", "H:2")
+    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:1", b"H:1")),
+                                 (Packet.WORK_COMPLETE, (b"H:2", b"H:2")),
+                                 (Packet.RESET_ABILITIES, ())]
+
+
+def test_job_code_exiting_does_not_lose_the_results_held_before_it(wired) -> None:
+    def body(worker: Worker, server: Any, timer: FlushTimer, job: Job) -> None:
+        if job.data == b"H:2":
+            raise SystemExit(3)
+
+    batch = Batch(wired, body)
+    with pytest.raises(SystemExit):
+        batch.read("H:1", "H:2")
+    assert completed(batch.server.received()) == [b"H:1"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +421,7 @@ def drain_fleet(gearmand, master, tmp_path: Path, n_jobs: int, **pool: Any):
     write_module(tmp_path, "drainjobs", DRAIN_MODULE.format(log=str(log)))
     m = master({"servers": [gearmand.address], "watch_config": False,
                 "pools": {"drain": {"processes": 2, "functions": {"f": "drainjobs:f"},
-                                    "backoff": {"initial": 0}, **pool}}})
+                                    "backoff": {"initial": 0}, "prefetch": 8, **pool}}})
     wait_for(lambda: len(gearmand.workers("drain")) == 2, message="2 children registered")
     uniques = [f"u{i}" for i in range(n_jobs)]
     queue_background(gearmand.port, "f", uniques)
@@ -425,7 +489,8 @@ def test_results_held_back_leave_while_a_long_job_runs(gearmand, master, tmp_pat
             return job.data
     """)
     master({"servers": [gearmand.address], "watch_config": False,
-            "pools": {"mix": {"processes": 1, "functions": {"f": "mixjobs:f"}}}})
+            "pools": {"mix": {"processes": 1, "functions": {"f": "mixjobs:f"},
+                              "prefetch": 8}}})
     wait_for(lambda: len(gearmand.workers("mix")) == 1, message="the child registered")
     with Client(HOST, gearmand.port, timeout=20) as c:
         short = [c.submit("f", b"short") for _ in range(60)]

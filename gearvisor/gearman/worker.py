@@ -7,15 +7,16 @@ The loop keeps one connection per server and drives each through a small state m
 
 Throughput comes from three choices (DESIGN.md): PRE_SLEEP is sent only once every live server
 has answered NO_JOB; each result is written in the same send() as the next GRAB, so a busy
-queue costs one round trip per job; and while jobs are short and succeed, up to `prefetch`
-GRABs stay in flight on a connection (adaptive prefetch, see Connection.depth). Several jobs
-then arrive in one read, and their results are held back until the last of them is done (or
-FLUSH_AFTER has passed, by the timer's alarm), so a deep queue of fast jobs costs gearmand one
-wake-up per read instead of one per job. A job gearmand has
-assigned is always run, even when the worker is stopping or pausing: prefetch never hands a
-job back (that would count as a retry in gearmand and reorder the queue). A server that goes
-away is reconnected with backoff while jobs from the others keep flowing; a malformed packet
-closes only that connection.
+queue costs one round trip per job; and, opt-in (`prefetch` above 1), while jobs are short and
+succeed, several GRABs stay in flight on a connection (see Connection.depth). Several jobs then
+arrive in one read; their results are held back until the last of them is done, the GRABs
+that top the connection up leave with them, and the timer's alarm sends held results after
+FLUSH_AFTER if a later job runs long (while it runs Python code: a signal handler waits for a
+long C call to return). A deep queue of fast jobs then costs gearmand one wake-up per read
+instead of one per job. A job gearmand has assigned is always run, even when the worker is
+stopping or pausing: nothing is handed back (that would count as a retry in gearmand). A
+server that goes away is reconnected with backoff while jobs from the others keep flowing; a
+malformed packet closes only that connection.
 """
 
 from __future__ import annotations
@@ -461,14 +462,14 @@ class Worker:
         sock = conn.sock
         if sock is None:
             return False
-        if conn.out:  # held-back results go first: the stream keeps its order
-            data = b"".join(conn.out) + data
-            conn.out.clear()
-            self.timer.flush_cancel()
-        # A soft job timeout (SIGALRM) must not cut a packet in half: it waits until the
-        # write is done (the timer raises JobTimeout on release).
+        # A soft job timeout (SIGALRM) must not cut a packet in half, nor drop the held-back
+        # results taken below: it waits until the write is done (raised on release).
         self.timer.hold()
         try:
+            if conn.out:  # held-back results go first: the stream keeps its order
+                data = b"".join(conn.out) + data
+                conn.out.clear()
+                self.timer.flush_cancel()
             sock.sendall(data)
             return True
         except OSError as e:
@@ -509,13 +510,20 @@ class Worker:
             self._drop(conn, f"protocol error: {e}")
             return
         last = len(frames) - 1
-        for i, frame in enumerate(frames):
-            if conn.sock is None:
-                return  # dropped while handling an earlier frame
-            self._more = i < last
-            self._handle(conn, frame.type, frame.args)
+        try:
+            for i, frame in enumerate(frames):
+                if conn.sock is None:
+                    return  # dropped while handling an earlier frame
+                self._more = i < last
+                self._handle(conn, frame.type, frame.args)
+        except BaseException:
+            # Job code raised SystemExit (or the like) through us: the results of the jobs
+            # that finished before it still go out, or gearmand would run them again.
+            if conn.out:
+                self._send(conn, b"")
+            raise
         if conn.out:
-            self._send(conn, b"")
+            self._flush(conn)
 
     def _handle(self, conn: Connection, ptype: int, args: tuple[bytes, ...]) -> None:
         if ptype in _ASSIGN:
@@ -570,11 +578,11 @@ class Worker:
         function = fname.decode(errors="replace")
 
         def send(ptype_: int, h: bytes, payload: bytes) -> None:
-            self._in_job = False  # the runtime writes: the flush alarm must not
+            in_job, self._in_job = self._in_job, False  # we write: the flush alarm must not
             try:
                 self._send(conn, encode(ptype_, h, payload))
             finally:
-                self._in_job = True
+                self._in_job = in_job
 
         job = Job(function, handle.decode(errors="replace"), unique.decode(errors="replace"),
                   data, send, conn.label)
@@ -628,45 +636,62 @@ class Worker:
                       else 1)
         self._reply(conn, reply)
 
+    def _taking(self) -> bool:
+        """New jobs are wanted: not stopping, paused or about to pause."""
+        return not self.stopping and not self.paused and not self._want_paused
+
     def _reply(self, conn: Connection, reply: bytes) -> None:
         # The result and the next GRAB(s) leave in one write: at most one round trip per job.
-        if not self.stopping and not self.paused and not self._want_paused:
-            n = max(0, conn.depth - conn.outstanding)
-            if self._more and conn.depth > 1 and (conn.out or self.timer.flush_in(
-                    FLUSH_AFTER, self._flush_alarm)):
-                # More assigned jobs arrived in this read: this result leaves with theirs.
+        if self._taking():
+            if self._more and conn.depth > 1:
+                # More assigned jobs arrived in this read: this result leaves with theirs,
+                # and the GRABs with the last of them (_flush): no GRAB is decided early.
+                conn.out.append(reply)
                 self._holding = conn
-                conn.out.append(reply + GRAB * n)
-                conn.outstanding += n
-            else:
-                self._grab(conn, reply, n)
+                if len(conn.out) == 1 and not self.timer.flush_in(FLUSH_AFTER,
+                                                                  self._flush_alarm):
+                    self._flush(conn)  # nothing would bound the wait: send it now
+                return
+            self._grab(conn, reply, max(0, conn.depth - conn.outstanding))
         elif self._send(conn, reply) and not conn.outstanding:
             # Stopping or pausing: no more GRABs; jobs already assigned to us still run.
             conn.state = ConnState.IDLE
             if self.paused or self._want_paused:
                 self._settle(conn)
 
+    def _flush(self, conn: Connection) -> None:
+        """Send the held-back results, with the GRABs that keep conn.depth in flight while
+        new jobs are wanted and the queue has not run dry."""
+        if conn.state is ConnState.GRABBING and self._taking():
+            self._grab(conn, b"", max(0, conn.depth - conn.outstanding))
+        else:
+            self._send(conn, b"")
+
     def _flush_alarm(self) -> None:
-        """From the timer's signal handler: results held back too long leave now, if job
-        code is running (the runtime itself is between two sends: it flushes before the
-        next job or at the end of the read)."""
+        """From the timer's signal handler: results held back too long leave now if job
+        code is running. If the runtime itself is running (between two sends), it flushes
+        before the next job or at the end of the read; the alarm looks again soon, in case
+        that next job is long. Results only: GRABs are the runtime's to decide."""
         conn = self._holding
-        if conn is None or not conn.out:
+        if conn is None or not conn.out or conn.sock is None:
             return
-        if not self._in_job or conn.sock is None:
+        if not self._in_job:
             self._flush_due = True
+            self.timer.flush_in(FLUSH_AFTER, self._flush_alarm)
             return
         data = b"".join(conn.out)
         conn.out.clear()
         try:
             conn.sock.sendall(data)
-        except OSError:
+        except BaseException as e:
             # Maybe cut mid-packet: make the runtime's next read or write fail, so it drops
             # the connection (no logging or selector work from a signal handler).
             try:
                 conn.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            if not isinstance(e, OSError):
+                raise
 
     def _failure_reply(self, handle: bytes, exc: Exception) -> bytes:
         text = f"{type(exc).__name__}: {exc}\n".encode(errors="replace")
