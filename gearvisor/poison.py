@@ -15,7 +15,6 @@ payload (see job_key).
 from __future__ import annotations
 
 import collections
-import hashlib
 import mmap
 import struct
 
@@ -27,16 +26,14 @@ CAPACITY = 4096  # keys kept; the oldest is overwritten when full (a ring)
 def job_key(function: str, unique: str, handle: str, data: bytes = b"",
             server: str = "") -> int:
     """The job's identity across retries: its unique id; without one, its handle on its
-    server plus a digest of its payload (handles restart at 1 with gearmand, and two
-    gearmands hand out the same ones)."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(function.encode(errors="replace") + b"\0")
+    server plus its payload (handles restart at 1 with gearmand, and two gearmands hand out
+    the same ones). Python's hash, computed per job: its secret is the same in the master
+    and in every child forked from it, and keys never leave that process tree."""
     if unique:
-        h.update(b"u\0" + unique.encode(errors="replace"))
+        h = hash((function, "u", unique))
     else:
-        h.update(b"h\0" + f"{server}\0{handle}\0".encode(errors="replace"))
-        h.update(hashlib.blake2b(data, digest_size=16).digest())
-    return _KEY.unpack(h.digest())[0]
+        h = hash((function, "h", server, handle, data))
+    return (h & 0xFFFFFFFFFFFFFFFF) or 1  # a 64-bit slot value; 0 means "no job"
 
 
 class PoisonTable:

@@ -42,6 +42,7 @@ SEND_TIMEOUT = 30.0  # a server that accepts no bytes for this long is treated a
 RECV_TIMEOUT = 0.5  # a blocking read (the one-server fast path) gives the loop back this often
 REPOLL_EMPTY = 0.5  # re-ask an EMPTY server this often while another keeps us busy
 RECONNECT_INITIAL = 0.05
+FAST_PATH_CHECKS = 0.1  # every_tick checks while a queue drains: this often, not per job
 # Prefetch grows only while jobs end successfully within this time: a job that is slower, or
 # fails, drops the connection back to one GRAB in flight at once. So prefetched jobs wait
 # behind short jobs, and a worker that starts failing (quarantine) holds few jobs.
@@ -256,7 +257,8 @@ class Worker:
                 conn.can_do = True
 
     def every_tick(self, check: Callable[[], None]) -> None:
-        """Run `check` on every loop pass (at least once a second): e.g. parent-alive checks."""
+        """Run `check` on every loop pass (at least once a second; every FAST_PATH_CHECKS
+        while a queue drains): e.g. parent-alive checks."""
         self._extra_checks.append(check)
 
     def run(self) -> None:
@@ -265,15 +267,20 @@ class Worker:
         for conn in self.conns:
             self._connect(conn, now)
         only = self.conns[0] if len(self.conns) == 1 else None
+        checked = 0.0
         while True:
             if (only is not None and only.state is ConnState.GRABBING and not self.stopping
                     and self._want_paused == self.paused):
                 # One server, a GRAB just sent: gearmand answers it at once (a job or NO_JOB),
                 # so read without epoll and without the loop's bookkeeping: the fast path of
-                # a queue being drained. The socket's receive timeout bounds the wait.
+                # a queue being drained. The socket's receive timeout bounds the wait, and
+                # the checks run every FAST_PATH_CHECKS seconds, not per job.
                 self._read(only)
-                for check in self._extra_checks:
-                    check()
+                now = self.clock()
+                if now - checked >= FAST_PATH_CHECKS:
+                    checked = now
+                    for check in self._extra_checks:
+                        check()
                 continue
             now = self.clock()
             if self.stopping and not any(c.state is ConnState.GRABBING for c in self.conns):
