@@ -73,6 +73,7 @@ class ErrorWindow:
         self.ratio = ratio
         self.fast = fast
         self.outcomes: collections.deque[bool] = collections.deque(maxlen=window)  # True: fast fail
+        self.fast_fails = 0  # True entries in outcomes (kept as they come and go)
         self.probation_left = probation_jobs  # successes still needed; 0 = not on probation
         self.failed = 0  # failures seen in all (reported when it quarantines)
 
@@ -82,20 +83,26 @@ class ErrorWindow:
 
     def record(self, ok: bool, seconds: float) -> str | None:
         """Record one job; return why the child must quarantine itself now, or None."""
+        fast_fail = False
         if not ok:
             self.failed += 1
-        fast_fail = not ok and seconds < self.fast
-        self.outcomes.append(fast_fail)
-        if self.on_probation:
+            fast_fail = seconds < self.fast
+        outcomes = self.outcomes
+        if len(outcomes) == self.window and outcomes[0]:
+            self.fast_fails -= 1  # about to fall out of the window
+        outcomes.append(fast_fail)
+        if fast_fail:
+            self.fast_fails += 1
+        if self.probation_left:
             if fast_fail:
                 return (f"failed a job in {seconds * 1000:.0f} ms while on probation after an "
                         "earlier quarantine")
             if ok:
                 self.probation_left -= 1
             return None
-        n = len(self.outcomes)
-        fast = sum(self.outcomes)
-        if n >= self.min_jobs and fast and fast >= self.ratio * n:
+        n = len(outcomes)
+        fast = self.fast_fails
+        if fast and n >= self.min_jobs and fast >= self.ratio * n:
             return (f"{fast} of its last {n} jobs failed in under {self.fast * 1000:.0f} ms "
                     f"(threshold {self.ratio:.0%} of at least {self.min_jobs})")
         return None

@@ -22,6 +22,7 @@ malformed packet closes only that connection.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import random
 import selectors
@@ -122,7 +123,7 @@ class Connection:
 
     __slots__ = ("host", "port", "label", "sock", "decoder", "state", "retry_at", "delay",
                  "deadline", "empty_since", "answered", "attempts", "down_logged", "ever_up",
-                 "can_do", "outstanding", "depth", "out")
+                 "can_do", "outstanding", "depth", "out", "job_send")
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -145,6 +146,7 @@ class Connection:
         # worker's prefetch; back to 1 after a slow or failed job, or NO_JOB.
         self.depth = 1
         self.out: list[bytes] = []  # results held back; every send writes them first
+        self.job_send: Callable[[int, bytes, bytes], None] | None = None  # set by Worker
 
 
 class Worker:
@@ -180,6 +182,8 @@ class Worker:
         prefetch: int = 1,
     ) -> None:
         self.conns = [Connection(h, p) for h, p in servers]
+        for conn in self.conns:
+            conn.job_send = functools.partial(self._job_send, conn)
         self.functions = functions
         self.client_id = client_id
         self.log = log
@@ -583,16 +587,8 @@ class Worker:
         else:  # JOB_ASSIGN_ALL: handle, function, unique, reducer, data
             handle, fname, unique, _reducer, data = args
         function = fname.decode(errors="replace")
-
-        def send(ptype_: int, h: bytes, payload: bytes) -> None:
-            in_job, self._in_job = self._in_job, False  # we write: the flush alarm must not
-            try:
-                self._send(conn, encode(ptype_, h, payload))
-            finally:
-                self._in_job = in_job
-
         job = Job(function, handle.decode(errors="replace"), unique.decode(errors="replace"),
-                  data, send, conn.label)
+                  data, conn.job_send, conn.label)
         fn = self.functions.get(function)
         hooks = self.hooks
         if self.is_poison is not None and self.is_poison(job):
@@ -642,6 +638,14 @@ class Worker:
         conn.depth = (min(conn.depth * 2, self.prefetch) if ok and seconds < PREFETCH_FAST
                       else 1)
         self._reply(conn, reply)
+
+    def _job_send(self, conn: Connection, ptype: int, handle: bytes, payload: bytes) -> None:
+        """What a job's send_status/send_data/... write (Job._send)."""
+        in_job, self._in_job = self._in_job, False  # we write: the flush alarm must not
+        try:
+            self._send(conn, encode(ptype, handle, payload))
+        finally:
+            self._in_job = in_job
 
     def _taking(self) -> bool:
         """New jobs are wanted: not stopping, paused or about to pause."""
