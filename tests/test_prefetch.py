@@ -399,6 +399,45 @@ def test_pause_waits_for_every_answer_then_resets_abilities(wired) -> None:
     assert conn.state is ConnState.IDLE and conn.outstanding == 0
 
 
+def read_ending_in_an_error_then(wired, action: Callable[[Worker], None]) -> tuple[Worker, Any]:
+    """Two jobs and then a non-job frame (gearmand's ERROR) in one read, with a stop or pause
+    arriving right after that last frame: the held results leave at the end of the read."""
+    batch = Batch(wired, lambda *a: None)
+    worker = batch.worker
+    handle = worker._handle
+
+    def handle_then_act(conn: Any, ptype: int, args: tuple[bytes, ...]) -> None:
+        handle(conn, ptype, args)
+        if ptype == Packet.ERROR:
+            action(worker)  # the SIGTERM or SIGUSR1 handler runs here
+
+    worker._handle = handle_then_act
+    worker.exception_packet = "exception"  # (the JOB_NOT_FOUND it answers is not news)
+    error = encode(Packet.ERROR, "JOB_NOT_FOUND", "x", magic=RES)
+    worker.conns[0].depth, worker.conns[0].outstanding = 4, 2
+    feed(worker, batch.server, jobs(("H:1", "f"), ("H:2", "f")) + error)
+    return worker, batch.server
+
+
+def test_a_stop_after_the_last_job_of_a_read_leaves_the_connection_idle(wired) -> None:
+    worker, server = read_ending_in_an_error_then(wired, Worker.stop)
+    packets = server.received()
+    assert completed(packets) == [b"H:1", b"H:2"] and grabs(packets) == 0
+    # run() ends only once no connection is GRABBING: nothing is in flight, so idle.
+    assert worker.conns[0].state is ConnState.IDLE
+
+
+def test_a_pause_after_the_last_job_of_a_read_unregisters_and_resumes(wired) -> None:
+    worker, server = read_ending_in_an_error_then(wired, Worker.pause)
+    worker._apply_pause()
+    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:1", b"H:1")),
+                                 (Packet.WORK_COMPLETE, (b"H:2", b"H:2")),
+                                 (Packet.RESET_ABILITIES, ())]
+    worker.resume()
+    worker._apply_pause()
+    assert grabs(server.received()) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Integration: a real gearmand, real children, a deep queue of short jobs
 

@@ -664,8 +664,14 @@ class Worker:
                     self._flush(conn)  # nothing would bound the wait: send it now
                 return
             self._grab(conn, reply, max(0, conn.depth - conn.outstanding))
-        elif self._send(conn, reply) and not conn.outstanding:
-            # Stopping or pausing: no more GRABs; jobs already assigned to us still run.
+        else:
+            self._send_winding_down(conn, reply)
+
+    def _send_winding_down(self, conn: Connection, data: bytes) -> None:
+        """Stopping or pausing: no more GRABs (jobs already assigned to us still run). Once
+        every GRAB is answered the connection goes idle, and a pause unregisters it."""
+        if (self._send(conn, data) and not conn.outstanding
+                and conn.state is ConnState.GRABBING):
             conn.state = ConnState.IDLE
             if self.paused or self._want_paused:
                 self._settle(conn)
@@ -675,8 +681,8 @@ class Worker:
         new jobs are wanted and the queue has not run dry."""
         if conn.state is ConnState.GRABBING and self._taking():
             self._grab(conn, b"", max(0, conn.depth - conn.outstanding))
-        else:
-            self._send(conn, b"")
+        else:  # a stop or pause may have come after the read's last job
+            self._send_winding_down(conn, b"")
 
     def _flush_alarm(self) -> None:
         """From the timer's signal handler: results held back too long leave now if job
