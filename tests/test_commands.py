@@ -201,7 +201,7 @@ def test_a_command_that_exits_at_once_fails_to_start_then_quarantines_then_gives
 def test_output_lines_are_captured_and_a_flood_is_dropped_not_blocking(gearmand, master,
                                                                        tmp_path):
     done = tmp_path / "flood-done"
-    script = ("import os, pathlib, sys, time\n"
+    script = ("import os, pathlib, signal, sys, time\n"
               "print('hello from the worker', flush=True)\n"
               "print('an error line', file=sys.stderr, flush=True)\n"
               f"go = pathlib.Path({str(tmp_path / 'go')!r})\n"
@@ -215,7 +215,7 @@ def test_output_lines_are_captured_and_a_flood_is_dropped_not_blocking(gearmand,
               "    except BlockingIOError:\n"
               "        pass  # a full pipe: this line is lost, the worker goes on\n"
               f"pathlib.Path({str(done)!r}).touch()\n"
-              "time.sleep(3600)  # the worker idles until gearvisor stops it\n")
+              "signal.pause()  # the worker idles until gearvisor's SIGTERM ends it\n")
     (tmp_path / "chatty.py").write_text(script)
     m = start(gearmand, master, {
         "chatty": {"processes": 1, "command": [sys.executable, str(tmp_path / "chatty.py")],
@@ -258,10 +258,10 @@ def test_gearmand_itself_as_a_command_pool(master, tmp_path):
 
 
 def test_output_to_a_rotated_log_file(gearmand, master, tmp_path):
-    script = ("import os, time\n"
+    script = ("import os, signal\n"
               "for i in range(400):\n"
               "    os.write(1, b'x' * 100 + b' %d\\n' % i)\n"
-              "time.sleep(3600)  # the worker idles until gearvisor stops it\n")
+              "signal.pause()  # the worker idles until gearvisor's SIGTERM ends it\n")
     (tmp_path / "writer.py").write_text(script)
     m = start(gearmand, master, {
         "writer": {"processes": 1, "command": [sys.executable, str(tmp_path / "writer.py")],

@@ -23,7 +23,7 @@ MAX_JOBS = 400
 MAX_SECONDS = 30
 
 WORKERS = '''
-import os, time
+import os, signal
 from gearvisor.job import JobTimeout
 
 FLAG = {flag!r}
@@ -60,17 +60,17 @@ def crash(job):
 
 
 def hang(job):
-    """Sleeps; with b"stubborn" it ignores the soft timeout and must be killed."""
-    while True:  # the hung job under test, not a wait of the test: only a timeout ends it
+    """Hangs (waits for signals, forever); with b"stubborn" it ignores the soft timeout and
+    must be killed."""
+    while True:  # the hung job under test: only a timeout ends it
         try:
-            time.sleep(3600)
+            signal.pause()
         except JobTimeout:
             if job.data != b"stubborn":
                 raise
 
 
 def steal_alarm(job):
-    import signal
     signal.signal(signal.SIGALRM, lambda *args: None)  # job code that uses alarm() itself
     return "ok"
 

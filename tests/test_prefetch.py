@@ -522,9 +522,12 @@ def test_results_held_back_leave_while_a_long_job_runs(gearmand, master, tmp_pat
         import time
 
         def f(job):
-            until = time.perf_counter() + (3.0 if job.data == b"long" else 0.0003)
+            if job.data == b"long":
+                time.sleep(3.0)  # the long job under test (the alarm's handler runs meanwhile)
+                return job.data
+            until = time.perf_counter() + 0.0003  # short (prefetch grows), but not instant
             while time.perf_counter() < until:
-                time.sleep(0.001) if job.data == b"long" else None
+                pass
             return job.data
     """)
     master({"servers": [gearmand.address], "watch_config": False,
