@@ -191,15 +191,13 @@ def test_a_refused_poison_job_drops_prefetch_to_one(wired) -> None:
 def test_results_of_one_read_leave_together_after_its_last_job(wired) -> None:
     timer = FlushTimer()
     hooks = RecordingHooks()
-    holder: list[Any] = []
     sent_before: dict[bytes, list[bytes]] = {}
 
-    def f(job: Job) -> bytes:
-        sent_before[job.data] = completed(holder[0].received())
+    def f(worker: Worker, server: Any, job: Job) -> bytes:
+        sent_before[job.data] = completed(server.received())
         return job.data
 
-    worker, server = wired(functions={"f": f}, prefetch=8, timer=timer, hooks=hooks)
-    holder.append(server)
+    worker, server = wired(on_job=f, prefetch=8, timer=timer, hooks=hooks)
     conn = worker.conns[0]
     conn.depth, conn.outstanding = 4, 4
     feed(worker, server, jobs(("H:1", "f"), ("H:2", "f"), ("H:3", "f"), ("H:4", "f")))
@@ -220,11 +218,11 @@ class Batch:
     def __init__(self, wired, body: Callable[[Worker, Any, FlushTimer, Job], None]) -> None:
         self.timer = FlushTimer()
 
-        def f(job: Job) -> bytes:
-            body(self.worker, self.server, self.timer, job)
+        def f(worker: Worker, server: Any, job: Job) -> bytes:
+            body(worker, server, self.timer, job)
             return job.data
 
-        self.worker, self.server = wired(functions={"f": f}, prefetch=8, timer=self.timer)
+        self.worker, self.server = wired(on_job=f, prefetch=8, timer=self.timer)
 
     def read(self, *handles: str) -> tuple[Worker, Any]:
         """gearmand answers len(handles) GRABs with these jobs, all in one recv."""
@@ -286,14 +284,12 @@ def test_a_job_that_sends_status_flushes_held_results_first(wired) -> None:
 
 def test_without_a_flush_capable_timer_every_result_leaves_at_once(wired) -> None:
     sent_before: dict[bytes, list[bytes]] = {}
-    holder: list[Any] = []
 
-    def f(job: Job) -> bytes:
-        sent_before[job.data] = completed(holder[0].received())
+    def f(worker: Worker, server: Any, job: Job) -> bytes:
+        sent_before[job.data] = completed(server.received())
         return job.data
 
-    worker, server = wired(functions={"f": f}, prefetch=8, timer=JobTimer())
-    holder.append(server)
+    worker, server = wired(on_job=f, prefetch=8, timer=JobTimer())
     conn = worker.conns[0]
     conn.depth, conn.outstanding = 4, 3
     feed(worker, server, jobs(("H:1", "f"), ("H:2", "f"), ("H:3", "f")))
@@ -361,17 +357,15 @@ def test_job_code_exiting_does_not_lose_the_results_held_before_it(wired) -> Non
 
 
 def test_stop_runs_the_prefetched_jobs_then_goes_idle(wired) -> None:
-    holder: list[Worker] = []
     ran: list[bytes] = []
 
-    def f(job: Job) -> bytes:
+    def f(worker: Worker, server: Any, job: Job) -> bytes:
         ran.append(job.data)
         if job.data == b"H:1":
-            holder[0].stop()  # SIGHUP during the first job
+            worker.stop()  # SIGHUP during the first job
         return job.data
 
-    worker, server = wired(functions={"f": f}, prefetch=8, timer=FlushTimer())
-    holder.append(worker)
+    worker, server = wired(on_job=f, prefetch=8, timer=FlushTimer())
     conn = worker.conns[0]
     conn.depth, conn.outstanding = 4, 4
     feed(worker, server, jobs(("H:1", "f"), ("H:2", "f")))

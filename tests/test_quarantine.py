@@ -823,14 +823,11 @@ def test_resume_sends_can_do_for_each_function_then_grab(wired) -> None:
 
 
 def test_pause_asked_during_a_job_holds_back_its_grab(wired) -> None:
-    holder: list[Worker] = []
-
-    def quarantine_me(job: Job) -> bytes:
-        holder[0].pause()  # what SIGUSR1 (or the child's quarantine) does mid-job
+    def quarantine_me(worker: Worker, server: Any, job: Job) -> bytes:
+        worker.pause()  # what SIGUSR1 (or the child's quarantine) does mid-job
         return b"done"
 
-    worker, server = wired(functions={"echo": quarantine_me})
-    holder.append(worker)
+    worker, server = wired(on_job=quarantine_me, function="echo")
     assign(worker, b"echo")
     assert server.received() == [(Packet.WORK_COMPLETE, (b"H:gm:1", b"done")),
                                  (Packet.RESET_ABILITIES, ())]
@@ -840,14 +837,11 @@ def test_pause_asked_during_a_job_holds_back_its_grab(wired) -> None:
 
 
 def test_pause_taken_back_before_it_applied_picks_up_the_grab(wired) -> None:
-    holder: list[Worker] = []
-
-    def flap(job: Job) -> bytes:
-        holder[0].pause()
+    def flap(worker: Worker, server: Any, job: Job) -> bytes:
+        worker.pause()
         return b"ok"
 
-    worker, server = wired(functions={"echo": flap})
-    holder.append(worker)
+    worker, server = wired(on_job=flap, function="echo")
     assign(worker, b"echo")
     assert server.received() == [(Packet.WORK_COMPLETE, (b"H:gm:1", b"ok")),
                                  (Packet.RESET_ABILITIES, ())]

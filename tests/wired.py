@@ -4,6 +4,7 @@ tests drive its packet handling by hand and read what it sent from the other end
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from gearvisor.gearman.protocol import Decoder, Packet
@@ -76,10 +77,17 @@ def assign(worker: Worker, function: bytes, handle: bytes = b"H:gm:1", unique: b
     worker._handle(worker.conns[0], Packet.JOB_ASSIGN_UNIQ, (handle, function, unique, data))
 
 
-def make_wired(made: list, **kw: Any) -> tuple[Worker, Server]:
+def make_wired(made: list, on_job: Callable[[Worker, Server, Job], bytes] | None = None,
+               function: str = "f", **kw: Any) -> tuple[Worker, Server]:
     """A Worker serving "echo" and "upper" (or `functions=`) whose one connection is a
     socketpair, as if it had connected and asked for a job (one GRAB in flight). `made`
-    collects what to close."""
+    collects what to close.
+
+    on_job: instead, the one function `function` is on_job(worker, server, job), for job
+    code that acts on its worker (a stop, a pause) or looks at what the server has received.
+    """
+    if on_job is not None:
+        kw["functions"] = {function: lambda job: on_job(worker, server, job)}
     functions = kw.pop("functions", None) or {
         "echo": lambda job: job.data, "upper": lambda job: job.data.upper()}
     worker = Worker([("127.0.0.1", 4730)], functions, "test:mail:0", Log(), **kw)
@@ -91,4 +99,5 @@ def make_wired(made: list, **kw: Any) -> tuple[Worker, Server]:
     conn.answered = True
     conn.can_do = True
     made.append((worker, theirs))
-    return worker, Server(theirs)
+    server = Server(theirs)
+    return worker, server
