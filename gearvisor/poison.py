@@ -140,7 +140,7 @@ class RunningJobs:
     def set(self, index: int, key: int) -> None:
         """Child side: the job it starts (key) or 0 when it ends."""
         if index >= 0:
-            _KEY.pack_into(self._mm, self._TOP + index * self.SLOT, key)
+            _KEY.pack_into(self._mm, self._at(index), key)
 
     def others(self, key: int, index: int) -> int:
         """Child side: other slots holding `key` whose child is dead (not reaped yet)."""

@@ -213,7 +213,6 @@ class Worker:
         # costs an mmap, mremap and munmap per call.
         self._rbuf = memoryview(bytearray(RECV_SIZE))
         self._more = False  # more packets of the current read follow: results may wait
-        self._holding: Connection | None = None  # the connection whose results wait
         self._in_job = False  # job code runs (not a send of its own): the alarm may flush
         self._flush_due = False  # the flush alarm came between jobs: flush before the next
 
@@ -653,19 +652,20 @@ class Worker:
 
     def _reply(self, conn: Connection, reply: bytes) -> None:
         # The result and the next GRAB(s) leave in one write: at most one round trip per job.
-        if self._taking():
-            if self._more and conn.depth > 1:
-                # More assigned jobs arrived in this read: this result leaves with theirs,
-                # and the GRABs with the last of them (_flush): no GRAB is decided early.
-                conn.out.append(reply)
-                self._holding = conn
-                if len(conn.out) == 1 and not self.timer.flush_in(FLUSH_AFTER,
-                                                                  self._flush_alarm):
-                    self._flush(conn)  # nothing would bound the wait: send it now
-                return
-            self._grab(conn, reply, max(0, conn.depth - conn.outstanding))
-        else:
+        if not self._taking():
             self._send_winding_down(conn, reply)
+        elif self._more and conn.depth > 1:
+            # More assigned jobs arrived in this read: this result leaves with theirs, and
+            # the GRABs with the last of them (_flush): no GRAB is decided early.
+            conn.out.append(reply)
+            if len(conn.out) == 1 and not self.timer.flush_in(FLUSH_AFTER, self._flush_alarm):
+                self._flush(conn)  # nothing would bound the wait: send it now
+        else:
+            self._top_up(conn, reply)
+
+    def _top_up(self, conn: Connection, before: bytes = b"") -> None:
+        """Write `before` with the GRABs that bring conn.outstanding up to conn.depth."""
+        self._grab(conn, before, max(0, conn.depth - conn.outstanding))
 
     def _send_winding_down(self, conn: Connection, data: bytes) -> None:
         """Stopping or pausing: no more GRABs (jobs already assigned to us still run). Once
@@ -680,7 +680,7 @@ class Worker:
         """Send the held-back results, with the GRABs that keep conn.depth in flight while
         new jobs are wanted and the queue has not run dry."""
         if conn.state is ConnState.GRABBING and self._taking():
-            self._grab(conn, b"", max(0, conn.depth - conn.outstanding))
+            self._top_up(conn)
         else:  # a stop or pause may have come after the read's last job
             self._send_winding_down(conn, b"")
 
@@ -689,8 +689,8 @@ class Worker:
         code is running. If the runtime itself is running (between two sends), it flushes
         before the next job or at the end of the read; the alarm looks again soon, in case
         that next job is long. Results only: GRABs are the runtime's to decide."""
-        conn = self._holding
-        if conn is None or not conn.out or conn.sock is None:
+        conn = next((c for c in self.conns if c.out), None)  # (one read holds at a time)
+        if conn is None or conn.sock is None:
             return
         if not self._in_job:
             self._flush_due = True
