@@ -42,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HOST, PYTHON, REPO, Gearmand, Row, Target, kill, spawn  # noqa: E402
 
 from gearvisor.gearman.client import Client  # noqa: E402
-from gearvisor.gearman.protocol import Decoder, Packet, encode  # noqa: E402
 
 SECTION = "throughput"
 FUNCTION = "echo"
@@ -160,24 +159,9 @@ def submit_background(port: int, n: int, deadline: float) -> float:
     one connection. Returns the seconds it took."""
     started = time.monotonic()
     token = uuid.uuid4().hex[:12]
-    decoder = Decoder()
-    created = 0
-    with socket.create_connection((HOST, port), timeout=10.0) as sock:
-        for first in range(0, n, SUBMIT_BATCH):
-            last = min(n, first + SUBMIT_BATCH)
-            sock.sendall(b"".join(encode(Packet.SUBMIT_JOB_BG, FUNCTION, f"{token}-{i}", PAYLOAD)
-                                  for i in range(first, last)))
-            while created < last:
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"submitting {n} background jobs: {created} created")
-                data = sock.recv(1 << 20)
-                if not data:
-                    raise OSError("gearmand closed the connection while jobs were submitted")
-                for f in decoder.feed(data):
-                    if f.type == Packet.JOB_CREATED:
-                        created += 1
-                    elif f.type == Packet.ERROR:
-                        raise OSError(f"gearmand refused a job: {f.args!r}")
+    with Client(HOST, port, timeout=10.0) as client:
+        client.submit_background_many(FUNCTION, [f"{token}-{i}" for i in range(n)], PAYLOAD,
+                                      batch=SUBMIT_BATCH, deadline=deadline)
     return time.monotonic() - started
 
 

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from conftest import HOST, wait_for, write_module
 from wired import RecordingHooks
-from workload import queue_background
 
 from gearvisor.gearman.client import Client
 from gearvisor.gearman.protocol import RES, Packet, encode
@@ -457,7 +456,8 @@ def drain_fleet(gearmand, master, tmp_path: Path, n_jobs: int, **pool: Any):
                                     "backoff": {"initial": 0}, "prefetch": 8, **pool}}})
     wait_for(lambda: len(gearmand.workers("drain")) == 2, message="2 children registered")
     uniques = [f"u{i}" for i in range(n_jobs)]
-    queue_background(gearmand.port, "f", uniques)
+    with Client(HOST, gearmand.port) as client:
+        client.submit_background_many("f", uniques, deadline=time.monotonic() + 30)
     return m, log, uniques
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +19,6 @@ from conftest import HOST
 
 from gearvisor.gearman import admin
 from gearvisor.gearman.client import Client
-from gearvisor.gearman.protocol import Decoder, Packet, encode
 
 PROCESSES = 8
 MAX_LOAD_SECONDS = 60  # every load loop is bounded in time...
@@ -137,26 +135,3 @@ def versions_seen(tmp_path: Path) -> set[str]:
     path = tmp_path / "results.txt"
     return {line.split()[1] for line in path.read_text().splitlines()} if path.exists() else set()
 
-
-def queue_background(port: int, function: str, uniques: list[str], payload: bytes = b"",
-                     timeout: float = 30.0) -> None:
-    """Queue one background job per unique id, pipelined 500 to a write (a deep queue in a
-    second or two, where one submit per round trip would take many); bounded in time."""
-    deadline = time.monotonic() + timeout
-    decoder = Decoder()
-    created = 0
-    with socket.create_connection((HOST, port), timeout=10.0) as sock:
-        for first in range(0, len(uniques), 500):
-            batch = uniques[first:first + 500]
-            sock.sendall(b"".join(encode(Packet.SUBMIT_JOB_BG, function, u, payload)
-                                  for u in batch))
-            while created < first + len(batch):
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"queued {created} of {len(uniques)} jobs")
-                data = sock.recv(1 << 20)
-                if not data:
-                    raise OSError("gearmand closed the connection while jobs were queued")
-                for f in decoder.feed(data):
-                    if f.type != Packet.JOB_CREATED:
-                        raise OSError(f"gearmand answered {f.type} to a submit: {f.args!r}")
-                    created += 1

@@ -6,6 +6,7 @@ Not a full client library: one server, one connection, jobs tracked by handle.
 from __future__ import annotations
 
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -82,6 +83,27 @@ class Client:
                           unique: str | None = None) -> str:
         """Submit a background job (always with a unique id, see DESIGN.md)."""
         return self._submit(Packet.SUBMIT_JOB_BG, function, data, unique)
+
+    def submit_background_many(self, function: str, uniques: list[str], data: bytes | str = b"",
+                               batch: int = 500, deadline: float | None = None) -> None:
+        """Queue one background job per unique id, `batch` submits to a write, then their
+        JOB_CREATEDs: a deep queue in a second or two, where one submit per round trip takes
+        many. `deadline` (a time.monotonic() value) bounds the whole; TimeoutError past it."""
+        for first in range(0, len(uniques), batch):
+            chunk = uniques[first:first + batch]
+            self.sock.sendall(b"".join(encode(Packet.SUBMIT_JOB_BG, function, u, data)
+                                       for u in chunk))
+            created = 0
+            while created < len(chunk):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"queued {first + created} of {len(uniques)} jobs")
+                for f in self._frames():
+                    if f.type == Packet.JOB_CREATED:
+                        created += 1
+                    elif f.type == Packet.ERROR:
+                        raise ClientError(f"{f.args[0].decode()}: {f.args[1].decode()}")
+                    else:
+                        self._absorb(f)
 
     def _absorb(self, f: Frame) -> None:
         handle = f.args[0].decode() if f.args else ""
