@@ -76,6 +76,10 @@ class Slot:
         self.replace_why: str | None = None
         self.probation_next = False  # the next child of this slot starts on probation
         self.fatal: str | None = None  # gave up (max_restarts): no more starts until a roll
+        # For a roll's progress: the generation of the last child that became ready here,
+        # and of the last one that died here before it was ready (not on request).
+        self.ready_generation = 0
+        self.failed_generation = 0
         q = config.quarantine
         self.quarantines = Backoff(q.cooldown, q.cooldown_max, 2.0, 0.1, math.inf)
 
@@ -261,10 +265,12 @@ class Pool:
                 old = slot.child
                 slot.child, slot.successor = child, None
                 slot.replace_at = slot.replace_why = None
+                slot.ready_generation = child.generation
                 return slot.backoff.failures, old
             if slot.child is child:
                 failures = slot.backoff.failures
                 slot.last_reason = None
+                slot.ready_generation = child.generation
                 return failures, None
         return 0, None
 
@@ -350,13 +356,23 @@ class Pool:
         if self.rolling or any(s.child is not None and s.child.state is ChildState.STARTING
                                for s in self.slots):
             return False, None
-        empty = [s for s in self.slots if s.child is None]
-        if any(not s.backoff.in_streak for s in empty):
-            return False, None  # a slot that never failed is only waiting for its fork
-        if empty:
-            reasons = sorted({s.last_reason or "no child" for s in empty})
-            return True, (f"{len(empty)} of {len(self.slots)} children not running "
-                          f"({'; '.join(reasons)})")
+        failed = []
+        for slot in self.slots:
+            if slot.child is not None or slot.ready_generation == self.generation:
+                # Serving, or it served this generation and crashed since: the roll reached
+                # it; the restart is backoff's business, not the roll's.
+                continue
+            if slot.fatal is not None:
+                failed.append(slot.fatal)
+            elif slot.failed_generation == self.generation:
+                failed.append(slot.last_reason or "crashed before it was ready")
+            else:
+                # Empty for a moment (a crash just before its successor started, a starting
+                # child retired as outdated): its child of this generation is yet to come.
+                return False, None
+        if failed:
+            return True, (f"{len(failed)} of {len(self.slots)} children not running "
+                          f"({'; '.join(sorted(set(failed)))})")
         return True, None
 
     # -- reload ---------------------------------------------------------------------------------
@@ -432,6 +448,8 @@ class Pool:
             if slot.child is child:
                 slot.child = None
                 slot.replace_at = slot.replace_why = None  # the restart replaces it
+                if child.ready_at is None:
+                    slot.failed_generation = child.generation
                 delay = slot.backoff.failure(child.started_at, now)
                 if slot.successor is not None:
                     # It crashed mid-roll: its successor, already starting, takes the slot.

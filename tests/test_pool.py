@@ -859,14 +859,62 @@ def test_remove_clears_a_halted_roll() -> None:
     assert pool.progress() == (True, None)
 
 
-def test_progress_names_empty_slots_and_their_reasons() -> None:
-    pool, fleet = started_pool(3, initial=5.0)
+def test_progress_names_slots_whose_child_of_this_generation_never_came_up() -> None:
+    pool = Pool(pool_config(3, initial=5.0))
+    fleet = Fleet(pool)
+    fleet.step()
     boot = pool.slots[0].child
     boot.boot_error = BOOT_ERROR
     fleet.exit(boot, EXIT_BOOT_ERROR)
     fleet.exit(pool.slots[1].child, EXIT_CRASH)
+    fleet.ready(pool.slots[2].child)
     assert pool.progress() == (
         True, f"2 of 3 children not running (boot_error: {BOOT_ERROR}; crashed)")
+
+
+def test_progress_is_ok_when_children_crash_after_the_roll_reached_their_slot() -> None:
+    # A crash after a slot's child of this generation was ready is a crash (backoff, alerts),
+    # not a failed roll: `gearvisor reload` must not exit 1 for it.
+    pool, fleet = started_pool(3, initial=5.0)
+    fleet.exit(pool.slots[0].child, EXIT_CRASH)
+    fleet.exit(pool.slots[1].child, None)  # SIGKILLed
+    assert pool.progress() == (True, None)
+
+
+def test_progress_waits_for_a_slot_that_crashed_just_before_the_roll_ended() -> None:
+    pool, fleet = started_pool(2, initial=5.0, max_surge=1)
+    pool.roll()
+    fleet.step()
+    (successor,) = fleet.successors()
+    fleet.ready(successor)
+    fleet.reap_retired()
+    # The other slot's old child crashes before its successor was started: the slot is
+    # empty and backing off, and no child of generation 2 has been there yet.
+    other = next(s for s in pool.slots if s.child is not None and s.child.generation == 1)
+    fleet.exit(other.child, EXIT_CRASH)
+    assert pool.progress() == (False, None)
+    fleet.now += 5.0
+    fleet.step()
+    assert other.child is not None and other.child.generation == 2
+    assert pool.progress() == (False, None)
+    fleet.ready(other.child)
+    assert pool.progress() == (True, None)
+
+
+def test_progress_waits_when_a_restarting_child_is_retired_as_outdated() -> None:
+    pool, fleet = started_pool(1, initial=1.0)
+    fleet.exit(pool.slots[0].child, EXIT_CRASH)  # a crash streak begins
+    fleet.now += 1.0
+    fleet.step()
+    assert pool.slots[0].child.state is ChildState.STARTING
+    pool.roll()
+    assert [a.why for a in retires(fleet.step())] == ["outdated before it was ready"]
+    assert pool.slots[0].backoff.in_streak
+    assert pool.progress() == (False, None)  # was (True, "1 of 1 children not running")
+    fleet.step()
+    fleet.ready(pool.slots[0].child)
+    fleet.reap_retired()
+    assert pool.progress() == (True, None)
 
 
 def test_progress_unfinished_while_a_slot_child_is_starting() -> None:

@@ -297,3 +297,25 @@ def test_systemd_notify(gearmand, master, tmp_path):
         assert m.wait_exit() == 0
     finally:
         sock.close()
+
+
+def test_reload_exits_0_when_a_restarting_child_is_retired_as_outdated(gearmand, master,
+                                                                       tmp_path):
+    # A slot that is empty for a moment during a roll is no failed roll: here the child of
+    # generation 1 was SIGKILLed and its restart is still importing (slow boot) when the
+    # reload comes, so the roll retires it as outdated and starts generation 2 instead.
+    write_version(tmp_path, "v1", preamble="time.sleep(1.5)")
+    m = master(config(gearmand, tmp_path, processes=1))
+    wait_for(lambda: registered_count(gearmand) == 1, timeout=20, message="1 child registered")
+    (first,) = [c["pid"] for c in m.status()["pools"][0]["children"]]
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: [c for c in m.status()["pools"][0]["children"]
+                      if c["pid"] not in (None, first) and c["state"] == "starting"],
+             timeout=20, message="the crashed slot's restart starting")
+    write_version(tmp_path, "v2", preamble="time.sleep(1.5)")
+    out = m.ctl("reload")
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    assert "ver: ok (generation 2)" in out.stdout
+    # gearmand itself lists the new child, and it runs the new code.
+    wait_for(lambda: registered_count(gearmand) == 1, timeout=20, message="1 child registered")
+    assert call(gearmand).data == b"v2"
