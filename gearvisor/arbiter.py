@@ -36,7 +36,14 @@ from .health import fd_warnings, jittered
 from .notify import Notifier
 from .poison import PoisonTable, RunningJobs, job_key
 from .pool import ExitKind, Pool, Retire, Spawn
-from .process import EXIT_BOOT_ERROR, Child, ChildState, describe_status
+from .process import (
+    EXIT_BOOT_ERROR,
+    Child,
+    ChildState,
+    describe_status,
+    group_members,
+    set_child_subreaper,
+)
 from .scoreboard import Scoreboard
 from .status import fleet_status, summary
 from .watcher import Debouncer, WatcherState, build_spec, run_watcher
@@ -48,6 +55,19 @@ REGISTERED_POLL = 0.25  # how often gearmand's workers list is read while a chil
 HEALTH_INTERVAL = 0.25  # how often hung jobs and lifetimes are checked, when configured
 QUIT_TIMEOUT = 2.0  # fast stop: how long children get to die from SIGQUIT before SIGKILL
 RETIRE_SIGNAL = signal.SIGHUP  # "finish your current job, then exit 0"
+FINAL_READS = 64  # a dead child's pipe: at most this many reads of what it holds, then close
+MAX_EVENT_LINE = 1024 * 1024  # an event line longer than this is dropped, not buffered
+
+
+@dataclass
+class Leftover:
+    """What is left of a dead child's process group: SIGTERMed, SIGKILLed at `kill_at`."""
+
+    pool: str
+    slot: int
+    child_pid: int  # the group's id: the dead child was its leader
+    kill_at: float
+    killed: bool = False  # SIGKILL sent
 
 
 @dataclass
@@ -96,6 +116,8 @@ class Arbiter:
         # of each job server (None: it could not be asked)
         self.admin_polls: dict[tuple[str, int], admin.WorkersPoll] = {}
         self.admin_seen: dict[tuple[str, int], list[admin.WorkerInfo] | None] = {}
+        # Process groups of dead children that still have members, by group id.
+        self.leftovers: dict[int, Leftover] = {}
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -124,6 +146,7 @@ class Arbiter:
             return 1
         self.sel.register(listener, selectors.EVENT_READ, ("listen",))
         setproctitle(f"gearvisor: master -c {self.config.path}")
+        set_child_subreaper()
         self._install_signals()
         self.log.info("master started", config=self.config.path,
                       control_socket=self.control.path,
@@ -134,8 +157,9 @@ class Arbiter:
             now = self.clock()
             self.handle_signals()
             self.reap()
+            self.check_leftovers(now)
             if self.stopping:
-                if not self.children and self.watcher.pid is None:
+                if not self.children and self.watcher.pid is None and not self.leftovers:
                     break
                 if now >= self.stop_deadline:
                     self.murder_children()
@@ -198,6 +222,7 @@ class Arbiter:
                 deadlines.append(due)
             deadlines += [d for d in (sink.due() for sink in self.sinks.values()) if d]
             deadlines += [p.deadline for p in self.admin_polls.values()]
+        deadlines += [g.kill_at for g in self.leftovers.values() if not g.killed]
         if self.notifier.watchdog_interval:
             deadlines.append(self.next_watchdog)
         return max(0.0, min(deadlines) - now)
@@ -309,6 +334,7 @@ class Arbiter:
         child.event_fd = r
         child.running_index = index
         child.timeouts, child.timeout_grace = pool.config.timeouts, pool.config.timeout_grace
+        child.kill_group = pool.config.kill_group
         for (out_r, out_w), stream in zip(pipes, ("stdout", "stderr"), strict=False):
             os.close(out_w)
             child.output[out_r] = (stream, bytearray())
@@ -337,8 +363,13 @@ class Arbiter:
             os.close(w)
             raise
         if pid == 0:
+            os.setpgid(0, 0)  # its own process group, so stopping it can reach descendants
             os.close(r)
             body(w, blocked)
+        try:
+            os.setpgid(pid, pid)  # the same from this side: set before anyone signals it
+        except OSError:
+            pass  # it did so itself already, and exec'd (EACCES) or died (ESRCH)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
         os.close(w)
         os.set_blocking(r, False)
@@ -365,18 +396,15 @@ class Arbiter:
         return sink
 
     def _read_output(self, child: Child, pool: Pool, fd: int, final: bool = False) -> bool:
-        """Log what a command child wrote; False once the pipe reached end of file."""
+        """Log what a command child wrote; False once the pipe is closed: at end of file,
+        or with `final` (the child is dead) after what the pipe holds now was read. A
+        descendant that keeps the pipe open must not keep the master reading (or spinning)."""
         stream, buf = child.output[fd]
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return True
-        except OSError:
-            data = b""
+        data, eof = read_ready(fd, FINAL_READS if final else 1)
         sink = self._sink(pool)
-        for line in split_lines(buf, data, final=not data):
+        for line in split_lines(buf, data, final=eof or final):
             sink.line(child.slot, child.pid, stream, line)
-        if not data:
+        if eof or final:
             try:
                 self.sel.unregister(fd)
             except (KeyError, ValueError):
@@ -475,12 +503,17 @@ class Arbiter:
                                  if pool.config.ready == "registered" and due <= now else due)
         return min(times) if times else None
 
-    def _read_pipe(self, child: Child, pool: Pool) -> bool:
-        """Handle what the pipe holds now; return False once it reached end of file."""
-        lines = _read_lines(child.event_fd, child.event_buf)
-        if lines is None:
+    def _read_pipe(self, child: Child, pool: Pool, final: bool = False) -> bool:
+        """Handle what the pipe holds now; False once it is closed: at end of file, or with
+        `final` (the child is dead: all it wrote is there) after one bounded read."""
+        lines, eof, dropped = _read_lines(child.event_fd, child.event_buf,
+                                          FINAL_READS if final else 1)
+        if eof or final:
             self._close_events(child)
-            return False
+        if dropped and not child.event_overflows:
+            self.log.warning("event line from child too long; dropped (said once per child)",
+                             pool=pool.name, child_pid=child.pid, limit=MAX_EVENT_LINE)
+        child.event_overflows += bool(dropped)
         for line in lines:
             try:
                 event = json.loads(line)
@@ -489,7 +522,7 @@ class Arbiter:
                                  child_pid=child.pid, line=line[:200].decode(errors="replace"))
                 continue
             self.handle_event(child, pool, event)
-        return True
+        return not (eof or final)
 
     def handle_event(self, child: Child, pool: Pool, event: dict) -> None:
         kind = event.get("event")
@@ -550,10 +583,7 @@ class Arbiter:
             return
         child.paused = paused
         child.scoreboard.set_paused(paused)
-        try:
-            os.kill(child.pid, signal.SIGUSR1)
-        except ProcessLookupError:
-            pass
+        signal_child(child, signal.SIGUSR1)
 
     def on_quarantine(self, child: Child, pool: Pool, reason: str, event: dict) -> None:
         now = self.clock()
@@ -608,10 +638,7 @@ class Arbiter:
                                    pool=pool.name, slot=child.slot, child_pid=child.pid,
                                    function=job.function, handle=job.handle, unique=job.unique,
                                    timeout=limit, grace=child.timeout_grace)
-                    try:
-                        os.kill(child.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                    signal_child(child, signal.SIGKILL, group=True)
 
     def _close_events(self, child: Child) -> None:
         if child.event_fd < 0:
@@ -638,27 +665,59 @@ class Arbiter:
                     self.on_watcher_exit(status)
                 continue  # not ours (or already handled)
             child, pool = entry
-            # The child is dead, so its pipe holds all it will ever write (a boot_error is
-            # written just before exit): read to end of file before deciding.
-            while child.event_fd >= 0 and self._read_pipe(child, pool):
-                pass
+            # The child is dead, so its pipes hold all it will ever write (a boot_error is
+            # written just before exit): read what is there, then close them. Not to end of
+            # file: a descendant that inherited them may keep them open for a long time.
+            if child.event_fd >= 0:
+                self._read_pipe(child, pool, final=True)
             for fd in list(child.output):
-                while fd in child.output and self._read_output(child, pool, fd):
-                    pass
+                self._read_output(child, pool, fd, final=True)
             child.transition(ChildState.EXITED)  # any -> EXITED
             self.on_child_exit(child, pool, status)
             self.running.release(child.running_index)  # after its strike, if any
             if child.scoreboard is not None:
                 child.scoreboard.close()
+            if child.kill_group:
+                self.clean_group(child, pool.config.graceful_timeout)
+
+    def clean_group(self, child: Child, timeout: float) -> None:
+        """A dead child's process group still has members (a job's background process, a
+        worker's helper): SIGTERM them now and SIGKILL them after `timeout`, as systemd
+        does with what a stopped service leaves in its cgroup."""
+        if not _signal_group(child.pid, 0):
+            return  # nothing left: the usual case, one syscall
+        members = group_members(child.pid)
+        _signal_group(child.pid, signal.SIGTERM)
+        self.leftovers[child.pid] = Leftover(child.pool, child.slot, child.pid,
+                                             self.clock() + timeout)
+        self.log.warning("child left processes behind; stopping them", pool=child.pool,
+                         slot=child.slot, child_pid=child.pid, processes=members,
+                         signal="SIGTERM", kill_in=timeout)
+
+    def check_leftovers(self, now: float) -> None:
+        """Forget the groups that emptied; SIGKILL the ones past their deadline. The master
+        is their subreaper, so a member that dies is reaped here (reap() runs first), and a
+        group id is never reused while a member, even a zombie, still holds it."""
+        for pgid, group in list(self.leftovers.items()):
+            if not _signal_group(pgid, 0):
+                del self.leftovers[pgid]
+                self.log.debug("leftover processes gone", pool=group.pool, child_pid=pgid)
+            elif now >= group.kill_at and not group.killed:
+                group.killed = True
+                self.log.warning("leftover processes did not stop; killing them",
+                                 pool=group.pool, slot=group.slot, child_pid=pgid,
+                                 processes=group_members(pgid), signal="SIGKILL")
+                _signal_group(pgid, signal.SIGKILL)
 
     def on_child_exit(self, child: Child, pool: Pool, status: int) -> None:
         now = self.clock()
         code, _sig, words = describe_status(status)
         if (pool.config.command is not None and child.ready_at is None
                 and child.stop_requested_at is None and code != EXIT_BOOT_ERROR):
-            # A command that exits before it is ready (startsecs) failed to start.
-            child.boot_error = (f"{pool.config.command[0]} {words} after "
-                                f"{now - child.started_at:.1f}s, before startsecs "
+            # A command that exits before it is ready (startsecs) failed to start. No uptime
+            # in the reason (the log line has it): the same failure must read the same, or
+            # a crash loop is logged once per attempt instead of once per streak.
+            child.boot_error = (f"{pool.config.command[0]} {words} before startsecs "
                                 f"({pool.config.startsecs:g}s)")
             code = EXIT_BOOT_ERROR
         decision = pool.child_exited(child, code, now, stopping=bool(self.stopping))
@@ -729,10 +788,7 @@ class Arbiter:
                                  graceful_timeout=pool.config.graceful_timeout)
                 child.kill_at = now + 5.0  # if SIGKILL does not reap it, say so again later
                 self._killing(child)
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                signal_child(child, signal.SIGKILL, group=True)
 
     # -- reload ---------------------------------------------------------------------------------
 
@@ -853,22 +909,22 @@ class Arbiter:
         w.paths, w.missing, w.buf = [], [], bytearray()
         self.sel.register(w.event_fd, selectors.EVENT_READ, ("watcher",))
 
-    def _read_watcher(self) -> bool:
-        """Handle what the watcher's pipe holds; False at end of file."""
+    def _read_watcher(self, final: bool = False) -> bool:
+        """Handle what the watcher's pipe holds; False once closed (end of file, or `final`:
+        the helper is dead, so one bounded read takes all it wrote)."""
         w = self.watcher
-        lines = _read_lines(w.event_fd, w.buf)
-        if lines is None:
+        lines, eof, _ = _read_lines(w.event_fd, w.buf, FINAL_READS if final else 1)
+        if eof or final:
             self.sel.unregister(w.event_fd)
             os.close(w.event_fd)
             w.event_fd = -1
-            return False
         for line in lines:
             try:
                 event = json.loads(line)
             except ValueError:
                 continue
             self.handle_watch_event(event)
-        return True
+        return not (eof or final)
 
     def handle_watch_event(self, event: dict) -> None:
         w = self.watcher
@@ -900,8 +956,8 @@ class Arbiter:
 
     def on_watcher_exit(self, status: int) -> None:
         w = self.watcher
-        while w.event_fd >= 0 and self._read_watcher():
-            pass
+        if w.event_fd >= 0:
+            self._read_watcher(final=True)
         now = self.clock()
         w.pid = None
         if self.stopping:
@@ -1111,10 +1167,9 @@ class Arbiter:
             child.stop_requested_at = now
         if graceful_timeout is not None:
             child.kill_at = now + graceful_timeout
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass  # already dead; reap() will collect it
+        # The child alone: it finishes its current job, and what that job runs is part of
+        # the job. Its group gets SIGKILL at the deadline, or SIGTERM once the child is gone.
+        signal_child(child, sig)
 
     def _killing(self, child: Child) -> None:
         """We SIGKILL a child for running out of time on a stop: whatever job it runs is no
@@ -1129,10 +1184,12 @@ class Arbiter:
             self.log.warning("child did not stop in time; killing", pool=child.pool,
                              slot=child.slot, child_pid=pid)
             self._killing(child)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            signal_child(child, signal.SIGKILL, group=True)
+        for pgid, group in self.leftovers.items():
+            self.log.warning("leftover processes did not stop in time; killing", pool=group.pool,
+                             child_pid=pgid, processes=group_members(pgid))
+            group.killed = True
+            _signal_group(pgid, signal.SIGKILL)
         self._signal_watcher(signal.SIGKILL)
         self.stop_deadline = self.clock() + 5.0  # reap and log again if something is stuck
 
@@ -1146,23 +1203,63 @@ class Arbiter:
         self.running.close()
 
 
-def _read_lines(fd: int, buf: bytearray) -> list[bytes] | None:
-    """Read what a child's event pipe holds into `buf` and take out the complete lines;
-    None once it reached end of file (or failed)."""
+def signal_child(child: Child, sig: int, group: bool = False) -> None:
+    """Send `sig` to a child, or with `group` (and the pool's kill_group) to its whole
+    process group. A child already gone is no error: reap() collects it."""
+    if group and child.kill_group and _signal_group(child.pid, sig):
+        return
     try:
-        data = os.read(fd, 65536)
-    except BlockingIOError:
-        return []
-    except OSError:
-        return None
-    if not data:
-        return None
+        os.kill(child.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """killpg; False when the group has no member left (0 as `sig` only asks)."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # a member switched to another user: it exists, though we may not signal it
+    return True
+
+
+def read_ready(fd: int, reads: int = 1) -> tuple[bytes, bool]:
+    """Up to `reads` reads of what `fd` holds now, never blocking: (data, at end of file).
+    A read error counts as end of file."""
+    chunks = []
+    for _ in range(reads):
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return b"".join(chunks), False
+        except OSError:
+            return b"".join(chunks), True
+        if not data:
+            return b"".join(chunks), True
+        chunks.append(data)
+    return b"".join(chunks), False
+
+
+def _read_lines(fd: int, buf: bytearray, reads: int = 1) -> tuple[list[bytes], bool, int]:
+    """Read what an event pipe holds into `buf` and take out the complete lines: (lines,
+    at end of file, bytes dropped). A line longer than MAX_EVENT_LINE is dropped, whole or
+    in part, so a child cannot make the master buffer without bound."""
+    data, eof = read_ready(fd, reads)
     buf += data
     lines = []
+    dropped = 0
     while (end := buf.find(b"\n")) >= 0:
-        lines.append(bytes(buf[:end]))
+        if end <= MAX_EVENT_LINE:
+            lines.append(bytes(buf[:end]))
+        else:
+            dropped += end
         del buf[:end + 1]
-    return lines
+    if len(buf) > MAX_EVENT_LINE:
+        dropped += len(buf)
+        del buf[:]
+    return lines, eof, dropped
 
 
 def run(config: Config) -> int:

@@ -473,6 +473,11 @@ SETTINGS: tuple[Setting, ...] = (
             "counted, so a chatty worker never stalls the master or itself."),
     Setting("graceful_timeout", duration, 30.0,
             "How long a child told to stop may finish its current job before SIGKILL."),
+    Setting("kill_group", boolean, True,
+            "Each child runs in its own process group. The stop signal goes to the child; "
+            "SIGKILL goes to its whole group; what is left of the group when the child "
+            "exits gets SIGTERM, then SIGKILL after graceful_timeout. `false` leaves "
+            "descendants alone (workers that daemonize on purpose)."),
     Setting("timeout_grace", duration, 5.0,
             "A job past its function's `timeout` gets an exception (soft); this much later "
             "the master kills the child (hard), which counts toward `poison_after`."),
@@ -653,6 +658,7 @@ class PoolConfig:
     log_file_max: int = 10 * 1024 * 1024
     log_file_backups: int = 3
     output_rate: int = 1000
+    kill_group: bool = True  # signal and clean up the child's whole process group
     # None: the directories of the functions' modules, *.py; (): not watched
     watch: tuple[str, ...] | None = None
 

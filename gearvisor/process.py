@@ -29,15 +29,57 @@ EXIT_CRASH = 1  # an unexpected error in the runtime itself
 EXIT_BOOT_ERROR = 3  # cannot import or validate the pool's functions: do not retry blindly
 EXIT_ORPHANED = 4  # the master went away
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _prctl(option: int, value: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False  # not Linux
 
 
 def set_pdeathsig(sig: int) -> None:
     """Ask Linux to send `sig` to this process when its parent (the master) dies."""
+    _prctl(PR_SET_PDEATHSIG, int(sig))  # elsewhere the getppid() checks catch an orphan
+
+
+def set_child_subreaper() -> bool:
+    """Make the master the reaper of its children's orphans (Linux >= 3.4): a process a
+    child left behind is reparented to the master, not to init, so its exit wakes the
+    master (SIGCHLD) and the master reaps it (no zombies, and it knows when a dead child's
+    process group is empty)."""
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def group_members(pgid: int, limit: int = 20) -> list[str]:
+    """Live processes of process group `pgid`, as "PID NAME" (at most `limit`), read from
+    /proc: for the log line that says what a dead child left behind and what was killed."""
+    found: list[str] = []
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: the getppid() checks still catch an orphan
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read(4096)
+        except OSError:
+            continue  # gone meanwhile
+        end = stat.rfind(b")")  # the name may hold spaces and parentheses
+        fields = stat[end + 2:].split()
+        if len(fields) > 2 and fields[0] != b"Z" and fields[2] == str(pgid).encode():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    name = f.read(200).replace(b"\0", b" ").strip()
+            except OSError:
+                name = b""
+            name = name or stat[stat.find(b"(") + 1:end]  # comm: a kernel thread, a zombie
+            found.append(f"{pid} {name.decode(errors='replace')}")
+            if len(found) >= limit:
+                break
+    return found
 
 
 def close_fds_except(keep_fds: set[int]) -> None:
@@ -88,6 +130,7 @@ class Child:
     kill_at: float | None = None  # SIGKILL deadline once draining
     event_fd: int = -1
     event_buf: bytearray = field(default_factory=bytearray)
+    event_overflows: int = 0  # reads that dropped an over-long event line (logged once)
     boot_error: str | None = None  # reason reported by a child that could not boot
     scoreboard: Scoreboard | None = field(default=None, repr=False)  # its job counters
     # Health (issue: self-quarantine, circuit, poison, timeouts, recycling)
@@ -102,6 +145,7 @@ class Child:
     timeout_grace: float = 0.0
     running_index: int = -1  # its slot in the fleet's RunningJobs table (-1: none)
     master_killed: bool = False  # SIGKILLed by the master for a stop that ran out of time
+    kill_group: bool = True  # the pool's kill_group when it started: SIGKILL hits its group
     # Command pools: its stdout/stderr pipes (read end fd -> stream name, partial line)
     output: dict[int, tuple[str, bytearray]] = field(default_factory=dict, repr=False)
 

@@ -180,7 +180,9 @@ def test_a_command_that_exits_at_once_fails_to_start_then_quarantines_then_gives
         gearmand, master, tmp_path):
     m = start(gearmand, master, {
         "bad": {"processes": 1, "command": [sys.executable, "-c", "import sys; sys.exit(2)"],
-                "startsecs": "500ms", "backoff": {"initial": 0, "max": "50ms"},
+                # startsecs well above the time Python takes to start and exit on a loaded
+                # machine: the command must fail before it, every time.
+                "startsecs": "3s", "backoff": {"initial": 0, "max": "50ms"},
                 "quarantine": {"cooldown": "100ms"}, "max_restarts": 7, "watch": False}})
     wait_for(lambda: m.events("master started"), message="master up")
     row = wait_for(lambda: (c := m.status()["pools"][0]["children"][0])["state"] == "fatal"
