@@ -2,7 +2,8 @@
 
 One request and one reply per connection, each a single JSON line. The socket is created
 with mode 0600 and every peer's uid is checked (SO_PEERCRED): only root and the master's
-own user are served.
+own user are served. A request is bounded in size (MAX_REQUEST) and nesting (MAX_DEPTH)
+before it is parsed, so no request can exhaust the master's memory or recursion limit.
 """
 
 from __future__ import annotations
@@ -15,12 +16,81 @@ import stat
 import struct
 from typing import Any
 
-MAX_REQUEST = 64 * 1024
+MAX_REQUEST = 64 * 1024  # bytes in one request line; a CLI request is under 200
+MAX_DEPTH = 16  # nesting of arrays and objects in a request; the CLI's requests use 1
+MAX_CLIENTS = 64  # connections still sending their request; more are answered "busy"
 _UCRED = struct.Struct("3i")
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_OPENERS, _CLOSERS = frozenset(b"[{"), frozenset(b"]}")
 
 
 class ControlError(Exception):
     """A control request could not be made; the text is meant for the operator."""
+
+
+def _nested_deeper_than(line: bytes, limit: int) -> bool:
+    """Whether `line` opens more than `limit` arrays/objects inside each other, counting
+    brackets outside JSON strings. json.loads recurses once per level, so this runs first:
+    a line of 60,000 `[` would otherwise raise RecursionError (or worse) in the master."""
+    if line.count(b"[") + line.count(b"{") <= limit:
+        return False  # it cannot nest deeper than it opens: the usual request skips the scan
+    depth = 0
+    in_string = escaped = False
+    for byte in line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == _BACKSLASH:
+                escaped = True
+            elif byte == _QUOTE:
+                in_string = False
+        elif byte == _QUOTE:
+            in_string = True
+        elif byte in _OPENERS:
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in _CLOSERS:
+            depth -= 1
+    return False
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr() cut to `limit` characters: an error reply never echoes a whole request back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def parse_request(line: bytes) -> dict[str, Any]:
+    """Decode one control request line into a dict, within the master's limits.
+
+    Args:
+        line: the bytes the client sent, without the newline.
+    Returns:
+        The request object; `verb` and `pool`, when present, are strings.
+    Raises:
+        ControlError: the line is too long, nested too deep, not JSON, not an object, or a
+            field has the wrong type; the text says which, for the reply and the log.
+    """
+    if len(line) > MAX_REQUEST:
+        raise ControlError(f"request too large: over {MAX_REQUEST} bytes (a control request "
+                           "is one short JSON line)")
+    if _nested_deeper_than(line, MAX_DEPTH):
+        raise ControlError(f"request nested deeper than {MAX_DEPTH} levels of arrays or "
+                           "objects; expected a flat JSON object like {\"verb\": \"status\"}")
+    try:
+        request = json.loads(line)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ControlError(f"unreadable request (not JSON): {str(e)[:120]}; "
+                           "expected a JSON object like {\"verb\": \"status\"}") from None
+    if not isinstance(request, dict):
+        raise ControlError(f"a request must be a JSON object like {{\"verb\": \"status\"}}, "
+                           f"got {type(request).__name__} {_short(request)}")
+    for key in ("verb", "pool"):
+        if key in request and not isinstance(request[key], str):
+            raise ControlError(f"request field {key!r} must be a string, got "
+                               f"{type(request[key]).__name__} {_short(request[key])}")
+    return request
 
 
 def default_socket_path(euid: int | None = None, environ: dict[str, str] | None = None) -> str:
@@ -117,13 +187,27 @@ class ControlServer:
         assert self.sock is not None
         try:
             conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return None
-        conn.setblocking(False)
-        return conn, peer_uid(conn)
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return None  # nobody waits, or the client gave up before we got to it
+        except OSError as e:  # EMFILE, ENFILE, ENOBUFS: the connection waits in the backlog
+            raise ControlError(f"cannot accept a control connection: {e.strerror}") from None
+        try:
+            conn.setblocking(False)
+            return conn, peer_uid(conn)
+        except OSError as e:
+            conn.close()
+            raise ControlError(f"cannot read the peer of a control connection: {e.strerror}"
+                               ) from None
 
     def allowed(self, uid: int) -> bool:
+        """Only root and the master's own user may control it."""
         return uid == 0 or uid == os.geteuid()
+
+    def refusal(self, uid: int) -> str:
+        """The reply to a peer that allowed() refuses: who it is, and who may."""
+        euid = os.geteuid()
+        who = "root" if euid == 0 else f"root or uid {euid}"
+        return f"refused: uid {uid} may not control this master; run the command as {who}"
 
     def close(self) -> None:
         if self.sock is not None:
@@ -188,7 +272,12 @@ def request(path: str, payload: dict[str, Any], timeout: float = 30.0) -> dict[s
         except PermissionError:
             raise ControlError(f"permission denied on {path}; run as the master's user or "
                                "root") from None
-        sock.sendall(json.dumps(payload).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps(payload).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            # The master answered and closed before reading (a refusal, a request too
+            # large): its reply is already in our receive buffer.
+            pass
         buf = read_line(sock)
     except TimeoutError:
         raise ControlError(f"the master did not answer within {timeout:g}s") from None
@@ -199,8 +288,8 @@ def request(path: str, payload: dict[str, Any], timeout: float = 30.0) -> dict[s
     finally:
         sock.close()
     if not buf:
-        raise ControlError("the master closed the connection without an answer (refused: "
-                           "only root and the master's own user may use it)")
+        raise ControlError("the master closed the connection without an answer; its log "
+                           "may say why")
     try:
         return json.loads(buf)
     except ValueError:
