@@ -4,6 +4,8 @@ One request and one reply per connection, each a single JSON line. The socket is
 with mode 0600 and every peer's uid is checked (SO_PEERCRED): only root and the master's
 own user are served. A request is bounded in size (MAX_REQUEST) and nesting (MAX_DEPTH)
 before it is parsed, so no request can exhaust the master's memory or recursion limit.
+The socket's directory, where it is one the master made or names as its own, must be a
+real directory that only the master's user can write to (a /tmp hijack is refused).
 """
 
 from __future__ import annotations
@@ -112,7 +114,98 @@ def peer_uid(sock: socket.socket) -> int:
 
 
 class AlreadyRunning(ControlError):
-    pass
+    """Another master listens on the control socket."""
+
+
+def own_socket_dirs(euid: int | None = None) -> frozenset[str]:
+    """The directories gearvisor names as its own (the defaults that default_socket_path()
+    puts the socket in): found existing, they are checked as if the master had made them,
+    since whoever made them may not have been us."""
+    euid = os.geteuid() if euid is None else euid
+    return frozenset({"/run/gearvisor", f"/tmp/gearvisor-{euid}"})
+
+
+def ensure_socket_dir(directory: str, own: bool = False) -> None:
+    """Make the control socket's directory if it is missing (mode 0700), and refuse one that
+    someone else could change.
+
+    A directory that anyone but the master's user can write to lets them move the socket
+    away and put their own in its place (a /tmp hijack: another user creates
+    /tmp/gearvisor-$UID first, 0777 or as a symlink to a directory of theirs). So every
+    directory this makes, and `directory` itself when `own` (it is one of
+    own_socket_dirs()), must be a real directory, not a symlink, owned by our euid and
+    not group- or world-writable. An existing directory the operator chose for
+    control_socket (a project directory, /run, /var/run as a symlink) is theirs to
+    choose and is used as it is.
+
+    Raises:
+        ControlError: a directory cannot be made, or fails those checks; the text names it,
+            says what is wrong and what to do.
+    """
+    directory = os.path.abspath(directory)
+    missing: list[str] = []
+    path = directory
+    while not os.path.lexists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)  # never follows a symlink: one already there is EEXIST
+        except FileExistsError:
+            pass  # made meanwhile by someone else: the check below decides
+        except OSError as e:
+            raise ControlError(f"cannot create {path} for the control socket: {e}; "
+                               "set control_socket in the config") from None
+        check_private_dir(path)
+    if own and not missing:
+        check_private_dir(directory)
+
+
+def check_private_dir(directory: str) -> None:
+    """Refuse `directory` unless it is a real directory (not a symlink), owned by our euid
+    and writable by nobody else. Opened with O_NOFOLLOW and checked with fstat, so what is
+    checked is the directory itself, not whatever a symlink or a swap points at."""
+    euid = os.geteuid()
+    what = "remove it (no master of yours uses it) or set control_socket to another path"
+    try:
+        lst = os.lstat(directory)
+    except OSError as e:
+        raise ControlError(f"cannot check {directory} for the control socket: {e}") from None
+    if stat.S_ISLNK(lst.st_mode):
+        try:
+            target = os.readlink(directory)
+        except OSError:
+            target = "?"
+        raise ControlError(f"the control socket directory {directory} is a symlink (to "
+                           f"{target}), which someone else may have planted; refusing to use "
+                           f"it: {what}")
+    if not stat.S_ISDIR(lst.st_mode):
+        raise ControlError(f"the control socket directory {directory} is not a directory; "
+                           f"{what}")
+    try:
+        fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:  # ELOOP/ENOTDIR: swapped for a symlink or a file since the lstat
+        raise ControlError(f"the control socket directory {directory} changed while it was "
+                           f"checked ({e.strerror}); refusing to use it: {what}") from None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
+        raise ControlError(f"the control socket directory {directory} changed while it was "
+                           f"checked; refusing to use it: {what}")
+    if st.st_uid != euid:
+        raise ControlError(f"the control socket directory {directory} belongs to uid "
+                           f"{st.st_uid}, not to this master's uid {euid}, so its owner could "
+                           f"replace the socket; refusing to use it: {what}")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ControlError(f"the control socket directory {directory} is group- or "
+                           f"world-writable (mode {stat.S_IMODE(st.st_mode):04o}), so others "
+                           f"could replace the socket; refusing to use it: `chmod 700 "
+                           f"{directory}`, or {what}")
 
 
 class ControlServer:
@@ -124,13 +217,14 @@ class ControlServer:
         self._ino: tuple[int, int] | None = None
 
     def open(self) -> socket.socket:
-        directory = os.path.dirname(self.path) or "."
-        if not os.path.isdir(directory):
-            try:
-                os.makedirs(directory, mode=0o700, exist_ok=True)
-            except OSError as e:
-                raise ControlError(f"cannot create {directory} for the control socket: {e}; "
-                                   "set control_socket in the config") from None
+        """Bind and listen at `path` (0600), making its directory first if it is missing.
+
+        Raises:
+            ControlError: the directory cannot be made or is not safe (see
+                ensure_socket_dir), another master listens there, or the bind fails.
+        """
+        directory = os.path.abspath(os.path.dirname(self.path) or ".")
+        ensure_socket_dir(directory, own=directory in own_socket_dirs())
         self._clear_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)  # created 0600: no window in which others could connect
@@ -168,7 +262,14 @@ class ControlServer:
             probe.settimeout(1.0)
             probe.connect(self.path)
         except ConnectionRefusedError:
-            os.unlink(self.path)  # stale: nobody listens there any more
+            try:
+                os.unlink(self.path)  # stale: nobody listens there any more
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise ControlError(f"cannot remove the stale control socket {self.path}: "
+                                   f"{e.strerror}; remove it by hand or set a different "
+                                   "control_socket") from None
             return
         except FileNotFoundError:
             return  # removed meanwhile

@@ -1,8 +1,11 @@
 """Hostile input to the control socket: requests that are too deep, too large or of the wrong
-shape, and peers the master refuses.
+shape, peers the master refuses, and socket directories someone else planted.
 
 The master tests run a real `gearvisor -c FILE` against a real gearmand and talk to it over
-its real socket; the refused peers are real processes that drop to another uid (needs root).
+its real socket; the refused peers are real forked processes that drop to another uid, and
+the /tmp hijack tests run the master itself as an unused uid, so its default socket
+directory is /tmp/gearvisor-<that uid> (unique to the test, no other engineer's run can meet
+it). Uid switching needs root.
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,10 @@ from gearvisor.control import (
     MAX_DEPTH,
     MAX_REQUEST,
     ControlError,
+    ControlServer,
+    check_private_dir,
+    ensure_socket_dir,
+    own_socket_dirs,
     parse_request,
     request,
 )
@@ -81,6 +91,116 @@ def test_parse_request_depth_limit_is_exact_and_ignores_brackets_in_strings() ->
     inside = '[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\\"{{{{{{{{{{{{{{{{{{{{{{{{{\\\\'
     line = json.dumps({"verb": "status", "pool": inside}).encode()
     assert parse_request(line)["pool"] == json.loads(line)["pool"]
+
+
+# -- socket directories -------------------------------------------------------------------------
+
+
+def test_own_socket_dirs_are_the_default_directories() -> None:
+    assert own_socket_dirs(1000) == {"/run/gearvisor", "/tmp/gearvisor-1000"}
+
+
+def test_a_missing_directory_is_made_0700(tmp_path: Path) -> None:
+    directory = tmp_path / "run" / "gearvisor"
+    old = os.umask(0)  # even with an open umask
+    try:
+        ensure_socket_dir(str(directory), own=True)
+    finally:
+        os.umask(old)
+    for made in (directory, directory.parent):
+        st = os.lstat(made)
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+        assert st.st_uid == os.geteuid()
+
+
+def test_an_own_directory_that_is_ours_and_private_is_used(tmp_path: Path) -> None:
+    directory = tmp_path / "gv"
+    directory.mkdir(mode=0o755)
+    ensure_socket_dir(str(directory), own=True)
+    check_private_dir(str(directory))
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o755  # left as it was
+
+
+def hostile_world_writable(tmp_path: Path) -> Path:
+    directory = tmp_path / "gv"
+    directory.mkdir()
+    directory.chmod(0o777)
+    return directory
+
+
+def hostile_group_writable(tmp_path: Path) -> Path:
+    directory = tmp_path / "gv"
+    directory.mkdir()
+    directory.chmod(0o770)
+    return directory
+
+
+def hostile_symlink(tmp_path: Path) -> Path:
+    target = tmp_path / "theirs"
+    target.mkdir(mode=0o700)
+    (tmp_path / "gv").symlink_to(target)
+    return tmp_path / "gv"
+
+
+def hostile_foreign_owner(tmp_path: Path) -> Path:
+    directory = tmp_path / "gv"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, NOBODY, NOBODY)
+    return directory
+
+
+def hostile_file(tmp_path: Path) -> Path:
+    (tmp_path / "gv").write_text("")
+    return tmp_path / "gv"
+
+
+HOSTILE = {
+    "world-writable": (hostile_world_writable, "is group- or world-writable (mode 0777)"),
+    "group-writable": (hostile_group_writable, "is group- or world-writable (mode 0770)"),
+    "symlink": (hostile_symlink, "is a symlink (to "),
+    "foreign-owner": (hostile_foreign_owner, f"belongs to uid {NOBODY}, not to this master's"),
+    "not-a-directory": (hostile_file, "is not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_hostile_own_directory_is_refused(tmp_path: Path, case: str) -> None:
+    if case == "foreign-owner" and os.geteuid() != 0:
+        pytest.skip("needs root to chown")
+    make, expected = HOSTILE[case]
+    directory = make(tmp_path)
+    with pytest.raises(ControlError) as info:
+        ensure_socket_dir(str(directory), own=True)
+    assert expected in str(info.value)
+    assert str(directory) in str(info.value)
+    assert "refusing" in str(info.value) or "not a directory" in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["world-writable", "symlink", "foreign-owner"])
+def test_a_chosen_existing_directory_is_used_as_it_is(tmp_path: Path, case: str) -> None:
+    """An existing directory the operator picked for control_socket (a project directory,
+    /var/run as a symlink to /run) is theirs to choose; only directories we make, or name as
+    ours, are checked."""
+    if case == "foreign-owner" and os.geteuid() != 0:
+        pytest.skip("needs root to chown")
+    directory = HOSTILE[case][0](tmp_path)
+    ensure_socket_dir(str(directory), own=False)  # no error
+    server = ControlServer(str(directory / "gearvisor.sock"))
+    try:
+        server.open()
+        assert stat.S_ISSOCK(os.stat(directory / "gearvisor.sock").st_mode)
+    finally:
+        server.close()
+
+
+def test_a_directory_made_under_a_chosen_one_is_checked_and_private(tmp_path: Path) -> None:
+    chosen = hostile_world_writable(tmp_path)
+    server = ControlServer(str(chosen / "ctl" / "gearvisor.sock"))
+    try:
+        server.open()
+    finally:
+        server.close()
+    assert stat.S_IMODE(os.lstat(chosen / "ctl").st_mode) == 0o700
 
 
 # -- the arbiter's per-request guard ------------------------------------------------------------
@@ -364,3 +484,130 @@ def test_a_refused_peer_reads_the_reason_even_after_a_broken_pipe(gearmand, mast
     assert got["reply"]["ok"] is False
     assert got["reply"]["error"].startswith(f"refused: uid {NOBODY} may not control")
     assert m.proc.poll() is None
+
+
+# -- a hijacked /tmp directory, with a real master ----------------------------------------------
+
+
+class UnusedUid:
+    """A uid no account has, whose /tmp/gearvisor-<uid> nobody else uses; what is made for
+    it (its config directory, its /tmp directory, symlink targets) is removed afterwards."""
+
+    def __init__(self) -> None:
+        for _ in range(100):
+            uid = random.randrange(3_000_000, 4_000_000)
+            if not os.path.lexists(f"/tmp/gearvisor-{uid}"):
+                break
+        self.uid = uid
+        self.sockdir = Path(f"/tmp/gearvisor-{uid}")
+        self.home = Path(tempfile.mkdtemp(prefix="gv-hostile-"))
+        self.paths: list[Path] = [self.home, self.sockdir]
+        self.proc: subprocess.Popen | None = None
+
+    def config(self) -> Path:
+        path = self.home / "pools.yaml"
+        path.write_text(yaml.safe_dump({
+            "servers": ["127.0.0.1:1"], "watch_config": False, "log_format": "json",
+            "pools": {"idle": {"processes": 0, "watch": False,
+                               "functions": {"f": "examples.text:echo"}}}}))
+        os.chown(self.home, self.uid, self.uid)
+        return path
+
+    def start_master(self) -> subprocess.Popen:
+        """`gearvisor -c FILE` as this uid, with no XDG_RUNTIME_DIR: its default socket is
+        /tmp/gearvisor-<uid>/gearvisor.sock."""
+        python, env = python_for_others()
+        self.proc = subprocess.Popen(
+            [python, "-m", "gearvisor", "-c", str(self.config())], cwd=self.home,
+            user=self.uid, group=self.uid, extra_groups=[], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return self.proc
+
+    def cleanup(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(timeout=10)
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
+        for path in self.paths:
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.exists():
+                shutil.rmtree(path)
+
+
+@pytest.fixture
+def unused_uid() -> Iterator[UnusedUid]:
+    made = UnusedUid()
+    try:
+        yield made
+    finally:
+        made.cleanup()
+
+
+def plant(made: UnusedUid, case: str) -> None:
+    """Prepare /tmp/gearvisor-<uid> as another user would, before the master starts."""
+    if case == "world-writable":  # the user's own directory, but 0777
+        made.sockdir.mkdir()
+        os.chown(made.sockdir, made.uid, made.uid)
+        made.sockdir.chmod(0o777)
+    elif case == "symlink":  # to a directory another user owns and the master may write to
+        theirs = Path(tempfile.mkdtemp(prefix="gv-theirs-"))
+        made.paths.append(theirs)
+        os.chown(theirs, NOBODY, NOBODY)
+        theirs.chmod(0o777)
+        made.sockdir.symlink_to(theirs)
+    elif case == "foreign-owner":  # made first by uid 65534, open to all
+        made.sockdir.mkdir()
+        os.chown(made.sockdir, NOBODY, NOBODY)
+        made.sockdir.chmod(0o777)
+
+
+@needs_root
+@pytest.mark.integration
+@pytest.mark.parametrize(("case", "expected"), [
+    ("world-writable", "is group- or world-writable (mode 0777)"),
+    ("symlink", "is a symlink (to /tmp/gv-theirs-"),
+    ("foreign-owner", f"belongs to uid {NOBODY}, not to this master's uid"),
+])
+def test_a_hijacked_tmp_directory_is_refused_and_the_master_exits(unused_uid, case,
+                                                                  expected) -> None:
+    plant(unused_uid, case)
+    proc = unused_uid.start_master()
+    try:
+        code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the master is running on the {case} directory instead of refusing it")
+    assert proc.stderr is not None
+    lines = [json.loads(x) for x in proc.stderr.read().decode().splitlines()
+             if x.startswith("{")]
+    assert code == 1
+    errors = [x for x in lines if x["event"] == "cannot open the control socket"]
+    assert len(errors) == 1, lines
+    assert f"/tmp/gearvisor-{unused_uid.uid} " in errors[0]["error"]
+    assert expected in errors[0]["error"]
+    assert "refusing to use it" in errors[0]["error"]
+    target = unused_uid.sockdir.resolve()
+    assert not (target / "gearvisor.sock").exists()  # nothing was bound there
+
+
+@needs_root
+@pytest.mark.integration
+def test_a_fresh_tmp_directory_is_made_private_and_served(unused_uid) -> None:
+    proc = unused_uid.start_master()
+    path = unused_uid.sockdir / "gearvisor.sock"
+
+    def answered() -> dict[str, Any] | None:
+        assert proc.poll() is None, "the master exited"
+        try:
+            return request(str(path), {"verb": "status"}, timeout=10)  # as root: allowed
+        except ControlError:
+            return None  # not listening yet
+
+    assert wait_for(answered, timeout=30, message="the master's answer")["ok"] is True
+    st = os.lstat(unused_uid.sockdir)
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+    assert st.st_uid == unused_uid.uid
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
