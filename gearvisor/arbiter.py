@@ -30,7 +30,15 @@ from . import log as logmod
 from .child import run_child
 from .command import OutputSink, exec_command, output_pipe, split_lines
 from .config import Config, ConfigError, load
-from .control import MAX_REQUEST, ControlError, ControlServer, default_socket_path, send_reply
+from .control import (
+    MAX_CLIENTS,
+    MAX_REQUEST,
+    ControlError,
+    ControlServer,
+    default_socket_path,
+    parse_request,
+    send_reply,
+)
 from .gearman import admin
 from .health import fd_warnings, jittered
 from .notify import Notifier
@@ -1023,19 +1031,31 @@ class Arbiter:
 
     def accept_control(self) -> None:
         while True:
-            accepted = self.control.accept()
+            try:
+                accepted = self.control.accept()
+            except ControlError as e:
+                self.log.warning("control connection not accepted", error=str(e))
+                return
             if accepted is None:
                 return
             sock, uid = accepted
             if not self.control.allowed(uid):
                 self.log.warning("control connection refused", peer_uid=uid)
-                send_reply(sock, {"ok": False, "error": f"uid {uid} may not control this "
-                                  "master; run as its user or root"})
+                send_reply(sock, {"ok": False, "error": self.control.refusal(uid)})
+                continue
+            # Each client still sending holds an fd and up to MAX_REQUEST bytes: bounded.
+            if sum(k.data[0] == "client" for k in self.sel.get_map().values()) >= MAX_CLIENTS:
+                self.log.warning("control connection refused: too many open", limit=MAX_CLIENTS)
+                send_reply(sock, {"ok": False, "error": f"busy: {MAX_CLIENTS} control "
+                                  "connections are still sending their request; try again"})
                 continue
             client = _Client(sock)
             self.sel.register(sock, selectors.EVENT_READ, ("client", client))
 
     def read_control(self, client: _Client) -> None:
+        """Read a client's request line; once it is complete (or too long, or the client
+        is done sending), answer it. Whatever the bytes, the client gets one reply and the
+        master one log line: nothing raises out of here into the loop."""
         try:
             data = client.sock.recv(65536)
         except BlockingIOError:
@@ -1043,27 +1063,28 @@ class Arbiter:
         except OSError:
             data = b""
         client.buf += data
-        if not data or len(client.buf) > MAX_REQUEST:
-            self._drop_client(client)
-            return
-        if b"\n" not in client.buf:
-            return
+        end = client.buf.find(b"\n")
+        if end < 0 and data and len(client.buf) <= MAX_REQUEST:
+            return  # the rest of the line is on its way
         self.sel.unregister(client.sock)
-        try:
-            request = json.loads(bytes(client.buf).partition(b"\n")[0])
-            if not isinstance(request, dict):
-                raise ValueError("not an object")
-        except ValueError as e:
-            self.reply(client, {"ok": False, "error": f"unreadable request: {e}"})
+        if not client.buf:
+            client.sock.close()  # connected and left, e.g. another master's liveness probe
             return
-        self.handle_request(client, request)
-
-    def _drop_client(self, client: _Client) -> None:
+        line = bytes(client.buf if end < 0 else client.buf[:end])
+        client.buf.clear()
         try:
-            self.sel.unregister(client.sock)
-        except (KeyError, ValueError):
-            pass
-        client.sock.close()
+            self.handle_request(client, parse_request(line))
+        except ControlError as e:
+            self.log.warning("control request refused", error=str(e))
+            self.reply(client, {"ok": False, "error": str(e)})
+        except Exception as e:  # a bug in handling one request must not stop the master
+            self.log.exception("control request failed; the master carries on",
+                               verb=client.verb)
+            if client in self.waiting:
+                self.waiting.remove(client)
+            self.reply(client, {"ok": False, "error": f"the master failed to handle this "
+                                f"request ({e.__class__.__name__}: {str(e)[:200]}); see its "
+                                "log"})
 
     def reply(self, client: _Client, body: dict) -> None:
         send_reply(client.sock, body)
