@@ -92,10 +92,10 @@ def build_spec(cfg: Config, search_path: list[str] | tuple[str, ...]) -> WatchSp
             # A command pool: the directory of each script argument that is a file, with its
             # extension ("php worker.php" watches *.php beside worker.php).
             for arg in pc.command[1:]:
-                path = os.path.join(pc.cwd, arg)
-                if os.path.isfile(path):
-                    ext = os.path.splitext(path)[1]
-                    glob = os.path.join(_literal(os.path.dirname(os.path.abspath(path))),
+                script = os.path.join(pc.cwd, arg)  # not `path`: later pools search that
+                if os.path.isfile(script):
+                    ext = os.path.splitext(script)[1]
+                    glob = os.path.join(_literal(os.path.dirname(os.path.abspath(script))),
                                         f"*{ext}" if ext else "*")
                     if glob not in patterns:
                         patterns.append(glob)

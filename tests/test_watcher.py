@@ -300,6 +300,25 @@ def test_build_spec_module_dir_with_glob_characters_still_matches(tmp_path: Path
     assert Matcher(spec).match([f"{tmp_path}/lib[v2]/jobs.py"]) == ({"p"}, False)
 
 
+def test_build_spec_a_command_pool_listed_first_leaves_the_python_path_alone(
+        tmp_path: Path) -> None:
+    """The command pool's script path once overwrote the search path of later pools."""
+    touch(tmp_path / "bin" / "worker.php")
+    touch(tmp_path / "jobs.py")
+    cfg = load(tmp_path, """\
+pools:
+  php:
+    command: ["php", "bin/worker.php"]
+    functions: [reverse]
+  py:
+    functions:
+      f: "jobs:f"
+""")
+    spec = build_spec(cfg, [])
+    assert dict(spec.pools) == {"php": (f"{tmp_path}/bin/*.php",), "py": (f"{tmp_path}/*.py",)}
+    assert spec.notes == ()
+
+
 # ---------------------------------------------------------------------------------------------
 # config: watch, watch_config, watch_debounce
 
