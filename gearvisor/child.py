@@ -111,11 +111,11 @@ class _ChildHooks(Hooks):
 
     def ready(self) -> None:
         send_event(self.event_fd, {"event": "ready"})
+        self._idle()
         if self.report_imports:
             # What this child imported, so the master watches the code it runs (the master
             # keeps the first report of each generation and ignores the others).
             send_import_report(self.event_fd)
-        self._idle()
 
     def _idle(self) -> None:
         state = ("draining" if self.stopping else "quarantined" if self.quarantined
