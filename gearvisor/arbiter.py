@@ -54,7 +54,7 @@ from .process import (
 )
 from .scoreboard import Scoreboard
 from .status import fleet_status, summary
-from .watcher import Debouncer, WatcherState, build_spec, run_watcher
+from .watcher import Debouncer, WatcherState, run_watcher
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGCHLD)
@@ -111,7 +111,7 @@ class Arbiter:
         self.waiting: list[_Client] = []  # reload/restart requests waiting for their roll
         self.control = ControlServer(config.control_socket or default_socket_path())
         self.debouncer = Debouncer(config.watch_debounce)
-        self.watcher = WatcherState(build_spec(config, sys.path))
+        self.watcher = WatcherState.for_config(config, sys.path)
         self.poison = PoisonTable()  # strikes, shared with every child (mapped before forks)
         self.running = RunningJobs()  # the job each child runs, shared likewise
         self.next_health = 0.0
@@ -572,6 +572,8 @@ class Arbiter:
             if pool.recycle(child, reason, self.clock()):
                 self.log.info("recycling child: a successor starts first", pool=pool.name,
                               slot=child.slot, child_pid=child.pid, reason=reason)
+        elif kind == "modules":
+            self.on_import_report(child, pool, event)
 
     def emit(self, name: str, message: str, **fields: Any) -> None:
         """An internal event: logged, and handed to every listener (alerting, later)."""
@@ -873,23 +875,42 @@ class Arbiter:
                                    soft):
             self.log.warning("open-files limit is close", problem=warning)
 
-    def _log_watch_notes(self) -> None:
+    def _log_watch_notes(self, known: tuple[str, ...] = ()) -> None:
         for note in self.watcher.spec.notes:
-            self.log.warning("not watched", note=note)
+            if note not in known:
+                self.log.warning("not watched", note=note)
 
     def update_watch_spec(self) -> None:
-        """After a reload: a changed watch list restarts the helper on the new one."""
-        spec = build_spec(self.config, sys.path)
+        """After a reload or a new import report: a changed watch list restarts the helper
+        on the new one."""
         w = self.watcher
-        if spec == w.spec:
+        notes = w.spec.notes
+        if not w.rebuild(self.config, sys.path):
             return
-        w.spec = spec
-        self._log_watch_notes()
+        self._log_watch_notes(known=notes)
         w.restart_at = 0.0  # in backoff: start on the new list now
         if w.pid is not None:
             w.replacing = True
             self.log.info("watch list changed; restarting the file watcher", watcher_pid=w.pid)
             self._signal_watcher(signal.SIGTERM)
+
+    def on_import_report(self, child: Child, pool: Pool, event: dict) -> None:
+        """A child's "modules" event line: once the first report of a new generation is
+        complete, the pool watches the files it lists (if they changed)."""
+        if pool.config.command is not None or pool.config.watch is not None:
+            return  # only a Python pool on the default watch list follows its imports
+        report = self.watcher.add_report(pool.name, child.pid, child.generation, event,
+                                         self.children)
+        if report is None:
+            return
+        self.log.info("watching the files the pool's code imported", pool=pool.name,
+                      generation=report.generation, files=len(report.files),
+                      child_pid=child.pid)
+        if report.dropped:
+            self.log.warning("import report cut short: some imported files are not watched; "
+                             "set watch: for this pool to choose its files",
+                             pool=pool.name, dropped=report.dropped)
+        self.update_watch_spec()
 
     def _signal_watcher(self, sig: int) -> None:
         if self.watcher.pid is not None:

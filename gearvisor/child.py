@@ -36,6 +36,7 @@ from .process import (
     set_pdeathsig,
 )
 from .scoreboard import Scoreboard
+from .watcher import send_import_report
 
 try:  # CPython: the handler as set, without signal.getsignal's enum lookup (checked per job)
     from _signal import getsignal as _getsignal
@@ -91,6 +92,7 @@ class _ChildHooks(Hooks):
         self.running: RunningJobs | None = None
         self.running_index = -1
         self.event_fd = event_fd
+        self.report_imports = pool.watch is None  # a watch: list of its own needs none
         self.board = board
         self.log = log
         self.done = 0
@@ -110,6 +112,10 @@ class _ChildHooks(Hooks):
     def ready(self) -> None:
         send_event(self.event_fd, {"event": "ready"})
         self._idle()
+        if self.report_imports:
+            # What this child imported, so the master watches the code it runs (the master
+            # keeps the first report of each generation and ignores the others).
+            send_import_report(self.event_fd)
 
     def _idle(self) -> None:
         state = ("draining" if self.stopping else "quarantined" if self.quarantined

@@ -439,7 +439,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Files whose change rolls the pool: paths or globs (`**` spans directories), "
             "relative to the config file; a directory means everything under it. `false` "
             "turns watching off.",
-            shown_default="`*.py` in the directory of each function's module"),
+            shown_default="the files the pool's code imported (outside the stdlib and "
+                          "site-packages); a command pool: its script's directory"),
     Setting("command", command, None,
             "Run an external worker (PHP, Perl, any language) instead of Python functions: "
             "an argv list, no shell (a string is split with shlex).", scope="pool",
@@ -659,7 +660,8 @@ class PoolConfig:
     log_file_backups: int = 3
     output_rate: int = 1000
     kill_group: bool = True  # signal and clean up the child's whole process group
-    # None: the directories of the functions' modules, *.py; (): not watched
+    # None: the files the children report importing (a command pool: its script's dir);
+    # (): not watched
     watch: tuple[str, ...] | None = None
 
 

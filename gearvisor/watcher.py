@@ -1,6 +1,12 @@
 """File watching: which files belong to which pool, the helper process that watches them, and
 the debounce that turns a burst of changes into one roll.
 
+What a Python pool watches by default is the code its children run: a child, once ready,
+reports the source file of every module it imported from outside the stdlib, site-packages
+and gearvisor itself (`send_import_report`, a few event lines down its pipe), and the master
+keeps the first report of each generation (`WatcherState.add_report`). Until that report
+arrives, the function modules' own files are watched.
+
 The master never watches files itself: watchfiles runs Rust threads, and the master must stay
 single-threaded so fork() stays safe (DESIGN.md). It forks a helper that runs watchfiles and
 writes one JSON line per batch of changes down a pipe, already mapped to pool names. The
@@ -15,12 +21,17 @@ as a change of everything under it, and the watch is rebuilt on the new targets.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import re
+import select
 import signal
+import stat
+import sys
 import time
 import traceback
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -32,32 +43,62 @@ from .process import EXIT_CRASH, EXIT_ORPHANED, close_fds_except, set_pdeathsig
 
 _GLOB_FLAGS = wcglob.GLOBSTAR
 RESOLVE_INTERVAL_MS = 1000  # how often symlinked roots are re-resolved (and the master checked)
+# A child's import report: at most this many files and characters of paths (the rest are
+# counted as dropped), in event lines of at most REPORT_LINE bytes. A line no longer than
+# PIPE_BUF (4096) is written atomically to the non-blocking pipe, whole or not at all, so
+# lines never interleave or arrive cut; the master reads 64 KiB at a time.
+MAX_REPORT_FILES = 2000
+MAX_REPORT_CHARS = 256 * 1024
+REPORT_LINE = 4000
+REPORT_WAIT = 2.0  # how long a child waits for room in a full pipe before it gives up
 
 
 # -- what is watched (pure) -----------------------------------------------------------------------
 
 
-def module_dir(module: str, search_path: list[str] | tuple[str, ...]) -> str | None:
-    """The directory holding `module`'s source, found on the file system the way the import
-    system would, without importing anything (the master never runs user code)."""
+def _find_module(module: str, search_path: Sequence[str]) -> tuple[str, str] | None:
+    """(search path entry, source file) of `module`, found the way the import system would,
+    without importing anything (the master never runs user code)."""
     parts = module.split(".")
     for root in search_path:
         base = os.path.join(root or ".", *parts[:-1])
         # A package wins over a module of the same name, as in Python's FileFinder.
-        if os.path.isfile(os.path.join(base, parts[-1], "__init__.py")):
-            return os.path.abspath(os.path.join(base, parts[-1]))
-        if os.path.isfile(os.path.join(base, parts[-1] + ".py")):
-            return os.path.abspath(base)
+        for source in (os.path.join(base, parts[-1], "__init__.py"),
+                       os.path.join(base, parts[-1] + ".py")):
+            if os.path.isfile(source):
+                return root or ".", source
     return None
+
+
+def module_dir(module: str, search_path: Sequence[str]) -> str | None:
+    """The directory holding `module`'s source (a package: the package directory)."""
+    found = _find_module(module, search_path)
+    return os.path.dirname(os.path.abspath(found[1])) if found else None
+
+
+def module_files(module: str, search_path: Sequence[str]) -> list[str] | None:
+    """The files importing `module` runs, as far as the master can tell without importing:
+    the `__init__.py` of each enclosing regular package, then the module's own source.
+    What a pool watches until its first child reports what it really imported."""
+    found = _find_module(module, search_path)
+    if found is None:
+        return None
+    root, source = found
+    parts = module.split(".")
+    inits = [os.path.join(root, *parts[:i], "__init__.py") for i in range(1, len(parts))]
+    return [os.path.abspath(f) for f in [*inits, source] if os.path.isfile(f)]
 
 
 @dataclass(frozen=True)
 class WatchSpec:
-    """What the helper watches: the config file (or None) and each pool's absolute globs."""
+    """What the helper watches: the config file (or None) and each pool's absolute globs (a
+    plain file is a glob that matches only itself), minus `ignore`: files gearvisor itself
+    writes (its own log, command pools' log_file), whose changes are never anyone's code."""
 
     config: str | None
     pools: tuple[tuple[str, tuple[str, ...]], ...]
     notes: tuple[str, ...] = field(default=(), compare=False)  # why something is not watched
+    ignore: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -67,12 +108,25 @@ class WatchSpec:
         return {"config": self.config, "pools": {n: list(p) for n, p in self.pools}}
 
 
-def build_spec(cfg: Config, search_path: list[str] | tuple[str, ...]) -> WatchSpec:
-    """Each pool's watch globs: its own `watch:` list (a directory means everything under it),
-    or by default `*.py` in the directory of each function's module."""
+def build_spec(cfg: Config, search_path: Sequence[str],
+               reported: Mapping[str, Sequence[str]] | None = None,
+               ignore: Sequence[str] = ()) -> WatchSpec:
+    """Each pool's watch globs. A pool's own `watch:` list (a directory means everything under
+    it) wins. By default a Python pool watches the files its children reported importing
+    (`reported`, by pool name) plus its function modules' own files: all it has before the
+    first report, and what a reload's new functions need at once. A command pool watches
+    its script's directory, by extension. `ignore` (the master's own log file) and every
+    command pool's log_file are never a change."""
+    reported = reported or {}
     pools = []
     notes = []
     path = [*cfg.pythonpath, *search_path]
+    skip = list(ignore)
+    for pc in cfg.pools.values():
+        if pc.command is not None and pc.log_file:
+            # Its rotations too: RotatingFileHandler renames log_file to log_file.1 and so on.
+            skip += [pc.log_file, *(f"{pc.log_file}.{i}"
+                                    for i in range(1, pc.log_file_backups + 1))]
     for name, pc in cfg.pools.items():
         if pc.watch is not None:
             # A directory is taken literally (escaped: "app[1]" is not a character class).
@@ -92,10 +146,10 @@ def build_spec(cfg: Config, search_path: list[str] | tuple[str, ...]) -> WatchSp
             # A command pool: the directory of each script argument that is a file, with its
             # extension ("php worker.php" watches *.php beside worker.php).
             for arg in pc.command[1:]:
-                path = os.path.join(pc.cwd, arg)
-                if os.path.isfile(path):
-                    ext = os.path.splitext(path)[1]
-                    glob = os.path.join(_literal(os.path.dirname(os.path.abspath(path))),
+                script = os.path.join(pc.cwd, arg)  # not `path`: later pools search that
+                if os.path.isfile(script):
+                    ext = os.path.splitext(script)[1]
+                    glob = os.path.join(_literal(os.path.dirname(os.path.abspath(script))),
                                         f"*{ext}" if ext else "*")
                     if glob not in patterns:
                         patterns.append(glob)
@@ -104,16 +158,20 @@ def build_spec(cfg: Config, search_path: list[str] | tuple[str, ...]) -> WatchSp
                              " for this pool")
             pools.append((name, tuple(patterns)))
             continue
+        files: dict[str, None] = {}  # ordered, deduplicated
         for target in pc.functions.values():
             module = target.partition(":")[0]
-            where = module_dir(module, path)
-            if where is None:
+            found = module_files(module, path)
+            if found is not None:
+                files.update(dict.fromkeys(found))
+            elif name not in reported:  # a report shows where the children found it
                 notes.append(f"pool {name}: module {module} not found on the python path, so "
-                             "it is not watched; set watch: for this pool")
-            elif os.path.join(_literal(where), "*.py") not in patterns:
-                patterns.append(os.path.join(_literal(where), "*.py"))
-        pools.append((name, tuple(patterns)))
-    return WatchSpec(cfg.path if cfg.watch_config else None, tuple(pools), tuple(notes))
+                             "it is not watched until a child reports its imports; set watch:"
+                             " for this pool")
+        files.update(dict.fromkeys(reported.get(name, ())))
+        pools.append((name, tuple(_literal(f) for f in files)))
+    return WatchSpec(cfg.path if cfg.watch_config else None, tuple(pools), tuple(notes),
+                     tuple(dict.fromkeys(skip)))
 
 
 def _literal(path: str) -> str:
@@ -153,21 +211,40 @@ def outermost(roots: list[str]) -> list[str]:
             if not any(r != o and r.startswith(o.rstrip(os.sep) + os.sep) for o in roots)]
 
 
+def literal_path(pattern: str) -> str | None:
+    """The one path `pattern` matches when it has no wildcard (escaped characters count as
+    plain), else None."""
+    unescaped = re.sub(r"\\(.)", r"\1", pattern)
+    return unescaped if _literal(unescaped) == pattern else None
+
+
 class Matcher:
-    """Maps changed paths to the pools whose globs match them (and to the config file)."""
+    """Maps changed paths to the pools whose globs match them (and to the config file).
+
+    Plain files (a Python pool's imported modules: thousands of them) are looked up in a set;
+    only real globs go through wcmatch. A path in `spec.ignore` matches nothing."""
 
     def __init__(self, spec: WatchSpec) -> None:
         self.spec = spec
+        self.ignore = frozenset(spec.ignore)
+        self._pools: list[tuple[str, frozenset[str], tuple[str, ...]]] = []
+        for name, patterns in spec.pools:
+            plain = [literal_path(p) for p in patterns]
+            globs = tuple(p for p, f in zip(patterns, plain, strict=True) if f is None)
+            self._pools.append((name, frozenset(f for f in plain if f is not None), globs))
+        self.files = frozenset().union(*(files for _, files, _ in self._pools))
 
     def pools_for(self, path: str) -> list[str]:
-        return [name for name, patterns in self.spec.pools
-                if patterns and wcglob.globmatch(path, patterns, flags=_GLOB_FLAGS)]
+        if path in self.ignore:
+            return []
+        return [name for name, files, globs in self._pools
+                if path in files or (globs and wcglob.globmatch(path, globs, flags=_GLOB_FLAGS))]
 
     def match(self, paths: list[str]) -> tuple[set[str], bool]:
         pools: set[str] = set()
         config = False
         for p in paths:
-            if p == self.spec.config:
+            if p == self.spec.config and p not in self.ignore:
                 config = True
             pools.update(self.pools_for(p))
         return pools, config
@@ -241,12 +318,169 @@ class Debouncer:
         return batch
 
 
+# -- what a child imported (runs in the child, right after it is ready) --------------------------
+
+
+def report_skip_dirs() -> list[str]:
+    """Directories whose modules are not the pool's code: the stdlib, site-packages (of the
+    venv, the system and the user) and gearvisor's own package; each as given and resolved."""
+    import site
+    import sysconfig
+
+    dirs = [sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")]
+    try:
+        dirs += site.getsitepackages()
+    except AttributeError:  # pragma: no cover - old virtualenv's site.py
+        pass
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    dirs.append(os.path.dirname(os.path.abspath(__file__)))
+    out: dict[str, None] = {}
+    for d in dirs:
+        if d:
+            out.update(dict.fromkeys((os.path.abspath(d), os.path.realpath(d))))
+    return list(out)
+
+
+def _source_of(module: Any) -> str | None:
+    """The file `module` was loaded from (its source when there is one), or None: built-in
+    and frozen modules, namespace packages and objects that are not modules have none."""
+    try:
+        spec = getattr(module, "__spec__", None)
+        if getattr(spec, "origin", None) in ("built-in", "frozen"):
+            return None
+        path = getattr(module, "__file__", None)
+    except Exception:  # a lazy module or a proxy in sys.modules: not worth breaking a child
+        return None
+    if not isinstance(path, str) or not path or "\0" in path:
+        return None
+    path = os.path.abspath(path)
+    if os.sep + "__pycache__" + os.sep in path:
+        # Bytecode the import system writes itself (a new child may rewrite it): never
+        # watched. Its source, if there is one, is the code.
+        try:
+            source = importlib.util.source_from_cache(path)
+        except ValueError:
+            return None
+        return source if os.path.isfile(source) else None
+    if os.path.isfile(path):
+        return path  # a source, a .pyc deployed without source, an extension module
+    # Inside an archive (zipimport: /srv/app.zip/pkg/mod.py): the archive is what changes.
+    parent = os.path.dirname(path)
+    while parent != os.path.dirname(parent) and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent if os.path.isfile(parent) else None
+
+
+def imported_files(modules: Mapping[str, Any], skip: Sequence[str]) -> list[str]:
+    """The files of `modules` (sys.modules) that are the pool's own code, sorted: everything
+    outside `skip` (report_skip_dirs()), by the path imported and by its resolved path.
+    `__main__` is gearvisor's entry point, never the pool's code."""
+    prefixes = tuple(d.rstrip(os.sep) + os.sep for d in skip)
+    files = set()
+    for name, module in list(modules.items()):
+        if name in ("__main__", "__mp_main__"):
+            continue
+        path = _source_of(module)
+        if path is None or path in files or path.startswith(prefixes):
+            continue
+        if not os.path.realpath(path).startswith(prefixes):
+            files.add(path)
+    return sorted(files)
+
+
+def report_lines(files: Sequence[str]) -> list[bytes]:
+    """`files` as "modules" event lines of at most REPORT_LINE bytes each, the last one
+    without `more` and with the count of files left out: past MAX_REPORT_FILES or
+    MAX_REPORT_CHARS, or a single path too long for a line."""
+    lines: list[bytes] = []
+    chunk: list[str] = []
+    size = kept = chars = dropped = 0
+    budget = REPORT_LINE - 80  # room for the event's own keys and a large dropped count
+    for f in files:
+        item = len(json.dumps(f)) + 2  # its JSON string and the ", " after it
+        if item > budget or kept >= MAX_REPORT_FILES or chars + len(f) > MAX_REPORT_CHARS:
+            dropped += 1
+            continue
+        if size + item > budget:
+            lines.append(json.dumps({"event": "modules", "files": chunk, "more": True}).encode()
+                         + b"\n")
+            chunk, size = [], 0
+        chunk.append(f)
+        size += item
+        kept += 1
+        chars += len(f)
+    lines.append(json.dumps({"event": "modules", "files": chunk, "dropped": dropped}).encode()
+                 + b"\n")
+    return lines
+
+
+def send_import_report(fd: int, modules: Mapping[str, Any] | None = None,
+                       wait: float = REPORT_WAIT) -> None:
+    """Tell the master which files this child's code came from (see report_lines). The pipe
+    is non-blocking: a line that finds it full waits for room up to `wait` seconds in all,
+    then the rest is given up (the master ignores an unfinished report). Never raises: a
+    child serves jobs whatever happens to its report."""
+    try:
+        lines = report_lines(imported_files(sys.modules if modules is None else modules,
+                                            report_skip_dirs()))
+        deadline = time.monotonic() + wait
+        room = select.poll()  # not select(): the fd may be past FD_SETSIZE
+        room.register(fd, select.POLLOUT)
+        for line in lines:
+            while True:
+                try:
+                    os.write(fd, line)  # <= PIPE_BUF: all of it or EAGAIN
+                    break
+                except BlockingIOError:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    room.poll(left * 1000)
+    except Exception:
+        return
+
+
 # -- the helper's record in the master -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """The files a pool's children of `generation` imported, as its first reporter saw them."""
+
+    generation: int
+    files: tuple[str, ...]
+    dropped: int = 0
+
+
+@dataclass
+class _PartialReport:
+    pool: str
+    generation: int
+    files: list[str] = field(default_factory=list)
+    chars: int = 0
+    dropped: int = 0
+
+
+def output_files(fds: Sequence[int] = (1, 2)) -> tuple[str, ...]:
+    """The regular files `fds` (this process's stdout and stderr) write to: the master's own
+    log, which must never count as a change of anyone's code."""
+    out = []
+    for fd in fds:
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                path = os.readlink(f"/proc/self/fd/{fd}")
+                if path not in out and os.path.isabs(path):
+                    out.append(path)
+        except OSError:
+            continue  # closed, or no /proc: nothing known to leave out
+    return tuple(out)
 
 
 @dataclass
 class WatcherState:
-    """The master's record of the watcher helper (one process, restarted with backoff)."""
+    """The master's record of the watcher helper (one process, restarted with backoff), and
+    of what each Python pool's children reported importing (which feeds its spec)."""
 
     spec: WatchSpec
     pid: int | None = None
@@ -262,6 +496,63 @@ class WatcherState:
     polling: bool = False
     error: str | None = None
     last_change: float | None = None
+    reports: dict[str, ImportReport] = field(default_factory=dict)  # by pool
+    partial: dict[int, _PartialReport] = field(default_factory=dict)  # by child pid
+    own_output: tuple[str, ...] = ()  # the master's log file(s)
+
+    @classmethod
+    def for_config(cls, cfg: Config, search_path: Sequence[str]) -> WatcherState:
+        """The state at start-up: the spec from the config alone, minus the master's log."""
+        own = output_files()
+        return cls(build_spec(cfg, search_path, ignore=own), own_output=own)
+
+    def rebuild(self, cfg: Config, search_path: Sequence[str]) -> bool:
+        """Rebuild the spec from `cfg` and the import reports; True when it changed (the
+        helper must then be restarted on it). Reports of pools gone from `cfg` are dropped,
+        so a pool added again under the same name starts afresh."""
+        for name in [n for n in self.reports if n not in cfg.pools]:
+            del self.reports[name]
+        spec = build_spec(cfg, search_path, {n: r.files for n, r in self.reports.items()},
+                          self.own_output)
+        if spec == self.spec:
+            return False
+        self.spec = spec
+        return True
+
+    def add_report(self, pool: str, pid: int, generation: int, event: dict[str, Any],
+                   live: Container[int]) -> ImportReport | None:
+        """Take one "modules" event line from child `pid`. Returns the pool's new report when
+        this line finished the first report of a generation newer than the one held and
+        its files differ; None otherwise. Bounded whatever a child sends: MAX_REPORT_FILES
+        paths and MAX_REPORT_CHARS characters per report, one report in progress per live
+        child (those of children gone are dropped here)."""
+        held = self.reports.get(pool)
+        if held is not None and held.generation >= generation:
+            self.partial.pop(pid, None)
+            return None  # another child of this generation (or a newer one) reported first
+        for gone in [p for p in self.partial if p != pid and p not in live]:
+            del self.partial[gone]
+        part = self.partial.get(pid)
+        if part is None or (part.pool, part.generation) != (pool, generation):
+            part = self.partial[pid] = _PartialReport(pool, generation)
+        files = event.get("files")
+        for f in files if isinstance(files, list) else ():
+            if (isinstance(f, str) and os.path.isabs(f) and "\0" not in f
+                    and len(part.files) < MAX_REPORT_FILES
+                    and part.chars + len(f) <= MAX_REPORT_CHARS):
+                part.files.append(f)
+                part.chars += len(f)
+            else:
+                part.dropped += 1
+        dropped = event.get("dropped")
+        if isinstance(dropped, int) and not isinstance(dropped, bool) and dropped > 0:
+            part.dropped += min(dropped, 1 << 30)
+        if event.get("more") is True:
+            return None
+        del self.partial[pid]
+        report = ImportReport(generation, tuple(sorted(set(part.files))), part.dropped)
+        self.reports[pool] = report
+        return report if held is None or held.files != report.files else None
 
     def status(self, now: float, debouncer: Debouncer) -> dict[str, Any]:
         if self.spec.empty:
@@ -282,6 +573,7 @@ class WatcherState:
                          if self.pid is None and self.backoff.failures else None),
             "error": self.error,
             "notes": list(self.spec.notes),
+            "modules": {name: len(r.files) for name, r in sorted(self.reports.items())},
             "pending": sorted(pending.pools) + (["(config)"] if pending.config else [])
             if pending else [],
             "last_change": round(now - self.last_change, 3) if self.last_change else None,
@@ -367,15 +659,26 @@ def aliases(path: str, roots: list[str]) -> list[str]:
     """`path` and the same file under every root whose real path holds it: inotify keeps
     one watch per directory inode, so a file reached through a symlink may be reported
     under another name than the glob uses."""
-    out = [path]
-    real = os.path.realpath(path)
-    for root in roots:
-        rr = os.path.realpath(root)
-        if real == rr or real.startswith(rr.rstrip(os.sep) + os.sep):
-            alias = root.rstrip(os.sep) + real[len(rr.rstrip(os.sep)):]
-            if alias not in out:
-                out.append(alias)
-    return out
+    return _Aliases(roots)(path)
+
+
+class _Aliases:
+    """aliases() against fixed roots, resolved once: the helper maps every changed path,
+    and a log file appended in a watched directory changes one path per line."""
+
+    def __init__(self, roots: list[str]) -> None:
+        self.pairs = [(root.rstrip(os.sep), os.path.realpath(root).rstrip(os.sep))
+                      for root in roots]
+
+    def __call__(self, path: str) -> list[str]:
+        out = [path]
+        real = os.path.realpath(path)
+        for root, rr in self.pairs:
+            if real == rr or real.startswith(rr + os.sep):
+                alias = root + real[len(rr):]
+                if alias not in out:
+                    out.append(alias)
+        return out
 
 
 def _signature(path: str) -> tuple | None:
@@ -441,7 +744,9 @@ def _watch(spec: WatchSpec, fd: int, master_pid: int) -> int:
         _send(fd, {"event": "watching", "paths": deep + flat,
                    "missing": [r for r in roots if not os.path.exists(r)], "polling": polling})
         ignore = _Ignore(deep + flat + roots)
+        alias = _Aliases(roots)
         timeout = max(50, RESOLVE_INTERVAL_MS // max(1, len(watchers)))
+        next_resolve = time.monotonic() + RESOLVE_INTERVAL_MS / 1000
         while True:
             if os.getppid() != master_pid:
                 return EXIT_ORPHANED
@@ -450,7 +755,10 @@ def _watch(spec: WatchSpec, fd: int, master_pid: int) -> int:
                 for w in watchers:
                     raw = w.watch(1600, 50, timeout, None)
                     if isinstance(raw, set):
-                        changed.update(p for _, p in raw if not ignore(p))
+                        # A file the children imported is wanted even where the default
+                        # ignore list would drop it (a module deployed as .pyc only).
+                        changed.update(p for _, p in raw if p not in matcher.ignore and (
+                            p in matcher.files or not ignore(p)))
             else:
                 time.sleep(RESOLVE_INTERVAL_MS / 1000)  # nothing exists yet: just re-check
             now_sig = _config_signature(spec.config)
@@ -459,9 +767,21 @@ def _watch(spec: WatchSpec, fd: int, master_pid: int) -> int:
                 if spec.config:
                     changed.add(spec.config)
             if changed:
-                paths = sorted(changed)
-                pools, config = matcher.match([a for p in paths for a in aliases(p, roots)])
-                _report(fd, pools, config, paths, "edited")
+                # Filtered here, not in the master: a file that belongs to no pool (a log
+                # appended line by line beside a module) never becomes an event line.
+                hits: list[str] = []
+                pools: set[str] = set()
+                config = False
+                for p in sorted(changed):
+                    matched, cfg_hit = matcher.match(alias(p))
+                    if matched or cfg_hit:
+                        hits.append(p)
+                        pools |= matched
+                        config |= cfg_hit
+                _report(fd, pools, config, hits, "edited")
+            if time.monotonic() < next_resolve:
+                continue  # re-resolve the roots once a second, not once per batch of events
+            next_resolve = time.monotonic() + RESOLVE_INTERVAL_MS / 1000
             moved = [r for r in checked if _signature(r) != sigs[r]]
             if moved:
                 _report(fd, *matcher.under(moved), moved, "moved")

@@ -320,3 +320,100 @@ def test_code_under_a_virtualenv_directory_is_watched(gearmand, master, tmp_path
     write_module(lib, "venvmod", "def version(job):\n    return 'v2-longer'\n")
     wait_for(settled_at(m, "v", 2), timeout=20, message="rolled")
     assert call(gearmand, "version") == b"v2-longer"
+
+
+def follows_imports(m, pool_name: str, *directories: Path):
+    """A condition: the pool's children reported their imports and the (restarted) watcher
+    watches every one of `directories`."""
+    def check():
+        w = m.status()["watcher"]
+        return (w["state"] == "watching" and w.get("modules", {}).get(pool_name)
+                and {str(d) for d in directories} <= set(w["paths"]) and w)
+    return check
+
+
+def test_editing_a_module_the_code_imports_rolls_the_pool(gearmand, master, tmp_path):
+    """app/tasks.py imports app/lib/images.py (lib: a namespace package) and helpers.py from
+    another pythonpath directory: the children report what they imported, so an edit to
+    either rolls the pool, though neither is in the function module's directory."""
+    app, lib, shared = tmp_path / "app", tmp_path / "app" / "lib", tmp_path / "shared"
+    lib.mkdir(parents=True)
+    shared.mkdir()
+    (app / "__init__.py").write_text("")
+    write_module(lib, "images", "VERSION = 'images-1'\n")
+    write_module(shared, "helpers", "TAG = 'helpers-1'\n")
+    write_module(app, "tasks", """\
+        import helpers
+        from app.lib import images
+
+        def version(job):
+            return f"{images.VERSION} {helpers.TAG}"
+        """)
+    m = master({"servers": [gearmand.address], "watch_debounce": QUIET,
+                "pythonpath": [str(REPO), str(tmp_path), str(shared)],
+                "pools": {"img": {"processes": 2,
+                                  "functions": {"version": "app.tasks:version"}}}})
+    wait_for(lambda: serving(gearmand, "img") == 2, timeout=20, message="registered")
+    w = wait_for(follows_imports(m, "img", lib, shared), timeout=20,
+                 message="the watcher following the imported modules")
+    assert w["modules"]["img"] == 4  # app/__init__, app/tasks, app/lib/images, helpers
+    assert str(tmp_path) in w["paths"]  # the config file's directory, watched flat
+    reported = m.events("watching the files the pool's code imported")
+    assert reported and reported[0]["pool"] == "img" and reported[0]["files"] == 4
+    assert call(gearmand, "version") == b"images-1 helpers-1"
+
+    write_module(lib, "images", "VERSION = 'images-2-longer'\n")
+    wait_for(settled_at(m, "img", 2), timeout=20, message="pool img rolled to gen 2")
+    wait_for(lambda: serving(gearmand, "img") == 2, timeout=20,
+             message="generation 2 registered in gearmand")
+    assert call(gearmand, "version") == b"images-2-longer helpers-1"
+
+    write_module(shared, "helpers", "TAG = 'helpers-2-longer'\n")
+    wait_for(settled_at(m, "img", 3), timeout=20, message="pool img rolled to gen 3")
+    wait_for(lambda: serving(gearmand, "img") == 2, timeout=20,
+             message="generation 3 registered in gearmand")
+    assert call(gearmand, "version") == b"images-2-longer helpers-2-longer"
+    changed = m.events("files changed; rolling once they are quiet")
+    assert [(e["pools"], e["sample"]) for e in changed] == [
+        (["img"], [str(lib / "images.py")]), (["img"], [str(shared / "helpers.py")])]
+
+
+def test_log_files_beside_the_code_roll_nothing(gearmand, master, tmp_path):
+    """A log appended line by line next to a Python pool's module, and a command pool's
+    log_file next to its script (watched as "*": the script has no extension), are nobody's
+    code: no "files changed", no roll. Proven by ordering: a later edit of the module rolls
+    its pool once, so anything the log lines had triggered would have come before it."""
+    app, cmd = tmp_path / "app", tmp_path / "cmd"
+    app.mkdir()
+    cmd.mkdir()
+    write_module(app, "logmod", "def version(job):\n    return 'log-1'\n")
+    # 30 lines, 20 ms apart, then it idles until told to stop (SIGTERM ends sleep).
+    (cmd / "run").write_text('i=0\nwhile [ "$i" -lt 30 ]; do echo "line $i"; i=$((i+1)); '
+                             "sleep 0.02; done\nexec sleep 600\n")
+    m = master({"servers": [gearmand.address], "watch_debounce": QUIET,
+                "pythonpath": [str(REPO), str(app)],
+                "pools": {
+                    "py": {"processes": 1, "functions": {"version": "logmod:version"}},
+                    "cmd": {"processes": 1, "command": ["sh", "run"], "cwd": str(cmd),
+                            "functions": ["nothing"], "ready": "started",
+                            "startsecs": "100ms", "log_file": str(cmd / "run.log")},
+                }})
+    wait_for(lambda: serving(gearmand, "py") == 1, timeout=20, message="registered")
+    wait_for(follows_imports(m, "py", app), timeout=20, message="watcher up")
+    log = app / "worker.log"
+    pause = threading.Event()
+    with log.open("a") as f:
+        for i in range(40):  # bounded: 40 lines, paced like a busy worker's log
+            f.write(f"line {i}\n")
+            f.flush()
+            pause.wait(0.02)
+    wait_for(lambda: (cmd / "run.log").exists() and
+             (cmd / "run.log").read_text().count("line ") >= 30, timeout=20,
+             message="the command pool wrote its log_file")
+    write_module(app, "logmod", "def version(job):\n    return 'log-2-longer'\n")
+    wait_for(settled_at(m, "py", 2), timeout=20, message="pool py rolled by the edit")
+    assert call(gearmand, "version") == b"log-2-longer"
+    changed = m.events("files changed; rolling once they are quiet")
+    assert [(e["pools"], e["sample"]) for e in changed] == [(["py"], [str(app / "logmod.py")])]
+    assert rolls(m, "py") == 1 and rolls(m, "cmd") == 0
+    assert pool(m, "cmd")["generation"] == 1

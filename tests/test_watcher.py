@@ -6,8 +6,13 @@ system, an injected `now` for the Debouncer; no helper process, no watchfiles, n
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
+import json
 import os
+import select
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -15,8 +20,12 @@ import pytest
 from gearvisor.config import Config, ConfigError, parse
 from gearvisor.health import Backoff
 from gearvisor.watcher import (
+    MAX_REPORT_CHARS,
+    MAX_REPORT_FILES,
+    REPORT_LINE,
     Batch,
     Debouncer,
+    ImportReport,
     Matcher,
     WatcherState,
     WatchSpec,
@@ -24,9 +33,15 @@ from gearvisor.watcher import (
     aliases,
     all_roots,
     build_spec,
+    imported_files,
     module_dir,
+    module_files,
     outermost,
+    output_files,
+    report_lines,
+    report_skip_dirs,
     root_of,
+    send_import_report,
     split_roots,
 )
 
@@ -151,19 +166,21 @@ def layout(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_build_spec_default_watch_is_each_module_dir_deduplicated(layout: Path) -> None:
+def test_build_spec_default_before_any_report_is_each_function_modules_files(
+        layout: Path) -> None:
+    """Not their whole directories: a log file beside a module is nobody's code."""
     cfg = load(layout, LAYOUT_CONFIG)
     spec = build_spec(cfg, [])
     assert spec.config == str(layout / "pools.yaml")
     assert spec.pools == (
-        ("app", (f"{layout}/app/*.py",)),
-        ("pkg", (f"{layout}/lib/pkg/*.py",)),
+        ("app", (f"{layout}/app/jobs.py", f"{layout}/app/more.py")),  # once each
+        ("pkg", (f"{layout}/lib/pkg/__init__.py", f"{layout}/lib/pkg/deep.py")),
     )
     assert spec.notes == ()
     assert not spec.empty
 
 
-def test_build_spec_one_pattern_per_module_dir_in_function_order(tmp_path: Path) -> None:
+def test_build_spec_one_pattern_per_module_file_in_function_order(tmp_path: Path) -> None:
     touch(tmp_path / "b" / "x.py")
     touch(tmp_path / "a" / "y.py")
     cfg = load(tmp_path, """\
@@ -174,7 +191,7 @@ pools:
       f2: "a.y:f"
       f3: "b.x:g"
 """)
-    assert build_spec(cfg, []).pools == (("p", (f"{tmp_path}/b/*.py", f"{tmp_path}/a/*.py")),)
+    assert build_spec(cfg, []).pools == (("p", (f"{tmp_path}/b/x.py", f"{tmp_path}/a/y.py")),)
 
 
 def test_build_spec_also_searches_the_given_search_path(tmp_path: Path) -> None:
@@ -186,22 +203,23 @@ def test_build_spec_also_searches_the_given_search_path(tmp_path: Path) -> None:
                 str(conf_dir / "pools.yaml"), euid=1000)
     touch(site / "extra.py")
     spec = build_spec(cfg, [str(site)])
-    assert spec.pools == (("p", (f"{conf_dir}/*.py", f"{site}/*.py")),)
-    assert build_spec(cfg, []).pools == (("p", (f"{conf_dir}/*.py",)),)
+    assert spec.pools == (("p", (f"{conf_dir}/jobs.py", f"{site}/extra.py")),)
+    assert build_spec(cfg, []).pools == (("p", (f"{conf_dir}/jobs.py",)),)
 
 
 def test_build_spec_watch_config_false_drops_the_config(layout: Path) -> None:
     cfg = load(layout, "watch_config: false\n" + LAYOUT_CONFIG)
     spec = build_spec(cfg, [])
     assert spec.config is None
-    assert dict(spec.pools)["app"] == (f"{layout}/app/*.py",)
+    assert dict(spec.pools)["app"] == (f"{layout}/app/jobs.py", f"{layout}/app/more.py")
 
 
 def test_build_spec_watch_false_is_an_empty_tuple(layout: Path) -> None:
     cfg = load(layout, LAYOUT_CONFIG + "    watch: false\n")  # the last pool, pkg
     assert cfg.pools["pkg"].watch == ()
     spec = build_spec(cfg, [])
-    assert dict(spec.pools) == {"app": (f"{layout}/app/*.py",), "pkg": ()}
+    assert dict(spec.pools) == {"app": (f"{layout}/app/jobs.py", f"{layout}/app/more.py"),
+                                "pkg": ()}
 
 
 def test_build_spec_explicit_watch_entries(tmp_path: Path) -> None:
@@ -234,7 +252,7 @@ pools:
 def test_build_spec_missing_module_gives_a_note(layout: Path) -> None:
     cfg = load(layout, LAYOUT_CONFIG.replace('"app.more:three"', '"ghost.mod:three"'))
     spec = build_spec(cfg, [])
-    assert dict(spec.pools)["app"] == (f"{layout}/app/*.py",)  # what was found still is
+    assert dict(spec.pools)["app"] == (f"{layout}/app/jobs.py",)  # what was found still is
     assert len(spec.notes) == 1
     assert "pool app" in spec.notes[0]
     assert "module ghost.mod" in spec.notes[0]
@@ -298,6 +316,26 @@ def test_build_spec_module_dir_with_glob_characters_still_matches(tmp_path: Path
     spec = build_spec(cfg, [])
     assert spec.notes == ()
     assert Matcher(spec).match([f"{tmp_path}/lib[v2]/jobs.py"]) == ({"p"}, False)
+
+
+def test_build_spec_a_command_pool_listed_first_leaves_the_python_path_alone(
+        tmp_path: Path) -> None:
+    """The command pool's script path once overwrote the search path of later pools."""
+    touch(tmp_path / "bin" / "worker.php")
+    touch(tmp_path / "jobs.py")
+    cfg = load(tmp_path, """\
+pools:
+  php:
+    command: ["php", "bin/worker.php"]
+    functions: [reverse]
+  py:
+    functions:
+      f: "jobs:f"
+""")
+    spec = build_spec(cfg, [])
+    assert dict(spec.pools) == {"php": (f"{tmp_path}/bin/*.php",),
+                                "py": (f"{tmp_path}/jobs.py",)}
+    assert spec.notes == ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -775,3 +813,651 @@ def test_ignore_applies_only_below_the_watched_root() -> None:
     assert ignore("/srv/app/pkg/.jobs.py.swp")
     assert ignore("/srv/app/node_modules/x/index.js")
     assert not ignore("/srv/app/pkg/jobs.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# module_files: what a pool watches before its first import report
+
+
+def test_module_files_of_a_plain_module_is_its_source(tmp_path: Path) -> None:
+    touch(tmp_path / "jobs.py")
+    touch(tmp_path / "worker.log")
+    assert module_files("jobs", [str(tmp_path)]) == [str(tmp_path / "jobs.py")]
+
+
+def test_module_files_of_a_dotted_module_include_each_package_init(tmp_path: Path) -> None:
+    touch(tmp_path / "pkg" / "__init__.py")
+    touch(tmp_path / "pkg" / "sub" / "__init__.py")
+    touch(tmp_path / "pkg" / "sub" / "tasks.py")
+    assert module_files("pkg.sub.tasks", [str(tmp_path)]) == [
+        str(tmp_path / "pkg" / "__init__.py"), str(tmp_path / "pkg" / "sub" / "__init__.py"),
+        str(tmp_path / "pkg" / "sub" / "tasks.py")]
+    assert module_files("pkg.sub", [str(tmp_path)]) == [
+        str(tmp_path / "pkg" / "__init__.py"), str(tmp_path / "pkg" / "sub" / "__init__.py")]
+
+
+def test_module_files_skip_a_namespace_package_level(tmp_path: Path) -> None:
+    touch(tmp_path / "ns" / "tasks.py")  # ns/ has no __init__.py
+    assert module_files("ns.tasks", [str(tmp_path)]) == [str(tmp_path / "ns" / "tasks.py")]
+
+
+def test_module_files_not_found_is_none_and_nothing_is_imported(tmp_path: Path) -> None:
+    mod = "gearvisor_test_boom_files"
+    touch(tmp_path / f"{mod}.py", 'raise RuntimeError("imported!")\n')
+    before = set(sys.modules)
+    assert module_files(mod, [str(tmp_path)]) == [str(tmp_path / f"{mod}.py")]
+    assert module_files("nothing_here", [str(tmp_path)]) is None
+    assert set(sys.modules) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# build_spec with import reports, and what is never a change
+
+
+REPORTED = """\
+pools:
+  py:
+    functions:
+      f: "app.tasks:f"
+  explicit:
+    functions:
+      f: "app.tasks:f"
+    watch: ["templates/*.html"]
+  silent:
+    functions:
+      f: "app.tasks:f"
+    watch: false
+"""
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Path:
+    """tmp_path/app/{__init__,tasks}.py, app/lib/images.py, shared/helpers.py, a log."""
+    for f in ("app/__init__.py", "app/tasks.py", "app/lib/images.py", "shared/helpers.py",
+              "app/worker.log"):
+        touch(tmp_path / f)
+    return tmp_path
+
+
+def test_build_spec_follows_the_reported_imports_after_the_function_modules(app: Path) -> None:
+    cfg = load(app, REPORTED)
+    report = [f"{app}/app/__init__.py", f"{app}/app/lib/images.py", f"{app}/app/tasks.py",
+              f"{app}/shared/helpers.py"]
+    spec = build_spec(cfg, [], {"py": report, "explicit": report, "silent": report})
+    assert dict(spec.pools) == {
+        # the function module's own files first, each file once, then the rest of the report
+        "py": (f"{app}/app/__init__.py", f"{app}/app/tasks.py", f"{app}/app/lib/images.py",
+               f"{app}/shared/helpers.py"),
+        "explicit": (f"{app}/templates/*.html",),  # its own watch: list wins
+        "silent": (),
+    }
+    m = Matcher(spec)
+    assert m.match([f"{app}/app/lib/images.py"]) == ({"py"}, False)
+    assert m.match([f"{app}/shared/helpers.py"]) == ({"py"}, False)
+    assert m.match([f"{app}/app/worker.log"]) == (set(), False)  # beside the code: nobody's
+    assert m.match([f"{app}/app/lib/other.py"]) == (set(), False)  # not imported
+    # Only the directories of those files (and of the other pool's glob), none recursively.
+    assert split_roots(spec) == ([], [str(app), f"{app}/app", f"{app}/app/lib", f"{app}/shared",
+                                      f"{app}/templates"])
+
+
+def test_build_spec_a_report_replaces_the_module_not_found_note(tmp_path: Path) -> None:
+    cfg = load(tmp_path, 'pools:\n  p:\n    functions:\n      f: "elsewhere:f"\n')
+    assert [n.split(":")[0] for n in build_spec(cfg, []).notes] == ["pool p"]
+    spec = build_spec(cfg, [], {"p": ["/srv/found/elsewhere.py"]})
+    assert spec.notes == ()
+    assert dict(spec.pools)["p"] == ("/srv/found/elsewhere.py",)
+
+
+def test_build_spec_reported_files_with_glob_characters_match_only_themselves(
+        tmp_path: Path) -> None:
+    cfg = load(tmp_path, 'pools:\n  p:\n    functions:\n      f: "ghost:f"\n')
+    odd = f"{tmp_path}/lib[v2]/mod*.py"
+    m = Matcher(build_spec(cfg, [], {"p": [odd]}))
+    assert m.match([odd]) == ({"p"}, False)
+    assert m.match([f"{tmp_path}/libv/mod.py", f"{tmp_path}/lib[v2]/modx.py"]) == (set(), False)
+
+
+def test_build_spec_never_counts_a_command_pools_log_file_or_its_rotations(
+        tmp_path: Path) -> None:
+    touch(tmp_path / "cmd" / "run")  # no extension: the pool watches cmd/*
+    cfg = load(tmp_path, """\
+pools:
+  cmd:
+    command: ["sh", "cmd/run"]
+    functions: [x]
+    log_file: cmd/run.log
+    log_file_backups: 2
+  everything:
+    functions:
+      f: "ghost:f"
+    watch: ["cmd"]
+""")
+    spec = build_spec(cfg, [], ignore=[f"{tmp_path}/master.log"])
+    assert spec.ignore == (f"{tmp_path}/master.log", f"{tmp_path}/cmd/run.log",
+                           f"{tmp_path}/cmd/run.log.1", f"{tmp_path}/cmd/run.log.2")
+    m = Matcher(spec)
+    for log in spec.ignore:
+        assert m.match([log]) == (set(), False)
+    assert m.match([f"{tmp_path}/cmd/run"]) == ({"cmd", "everything"}, False)
+    assert m.match([f"{tmp_path}/cmd/run.log.3"]) == ({"cmd", "everything"}, False)  # not ours
+
+
+def test_build_spec_ignore_is_part_of_the_specs_identity(tmp_path: Path) -> None:
+    cfg = load(tmp_path, 'pools:\n  p:\n    functions:\n      f: "ghost:f"\n')
+    assert build_spec(cfg, [], ignore=["/a.log"]) != build_spec(cfg, [])
+    assert build_spec(cfg, [], ignore=["/a.log"]) == build_spec(cfg, [], ignore=["/a.log"])
+
+
+def test_matcher_plain_files_and_globs_together() -> None:
+    spec = WatchSpec("/srv/app/pools.yaml", (
+        ("a", ("/srv/app/tasks.py", "/srv/app/lib/images.py")),
+        ("b", ("/srv/app/**/*.html", "/srv/app/tasks.py")),
+    ), ignore=("/srv/app/gearvisor.log", "/srv/app/pools.yaml"))
+    m = Matcher(spec)
+    assert m.files == {"/srv/app/tasks.py", "/srv/app/lib/images.py"}
+    assert m.match(["/srv/app/tasks.py"]) == ({"a", "b"}, False)
+    assert m.match(["/srv/app/lib/images.py"]) == ({"a"}, False)
+    assert m.match(["/srv/app/t/page.html"]) == ({"b"}, False)
+    assert m.match(["/srv/app/gearvisor.log"]) == (set(), False)
+    assert m.match(["/srv/app/pools.yaml"]) == (set(), False)  # ignored wins even there
+
+
+def test_output_files_are_the_regular_files_behind_the_fds(tmp_path: Path) -> None:
+    log = tmp_path / "master.log"
+    with log.open("a") as f:
+        r, w = os.pipe()
+        try:
+            dup = os.dup(f.fileno())
+            try:
+                assert output_files([f.fileno(), r, dup]) == (str(log),)  # once, pipe left out
+            finally:
+                os.close(dup)
+            closed = os.dup(r)
+            os.close(closed)
+            assert output_files([closed, w]) == ()
+        finally:
+            os.close(r)
+            os.close(w)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a child reports importing (imported_files, report_lines, send_import_report)
+
+
+def fake_module(name: str, file: object = None, origin: str | None = None) -> types.ModuleType:
+    module = types.ModuleType(name)
+    if file is not None:
+        module.__file__ = file  # type: ignore[assignment]
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, origin=origin)
+    return module
+
+
+def test_imported_files_keep_the_pools_code_and_drop_stdlib_site_packages_gearvisor(
+        app: Path) -> None:
+    import json as json_module
+
+    import structlog
+    import yaml
+
+    import gearvisor.watcher
+
+    modules = {
+        "os": os, "json": json_module,  # stdlib (os: frozen in 3.11, with a stdlib __file__)
+        "yaml": yaml, "structlog": structlog,  # site-packages
+        "gearvisor.watcher": gearvisor.watcher,  # gearvisor itself
+        "app": fake_module("app", f"{app}/app/__init__.py"),
+        "app.tasks": fake_module("app.tasks", f"{app}/app/tasks.py"),
+        "app.lib.images": fake_module("app.lib.images", f"{app}/app/lib/images.py"),
+        "helpers": fake_module("helpers", f"{app}/shared/helpers.py"),
+        "alias": fake_module("alias", f"{app}/shared/helpers.py"),  # one file, listed once
+    }
+    assert imported_files(modules, report_skip_dirs()) == [
+        f"{app}/app/__init__.py", f"{app}/app/lib/images.py", f"{app}/app/tasks.py",
+        f"{app}/shared/helpers.py"]
+
+
+def test_report_skip_dirs_cover_this_interpreter_and_gearvisor() -> None:
+    import sysconfig
+
+    import yaml
+
+    import gearvisor
+
+    skip = report_skip_dirs()
+    for path in (os.__file__, yaml.__file__, gearvisor.__file__,
+                 sysconfig.get_paths()["purelib"] + "/x.py"):
+        assert any(os.path.realpath(path).startswith(d + os.sep) for d in skip), path
+
+
+def test_imported_files_drop_builtin_frozen_and_fileless_modules(app: Path) -> None:
+    user = f"{app}/app/tasks.py"
+    modules = {
+        "sys": sys,  # built-in: no __file__
+        "frozen_user": fake_module("frozen_user", user, origin="frozen"),
+        "builtin_user": fake_module("builtin_user", user, origin="built-in"),
+        "bare": fake_module("bare"),  # no __file__ at all
+        "not_a_str": fake_module("not_a_str", 42),
+        "empty": fake_module("empty", ""),
+        "nul": fake_module("nul", f"{app}/app/ta\0sks.py"),
+        "gone": fake_module("gone", f"{app}/app/deleted.py"),  # no such file any more
+        "__main__": fake_module("__main__", user),  # gearvisor's entry point, never the pool's
+        "none": None,  # sys.modules may hold None (an import blocked on purpose)
+    }
+    assert imported_files(modules, []) == []
+
+
+def test_imported_files_drop_namespace_packages_but_keep_their_modules(tmp_path: Path) -> None:
+    touch(tmp_path / "nspkg" / "mod.py")
+    spec = importlib.machinery.PathFinder.find_spec("nspkg", [str(tmp_path)])  # no import
+    assert spec is not None and spec.origin is None  # a namespace package
+    ns = importlib.util.module_from_spec(spec)
+    modules = {"nspkg": ns, "nspkg.mod": fake_module("nspkg.mod", f"{tmp_path}/nspkg/mod.py")}
+    assert imported_files(modules, []) == [f"{tmp_path}/nspkg/mod.py"]
+
+
+def test_imported_files_bytecode(tmp_path: Path) -> None:
+    """A .pyc deployed without source is the code; bytecode in __pycache__ never is (a
+    child's import rewrites it), its source is."""
+    import py_compile
+
+    src = touch(tmp_path / "legacy_src.py", "X = 1\n")
+    legacy = tmp_path / "legacy.pyc"
+    py_compile.compile(str(src), cfile=str(legacy))
+    src.unlink()
+    cached_src = touch(tmp_path / "cached.py", "Y = 1\n")
+    cached = py_compile.compile(str(cached_src))  # __pycache__/cached.cpython-3XX.pyc
+    orphan = touch(tmp_path / "__pycache__" / "orphan.cpython-311.pyc")
+    modules = {"legacy": fake_module("legacy", str(legacy)),
+               "cached": fake_module("cached", cached),
+               "orphan": fake_module("orphan", str(orphan))}
+    assert imported_files(modules, []) == [str(cached_src), str(legacy)]
+
+
+def test_imported_files_drop_what_resolves_into_a_skipped_dir(tmp_path: Path) -> None:
+    site = tmp_path / "site-packages"
+    touch(site / "lib.py")
+    touch(tmp_path / "app" / "own.py")
+    (tmp_path / "linked.py").symlink_to(site / "lib.py")
+    (tmp_path / "linkdir").symlink_to(site)
+    (tmp_path / "current").symlink_to(tmp_path / "app")  # a release symlink: kept as named
+    modules = {"a": fake_module("a", f"{tmp_path}/linked.py"),
+               "b": fake_module("b", f"{tmp_path}/linkdir/lib.py"),
+               "c": fake_module("c", f"{site}/lib.py"),
+               "d": fake_module("d", f"{tmp_path}/current/own.py")}
+    assert imported_files(modules, [str(site)]) == [f"{tmp_path}/current/own.py"]
+
+
+def test_imported_files_of_a_zip_import_is_the_archive(tmp_path: Path) -> None:
+    import zipfile
+
+    archive = tmp_path / "app.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("pkg/mod.py", "X = 1\n")
+    modules = {"pkg.mod": fake_module("pkg.mod", f"{archive}/pkg/mod.py")}
+    assert imported_files(modules, []) == [str(archive)]
+
+
+def test_imported_files_survive_modules_that_raise_on_attribute_access(app: Path) -> None:
+    class Hostile(types.ModuleType):
+        def __getattribute__(self, name: str) -> object:
+            raise RuntimeError("lazy module exploded")
+
+    modules = {"hostile": Hostile("hostile"),
+               "ok": fake_module("ok", f"{app}/app/tasks.py")}
+    assert imported_files(modules, []) == [f"{app}/app/tasks.py"]
+
+
+def test_imported_files_make_a_relative_file_absolute(app: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(app)
+    assert imported_files({"t": fake_module("t", "app/tasks.py")}, []) == [
+        f"{app}/app/tasks.py"]
+
+
+def parse_lines(lines: list[bytes]) -> list[dict]:
+    assert all(line.endswith(b"\n") and line.count(b"\n") == 1 for line in lines)
+    return [json.loads(line) for line in lines]
+
+
+def test_report_lines_round_trip_in_lines_short_enough_to_write_atomically() -> None:
+    files = [f"/srv/app/pkg{i // 50}/module_with_a_long_name_{i:04}.py" for i in range(500)]
+    lines = report_lines(files)
+    assert len(lines) > 5
+    assert REPORT_LINE <= select.PIPE_BUF
+    assert all(len(line) <= REPORT_LINE for line in lines)
+    events = parse_lines(lines)
+    assert all(e["event"] == "modules" for e in events)
+    assert [e.get("more") for e in events] == [True] * (len(events) - 1) + [None]
+    assert events[-1]["dropped"] == 0
+    assert [f for e in events for f in e["files"]] == files
+
+
+def test_report_lines_of_nothing_is_one_final_line() -> None:
+    assert parse_lines(report_lines([])) == [{"event": "modules", "files": [], "dropped": 0}]
+
+
+def test_report_lines_are_bounded_in_files_characters_and_path_length() -> None:
+    many = [f"/srv/app/m{i:05}.py" for i in range(MAX_REPORT_FILES + 10)]
+    events = parse_lines(report_lines(many))
+    assert sum(len(e["files"]) for e in events) == MAX_REPORT_FILES
+    assert events[-1]["dropped"] == 10
+    wide = [f"/srv/{i:04}/" + "x" * 990 + ".py" for i in range(300)]  # 1003 chars each
+    events = parse_lines(report_lines(wide))
+    kept = MAX_REPORT_CHARS // 1003
+    assert sum(len(e["files"]) for e in events) == kept
+    assert events[-1]["dropped"] == 300 - kept
+    too_long = "/srv/" + "y" * 5000 + ".py"  # longer than one line can carry
+    events = parse_lines(report_lines(["/srv/a.py", too_long, "/srv/b.py"]))
+    assert [f for e in events for f in e["files"]] == ["/srv/a.py", "/srv/b.py"]
+    assert events[-1]["dropped"] == 1
+
+
+def test_report_lines_carry_any_path_python_can_name() -> None:
+    odd = ["/srv/ünïcødé/ç.py", "/srv/bad\udcff.py", '/srv/quote"back\\slash\nnl.py',
+           "/srv/" + "é" * 600 + ".py"]  # JSON-escaped to 6 bytes a character
+    lines = report_lines(odd)
+    assert all(len(line) <= REPORT_LINE for line in lines)
+    assert [f for e in parse_lines(lines) for f in e["files"]] == odd
+
+
+def read_all(fd: int) -> bytes:
+    os.set_blocking(fd, False)
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_send_import_report_writes_the_report_down_a_non_blocking_pipe(app: Path) -> None:
+    modules = {"t": fake_module("t", f"{app}/app/tasks.py"),
+               "h": fake_module("h", f"{app}/shared/helpers.py")}
+    r, w = os.pipe()
+    try:
+        os.set_blocking(w, False)
+        send_import_report(w, modules)
+        events = parse_lines(read_all(r).splitlines(keepends=True))
+    finally:
+        os.close(r)
+        os.close(w)
+    assert events == [{"event": "modules", "dropped": 0,
+                       "files": [f"{app}/app/tasks.py", f"{app}/shared/helpers.py"]}]
+
+
+def test_send_import_report_into_a_full_pipe_gives_up_in_time_with_whole_lines(
+        tmp_path: Path) -> None:
+    import fcntl
+
+    files = []
+    for i in range(400):
+        files.append(str(touch(tmp_path / f"d{i // 100}" / f"mod_{i:03}_{'x' * 60}.py")))
+    modules = {f"m{i}": fake_module(f"m{i}", f) for i, f in enumerate(files)}
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)  # the smallest pipe: one line fits
+        os.set_blocking(w, False)
+        started = time.monotonic()
+        send_import_report(w, modules, wait=0.2)  # nobody reads: it must give up, not hang
+        assert time.monotonic() - started < 5.0
+        data = read_all(r)
+    finally:
+        os.close(r)
+        os.close(w)
+    events = parse_lines(data.splitlines(keepends=True))  # whole lines only, none cut
+    assert events and all(e.get("more") is True for e in events)  # the report is unfinished
+
+
+def test_send_import_report_to_a_closed_pipe_does_not_raise(app: Path) -> None:
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        os.set_blocking(w, False)
+        send_import_report(w, {"t": fake_module("t", f"{app}/app/tasks.py")})
+    finally:
+        os.close(w)
+
+
+# ---------------------------------------------------------------------------------------------
+# WatcherState: collecting import reports in the master
+
+
+def lines_of(files: list[str]) -> list[dict]:
+    return [json.loads(line) for line in report_lines(files)]
+
+
+def feed(w: WatcherState, pool: str, pid: int, generation: int, events: list[dict],
+         live: set[int] | None = None) -> list[ImportReport | None]:
+    return [w.add_report(pool, pid, generation, e, live if live is not None else {pid})
+            for e in events]
+
+
+def test_add_report_assembles_one_childs_lines(app: Path) -> None:
+    files = [f"/srv/app/m{i:04}_{'x' * 40}.py" for i in range(300)]
+    events = lines_of(files)
+    assert len(events) > 2
+    w = WatcherState(WatchSpec(None, ()))
+    results = feed(w, "p", 101, 1, events)
+    assert results[:-1] == [None] * (len(events) - 1)
+    assert results[-1] == ImportReport(1, tuple(files), 0)
+    assert w.reports["p"] == results[-1] and w.partial == {}
+    assert w.status(NOW, Debouncer(1.0))["modules"] == {"p": 300}
+
+
+def test_add_report_keeps_the_first_report_of_each_generation() -> None:
+    w = WatcherState(WatchSpec(None, ()))
+    one, two = lines_of(["/srv/a.py"]), lines_of(["/srv/a.py", "/srv/b.py"])
+    assert feed(w, "p", 101, 1, one) == [ImportReport(1, ("/srv/a.py",))]
+    assert feed(w, "p", 102, 1, two) == [None]  # same generation: the first one stands
+    assert w.reports["p"].files == ("/srv/a.py",)
+    assert feed(w, "p", 103, 2, one) == [None]  # a new generation, same files: no change
+    assert w.reports["p"].generation == 2
+    assert feed(w, "p", 104, 1, two) == [None]  # an old generation's late report
+    assert feed(w, "p", 105, 3, two) == [ImportReport(3, ("/srv/a.py", "/srv/b.py"))]
+    assert feed(w, "q", 106, 1, two) == [ImportReport(1, ("/srv/a.py", "/srv/b.py"))]
+    assert w.partial == {}
+
+
+def test_add_report_refuses_bad_input_item_by_item() -> None:
+    w = WatcherState(WatchSpec(None, ()))
+    events: list[dict] = [
+        {"event": "modules", "files": "/srv/a.py", "more": True},  # not a list
+        {"event": "modules", "files": None, "more": True},
+        {"event": "modules", "files": {"/srv/a.py": 1}, "more": True},
+        {"event": "modules", "files": ["/srv/ok.py", 7, None, "relative.py", "/srv/n\0ul.py",
+                                       ["/srv/nested.py"]], "more": True},
+        {"event": "modules", "dropped": "5", "more": True},
+        {"event": "modules", "dropped": True, "more": True},
+        {"event": "modules", "dropped": -3, "more": True},
+        {"event": "modules", "files": ["/srv/ok.py"], "dropped": 10**30, "more": "yes"},
+    ]
+    results = feed(w, "p", 101, 1, events)
+    assert results[:-1] == [None] * (len(events) - 1)
+    assert results[-1] == ImportReport(1, ("/srv/ok.py",), 5 + (1 << 30))
+
+
+def test_add_report_is_bounded_whatever_a_child_sends() -> None:
+    w = WatcherState(WatchSpec(None, ()))
+    endless = ({"event": "modules", "more": True,
+                "files": [f"/srv/{n:06}/{i}_{'z' * 200}.py" for i in range(10)]}
+               for n in range(5000))  # 50,000 paths of ~220 characters: 11 MB
+    for event in endless:
+        assert w.add_report("p", 101, 1, event, {101}) is None
+        part = w.partial[101]
+        assert len(part.files) <= MAX_REPORT_FILES and part.chars <= MAX_REPORT_CHARS
+    report = w.add_report("p", 101, 1, {"event": "modules", "files": []}, {101})
+    assert report is not None
+    assert len(report.files) == MAX_REPORT_CHARS // len(report.files[0])
+    assert report.dropped == 50_000 - len(report.files)
+
+
+def test_add_report_drops_unfinished_reports_of_children_gone() -> None:
+    w = WatcherState(WatchSpec(None, ()))
+    unfinished = {"event": "modules", "files": ["/srv/a.py"], "more": True}
+    assert w.add_report("p", 101, 1, unfinished, {101}) is None
+    assert w.add_report("q", 102, 1, unfinished, {101, 102}) is None
+    assert set(w.partial) == {101, 102}
+    assert w.add_report("p", 103, 1, unfinished, {103}) is None  # 101 and 102 exited
+    assert set(w.partial) == {103}
+    # A pid reused by a child of another pool or generation starts a fresh report.
+    assert w.add_report("q", 103, 4, {"event": "modules", "files": ["/srv/q.py"]},
+                        {103}) == ImportReport(4, ("/srv/q.py",))
+    assert w.partial == {}
+
+
+def test_rebuild_follows_reports_and_forgets_removed_pools(app: Path) -> None:
+    cfg = load(app, 'pools:\n  py:\n    functions:\n      f: "app.tasks:f"\n')
+    w = WatcherState(build_spec(cfg, []))
+    assert not w.rebuild(cfg, [])
+    assert w.add_report("py", 1, 1, {"event": "modules", "files": [f"{app}/app/lib/images.py"]},
+                        {1}) is not None
+    assert w.rebuild(cfg, [])
+    assert f"{app}/app/lib/images.py" in dict(w.spec.pools)["py"]
+    assert not w.rebuild(cfg, [])
+    other = load(app, 'pools:\n  other:\n    functions:\n      f: "app.tasks:f"\n')
+    assert w.rebuild(other, [])
+    assert w.reports == {}  # py was removed: if it comes back, it reports afresh
+
+
+def test_for_config_leaves_the_masters_own_log_out(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import gearvisor.watcher as watcher
+
+    monkeypatch.setattr(watcher, "output_files", lambda: (f"{tmp_path}/master.log",))
+    cfg = load(tmp_path, 'pools:\n  p:\n    functions:\n      f: "x:f"\n    watch: ["."]\n')
+    w = WatcherState.for_config(cfg, [])
+    assert w.spec.ignore == (f"{tmp_path}/master.log",)
+    assert Matcher(w.spec).match([f"{tmp_path}/master.log"]) == (set(), False)
+    assert Matcher(w.spec).match([f"{tmp_path}/code.py"]) == ({"p"}, False)
+    assert w.add_report("p", 1, 1, {"event": "modules", "files": ["/x.py"]}, {1})
+    w.rebuild(cfg, [])
+    assert w.spec.ignore == (f"{tmp_path}/master.log",)  # kept across rebuilds
+
+
+# ---------------------------------------------------------------------------------------------
+# the helper's loop, replayed through a fake notifier (no threads, no inotify, no sleeps)
+
+
+class ScriptDone(Exception):
+    """The fake notifier ran out of scripted events: ends the helper's loop."""
+
+
+class FakeNotify:
+    """Stands in for watchfiles' RustNotify, as watchfiles' own tests do: each watch() hands
+    out the next scripted batch of raw (change, path) events ("timeout" for an empty one),
+    and the end of the script ends the helper."""
+
+    def __init__(self, script: list[set[tuple[int, str]]]) -> None:
+        self.script = list(script)
+        self.made: list[tuple[list[str], bool]] = []
+
+    def __call__(self, paths: list[str], debug: bool, polling: bool, delay_ms: int,
+                 recursive: bool, ignore_denied: bool) -> FakeNotify:
+        self.made.append((list(paths), recursive))
+        return self
+
+    def watch(self, debounce_ms: int, step_ms: int, timeout_ms: int,
+              stop_event: object) -> set[tuple[int, str]] | str:
+        if not self.script:
+            raise ScriptDone
+        return self.script.pop(0) or "timeout"
+
+    def close(self) -> None:
+        pass
+
+
+MODIFIED, DELETED = 2, 3  # watchfiles.Change values
+
+
+def replay(spec: WatchSpec, script: list[set[tuple[int, str]]],
+           monkeypatch: pytest.MonkeyPatch) -> tuple[list[dict], FakeNotify]:
+    """Run the helper's loop on `spec` over `script`; every event line it sent."""
+    import watchfiles._rust_notify
+
+    from gearvisor.watcher import _watch
+
+    fake = FakeNotify(script)
+    monkeypatch.setattr(watchfiles._rust_notify, "RustNotify", fake)
+    r, w = os.pipe()
+    try:
+        with pytest.raises(ScriptDone):
+            _watch(spec, w, os.getppid())
+        data = read_all(r)
+    finally:
+        os.close(r)
+        os.close(w)
+    return [json.loads(line) for line in data.splitlines()], fake
+
+
+def appended(path: Path, lines: int) -> list[set[tuple[int, str]]]:
+    """What inotify reports for a log written line by line: one change per write."""
+    return [{(MODIFIED, str(path))} for _ in range(lines)]
+
+
+def test_helper_a_log_beside_the_code_sends_nothing(app: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    touch(app / "master.log")
+    cfg = load(app, 'pools:\n  py:\n    functions:\n      f: "app.tasks:f"\n')
+    images = f"{app}/app/lib/images.py"
+    spec = build_spec(cfg, [], {"py": [images, f"{app}/shared/helpers.py"]},
+                      ignore=[str(app / "master.log")])
+    script = (appended(app / "app" / "worker.log", 200) + appended(app / "master.log", 50)
+              + [set(), {(MODIFIED, f"{app}/app/worker.log"), (MODIFIED, images)}])
+    events, fake = replay(spec, script, monkeypatch)
+    assert [e["event"] for e in events] == ["watching", "changed"]  # not one per log line
+    assert events[1] == {"event": "changed", "pools": ["py"], "config": False,
+                         "files": [images], "count": 1, "why": "edited"}
+    # The directories of the files only, flat: no recursive watch when files are wanted.
+    assert fake.made == [([str(app), f"{app}/app", f"{app}/app/lib", f"{app}/shared"], False)]
+
+
+def test_helper_a_command_pools_log_file_beside_its_script_sends_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The script has no extension, so the pool watches cmd/*, its log_file included:
+    every line the pool logged rolled it, and the roll logged more."""
+    touch(tmp_path / "cmd" / "run")
+    touch(tmp_path / "cmd" / "run.log")
+    cfg = load(tmp_path, """\
+watch_config: false
+pools:
+  cmd:
+    command: ["sh", "cmd/run"]
+    functions: [x]
+    log_file: cmd/run.log
+    log_file_backups: 2
+""")
+    log = tmp_path / "cmd" / "run.log"
+    rotation = {(DELETED, f"{log}"), (MODIFIED, f"{log}.1"), (MODIFIED, f"{log}.2")}
+    script = [*appended(log, 100), rotation, *appended(log, 20),
+              {(MODIFIED, f"{tmp_path}/cmd/run")}]
+    events, _ = replay(build_spec(cfg, []), script, monkeypatch)
+    assert [e["event"] for e in events] == ["watching", "changed"]
+    assert events[1]["pools"] == ["cmd"] and events[1]["files"] == [f"{tmp_path}/cmd/run"]
+
+
+def test_helper_the_masters_own_log_in_a_watched_directory_sends_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    touch(tmp_path / "code.py")
+    log = touch(tmp_path / "gearvisor.log")
+    cfg = load(tmp_path, 'pools:\n  p:\n    functions:\n      f: "code:f"\n    watch: ["."]\n')
+    spec = build_spec(cfg, [], ignore=[str(log)])
+    events, fake = replay(spec, [*appended(log, 100), {(MODIFIED, f"{tmp_path}/code.py")}],
+                          monkeypatch)
+    assert [e["event"] for e in events] == ["watching", "changed"]
+    assert events[1]["files"] == [f"{tmp_path}/code.py"]
+    assert fake.made == [([str(tmp_path)], True)]  # watch: a directory means all under it
+
+
+def test_helper_a_bytecode_only_module_is_watched_despite_the_ignore_list(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    legacy = touch(tmp_path / "legacy.pyc")
+    cfg = load(tmp_path, 'watch_config: false\npools:\n  p:\n    functions:\n      f: "x:f"\n')
+    spec = build_spec(cfg, [], {"p": [str(legacy)]})
+    script = [{(MODIFIED, f"{tmp_path}/other.pyc")}, {(MODIFIED, str(legacy))}]
+    events, _ = replay(spec, script, monkeypatch)
+    assert [(e["event"], e.get("files")) for e in events] == [
+        ("watching", None), ("changed", [str(legacy)])]
