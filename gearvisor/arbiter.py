@@ -897,8 +897,8 @@ class Arbiter:
     def on_import_report(self, child: Child, pool: Pool, event: dict) -> None:
         """A child's "modules" event line: once the first report of a new generation is
         complete, the pool watches the files it lists (if they changed)."""
-        if pool.config.command is not None or pool.config.watch is not None:
-            return  # only a Python pool on the default watch list follows its imports
+        if pool.config.command is not None or pool.config.watch == ():
+            return  # a Python pool follows its imports unless watching is off
         report = self.watcher.add_report(pool.name, child.pid, child.generation, event,
                                          self.children)
         if report is None:

@@ -92,7 +92,7 @@ class _ChildHooks(Hooks):
         self.running: RunningJobs | None = None
         self.running_index = -1
         self.event_fd = event_fd
-        self.report_imports = pool.watch is None  # a watch: list of its own needs none
+        self.report_imports = pool.watch != ()  # unless `watch: false`
         self.board = board
         self.log = log
         self.done = 0

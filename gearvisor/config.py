@@ -437,8 +437,9 @@ SETTINGS: tuple[Setting, ...] = (
             'Gearman function name -> Python callable "module:attr". Required.', scope="pool"),
     Setting("watch", watch_list, None,
             "Files whose change rolls the pool: paths or globs (`**` spans directories), "
-            "relative to the config file; a directory means everything under it. `false` "
-            "turns watching off.",
+            "relative to the config file; a directory means everything under it. A Python "
+            "pool watches these besides the files its code imported; a command pool watches "
+            "these instead of its script's directory. `false` turns watching off.",
             shown_default="the files the pool's code imported (outside the stdlib and "
                           "site-packages); a command pool: its script's directory"),
     Setting("command", command, None,

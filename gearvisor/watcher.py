@@ -111,11 +111,12 @@ class WatchSpec:
 def build_spec(cfg: Config, search_path: Sequence[str],
                reported: Mapping[str, Sequence[str]] | None = None,
                ignore: Sequence[str] = ()) -> WatchSpec:
-    """Each pool's watch globs. A pool's own `watch:` list (a directory means everything under
-    it) wins. By default a Python pool watches the files its children reported importing
-    (`reported`, by pool name) plus its function modules' own files: all it has before the
-    first report, and what a reload's new functions need at once. A command pool watches
-    its script's directory, by extension. `ignore` (the master's own log file) and every
+    """Each pool's watch globs. A Python pool watches the files its children reported
+    importing (`reported`, by pool name) plus its function modules' own files (all it has
+    before the first report, and what a reload's new functions need at once), plus its own
+    `watch:` list (a directory means everything under it). A command pool watches its
+    script's directory, by extension, or its `watch:` list instead. `watch: false` (an
+    empty tuple) watches nothing. `ignore` (the master's own log file) and every
     command pool's log_file are never a change."""
     reported = reported or {}
     pools = []
@@ -128,18 +129,19 @@ def build_spec(cfg: Config, search_path: Sequence[str],
             skip += [pc.log_file, *(f"{pc.log_file}.{i}"
                                     for i in range(1, pc.log_file_backups + 1))]
     for name, pc in cfg.pools.items():
-        if pc.watch is not None:
-            # A directory is taken literally (escaped: "app[1]" is not a character class).
-            # A plain path that does not exist yet may become a file or a directory: both.
-            patterns = []
-            for w in pc.watch:
-                if os.path.isdir(w):
-                    patterns.append(os.path.join(_literal(w), "**"))
-                elif not os.path.exists(w) and not wcglob.is_magic(w, flags=_GLOB_FLAGS):
-                    patterns += [w, os.path.join(_literal(w), "**")]
-                else:
-                    patterns.append(w)
-            pools.append((name, tuple(patterns)))
+        # A directory is taken literally (escaped: "app[1]" is not a character class).
+        # A plain path that does not exist yet may become a file or a directory: both.
+        own = []
+        for w in pc.watch or ():
+            if os.path.isdir(w):
+                own.append(os.path.join(_literal(w), "**"))
+            elif not os.path.exists(w) and not wcglob.is_magic(w, flags=_GLOB_FLAGS):
+                own += [w, os.path.join(_literal(w), "**")]
+            else:
+                own.append(w)
+        if pc.watch == () or (pc.watch is not None and pc.command is not None):
+            # Off, or a command pool's own list, which replaces the script-directory guess.
+            pools.append((name, tuple(own)))
             continue
         patterns = []
         if pc.command is not None:
@@ -169,7 +171,8 @@ def build_spec(cfg: Config, search_path: Sequence[str],
                              "it is not watched until a child reports its imports; set watch:"
                              " for this pool")
         files.update(dict.fromkeys(reported.get(name, ())))
-        pools.append((name, tuple(_literal(f) for f in files)))
+        # A Python pool's watch: list adds to what its code imports.
+        pools.append((name, tuple(_literal(f) for f in files) + tuple(own)))
     return WatchSpec(cfg.path if cfg.watch_config else None, tuple(pools), tuple(notes),
                      tuple(dict.fromkeys(skip)))
 

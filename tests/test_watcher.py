@@ -246,7 +246,8 @@ pools:
         f"{tmp_path}/not-yet/created.txt/**",  # ...or a directory
         f"{tmp_path.parent}/shared/*.py",  # relative to the config file's directory
     )),)
-    assert spec.notes == ()  # an explicit watch list never looks the module up
+    # A Python pool's watch: list adds to its imports: the module is still looked up.
+    assert [n.split(":")[0] for n in spec.notes] == ["pool p"]
 
 
 def test_build_spec_missing_module_gives_a_note(layout: Path) -> None:
@@ -884,16 +885,18 @@ def test_build_spec_follows_the_reported_imports_after_the_function_modules(app:
     report = [f"{app}/app/__init__.py", f"{app}/app/lib/images.py", f"{app}/app/tasks.py",
               f"{app}/shared/helpers.py"]
     spec = build_spec(cfg, [], {"py": report, "explicit": report, "silent": report})
+    # the function module's own files first, each file once, then the rest of the report
+    imported = (f"{app}/app/__init__.py", f"{app}/app/tasks.py", f"{app}/app/lib/images.py",
+                f"{app}/shared/helpers.py")
     assert dict(spec.pools) == {
-        # the function module's own files first, each file once, then the rest of the report
-        "py": (f"{app}/app/__init__.py", f"{app}/app/tasks.py", f"{app}/app/lib/images.py",
-               f"{app}/shared/helpers.py"),
-        "explicit": (f"{app}/templates/*.html",),  # its own watch: list wins
+        "py": imported,
+        "explicit": (*imported, f"{app}/templates/*.html"),  # its watch: list adds to it
         "silent": (),
     }
     m = Matcher(spec)
-    assert m.match([f"{app}/app/lib/images.py"]) == ({"py"}, False)
-    assert m.match([f"{app}/shared/helpers.py"]) == ({"py"}, False)
+    assert m.match([f"{app}/app/lib/images.py"]) == ({"py", "explicit"}, False)
+    assert m.match([f"{app}/templates/a.html"]) == ({"explicit"}, False)
+    assert m.match([f"{app}/shared/helpers.py"]) == ({"py", "explicit"}, False)
     assert m.match([f"{app}/app/worker.log"]) == (set(), False)  # beside the code: nobody's
     assert m.match([f"{app}/app/lib/other.py"]) == (set(), False)  # not imported
     # Only the directories of those files (and of the other pool's glob), none recursively.
