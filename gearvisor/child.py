@@ -408,7 +408,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
             worker.stop()
         if hooks is not None and not hooks.stopping:
             hooks.stopping = True
-            if not board.read().busy:
+            if not board.busy():
                 hooks._idle()
         timer.exit_in(max(1, math.ceil(pool.graceful_timeout)) + 1)
 
@@ -421,7 +421,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         # byte is the truth.
         if worker is not None and (hooks is None or not hooks.quarantined):
             worker.pause() if board.paused_wanted() else worker.resume()
-            if hooks is not None and not board.read().busy:
+            if hooks is not None and not board.busy():
                 hooks._idle()
 
     for sig in GRACEFUL_SIGNALS:

@@ -232,7 +232,7 @@ def cmd_run(path: str) -> int:
     cfg = _load_or_report(path)
     if cfg is None:
         return EXIT_CONFIG
-    from .arbiter import run
+    from .master import run
 
     return run(cfg)
 

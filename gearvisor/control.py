@@ -209,7 +209,7 @@ def check_private_dir(directory: str) -> None:
 
 
 class ControlServer:
-    """The master's listening socket. Non-blocking; the arbiter's selector drives it."""
+    """The master's listening socket. Non-blocking; the loop drives it (master/control.py)."""
 
     def __init__(self, path: str) -> None:
         self.path = path

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import mmap
 import struct
-import time
 from dataclasses import dataclass
 
 # The record: seq (8 bytes) then the body: busy, done, failed, job_started (monotonic;
@@ -20,8 +19,6 @@ _BODY = struct.Struct("<B7xQQd128s128s128sQQ")
 _TEXT = 128
 _END = _SEQ.size + _BODY.size  # where the body ends and the master's control byte is
 _READ_ATTEMPTS = 1000  # spins: a write takes about a microsecond
-_YIELDS = 250  # then sleeps, for a writer that was preempted mid-write (50 ms in all)
-_YIELD_SECONDS = 0.0002
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ def _cut(text: str) -> bytes:
 class Scoreboard:
     """One child's record. Create in the master before fork; the child writes, master reads."""
 
-    __slots__ = ("_mm", "_seq", "_done", "_failed")
+    __slots__ = ("_mm", "_seq", "_done", "_failed", "_busy", "_last")
 
     def __init__(self) -> None:
         # anonymous + MAP_SHARED: survives fork. Layout: seq, body (the child writes), then
@@ -57,11 +54,14 @@ class Scoreboard:
         self._seq = 0
         self._done = 0
         self._failed = 0
+        self._busy = False  # the writer's own copy
+        self._last: Snapshot | None = None  # the reader's last consistent snapshot
 
     def _write(self, busy: bool, started: float, function: bytes, handle: bytes,
                unique: bytes, size: int = 0, key: int = 0) -> None:
         body = _BODY.pack(busy, self._done, self._failed, started, function, handle, unique,
                           size, key)
+        self._busy = busy
         self._seq += 1  # odd: a write is in progress
         self._mm[0:8] = _SEQ.pack(self._seq)
         self._mm[8:_END] = body
@@ -81,30 +81,34 @@ class Scoreboard:
             self._failed += 1
         self._write(False, 0.0, b"", b"", b"")
 
-    def read(self) -> Snapshot:
-        """Master side: a consistent snapshot (retries while the child is mid-write).
-
-        Never raises: a child that died mid-write leaves the sequence odd for good, and then,
-        after about 50 ms, the last bytes it wrote are the best answer there is.
+    def read(self) -> Snapshot | None:
+        """Master side: a consistent snapshot, never blocking. While the child is mid-write
+        the reader spins (a write takes about a microsecond); a writer preempted or killed
+        mid-write leaves the sequence odd, and then the last consistent snapshot this
+        reader saw is the answer (None if it never saw one). The master never sleeps here.
         """
         mm = self._mm
-        body = mm[8:_END]
-        for attempt in range(_READ_ATTEMPTS + _YIELDS):
-            if attempt >= _READ_ATTEMPTS:
-                # The writer was preempted mid-write: give it the CPU back to finish.
-                time.sleep(_YIELD_SECONDS)
+        for _ in range(_READ_ATTEMPTS):
             seq1 = mm[0:8]
             if seq1[0] & 1:
                 continue
             body = mm[8:_END]
             if mm[0:8] == seq1:
                 break
+        else:
+            return self._last
         fields = _BODY.unpack(body)
         busy, done, failed, started, fn, handle, unique, size, key = fields
-        return Snapshot(bool(busy), done, failed, started,
-                        fn.rstrip(b"\0").decode(errors="replace"),
-                        handle.rstrip(b"\0").decode(errors="replace"),
-                        unique.rstrip(b"\0").decode(errors="replace"), size, key)
+        self._last = Snapshot(bool(busy), done, failed, started,
+                              fn.rstrip(b"\0").decode(errors="replace"),
+                              handle.rstrip(b"\0").decode(errors="replace"),
+                              unique.rstrip(b"\0").decode(errors="replace"), size, key)
+        return self._last
+
+    def busy(self) -> bool:
+        """Child side (the writer, so always consistent, even in a signal handler that
+        interrupted a write): is a job running?"""
+        return self._busy
 
     def set_paused(self, paused: bool) -> None:
         """Master side: the state the child must be in (a single byte: no tearing). The

@@ -1,12 +1,14 @@
 """What `gearvisor status` shows: built in the master as plain data, rendered by the CLI.
 
-The master side (fleet_status, summary) reads only its own records and each child's
+The master side (pool_status, summary; master.Arbiter.status puts the whole reply
+together) reads only its own records and each child's
 scoreboard, plus RSS from psutil; it never blocks on a child. The same dict is the
 `--json` output, so every field here is documented in README ("status --json").
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -14,7 +16,7 @@ import psutil
 from .process import Child, ChildState
 
 if TYPE_CHECKING:
-    from .arbiter import Arbiter
+    from .master.arbiter import Arbiter
     from .pool import Pool
 
 STATUS_VERSION = 1
@@ -94,6 +96,7 @@ def pool_status(pool: Pool, now: float) -> dict[str, Any]:
 
 
 def fleet_status(arbiter: Arbiter, now: float) -> dict[str, Any]:
+    """The whole `status --json` reply: the master, each component's part, every pool."""
     return {
         "version": STATUS_VERSION,
         "master": {
@@ -104,16 +107,17 @@ def fleet_status(arbiter: Arbiter, now: float) -> dict[str, Any]:
             "reloads": arbiter.reloads,
             "rss": _rss(arbiter.pid),
         },
-        "watcher": arbiter.watcher.status(now, arbiter.debouncer),
+        **arbiter.parts(now),
         "pools": [pool_status(p, now) for p in arbiter.pools.values()],
     }
 
 
-def summary(arbiter: Arbiter) -> str:
+def summary(pools: Iterable[Pool], watcher: dict[str, Any] | None = None) -> str:
     """One line for systemd's STATUS=: ready/desired children, and what is wrong."""
-    ready = desired = 0
+    ready = desired = count = 0
     notes = []
-    for pool in arbiter.pools.values():
+    for pool in pools:
+        count += 1
         desired += pool.desired
         ready += sum(1 for s in pool.slots if s.child is not None
                      and s.child.state is ChildState.READY)
@@ -125,9 +129,9 @@ def summary(arbiter: Arbiter) -> str:
             notes.append(f"{pool.name}: {len(pool.backing_off)} restarting")
         if pool.circuit != "closed":
             notes.append(f"{pool.name}: circuit {pool.circuit}")
-    if arbiter.watcher.pid is None and arbiter.watcher.backoff.failures:
+    if watcher is not None and watcher.get("state") == "backoff":
         notes.append("file watcher restarting")
-    text = f"{ready}/{desired} children ready in {len(arbiter.pools)} pool(s)"
+    text = f"{ready}/{desired} children ready in {count} pool(s)"
     return text + (f"; {', '.join(notes)}" if notes else "")
 
 

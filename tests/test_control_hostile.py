@@ -21,6 +21,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,6 @@ from conftest import REPO, wait_for
 from test_control import NOBODY, Forked, drop_to, request_outcome
 
 from gearvisor import log as logmod
-from gearvisor.arbiter import Arbiter, _Client
 from gearvisor.config import load
 from gearvisor.control import (
     MAX_CLIENTS,
@@ -47,6 +47,8 @@ from gearvisor.control import (
     parse_request,
     request,
 )
+from gearvisor.master.arbiter import Arbiter
+from gearvisor.master.control import Client, Control
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uids")
 
@@ -207,9 +209,9 @@ def test_a_directory_made_under_a_chosen_one_is_checked_and_private(tmp_path: Pa
 
 
 @pytest.fixture
-def arbiter(tmp_path: Path) -> Iterator[tuple[Arbiter, io.StringIO]]:
-    """An Arbiter that is never run: its request handling is driven directly over a real
-    socketpair, its JSON log captured."""
+def control(tmp_path: Path) -> Iterator[tuple[Control, io.StringIO]]:
+    """The control component of an Arbiter that is never run: its request handling is
+    driven directly over a real socketpair, its JSON log captured."""
     path = tmp_path / "pools.yaml"
     path.write_text(yaml.safe_dump({
         "control_socket": str(tmp_path / "gearvisor.sock"), "watch_config": False,
@@ -217,38 +219,47 @@ def arbiter(tmp_path: Path) -> Iterator[tuple[Arbiter, io.StringIO]]:
                           "watch": False}}}))
     stream = io.StringIO()
     logmod.configure("info", "json", stream)
-    arb = Arbiter(load(str(path)))
+    config = load(str(path))
+    arb = Arbiter(config)
+    ctl = Control(config)
+    ctl.master = arb  # what attach() does, without opening the socket
     try:
-        yield arb, stream
+        yield ctl, stream
     finally:
-        arb.sel.close()
-        arb.poison.close()
-        arb.running.close()
+        arb.close()
         structlog.reset_defaults()
 
 
-def ask_arbiter(arb: Arbiter, data: bytes) -> dict[str, Any]:
-    """Send `data` on one end of a socketpair and let the arbiter read and answer it."""
+def answer(ctl: Control, client: Client, ours: socket.socket) -> dict[str, Any]:
+    """Run the loop until the buffered reply is written and the client closed; read it."""
+    deadline = time.monotonic() + 5
+    while client in ctl.clients and time.monotonic() < deadline:
+        ctl.master.loop.run_once()
+    ours.settimeout(5)
+    return json.loads(ours.recv(65536))
+
+
+def ask(ctl: Control, data: bytes) -> dict[str, Any]:
+    """Send `data` on one end of a socketpair and let the control component answer it."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with ours:
         theirs.setblocking(False)
-        client = _Client(theirs)
-        arb.sel.register(theirs, 1, ("client", client))
+        client = Client(theirs)
+        ctl.clients.add(client)
         ours.sendall(data)
-        arb.read_control(client)
-        ours.settimeout(5)
-        return json.loads(ours.recv(65536))
+        ctl.read(client)
+        return answer(ctl, client, ours)
 
 
 def test_a_request_whose_handling_raises_gets_an_error_and_one_log_line(
-        arbiter: tuple[Arbiter, io.StringIO], monkeypatch: pytest.MonkeyPatch) -> None:
-    arb, log = arbiter
+        control: tuple[Control, io.StringIO], monkeypatch: pytest.MonkeyPatch) -> None:
+    ctl, log = control
 
     def broken(*_: Any) -> None:
         raise RuntimeError("a bug in scale")
 
-    monkeypatch.setattr(arb, "scale", broken)
-    reply = ask_arbiter(arb, b'{"verb": "scale", "pool": "web", "processes": 2}\n')
+    monkeypatch.setattr(ctl.master, "scale", broken)
+    reply = ask(ctl, b'{"verb": "scale", "pool": "web", "processes": 2}\n')
     assert reply["ok"] is False
     assert "RuntimeError: a bug in scale" in reply["error"]
     lines = [json.loads(x) for x in log.getvalue().splitlines()]
@@ -256,26 +267,40 @@ def test_a_request_whose_handling_raises_gets_an_error_and_one_log_line(
     assert len(failed) == 1 and failed[0]["verb"] == "scale"
     assert "RuntimeError: a bug in scale" in failed[0]["exception"]
     # And the next request is served as usual.
-    assert ask_arbiter(arb, b'{"verb": "scale", "pool": "nope", "processes": 1}\n') == {
+    assert ask(ctl, b'{"verb": "scale", "pool": "nope", "processes": 1}\n') == {
         "ok": False, "error": "no pool named 'nope'; pools: web"}
 
 
 def test_a_request_cut_short_by_eof_is_still_answered(
-        arbiter: tuple[Arbiter, io.StringIO]) -> None:
-    arb, _ = arbiter
+        control: tuple[Control, io.StringIO]) -> None:
+    ctl, _ = control
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with ours:
         theirs.setblocking(False)
-        client = _Client(theirs)
-        arb.sel.register(theirs, 1, ("client", client))
+        client = Client(theirs)
+        ctl.clients.add(client)
+        ctl.master.loop.add_reader(theirs, lambda: ctl.read(client))
         ours.sendall(b'{"verb": "nope"}')
         ours.shutdown(socket.SHUT_WR)  # no newline: the client is done sending
-        for _ in range(3):  # as the loop would: on each readiness, until it is answered
-            if not any(k.fileobj is theirs for k in arb.sel.get_map().values()):
-                break
-            arb.read_control(client)
-        ours.settimeout(5)
-        assert "unknown request 'nope'" in json.loads(ours.recv(65536))["error"]
+        assert "unknown request 'nope'" in answer(ctl, client, ours)["error"]
+
+
+def test_a_client_that_does_not_read_its_reply_never_stalls_the_master(
+        control: tuple[Control, io.StringIO]) -> None:
+    # The reply is far larger than the socket buffer and the client reads nothing: the
+    # master writes what fits and moves on (the old reply blocked the loop up to 1 s).
+    ctl, _ = control
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours:
+        theirs.setblocking(False)
+        client = Client(theirs)
+        ctl.clients.add(client)
+        started = time.monotonic()
+        ctl.reply(client, {"ok": True, "blob": "x" * (16 * 1024 * 1024)})
+        ctl.master.loop.run_once()
+        assert time.monotonic() - started < 0.5
+        assert client.out  # the rest waits for the socket to take it
+        assert client in ctl.clients
 
 
 # -- a real master ------------------------------------------------------------------------------

@@ -79,10 +79,11 @@ class Fleet(SimpleNamespace):
 
 
 def fleet(*pools: Pool, started_at: float = NOW - 3700, stopping: bool = False) -> Fleet:
+    watcher = WatcherState(WatchSpec(None, ()))
     return Fleet(pid=os.getpid(), config=SimpleNamespace(path="/etc/gearvisor/pools.yaml"),
                  started_at=started_at, stopping=stopping, reloads=2,
                  pools={p.name: p for p in pools},
-                 watcher=WatcherState(WatchSpec(None, ())), debouncer=Debouncer(1.0))
+                 parts=lambda now: {"watcher": watcher.status(now, Debouncer(1.0))})
 
 
 @pytest.fixture
@@ -399,13 +400,13 @@ def ready_pool(config: PoolConfig, boards: list[Scoreboard]) -> Pool:
 def test_summary_all_ready(tmp_path: Path, boards: list[Scoreboard]) -> None:
     cfg = configs(tmp_path)
     arb = fleet(ready_pool(cfg["images"], boards), ready_pool(cfg["text"], boards))
-    assert summary(arb) == "5/5 children ready in 2 pool(s)"
+    assert summary(arb.pools.values()) == "5/5 children ready in 2 pool(s)"
 
 
 def test_summary_rolling_and_restarting(images: Pool, tmp_path: Path,
                                         boards: list[Scoreboard]) -> None:
     text = ready_pool(configs(tmp_path)["text"], boards)
-    assert summary(fleet(images, text)) == \
+    assert summary(fleet(images, text).pools.values()) == \
         "3/5 children ready in 2 pool(s); images: rolling"
     # Once the roll is over, the slot that is still backing off is what shows.
     images.generation = 1
@@ -413,15 +414,16 @@ def test_summary_rolling_and_restarting(images: Pool, tmp_path: Path,
         slot.successor = None
         if slot.child is not None:
             slot.child.generation = 1
-    assert summary(fleet(images, text)) == \
+    assert summary(fleet(images, text).pools.values()) == \
         "3/5 children ready in 2 pool(s); images: 1 restarting"
 
 
 def test_summary_halted_wins_over_rolling(images: Pool) -> None:
     images.halted = "images[0] of generation 2 failed to boot"
-    assert summary(fleet(images)) == "2/4 children ready in 1 pool(s); images: roll halted"
+    assert summary(fleet(images).pools.values()) == \
+        "2/4 children ready in 1 pool(s); images: roll halted"
 
 
 def test_summary_no_pools() -> None:
-    assert summary(fleet()) == "0/0 children ready in 0 pool(s)"
+    assert summary(fleet().pools.values()) == "0/0 children ready in 0 pool(s)"
 

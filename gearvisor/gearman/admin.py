@@ -58,6 +58,9 @@ def _lines(buf: bytes, host: str, port: int) -> list[str]:
     return lines
 
 
+MAX_ANSWER = 16 * 1024 * 1024  # an admin answer longer than this is refused, not buffered
+
+
 class WorkersPoll:
     """A non-blocking `workers` query, driven by the master's selector loop (the master
     never blocks on a job server). on_ready() after each selector event; `done` then
@@ -92,7 +95,9 @@ class WorkersPoll:
             self.finish(ok=False)
             return
         self.buf += chunk
-        if not chunk or complete(self.buf):
+        if len(self.buf) > MAX_ANSWER:
+            self.finish(ok=False)  # a server that never ends its answer: not believed
+        elif not chunk or complete(self.buf):
             self.finish(ok=complete(self.buf))
 
     def finish(self, ok: bool) -> None:

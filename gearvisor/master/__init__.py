@@ -1,0 +1,52 @@
+"""The master: one process, one thread, one loop of small components.
+
+    loop       master/loop.py      selector + timer heap + signal wakeup fd; knows no feature
+    arbiter    master/arbiter.py   pools and children: spawn, retire, reap, reload, stop
+    bus        master/bus.py       typed events the arbiter and components publish
+    system     master/system.py    the OS facade (fork, kill, waitpid), faked in tests
+    components (master/component.py is the interface)
+        control.py   the control socket: requests, buffered replies, the status stream
+        helpers.py   the file-watcher helper process, and the rolls its changes ask for
+        probe.py     non-blocking `workers` queries to the job servers
+        commands.py  command pools' output capture and readiness
+        health.py    hard timeouts, lifetimes, poison strikes, the circuit breaker
+        groups.py    what a dead child leaves in its process group
+        systemd.py   sd_notify: READY, RELOADING, STOPPING, STATUS, WATCHDOG
+
+The master never imports user code and never starts a thread; whatever needs either runs
+in a child or a helper process.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .. import log as logmod
+from ..config import Config
+from .arbiter import Arbiter
+from .commands import Commands
+from .component import Component
+from .control import Control
+from .groups import Groups
+from .health import Health
+from .helpers import Watcher
+from .probe import Probe
+from .systemd import Systemd
+
+
+def components(config: Config) -> list[Component]:
+    """Every component of a running master, in the order they attach."""
+    probe = Probe()
+    return [Control(config), Watcher(config), probe, Commands(probe), Health(), Groups(),
+            Systemd()]
+
+
+def run(config: Config) -> int:
+    """Entry point of `gearvisor -c FILE`."""
+    logmod.configure(config.log_level, config.log_format)
+    arbiter = Arbiter(config, components(config))
+    try:
+        return arbiter.run()
+    finally:
+        arbiter.close()
+        sys.stderr.flush()

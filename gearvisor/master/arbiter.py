@@ -1,0 +1,570 @@
+"""The arbiter: pools and their children. Spawn, retire, reap, reload, stop, and the
+signals that ask for them.
+
+What to fork or retire is decided by pool.Pool (pure). The arbiter carries the decisions
+out through the OS facade (master/system.py) on the loop (master/loop.py), and publishes
+what happened on the bus (master/bus.py). Everything else the master does (the control
+socket, the file watcher, command pools' output and readiness, hard timeouts and the
+circuit, leftover processes, systemd) is a component (master/component.py) that reacts to
+those events and calls the verbs here.
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import time
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any, NoReturn
+
+from setproctitle import setproctitle
+
+from .. import log as logmod
+from .. import messages as msg
+from ..child import run_child
+from ..command import exec_command, output_pipe
+from ..config import Config, ConfigError, load
+from ..control import default_socket_path
+from ..health import fd_warnings, jittered
+from ..poison import PoisonTable, RunningJobs
+from ..pool import ExitKind, Pool, Retire, Spawn
+from ..process import EXIT_BOOT_ERROR, Child, ChildState, describe_status
+from ..scoreboard import Scoreboard
+from ..status import fleet_status, summary
+from . import bus as ev
+from .component import Component
+from .loop import Loop, Timer
+from .pipes import read_lines
+from .system import System
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                   signal.SIGCHLD)
+QUIT_TIMEOUT = 2.0  # fast stop: how long children get to die from SIGQUIT before SIGKILL
+RETIRE_SIGNAL = signal.SIGHUP  # "finish your current job, then exit 0"
+FINAL_READS = 64  # a dead child's pipe: at most this many reads of what it holds, then close
+
+
+class StopMode(Enum):
+    GRACEFUL = "graceful"  # children finish their current job (up to graceful_timeout)
+    FAST = "fast"  # SIGQUIT now, SIGKILL after QUIT_TIMEOUT
+
+
+class StartError(Exception):
+    """A component cannot start (e.g. the control socket is taken); the master logs
+    `event` with the error and exits 1."""
+
+    def __init__(self, event: str, error: str) -> None:
+        super().__init__(f"{event}: {error}")
+        self.event, self.error = event, error
+
+
+class Arbiter:
+    """Forks and watches every pool's children, rolls them on reload, stops them on exit."""
+
+    def __init__(self, config: Config, components: Sequence[Component] = (),
+                 clock=time.monotonic, system: System | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.system = system or System()
+        self.log = logmod.get()
+        self.loop = Loop(clock, self.log)
+        self.bus = ev.Bus(self.log)
+        self.pid = self.system.getpid()
+        self.started_at = clock()
+        self.pools: dict[str, Pool] = {name: Pool(pc) for name, pc in config.pools.items()}
+        self.children: dict[int, tuple[Child, Pool]] = {}
+        self.components = list(components)
+        self.stopping: StopMode | None = None
+        self.reloads = 0
+        self.announced_ready = False  # FleetReady sent for start-up or the last reload
+        # Shared with every child (mapped before any fork): poison strikes, and the job
+        # each child runs.
+        self.poison = PoisonTable()
+        self.running = RunningJobs()
+        self._next_pass: Timer | None = None
+        self._stop_timer: Timer | None = None
+
+    # -- running --------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until stopped; return the process exit code."""
+        try:
+            for component in self.components:
+                component.attach(self)
+        except StartError as e:
+            self.log.error(e.event, error=e.error)
+            return 1
+        setproctitle(f"gearvisor: master -c {self.config.path}")
+        self.system.become_subreaper()
+        handlers = {signal.SIGTERM: self.handle_term, signal.SIGINT: self.handle_int,
+                    signal.SIGQUIT: self.handle_quit, signal.SIGHUP: self.handle_hup,
+                    signal.SIGCHLD: self.handle_chld}
+        for sig, handler in handlers.items():
+            self.loop.add_signal_handler(sig, lambda _sig, h=handler: h())
+        self.loop.every_pass(self.manage)
+        self.log.info("master started", config=self.config.path,
+                      control_socket=self.config.control_socket or default_socket_path(),
+                      pools={n: p.config.processes for n, p in self.pools.items()})
+        self.check_fd_limits()
+        self.reap()  # a SIGCHLD before the handler was set
+        self.loop.run()
+        self.log.info("master stopped")
+        return 0
+
+    def manage(self) -> None:
+        """Each pass of the loop: carry out the pools' plans, announce readiness, and end
+        the loop once a stop has nothing left to wait for."""
+        now = self.clock()
+        if self.stopping:
+            if not self.children and all(c.stopped() for c in self.components):
+                self.loop.stop()
+            return
+        self.manage_pools(now)
+        self._announce_ready()
+        due = min((d for d in (p.next_due() for p in self.pools.values()) if d is not None),
+                  default=None)
+        if due is not None and (self._next_pass is None or self._next_pass.cancelled
+                                or self._next_pass.when != due):
+            if self._next_pass is not None:
+                self._next_pass.cancel()
+            self._next_pass = self.loop.call_at(due, lambda: None)  # a pass runs after it
+
+    def close(self) -> None:
+        for component in self.components:
+            component.close()
+        self.loop.close()
+        self.poison.close()
+        self.running.close()
+
+    # -- signals: each handler only queued the signal; these run from the loop ---------------
+
+    def handle_chld(self) -> None:
+        self.reap()
+
+    def handle_term(self) -> None:
+        self.stop(fast=False, why="SIGTERM")
+
+    def handle_int(self) -> None:
+        # A second Ctrl-C means "now".
+        self.stop(fast=self.stopping is StopMode.GRACEFUL, why="SIGINT")
+
+    def handle_quit(self) -> None:
+        self.stop(fast=True, why="SIGQUIT")
+
+    def handle_hup(self) -> None:
+        if self.stopping:
+            self.log.info("SIGHUP ignored: the master is stopping")
+            return
+        self.reload(why="SIGHUP")
+
+    # -- children -------------------------------------------------------------------------------
+
+    def manage_pools(self, now: float) -> None:
+        """Carry out each pool's plan: fill empty slots, push rolls forward, scale."""
+        for name, pool in list(self.pools.items()):
+            for action in pool.plan(now):
+                if isinstance(action, Spawn):
+                    self.spawn_child(pool, action, now)
+                else:
+                    self.retire(pool, action, now)
+            if pool.removed and not pool.children():
+                del self.pools[name]
+                self.log.info("pool removed", pool=name)
+
+    def spawn_child(self, pool: Pool, action: Spawn, now: float) -> None:
+        """Fork one child for `action`. The record is built before fork; the child's
+        process-wide changes happen only after it."""
+        slot = action.slot
+        child = Child(pool=pool.name, slot=slot.index, generation=pool.generation,
+                      started_at=now)
+        command = pool.config.command is not None
+        # An open circuit: a new child (a crash restart, a roll, a scale-up) serves nothing
+        # until the probe has passed; only the probe itself takes jobs.
+        start_paused = pool.circuit != "closed" and not action.probe and not command
+        child.paused = start_paused
+        pipes: list[tuple[int, int]] = []
+        try:
+            if command:
+                pipes = [output_pipe(), output_pipe()]
+            else:
+                child.scoreboard = Scoreboard()
+        except OSError as e:
+            for fd in (fd for p in pipes for fd in p):
+                self.system.close(fd)
+            self.log.error("cannot create a child's pipes or scoreboard", pool=pool.name,
+                           error=str(e))
+            slot.restart_at = now + slot.backoff.failure(now, now)
+            return
+        board = child.scoreboard
+        index = self.running.allocate() if board is not None else -1
+        if board is not None:
+            board.set_paused(start_paused)
+
+        def body(w: int, blocked: set[int]) -> NoReturn:
+            if command:
+                exec_command(self.config, pool.config, slot.index, w, pipes[0][1],
+                             pipes[1][1], blocked)
+            run_child(self.config, pool.config, slot.index, pool.generation, w, self.pid,
+                      blocked, board, self.poison, action.probation, start_paused,
+                      self.running, index)
+
+        try:
+            pid, r = self.system.fork(body, HANDLED_SIGNALS)
+        except OSError as e:
+            for fd in (fd for p in pipes for fd in p):
+                self.system.close(fd)
+            self.running.release(index)
+            if board is not None:
+                board.close()
+            if not action.successor:
+                slot.restart_at = now + slot.backoff.failure(now, now)
+            elif slot.replace_at is not None:
+                slot.replace_at = now + slot.backoff.failure(now, now)
+            if action.probe:
+                pool.circuit_until = now + 1.0  # try the probe again in a second
+            self.log.error("fork failed", pool=pool.name, slot=slot.index, error=str(e))
+            return
+        child.pid, child.event_fd, child.running_index = pid, r, index
+        child.timeouts, child.timeout_grace = pool.config.timeouts, pool.config.timeout_grace
+        child.kill_group = pool.config.kill_group
+        for (out_r, out_w), stream in zip(pipes, ("stdout", "stderr"), strict=False):
+            self.system.close(out_w)
+            child.output[out_r] = (stream, bytearray())
+        if pool.config.max_lifetime:
+            child.recycle_at = now + jittered(pool.config.max_lifetime,
+                                              pool.config.recycle_jitter)
+        pool.placed(action, child)
+        self.children[pid] = (child, pool)
+        self.loop.add_reader(r, lambda: self._read_events(child, pool))
+        self.bus.publish(ev.ChildSpawned(child, pool))
+        self.log.debug("child spawned", pool=pool.name, slot=slot.index, child_pid=pid,
+                       generation=pool.generation, successor=action.successor)
+
+    def retire(self, pool: Pool, action: Retire, now: float) -> None:
+        """Tell a child to finish its current job and exit; SIGKILL it after
+        graceful_timeout."""
+        child = action.child
+        pool.retiring(child)
+        self.log.info("retiring child", pool=pool.name, slot=child.slot, child_pid=child.pid,
+                      generation=child.generation, why=action.why)
+        cfg = pool.config
+        sig = (RETIRE_SIGNAL if cfg.command is None else
+               signal.Signals[cfg.reload_signal or cfg.stop_signal])
+        self.kill_child(child, sig, now, cfg.graceful_timeout)
+
+    def child_ready(self, child: Child, pool: Pool) -> None:
+        """`child` serves (it said so, or a command pool's readiness check passed)."""
+        if child.state is not ChildState.STARTING:
+            return  # told to stop before it got here: it is not serving
+        child.transition(ChildState.READY)  # STARTING -> READY
+        child.ready_at = self.clock()
+        failures, replaced = pool.child_ready(child)
+        ctx = dict(pool=pool.name, slot=child.slot, child_pid=child.pid,
+                   generation=child.generation)
+        if failures:
+            self.log.info("child recovered", after_failures=failures, **ctx)
+        else:
+            self.log.debug("child ready", **ctx)
+        if replaced is not None:
+            why = (replaced.quarantined and "quarantined") or (
+                "recycled" if replaced.generation == child.generation else
+                f"replaced by generation {child.generation}")
+            self.retire(pool, Retire(replaced, f"{why} (successor pid {child.pid})"),
+                        self.clock())
+        self.bus.publish(ev.ChildReady(child, pool))
+
+    def _read_events(self, child: Child, pool: Pool, final: bool = False) -> None:
+        """What the child's event pipe holds now; closed at end of file, or with `final`
+        (the child is dead, so all it wrote is there) after one bounded read."""
+        lines, eof, dropped = read_lines(child.event_fd, child.event_buf,
+                                         FINAL_READS if final else 1)
+        if eof or final:
+            self.loop.remove_reader(child.event_fd)
+            self.system.close(child.event_fd)
+            child.event_fd = -1
+        if dropped and not child.event_overflows:
+            self.log.warning("event line from child too long; dropped (said once per child)",
+                             pool=pool.name, child_pid=child.pid)
+        child.event_overflows += bool(dropped)
+        for line in lines:
+            try:
+                message = msg.decode(line)
+            except msg.MessageError as e:
+                self.log.warning("unreadable event from child", pool=pool.name,
+                                 child_pid=child.pid, error=str(e),
+                                 line=line[:200].decode(errors="replace"))
+                continue
+            if isinstance(message, msg.Ready):
+                self.child_ready(child, pool)
+            elif isinstance(message, msg.BootError):
+                child.boot_error = message.reason
+            else:
+                self.bus.publish(ev.ChildSaid(child, pool, message))
+
+    def reap(self) -> None:
+        """Collect every exited child (waitpid until nothing is left) and decide what next."""
+        while (exited := self.system.waitpid()) is not None:
+            pid, status = exited
+            entry = self.children.pop(pid, None)
+            if entry is None:
+                # A helper, or an orphan of a child (the master is their subreaper).
+                self.bus.publish(ev.OtherReaped(pid, status))
+                continue
+            child, pool = entry
+            # The child is dead, so its pipe holds all it will ever write (a boot_error is
+            # written just before exit): read what is there, then close it. Not to end of
+            # file: a descendant that inherited it may keep it open for a long time.
+            if child.event_fd >= 0:
+                self._read_events(child, pool, final=True)
+            child.transition(ChildState.EXITED)  # any -> EXITED
+            self.on_child_exit(child, pool, status)
+            self.running.release(child.running_index)  # after its strike, if any
+            if child.scoreboard is not None:
+                child.scoreboard.close()
+
+    def on_child_exit(self, child: Child, pool: Pool, status: int) -> None:
+        now = self.clock()
+        code, sig, words = describe_status(status)
+        if (pool.config.command is not None and child.ready_at is None
+                and child.stop_requested_at is None and code != EXIT_BOOT_ERROR):
+            # A command that exits before it is ready (startsecs) failed to start. No uptime
+            # in the reason (the log line has it): the same failure must read the same, or
+            # a crash loop is logged once per attempt instead of once per streak.
+            child.boot_error = (f"{pool.config.command[0]} {words} before startsecs "
+                                f"({pool.config.startsecs:g}s)")
+            code = EXIT_BOOT_ERROR
+        decision = pool.child_exited(child, code, now, stopping=bool(self.stopping))
+        ctx = dict(pool=pool.name, slot=child.slot, child_pid=child.pid, status=words,
+                   generation=child.generation, uptime=round(now - child.started_at, 3))
+        job = child.scoreboard.read() if child.scoreboard is not None else None
+        if job is not None and job.busy and (decision.kind is not ExitKind.STOPPED
+                                             or child.killed_for or sig is not None):
+            ctx.update(function=job.function, handle=job.handle, unique=job.unique)
+        self.bus.publish(ev.ChildExited(child, pool, status, decision))
+        if decision.kind is ExitKind.STOPPED:
+            level = self.log.debug if code == 0 else self.log.warning
+            level("child stopped", **ctx)
+        elif decision.kind is ExitKind.ROLL_FAILED:
+            self.log.error("roll halted: a new child failed before it was ready; the old "
+                           "children keep serving", reason=pool.halted, **ctx)
+        elif decision.fatal:
+            self.log.error("giving up on this slot: no more restarts until `gearvisor "
+                           "restart` or a reload", reason=decision.fatal, **ctx)
+        else:
+            retry = ({} if decision.restart_in is None
+                     else {"retry_in": round(decision.restart_in, 3)})
+            if decision.kind is ExitKind.BOOT_ERROR and decision.log_reason:
+                self.log.error("child failed to boot; retrying with backoff", reason=(
+                    child.boot_error or f"exit code {EXIT_BOOT_ERROR}"),
+                    streak=decision.streak, **retry, **ctx)
+            elif decision.kind is ExitKind.BOOT_ERROR:
+                self.log.debug("child still failing to boot", streak=decision.streak,
+                               **retry, **ctx)
+            else:
+                level = self.log.error if decision.log_reason else self.log.warning
+                what = "crashed" if code != 0 else "exited without being asked to"
+                level(f"child {what}; restarting with backoff", streak=decision.streak,
+                      **retry, **ctx)
+
+    def kill_child(self, child: Child, sig: int, now: float,
+                   graceful_timeout: float | None = None, force: bool = False) -> None:
+        """Ask a child to stop. A child already draining is not asked again (it is finishing
+        a job; a second graceful signal would only restart its own alarm) unless `force`.
+        The signal goes to the child alone: its current job may run processes of its own,
+        and may finish. Its group gets SIGKILL at the deadline."""
+        if child.state is ChildState.DRAINING and not force:
+            return
+        if child.state in (ChildState.STARTING, ChildState.READY):
+            child.transition(ChildState.DRAINING)  # STARTING/READY -> DRAINING
+        if child.stop_requested_at is None:
+            child.stop_requested_at = now
+        if graceful_timeout is not None:
+            child.kill_at = now + graceful_timeout
+            self.loop.call_at(child.kill_at, lambda: self._overdue(child))
+        self.signal_child(child, sig)
+
+    def _overdue(self, child: Child) -> None:
+        """A retired child outlived its graceful_timeout: SIGKILL its group."""
+        entry = self.children.get(child.pid)
+        if entry is None or entry[0] is not child or child.kill_at is None or self.stopping:
+            return  # reaped meanwhile, or a stop's own deadline takes over
+        self.log.warning("child did not finish in time; killing", pool=child.pool,
+                         slot=child.slot, child_pid=child.pid,
+                         graceful_timeout=entry[1].config.graceful_timeout)
+        child.kill_at = self.clock() + 5.0  # if SIGKILL does not reap it, say so again later
+        self.loop.call_at(child.kill_at, lambda: self._overdue(child))
+        self.kill_now(child)
+
+    def kill_now(self, child: Child) -> None:
+        """SIGKILL a child (its whole group, with kill_group) for running out of time. Its
+        job is no strike against that job (the hard job timeout is the one that counts)."""
+        if child.killed_for != "timeout":
+            child.master_killed = True
+            self.running.forget(child.running_index)
+        self.signal_child(child, signal.SIGKILL, group=True)
+
+    def signal_child(self, child: Child, sig: int, group: bool = False) -> None:
+        """Send `sig` to a child, or with `group` (and the pool's kill_group) to its whole
+        process group. A child already gone is no error: reap() collects it."""
+        if not (group and child.kill_group and self.system.killpg(child.pid, sig)):
+            self.system.kill(child.pid, sig)
+
+    # -- reload ---------------------------------------------------------------------------------
+
+    def reload(self, why: str) -> str | None:
+        """Re-read the config; refuse it whole if invalid (return the error, the fleet keeps
+        its old config), else roll every pool to it (return None)."""
+        try:
+            new = load(self.config.path)
+        except ConfigError as e:
+            self.log.error("reload refused: invalid config; the fleet keeps its old config",
+                           trigger=why, error=e.render())
+            return f"invalid config, nothing changed\n{e.render()}"
+        self.reloads += 1
+        self.announced_ready = False
+        if (new.log_level, new.log_format) != (self.config.log_level, self.config.log_format):
+            logmod.configure(new.log_level, new.log_format)
+            self.log = logmod.get()
+        self.config = new
+        now = self.clock()
+        for name, pc in new.pools.items():
+            pool = self.pools.get(name)
+            if pool is None:
+                self.pools[name] = Pool(pc)
+                self.log.info("pool added", pool=name, processes=pc.processes)
+                continue
+            pool.removed = False
+            for action in pool.roll(pc):
+                self.retire(pool, action, now)
+        for name, pool in self.pools.items():
+            if name not in new.pools and not pool.removed:
+                pool.remove()
+                self.log.info("pool removed from the config; draining", pool=name)
+        self.log.info("reloading: rolling every pool to new code and config", trigger=why,
+                      pools={n: p.generation for n, p in self.pools.items() if not p.removed})
+        for component in self.components:
+            component.reload(new)
+        self.bus.publish(ev.Reloaded(new, why))
+        self.check_fd_limits()
+        return None
+
+    def roll_pool(self, pool: Pool, why: str) -> None:
+        """Roll one pool to a new generation with its current config (new code)."""
+        now = self.clock()
+        for action in pool.roll():
+            self.retire(pool, action, now)
+        self.log.info("rolling pool to a new generation", pool=pool.name, trigger=why,
+                      generation=pool.generation)
+
+    def scale(self, pool: Pool, processes: int) -> int:
+        """Run `processes` children in `pool` until a reload changes its size; the old
+        size."""
+        before = pool.desired
+        pool.scaled_to = processes
+        self.log.info("scaling pool", pool=pool.name, before=before, after=processes,
+                      note="until the next reload that changes its processes")
+        return before
+
+    def progress(self, names: Sequence[str]) -> dict[str, dict] | None:
+        """How the rolls of pools `names` ended: None while one is still going."""
+        results: dict[str, dict] = {}
+        for name in names:
+            pool = self.pools.get(name)
+            if pool is None:
+                results[name] = {"result": "removed"}
+                continue
+            finished, problem = pool.progress()
+            if not finished:
+                return None
+            results[name] = {"generation": pool.generation,
+                             "result": "removed" if pool.removed else (problem or "ok")}
+            if problem:
+                results[name]["error"] = problem
+        return results
+
+    def _announce_ready(self) -> None:
+        """Once start-up or a reload has settled: FleetReady (systemd's READY=1)."""
+        if self.announced_ready or not all(p.settled() and p.progress()[0]
+                                           for p in self.pools.values() if not p.removed):
+            return
+        self.announced_ready = True
+        self.log.info("all pools ready" if not self.reloads else "reload finished",
+                      children=len(self.children))
+        self.bus.publish(ev.FleetReady(self.summary(), after_reload=bool(self.reloads)))
+
+    def check_fd_limits(self) -> None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft = soft if soft != resource.RLIM_INFINITY else 1 << 20
+        for warning in fd_warnings([(p.name, p.desired, len(p.config.servers),
+                                     p.config.rlimit_nofile) for p in self.pools.values()],
+                                   soft):
+            self.log.warning("open-files limit is close", problem=warning)
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def status(self, now: float) -> dict[str, Any]:
+        """`gearvisor status --json`."""
+        return fleet_status(self, now)
+
+    def parts(self, now: float) -> dict[str, Any]:
+        """What each component adds to the status."""
+        out: dict[str, Any] = {}
+        for component in self.components:
+            out.update(component.status(now))
+        return out
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        return summary(self.pools.values(), self.parts(self.clock()).get("watcher"))
+
+    # -- stopping -------------------------------------------------------------------------------
+
+    def stop(self, fast: bool, why: str) -> None:
+        """Graceful: children finish their current job (up to graceful_timeout), then SIGKILL.
+        Fast: SIGQUIT now, SIGKILL after QUIT_TIMEOUT."""
+        now = self.clock()
+        if fast:
+            if self.stopping is StopMode.FAST:
+                return
+            first = self.stopping is None
+            self.stopping = StopMode.FAST
+            self._stop_deadline(now + QUIT_TIMEOUT)
+            self.log.info("fast stop", signal=why, children=len(self.children))
+            if first:
+                self.bus.publish(ev.Stopping(fast=True, why=why))
+            for component in self.components:
+                component.begin_stop(fast=True)
+            for child, _ in list(self.children.values()):
+                self.kill_child(child, signal.SIGQUIT, now, force=True)
+            return
+        if self.stopping:
+            return
+        self.stopping = StopMode.GRACEFUL
+        timeout = max((p.config.graceful_timeout for p in self.pools.values()), default=0.0)
+        self._stop_deadline(now + timeout)
+        self.log.info("graceful stop: children finish their current job", signal=why,
+                      children=len(self.children), graceful_timeout=timeout)
+        self.bus.publish(ev.Stopping(fast=False, why=why))
+        for child, pool in list(self.children.values()):
+            self.kill_child(child, signal.Signals[pool.config.stop_signal]
+                            if pool.config.command is not None else signal.SIGTERM, now)
+        for component in self.components:
+            component.begin_stop(fast=False)
+
+    def _stop_deadline(self, when: float) -> None:
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+        self._stop_timer = self.loop.call_at(when, self.murder_children)
+
+    def murder_children(self) -> None:
+        """The stop deadline passed: SIGKILL every child still alive, and whatever the
+        components still run; look again in 5 s if something is stuck."""
+        for child, _ in list(self.children.values()):
+            self.log.warning("child did not stop in time; killing", pool=child.pool,
+                             slot=child.slot, child_pid=child.pid)
+            self.kill_now(child)
+        for component in self.components:
+            component.stop_overdue()
+        self._stop_deadline(self.clock() + 5.0)
+

@@ -1,0 +1,158 @@
+"""The master's bus: typed events published by the arbiter and the components, delivered
+synchronously to every subscriber of that type, in the order they subscribed.
+
+Events are facts ("this child exited", "the circuit opened"), never commands. A component
+reacts to the facts it cares about and acts through the arbiter's verbs or its own state;
+nothing reaches into another component's fields. Alerting, metrics and the job journal
+subscribe here later without touching what publishes.
+
+A subscriber that raises is logged and the others still run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..messages import Message
+
+if TYPE_CHECKING:
+    from ..pool import ExitDecision, Pool
+    from ..process import Child
+
+E = TypeVar("E")
+
+
+class Bus:
+    """subscribe(EventType, callback); publish(event) calls each callback(event)."""
+
+    def __init__(self, log: Any = None) -> None:
+        self.log = log
+        self._subscribers: dict[type, list[Callable[[Any], Any]]] = {}
+
+    def subscribe(self, kind: type[E], callback: Callable[[E], Any]) -> None:
+        self._subscribers.setdefault(kind, []).append(callback)
+
+    def publish(self, event: object) -> None:
+        for callback in list(self._subscribers.get(type(event), ())):
+            try:
+                callback(event)
+            except Exception:  # one broken subscriber must not stop the master
+                if self.log is not None:
+                    self.log.exception("event subscriber failed; the master carries on",
+                                       internal_event=type(event).__name__)
+
+
+# -- children -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChildSpawned:
+    child: Child
+    pool: Pool
+
+
+@dataclass(frozen=True)
+class ChildReady:
+    child: Child
+    pool: Pool
+
+
+@dataclass(frozen=True)
+class ChildSaid:
+    """A message from a child's event pipe that the arbiter does not handle itself."""
+
+    child: Child
+    pool: Pool
+    message: Message
+
+
+@dataclass(frozen=True)
+class ChildExited:
+    """Reaped; `decision` is what the pool made of it. Published before the child's shared
+    tables are released, so a subscriber may still read its scoreboard."""
+
+    child: Child
+    pool: Pool
+    status: int
+    decision: ExitDecision
+
+
+@dataclass(frozen=True)
+class OtherReaped:
+    """waitpid returned a pid that is no child of a pool: a helper, or an orphan of a child
+    (the master is their subreaper)."""
+
+    pid: int
+    status: int
+
+
+# -- health (each is logged with its stable `internal_event` name) ------------------------------
+
+@dataclass(frozen=True)
+class Quarantined:
+    pool: str
+    slot: int
+    child_pid: int
+    reason: str
+    jobs_failed: int
+    jobs_done: int
+    replaced_in: float
+
+
+@dataclass(frozen=True)
+class CircuitOpened:
+    pool: str
+    quarantined: int
+    desired: int
+    probe_in: float
+    reopened: bool  # a probe failed: it was open already
+
+
+@dataclass(frozen=True)
+class CircuitClosed:
+    pool: str
+    probe_pid: int
+
+
+@dataclass(frozen=True)
+class PoisonJob:
+    pool: str
+    function: str
+    unique: str
+    handle: str
+    size: int
+    strikes: int
+    last: str  # what the last child did on it: "crashed" or "hung past its timeout"
+
+
+# -- the fleet ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reloaded:
+    """A new config was accepted; every pool rolls to it."""
+
+    config: Any
+    why: str
+
+
+@dataclass(frozen=True)
+class Stopping:
+    fast: bool
+    why: str
+
+
+@dataclass(frozen=True)
+class FleetReady:
+    """Start-up or the last reload has settled (systemd's READY=1)."""
+
+    summary: str
+    after_reload: bool = False
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """gearmand's `workers` list from one server, or None when it did not answer."""
+
+    server: tuple[str, int]
+    workers: list | None = field(default=None)

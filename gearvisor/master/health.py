@@ -1,0 +1,184 @@
+"""The health monitor: hard job timeouts, max_lifetime, poison strikes, and the pool's
+circuit (a child's quarantine, the probe's probation, pause and resume).
+
+The decisions are pool.Pool's (pure); this component feeds them the children's messages
+and exits, carries them out through the arbiter's verbs, and logs each health event once,
+with its stable `internal_event` name, as it publishes it on the bus.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import TYPE_CHECKING, Any
+
+from .. import messages as msg
+from ..pool import ExitKind, Pool, Retire
+from ..process import Child, ChildState
+from . import bus as ev
+from .component import Component
+
+if TYPE_CHECKING:
+    from .arbiter import Arbiter
+    from .loop import Timer
+
+HEALTH_INTERVAL = 0.25  # how often hung jobs and lifetimes are checked, when configured
+
+
+class Health(Component):
+    """Watches running jobs and lifetimes; runs the circuit breaker."""
+
+    def __init__(self) -> None:
+        self._timer: Timer | None = None
+
+    def attach(self, master: Arbiter) -> None:
+        self.master = master
+        master.bus.subscribe(ev.ChildSpawned, lambda _e: self._arm())
+        master.bus.subscribe(ev.ChildReady, self._ready)
+        master.bus.subscribe(ev.ChildSaid, self._said)
+        master.bus.subscribe(ev.ChildExited, self._exited)
+
+    # -- hard timeouts and lifetimes ------------------------------------------------------------
+
+    def _watched(self) -> bool:
+        return any(c.timeouts or c.recycle_at is not None
+                   for c, _ in self.master.children.values())
+
+    def _arm(self) -> None:
+        if (self._timer is None or self._timer.cancelled) and self._watched():
+            self._timer = self.master.loop.call_later(HEALTH_INTERVAL, self.check)
+
+    def check(self) -> None:
+        """Hard job timeouts (SIGKILL at timeout + timeout_grace) and max_lifetime."""
+        self._timer = None
+        if self.master.stopping:
+            return
+        now = self.master.clock()
+        log = self.master.log
+        for child, pool in list(self.master.children.values()):
+            if (child.recycle_at is not None and now >= child.recycle_at
+                    and child.state is ChildState.READY):
+                child.recycle_at = None
+                if pool.recycle(child, f"max_lifetime: up {now - child.started_at:.0f}s", now):
+                    log.info("recycling child: a successor starts first", pool=pool.name,
+                             slot=child.slot, child_pid=child.pid, reason="max_lifetime")
+            if not child.timeouts or child.scoreboard is None or child.killed_for:
+                continue
+            job = child.scoreboard.read()
+            limit = child.timeouts.get(job.function) if job is not None and job.busy else None
+            if limit is not None and now - job.job_started > limit + child.timeout_grace:
+                child.killed_for = "timeout"
+                log.error("job hung past its timeout; killing the child", pool=pool.name,
+                          slot=child.slot, child_pid=child.pid, function=job.function,
+                          handle=job.handle, unique=job.unique, timeout=limit,
+                          grace=child.timeout_grace)
+                self.master.signal_child(child, signal.SIGKILL, group=True)
+        self._arm()
+
+    # -- poison ---------------------------------------------------------------------------------
+
+    def _exited(self, event: ev.ChildExited) -> None:
+        child, pool, decision = event.child, event.pool, event.decision
+        if child.scoreboard is None:
+            return
+        job = child.scoreboard.read()
+        if job is None:
+            return
+        died = (event.status & 0x7f) != 0 and not child.master_killed  # a signal, not ours
+        if job.busy and (decision.kind is not ExitKind.STOPPED
+                         or child.killed_for == "timeout" or died):
+            # A crash mid-job (even of a child told to stop), or a hard-timeout kill.
+            self._strike(pool, job, "hung past its timeout" if child.killed_for else "crashed",
+                         child)
+
+    def _strike(self, pool: Pool, job: Any, what: str, child: Child) -> None:
+        """The job `job` crashed or hung its child: one more strike; poison at
+        poison_after."""
+        limit = pool.config.poison_after
+        if not limit or not job.key:
+            return  # (children always write the key of the job they run)
+        running = self.master.running
+        # The death moves from the child's running slot to the strike table, back to back:
+        # freed first, so a child checking in between undercounts by one (one more crash at
+        # worst) rather than failing a job that crashed only once.
+        running.release(child.running_index)
+        child.running_index = -1
+        self.master.poison.add(job.key)
+        strikes = self.master.poison.strikes(job.key)  # the count every child sees
+        if strikes == limit:
+            self._publish(ev.PoisonJob(pool.name, job.function, job.unique, job.handle,
+                                       job.size, strikes, what),
+                          f"poison job: it {what}; {strikes} children died on it, so from "
+                          "now on it is failed without running")
+
+    # -- quarantine and the circuit -------------------------------------------------------------
+
+    def _publish(self, event: object, message: str) -> None:
+        """Log a health event once, under its stable name, and publish it."""
+        names = {ev.Quarantined: "quarantined", ev.CircuitOpened: "circuit_open",
+                 ev.CircuitClosed: "circuit_closed", ev.PoisonJob: "poison_job"}
+        name = names[type(event)]
+        level = (self.master.log.error if name in ("circuit_open", "poison_job")
+                 else self.master.log.warning)
+        fields = dict(vars(event)) if not hasattr(event, "__dataclass_fields__") else {
+            k: getattr(event, k) for k in event.__dataclass_fields__}
+        fields.pop("reopened", None)
+        level(message, internal_event=name, **fields)
+        self.master.bus.publish(event)
+
+    def _pause(self, child: Child, paused: bool) -> None:
+        """Stop taking jobs (the circuit opened) or take them again: the wanted state goes
+        into the child's scoreboard, then SIGUSR1 tells it to look."""
+        if (child.state is not ChildState.READY or child.quarantined
+                or child.paused == paused or child.scoreboard is None):
+            return
+        child.paused = paused
+        child.scoreboard.set_paused(paused)
+        self.master.signal_child(child, signal.SIGUSR1)
+
+    def _ready(self, event: ev.ChildReady) -> None:
+        # Match the circuit as it is now: paused while open (the probe aside), taking jobs
+        # once closed (it may have closed while this child was starting).
+        pool = event.pool
+        self._pause(event.child, pool.circuit != "closed" and event.child is not pool.probe)
+
+    def _said(self, event: ev.ChildSaid) -> None:
+        child, pool, message = event.child, event.pool, event.message
+        if isinstance(message, msg.Quarantined):
+            self.on_quarantine(child, pool, message)
+        elif isinstance(message, msg.ProbationPassed):
+            if pool.probation_passed(child) == "closed":
+                for other in pool.children():
+                    if other.paused:
+                        self._pause(other, False)
+                self._publish(ev.CircuitClosed(pool.name, child.pid),
+                              "circuit closed: the probe child succeeded; the pool consumes "
+                              "again")
+        elif isinstance(message, msg.Recycle):
+            if pool.recycle(child, message.reason, self.master.clock()):
+                self.master.log.info("recycling child: a successor starts first",
+                                     pool=pool.name, slot=child.slot, child_pid=child.pid,
+                                     reason=message.reason)
+
+    def on_quarantine(self, child: Child, pool: Pool, message: msg.Quarantined) -> None:
+        now = self.master.clock()
+        cooldown, circuit = pool.child_quarantined(child, message.reason, now)
+        if child.state is not ChildState.DRAINING and not any(
+                s.child is child for s in pool.slots):
+            # Quarantined before it took its slot (a successor): it will never serve.
+            self.master.retire(pool, Retire(child, "quarantined before it was ready"), now)
+        self._publish(ev.Quarantined(pool.name, child.slot, child.pid, message.reason,
+                                     message.failed, message.done, round(cooldown, 3)),
+                      "child quarantined itself: it fails fast, so it takes no more jobs")
+        if circuit is None:
+            return
+        for other in pool.children():
+            self._pause(other, True)
+        quarantined = sum(1 for s in pool.slots if s.child is not None and s.child.quarantined)
+        self._publish(ev.CircuitOpened(pool.name, quarantined, pool.desired,
+                                       round(pool.circuit_until - now, 3),
+                                       reopened=circuit != "opened"),
+                      "circuit open: most children of the pool fail fast, so the fault is "
+                      "downstream or in the jobs; the pool stops consuming (jobs stay queued "
+                      "in gearmand) and probes with one child after a cooldown"
+                      if circuit == "opened" else
+                      "circuit stays open: the probe child failed too; next probe later")

@@ -1,0 +1,93 @@
+"""The master's one door to the OS for processes: fork, kill, waitpid, process groups and
+pipes. Components never call os.fork/os.kill/os.waitpid themselves; they go through a
+`System`, which the component tests replace with a fake (tests/fakeos.py) that records
+what was asked and plays the children's part, without a single process.
+
+(Sockets, the selector and shared memory stay real in those tests too: they need no
+process.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterable
+from typing import NoReturn
+
+from ..process import group_members, set_child_subreaper
+
+
+class System:
+    """The real OS."""
+
+    def fork(self, body: Callable[[int, set[int]], NoReturn],
+             blocked: Iterable[int]) -> tuple[int, int]:
+        """Fork with a pipe back to the master; the child leads its own process group and
+        runs body(write_fd, blocked), with `blocked` signals still blocked (no handler of the
+        master ever runs in it). Returns (pid, read end, non-blocking)."""
+        r, w = os.pipe()
+        blocked = set(blocked)
+        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+            os.close(r)
+            os.close(w)
+            raise
+        if pid == 0:
+            os.setpgid(0, 0)  # its own process group, so stopping it can reach descendants
+            os.close(r)
+            body(w, blocked)
+        try:
+            os.setpgid(pid, pid)  # the same from this side: set before anyone signals it
+        except OSError:
+            pass  # it did so itself already, and exec'd (EACCES) or died (ESRCH)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+        os.close(w)
+        os.set_blocking(r, False)
+        return pid, r
+
+    def kill(self, pid: int, sig: int) -> bool:
+        """Signal one process; False if it is gone (reap() collects it)."""
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def killpg(self, pgid: int, sig: int) -> bool:
+        """Signal a process group; False when it has no member left (sig 0 only asks)."""
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # a member switched to another user: it exists, though we may not signal it
+        return True
+
+    def group_members(self, pgid: int) -> list[str]:
+        return group_members(pgid)
+
+    def waitpid(self) -> tuple[int, int] | None:
+        """One exited child (pid, status), or None when none is waiting (or none exists)."""
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        return None if pid == 0 else (pid, status)
+
+    def read(self, fd: int, size: int = 65536) -> bytes:
+        return os.read(fd, size)
+
+    def close(self, fd: int) -> None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def become_subreaper(self) -> None:
+        set_child_subreaper()
+
+    def getpid(self) -> int:
+        return os.getpid()

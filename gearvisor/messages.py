@@ -1,0 +1,155 @@
+"""What children and helpers tell the master: typed messages, one JSON line each.
+
+Both sides use these classes, so no event name is spelled out anywhere else. A child
+writes `encode(Ready())` to its event pipe; the master reads a line and gets a `Ready`
+back from `decode()`, or a `MessageError` naming what is wrong with a line (it is logged
+and dropped: a child's bytes never raise out of the master's loop).
+
+The name of each message on the wire (`Ready.name == "ready"`) is stable: tests and
+operators grep for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+MAX_TEXT = 4096  # longer reasons and messages are cut (a child's text is not trusted)
+
+
+class MessageError(ValueError):
+    """A line from a child or helper that is not a message; the text says why."""
+
+
+@dataclass(frozen=True)
+class Message:
+    name: ClassVar[str] = ""
+
+
+# -- from a child (Python pool, command pool) -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Ready(Message):
+    """Registered on every reachable job server: the child serves."""
+
+    name: ClassVar[str] = "ready"
+
+
+@dataclass(frozen=True)
+class BootError(Message):
+    """The pool's code cannot be loaded (or the command cannot be run); exit follows."""
+
+    name: ClassVar[str] = "boot_error"
+    reason: str = "unknown"
+
+
+@dataclass(frozen=True)
+class Quarantined(Message):
+    """The child fails fast, job after job, and stopped taking jobs."""
+
+    name: ClassVar[str] = "quarantined"
+    reason: str = ""
+    failed: int = 0
+    done: int = 0
+
+
+@dataclass(frozen=True)
+class ProbationPassed(Message):
+    """A child started on probation (after a quarantine, or as a circuit's probe) did well."""
+
+    name: ClassVar[str] = "probation_passed"
+
+
+@dataclass(frozen=True)
+class Recycle(Message):
+    """A recycling limit (max_jobs, max_memory) was reached: replace me gracefully."""
+
+    name: ClassVar[str] = "recycle"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Modules(Message):
+    """Part of an import report: files this child's code came from (see helpers/watcher)."""
+
+    name: ClassVar[str] = "modules"
+    files: list = field(default_factory=list)
+    more: bool = False
+    dropped: int = 0
+
+
+# -- from the file-watcher helper -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Watching(Message):
+    name: ClassVar[str] = "watching"
+    paths: list = field(default_factory=list)
+    missing: list = field(default_factory=list)
+    polling: bool = False
+
+
+@dataclass(frozen=True)
+class Changed(Message):
+    name: ClassVar[str] = "changed"
+    pools: list = field(default_factory=list)
+    config: bool = False
+    files: list = field(default_factory=list)
+    count: int = 0
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class WatcherError(Message):
+    name: ClassVar[str] = "error"
+    message: str = ""
+    fatal: bool = False
+
+
+KINDS: dict[str, type[Message]] = {
+    cls.name: cls for cls in (Ready, BootError, Quarantined, ProbationPassed, Recycle, Modules,
+                              Watching, Changed, WatcherError)}
+
+
+def encode(message: Message) -> bytes:
+    """One JSON line for the pipe."""
+    return json.dumps({"event": message.name, **dataclasses.asdict(message)}).encode() + b"\n"
+
+
+def _checked(value: Any, default: Any, key: str) -> Any:
+    """`value` if it has the default's type (bounded), else MessageError."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return max(0, min(value, 1 << 62))
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value[:MAX_TEXT]
+        if value is None:
+            return default
+    elif isinstance(default, list):
+        if isinstance(value, list):
+            return value
+    raise MessageError(f"{key}: expected {type(default).__name__}, got {type(value).__name__}")
+
+
+def decode(line: bytes) -> Message:
+    """The message a line holds; MessageError (with the reason) for anything else."""
+    try:
+        raw = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise MessageError(f"not JSON: {str(e)[:100]}") from None
+    if not isinstance(raw, dict):
+        raise MessageError("not a JSON object")
+    kind = KINDS.get(raw.get("event"))  # type: ignore[arg-type]
+    if kind is None:
+        raise MessageError(f"unknown event {str(raw.get('event'))[:60]!r}")
+    values = {}
+    for f in dataclasses.fields(kind):
+        if f.name in raw:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            values[f.name] = _checked(raw[f.name], default, f.name)
+    return kind(**values)
