@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import math
 import os
 import resource
@@ -22,6 +21,7 @@ from typing import Any, NoReturn
 from setproctitle import setproctitle
 
 from . import log as logmod
+from . import messages as msg
 from .config import Config, PoolConfig
 from .gearman.worker import Hooks, JobTimer, Keepalive, Worker
 from .health import ErrorWindow, jittered
@@ -110,7 +110,7 @@ class _ChildHooks(Hooks):
         self.recycling = False
 
     def ready(self) -> None:
-        send_event(self.event_fd, {"event": "ready"})
+        send_event(self.event_fd, msg.Ready())
         self._idle()
         if self.report_imports:
             # What this child imported, so the master watches the code it runs (the master
@@ -155,14 +155,14 @@ class _ChildHooks(Hooks):
         self.board.job_finished(ok)
         if self.window is None and self.probation and ok:
             self.probation = False  # no error tracking (quarantine off): one good job will do
-            send_event(self.event_fd, {"event": "probation_passed"})
+            send_event(self.event_fd, msg.ProbationPassed())
         if self.window is not None and not self.quarantined and not self.stopping:
             was_on_probation = self.window.on_probation
             reason = self.window.record(ok, seconds)
             if reason:
                 self.quarantine(reason)
             elif was_on_probation and not self.window.on_probation:
-                send_event(self.event_fd, {"event": "probation_passed"})
+                send_event(self.event_fd, msg.ProbationPassed())
         self._check_limits()
         if self.timer is not None and not self.timer_warned and not self.timer.installed():
             self.timer_warned = True
@@ -180,8 +180,7 @@ class _ChildHooks(Hooks):
             self.worker.pause()
         self.log.warning("quarantined: failing fast; no more jobs taken", reason=reason,
                          jobs_failed=self.failed, jobs_done=self.done)
-        send_event(self.event_fd, {"event": "quarantined", "reason": reason,
-                                   "failed": self.failed, "done": self.done})
+        send_event(self.event_fd, msg.Quarantined(reason, self.failed, self.done))
 
     def _check_limits(self) -> None:
         if self.recycling or self.stopping:
@@ -196,7 +195,7 @@ class _ChildHooks(Hooks):
                        f"{self.max_memory / 1048576:.0f} MiB")
         if why:
             self.recycling = True
-            send_event(self.event_fd, {"event": "recycle", "reason": why})
+            send_event(self.event_fd, msg.Recycle(why))
 
 
 def _key(job: Job) -> int:
@@ -308,10 +307,10 @@ class _AlarmTimer(JobTimer):
         self._arm()
 
 
-def send_event(fd: int, event: dict) -> None:
+def send_event(fd: int, message: msg.Message) -> None:
     """One JSON line to the master. Never blocks: a full pipe drops the event."""
     try:
-        os.write(fd, json.dumps(event).encode() + b"\n")
+        os.write(fd, msg.encode(message))
     except (BlockingIOError, BrokenPipeError, OSError):
         pass
 
@@ -440,7 +439,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
     try:
         functions = load_functions(pool.functions)
     except BootError as e:
-        send_event(event_fd, {"event": "boot_error", "reason": str(e)})
+        send_event(event_fd, msg.BootError(str(e)))
         return EXIT_BOOT_ERROR, logger
 
     hooks = _ChildHooks(pool, slot, event_fd, board, probation, logger)

@@ -19,6 +19,7 @@ import signal
 import time
 from typing import Any, NoReturn
 
+from . import messages as msg
 from .config import Config, PoolConfig
 from .process import EXIT_BOOT_ERROR, close_fds_except, set_pdeathsig
 
@@ -93,8 +94,7 @@ def exec_command(cfg: Config, pool: PoolConfig, slot: int, event_fd: int, out_w:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signals_to_unblock)
         os.execvpe(pool.command[0], list(pool.command), env)
     except BaseException as e:  # exec failed: tell the master why, as a boot error
-        send_event(event_fd, {"event": "boot_error",
-                              "reason": f"cannot run {pool.command[0]!r}: {e}"})
+        send_event(event_fd, msg.BootError(f"cannot run {pool.command[0]!r}: {e}"))
     os._exit(EXIT_BOOT_ERROR)
 
 

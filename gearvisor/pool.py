@@ -22,6 +22,24 @@ from .health import Backoff
 from .process import EXIT_BOOT_ERROR, Child, ChildState
 
 
+class Circuit(str, Enum):
+    """A pool's circuit breaker. A str, so status JSON and comparisons read "open"."""
+
+    CLOSED = "closed"  # normal
+    OPEN = "open"  # most children fail fast: the pool takes no jobs until a probe passes
+    PROBING = "probing"  # one child tries again after the cooldown
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class CircuitChange(str, Enum):
+    """What a quarantine did to the circuit (Pool.child_quarantined)."""
+
+    OPENED = "opened"
+    REOPENED = "reopened"  # the probe failed: still open, longer cooldown
+
+
 class ExitKind(Enum):
     STOPPED = "stopped"  # we asked it to stop: never a failure
     BOOT_ERROR = "boot_error"  # could not import/validate its functions
@@ -119,9 +137,7 @@ class Pool:
         self.halted: str | None = None  # why the current roll stopped, if it did
         self.removed = False  # gone from the config: drain, then forget
         self.scaled_to: int | None = None  # `gearvisor scale` override of processes
-        # Circuit breaker: "closed" (normal), "open" (not consuming), "probing" (one child
-        # tries again after the cooldown).
-        self.circuit = "closed"
+        self.circuit = Circuit.CLOSED
         self.circuit_until = 0.0
         c = config.circuit
         self.circuit_backoff = Backoff(c.cooldown, c.cooldown_max, 2.0, 0.1, math.inf)
@@ -171,7 +187,7 @@ class Pool:
         if in_flight < surge_count(self.config.max_surge, self.desired):
             # (while surge holds replacements back, a successor's readiness frees them)
             times += [s.replace_at for s in self.slots if self._replaceable(s)]
-        if self.circuit == "open":
+        if self.circuit is Circuit.OPEN:
             times.append(self.circuit_until)
         return min(times) if times else None
 
@@ -180,7 +196,7 @@ class Pool:
         child = slot.child
         return (slot.replace_at is not None and slot.successor is None and child is not None
                 and child.generation == self.generation
-                and not (child.quarantined and self.circuit != "closed"))
+                and not (child.quarantined and self.circuit is not Circuit.CLOSED))
 
     def plan(self, now: float) -> list[Action]:
         """What to do now: fill empty slots past their backoff, push the roll forward."""
@@ -194,7 +210,8 @@ class Pool:
         # Scale up.
         while len(self.slots) < self.desired:
             self.slots.append(Slot(len(self.slots), self.config))
-        probe_due = self.circuit == "open" and now >= self.circuit_until and self.probe is None
+        probe_due = (self.circuit is Circuit.OPEN and now >= self.circuit_until
+                     and self.probe is None)
         for slot in self.slots:
             if slot.child is None and slot.restart_at <= now and slot.fatal is None:
                 # While the circuit is open, the first fresh child is its probe.
@@ -236,7 +253,7 @@ class Pool:
         child.probation = action.probation
         if action.probe:
             self.probe = child
-            self.circuit = "probing"
+            self.circuit = Circuit.PROBING
         if action.successor:
             action.slot.successor = child
         else:
@@ -290,9 +307,10 @@ class Pool:
         slot.replace_at, slot.replace_why = now, why
         return True
 
-    def child_quarantined(self, child: Child, reason: str, now: float) -> tuple[float, str | None]:
+    def child_quarantined(self, child: Child, reason: str,
+                          now: float) -> tuple[float, CircuitChange | None]:
         """`child` stopped taking jobs. Returns (cooldown before its replacement starts, and
-        "opened" when the pool's circuit opens, "reopened" when a probe failed, or None)."""
+        OPENED when the pool's circuit opens, REOPENED when a probe failed, or None)."""
         child.quarantined = reason
         slot = self._slot_of(child)
         cooldown = 0.0
@@ -309,21 +327,21 @@ class Pool:
             slot.probation_next = True
         if child is self.probe:
             self.probe = None
-            return cooldown, self._open(now, "reopened")
-        if self.circuit == "closed":
+            return cooldown, self._open(now, CircuitChange.REOPENED)
+        if self.circuit is Circuit.CLOSED:
             count = sum(1 for s in self.slots if s.child is not None and s.child.quarantined)
             if self.desired and count >= self.config.circuit.ratio * self.desired:
-                return cooldown, self._open(now, "opened")
+                return cooldown, self._open(now, CircuitChange.OPENED)
         return cooldown, None
 
-    def _open(self, now: float, how: str) -> str:
-        self.circuit = "open"
+    def _open(self, now: float, how: CircuitChange) -> CircuitChange:
+        self.circuit = Circuit.OPEN
         self.circuit_until = now + self.circuit_backoff.failure(now, now)
         return how
 
-    def probation_passed(self, child: Child) -> str | None:
+    def probation_passed(self, child: Child) -> Circuit | None:
         """A replacement proved itself: forget its slot's quarantine streak. Returns
-        "closed" when it was the probe of an open circuit."""
+        Circuit.CLOSED when it was the probe of an open circuit."""
         child.probation = False
         slot = self._slot_of(child)
         if slot is not None:
@@ -331,12 +349,12 @@ class Pool:
             slot.probation_next = False
         if child is self.probe:
             self.probe = None
-            self.circuit = "closed"
+            self.circuit = Circuit.CLOSED
             self.circuit_backoff.reset()
             for s in self.slots:  # the fault is gone: replace the quarantined ones now
                 if s.child is not None and s.child.quarantined and s.replace_at is not None:
                     s.replace_at = 0.0
-            return "closed"
+            return Circuit.CLOSED
         return None
 
     def settled(self) -> bool:
@@ -391,7 +409,7 @@ class Pool:
             self.circuit_backoff.failures = failures
         self.generation += 1
         self.halted = None
-        if self.circuit == "open":
+        if self.circuit is Circuit.OPEN:
             self.circuit_until = 0.0  # new code may have fixed it: probe at once
         actions: list[Action] = []
         for slot in self.slots:
@@ -419,9 +437,9 @@ class Pool:
         if child is self.probe:
             self.probe = None
             if child in self.retired or child.stop_requested_at is not None:
-                self.circuit, self.circuit_until = "open", now  # retired on purpose: again
+                self.circuit, self.circuit_until = Circuit.OPEN, now  # retired on purpose: again
             else:
-                self._open(now, "reopened")  # the probe died: the fault is still there
+                self._open(now, CircuitChange.REOPENED)  # the probe died: the fault is still there
         if child in self.retired or child.stop_requested_at is not None:
             if child in self.retired:
                 self.retired.remove(child)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from .pool import Circuit
 from .process import Child, ChildState
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ def summary(pools: Iterable[Pool], watcher: dict[str, Any] | None = None) -> str
             notes.append(f"{pool.name}: rolling")
         elif pool.backing_off:
             notes.append(f"{pool.name}: {len(pool.backing_off)} restarting")
-        if pool.circuit != "closed":
+        if pool.circuit is not Circuit.CLOSED:
             notes.append(f"{pool.name}: circuit {pool.circuit}")
     if watcher is not None and watcher.get("state") == "backoff":
         notes.append("file watcher restarting")

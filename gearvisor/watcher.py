@@ -37,6 +37,7 @@ from typing import Any, NoReturn
 
 from wcmatch import glob as wcglob
 
+from . import messages as msg
 from .config import Config
 from .health import Backoff
 from .process import EXIT_CRASH, EXIT_ORPHANED, close_fds_except, set_pdeathsig
@@ -406,15 +407,13 @@ def report_lines(files: Sequence[str]) -> list[bytes]:
             dropped += 1
             continue
         if size + item > budget:
-            lines.append(json.dumps({"event": "modules", "files": chunk, "more": True}).encode()
-                         + b"\n")
+            lines.append(msg.encode(msg.Modules(chunk, more=True)))
             chunk, size = [], 0
         chunk.append(f)
         size += item
         kept += 1
         chars += len(f)
-    lines.append(json.dumps({"event": "modules", "files": chunk, "dropped": dropped}).encode()
-                 + b"\n")
+    lines.append(msg.encode(msg.Modules(chunk, dropped=dropped)))
     return lines
 
 
@@ -586,10 +585,10 @@ class WatcherState:
 # -- the helper process ---------------------------------------------------------------------------
 
 
-def _send(fd: int, event: dict[str, Any]) -> None:
+def _send(fd: int, message: msg.Message) -> None:
     """Blocking write: the master reads its pipes all the time, and a watcher that cannot
     report has nothing else to do. A gone master (EPIPE) ends the helper."""
-    os.write(fd, json.dumps(event).encode() + b"\n")
+    os.write(fd, msg.encode(message))
 
 
 def run_watcher(spec: WatchSpec, event_fd: int, master_pid: int,
@@ -611,8 +610,8 @@ def run_watcher(spec: WatchSpec, event_fd: int, master_pid: int,
         code = EXIT_ORPHANED
     except BaseException as e:
         try:
-            _send(event_fd, {"event": "error", "fatal": True, "message": "".join(
-                traceback.format_exception_only(e)).strip()})
+            _send(event_fd, msg.WatcherError("".join(
+                traceback.format_exception_only(e)).strip(), fatal=True))
         except OSError:
             pass
     finally:
@@ -739,13 +738,13 @@ def _watch(spec: WatchSpec, fd: int, master_pid: int) -> int:
                            "or narrow the watch: globs")
                 polling = True
             if message != last_error:
-                _send(fd, {"event": "error", "fatal": False, "message": message})
+                _send(fd, msg.WatcherError(message))
                 last_error = message
             if not switched:
                 time.sleep(RESOLVE_INTERVAL_MS / 1000)  # retry once a second, quietly
             continue
-        _send(fd, {"event": "watching", "paths": deep + flat,
-                   "missing": [r for r in roots if not os.path.exists(r)], "polling": polling})
+        _send(fd, msg.Watching(deep + flat, [r for r in roots if not os.path.exists(r)],
+                               polling))
         ignore = _Ignore(deep + flat + roots)
         alias = _Aliases(roots)
         timeout = max(50, RESOLVE_INTERVAL_MS // max(1, len(watchers)))
@@ -796,5 +795,4 @@ def _watch(spec: WatchSpec, fd: int, master_pid: int) -> int:
 def _report(fd: int, pools: set[str], config: bool, paths: list[str], why: str) -> None:
     """Tell the master which pools (and whether the config) `paths` changed, if any."""
     if pools or config:
-        _send(fd, {"event": "changed", "pools": sorted(pools), "config": config,
-                   "files": paths[:5], "count": len(paths), "why": why})
+        _send(fd, msg.Changed(sorted(pools), config, paths[:5], len(paths), why))

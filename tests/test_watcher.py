@@ -1131,13 +1131,14 @@ def test_report_lines_round_trip_in_lines_short_enough_to_write_atomically() -> 
     assert all(len(line) <= REPORT_LINE for line in lines)
     events = parse_lines(lines)
     assert all(e["event"] == "modules" for e in events)
-    assert [e.get("more") for e in events] == [True] * (len(events) - 1) + [None]
+    assert [e["more"] for e in events] == [True] * (len(events) - 1) + [False]
     assert events[-1]["dropped"] == 0
     assert [f for e in events for f in e["files"]] == files
 
 
 def test_report_lines_of_nothing_is_one_final_line() -> None:
-    assert parse_lines(report_lines([])) == [{"event": "modules", "files": [], "dropped": 0}]
+    assert parse_lines(report_lines([])) == [{"event": "modules", "files": [], "more": False,
+                                              "dropped": 0}]
 
 
 def test_report_lines_are_bounded_in_files_characters_and_path_length() -> None:
@@ -1188,7 +1189,7 @@ def test_send_import_report_writes_the_report_down_a_non_blocking_pipe(app: Path
     finally:
         os.close(r)
         os.close(w)
-    assert events == [{"event": "modules", "dropped": 0,
+    assert events == [{"event": "modules", "dropped": 0, "more": False,
                        "files": [f"{app}/app/tasks.py", f"{app}/shared/helpers.py"]}]
 
 

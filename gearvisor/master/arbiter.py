@@ -28,7 +28,7 @@ from ..config import Config, ConfigError, load
 from ..control import default_socket_path
 from ..health import fd_warnings, jittered
 from ..poison import PoisonTable, RunningJobs
-from ..pool import ExitKind, Pool, Retire, Spawn
+from ..pool import Circuit, ExitKind, Pool, Retire, Spawn
 from ..process import EXIT_BOOT_ERROR, Child, ChildState, describe_status
 from ..scoreboard import Scoreboard
 from ..status import fleet_status, summary
@@ -181,7 +181,7 @@ class Arbiter:
         command = pool.config.command is not None
         # An open circuit: a new child (a crash restart, a roll, a scale-up) serves nothing
         # until the probe has passed; only the probe itself takes jobs.
-        start_paused = pool.circuit != "closed" and not action.probe and not command
+        start_paused = pool.circuit is not Circuit.CLOSED and not action.probe and not command
         child.paused = start_paused
         pipes: list[tuple[int, int]] = []
         try:

@@ -12,7 +12,7 @@ import signal
 from typing import TYPE_CHECKING, Any
 
 from .. import messages as msg
-from ..pool import ExitKind, Pool, Retire
+from ..pool import Circuit, CircuitChange, ExitKind, Pool, Retire
 from ..process import Child, ChildState
 from . import bus as ev
 from .component import Component
@@ -139,14 +139,15 @@ class Health(Component):
         # Match the circuit as it is now: paused while open (the probe aside), taking jobs
         # once closed (it may have closed while this child was starting).
         pool = event.pool
-        self._pause(event.child, pool.circuit != "closed" and event.child is not pool.probe)
+        self._pause(event.child,
+                    pool.circuit is not Circuit.CLOSED and event.child is not pool.probe)
 
     def _said(self, event: ev.ChildSaid) -> None:
         child, pool, message = event.child, event.pool, event.message
         if isinstance(message, msg.Quarantined):
             self.on_quarantine(child, pool, message)
         elif isinstance(message, msg.ProbationPassed):
-            if pool.probation_passed(child) == "closed":
+            if pool.probation_passed(child) is Circuit.CLOSED:
                 for other in pool.children():
                     if other.paused:
                         self._pause(other, False)
@@ -176,9 +177,9 @@ class Health(Component):
         quarantined = sum(1 for s in pool.slots if s.child is not None and s.child.quarantined)
         self._publish(ev.CircuitOpened(pool.name, quarantined, pool.desired,
                                        round(pool.circuit_until - now, 3),
-                                       reopened=circuit != "opened"),
+                                       reopened=circuit is CircuitChange.REOPENED),
                       "circuit open: most children of the pool fail fast, so the fault is "
                       "downstream or in the jobs; the pool stops consuming (jobs stay queued "
                       "in gearmand) and probes with one child after a cooldown"
-                      if circuit == "opened" else
+                      if circuit is CircuitChange.OPENED else
                       "circuit stays open: the probe child failed too; next probe later")

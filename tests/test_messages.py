@@ -1,0 +1,54 @@
+"""messages: what children and helpers tell the master round-trips, and no line a child can
+write makes decode() raise anything but MessageError."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gearvisor import messages as msg
+
+
+@pytest.mark.parametrize("message", [
+    msg.Ready(), msg.BootError("cannot import x"), msg.Quarantined("fails fast", 9, 1),
+    msg.ProbationPassed(), msg.Recycle("max_jobs"), msg.Modules(["/a.py"], more=True),
+    msg.Watching(["/srv"], [], True), msg.Changed(["p"], False, ["/srv/a.py"], 1, "edit"),
+    msg.WatcherError("boom", fatal=True)])
+def test_round_trip(message: msg.Message) -> None:
+    line = msg.encode(message)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line)["event"] == message.name
+    assert msg.decode(line.rstrip(b"\n")) == message
+
+
+def test_wire_names_are_stable() -> None:
+    # Operators and tests grep for these; a rename is a breaking change.
+    assert sorted(msg.KINDS) == ["boot_error", "changed", "error", "modules",
+                                 "probation_passed", "quarantined", "ready", "recycle",
+                                 "watching"]
+
+
+@pytest.mark.parametrize("line, why", [
+    (b"not json", "not JSON"),
+    (b"[" * 100_000, "not JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (b'{"event": "launch_missiles"}', "unknown event"),
+    (b'{"no": "event"}', "unknown event"),
+    (b'{"event": "quarantined", "failed": "many"}', "failed: expected int"),
+    (b'{"event": "modules", "files": "/a.py"}', "files: expected list"),
+    (b'{"event": "changed", "config": 1}', "config: expected bool"),
+    (b'\xff\xfe', "not JSON"),
+])
+def test_bad_lines_are_a_message_error_naming_the_problem(line: bytes, why: str) -> None:
+    with pytest.raises(msg.MessageError, match=why):
+        msg.decode(line)
+
+
+def test_fields_are_bounded_and_missing_ones_default() -> None:
+    decoded = msg.decode(json.dumps({"event": "quarantined", "reason": "x" * 100_000,
+                                     "failed": 10**40, "extra": 1}).encode())
+    assert isinstance(decoded, msg.Quarantined)
+    assert len(decoded.reason) == msg.MAX_TEXT and decoded.failed == 1 << 62
+    assert decoded.done == 0
+    assert msg.decode(b'{"event": "boot_error", "reason": null}') == msg.BootError("unknown")
