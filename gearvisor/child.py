@@ -27,13 +27,12 @@ from .gearman.worker import Hooks, JobTimer, Keepalive, Worker
 from .health import ErrorWindow, jittered
 from .job import Job, JobTimeout
 from .poison import PoisonTable, RunningJobs, job_key
+from .postfork import after_fork
 from .process import (
     EXIT_BOOT_ERROR,
     EXIT_CRASH,
     EXIT_OK,
     EXIT_ORPHANED,
-    close_fds_except,
-    set_pdeathsig,
 )
 from .scoreboard import Scoreboard
 from .watcher import send_import_report
@@ -315,41 +314,6 @@ def send_event(fd: int, message: msg.Message) -> None:
         pass
 
 
-def _switch_user(pool: PoolConfig) -> None:
-    import grp
-    import pwd
-
-    if not pool.user and not pool.group:
-        return
-    pw = None
-    if pool.user:
-        pw = pwd.getpwuid(int(pool.user)) if pool.user.isdigit() else pwd.getpwnam(pool.user)
-    if pool.group:
-        gid = int(pool.group) if pool.group.isdigit() else grp.getgrnam(pool.group).gr_gid
-    else:
-        gid = pw.pw_gid if pw else os.getgid()
-    os.setgroups([gid])
-    os.setgid(gid)
-    if pw:
-        os.initgroups(pw.pw_name, gid)
-        os.setuid(pw.pw_uid)
-        os.environ.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
-
-
-def _setup_process(pool: PoolConfig, slot: int, keep_fds: set[int]) -> None:
-    close_fds_except(keep_fds)
-    if pool.rlimit_nofile:
-        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if os.geteuid() == 0:
-            hard = max(hard, pool.rlimit_nofile)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(pool.rlimit_nofile, hard), hard))
-    os.chdir(pool.cwd)
-    os.environ.update(pool.env)
-    os.environ["GEARVISOR_POOL"] = pool.name
-    os.environ["GEARVISOR_SLOT"] = str(slot)
-    _switch_user(pool)
-
-
 def run_child(cfg: Config, pool: PoolConfig, slot: int, generation: int, event_fd: int,
               master_pid: int, signals_to_unblock: set[int], board: Scoreboard,
               poison: PoisonTable | None = None, probation: bool = False,
@@ -384,11 +348,9 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
                 start_paused: bool = False, running: RunningJobs | None = None,
                 running_index: int = -1) -> tuple[int, Any]:
     # Default dispositions first, while signals are still blocked (they were blocked around
-    # fork, so nothing the master set can run here).
-    for sig in signals_to_unblock:
-        signal.signal(sig, signal.SIG_DFL)
-    signal.set_wakeup_fd(-1)
-    set_pdeathsig(signal.SIGTERM)
+    # fork, so nothing the master set can run here); then the pool's cwd, limits, env, user.
+    after_fork(signals_to_unblock, signal.SIGTERM, {event_fd}, pool,
+               env={"GEARVISOR_POOL": pool.name, "GEARVISOR_SLOT": str(slot)})
     setproctitle(f"gearvisor: {pool.name}[{slot}] starting")
     logmod.configure(pool.log_level, pool.log_format)
     logger = logmod.get(pool=pool.name, slot=slot, generation=generation)
@@ -432,7 +394,6 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
     if os.getppid() != master_pid:
         return EXIT_ORPHANED, logger
 
-    _setup_process(pool, slot, {event_fd})
     for p in reversed(cfg.pythonpath):
         if p not in sys.path:
             sys.path.insert(0, p)

@@ -14,14 +14,14 @@ import fcntl
 import logging
 import logging.handlers
 import os
-import resource
 import signal
 import time
 from typing import Any, NoReturn
 
 from . import messages as msg
 from .config import Config, PoolConfig
-from .process import EXIT_BOOT_ERROR, close_fds_except, set_pdeathsig
+from .postfork import after_fork
+from .process import EXIT_BOOT_ERROR
 
 F_SETPIPE_SZ = 1031  # Linux fcntl: grow a pipe's buffer
 PIPE_SIZE = 1024 * 1024
@@ -39,13 +39,11 @@ def output_pipe() -> tuple[int, int]:
     return r, w
 
 
-def command_env(cfg: Config, pool: PoolConfig, slot: int, client_id: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(pool.env)
-    env.update(GEARVISOR_POOL=pool.name, GEARVISOR_SLOT=str(slot),
-               GEARVISOR_SERVERS=",".join(str(s) for s in pool.servers),
-               GEARVISOR_CLIENT_ID=client_id)
-    return env
+def command_env(pool: PoolConfig, slot: int, client_id: str) -> dict[str, str]:
+    """What a command child finds in its environment besides the pool's env."""
+    return {"GEARVISOR_POOL": pool.name, "GEARVISOR_SLOT": str(slot),
+            "GEARVISOR_SERVERS": ",".join(str(s) for s in pool.servers),
+            "GEARVISOR_CLIENT_ID": client_id}
 
 
 def client_id(pool: PoolConfig, slot: int, pid: int) -> str:
@@ -57,42 +55,15 @@ def client_id(pool: PoolConfig, slot: int, pid: int) -> str:
 def exec_command(cfg: Config, pool: PoolConfig, slot: int, event_fd: int, out_w: int,
                  err_w: int, signals_to_unblock: set[int]) -> NoReturn:
     """The body of a forked command child. Never returns."""
-    from .child import _switch_user, send_event  # the Python child runtime's helpers
+    from .child import send_event  # the Python child runtime's helper
 
     try:
-        for sig in signals_to_unblock:
-            signal.signal(sig, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGPIPE, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM):
-            signal.signal(sig, signal.SIG_DFL)
-        set_pdeathsig(signal.Signals[pool.stop_signal])  # survives exec
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        for fd in (1, 2):
-            os.set_blocking(fd, False)  # never block the worker on its own output
-        close_fds_except({event_fd})  # the event pipe is close-on-exec
-        os.chdir(pool.cwd)
-        if pool.umask is not None:
-            os.umask(pool.umask)
-        limits = dict(pool.rlimits)
-        if pool.rlimit_nofile:
-            limits.setdefault("nofile", pool.rlimit_nofile)
-        for name, soft in limits.items():
-            which = getattr(resource, f"RLIMIT_{name.upper()}")
-            _, hard = resource.getrlimit(which)
-            if os.geteuid() == 0 and hard != resource.RLIM_INFINITY and (
-                    soft == resource.RLIM_INFINITY or soft > hard):
-                hard = soft
-            resource.setrlimit(which, (soft, hard))
-        env = command_env(cfg, pool, slot, client_id(pool, slot, os.getpid()))
-        _switch_user(pool)
-        if pool.user:
-            env.update(HOME=os.environ["HOME"], USER=os.environ["USER"],
-                       LOGNAME=os.environ["LOGNAME"])
+        # The stop signal, not SIGTERM, when the master dies: it survives exec.
+        after_fork(signals_to_unblock, signal.Signals[pool.stop_signal], {event_fd}, pool,
+                   env=command_env(pool, slot, client_id(pool, slot, os.getpid())),
+                   stdio=(out_w, err_w), for_exec=True)  # the event pipe is close-on-exec
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signals_to_unblock)
-        os.execvpe(pool.command[0], list(pool.command), env)
+        os.execvp(pool.command[0], list(pool.command))
     except BaseException as e:  # exec failed: tell the master why, as a boot error
         send_event(event_fd, msg.BootError(f"cannot run {pool.command[0]!r}: {e}"))
     os._exit(EXIT_BOOT_ERROR)

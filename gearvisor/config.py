@@ -460,7 +460,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_restarts", optional(int_range(0)), None,
             "Give a slot up after this many consecutive failed starts or crashes (status "
             "shows `fatal`; `gearvisor restart` tries again).", shown_default="never"),
-    Setting("umask", optional(umask), None, "Command pools: the children's umask, octal.",
+    Setting("umask", optional(umask), None, "The children's umask, octal.",
             shown_default="inherited"),
     Setting("rlimits", rlimits, {},
             "Soft resource limits for each child by name, e.g. `{nofile: 4096, core: 0}`."),

@@ -40,7 +40,8 @@ from wcmatch import glob as wcglob
 from . import messages as msg
 from .config import Config
 from .health import Backoff
-from .process import EXIT_CRASH, EXIT_ORPHANED, close_fds_except, set_pdeathsig
+from .postfork import after_fork
+from .process import EXIT_CRASH, EXIT_ORPHANED
 
 _GLOB_FLAGS = wcglob.GLOBSTAR
 RESOLVE_INTERVAL_MS = 1000  # how often symlinked roots are re-resolved (and the master checked)
@@ -596,11 +597,7 @@ def run_watcher(spec: WatchSpec, event_fd: int, master_pid: int,
     """The body of the forked watcher helper. Never returns."""
     code = EXIT_CRASH
     try:
-        for sig in signals_to_unblock:
-            signal.signal(sig, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
-        set_pdeathsig(signal.SIGTERM)
-        close_fds_except({event_fd})
+        after_fork(signals_to_unblock, signal.SIGTERM, {event_fd})
         os.set_blocking(event_fd, True)
         from setproctitle import setproctitle
         setproctitle("gearvisor: watcher")

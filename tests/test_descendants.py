@@ -185,3 +185,16 @@ def test_python_children_lead_their_own_process_group(gearmand, master, tmp_path
     wait_for(lambda: registered(gearmand, "leave") == 2, timeout=20, message="2 registered")
     pids = [c.pid for c in m.children()]
     assert len(pids) == 2 and all(os.getpgid(p) == p != os.getpgid(m.pid) for p in pids)
+
+
+def test_rlimits_and_umask_apply_to_python_children_too(gearmand, master, tmp_path):
+    # One post-fork setup for every kind of child: a Python pool gets the pool's rlimits
+    # and umask as a command pool does (rlimits used to reach command pools only).
+    m = master(python_pool(gearmand, tmp_path, rlimits={"nofile": 512, "core": 0},
+                           umask="027"))
+    wait_for(lambda: registered(gearmand, "leave") == 1, timeout=20, message="child registered")
+    (child,) = m.children()
+    assert child.rlimit(psutil.RLIMIT_NOFILE)[0] == 512
+    assert child.rlimit(psutil.RLIMIT_CORE)[0] == 0
+    status = Path(f"/proc/{child.pid}/status").read_text()
+    assert "Umask:\t0027" in status

@@ -1,0 +1,104 @@
+"""The one post-fork setup, shared by Python children, command children and helpers.
+
+Right after fork the new process still has the master's signal handlers (blocked), its
+wakeup fd, its fds, its cwd, limits, user and environment. `after_fork` resets what every
+forked process must reset, then applies what a pool asks for. Each piece is done here only,
+so a Python pool gets the same `rlimits`, `umask`, `cwd`, `env` and user as a command pool.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+from collections.abc import Iterable
+
+from .config import PoolConfig
+from .process import close_fds_except, set_pdeathsig
+
+# What exec'd programs expect at their defaults (Python itself ignores SIGPIPE).
+EXEC_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+
+
+def after_fork(masters_signals: Iterable[int], pdeathsig: int, keep_fds: set[int],
+               pool: PoolConfig | None = None, env: dict[str, str] | None = None,
+               stdio: tuple[int, int] | None = None, for_exec: bool = False) -> None:
+    """Make a freshly forked process stand on its own.
+
+    Args:
+        masters_signals: the signals the master handles (still blocked): back to SIG_DFL,
+            so no handler of the master can run here. The caller unblocks them once its own
+            handlers are set.
+        pdeathsig: sent to this process when the master dies (survives exec).
+        keep_fds: fds to keep besides stdio (the event pipe); every other one is closed.
+        pool: the pool's cwd, umask, rlimits (and rlimit_nofile), env and user/group.
+        env: more environment variables (GEARVISOR_POOL, ...), set after the pool's.
+        stdio: (stdout, stderr) to dup2 onto 1 and 2, non-blocking; stdin becomes
+            /dev/null (a command child).
+        for_exec: also reset SIGPIPE, SIGUSR1, SIGUSR2 and SIGALRM, as an exec'd program
+            expects.
+    """
+    for sig in masters_signals:
+        signal.signal(sig, signal.SIG_DFL)
+    if for_exec:
+        for sig in EXEC_DEFAULT_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    set_pdeathsig(pdeathsig)
+    if stdio is not None:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(stdio[0], 1)
+        os.dup2(stdio[1], 2)
+        for fd in (1, 2):
+            os.set_blocking(fd, False)  # never block the worker on its own output
+    close_fds_except(keep_fds)
+    if pool is None:
+        return
+    os.chdir(pool.cwd)
+    if pool.umask is not None:
+        os.umask(pool.umask)
+    set_rlimits(pool)
+    os.environ.update(pool.env)
+    os.environ.update(env or {})
+    switch_user(pool)
+
+
+def set_rlimits(pool: PoolConfig) -> None:
+    """The pool's soft limits (`rlimits`, and `rlimit_nofile` for nofile). As root the hard
+    limit is raised to fit; otherwise a soft limit is capped at the hard one."""
+    limits = dict(pool.rlimits)
+    if pool.rlimit_nofile:
+        limits.setdefault("nofile", pool.rlimit_nofile)
+    for name, soft in limits.items():
+        which = getattr(resource, f"RLIMIT_{name.upper()}")
+        _, hard = resource.getrlimit(which)
+        if os.geteuid() == 0 and hard != resource.RLIM_INFINITY and (
+                soft == resource.RLIM_INFINITY or soft > hard):
+            hard = soft
+        elif hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
+            soft = hard
+        resource.setrlimit(which, (soft, hard))
+
+
+def switch_user(pool: PoolConfig) -> None:
+    """Become the pool's user and group (the master is root: config checked that), with the
+    user's HOME, USER and LOGNAME."""
+    import grp
+    import pwd
+
+    if not pool.user and not pool.group:
+        return
+    pw = None
+    if pool.user:
+        pw = pwd.getpwuid(int(pool.user)) if pool.user.isdigit() else pwd.getpwnam(pool.user)
+    if pool.group:
+        gid = int(pool.group) if pool.group.isdigit() else grp.getgrnam(pool.group).gr_gid
+    else:
+        gid = pw.pw_gid if pw else os.getgid()
+    os.setgroups([gid])
+    os.setgid(gid)
+    if pw:
+        os.initgroups(pw.pw_name, gid)
+        os.setuid(pw.pw_uid)
+        os.environ.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
