@@ -199,14 +199,22 @@ def test_a_job_that_kills_its_worker_is_poison_after_two_crashes(gearmand, maste
     refused = wait_for(lambda: m.events("poison job failed without running"), timeout=20,
                        message="a child refused it")[0]
     assert (refused["unique"], refused["size"]) == ("the-poison", 5)
-    crashes = [e for e in m.events("child crashed; restarting with backoff")
-               if e.get("unique") == "the-poison"]
-    # Exactly 2, though gearmand re-hands the job the moment its worker dies, before the
-    # master has reaped it: the next child still sees the dead one's running slot.
-    assert len(crashes) == 2, crashes
+
+    def crashes() -> list[dict]:
+        return [e for e in m.events("child crashed; restarting with backoff")
+                if e.get("unique") == "the-poison"]
+
     wait_for(lambda: queued(gearmand, "work") == 0, message="queue empty: the poison is gone")
     wait_for(lambda: set(results(tmp_path)) >= set(others), message="other jobs done")
-    assert sum(1 for w in gearmand.workers("p") if w.functions) == 2
+    # The master logs the second crash just after the poison event, and a child may refuse
+    # the job before that: wait for the line, then check no third child died on the job.
+    wait_for(lambda: len(crashes()) >= 2, message="the two crashes logged")
+    # Exactly 2, though gearmand re-hands the job the moment its worker dies, before the
+    # master has reaped it: the next child still sees the dead one's running slot.
+    assert len(crashes()) == 2, crashes()
+    # The second crashed child's replacement registers after it boots.
+    wait_for(lambda: sum(1 for w in gearmand.workers("p") if w.functions) == 2,
+             message="both children registered again")
 
 
 def test_a_hung_job_is_killed_after_its_timeout_and_the_child_replaced(gearmand, master,
