@@ -102,9 +102,11 @@ def fleet(gearmand, master, tmp_path: Path, functions: dict, processes: int = 3,
     return m
 
 
-def queued(gearmand, function: str) -> int:
+def queued(gearmand, function: str, column: str = "queued") -> int:
+    """gearmand's count of jobs of `function`: queued (all, running ones included) or
+    running."""
     st = admin.status(HOST, gearmand.port, 2.0).get(function)
-    return st.queued if st else 0
+    return getattr(st, column) if st else 0
 
 
 def children(m) -> list[dict]:
@@ -171,7 +173,13 @@ def test_when_every_child_fails_the_circuit_opens_and_the_queue_waits(gearmand, 
                                        "probes with one child after a cooldown"),
                       timeout=20, message="circuit open")[0]
     assert opened["internal_event"] == "circuit_open"
-    depth = wait_for(lambda: queued(gearmand, "work"), message="jobs queued")
+    # The circuit opens while the last children may still be finishing a job or about to
+    # see the pause: measure the queue once the pool has stopped consuming (no job running,
+    # no connection registered), so it then stays put until a probe.
+    wait_equal(lambda: (queued(gearmand, "work", "running"),
+                        [w.client_id for w in gearmand.workers("p") if w.functions]),
+               (0, []), message="(jobs running, connections registered)")
+    depth = queued(gearmand, "work")
     assert depth >= 60 - 3 * 2  # at most min_jobs failures per child before it stopped
     # Each probe takes at most one job; the rest stay queued in gearmand.
     wait_for(lambda: m.events("circuit stays open: the probe child failed too; next probe "
