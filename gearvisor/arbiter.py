@@ -656,9 +656,10 @@ class Arbiter:
         code, _sig, words = describe_status(status)
         if (pool.config.command is not None and child.ready_at is None
                 and child.stop_requested_at is None and code != EXIT_BOOT_ERROR):
-            # A command that exits before it is ready (startsecs) failed to start.
-            child.boot_error = (f"{pool.config.command[0]} {words} after "
-                                f"{now - child.started_at:.1f}s, before startsecs "
+            # A command that exits before it is ready (startsecs) failed to start. How long
+            # it lived stays out of the reason (it is the line's uptime): the same failure
+            # must read the same each time, or every attempt is logged as a new reason.
+            child.boot_error = (f"{pool.config.command[0]} {words} before startsecs "
                                 f"({pool.config.startsecs:g}s)")
             code = EXIT_BOOT_ERROR
         decision = pool.child_exited(child, code, now, stopping=bool(self.stopping))

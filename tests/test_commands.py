@@ -200,6 +200,33 @@ def test_a_command_that_exits_at_once_fails_to_start_then_quarantines_then_gives
     assert "failed" in out.stdout + out.stderr
 
 
+def test_a_failed_start_is_logged_once_however_long_each_attempt_lived(gearmand, master,
+                                                                      tmp_path):
+    """The same failure is the same reason: how long each attempt lived (which varies on a
+    busy machine) must not make every attempt a new reason, logged loudly again."""
+    attempts = tmp_path / "attempts"
+    script = ("import pathlib, sys, time\n"
+              f"log = pathlib.Path({str(attempts)!r})\n"
+              "n = len(log.read_text()) if log.exists() else 0\n"
+              "with log.open('a') as f:\n"
+              "    f.write('x')\n"
+              "time.sleep(0.3 * (n % 3))  # 0, 0.3, 0.6 s: each attempt lives another time\n"
+              "sys.exit(2)\n")
+    (tmp_path / "dies.py").write_text(script)
+    m = start(gearmand, master, {
+        "bad": {"processes": 1, "command": [sys.executable, str(tmp_path / "dies.py")],
+                "startsecs": "2s", "backoff": {"initial": 0, "max": "50ms"},
+                "max_restarts": 3, "watch": False}}, log_level="debug")
+    wait_for(lambda: m.status()["pools"][0]["children"][0]["state"] == "fatal", timeout=20,
+             message="the slot given up")
+    lived = [e["uptime"] for e in m.events("child failed to boot; retrying with backoff")
+             + m.events("child still failing to boot")]
+    assert len(lived) == 3 and max(lived) - min(lived) > 0.3, lived  # they did differ
+    failed = m.events("child failed to boot; retrying with backoff")
+    assert len(failed) == 1, [e["reason"] for e in failed]  # once per streak
+    assert failed[0]["reason"].endswith("exited with code 2 before startsecs (2s)")
+
+
 def test_output_lines_are_captured_and_a_flood_is_dropped_not_blocking(gearmand, master,
                                                                        tmp_path):
     done = tmp_path / "flood-done"
