@@ -224,7 +224,9 @@ def test_restart_and_scale_verbs(gearmand, master, tmp_path):
 def test_status_table_and_json(gearmand, master, tmp_path):
     m = start_fleet(gearmand, master, tmp_path, processes=2)
     with Client(HOST, gearmand.port) as c:
-        c.submit_background("work", json.dumps({"sleep": 3}), "slow-one")
+        # Long enough to be still running through the three status calls below, however
+        # slow the machine (the fixture kills the child at teardown).
+        c.submit_background("work", json.dumps({"sleep": 60}), "slow-one")
         wait_for(lambda: any(ch["state"] == "busy" for ch in m.status()["pools"][0]["children"]),
                  message="a busy child in status")
     status = m.status()
