@@ -48,6 +48,38 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0
         time.sleep(interval)  # poll interval, not synchronisation
 
 
+class _Seen:
+    """One poll of wait_value(): truthy when the value is what we wait for, shown as the
+    value itself, so a poll that times out reports what it last saw, not `False`."""
+
+    def __init__(self, value: Any, ok: bool) -> None:
+        self.value = value
+        self.ok = ok
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def wait_value(get: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 10.0,
+               message: str = "value") -> Any:
+    """Poll `get()` until `ok(value)`, then return that value; at the deadline fail the test
+    with the last value seen. For asynchronous state (gearmand's lists, a master's status,
+    a log) asserted with ==, <= and the like: `wait_for(lambda: get() == x)` would only say
+    its last observation was False."""
+    return wait_for(lambda: _Seen(v := get(), bool(ok(v))), timeout=timeout,
+                    message=message).value
+
+
+def wait_equal(get: Callable[[], Any], want: Any, timeout: float = 10.0,
+               message: str = "value") -> Any:
+    """Poll `get()` until it equals `want` (see wait_value)."""
+    return wait_value(get, lambda v: v == want, timeout=timeout,
+                      message=f"{message} == {want!r}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -294,7 +326,8 @@ def write_module(directory: Path, name: str, source: str) -> Path:
     return path
 
 
-__all__ = ["wait_for", "free_port", "Gearmand", "Master", "write_module", "HOST", "signal"]
+__all__ = ["wait_for", "wait_value", "wait_equal", "free_port", "Gearmand", "Master",
+           "write_module", "HOST", "signal"]
 
 
 @pytest.fixture

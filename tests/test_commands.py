@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import HOST, REPO, free_port, wait_for
+from conftest import HOST, REPO, free_port, wait_equal, wait_for
 from workload import CapacityWatch, Load
 
 from gearvisor.gearman import admin
@@ -148,7 +148,9 @@ def test_a_rolling_reload_of_command_workers_loses_no_job(gearmand, master, tmp_
     assert all(v == 1 for v in done.values())
     assert capacity.samples > 0
     assert capacity.low >= 3, f"registered workers fell to {capacity.low} during the roll"
-    assert {c["generation"] for c in m.status()["pools"][0]["children"]} == {2}
+    # A retired worker is listed until it has exited and been reaped: poll.
+    wait_equal(lambda: {c["generation"] for c in m.status()["pools"][0]["children"]}, {2},
+               message="generations in status")
 
 
 @pytest.mark.parametrize("lang", [LANGS["php"], LANGS["perl"]])
@@ -200,6 +202,33 @@ def test_a_command_that_exits_at_once_fails_to_start_then_quarantines_then_gives
     assert "failed" in out.stdout + out.stderr
 
 
+def test_a_failed_start_is_logged_once_however_long_each_attempt_lived(gearmand, master,
+                                                                      tmp_path):
+    """The same failure is the same reason: how long each attempt lived (which varies on a
+    busy machine) must not make every attempt a new reason, logged loudly again."""
+    attempts = tmp_path / "attempts"
+    script = ("import pathlib, sys, time\n"
+              f"log = pathlib.Path({str(attempts)!r})\n"
+              "n = len(log.read_text()) if log.exists() else 0\n"
+              "with log.open('a') as f:\n"
+              "    f.write('x')\n"
+              "time.sleep(0.3 * (n % 3))  # 0, 0.3, 0.6 s: each attempt lives another time\n"
+              "sys.exit(2)\n")
+    (tmp_path / "dies.py").write_text(script)
+    m = start(gearmand, master, {
+        "bad": {"processes": 1, "command": [sys.executable, str(tmp_path / "dies.py")],
+                "startsecs": "2s", "backoff": {"initial": 0, "max": "50ms"},
+                "max_restarts": 3, "watch": False}}, log_level="debug")
+    wait_for(lambda: m.status()["pools"][0]["children"][0]["state"] == "fatal", timeout=20,
+             message="the slot given up")
+    lived = [e["uptime"] for e in m.events("child failed to boot; retrying with backoff")
+             + m.events("child still failing to boot")]
+    assert len(lived) == 3 and max(lived) - min(lived) > 0.3, lived  # they did differ
+    failed = m.events("child failed to boot; retrying with backoff")
+    assert len(failed) == 1, [e["reason"] for e in failed]  # once per streak
+    assert failed[0]["reason"].endswith("exited with code 2 before startsecs (2s)")
+
+
 def test_output_lines_are_captured_and_a_flood_is_dropped_not_blocking(gearmand, master,
                                                                        tmp_path):
     done = tmp_path / "flood-done"
@@ -226,7 +255,10 @@ def test_output_lines_are_captured_and_a_flood_is_dropped_not_blocking(gearmand,
              message="the first lines logged")
     (tmp_path / "go").touch()  # now the flood
     wait_for(done.exists, timeout=30, message="the worker got through its flood unblocked")
-    hello = next(e for e in m.logs() if e.get("event") == "hello from the worker")
+    # stdout and stderr are two pipes: the stderr line may be logged before the stdout one.
+    hello = wait_for(lambda: next((e for e in m.logs()
+                                   if e.get("event") == "hello from the worker"), None),
+                     message="the stdout line logged")
     pid = m.status()["pools"][0]["children"][0]["pid"]
     assert (hello["pool"], hello["slot"], hello["child_pid"], hello["source"]) == (
         "chatty", 0, pid, "stdout")
@@ -253,9 +285,12 @@ def test_gearmand_itself_as_a_command_pool(master, tmp_path):
              timeout=20, message="python workers registered on the supervised gearmand")
     with Client(HOST, port, timeout=10) as c:
         assert c.call("reverse", "stack").data == b"kcats"
-    st = wait_for(lambda: (st := m.status()["pools"])[0]["ready"] == 1 and st,
-                  message="gearmand ready once it lived startsecs")
-    assert [(p["name"], p["ready"]) for p in st] == [("gearmand", 1), ("text", 2)]
+    # The text children are ready in gearvisor once their ready event (sent after gearmand
+    # answered them) has been read: poll the master's view as a whole.
+    wait_equal(lambda: [(p["name"], p["ready"]) for p in m.status()["pools"]],
+               [("gearmand", 1), ("text", 2)],
+               message="gearmand ready once it lived startsecs, and both text children")
+    st = m.status()["pools"]
     assert json.dumps(st[0]["command"]).startswith('["' + gearmand)
 
 

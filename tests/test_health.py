@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import HOST, wait_for, write_module
+from conftest import HOST, wait_equal, wait_for, wait_value, write_module
 
 from gearvisor.gearman import admin
 from gearvisor.gearman.client import Client
@@ -102,9 +102,11 @@ def fleet(gearmand, master, tmp_path: Path, functions: dict, processes: int = 3,
     return m
 
 
-def queued(gearmand, function: str) -> int:
+def queued(gearmand, function: str, column: str = "queued") -> int:
+    """gearmand's count of jobs of `function`: queued (all, running ones included) or
+    running."""
     st = admin.status(HOST, gearmand.port, 2.0).get(function)
-    return st.queued if st else 0
+    return getattr(st, column) if st else 0
 
 
 def children(m) -> list[dict]:
@@ -135,15 +137,22 @@ def test_a_child_that_fails_fast_quarantines_itself_and_the_others_keep_serving(
             c.submit_background("work", "x", u)
     wait_for(lambda: set(results(tmp_path)) >= set(more), message="later jobs all done")
     assert all(results(tmp_path)[u] == 1 for u in more)
-    ok_before = sum(1 for u in submitted if results(tmp_path)[u])
-    assert ok_before == len(submitted) - 3  # only the 3 jobs slot 0 failed were lost
+    # Jobs submitted before the quarantine may still be running in the other children
+    # (the later ones can overtake them): wait for them, then count exactly.
+    wait_equal(lambda: sum(1 for u in submitted if results(tmp_path)[u]), len(submitted) - 3,
+               message="jobs done of those submitted before the quarantine (all but the 3 "
+                       "slot 0 failed)")
     row = next(c for c in children(m) if c["slot"] == 0 and c["role"] == "serving")
     assert (row["pid"], row["state"]) == (slot0["pid"], "quarantined")
     assert "failed in under" in row["quarantined"]
-    assert "quarantined" in " ".join(psutil.Process(slot0["pid"]).cmdline())
-    # gearmand agrees: the quarantined connection has no functions registered any more.
-    mine = [w for w in gearmand.workers("p") if w.client_id.endswith(":p:0")]
-    assert mine and all(not w.functions for w in mine)
+    # The child sets its title after it has told the master.
+    wait_value(lambda: " ".join(psutil.Process(slot0["pid"]).cmdline()),
+               lambda title: "quarantined" in title, message="the quarantined title")
+    # gearmand agrees: the quarantined connection has no functions registered any more
+    # (its RESET_ABILITIES goes out once its GRABs are answered, after the event).
+    wait_value(lambda: [w for w in gearmand.workers("p") if w.client_id.endswith(":p:0")],
+               lambda mine: mine and all(not w.functions for w in mine),
+               message="slot 0 unregistered in gearmand")
     assert sum(1 for w in gearmand.workers("p") if w.functions) == 2
 
 
@@ -164,7 +173,13 @@ def test_when_every_child_fails_the_circuit_opens_and_the_queue_waits(gearmand, 
                                        "probes with one child after a cooldown"),
                       timeout=20, message="circuit open")[0]
     assert opened["internal_event"] == "circuit_open"
-    depth = wait_for(lambda: queued(gearmand, "work"), message="jobs queued")
+    # The circuit opens while the last children may still be finishing a job or about to
+    # see the pause: measure the queue once the pool has stopped consuming (no job running,
+    # no connection registered), so it then stays put until a probe.
+    wait_equal(lambda: (queued(gearmand, "work", "running"),
+                        [w.client_id for w in gearmand.workers("p") if w.functions]),
+               (0, []), message="(jobs running, connections registered)")
+    depth = queued(gearmand, "work")
     assert depth >= 60 - 3 * 2  # at most min_jobs failures per child before it stopped
     # Each probe takes at most one job; the rest stay queued in gearmand.
     wait_for(lambda: m.events("circuit stays open: the probe child failed too; next probe "
@@ -172,7 +187,9 @@ def test_when_every_child_fails_the_circuit_opens_and_the_queue_waits(gearmand, 
     assert queued(gearmand, "work") >= depth - 2
     status = m.status()["pools"][0]
     assert status["circuit"] in ("open", "probing")
-    assert not any(w.functions for w in gearmand.workers("p"))  # nobody consumes
+    # Nobody consumes: the failed probe unregisters (RESET_ABILITIES) after it told the master.
+    wait_value(lambda: [w for w in gearmand.workers("p") if w.functions], lambda got: not got,
+               message="no connection of the pool registered")
     # The fault is cleared: the next probe succeeds, the circuit closes, the queue drains.
     (tmp_path / "broken").unlink()
     wait_for(lambda: m.events("circuit closed: the probe child succeeded; the pool consumes "
@@ -199,14 +216,22 @@ def test_a_job_that_kills_its_worker_is_poison_after_two_crashes(gearmand, maste
     refused = wait_for(lambda: m.events("poison job failed without running"), timeout=20,
                        message="a child refused it")[0]
     assert (refused["unique"], refused["size"]) == ("the-poison", 5)
-    crashes = [e for e in m.events("child crashed; restarting with backoff")
-               if e.get("unique") == "the-poison"]
-    # Exactly 2, though gearmand re-hands the job the moment its worker dies, before the
-    # master has reaped it: the next child still sees the dead one's running slot.
-    assert len(crashes) == 2, crashes
+
+    def crashes() -> list[dict]:
+        return [e for e in m.events("child crashed; restarting with backoff")
+                if e.get("unique") == "the-poison"]
+
     wait_for(lambda: queued(gearmand, "work") == 0, message="queue empty: the poison is gone")
     wait_for(lambda: set(results(tmp_path)) >= set(others), message="other jobs done")
-    assert sum(1 for w in gearmand.workers("p") if w.functions) == 2
+    # The master logs the second crash just after the poison event, and a child may refuse
+    # the job before that: wait for the line, then check no third child died on the job.
+    wait_value(crashes, lambda got: len(got) >= 2, message="the two crashes logged")
+    # Exactly 2, though gearmand re-hands the job the moment its worker dies, before the
+    # master has reaped it: the next child still sees the dead one's running slot.
+    assert len(crashes()) == 2, crashes()
+    # The second crashed child's replacement registers after it boots.
+    wait_equal(lambda: sum(1 for w in gearmand.workers("p") if w.functions), 2,
+               message="children registered again")
 
 
 def test_a_hung_job_is_killed_after_its_timeout_and_the_child_replaced(gearmand, master,
@@ -250,10 +275,11 @@ def test_recycling_replaces_children_without_losing_a_job(gearmand, master, tmp_
              message="every job done")
     counts = results(tmp_path)
     assert [u for u in uniques if counts[u] != 1] == []  # none lost, none run twice
-    recycled = m.events("recycling child: a successor starts first")
-    assert recycled and all(e["reason"].startswith(limit) for e in recycled)
     wait_for(lambda: not first & {c["pid"] for c in children(m)}, timeout=20,
              message="every original child recycled")
+    # Each original asked to be recycled (the master logs it) before its successor started.
+    recycled = m.events("recycling child: a successor starts first")
+    assert recycled and all(e["reason"].startswith(limit) for e in recycled)
     assert low >= 2  # capacity held while submitting
     assert not m.events("child crashed; restarting with backoff")
 

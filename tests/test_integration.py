@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import HOST, wait_for, write_module
+from conftest import HOST, wait_equal, wait_for, wait_value, write_module
 
 from gearvisor.gearman.client import Client
 
@@ -61,8 +61,9 @@ def test_titles_and_client_ids(gearmand, master):
     wait_for(registered(gearmand), message="2 children registered")
     ids = sorted(w.client_id for w in gearmand.workers("work"))
     assert ids == ["testhost:work:0", "testhost:work:1"]
-    titles = wait_for(lambda: sorted(t for t in m.titles().values() if "idle" in t) or None)
-    assert titles == ["gearvisor: work[0] idle", "gearvisor: work[1] idle"]
+    # Registered in gearmand comes before a child's idle title: wait for both titles.
+    wait_equal(lambda: sorted(t for t in m.titles().values() if "idle" in t),
+               ["gearvisor: work[0] idle", "gearvisor: work[1] idle"], message="idle titles")
     title = " ".join(psutil.Process(m.pid).cmdline()).strip()
     assert title == f"gearvisor: master -c {m.config_path}"
 
@@ -168,7 +169,8 @@ def test_import_error_backs_off_and_logs_one_reason_per_streak(gearmand, master,
     # Fix the code: the next attempt boots and registers, without restarting the master.
     write_module(tmp_path, "brokenmod", "def job(j):\n    return 'fixed'\n")
     wait_for(registered(gearmand, n=1), timeout=10, message="child boots once fixed")
-    assert m.events("child recovered")
+    # The child registers, then tells the master it is ready; the master logs that.
+    wait_for(lambda: m.events("child recovered"), message="recovery logged")
     with Client(HOST, gearmand.port) as c:
         assert c.call("job", "x").data == b"fixed"
     assert len(m.events("child failed to boot; retrying with backoff")) == 1
@@ -185,7 +187,8 @@ def test_sigterm_during_job_finishes_it_and_exits_0(gearmand, master):
     assert result.ok and result.data == b"slept 2"
     assert m.wait_exit(timeout=30) == 0
     wait_for(lambda: m.ours() == [], timeout=5, message="no process left behind")
-    assert gearmand.workers("work") == []
+    # gearmand drops a connection once it has read its end of file: poll.
+    wait_equal(lambda: gearmand.workers("work"), [], message="gearmand's workers")
 
 
 def test_sigquit_is_a_fast_stop(gearmand, master):
@@ -207,8 +210,9 @@ def test_master_kill9_takes_children_down_within_2s(gearmand, master):
     m = master(pool_cfg([gearmand.address], {"reverse": "examples.text:reverse"},
                         processes=3))
     wait_for(registered(gearmand, n=3), message="3 children registered")
-    kids = [p.pid for p in m.children()]
-    assert len(kids) == 3
+    # (children() tells the watcher helper by its title, which it sets just after fork.)
+    kids = wait_value(lambda: [p.pid for p in m.children()], lambda k: len(k) == 3,
+                      message="3 worker children")
     os.kill(m.pid, signal.SIGKILL)
     m.wait_exit(timeout=5)
     t0 = time.monotonic()
@@ -216,7 +220,8 @@ def test_master_kill9_takes_children_down_within_2s(gearmand, master):
                              psutil.STATUS_ZOMBIE for p in kids), timeout=2,
              message="children gone within 2 s")
     assert time.monotonic() - t0 <= 2
-    wait_for(lambda: gearmand.workers("work") == [], timeout=2)
+    # When gearmand notices is up to it, not a promise of ours: the default deadline.
+    wait_equal(lambda: gearmand.workers("work"), [], message="gearmand's workers")
 
 
 def test_malformed_packet_closes_one_connection_only(gearmand, master):
@@ -245,7 +250,9 @@ def test_malformed_packet_closes_one_connection_only(gearmand, master):
         wait_for(lambda: m.events("malformed packet from job server; closing that connection"),
                  message="malformed packet logged")
         wait_for(registered(gearmand, n=1), message="still registered on the real server")
-        pid = m.children()[0].pid
+        # (children() tells the watcher helper by its title, which it sets just after fork.)
+        pid = wait_value(lambda: [p.pid for p in m.children()], lambda k: len(k) == 1,
+                         message="one worker child")[0]
         with Client(HOST, gearmand.port) as c:
             assert c.call("reverse", "ok").data == b"ko"
         assert [p.pid for p in m.children()] == [pid]  # the child never crashed
