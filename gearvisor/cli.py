@@ -13,10 +13,8 @@ import sys
 import time
 from typing import Any
 
-import yaml
-
 from . import __version__
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, load, load_yaml, read_file
 
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd's RestartPreventExitStatus=78 stops a loop
 EXIT_FAILED = 1  # the master refused or could not carry out the request
@@ -74,16 +72,39 @@ def build_parser() -> argparse.ArgumentParser:
 def _scan_control_socket(path: str) -> str | None:
     """control_socket from a file YAML cannot parse (the watcher may just have refused an
     edit): a top-level `control_socket: PATH` line, so status and stop still reach the
-    master."""
+    master. Read as load() reads (a regular file, at most 1 MiB), so it cannot hang."""
     try:
-        with open(path, errors="replace") as f:
-            for line in f:
-                m = re.match(r"""^control_socket:\s*["']?([^"'#\s]+)""", line)
-                if m:
-                    return m.group(1)
-    except OSError:
-        pass
+        data = read_file(path)
+    except ConfigError:
+        return None
+    for line in data.decode(errors="replace").splitlines():
+        m = re.match(r"""control_socket:\s*["']?([^"'#\s]+)""", line)
+        if m:
+            return m.group(1)
     return None
+
+
+def _usable_path(value: Any) -> bool:
+    """A path os calls take: a NUL byte or a lone surrogate would raise from os.stat."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        return False
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _exists(path: str) -> bool:
+    """False only if nothing is there: a file we may not read is reported as such by
+    load_yaml(), not as missing."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True
+    return True
 
 
 def socket_path(args: argparse.Namespace) -> str:
@@ -96,32 +117,29 @@ def socket_path(args: argparse.Namespace) -> str:
         return args.socket
     explicit = args.sub_config or args.config or os.environ.get("GEARVISOR_CONFIG")
     path = config_path(explicit)
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
+    if not _exists(path):
         if explicit:
             print(f"gearvisor: note: {path} not found; using the default control socket",
                   file=sys.stderr)
         return default_socket_path()
-    except (OSError, yaml.YAMLError) as e:
+    try:
+        data = load_yaml(path)
+    except ConfigError as e:
         if args.command == "reload":
             # The master would refuse it anyway; say why here (we cannot even find the
             # socket in it), and leave the fleet alone.
-            cfg = _load_or_report(path)
-            if cfg is None:
-                print("gearvisor reload: nothing was sent; the running fleet is unchanged",
-                      file=sys.stderr)
-                raise SystemExit(EXIT_CONFIG) from None
+            print(f"gearvisor: invalid config\n{e}", file=sys.stderr)
+            print("gearvisor reload: nothing was sent; the running fleet is unchanged",
+                  file=sys.stderr)
+            raise SystemExit(EXIT_CONFIG) from None
         value = _scan_control_socket(path)
         if value is None:
-            print(f"gearvisor: note: cannot read control_socket from {path} "
-                  f"({e.__class__.__name__}); using the default control socket",
-                  file=sys.stderr)
+            print(f"gearvisor: note: cannot read control_socket from {e.render().splitlines()[0]}"
+                  "; using the default control socket", file=sys.stderr)
             return default_socket_path()
         data = {"control_socket": value}  # found by a line scan of the broken file
     value = data.get("control_socket") if isinstance(data, dict) else None
-    if isinstance(value, str) and value:
+    if _usable_path(value):
         return os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(value))
     return default_socket_path()
 
