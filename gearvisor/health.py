@@ -41,7 +41,14 @@ class Backoff:
         if now - started_at >= self.reset_after:
             self.failures = 0
         self.failures += 1
-        base = min(self.initial * self.multiplier ** (self.failures - 1), self.maximum)
+        # The exponent stops growing once the delay is at its maximum: a crash loop of
+        # thousands of attempts must not overflow a float (2.0 ** 1024) in the master.
+        growth = 1.0
+        for _ in range(self.failures - 1):
+            growth *= self.multiplier
+            if self.initial * growth >= self.maximum or growth > 1e12:
+                break
+        base = min(self.initial * growth, self.maximum)
         if self.jitter:
             base *= 1.0 + self.jitter * (2.0 * self._rand() - 1.0)
         return max(0.0, min(base, self.maximum))

@@ -93,3 +93,13 @@ def test_new_backoff_is_not_in_streak() -> None:
     b = Backoff(initial=1.0, maximum=2.0)
     assert b.failures == 0
     assert not b.in_streak
+
+
+def test_a_crash_loop_of_thousands_of_attempts_does_not_overflow() -> None:
+    # 2.0 ** 1024 raises OverflowError: after ~1,025 crashes in a row it left the master's
+    # loop. The delay stays at its maximum however long the streak.
+    b = Backoff(0.1, 30.0, 2.0, 0.0, 10.0)
+    delays = [b.failure(0.0, 0.0) for _ in range(5000)]
+    assert delays[-1] == 30.0 and b.failures == 5000
+    tiny = Backoff(0.0, 30.0, 10.0, 0.0, 10.0)  # initial 0: never reaches max by growth
+    assert [tiny.failure(0.0, 0.0) for _ in range(2000)][-1] == 0.0
