@@ -421,6 +421,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         timeouts=pool.timeouts,
         timer=timer,
         prefetch=pool.prefetch,
+        max_job_size=pool.max_job_size,
         is_poison=(None if poison is None or not pool.poison_after else
                    lambda job: _deaths(job, poison, running, running_index)
                    >= pool.poison_after),

@@ -707,6 +707,11 @@ SETTINGS: tuple[Setting, ...] = (
             "(it asks for more before it has finished the current one). Above 1 it grows only "
             "while jobs succeed in under 1 ms and drops to 1 on a slower or failed job; see "
             "Prefetch. 1: one job at a time."),
+    Setting("max_job_size", size, 64 * 1024 * 1024,
+            "Largest job payload a child accepts (e.g. 16M). A bigger job is failed without "
+            "being read (the client gets WORK_FAIL and a warning saying why; the log names "
+            "it), so no job server can make a child allocate more. A job costs a child about "
+            "its size once.", shown_default="`64M`"),
     Setting("max_jobs", optional(int_range(1, 10**12)), None,
             "Recycle a child after this many jobs (+/- `recycle_jitter`).",
             shown_default="no limit"),
@@ -840,6 +845,7 @@ class PoolConfig:
     circuit: CircuitConfig = field(default_factory=lambda: CircuitConfig())
     poison_after: int = 2
     prefetch: int = 1
+    max_job_size: int = 64 * 1024 * 1024
     max_jobs: int | None = None
     max_memory: int | None = None
     max_lifetime: float | None = None

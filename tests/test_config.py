@@ -421,3 +421,19 @@ def test_top_level_cwd_shared_by_two_pools_is_reported_once(tmp_path: Path) -> N
             "  b:\n    functions: {g: m:g}\n")
     msg, path, _ = errors(tmp_path, text)
     assert msg == f"{path}:1: cwd: directory {tmp_path / 'nowhere'} does not exist"
+
+
+def test_max_job_size_defaults_to_64m_and_takes_a_size(tmp_path: Path) -> None:
+    text = ("max_job_size: 16M\npools:\n  a: {functions: {r: 'examples.text:reverse'}}\n"
+            "  b: {functions: {r: 'examples.text:reverse'}, max_job_size: 1024}\n")
+    cfg = parse(text, str(write(tmp_path, text)))
+    assert (cfg.pools["a"].max_job_size, cfg.pools["b"].max_job_size) == (16 * 1024 * 1024, 1024)
+    assert parse(MINIMAL, str(write(tmp_path, MINIMAL))).pools["text"].max_job_size == (
+        64 * 1024 * 1024)
+
+
+def test_bad_max_job_size_names_the_key_and_value(tmp_path: Path) -> None:
+    msg, path, _ = errors(tmp_path, "pools:\n  a:\n    functions: {r: 'examples.text:reverse'}\n"
+                                    "    max_job_size: huge\n")
+    assert f"{path}:4: pools.a.max_job_size: expected a size from 1 byte to 1024T" in msg
+    assert "'huge'" in msg

@@ -116,7 +116,9 @@ def test_short_successes_double_the_grabs_in_flight_up_to_prefetch(wired) -> Non
         packets = server.received()
         assert completed(packets) == [f"H:{i}".encode()]
         seen.append((grabs(packets), conn.outstanding))
-        conn.outstanding = 0  # (the test plays a server whose other answers never come)
+        # The test plays a server that answers one GRAB (an answer to none would be a
+        # protocol error) and whose other answers never come.
+        conn.outstanding = 1
     # depth 2, 4, 8, 8, 8: with nothing else in flight, that many GRABs go with each result.
     assert seen == [(2, 2), (4, 4), (8, 8), (8, 8), (8, 8)]
 

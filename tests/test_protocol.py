@@ -9,6 +9,9 @@ import pytest
 from gearvisor.gearman.protocol import (
     ARG_COUNT,
     HEADER_SIZE,
+    LARGE_PACKET,
+    MAX_JOB_PREFIX,
+    OVERSIZED_JOB,
     REQ,
     RES,
     Decoder,
@@ -134,6 +137,11 @@ def test_too_few_args_is_a_protocol_error() -> None:
         split_args(Packet.JOB_ASSIGN_UNIQ, b"H:x:8\0fn")
 
 
+def test_a_packet_without_arguments_that_carries_bytes_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="NO_JOB: expected no arguments, got 3 bytes"):
+        Decoder().feed(b"\0RES" + struct.pack(">II", Packet.NO_JOB, 3) + b"abc")
+
+
 def test_work_fail_trailing_nul_is_stripped() -> None:
     frames = Decoder().feed(b"\0RES" + struct.pack(">II", Packet.WORK_FAIL, 6) + b"H:x:9\0")
     assert frames == [Frame(RES, Packet.WORK_FAIL, (b"H:x:9",))]
@@ -195,3 +203,119 @@ def test_one_megabyte_payload_round_trip() -> None:
         frames += dec.feed(packet[i:i + 65536 + 7])
     assert frames == [Frame(REQ, Packet.WORK_COMPLETE, (b"H:x:10", payload))]
     assert dec.pending == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Big jobs, oversized jobs and what a worker's decoder refuses
+
+
+def assign_all(payload: bytes, handle: bytes = b"H:x:11", unique: bytes = b"u-11") -> bytes:
+    return encode(Packet.JOB_ASSIGN_ALL, handle, b"resize", unique, b"", payload, magic=RES)
+
+
+def feed_in_chunks(dec: Decoder, stream: bytes, chunk: int) -> list[Frame]:
+    frames: list[Frame] = []
+    for i in range(0, len(stream), chunk):
+        frames += dec.feed(memoryview(stream)[i:i + chunk])
+    return frames
+
+
+BIG = bytes(range(256)) * 4096 * 3 + b"\0tail\0"  # 3 MiB and a bit, NULs included
+BIG_STREAM = (encode(Packet.NOOP, magic=RES) + assign_all(BIG) + encode(Packet.NO_JOB, magic=RES))
+
+
+def check_big(frames: list[Frame], dec: Decoder) -> None:
+    assert [f.type for f in frames] == [Packet.NOOP, Packet.JOB_ASSIGN_ALL, Packet.NO_JOB]
+    assert frames[1].args == (b"H:x:11", b"resize", b"u-11", b"", BIG)
+    assert type(frames[1].args[-1]) is bytes
+    assert dec.pending == 0
+
+
+@pytest.mark.parametrize("chunk", [7, 4096, 65536 + 3, 262144, 10 * 1024 * 1024])
+def test_big_job_any_chunking_then_the_next_packets(chunk: int) -> None:
+    dec = Decoder(max_job=len(BIG))
+    check_big(feed_in_chunks(dec, BIG_STREAM, chunk), dec)
+
+
+def test_big_job_head_byte_by_byte() -> None:
+    dec = Decoder(max_job=len(BIG))
+    check_big(feed_in_chunks(dec, BIG_STREAM[:200], 1) + dec.feed(BIG_STREAM[200:]), dec)
+
+
+def test_big_job_payload_is_its_receive_buffer_not_a_copy() -> None:
+    """A job's payload costs it once: received into a buffer of its size that becomes the
+    job's bytes (the old path held the stream buffer, a slice and the split: three)."""
+    import tracemalloc
+
+    payload = b"p" * (16 * 1024 * 1024)
+    stream = assign_all(payload)
+    dec = Decoder()
+    tracemalloc.start()
+    try:
+        frames = feed_in_chunks(dec, stream, 262144)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert frames[0].args[-1] == payload
+    assert peak < 1.2 * len(payload), f"peak {peak} for a {len(payload)}-byte payload"
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64, 65536, 10 * 1024 * 1024])
+def test_oversized_job_is_reported_by_handle_and_skipped(chunk: int) -> None:
+    payload = b"z" * (2 * 1024 * 1024 + 1)
+    stream = assign_all(payload, b"H:x:12", b"u-12") + encode(Packet.NO_JOB, magic=RES)
+    dec = Decoder(max_job=2 * 1024 * 1024)
+    head, rest = stream[:64], stream[64:]  # the head byte by byte when chunk is 1
+    frames = feed_in_chunks(dec, head, chunk) + feed_in_chunks(dec, rest, max(chunk, 65536))
+    assert frames == [
+        Frame(RES, OVERSIZED_JOB, (b"H:x:12", b"resize", b"u-12", b"%d" % len(payload))),
+        Frame(RES, Packet.NO_JOB, ()),
+    ]
+    assert dec.pending == 0
+
+
+def test_oversized_job_frame_comes_with_the_handle_before_the_payload() -> None:
+    # Only the header and handle have arrived: the job can be failed already, and nothing
+    # of it is held while its bytes go by.
+    dec = Decoder(max_job=1000)
+    stream = encode(Packet.JOB_ASSIGN, b"H:x:13", b"fn", b"q" * 5000, magic=RES)
+    frames = dec.feed(stream[:HEADER_SIZE + 12])
+    assert frames == [Frame(RES, OVERSIZED_JOB, (b"H:x:13", b"fn", b"", b"5000"))]
+    assert dec.feed(stream[HEADER_SIZE + 12:]) == []
+    assert dec.pending == 0
+
+
+def test_small_max_job_limits_small_jobs_too() -> None:
+    dec = Decoder(max_job=4)
+    stream = (encode(Packet.JOB_ASSIGN_UNIQ, b"H:1", b"fn", b"u", b"1234", magic=RES)
+              + encode(Packet.JOB_ASSIGN_UNIQ, b"H:2", b"fn", b"u", b"12345", magic=RES))
+    frames = dec.feed(stream)
+    assert frames == [Frame(RES, Packet.JOB_ASSIGN_UNIQ, (b"H:1", b"fn", b"u", b"1234")),
+                      Frame(RES, OVERSIZED_JOB, (b"H:2", b"fn", b"u", b"5"))]
+
+
+def test_big_job_head_without_nuls_is_a_protocol_error() -> None:
+    dec = Decoder()
+    header = b"\0RES" + struct.pack(">II", Packet.JOB_ASSIGN, 10 * 1024 * 1024)
+    assert dec.feed(header + b"H" * 1000) == []  # could still be a long handle
+    with pytest.raises(ProtocolError, match="over 65536 bytes"):
+        dec.feed(b"H" * (MAX_JOB_PREFIX + 1))
+
+
+def test_whole_big_packet_with_too_few_args_is_a_protocol_error() -> None:
+    body = b"H:x:14\0" + b"n" * (LARGE_PACKET + 10)  # JOB_ASSIGN_UNIQ needs 3 NULs
+    with pytest.raises(ProtocolError, match="JOB_ASSIGN_UNIQ: expected 4"):
+        Decoder().feed(b"\0RES" + struct.pack(">II", Packet.JOB_ASSIGN_UNIQ, len(body)) + body)
+
+
+def test_a_packet_other_than_a_job_over_max_packet_is_refused_from_its_header() -> None:
+    dec = Decoder(max_packet=1024, max_job=1 << 30)
+    with pytest.raises(ProtocolError, match="ERROR of 1025 bytes is over the 1024 limit"):
+        dec.feed(b"\0RES" + struct.pack(">II", Packet.ERROR, 1025))
+
+
+def test_decoder_for_one_magic_refuses_the_other() -> None:
+    assert Decoder(magic=RES).feed(encode(Packet.NOOP, magic=RES)) == [Frame(RES, Packet.NOOP,
+                                                                             ())]
+    with pytest.raises(ProtocolError, match="bad magic"):
+        Decoder(magic=RES).feed(encode(Packet.GRAB_JOB_ALL))

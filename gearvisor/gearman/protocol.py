@@ -9,6 +9,7 @@ Nothing here does I/O, so the codec is unit-tested byte for byte and fuzzed with
 
 from __future__ import annotations
 
+import io
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -21,6 +22,13 @@ HEADER_SIZE = HEADER.size
 # gearmand refuses nothing smaller; a job payload past this is almost surely a corrupt stream
 # (or a hostile peer). Configurable per parser so a fleet with huge payloads can raise it.
 DEFAULT_MAX_PACKET = 64 * 1024 * 1024
+# A JOB_ASSIGN* body bigger than this is not gathered in the decoder's buffer: its payload is
+# received straight into a buffer of its exact size, which becomes the job's bytes without a
+# copy (so a job costs one copy of its payload, not three).
+LARGE_PACKET = 64 * 1024
+# The handle, function, unique id (and reducer) ahead of a big job's payload must fit in this.
+# gearmand caps them at 64, 512 and 64 bytes; a peer that sends more is not a job server.
+MAX_JOB_PREFIX = 64 * 1024
 
 
 class Packet(IntEnum):
@@ -117,6 +125,12 @@ ARG_COUNT: dict[int, int] = {
 
 
 _HANDLE_ONLY = frozenset({Packet.WORK_FAIL, Packet.JOB_CREATED, Packet.GET_STATUS})
+_JOB_ASSIGN = frozenset({Packet.JOB_ASSIGN, Packet.JOB_ASSIGN_UNIQ, Packet.JOB_ASSIGN_ALL})
+
+# Not a packet type on the wire: the Decoder's report of a JOB_ASSIGN* whose payload is over
+# its max_job. Args: (handle, function, unique, payload size in decimal ASCII). The payload
+# itself is skipped as it arrives, never held, so the receiver can fail the job by its handle.
+OVERSIZED_JOB = -1
 
 
 class ProtocolError(Exception):
@@ -143,6 +157,9 @@ def split_args(ptype: int, body: bytes) -> tuple[bytes, ...]:
     """Split a packet body into its arguments; the last one keeps any NULs it holds."""
     n = ARG_COUNT[ptype]
     if n == 0:
+        if body:
+            raise ProtocolError(f"{Packet(ptype).name}: expected no arguments, got "
+                                f"{len(body)} bytes")
         return ()
     if n == 1:
         if ptype in _HANDLE_ONLY and body.endswith(b"\0"):
@@ -160,31 +177,56 @@ def split_args(ptype: int, body: bytes) -> tuple[bytes, ...]:
 class Decoder:
     """Incremental decoder: feed() any chunking of a byte stream, get whole packets back.
 
-    Raises ProtocolError on bad magic, an unknown packet type or a packet over `max_packet`
-    bytes; the caller closes that one connection and nothing else.
+    Raises ProtocolError on bad magic (or a magic other than `magic`, when given), an unknown
+    packet type, a wrong argument count, or a packet other than JOB_ASSIGN* over `max_packet`
+    bytes; the caller closes that one connection and nothing else. A JOB_ASSIGN* payload over
+    `max_job` bytes (default: max_packet) is not an error: it comes out as one OVERSIZED_JOB
+    frame, as soon as its handle has arrived, and its bytes are skipped.
     """
 
-    __slots__ = ("_buf", "max_packet")
+    __slots__ = ("_buf", "max_packet", "max_job", "_checks", "_rest", "_sink", "_view",
+                 "_filled", "_head")
 
-    def __init__(self, max_packet: int = DEFAULT_MAX_PACKET) -> None:
+    def __init__(self, max_packet: int = DEFAULT_MAX_PACKET, max_job: int | None = None,
+                 magic: bytes | None = None) -> None:
         self._buf = bytearray()
         self.max_packet = max_packet
+        self.max_job = max_packet if max_job is None else max_job
+        # What each header is checked against, in one attribute (read once per feed): the
+        # magics accepted, and the size over which a packet leaves the plain path for
+        # _large_packet (a big job, anything over a limit): one comparison per header.
+        magics = (magic, magic) if magic is not None else (RES, REQ)
+        self._checks = (*magics, min(LARGE_PACKET, max_packet, self.max_job))
+        self._rest = 0  # bytes still to come of a big job's payload (or of one to skip)
+        self._sink: io.BytesIO | None = None  # a big payload being received, exactly sized
+        self._view: memoryview | None = None  # ... and the writable view onto its bytes
+        self._filled = 0
+        self._head: tuple[bytes, int, tuple[bytes, ...]] = (RES, 0, ())  # its magic, type, args
 
     def feed(self, data: bytes | memoryview) -> list[Frame]:
         """Add bytes from the stream; return every packet they complete, in order."""
+        frames: list[Frame] = []
+        if self._rest:  # a big job's payload (or an oversized job's) is still arriving
+            data = self._take_rest(memoryview(data), frames)
         buf = self._buf
         buf += data
-        frames: list[Frame] = []
         pos = 0
         end = len(buf)
+        magic1, magic2, large = self._checks
         while end - pos >= HEADER_SIZE:
             magic, ptype, size = HEADER.unpack_from(buf, pos)
-            if magic != RES and magic != REQ:
+            if magic != magic1 and magic != magic2:
                 raise ProtocolError(f"bad magic {bytes(buf[pos:pos + 4])!r} (not a Gearman peer?)")
             if ptype not in ARG_COUNT:
                 raise ProtocolError(f"unknown packet type {ptype}")
-            if size > self.max_packet:
-                raise ProtocolError(f"packet of {size} bytes is over the {self.max_packet} limit")
+            if size > large:
+                taken = self._large_packet(buf, pos, end, magic, ptype, size, frames)
+                if taken < 0:
+                    break  # waiting for the rest of its handle, function and unique id
+                if taken:
+                    pos = taken
+                    continue
+                # 0: after all a packet for the plain path below
             if end - pos - HEADER_SIZE < size:
                 break
             start = pos + HEADER_SIZE
@@ -195,7 +237,81 @@ class Decoder:
             del buf[:pos]
         return frames
 
+    def _large_packet(self, buf: bytearray, pos: int, end: int, magic: bytes, ptype: int,
+                      size: int, frames: list[Frame]) -> int:
+        """A packet over the plain path's size: return where the stream goes on after what
+        was taken (a job, or the start of a big or oversized payload), -1 to wait for more
+        bytes, or 0 to decode it on the plain path. Raises ProtocolError."""
+        if ptype not in _JOB_ASSIGN:
+            if size > self.max_packet:
+                raise ProtocolError(f"{Packet(ptype).name} of {size} bytes is over the "
+                                    f"{self.max_packet} limit")
+            return 0
+        start = pos + HEADER_SIZE
+        body_end = min(end, start + size)
+        limit = min(body_end, start + MAX_JOB_PREFIX)
+        nargs = ARG_COUNT[ptype]
+        head: list[bytes] = []
+        i = start
+        for _ in range(nargs - 1):  # the arguments ahead of the payload: short, no NULs
+            j = buf.find(b"\0", i, limit)
+            if j < 0:
+                if body_end == start + size:
+                    raise ProtocolError(f"{Packet(ptype).name}: expected {nargs} NUL-separated "
+                                        f"arguments, got {len(head) + 1}")
+                if limit == start + MAX_JOB_PREFIX:
+                    raise ProtocolError(f"{Packet(ptype).name}: handle, function and unique id "
+                                        f"take over {MAX_JOB_PREFIX} bytes")
+                return -1
+            head.append(bytes(buf[i:j]))
+            i = j + 1
+        payload = start + size - i  # its size
+        have = min(end, start + size) - i  # of it, already here
+        if payload > self.max_job:
+            unique = head[2] if len(head) > 2 else b""
+            frames.append(Frame(magic, OVERSIZED_JOB, (head[0], head[1], unique,
+                                                       b"%d" % payload)))
+            self._rest = payload - have  # skipped as it comes (_take_rest), never held
+            return i + have
+        if size <= LARGE_PACKET:
+            return 0  # over a small max_job's share, yet small: the plain path does it
+        if have == payload:  # all here already (a caller that feeds big chunks)
+            with memoryview(buf) as view:
+                frames.append(Frame(magic, ptype, (*head, bytes(view[i:i + payload]))))
+            return i + payload
+        # Receive the payload into a buffer of exactly its size. BytesIO's buffer is a bytes
+        # object that getvalue() hands out without copying once nothing views it any more.
+        sink = io.BytesIO()
+        sink.seek(payload - 1)
+        sink.write(b"\0")
+        self._sink, self._view = sink, sink.getbuffer()
+        with memoryview(buf) as view:
+            self._view[:have] = view[i:end]
+        self._filled = have
+        self._rest = payload - have
+        self._head = (magic, ptype, tuple(head))
+        return end
+
+    def _take_rest(self, data: memoryview, frames: list[Frame]) -> memoryview:
+        """Take the next bytes of a big (or skipped) payload from `data`; return the bytes
+        after it, which the plain path decodes."""
+        n = min(len(data), self._rest)
+        view = self._view
+        if view is not None:
+            view[self._filled:self._filled + n] = data[:n]
+            self._filled += n
+        self._rest -= n
+        if not self._rest and view is not None:
+            view.release()
+            assert self._sink is not None
+            payload = self._sink.getvalue()  # the buffer itself: no copy
+            self._sink = self._view = None
+            self._filled = 0
+            magic, ptype, head = self._head
+            frames.append(Frame(magic, ptype, (*head, payload)))
+        return data[n:]
+
     @property
     def pending(self) -> int:
         """Bytes held that do not yet make a whole packet."""
-        return len(self._buf)
+        return len(self._buf) + self._filled

@@ -15,8 +15,14 @@ FLUSH_AFTER if a later job runs long (while it runs Python code: a signal handle
 long C call to return). A deep queue of fast jobs then costs gearmand one wake-up per read
 instead of one per job. A job gearmand has assigned is always run, even when the worker is
 stopping or pausing: nothing is handed back (that would count as a retry in gearmand). A
-server that goes away is reconnected with backoff while jobs from the others keep flowing; a
-malformed packet closes only that connection.
+server that goes away is reconnected with backoff while jobs from the others keep flowing.
+
+A broken or hostile server is that server's problem, never the child's: a malformed packet,
+or one a job server must not send (an answer to a GRAB we never sent, a client's packet),
+closes only that connection, which is retried after reconnect_max_delay; a job for a
+function we never registered, or over max_job_size (its payload skipped as it arrives, never
+held), is failed without running. None of it counts toward the child's quarantine, and what
+is logged about one server is rate-limited (FaultLog).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from enum import Enum
 from typing import Any
 
 from ..job import Job, encode_result
-from .protocol import Decoder, Packet, ProtocolError, encode
+from .protocol import DEFAULT_MAX_PACKET, OVERSIZED_JOB, RES, Decoder, Packet, ProtocolError, encode
 
 RECV_SIZE = 256 * 1024
 SEND_TIMEOUT = 30.0  # a server that accepts no bytes for this long is treated as dead
@@ -51,6 +57,16 @@ PREFETCH_FAST = 0.001
 # A result held back while more jobs of the same read run leaves at the latest this long
 # after it was held: the timer's alarm sends it even when the next job runs long.
 FLUSH_AFTER = 0.001
+# The largest job payload a server may send unless the pool sets max_job_size: the packet
+# limit the codec has always had, so nothing that was accepted before is refused now.
+DEFAULT_MAX_JOB = DEFAULT_MAX_PACKET
+# Packets other than jobs (NO_JOB, NOOP, ERROR...) are a few bytes; a server that announces
+# more than this is not a job server, and is not given the memory.
+MAX_CONTROL_PACKET = 1024 * 1024
+# What one server's misbehaviour may write to the log: the first FAULT_BURST lines, then one
+# summary per FAULT_INTERVAL while it goes on.
+FAULT_BURST = 5
+FAULT_INTERVAL = 60.0
 
 GRAB = encode(Packet.GRAB_JOB_ALL)
 PRE_SLEEP = encode(Packet.PRE_SLEEP)
@@ -87,7 +103,8 @@ class Hooks:
         """A job ended; ok is False when it failed or raised."""
 
     def job_refused(self, job: Job) -> None:
-        """A poisoned job was answered WORK_FAIL without running."""
+        """A job was answered WORK_FAIL without running: poison, over max_job_size, or for a
+        function we do not serve. Not the child's failure: it never counts toward quarantine."""
 
     def waiting(self) -> None:
         """No server has a job for us: the worker sleeps until one does."""
@@ -118,12 +135,53 @@ class JobTimer:
         """The held-back results left: the callback is not needed."""
 
 
+class FaultLog:
+    """Rate limit for what one job server's misbehaviour writes to the log (pure; the caller
+    passes the monotonic time). The first `burst` problems are logged one by one; past that
+    they are counted, and due() hands out the count once per `interval` for a summary line.
+    An interval that passes with nothing suppressed ends the episode: the next problem is
+    logged in full again. So a flood costs at most `burst` + 1 lines per interval."""
+
+    __slots__ = ("burst", "interval", "logged", "suppressed", "since")
+
+    def __init__(self, burst: int = FAULT_BURST, interval: float = FAULT_INTERVAL) -> None:
+        self.burst = burst
+        self.interval = interval
+        self.logged = 0  # lines logged one by one in this episode
+        self.suppressed = 0  # problems not logged since the last summary
+        self.since = -interval  # start of the current interval
+
+    def allow(self, now: float) -> bool:
+        """One more problem: True to log it, False when it is only counted."""
+        if not self.suppressed and now - self.since >= self.interval:
+            self.since = now  # quiet for a whole interval: a new episode
+            self.logged = 0
+        if self.logged < self.burst:
+            self.logged += 1
+            return True
+        self.suppressed += 1
+        return False
+
+    @property
+    def due_at(self) -> float:
+        """When the summary of the suppressed problems is due (inf: nothing suppressed)."""
+        return self.since + self.interval if self.suppressed else float("inf")
+
+    def due(self, now: float) -> int:
+        """How many problems to summarise now (0: none, or not due yet); the next interval
+        starts."""
+        if not self.suppressed or now < self.since + self.interval:
+            return 0
+        n, self.suppressed, self.since = self.suppressed, 0, now
+        return n
+
+
 class Connection:
     """One job server: its socket, decoder and state."""
 
     __slots__ = ("host", "port", "label", "sock", "decoder", "state", "retry_at", "delay",
                  "deadline", "empty_since", "answered", "attempts", "down_logged", "ever_up",
-                 "can_do", "outstanding", "depth", "out", "job_send")
+                 "can_do", "outstanding", "depth", "out", "job_send", "faults", "faulted")
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -147,6 +205,8 @@ class Connection:
         self.depth = 1
         self.out: list[bytes] = []  # results held back; every send writes them first
         self.job_send: Callable[[int, bytes, bytes], None] | None = None  # set by Worker
+        self.faults = FaultLog()  # kept across reconnects: a server that keeps misbehaving
+        self.faulted = False  # last closed for misbehaving (its reconnect is not news)
 
 
 class Worker:
@@ -162,6 +222,8 @@ class Worker:
             (WORK_EXCEPTION + WORK_FAIL): how a job that raised is reported.
         prefetch: the most GRABs kept in flight per server while jobs are short (1: one job
             per round trip, never more than one job assigned to this worker per server).
+        max_job_size: the largest job payload a server may make this worker hold, in bytes;
+            a bigger job is failed (WORK_FAIL, with a warning saying why) without reading it.
     """
 
     def __init__(
@@ -180,10 +242,13 @@ class Worker:
         timer: JobTimer | None = None,
         is_poison: Callable[[Job], bool] | None = None,
         prefetch: int = 1,
+        max_job_size: int = DEFAULT_MAX_JOB,
     ) -> None:
+        self.max_job_size = max_job_size
         self.conns = [Connection(h, p) for h, p in servers]
         for conn in self.conns:
             conn.job_send = functools.partial(self._job_send, conn)
+            conn.decoder = self._decoder()
         self.functions = functions
         self.client_id = client_id
         self.log = log
@@ -215,6 +280,7 @@ class Worker:
         self._more = False  # more packets of the current read follow: results may wait
         self._in_job = False  # job code runs (not a send of its own): the alarm may flush
         self._flush_due = False  # the flush alarm came between jobs: flush before the next
+        self._summary_due = float("inf")  # when a FaultLog summary is due (_log_suppressed)
 
     # -- public ------------------------------------------------------------------------------
 
@@ -284,6 +350,8 @@ class Worker:
                     checked = now
                     for check in self._extra_checks:
                         check()
+                    if now >= self._summary_due:
+                        self._log_suppressed(now)
                 continue
             now = self.clock()
             if self.stopping and not any(c.state is ConnState.GRABBING for c in self.conns):
@@ -325,6 +393,8 @@ class Worker:
             pass
 
     def _tick(self, now: float) -> None:
+        if now >= self._summary_due:
+            self._log_suppressed(now)
         live = []
         for conn in self.conns:
             state = conn.state
@@ -388,7 +458,7 @@ class Worker:
             self._drop(conn, os.strerror(err))
             return
         conn.sock = sock
-        conn.decoder = Decoder()
+        conn.decoder = self._decoder()
         conn.outstanding = 0
         conn.depth = 1
         conn.out.clear()
@@ -406,12 +476,9 @@ class Worker:
             return
         self._tune(sock)
         self.sel.modify(sock, selectors.EVENT_READ, conn)
-        if conn.attempts or conn.down_logged:
-            self.log.info("reconnected to job server", server=conn.label, attempts=conn.attempts)
-        conn.attempts = 0
-        conn.down_logged = False
-        conn.delay = RECONNECT_INITIAL
-        conn.ever_up = True
+        # The outage (its backoff and its log line) ends when the server first answers
+        # (_mark_answered), not here: one that accepts and closes at once is still down,
+        # and does not hold the child's readiness back.
         # Register and ask for work in one write (paused: only say who we are).
         conn.can_do = False
         if self._want_paused or self.stopping:
@@ -447,19 +514,27 @@ class Worker:
             pass
         sock.close()
 
-    def _drop(self, conn: Connection, reason: str) -> None:
-        """Close a connection and schedule a reconnect with backoff; other servers go on."""
+    def _drop(self, conn: Connection, reason: str, fault: bool = False) -> None:
+        """Close a connection and schedule a reconnect with backoff; other servers go on.
+        fault: the server misbehaved (logged by the caller): reconnect only after the
+        longest delay, so a server that does it on every connection costs little."""
         self._close_socket(conn)
         conn.state = ConnState.DOWN
         conn.outstanding = 0  # gearmand requeues whatever it assigned on this connection
         conn.out.clear()  # results of jobs it will now run again (at least once)
         conn.answered = False
         conn.attempts += 1
+        conn.faulted = fault
+        if fault:
+            conn.delay = self.reconnect_max_delay
         now = self.clock()
         jitter = 1.0 + 0.2 * (random.random() - 0.5)
         conn.retry_at = now + conn.delay * jitter
         conn.delay = min(conn.delay * 2, self.reconnect_max_delay)
-        if not conn.down_logged:
+        if fault:
+            self.log.debug("closed the connection to a misbehaving job server",
+                           server=conn.label, reason=reason)
+        elif not conn.down_logged:
             conn.down_logged = True
             self.log.warning("job server unavailable; reconnecting with backoff",
                              server=conn.label, reason=reason)
@@ -515,9 +590,9 @@ class Worker:
         try:
             frames = conn.decoder.feed(self._rbuf[:got])
         except ProtocolError as e:
-            self.log.error("malformed packet from job server; closing that connection",
-                           server=conn.label, error=str(e))
-            self._drop(conn, f"protocol error: {e}")
+            self._server_fault(conn, "error", "malformed packet from job server; closing that "
+                               "connection", error=str(e))
+            self._drop(conn, f"protocol error: {e}", fault=True)
             return
         last = len(frames) - 1
         try:
@@ -537,17 +612,23 @@ class Worker:
 
     def _handle(self, conn: Connection, ptype: int, args: tuple[bytes, ...]) -> None:
         if ptype in _ASSIGN:
-            if conn.outstanding:
-                conn.outstanding -= 1
+            if not conn.outstanding:
+                self._unexpected(conn, ptype, "a job we did not ask for (no GRAB outstanding)")
+                return
+            conn.outstanding -= 1
             self._mark_answered(conn)
             self._run_job(conn, ptype, args)
         elif ptype == Packet.NO_JOB:
+            if not conn.outstanding:
+                # Harmless (our state does not change), so not worth a reconnect.
+                self._server_fault(conn, "warning", "NO_JOB from job server without a GRAB "
+                                   "outstanding; ignored")
+                return
             self._mark_answered(conn)
             conn.depth = 1  # the queue ran dry: no prefetch until it is busy again
+            conn.outstanding -= 1
             if conn.outstanding:
-                conn.outstanding -= 1
-                if conn.outstanding:
-                    return  # the answers to our other GRABs are on their way
+                return  # the answers to our other GRABs are on their way
             if self.paused or self._want_paused:
                 self._settle(conn)  # the GRAB is answered: now unregister
             elif self.stopping:
@@ -564,17 +645,65 @@ class Worker:
             # In "exception" mode gearmand ends the job at WORK_EXCEPTION, so the WORK_FAIL
             # that follows for old clients is answered with JOB_NOT_FOUND: expected, not news.
             if not (code == "JOB_NOT_FOUND" and self.exception_packet == "exception"):
-                self.log.warning("job server reported an error", server=conn.label, code=code,
-                                 message=args[1].decode(errors="replace"))
-        elif ptype == Packet.ECHO_RES:
-            pass
+                self._server_fault(conn, "warning", "job server reported an error", code=code,
+                                   message=args[1].decode(errors="replace"))
+        elif ptype == OVERSIZED_JOB:
+            if not conn.outstanding:
+                self._unexpected(conn, ptype, "a job we did not ask for (no GRAB outstanding)")
+                return
+            conn.outstanding -= 1
+            self._mark_answered(conn)
+            self._refuse_oversized(conn, args)
         else:
-            self.log.warning("unexpected packet from job server; ignored", server=conn.label,
-                             packet=Packet(ptype).name)
+            # A client's or a server's packet, or an answer to a request we never make: the
+            # server's idea of this connection is not ours. Start again from a fresh one.
+            self._unexpected(conn, ptype, "not a packet a job server sends a worker")
+
+    def _unexpected(self, conn: Connection, ptype: int, why: str) -> None:
+        """The server sent what it must not: log it (rate-limited) and close the connection;
+        gearmand requeues anything it had assigned on it."""
+        name = "JOB_ASSIGN (oversized)" if ptype == OVERSIZED_JOB else Packet(ptype).name
+        self._server_fault(conn, "error", "unexpected packet from job server; closing that "
+                           "connection", packet=name, why=why)
+        self._drop(conn, f"unexpected {name}", fault=True)
+
+    def _server_fault(self, conn: Connection, level: str, event: str, **kw: Any) -> None:
+        """Log a server's misbehaviour, rate-limited per connection (FaultLog)."""
+        now = self.clock()
+        faults = conn.faults
+        if now >= self._summary_due:
+            self._log_suppressed(now)  # the last interval's count first
+        if faults.allow(now):
+            getattr(self.log, level)(event, server=conn.label, **kw)
+        else:
+            self._summary_due = min(self._summary_due, faults.due_at)
+
+    def _log_suppressed(self, now: float) -> None:
+        """One summary line per connection whose suppressed count is due."""
+        due = float("inf")
+        for conn in self.conns:
+            n = conn.faults.due(now)
+            if n:
+                self.log.warning("more problems with this job server; not logged one by one",
+                                 server=conn.label, suppressed=n,
+                                 seconds=conn.faults.interval)
+            due = min(due, conn.faults.due_at)
+        self._summary_due = due
 
     def _mark_answered(self, conn: Connection) -> None:
+        """The server answered since we connected (or, paused, need not): it is up."""
         if not conn.answered:
             conn.answered = True
+            if conn.faulted:  # closed for misbehaving: that was logged (rate-limited)
+                self.log.debug("reconnected to job server", server=conn.label)
+            elif conn.attempts or conn.down_logged:
+                self.log.info("reconnected to job server", server=conn.label,
+                              attempts=conn.attempts)
+            conn.faulted = False
+            conn.attempts = 0
+            conn.down_logged = False
+            conn.delay = RECONNECT_INITIAL
+            conn.ever_up = True
             self._check_ready()
 
     def _run_job(self, conn: Connection, ptype: int, args: tuple[bytes, ...]) -> None:
@@ -589,6 +718,14 @@ class Worker:
         job = Job(function, handle.decode(errors="replace"), unique.decode(errors="replace"),
                   data, conn.job_send, conn.label)
         fn = self.functions.get(function)
+        if fn is None:
+            # gearmand only assigns what we CAN_DO: this server is broken or hostile, and
+            # the child did nothing wrong (no quarantine count). Failed, not handed back:
+            # a server that keeps assigning it would hand it to us forever.
+            self._server_fault(conn, "error", "job for a function this worker does not "
+                               "serve; failed it", function=function, handle=job.handle)
+            self._refuse(conn, job, handle, f"this worker does not serve function {function!r}")
+            return
         hooks = self.hooks
         if self.is_poison is not None and self.is_poison(job):
             # It crashed or hung `poison_after` workers already: fail it, do not run it.
@@ -601,35 +738,28 @@ class Worker:
         hooks.job_started(job)
         started = self.clock()
         timeout = self.timeouts.get(function)
-        if fn is None:
-            # gearmand only assigns what we CAN_DO; this is a server bug. Fail, don't crash.
-            self.log.error("job for a function this worker does not serve", function=function,
-                           handle=job.handle)
-            reply = encode(Packet.WORK_FAIL, handle)
-            ok = False
-        else:
+        try:
+            if self._flush_due:
+                self._flush_due = False
+                if conn.out:
+                    self._send(conn, b"")
+            if timeout is not None:
+                self.timer.start(timeout)
+            self._in_job = True
             try:
-                if self._flush_due:
-                    self._flush_due = False
-                    if conn.out:
-                        self._send(conn, b"")
+                result = fn(job)
+            finally:
+                self._in_job = False
                 if timeout is not None:
-                    self.timer.start(timeout)
-                self._in_job = True
-                try:
-                    result = fn(job)
-                finally:
-                    self._in_job = False
-                    if timeout is not None:
-                        self.timer.stop()
-                reply = encode(Packet.WORK_COMPLETE, handle, encode_result(result))
-                ok = True
-            except Exception as e:  # a user bug: report it, log it, keep serving
-                reply = self._failure_reply(handle, e)
-                ok = False
-                self.log.error("job raised", function=function, handle=job.handle,
-                               unique=job.unique, error=f"{type(e).__name__}: {e}",
-                               traceback="".join(traceback.format_exception(e)).rstrip())
+                    self.timer.stop()
+            reply = encode(Packet.WORK_COMPLETE, handle, encode_result(result))
+            ok = True
+        except Exception as e:  # a user bug: report it, log it, keep serving
+            reply = self._failure_reply(handle, e)
+            ok = False
+            self.log.error("job raised", function=function, handle=job.handle,
+                           unique=job.unique, error=f"{type(e).__name__}: {e}",
+                           traceback="".join(traceback.format_exception(e)).rstrip())
         # The host decides first (it may quarantine itself: then no GRAB goes out with the
         # result, so gearmand cannot hand us a job we would have to give back).
         seconds = self.clock() - started
@@ -637,6 +767,30 @@ class Worker:
         conn.depth = (min(conn.depth * 2, self.prefetch) if ok and seconds < PREFETCH_FAST
                       else 1)
         self._reply(conn, reply)
+
+    def _refuse(self, conn: Connection, job: Job, handle: bytes, why: str) -> None:
+        """Fail a job without running it, telling the client why; the host hears of it as
+        refused (job_refused), which never counts toward quarantine."""
+        conn.depth = 1
+        self._reply(conn, self._failure_text(handle, f"gearvisor: {why}\n".encode()))
+        self.hooks.job_refused(job)
+
+    def _refuse_oversized(self, conn: Connection, args: tuple[bytes, ...]) -> None:
+        """A job whose payload is over max_job_size: the decoder skips its bytes; fail it by
+        its handle. Not handed back (a dropped connection): gearmand would requeue it to the
+        next worker, which refuses it too, forever."""
+        handle, fname, unique, size = args
+        job = Job(fname.decode(errors="replace"), handle.decode(errors="replace"),
+                  unique.decode(errors="replace"), b"", conn.job_send, conn.label)
+        self._server_fault(conn, "error", "job larger than max_job_size; failed it without "
+                           "reading it", function=job.function, handle=job.handle,
+                           unique=job.unique, size=int(size), max_job_size=self.max_job_size)
+        self._refuse(conn, job, handle, f"the job's {int(size)} bytes are over this worker's "
+                     f"max_job_size ({self.max_job_size} bytes)")
+
+    def _decoder(self) -> Decoder:
+        """A fresh decoder for a connection: only a server's packets, jobs up to max_job_size."""
+        return Decoder(MAX_CONTROL_PACKET, self.max_job_size, RES)
 
     def _job_send(self, conn: Connection, ptype: int, handle: bytes, payload: bytes) -> None:
         """What a job's send_status/send_data/... write (Job._send)."""
@@ -711,7 +865,11 @@ class Worker:
                 raise
 
     def _failure_reply(self, handle: bytes, exc: Exception) -> bytes:
-        text = f"{type(exc).__name__}: {exc}\n".encode(errors="replace")
+        return self._failure_text(handle, f"{type(exc).__name__}: {exc}\n".encode(
+            errors="replace"))
+
+    def _failure_text(self, handle: bytes, text: bytes) -> bytes:
+        """WORK_WARNING (or WORK_EXCEPTION) with the text, then WORK_FAIL."""
         first = Packet.WORK_EXCEPTION if self.exception_packet == "exception" else (
             Packet.WORK_WARNING)
         return encode(first, handle, text) + encode(Packet.WORK_FAIL, handle)
