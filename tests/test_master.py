@@ -532,6 +532,46 @@ def test_the_circuit_opens_when_most_children_quarantine_and_a_probe_closes_it(
     assert pool.slots[1].successor.pid == m.system.forked[5].pid
 
 
+def open_circuit(m: FakeMaster) -> list[FakeChild]:
+    """Four ready children, three of which quarantine themselves: the circuit opens."""
+    children = start_ready(m)
+    for child in children[:3]:
+        child.say(Quarantined(reason="fails fast", failed=5, done=0))
+    m.step()
+    assert web(m).circuit == "open"
+    return children
+
+
+def test_a_probe_that_crashes_keeps_the_circuit_open_says_so_and_probes_again_later(
+        build: Build, log: io.StringIO) -> None:
+    m = build((Health(),), processes=4, circuit={"ratio": 0.6, "cooldown": 10.0})
+    children = open_circuit(m)
+    pool = web(m)
+    m.advance_to(pool.circuit_until)
+    probe = m.system.forked[4]
+    assert pool.probe is not None and pool.probe.pid == probe.pid
+    probe.exit(1)
+    m.step()
+    assert pool.circuit == "open" and pool.probe is None
+    first, again = m.of(ev.CircuitOpened)
+    assert not first.reopened and again.reopened
+    assert (again.pool, again.quarantined, again.desired) == ("web", 3, 4)
+    assert 18.0 <= again.probe_in <= 22.0  # the cooldown doubled
+    stays = [x for x in lines(log) if x.get("internal_event") == "circuit_open"]
+    assert [x["event"].startswith("circuit stays open") for x in stays] == [False, True]
+    # The healthy child was paused once, when the circuit opened: not again.
+    assert m.system.signals(signal.SIGUSR1) == [("kill", children[3].pid, signal.SIGUSR1)]
+    m.advance_to(pool.circuit_until - TICK)
+    assert len(m.system.forked) == 5
+    m.advance_to(pool.circuit_until)
+    assert len(m.system.forked) == 6 and pool.probe.pid == m.system.forked[5].pid
+    # A probe retired on purpose (here: the fleet stops) is no failed probe.
+    m.arbiter.stop(fast=False, why="test")
+    m.system.forked[5].exit(0)
+    m.step()
+    assert len(m.of(ev.CircuitOpened)) == 2
+
+
 def test_a_job_busy_past_timeout_and_grace_gets_its_group_sigkilled_and_a_strike(
         build: Build, log: io.StringIO) -> None:
     m = build((Health(),), processes=1,
