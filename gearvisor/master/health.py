@@ -29,13 +29,21 @@ class Health(Component):
 
     def __init__(self) -> None:
         self._timer: Timer | None = None
+        # Each pool's probe child while it probes: by the time it is reaped, the pool has
+        # forgotten which child was its probe (and reopened the circuit if it died).
+        self._probes: dict[str, Child] = {}
 
     def attach(self, master: Arbiter) -> None:
         self.master = master
-        master.bus.subscribe(ev.ChildSpawned, lambda _e: self._arm())
+        master.bus.subscribe(ev.ChildSpawned, self._spawned)
         master.bus.subscribe(ev.ChildReady, self._ready)
         master.bus.subscribe(ev.ChildSaid, self._said)
         master.bus.subscribe(ev.ChildExited, self._exited)
+
+    def _spawned(self, event: ev.ChildSpawned) -> None:
+        if event.child is event.pool.probe:
+            self._probes[event.pool.name] = event.child
+        self._arm()
 
     # -- hard timeouts and lifetimes ------------------------------------------------------------
 
@@ -78,6 +86,13 @@ class Health(Component):
 
     def _exited(self, event: ev.ChildExited) -> None:
         child, pool, decision = event.child, event.pool, event.decision
+        if self._probes.get(pool.name) is child:
+            del self._probes[pool.name]
+            if decision.kind is not ExitKind.STOPPED and pool.circuit == "open":
+                # The probe died (one that quarantined itself was reported then): the pool
+                # reopened the circuit with a longer cooldown. Say so as for any failed
+                # probe, or the circuit stays open without a word on the bus or in the log.
+                self._circuit_opened(pool, CircuitChange.REOPENED)
         if child.scoreboard is None:
             return
         job = child.scoreboard.read()
@@ -148,6 +163,7 @@ class Health(Component):
             self.on_quarantine(child, pool, message)
         elif isinstance(message, msg.ProbationPassed):
             if pool.probation_passed(child) is Circuit.CLOSED:
+                self._probes.pop(pool.name, None)  # a probe no longer: its exit is no failure
                 for other in pool.children():
                     if other.paused:
                         self._pause(other, False)
@@ -163,6 +179,8 @@ class Health(Component):
     def on_quarantine(self, child: Child, pool: Pool, message: msg.Quarantined) -> None:
         now = self.master.clock()
         cooldown, circuit = pool.child_quarantined(child, message.reason, now)
+        if self._probes.get(pool.name) is child:
+            del self._probes[pool.name]  # its failure is said below: not again at its exit
         if child.state is not ChildState.DRAINING and not any(
                 s.child is child for s in pool.slots):
             # Quarantined before it took its slot (a successor): it will never serve.
@@ -170,16 +188,21 @@ class Health(Component):
         self._publish(ev.Quarantined(pool.name, child.slot, child.pid, message.reason,
                                      message.failed, message.done, round(cooldown, 3)),
                       "child quarantined itself: it fails fast, so it takes no more jobs")
-        if circuit is None:
-            return
+        if circuit is not None:
+            self._circuit_opened(pool, circuit)
+
+    def _circuit_opened(self, pool: Pool, how: CircuitChange) -> None:
+        """The circuit opened (OPENED), or stayed open because its probe failed
+        (REOPENED): pause the children still taking jobs, and say so."""
+        now = self.master.clock()
         for other in pool.children():
             self._pause(other, True)
         quarantined = sum(1 for s in pool.slots if s.child is not None and s.child.quarantined)
         self._publish(ev.CircuitOpened(pool.name, quarantined, pool.desired,
                                        round(pool.circuit_until - now, 3),
-                                       reopened=circuit is CircuitChange.REOPENED),
+                                       reopened=how is not CircuitChange.OPENED),
                       "circuit open: most children of the pool fail fast, so the fault is "
                       "downstream or in the jobs; the pool stops consuming (jobs stay queued "
                       "in gearmand) and probes with one child after a cooldown"
-                      if circuit is CircuitChange.OPENED else
+                      if how is CircuitChange.OPENED else
                       "circuit stays open: the probe child failed too; next probe later")

@@ -1,0 +1,599 @@
+"""The whole master, component by component, on a fake OS and a fake clock: no process.
+
+A real Arbiter (with real pools, scoreboards, loop, bus and the components a test needs)
+runs on tests/fakeos.py's FakeSystem: fork() hands out made-up pids and real pipes, and
+the test plays each child by writing its messages into the pipe and deciding when it exits.
+Time moves only when the test moves the FakeClock, so backoff, surge, escalation and
+cooldowns are checked to the exact instant, deterministically and in milliseconds. The
+tests assert on what the fake OS was asked (forks, signals, their targets and order), on
+the arbiter's pools and children, and on the events published on the bus.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import yaml
+from fakeos import FakeChild, FakeMaster, signal_status
+
+from gearvisor import log as logmod
+from gearvisor.master import bus as ev
+from gearvisor.master.arbiter import HANDLED_SIGNALS, RETIRE_SIGNAL
+from gearvisor.master.component import Component
+from gearvisor.master.groups import Groups
+from gearvisor.master.health import HEALTH_INTERVAL, Health
+from gearvisor.messages import BootError, ProbationPassed, Quarantined, Ready
+from gearvisor.poison import job_key
+from gearvisor.pool import ExitKind, Pool
+from gearvisor.process import EXIT_BOOT_ERROR, ChildState
+
+TICK = 1 / 64  # a moment, exact in binary: "just before" a deadline
+BOOT_REASON = "function f: cannot import module 'examples.nope'"
+
+Build = Callable[..., FakeMaster]
+
+
+def pool_settings(**overrides: Any) -> dict[str, Any]:
+    """One pool `web` that imports nothing in the master; backoff without jitter, so its
+    delays are exact."""
+    settings: dict[str, Any] = {"processes": 1, "functions": {"f": "examples.text:echo"},
+                                "watch": False}
+    settings["backoff"] = {"jitter": 0, **overrides.pop("backoff", {})}
+    settings.update(overrides)
+    return settings
+
+
+def write_config(path: Path, **overrides: Any) -> None:
+    path.write_text(yaml.safe_dump({"watch_config": False,
+                                    "pools": {"web": pool_settings(**overrides)}}))
+
+
+@pytest.fixture
+def log() -> Iterator[io.StringIO]:
+    """The master's JSON log, captured."""
+    stream = io.StringIO()
+    logmod.configure("info", "json", stream)
+    try:
+        yield stream
+    finally:
+        structlog.reset_defaults()
+
+
+@pytest.fixture
+def build(tmp_path: Path, log: io.StringIO) -> Iterator[Build]:
+    """build(components, **pool settings) -> a FakeMaster on a config file in tmp_path,
+    closed (every fd and mapping released) after the test."""
+    made: list[FakeMaster] = []
+    fds = open_fds()
+
+    def make(components: tuple[Component, ...] = (), **overrides: Any) -> FakeMaster:
+        path = tmp_path / "gearvisor.yaml"
+        write_config(path, **overrides)
+        master = FakeMaster(str(path), components)
+        made.append(master)
+        return master
+
+    try:
+        yield make
+    finally:
+        for master in made:
+            master.close()
+    # Every pipe of a reaped child was closed by the arbiter (close() took the live ones).
+    assert open_fds() == fds
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def lines(log: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.getvalue().splitlines()]
+
+
+def web(m: FakeMaster) -> Pool:
+    return m.arbiter.pools["web"]
+
+
+def serving(pool: Pool) -> int:
+    """Slots whose child is ready: the pool's capacity now."""
+    return sum(1 for s in pool.slots if s.child is not None and s.child.state is ChildState.READY)
+
+
+def start_ready(m: FakeMaster) -> list[FakeChild]:
+    """The first pass forks the pool; every child says it is ready."""
+    m.step()
+    children = list(m.system.forked)
+    for child in children:
+        child.say(Ready())
+    m.step()
+    assert serving(web(m)) == len(children)
+    return children
+
+
+def pids(children: list[FakeChild]) -> list[int]:
+    return [c.pid for c in children]
+
+
+# -- spawn ------------------------------------------------------------------------------------
+
+
+def test_a_pool_of_three_forks_three_children_each_ready_once_it_says_so(build: Build) -> None:
+    m = build(processes=3)
+    m.step()
+    forked = m.system.forked
+    assert len(forked) == 3
+    pool = web(m)
+    assert [s.child.pid for s in pool.slots] == pids(forked)
+    assert sorted(m.arbiter.children) == pids(forked)
+    # The master's handlers must never run in a child: forked with them blocked.
+    assert all(set(c.blocked) == set(HANDLED_SIGNALS) for c in forked)
+    assert [e.child.pid for e in m.of(ev.ChildSpawned)] == pids(forked)
+    assert all(s.child.state is ChildState.STARTING for s in pool.slots)
+
+    forked[1].say(Ready())
+    m.step()
+    assert [s.child.state for s in pool.slots] == [
+        ChildState.STARTING, ChildState.READY, ChildState.STARTING]
+    assert [e.child.pid for e in m.of(ev.ChildReady)] == [forked[1].pid]
+    assert m.of(ev.FleetReady) == []  # not before every slot is ready
+
+    forked[0].say(Ready())
+    forked[2].say(Ready())
+    m.step()
+    assert serving(pool) == 3
+    assert [e.child.pid for e in m.of(ev.ChildReady)] == pids([forked[1], forked[0], forked[2]])
+    assert len(m.of(ev.FleetReady)) == 1
+    m.advance(60.0)
+    assert len(forked) == 3 and m.system.sent == []  # a settled pool forks and kills nothing
+
+
+# -- crash and backoff ------------------------------------------------------------------------
+
+
+def test_a_crashed_child_is_replaced_only_after_its_backoff_delay(build: Build) -> None:
+    m = build(processes=1, backoff={"initial": 2.0})
+    (first,) = start_ready(m)
+    m.advance(1.0)  # up for less than reset_after: the crash starts a streak
+    crashed_at = m.clock.now
+    first.exit(1)
+    m.step()
+    (exited,) = m.of(ev.ChildExited)
+    assert exited.child.pid == first.pid and exited.status == 1 << 8
+    assert exited.decision.kind is ExitKind.CRASHED and exited.decision.restart_in == 2.0
+    assert web(m).slots[0].child is None and first.pid not in m.arbiter.children
+
+    m.advance_to(crashed_at + 2.0 - TICK)
+    assert len(m.system.forked) == 1
+    m.advance_to(crashed_at + 2.0)
+    assert len(m.system.forked) == 2
+    second = m.system.forked[1]
+    assert web(m).slots[0].child.pid == second.pid
+    assert m.system.sent == []  # nothing was signalled: the child died by itself
+
+    # Dying again before it is even ready doubles the delay.
+    second.exit(1)
+    m.step()
+    assert m.of(ev.ChildExited)[-1].decision.restart_in == 4.0
+    again = m.clock.now
+    m.advance_to(again + 4.0 - TICK)
+    assert len(m.system.forked) == 2
+    m.advance_to(again + 4.0)
+    assert len(m.system.forked) == 3
+
+
+def test_a_boot_error_streak_backs_off_growing_delays_and_is_logged_once(
+        build: Build, log: io.StringIO) -> None:
+    m = build(processes=1, backoff={"initial": 1.0, "max": 30.0})
+    m.step()
+    delays = []
+    for attempt in range(5):
+        child = m.system.forked[-1]
+        child.say(BootError(BOOT_REASON))
+        child.exit(EXIT_BOOT_ERROR)
+        m.step()
+        decision = m.of(ev.ChildExited)[-1].decision
+        assert decision.kind is ExitKind.BOOT_ERROR and decision.streak == attempt + 1
+        delays.append(decision.restart_in)
+        failed_at = m.clock.now
+        m.advance_to(failed_at + decision.restart_in - TICK)
+        assert len(m.system.forked) == attempt + 1, "forked before the backoff delay"
+        m.advance_to(failed_at + decision.restart_in)
+        assert len(m.system.forked) == attempt + 2
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0]
+    booting = [x for x in lines(log) if x["event"].startswith("child failed to boot")]
+    assert len(booting) == 1, booting
+    assert booting[0]["reason"] == BOOT_REASON and booting[0]["streak"] == 1
+    assert booting[0]["level"] == "error" and booting[0]["retry_in"] == 1.0
+
+    # A child that stays up past reset_after ends the streak: the next failure is a new
+    # streak, logged again, with the first delay.
+    survivor = m.system.forked[-1]
+    survivor.say(Ready())
+    m.advance(10.0)
+    survivor.say(BootError(BOOT_REASON))
+    survivor.exit(EXIT_BOOT_ERROR)
+    m.step()
+    decision = m.of(ev.ChildExited)[-1].decision
+    assert (decision.streak, decision.restart_in) == (1, 1.0)
+    booting = [x for x in lines(log) if x["event"].startswith("child failed to boot")]
+    assert [x["streak"] for x in booting] == [1, 1]
+
+
+# -- rolls ------------------------------------------------------------------------------------
+
+
+def test_a_roll_with_surge_one_retires_each_old_child_after_its_successor_is_ready(
+        build: Build, tmp_path: Path) -> None:
+    m = build(processes=4, max_surge=1)
+    old = start_ready(m)
+    pool = web(m)
+
+    def step() -> None:
+        m.step()
+        assert serving(pool) == 4, "capacity dipped"
+        assert sum(1 for s in pool.slots if s.successor is not None) <= 1, "surge exceeded"
+
+    write_config(tmp_path / "gearvisor.yaml", processes=4, max_surge=1,
+                 env={"RELEASE": "2"})
+    assert m.arbiter.reload("test") is None
+    assert pool.generation == 2 and pool.config.env == {"RELEASE": "2"}
+    step()
+    for i, retiring in enumerate(old):
+        assert len(m.system.forked) == 5 + i  # one successor at a time
+        successor = m.system.forked[-1]
+        assert pool.slots[i].successor is not None
+        assert pool.slots[i].successor.pid == successor.pid
+        assert m.system.sent == [("kill", o.pid, RETIRE_SIGNAL) for o in old[:i]]
+        step()  # nothing happens while the successor starts
+        assert retiring.received == []
+        successor.say(Ready())
+        step()
+        assert m.system.sent[-1] == ("kill", retiring.pid, RETIRE_SIGNAL)
+        assert m.arbiter.children[retiring.pid][0].state is ChildState.DRAINING
+        retiring.exit(0)
+        step()
+        assert m.of(ev.ChildExited)[-1].decision.kind is ExitKind.STOPPED
+    assert len(m.system.forked) == 8
+    # Each old child was told once, in slot order, and no one else was signalled.
+    assert m.system.sent == [("kill", o.pid, RETIRE_SIGNAL) for o in old]
+    assert [(s.child.pid, s.child.generation) for s in pool.slots] == [
+        (c.pid, 2) for c in m.system.forked[4:]]
+    assert sorted(m.arbiter.children) == pids(m.system.forked[4:])
+    assert m.arbiter.progress(["web"]) == {"web": {"generation": 2, "result": "ok"}}
+    assert m.of(ev.FleetReady)[-1].after_reload
+
+
+def test_a_successor_that_dies_before_ready_halts_the_roll(
+        build: Build, tmp_path: Path, log: io.StringIO) -> None:
+    m = build(processes=2, max_surge=1)
+    old = start_ready(m)
+    pool = web(m)
+    write_config(tmp_path / "gearvisor.yaml", processes=2, max_surge=1, env={"RELEASE": "2"})
+    assert m.arbiter.reload("test") is None
+    m.step()
+    successor = m.system.forked[2]
+    successor.exit(1)
+    m.step()
+    assert m.of(ev.ChildExited)[-1].decision.kind is ExitKind.ROLL_FAILED
+    assert pool.halted == "web[0] of generation 2 crashed before it was ready"
+    for _ in range(4):  # long past any backoff: still nothing
+        m.advance(30.0)
+    assert len(m.system.forked) == 3, "a halted roll started another successor"
+    assert m.system.sent == [], "an old child was retired though its successor failed"
+    assert [(s.child.pid, s.child.state, s.child.generation) for s in pool.slots] == [
+        (c.pid, ChildState.READY, 1) for c in old]
+    assert all(s.successor is None for s in pool.slots)
+    assert m.arbiter.progress(["web"]) == {"web": {
+        "generation": 2, "result": pool.halted, "error": pool.halted}}
+    halted = [x for x in lines(log) if x["event"].startswith("roll halted")]
+    assert len(halted) == 1 and halted[0]["child_pid"] == successor.pid
+
+
+def test_a_reload_during_a_roll_retires_unready_successors_and_rolls_to_the_newest(
+        build: Build, tmp_path: Path) -> None:
+    m = build(processes=4, max_surge=2)
+    old = start_ready(m)
+    pool = web(m)
+    config = tmp_path / "gearvisor.yaml"
+
+    def step() -> None:
+        m.step()
+        assert serving(pool) == 4, "capacity dipped"
+        assert sum(1 for s in pool.slots if s.successor is not None) <= 2, "surge exceeded"
+
+    write_config(config, processes=4, max_surge=2, env={"RELEASE": "2"})
+    assert m.arbiter.reload("first") is None
+    step()
+    s0, s1 = m.system.forked[4:6]
+    s0.say(Ready())
+    step()  # s0 takes slot 0, old[0] is retired, slot 2 gets a successor
+    s2 = m.system.forked[6]
+    assert m.system.sent == [("kill", old[0].pid, RETIRE_SIGNAL)]
+    assert pool.slots[2].successor.pid == s2.pid
+
+    write_config(config, processes=4, max_surge=2, env={"RELEASE": "3"})
+    assert m.arbiter.reload("second") is None
+    assert pool.generation == 3
+    # The successors still starting serve nothing yet: retired at once, not waited for.
+    assert m.system.sent[1:] == [("kill", s1.pid, RETIRE_SIGNAL), ("kill", s2.pid, RETIRE_SIGNAL)]
+    step()
+    # s1 ignores the signal and registers anyway: it was told to stop, it takes no slot.
+    s1.say(Ready())
+    step()
+    assert all(e.child.pid != s1.pid for e in m.of(ev.ChildReady))
+    assert all(s.child.pid != s1.pid for s in pool.slots)
+
+    said_ready = {c.pid for c in (*old, s0, s1)}
+    for _ in range(40):  # every child behaves from now on; bounded
+        for child in m.system.forked:
+            if child.alive and child.received:
+                child.exit(0)
+            elif child.alive and child.pid not in said_ready:
+                said_ready.add(child.pid)
+                child.say(Ready())
+        step()
+        if m.arbiter.progress(["web"]) is not None and len(m.arbiter.children) == 4:
+            break
+    assert m.arbiter.progress(["web"]) == {"web": {"generation": 3, "result": "ok"}}
+    assert all(s.child.generation == 3 and s.child.state is ChildState.READY
+               for s in pool.slots)
+    told = collections.Counter(pid for _, pid, _ in m.system.sent)
+    assert max(told.values()) == 1, f"a child was signalled twice: {m.system.sent}"
+    assert {sig for _, _, sig in m.system.sent} == {RETIRE_SIGNAL}
+    assert set(told) == {c.pid for c in (*old, s0, s1, s2)}
+    assert len(m.system.forked) == 4 + 3 + 4  # gen 1, three of gen 2, gen 3
+
+
+def test_a_retired_child_that_ignores_its_signal_is_sigkilled_at_graceful_timeout(
+        build: Build, tmp_path: Path) -> None:
+    m = build(processes=1, graceful_timeout=10.0)
+    (old,) = start_ready(m)
+    write_config(tmp_path / "gearvisor.yaml", processes=1, graceful_timeout=10.0,
+                 env={"RELEASE": "2"})
+    assert m.arbiter.reload("test") is None
+    m.step()
+    successor = m.system.forked[1]
+    successor.say(Ready())
+    m.step()
+    retired_at = m.clock.now
+    assert m.system.sent == [("kill", old.pid, RETIRE_SIGNAL)]
+    m.advance_to(retired_at + 10.0 - TICK)  # it ignores the signal (a job that never ends)
+    assert len(m.system.sent) == 1 and old.alive
+    m.advance_to(retired_at + 10.0)
+    assert m.system.sent[1:] == [("killpg", old.pid, signal.SIGKILL)]
+    assert old.pid not in m.arbiter.children
+    assert m.of(ev.ChildExited)[-1].decision.kind is ExitKind.STOPPED  # asked to: no crash
+    m.advance(30.0)
+    assert len(m.system.sent) == 2 and len(m.system.forked) == 2  # no replacement, no resend
+
+
+# -- fork failures ----------------------------------------------------------------------------
+
+
+def fork_failures(log: io.StringIO) -> int:
+    return sum(1 for x in lines(log) if x["event"] == "fork failed")
+
+
+def test_a_failed_fork_of_a_new_child_is_retried_after_the_backoff_delay(
+        build: Build, log: io.StringIO) -> None:
+    m = build(processes=1, backoff={"initial": 2.0})
+    m.system.fail_forks = 1
+    m.step()
+    failed_at = m.clock.now
+    assert m.system.fork_attempts == 1 and m.system.forked == []
+    for _ in range(5):  # passes of the loop at the same instant: no retry yet
+        m.step()
+    m.advance_to(failed_at + 2.0 - TICK)
+    assert m.system.fork_attempts == 1 and fork_failures(log) == 1
+    m.advance_to(failed_at + 2.0)
+    assert m.system.fork_attempts == 2 and len(m.system.forked) == 1
+    assert web(m).slots[0].child.pid == m.system.forked[0].pid
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a failed fork of a roll successor sets no delay (spawn_child backs off only a fresh "
+    "slot or a same-generation replacement, and pool.plan() starts roll successors with no "
+    "time gate), so the fork is retried, and 'fork failed' logged, on every pass of the "
+    "loop: each child message, timer or control request"))
+def test_a_failed_fork_of_a_roll_successor_is_not_retried_on_every_pass(
+        build: Build, tmp_path: Path, log: io.StringIO) -> None:
+    m = build(processes=1)
+    start_ready(m)
+    write_config(tmp_path / "gearvisor.yaml", processes=1, env={"RELEASE": "2"})
+    assert m.arbiter.reload("test") is None
+    m.system.fail_forks = 100
+    m.step()
+    assert m.system.fork_attempts == 2  # the first child, then the successor's failure
+    for _ in range(5):  # five more passes at the same instant (events, other timers)
+        m.step()
+    assert m.system.fork_attempts == 2, f"{fork_failures(log)} 'fork failed' lines at once"
+
+
+# -- stopping ---------------------------------------------------------------------------------
+
+
+def test_a_graceful_stop_sigterms_then_sigkills_the_groups_that_outlive_graceful_timeout(
+        build: Build) -> None:
+    m = build((Health(), Groups()), processes=2, graceful_timeout=10.0)
+    polite, stubborn = start_ready(m)
+    started = m.clock.now
+    m.arbiter.stop(fast=False, why="test")
+    assert m.of(ev.Stopping) == [ev.Stopping(fast=False, why="test")]
+    assert m.system.sent == [("kill", polite.pid, signal.SIGTERM),
+                             ("kill", stubborn.pid, signal.SIGTERM)]
+    polite.exit(0)
+    m.step()
+    assert list(m.arbiter.children) == [stubborn.pid]
+    assert not m.loop.stopped
+
+    m.advance_to(started + 10.0 - TICK)
+    assert len(m.system.sent) == 2 and stubborn.alive and not m.loop.stopped
+    m.advance_to(started + 10.0)
+    assert m.system.sent[2:] == [("killpg", stubborn.pid, signal.SIGKILL)]
+    assert stubborn.status == signal_status(signal.SIGKILL)
+    assert m.arbiter.children == {}
+    assert m.loop.stopped
+    assert [e.decision.kind for e in m.of(ev.ChildExited)] == [ExitKind.STOPPED] * 2
+    assert len(m.system.forked) == 2  # nothing replaced during a stop
+
+
+# -- health -----------------------------------------------------------------------------------
+
+
+def test_a_quarantined_child_is_replaced_after_its_cooldown_then_retired(build: Build) -> None:
+    m = build((Health(),), processes=4, quarantine={"cooldown": 5.0})
+    children = start_ready(m)
+    pool = web(m)
+    sick = children[0]
+    said_at = m.clock.now
+    sick.say(Quarantined(reason="5 of its last 5 jobs failed fast", failed=5, done=0))
+    m.step()
+    (event,) = m.of(ev.Quarantined)
+    assert (event.pool, event.slot, event.child_pid) == ("web", 0, sick.pid)
+    assert (event.jobs_failed, event.jobs_done) == (5, 0)
+    assert 4.5 <= event.replaced_in <= 5.5  # the cooldown, with its jitter
+    assert m.of(ev.CircuitOpened) == []
+    replace_at = pool.slots[0].replace_at
+    assert replace_at - said_at == pytest.approx(event.replaced_in, abs=1e-3)
+
+    m.advance_to(replace_at - TICK)
+    assert len(m.system.forked) == 4
+    m.advance_to(replace_at)
+    assert len(m.system.forked) == 5
+    fresh = m.system.forked[4]
+    assert pool.slots[0].successor.pid == fresh.pid and pool.slots[0].successor.probation
+    assert m.system.sent == []  # the quarantined child keeps its slot until then
+    fresh.say(Ready())
+    m.step()
+    assert m.system.sent == [("kill", sick.pid, RETIRE_SIGNAL)]
+    assert pool.slots[0].child.pid == fresh.pid
+    sick.exit(0)
+    m.step()
+    assert serving(pool) == 4 and len(m.system.forked) == 5
+
+
+def test_the_circuit_opens_when_most_children_quarantine_and_a_probe_closes_it(
+        build: Build) -> None:
+    m = build((Health(),), processes=4, quarantine={"cooldown": 5.0},
+              circuit={"ratio": 0.6, "cooldown": 10.0})
+    children = start_ready(m)
+    pool = web(m)
+    healthy = children[3]
+    for i, child in enumerate(children[:3]):
+        child.say(Quarantined(reason="fails fast", failed=5, done=0))
+        m.step()
+        assert len(m.of(ev.CircuitOpened)) == (1 if i == 2 else 0)  # 3 of 4 >= 60%
+    opened_at = m.clock.now
+    (opened,) = m.of(ev.CircuitOpened)
+    assert (opened.pool, opened.quarantined, opened.desired, opened.reopened) == (
+        "web", 3, 4, False)
+    assert 9.0 <= opened.probe_in <= 11.0
+    # The one child still taking jobs is paused: the byte in its scoreboard, then SIGUSR1
+    # to tell it to look. The quarantined ones take no jobs anyway.
+    assert m.system.sent == [("kill", healthy.pid, signal.SIGUSR1)]
+    boards = [m.arbiter.children[c.pid][0].scoreboard for c in children]
+    assert [b.paused_wanted() for b in boards] == [False, False, False, True]
+
+    # No replacement while the circuit is open, even past the quarantine cooldowns.
+    probe_at = pool.circuit_until
+    assert probe_at - opened_at == pytest.approx(opened.probe_in, abs=1e-3)
+    m.advance_to(probe_at - TICK)
+    assert len(m.system.forked) == 4
+    m.advance_to(probe_at)
+    assert len(m.system.forked) == 5
+    probe = m.system.forked[4]
+    assert pool.probe is not None and pool.probe.pid == probe.pid
+    assert pool.slots[0].successor.pid == probe.pid  # beside a quarantined child
+    assert not m.arbiter.children[probe.pid][0].scoreboard.paused_wanted()  # it takes jobs
+
+    probe.say(Ready())
+    m.step()
+    assert m.system.sent[1:] == [("kill", children[0].pid, RETIRE_SIGNAL)]
+    probe.say(ProbationPassed())
+    m.step()
+    assert m.of(ev.CircuitClosed) == [ev.CircuitClosed("web", probe.pid)]
+    assert pool.circuit == "closed"
+    assert m.system.sent[2:] == [("kill", healthy.pid, signal.SIGUSR1)]  # resumed
+    assert not boards[3].paused_wanted()
+    health = [type(e) for e in m.events
+              if isinstance(e, (ev.Quarantined, ev.CircuitOpened, ev.CircuitClosed))]
+    assert health == [ev.Quarantined] * 3 + [ev.CircuitOpened, ev.CircuitClosed]
+    # The fault is gone: the other quarantined children are replaced now, one at a time.
+    assert len(m.system.forked) == 6
+    assert pool.slots[1].successor.pid == m.system.forked[5].pid
+
+
+def open_circuit(m: FakeMaster) -> list[FakeChild]:
+    """Four ready children, three of which quarantine themselves: the circuit opens."""
+    children = start_ready(m)
+    for child in children[:3]:
+        child.say(Quarantined(reason="fails fast", failed=5, done=0))
+    m.step()
+    assert web(m).circuit == "open"
+    return children
+
+
+def test_a_probe_that_crashes_keeps_the_circuit_open_says_so_and_probes_again_later(
+        build: Build, log: io.StringIO) -> None:
+    m = build((Health(),), processes=4, circuit={"ratio": 0.6, "cooldown": 10.0})
+    children = open_circuit(m)
+    pool = web(m)
+    m.advance_to(pool.circuit_until)
+    probe = m.system.forked[4]
+    assert pool.probe is not None and pool.probe.pid == probe.pid
+    probe.exit(1)
+    m.step()
+    assert pool.circuit == "open" and pool.probe is None
+    first, again = m.of(ev.CircuitOpened)
+    assert not first.reopened and again.reopened
+    assert (again.pool, again.quarantined, again.desired) == ("web", 3, 4)
+    assert 18.0 <= again.probe_in <= 22.0  # the cooldown doubled
+    stays = [x for x in lines(log) if x.get("internal_event") == "circuit_open"]
+    assert [x["event"].startswith("circuit stays open") for x in stays] == [False, True]
+    # The healthy child was paused once, when the circuit opened: not again.
+    assert m.system.signals(signal.SIGUSR1) == [("kill", children[3].pid, signal.SIGUSR1)]
+    m.advance_to(pool.circuit_until - TICK)
+    assert len(m.system.forked) == 5
+    m.advance_to(pool.circuit_until)
+    assert len(m.system.forked) == 6 and pool.probe.pid == m.system.forked[5].pid
+    # A probe retired on purpose (here: the fleet stops) is no failed probe.
+    m.arbiter.stop(fast=False, why="test")
+    m.system.forked[5].exit(0)
+    m.step()
+    assert len(m.of(ev.CircuitOpened)) == 2
+
+
+def test_a_job_busy_past_timeout_and_grace_gets_its_group_sigkilled_and_a_strike(
+        build: Build, log: io.StringIO) -> None:
+    m = build((Health(),), processes=1,
+              functions={"f": {"callable": "examples.text:echo", "timeout": 2.0}},
+              timeout_grace=1.0)
+    (child,) = start_ready(m)
+    record = m.arbiter.children[child.pid][0]
+    key = job_key("f", "job-1", "H:host:1")
+    began = m.clock.now
+    # The child writes its job into its scoreboard (and running slot), as it would.
+    record.scoreboard.job_started("f", "H:host:1", "job-1", began, size=8, key=key)
+    m.arbiter.running.set(record.running_index, key)
+
+    m.advance_to(began + 3.0)  # busy for exactly timeout + grace: not past it
+    assert m.system.sent == []
+    m.advance_to(began + 3.0 + HEALTH_INTERVAL)
+    assert m.system.sent == [("killpg", child.pid, signal.SIGKILL)]
+    assert not child.alive and child.pid not in m.arbiter.children
+    assert record.killed_for == "timeout"
+    assert m.arbiter.poison.strikes(key) == 1
+    exited = m.of(ev.ChildExited)[-1]
+    assert exited.decision.kind is ExitKind.CRASHED and exited.decision.restart_in is not None
+    hung = [x for x in lines(log) if x["event"].startswith("job hung past its timeout")]
+    assert len(hung) == 1
+    assert (hung[0]["function"], hung[0]["unique"], hung[0]["timeout"]) == ("f", "job-1", 2.0)
