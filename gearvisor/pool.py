@@ -87,7 +87,9 @@ class Slot:
         self.backoff = self._backoff(config)
         self.child: Child | None = None  # the child serving this slot (or starting to)
         self.successor: Child | None = None  # a newer-generation child starting beside it
-        self.restart_at = 0.0  # monotonic time before which no child may start
+        # Monotonic time before which no child may start here (an empty slot's restart, or
+        # a roll successor after a failed fork).
+        self.restart_at = 0.0
         self.last_reason: str | None = None  # last failure reason logged in this streak
         # Replacing a healthy-enough child through the surge path (recycle, quarantine):
         self.replace_at: float | None = None  # start a successor at this time
@@ -187,6 +189,11 @@ class Pool:
         if in_flight < surge_count(self.config.max_surge, self.desired):
             # (while surge holds replacements back, a successor's readiness frees them)
             times += [s.replace_at for s in self.slots if self._replaceable(s)]
+            # A roll successor whose fork failed waits for its slot's backoff.
+            if self.halted is None:
+                times += [s.restart_at for s in self.slots if s.successor is None
+                          and s.child is not None and s.child.generation < self.generation
+                          and s.restart_at > 0.0]
         if self.circuit is Circuit.OPEN:
             times.append(self.circuit_until)
         return min(times) if times else None
@@ -239,7 +246,7 @@ class Pool:
                     break
                 child = slot.child
                 if slot.successor is None and child is not None and (
-                        child.generation < self.generation):
+                        child.generation < self.generation) and slot.restart_at <= now:
                     if child.state is ChildState.STARTING:
                         # Not serving yet: nothing to protect, replace it outright.
                         actions.append(Retire(child, "outdated before it was ready"))

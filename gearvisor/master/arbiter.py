@@ -217,10 +217,10 @@ class Arbiter:
             self.running.release(index)
             if board is not None:
                 board.close()
-            if not action.successor:
+            if slot.replace_at is not None and action.successor:
+                slot.replace_at = now + slot.backoff.failure(now, now)  # a replacement
+            else:  # a fresh child, or a roll's successor: not again before the backoff
                 slot.restart_at = now + slot.backoff.failure(now, now)
-            elif slot.replace_at is not None:
-                slot.replace_at = now + slot.backoff.failure(now, now)
             if action.probe:
                 pool.circuit_until = now + 1.0  # try the probe again in a second
             self.log.error("fork failed", pool=pool.name, slot=slot.index, error=str(e))
