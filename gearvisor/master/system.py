@@ -14,7 +14,7 @@ import signal
 from collections.abc import Callable, Iterable
 from typing import NoReturn
 
-from ..process import group_members, set_child_subreaper
+from ..process import EXIT_CRASH, group_members, set_child_subreaper
 
 
 class System:
@@ -36,9 +36,15 @@ class System:
             os.close(w)
             raise
         if pid == 0:
-            os.setpgid(0, 0)  # its own process group, so stopping it can reach descendants
-            os.close(r)
-            body(w, blocked)
+            # The child never comes back into the master's code, whatever body() does: an
+            # exception escaping here would run a second master loop in the child, which
+            # forks children of its own (a fork bomb).
+            try:
+                os.setpgid(0, 0)  # its own process group, so stopping it can reach descendants
+                os.close(r)
+                body(w, blocked)
+            finally:
+                os._exit(EXIT_CRASH)
         try:
             os.setpgid(pid, pid)  # the same from this side: set before anyone signals it
         except OSError:
