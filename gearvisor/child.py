@@ -20,22 +20,22 @@ from typing import Any, NoReturn
 
 from setproctitle import setproctitle
 
-from . import log as logmod
-from . import messages as msg
-from .config import Config, PoolConfig
-from .gearman.worker import Hooks, JobTimer, Keepalive, Worker
-from .health import ErrorWindow, jittered
-from .job import Job, JobTimeout
-from .poison import PoisonTable, RunningJobs, job_key
-from .postfork import after_fork
-from .process import (
+from gearvisor import log as logmod
+from gearvisor import messages as msg
+from gearvisor.config import Config, PoolConfig
+from gearvisor.gearman.worker import Hooks, JobTimer, Keepalive, Worker
+from gearvisor.health import ErrorWindow, jittered
+from gearvisor.job import Job, JobTimeout
+from gearvisor.poison import PoisonTable, RunningJobs, job_key
+from gearvisor.postfork import after_fork
+from gearvisor.process import (
     EXIT_BOOT_ERROR,
     EXIT_CRASH,
     EXIT_OK,
     EXIT_ORPHANED,
 )
-from .scoreboard import Scoreboard
-from .watcher import send_import_report
+from gearvisor.scoreboard import Scoreboard
+from gearvisor.watcher import send_import_report
 
 try:  # CPython: the handler as set, without signal.getsignal's enum lookup (checked per job)
     from _signal import getsignal as _getsignal

@@ -13,8 +13,8 @@ import sys
 import time
 from typing import Any
 
-from . import __version__
-from .config import Config, ConfigError, load, load_yaml, read_file
+from gearvisor import __version__
+from gearvisor.config import Config, ConfigError, load, load_yaml, read_file
 
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd's RestartPreventExitStatus=78 stops a loop
 EXIT_FAILED = 1  # the master refused or could not carry out the request
@@ -111,7 +111,7 @@ def socket_path(args: argparse.Namespace) -> str:
     """--socket, else control_socket from -c FILE / $GEARVISOR_CONFIG / the default config
     (read leniently: a config the master will refuse must still lead to the master), else
     the default path."""
-    from .control import default_socket_path
+    from gearvisor.control import default_socket_path
 
     if getattr(args, "socket", None):
         return args.socket
@@ -146,7 +146,7 @@ def socket_path(args: argparse.Namespace) -> str:
 
 def _ask(args: argparse.Namespace, payload: dict[str, Any],
          timeout: float = 30.0) -> dict[str, Any] | None:
-    from .control import ControlError, request
+    from gearvisor.control import ControlError, request
 
     try:
         return request(socket_path(args), payload, timeout)
@@ -171,7 +171,7 @@ def cmd_control(args: argparse.Namespace) -> int:
             print(f"  {name}: {result.get('result')}", file=sys.stderr)
         return EXIT_FAILED
     if verb == "status":
-        from .status import render
+        from gearvisor.status import render
 
         status = reply["status"]
         print(json.dumps(status, indent=2) if args.json else render(status))
@@ -218,7 +218,7 @@ def cmd_check(path: str, import_functions: bool) -> int:
     if cfg is None:
         return EXIT_CONFIG
     if import_functions:
-        from .child import BootError, load_functions
+        from gearvisor.child import BootError, load_functions
 
         for p in reversed(cfg.pythonpath):
             if p not in sys.path:
@@ -250,7 +250,7 @@ def cmd_run(path: str) -> int:
     cfg = _load_or_report(path)
     if cfg is None:
         return EXIT_CONFIG
-    from .master import run
+    from gearvisor.master import run
 
     return run(cfg)
 

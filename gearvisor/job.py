@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from .gearman.protocol import Packet
+from gearvisor.gearman.protocol import Packet
 
 Send = Callable[[int, bytes, bytes], None]  # (packet type, handle, payload)
 

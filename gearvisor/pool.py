@@ -17,9 +17,9 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-from .config import PoolConfig
-from .health import Backoff
-from .process import EXIT_BOOT_ERROR, Child, ChildState
+from gearvisor.config import PoolConfig
+from gearvisor.health import Backoff
+from gearvisor.process import EXIT_BOOT_ERROR, Child, ChildState
 
 
 class Circuit(str, Enum):

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from .pool import Circuit
-from .process import Child, ChildState
+from gearvisor.pool import Circuit
+from gearvisor.process import Child, ChildState
 
 if TYPE_CHECKING:
-    from .master.arbiter import Arbiter
-    from .pool import Pool
+    from gearvisor.master.arbiter import Arbiter
+    from gearvisor.pool import Pool
 
 STATUS_VERSION = 1
 

@@ -37,11 +37,11 @@ from typing import Any, NoReturn
 
 from wcmatch import glob as wcglob
 
-from . import messages as msg
-from .config import Config
-from .health import Backoff
-from .postfork import after_fork
-from .process import EXIT_CRASH, EXIT_ORPHANED
+from gearvisor import messages as msg
+from gearvisor.config import Config
+from gearvisor.health import Backoff
+from gearvisor.postfork import after_fork
+from gearvisor.process import EXIT_CRASH, EXIT_ORPHANED
 
 _GLOB_FLAGS = wcglob.GLOBSTAR
 RESOLVE_INTERVAL_MS = 1000  # how often symlinked roots are re-resolved (and the master checked)

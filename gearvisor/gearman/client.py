@@ -10,7 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .protocol import Decoder, Frame, Packet, encode
+from gearvisor.gearman.protocol import Decoder, Frame, Packet, encode
 
 
 class ClientError(Exception):

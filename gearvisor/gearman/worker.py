@@ -41,8 +41,16 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from ..job import Job, encode_result
-from .protocol import DEFAULT_MAX_PACKET, OVERSIZED_JOB, RES, Decoder, Packet, ProtocolError, encode
+from gearvisor.gearman.protocol import (
+    DEFAULT_MAX_PACKET,
+    OVERSIZED_JOB,
+    RES,
+    Decoder,
+    Packet,
+    ProtocolError,
+    encode,
+)
+from gearvisor.job import Job, encode_result
 
 RECV_SIZE = 256 * 1024
 SEND_TIMEOUT = 30.0  # a server that accepts no bytes for this long is treated as dead

@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import sys
 
-from .. import log as logmod
-from ..config import Config
-from .arbiter import Arbiter
-from .commands import Commands
-from .component import Component
-from .control import Control
-from .groups import Groups
-from .health import Health
-from .helpers import Watcher
-from .probe import Probe
-from .systemd import Systemd
+from gearvisor import log as logmod
+from gearvisor.config import Config
+from gearvisor.master.arbiter import Arbiter
+from gearvisor.master.commands import Commands
+from gearvisor.master.component import Component
+from gearvisor.master.control import Control
+from gearvisor.master.groups import Groups
+from gearvisor.master.health import Health
+from gearvisor.master.helpers import Watcher
+from gearvisor.master.probe import Probe
+from gearvisor.master.systemd import Systemd
 
 
 def components(config: Config) -> list[Component]:

@@ -20,23 +20,23 @@ from typing import Any, NoReturn
 
 from setproctitle import setproctitle
 
-from .. import log as logmod
-from .. import messages as msg
-from ..child import run_child
-from ..command import exec_command, output_pipe
-from ..config import Config, ConfigError, load
-from ..control import default_socket_path
-from ..health import fd_warnings, jittered
-from ..poison import PoisonTable, RunningJobs
-from ..pool import Circuit, ExitKind, Pool, Retire, Spawn
-from ..process import EXIT_BOOT_ERROR, Child, ChildState, describe_status
-from ..scoreboard import Scoreboard
-from ..status import fleet_status, summary
-from . import bus as ev
-from .component import Component
-from .loop import Loop, Timer
-from .pipes import read_lines
-from .system import System
+from gearvisor import log as logmod
+from gearvisor import messages as msg
+from gearvisor.child import run_child
+from gearvisor.command import exec_command, output_pipe
+from gearvisor.config import Config, ConfigError, load
+from gearvisor.control import default_socket_path
+from gearvisor.health import fd_warnings, jittered
+from gearvisor.master import bus as ev
+from gearvisor.master.component import Component
+from gearvisor.master.loop import Loop, Timer
+from gearvisor.master.pipes import read_lines
+from gearvisor.master.system import System
+from gearvisor.poison import PoisonTable, RunningJobs
+from gearvisor.pool import Circuit, ExitKind, Pool, Retire, Spawn
+from gearvisor.process import EXIT_BOOT_ERROR, Child, ChildState, describe_status
+from gearvisor.scoreboard import Scoreboard
+from gearvisor.status import fleet_status, summary
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGCHLD)

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..messages import Message
+from gearvisor.messages import Message
 
 if TYPE_CHECKING:
-    from ..pool import ExitDecision, Pool
-    from ..process import Child
+    from gearvisor.pool import ExitDecision, Pool
+    from gearvisor.process import Child
 
 E = TypeVar("E")
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from .arbiter import Arbiter
+    from gearvisor.config import Config
+    from gearvisor.master.arbiter import Arbiter
 
 
 class Component:

@@ -16,7 +16,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..control import (
+from gearvisor.control import (
     MAX_CLIENTS,
     MAX_REQUEST,
     ControlError,
@@ -24,14 +24,14 @@ from ..control import (
     default_socket_path,
     parse_request,
 )
-from . import bus as ev
-from .arbiter import StartError
-from .component import Component
+from gearvisor.master import bus as ev
+from gearvisor.master.arbiter import StartError
+from gearvisor.master.component import Component
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from .arbiter import Arbiter
-    from .loop import Timer
+    from gearvisor.config import Config
+    from gearvisor.master.arbiter import Arbiter
+    from gearvisor.master.loop import Timer
 
 REPLY_TIMEOUT = 10.0  # a reply not read by then: the client is dropped
 MAX_OUT = 4 * 1024 * 1024  # a subscriber with this much unread is sent nothing more for now

@@ -14,12 +14,12 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import bus as ev
-from .component import Component
+from gearvisor.master import bus as ev
+from gearvisor.master.component import Component
 
 if TYPE_CHECKING:
-    from .arbiter import Arbiter
-    from .loop import Timer
+    from gearvisor.master.arbiter import Arbiter
+    from gearvisor.master.loop import Timer
 
 
 @dataclass

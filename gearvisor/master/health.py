@@ -11,15 +11,15 @@ from __future__ import annotations
 import signal
 from typing import TYPE_CHECKING, Any
 
-from .. import messages as msg
-from ..pool import Circuit, CircuitChange, ExitKind, Pool, Retire
-from ..process import Child, ChildState
-from . import bus as ev
-from .component import Component
+from gearvisor import messages as msg
+from gearvisor.master import bus as ev
+from gearvisor.master.component import Component
+from gearvisor.pool import Circuit, CircuitChange, ExitKind, Pool, Retire
+from gearvisor.process import Child, ChildState
 
 if TYPE_CHECKING:
-    from .arbiter import Arbiter
-    from .loop import Timer
+    from gearvisor.master.arbiter import Arbiter
+    from gearvisor.master.loop import Timer
 
 HEALTH_INTERVAL = 0.25  # how often hung jobs and lifetimes are checked, when configured
 

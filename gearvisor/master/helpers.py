@@ -13,18 +13,18 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .. import messages as msg
-from ..process import describe_status
-from ..watcher import Debouncer, WatcherState, run_watcher
-from . import bus as ev
-from .arbiter import HANDLED_SIGNALS
-from .component import Component
-from .pipes import read_lines
+from gearvisor import messages as msg
+from gearvisor.master import bus as ev
+from gearvisor.master.arbiter import HANDLED_SIGNALS
+from gearvisor.master.component import Component
+from gearvisor.master.pipes import read_lines
+from gearvisor.process import describe_status
+from gearvisor.watcher import Debouncer, WatcherState, run_watcher
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from .arbiter import Arbiter
-    from .loop import Timer
+    from gearvisor.config import Config
+    from gearvisor.master.arbiter import Arbiter
+    from gearvisor.master.loop import Timer
 
 
 class Watcher(Component):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..gearman import admin
-from . import bus as ev
-from .component import Component
+from gearvisor.gearman import admin
+from gearvisor.master import bus as ev
+from gearvisor.master.component import Component
 
 if TYPE_CHECKING:
-    from .arbiter import Arbiter
+    from gearvisor.master.arbiter import Arbiter
 
 ADMIN_TIMEOUT = 2.0  # a `workers` query that takes longer counts as not answered
 

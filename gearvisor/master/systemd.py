@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..notify import Notifier
-from . import bus as ev
-from .component import Component
+from gearvisor.master import bus as ev
+from gearvisor.master.component import Component
+from gearvisor.notify import Notifier
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from .arbiter import Arbiter
+    from gearvisor.config import Config
+    from gearvisor.master.arbiter import Arbiter
 
 
 class Systemd(Component):
