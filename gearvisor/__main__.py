@@ -1,5 +1,5 @@
 import sys
 
-from gearvisor.cli import main
+from gearvisor.cli.main import main
 
 sys.exit(main())

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import itertools
 
-from gearvisor.pool import ExitDecision, Pool, Retire, Spawn
-from gearvisor.process import Child, ChildState
+from gearvisor.policy.child import Child, ChildState
+from gearvisor.policy.pool import ExitDecision, Pool, Retire, Spawn
 
 _pids = itertools.count(1000)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gearvisor.health import Backoff
+from gearvisor.policy.backoff import Backoff
 
 
 def crash_at_once(b: Backoff, n: int, t: float = 100.0) -> list[float]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gearvisor.child import BootError, load_functions
+from gearvisor.child.python import BootError, load_functions
 
 _counter = itertools.count()
 

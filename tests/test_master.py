@@ -32,9 +32,9 @@ from gearvisor.master.component import Component
 from gearvisor.master.groups import Groups
 from gearvisor.master.health import HEALTH_INTERVAL, Health
 from gearvisor.messages import BootError, ProbationPassed, Quarantined, Ready
-from gearvisor.poison import job_key
-from gearvisor.pool import ExitKind, Pool
-from gearvisor.process import EXIT_BOOT_ERROR, ChildState
+from gearvisor.policy.child import EXIT_BOOT_ERROR, ChildState
+from gearvisor.policy.pool import ExitKind, Pool
+from gearvisor.shm.poison import job_key
 
 TICK = 1 / 64  # a moment, exact in binary: "just before" a deadline
 BOOT_REASON = "function f: cannot import module 'examples.nope'"

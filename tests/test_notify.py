@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gearvisor.notify import Notifier
+from gearvisor.master.notify import Notifier
 
 
 class Listener:

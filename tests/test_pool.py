@@ -12,8 +12,7 @@ import pytest
 from fleet import Fleet, next_pid
 
 from gearvisor.config import BackoffConfig, KeepaliveConfig, PoolConfig, Server, parse
-from gearvisor.pool import ExitDecision, ExitKind, Pool, Retire, Slot, Spawn, surge_count
-from gearvisor.process import (
+from gearvisor.policy.child import (
     EXIT_BOOT_ERROR,
     EXIT_CRASH,
     Child,
@@ -21,6 +20,7 @@ from gearvisor.process import (
     TransitionError,
     describe_status,
 )
+from gearvisor.policy.pool import ExitDecision, ExitKind, Pool, Retire, Slot, Spawn, surge_count
 
 BOOT_ERROR = "function resize: cannot import module 'examples.images'"
 

@@ -28,11 +28,11 @@ from gearvisor.config import (
 )
 from gearvisor.gearman.protocol import Packet
 from gearvisor.gearman.worker import ConnState, Worker
-from gearvisor.health import CHILD_BASE_FDS, ErrorWindow, fd_warnings, jittered
 from gearvisor.job import Job, JobTimeout
-from gearvisor.poison import PoisonTable, job_key
-from gearvisor.pool import ExitDecision, ExitKind, Pool, Retire, Spawn
-from gearvisor.process import EXIT_CRASH, Child, ChildState
+from gearvisor.policy.backoff import CHILD_BASE_FDS, ErrorWindow, fd_warnings, jittered
+from gearvisor.policy.child import EXIT_CRASH, Child, ChildState
+from gearvisor.policy.pool import ExitDecision, ExitKind, Pool, Retire, Spawn
+from gearvisor.shm.poison import PoisonTable, job_key
 
 # parse() only needs the file's directory (the default cwd) to exist: the file itself is not read.
 CONFIG_PATH = str(Path(__file__).resolve().parent / "quarantine.yaml")
@@ -912,7 +912,7 @@ def test_soft_timeout_arms_the_timer_and_an_escaped_jobtimeout_fails_the_job(wir
 def test_job_key_without_unique_includes_server_and_payload() -> None:
     """Handles restart at 1 with gearmand and repeat across servers: without a unique id the
     key also takes the server and a digest of the payload."""
-    from gearvisor.poison import job_key as key
+    from gearvisor.shm.poison import job_key as key
 
     base = key("resize", "", "H:gm:1", b"img-1", "127.0.0.1:4730")
     assert base == key("resize", "", "H:gm:1", b"img-1", "127.0.0.1:4730")
@@ -926,7 +926,7 @@ def test_a_soft_timeout_never_interrupts_a_write_in_progress() -> None:
     """SIGALRM during the runtime's own send: JobTimeout waits until the write is done."""
     import signal as _signal
 
-    from gearvisor.child import _AlarmTimer
+    from gearvisor.child.python import _AlarmTimer
     from gearvisor.job import JobTimeout
 
     old = _signal.getsignal(_signal.SIGALRM)
@@ -953,7 +953,7 @@ def test_running_jobs_count_deaths_not_yet_reaped() -> None:
     job of a live worker that lost its connection), whatever the byte alignment."""
     import os as _os
 
-    from gearvisor.poison import PoisonTable, RunningJobs
+    from gearvisor.shm.poison import PoisonTable, RunningJobs
 
     dead = _os.fork()
     if dead == 0:

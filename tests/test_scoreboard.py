@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from gearvisor import scoreboard as scoreboard_module
-from gearvisor.scoreboard import Scoreboard, Snapshot
+from gearvisor.shm import scoreboard as scoreboard_module
+from gearvisor.shm.scoreboard import Scoreboard, Snapshot
 
 
 @pytest.fixture

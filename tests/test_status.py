@@ -14,20 +14,13 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
+from gearvisor.cli.render import _duration, _size, render
 from gearvisor.config import PoolConfig, parse
-from gearvisor.pool import Pool, Spawn
-from gearvisor.process import Child, ChildState
-from gearvisor.scoreboard import Scoreboard
-from gearvisor.status import (
-    STATUS_VERSION,
-    _duration,
-    _size,
-    fleet_status,
-    pool_status,
-    render,
-    summary,
-)
-from gearvisor.watcher import Debouncer, WatcherState, WatchSpec
+from gearvisor.helpers.watcher import Debouncer, WatcherState, WatchSpec
+from gearvisor.master.status import STATUS_VERSION, fleet_status, pool_status, summary
+from gearvisor.policy.child import Child, ChildState
+from gearvisor.policy.pool import Pool, Spawn
+from gearvisor.shm.scoreboard import Scoreboard
 
 NOW = 10_000.0
 GONE_PID = 2**31 - 1  # above any pid_max: psutil finds no such process

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from gearvisor.config import Config, ConfigError, parse
-from gearvisor.health import Backoff
-from gearvisor.watcher import (
+from gearvisor.helpers.watcher import (
     MAX_REPORT_CHARS,
     MAX_REPORT_FILES,
     REPORT_LINE,
@@ -44,6 +43,7 @@ from gearvisor.watcher import (
     send_import_report,
     split_roots,
 )
+from gearvisor.policy.backoff import Backoff
 
 NOW = 10_000.0
 
@@ -1003,12 +1003,12 @@ def test_imported_files_keep_the_pools_code_and_drop_stdlib_site_packages_gearvi
     import structlog
     import yaml
 
-    import gearvisor.watcher
+    import gearvisor.helpers.watcher
 
     modules = {
         "os": os, "json": json_module,  # stdlib (os: frozen in 3.11, with a stdlib __file__)
         "yaml": yaml, "structlog": structlog,  # site-packages
-        "gearvisor.watcher": gearvisor.watcher,  # gearvisor itself
+        "gearvisor.helpers.watcher": gearvisor.helpers.watcher,  # gearvisor itself
         "app": fake_module("app", f"{app}/app/__init__.py"),
         "app.tasks": fake_module("app.tasks", f"{app}/app/tasks.py"),
         "app.lib.images": fake_module("app.lib.images", f"{app}/app/lib/images.py"),
@@ -1329,7 +1329,7 @@ def test_rebuild_follows_reports_and_forgets_removed_pools(app: Path) -> None:
 
 def test_for_config_leaves_the_masters_own_log_out(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import gearvisor.watcher as watcher
+    import gearvisor.helpers.watcher as watcher
 
     monkeypatch.setattr(watcher, "output_files", lambda: (f"{tmp_path}/master.log",))
     cfg = load(tmp_path, 'pools:\n  p:\n    functions:\n      f: "x:f"\n    watch: ["."]\n')
@@ -1382,7 +1382,7 @@ def replay(spec: WatchSpec, script: list[set[tuple[int, str]]],
     """Run the helper's loop on `spec` over `script`; every event line it sent."""
     import watchfiles._rust_notify
 
-    from gearvisor.watcher import _watch
+    from gearvisor.helpers.watcher import _watch
 
     fake = FakeNotify(script)
     monkeypatch.setattr(watchfiles._rust_notify, "RustNotify", fake)

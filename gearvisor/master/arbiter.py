@@ -22,21 +22,21 @@ from setproctitle import setproctitle
 
 from gearvisor import log as logmod
 from gearvisor import messages as msg
-from gearvisor.child import run_child
-from gearvisor.command import exec_command, output_pipe
+from gearvisor.child.command import exec_command, output_pipe
+from gearvisor.child.python import run_child
 from gearvisor.config import Config, ConfigError, load
 from gearvisor.control import default_socket_path
-from gearvisor.health import fd_warnings, jittered
 from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
 from gearvisor.master.loop import Loop, Timer
 from gearvisor.master.pipes import read_lines
+from gearvisor.master.status import fleet_status, summary
 from gearvisor.master.system import System
-from gearvisor.poison import PoisonTable, RunningJobs
-from gearvisor.pool import Circuit, ExitKind, Pool, Retire, Spawn
-from gearvisor.process import EXIT_BOOT_ERROR, Child, ChildState, describe_status
-from gearvisor.scoreboard import Scoreboard
-from gearvisor.status import fleet_status, summary
+from gearvisor.policy.backoff import fd_warnings, jittered
+from gearvisor.policy.child import EXIT_BOOT_ERROR, Child, ChildState, describe_status
+from gearvisor.policy.pool import Circuit, ExitKind, Pool, Retire, Spawn
+from gearvisor.shm.poison import PoisonTable, RunningJobs
+from gearvisor.shm.scoreboard import Scoreboard
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGCHLD)

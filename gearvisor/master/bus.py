@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from gearvisor.messages import Message
 
 if TYPE_CHECKING:
-    from gearvisor.pool import ExitDecision, Pool
-    from gearvisor.process import Child
+    from gearvisor.policy.child import Child
+    from gearvisor.policy.pool import ExitDecision, Pool
 
 E = TypeVar("E")
 

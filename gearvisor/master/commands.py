@@ -11,18 +11,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gearvisor.command import OutputSink, client_id, split_lines
+from gearvisor.child.command import OutputSink, client_id, split_lines
 from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
 from gearvisor.master.pipes import read_ready
-from gearvisor.process import Child, ChildState
+from gearvisor.policy.child import Child, ChildState
 
 if TYPE_CHECKING:
     from gearvisor.config import Config
     from gearvisor.master.arbiter import Arbiter
     from gearvisor.master.loop import Timer
     from gearvisor.master.probe import Probe
-    from gearvisor.pool import Pool
+    from gearvisor.policy.pool import Pool
 
 REGISTERED_POLL = 0.25  # how often gearmand's workers list is read while a child starts
 FINAL_READS = 64  # a dead child's pipe: at most this many reads, then it is closed

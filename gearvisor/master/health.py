@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 from gearvisor import messages as msg
 from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
-from gearvisor.pool import Circuit, CircuitChange, ExitKind, Pool, Retire
-from gearvisor.process import Child, ChildState
+from gearvisor.policy.child import Child, ChildState
+from gearvisor.policy.pool import Circuit, CircuitChange, ExitKind, Pool, Retire
 
 if TYPE_CHECKING:
     from gearvisor.master.arbiter import Arbiter

@@ -1,7 +1,7 @@
 """The file-watcher helper, supervised like a child: forked, read over its pipe, restarted
 with backoff when it dies, stopped with the master.
 
-The helper (gearvisor/watcher.py's run_watcher) runs watchfiles' notifier, which needs a
+The helper (helpers/watcher.py's run_watcher) runs watchfiles' notifier, which needs a
 thread, so it never runs in the master. It reports changes; this component debounces them
 and rolls the pools they touch through the arbiter's verbs (the config file: a reload).
 What each Python pool's children report importing feeds the watch list.
@@ -14,12 +14,12 @@ import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from gearvisor import messages as msg
+from gearvisor.helpers.watcher import Debouncer, WatcherState, run_watcher
 from gearvisor.master import bus as ev
 from gearvisor.master.arbiter import HANDLED_SIGNALS
 from gearvisor.master.component import Component
 from gearvisor.master.pipes import read_lines
-from gearvisor.process import describe_status
-from gearvisor.watcher import Debouncer, WatcherState, run_watcher
+from gearvisor.policy.child import describe_status
 
 if TYPE_CHECKING:
     from gearvisor.config import Config

@@ -14,7 +14,7 @@ import signal
 from collections.abc import Callable, Iterable
 from typing import NoReturn
 
-from gearvisor.process import EXIT_CRASH, group_members, set_child_subreaper
+from gearvisor.policy.child import EXIT_CRASH, group_members, set_child_subreaper
 
 
 class System:

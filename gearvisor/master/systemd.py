@@ -1,6 +1,6 @@
 """systemd integration as a component: READY=1 once the fleet is ready, RELOADING=1 and
 STOPPING=1 as they happen, a STATUS= summary, and WATCHDOG=1 at half of WatchdogSec
-(gearvisor/notify.py speaks the protocol). Silent when not run by systemd."""
+(master/notify.py speaks the protocol). Silent when not run by systemd."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
-from gearvisor.notify import Notifier
+from gearvisor.master.notify import Notifier
 
 if TYPE_CHECKING:
     from gearvisor.config import Config

@@ -171,7 +171,7 @@ def cmd_control(args: argparse.Namespace) -> int:
             print(f"  {name}: {result.get('result')}", file=sys.stderr)
         return EXIT_FAILED
     if verb == "status":
-        from gearvisor.status import render
+        from gearvisor.cli.render import render
 
         status = reply["status"]
         print(json.dumps(status, indent=2) if args.json else render(status))
@@ -218,7 +218,7 @@ def cmd_check(path: str, import_functions: bool) -> int:
     if cfg is None:
         return EXIT_CONFIG
     if import_functions:
-        from gearvisor.child import BootError, load_functions
+        from gearvisor.child.python import BootError, load_functions
 
         for p in reversed(cfg.pythonpath):
             if p not in sys.path:

@@ -38,10 +38,10 @@ from typing import Any, NoReturn
 from wcmatch import glob as wcglob
 
 from gearvisor import messages as msg
+from gearvisor.child.postfork import after_fork
 from gearvisor.config import Config
-from gearvisor.health import Backoff
-from gearvisor.postfork import after_fork
-from gearvisor.process import EXIT_CRASH, EXIT_ORPHANED
+from gearvisor.policy.backoff import Backoff
+from gearvisor.policy.child import EXIT_CRASH, EXIT_ORPHANED
 
 _GLOB_FLAGS = wcglob.GLOBSTAR
 RESOLVE_INTERVAL_MS = 1000  # how often symlinked roots are re-resolved (and the master checked)
@@ -339,7 +339,9 @@ def report_skip_dirs() -> list[str]:
         pass
     if site.ENABLE_USER_SITE:
         dirs.append(site.getusersitepackages())
-    dirs.append(os.path.dirname(os.path.abspath(__file__)))
+    import gearvisor
+
+    dirs.append(os.path.dirname(os.path.abspath(gearvisor.__file__)))
     out: dict[str, None] = {}
     for d in dirs:
         if d:

@@ -21,7 +21,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gearvisor.scoreboard import Scoreboard
+    from gearvisor.shm.scoreboard import Scoreboard
 
 # Exit codes a child uses to tell the master why it ended.
 EXIT_OK = 0

@@ -19,9 +19,9 @@ import time
 from typing import Any, NoReturn
 
 from gearvisor import messages as msg
+from gearvisor.child.postfork import after_fork
 from gearvisor.config import Config, PoolConfig
-from gearvisor.postfork import after_fork
-from gearvisor.process import EXIT_BOOT_ERROR
+from gearvisor.policy.child import EXIT_BOOT_ERROR
 
 F_SETPIPE_SZ = 1031  # Linux fcntl: grow a pipe's buffer
 PIPE_SIZE = 1024 * 1024
@@ -55,7 +55,7 @@ def client_id(pool: PoolConfig, slot: int, pid: int) -> str:
 def exec_command(cfg: Config, pool: PoolConfig, slot: int, event_fd: int, out_w: int,
                  err_w: int, signals_to_unblock: set[int]) -> NoReturn:
     """The body of a forked command child. Never returns."""
-    from gearvisor.child import send_event  # the Python child runtime's helper
+    from gearvisor.child.python import send_event  # the Python child runtime's helper
 
     try:
         # The stop signal, not SIGTERM, when the master dies: it survives exec.

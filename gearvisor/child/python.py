@@ -22,20 +22,20 @@ from setproctitle import setproctitle
 
 from gearvisor import log as logmod
 from gearvisor import messages as msg
+from gearvisor.child.postfork import after_fork
 from gearvisor.config import Config, PoolConfig
 from gearvisor.gearman.worker import Hooks, JobTimer, Keepalive, Worker
-from gearvisor.health import ErrorWindow, jittered
+from gearvisor.helpers.watcher import send_import_report
 from gearvisor.job import Job, JobTimeout
-from gearvisor.poison import PoisonTable, RunningJobs, job_key
-from gearvisor.postfork import after_fork
-from gearvisor.process import (
+from gearvisor.policy.backoff import ErrorWindow, jittered
+from gearvisor.policy.child import (
     EXIT_BOOT_ERROR,
     EXIT_CRASH,
     EXIT_OK,
     EXIT_ORPHANED,
 )
-from gearvisor.scoreboard import Scoreboard
-from gearvisor.watcher import send_import_report
+from gearvisor.shm.poison import PoisonTable, RunningJobs, job_key
+from gearvisor.shm.scoreboard import Scoreboard
 
 try:  # CPython: the handler as set, without signal.getsignal's enum lookup (checked per job)
     from _signal import getsignal as _getsignal

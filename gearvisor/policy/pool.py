@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 from gearvisor.config import PoolConfig
-from gearvisor.health import Backoff
-from gearvisor.process import EXIT_BOOT_ERROR, Child, ChildState
+from gearvisor.policy.backoff import Backoff
+from gearvisor.policy.child import EXIT_BOOT_ERROR, Child, ChildState
 
 
 class Circuit(str, Enum):

@@ -14,7 +14,7 @@ import signal
 from collections.abc import Iterable
 
 from gearvisor.config import PoolConfig
-from gearvisor.process import close_fds_except, set_pdeathsig
+from gearvisor.policy.child import close_fds_except, set_pdeathsig
 
 # What exec'd programs expect at their defaults (Python itself ignores SIGPIPE).
 EXEC_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)

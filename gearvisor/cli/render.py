@@ -1,0 +1,93 @@
+"""Rendering the master's replies for a terminal: the `gearvisor status` table.
+
+The reply is plain data (master/status.py builds it, and it is also the `--json` output);
+nothing here talks to the master.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1048576:.1f}M"
+
+
+def _watcher_line(w: dict[str, Any]) -> str:
+    if w["state"] == "disabled":
+        return "watcher disabled (watch: false everywhere and watch_config: false)"
+    if w["state"] == "backoff":
+        text = f"watcher DOWN, restart #{w['restarts']} in {_duration(w['retry_in'])}"
+    else:
+        text = (f"watcher pid {w['pid']}  {w['state']}  {len(w['paths'])} path(s)"
+                + ("  POLLING" if w["polling"] else ""))
+    if w["missing"]:
+        text += f"  missing: {', '.join(w['missing'])}"
+    if w["pending"]:
+        text += f"  pending roll: {', '.join(w['pending'])}"
+    if w["error"]:
+        text += f"  last error: {w['error']}"
+    return text
+
+
+def render(status: dict[str, Any]) -> str:
+    """The human table, like `supervisorctl status`."""
+    m = status["master"]
+    lines = [f"master pid {m['pid']}  {m['state']}  up {_duration(m['uptime'])}  "
+             f"rss {_size(m['rss'])}  config {m['config']}"]
+    header = ("POOL", "SLOT", "PID", "STATE", "GEN", "UPTIME", "DONE", "FAILED", "JOB", "RSS")
+    table: list[tuple[str, ...]] = [header]
+    for pool in status["pools"]:
+        for row in pool["children"]:
+            if row["pid"] is None:
+                job = ("no restart (gearvisor restart POOL)" if row["state"] == "fatal"
+                       else f"retry in {_duration(row['retry_in'])}")
+                if row.get("reason"):
+                    job += f": {row['reason']}"
+                table.append((pool["name"], str(row["slot"]), "-", row["state"], "-", "-", "-", "-",
+                              job, "-"))
+                continue
+            job = (f"{row['function']} {_duration(row['job_seconds'])}" if row["function"]
+                   else "-")
+            state = row["state"] + ("" if row["role"] == "serving" else f" ({row['role']})")
+            table.append((pool["name"], str(row["slot"]), str(row["pid"]), state,
+                          str(row["generation"]), _duration(row["uptime"]),
+                          str(row["jobs_done"]), str(row["jobs_failed"]), job,
+                          _size(row["rss"])))
+    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+    for r in table:
+        cells = [c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)]
+        lines.append("  ".join([*cells, r[-1]]))
+    for pool in status["pools"]:
+        flags = []
+        if pool["removed"]:
+            flags.append("removed, draining")
+        if pool["halted"]:
+            flags.append(f"ROLL HALTED: {pool['halted']}")
+        elif pool["rolling"]:
+            flags.append("rolling")
+        if pool["scaled"]:
+            flags.append("scaled by hand")
+        if pool.get("circuit", "closed") != "closed":
+            flags.append(f"CIRCUIT {pool['circuit'].upper()}: not consuming")
+        lines.append(f"pool {pool['name']}: {pool['ready']}/{pool['desired']} ready, "
+                     f"{pool['actual']} running, generation {pool['generation']}"
+                     + (f"  [{'; '.join(flags)}]" if flags else ""))
+    if "watcher" in status:
+        lines.append(_watcher_line(status["watcher"]))
+    return "\n".join(lines)
