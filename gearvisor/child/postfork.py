@@ -8,16 +8,46 @@ so a Python pool gets the same `rlimits`, `umask`, `cwd`, `env` and user as a co
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import signal
 from collections.abc import Iterable
 
 from gearvisor.config import PoolConfig
-from gearvisor.policy.child import close_fds_except, set_pdeathsig
 
 # What exec'd programs expect at their defaults (Python itself ignores SIGPIPE).
 EXEC_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+
+PR_SET_PDEATHSIG = 1
+
+
+def prctl(option: int, value: int) -> bool:
+    """prctl(2) with one argument; False where it failed or there is no prctl (not Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False  # not Linux
+
+
+def set_pdeathsig(sig: int) -> None:
+    """Ask Linux to send `sig` to this process when its parent (the master) dies."""
+    prctl(PR_SET_PDEATHSIG, int(sig))  # elsewhere the getppid() checks catch an orphan
+
+
+def close_fds_except(keep_fds: set[int]) -> None:
+    """After fork: drop every fd inherited from the master (other children's pipes, the
+    master's selector and sockets) but stdio and `keep_fds`."""
+    top = max(keep_fds)
+    os.closerange(3, min(keep_fds))
+    for fd in range(min(keep_fds) + 1, top):
+        if fd not in keep_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    os.closerange(top + 1, 65536)
 
 
 def after_fork(masters_signals: Iterable[int], pdeathsig: int, keep_fds: set[int],

@@ -22,13 +22,14 @@ from setproctitle import setproctitle
 
 from gearvisor import log as logmod
 from gearvisor import messages as msg
-from gearvisor.child.command import exec_command, output_pipe
+from gearvisor.child.command import exec_command
 from gearvisor.child.python import run_child
 from gearvisor.config import Config, ConfigError, load
 from gearvisor.control import default_socket_path
 from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
 from gearvisor.master.loop import Loop, Timer
+from gearvisor.master.output import output_pipe
 from gearvisor.master.pipes import read_lines
 from gearvisor.master.status import fleet_status, summary
 from gearvisor.master.system import System

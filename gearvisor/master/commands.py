@@ -1,7 +1,7 @@
 """Command pools (PHP, Perl, any language): their output, and when a child counts as ready.
 
 A command child's stdout and stderr are pipes the master reads line by line into the log
-(or a rotated `log_file`), rate-limited per pool (command.OutputSink). It is ready once it
+(or a rotated `log_file`), rate-limited per pool (master/output.py). It is ready once it
 lived `startsecs` (`ready: started`), or once gearmand's `workers` list shows every
 function of the pool under the child's client id on every server that answers (`ready:
 registered`, through the probe).
@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gearvisor.child.command import OutputSink, client_id, split_lines
+from gearvisor.child.command import client_id
 from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
-from gearvisor.master.pipes import read_ready
+from gearvisor.master.output import MAX_LINE, OutputSink, line_text
+from gearvisor.master.pipes import read_ready, take_lines
 from gearvisor.policy.child import Child, ChildState
 
 if TYPE_CHECKING:
@@ -81,8 +82,9 @@ class Commands(Component):
         stream, buf = child.output[fd]
         data, eof = read_ready(fd, FINAL_READS if final else 1)
         sink = self._sink(pool)
-        for line in split_lines(buf, data, final=eof or final):
-            sink.line(child.slot, child.pid, stream, line)
+        buf += data
+        for line, cut in take_lines(buf, MAX_LINE, final=eof or final):
+            sink.line(child.slot, child.pid, stream, line_text(line, cut))
         if eof or final:
             self.master.loop.remove_reader(fd)
             self.master.system.close(fd)

@@ -25,21 +25,34 @@ def read_ready(fd: int, reads: int = 1) -> tuple[bytes, bool]:
     return b"".join(chunks), False
 
 
+def take_lines(buf: bytearray, limit: int, final: bool = False) -> list[tuple[bytes, bool]]:
+    """Take the complete lines out of `buf`, without their newline, each as (bytes, cut).
+
+    A line longer than `limit` keeps only its first `limit` bytes and says cut; so does a
+    partial line that has grown past `limit` (the rest of `buf` is dropped), so `buf` never
+    holds more than `limit` bytes after a call. With `final` (the writer is gone), a last
+    line without a newline is taken too."""
+    lines = []
+    while (end := buf.find(b"\n")) >= 0:
+        lines.append((bytes(buf[:min(end, limit)]), end > limit))
+        del buf[:end + 1]
+    if len(buf) > limit or (final and buf):
+        lines.append((bytes(buf[:limit]), len(buf) > limit))
+        del buf[:]
+    return lines
+
+
 def read_lines(fd: int, buf: bytearray, reads: int = 1) -> tuple[list[bytes], bool, int]:
     """Read what an event pipe holds into `buf` and take out the complete lines: (lines,
-    at end of file, bytes dropped). A line longer than MAX_EVENT_LINE is dropped, whole or
+    at end of file, lines dropped). A line longer than MAX_EVENT_LINE is dropped, whole or
     in part, so a child cannot make the master buffer without bound."""
     data, eof = read_ready(fd, reads)
     buf += data
     lines = []
     dropped = 0
-    while (end := buf.find(b"\n")) >= 0:
-        if end <= MAX_EVENT_LINE:
-            lines.append(bytes(buf[:end]))
+    for line, cut in take_lines(buf, MAX_EVENT_LINE):
+        if cut:
+            dropped += 1
         else:
-            dropped += end
-        del buf[:end + 1]
-    if len(buf) > MAX_EVENT_LINE:
-        dropped += len(buf)
-        del buf[:]
+            lines.append(line)
     return lines, eof, dropped

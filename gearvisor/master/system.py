@@ -14,7 +14,47 @@ import signal
 from collections.abc import Callable, Iterable
 from typing import NoReturn
 
-from gearvisor.policy.child import EXIT_CRASH, group_members, set_child_subreaper
+from gearvisor.child.postfork import prctl
+from gearvisor.policy.child import EXIT_CRASH
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def set_child_subreaper() -> bool:
+    """Make the master the reaper of its children's orphans (Linux >= 3.4): a process a
+    child left behind is reparented to the master, not to init, so its exit wakes the
+    master (SIGCHLD) and the master reaps it (no zombies, and it knows when a dead child's
+    process group is empty)."""
+    return prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def group_members(pgid: int, limit: int = 20) -> list[str]:
+    """Live processes of process group `pgid`, as "PID NAME" (at most `limit`), read from
+    /proc: for the log line that says what a dead child left behind and what was killed."""
+    found: list[str] = []
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read(4096)
+        except OSError:
+            continue  # gone meanwhile
+        end = stat.rfind(b")")  # the name may hold spaces and parentheses
+        fields = stat[end + 2:].split()
+        if len(fields) > 2 and fields[0] != b"Z" and fields[2] == str(pgid).encode():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    name = f.read(200).replace(b"\0", b" ").strip()
+            except OSError:
+                name = b""
+            name = name or stat[stat.find(b"(") + 1:end]  # comm: a kernel thread, a zombie
+            found.append(f"{pid} {name.decode(errors='replace')}")
+            if len(found) >= limit:
+                break
+    return found
 
 
 class System:

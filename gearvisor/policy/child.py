@@ -13,7 +13,6 @@ see pool.Slot.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 from dataclasses import dataclass, field
@@ -28,72 +27,6 @@ EXIT_OK = 0
 EXIT_CRASH = 1  # an unexpected error in the runtime itself
 EXIT_BOOT_ERROR = 3  # cannot import or validate the pool's functions: do not retry blindly
 EXIT_ORPHANED = 4  # the master went away
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def _prctl(option: int, value: int) -> bool:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(option, value, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False  # not Linux
-
-
-def set_pdeathsig(sig: int) -> None:
-    """Ask Linux to send `sig` to this process when its parent (the master) dies."""
-    _prctl(PR_SET_PDEATHSIG, int(sig))  # elsewhere the getppid() checks catch an orphan
-
-
-def set_child_subreaper() -> bool:
-    """Make the master the reaper of its children's orphans (Linux >= 3.4): a process a
-    child left behind is reparented to the master, not to init, so its exit wakes the
-    master (SIGCHLD) and the master reaps it (no zombies, and it knows when a dead child's
-    process group is empty)."""
-    return _prctl(PR_SET_CHILD_SUBREAPER, 1)
-
-
-def group_members(pgid: int, limit: int = 20) -> list[str]:
-    """Live processes of process group `pgid`, as "PID NAME" (at most `limit`), read from
-    /proc: for the log line that says what a dead child left behind and what was killed."""
-    found: list[str] = []
-    try:
-        pids = [name for name in os.listdir("/proc") if name.isdigit()]
-    except OSError:
-        return found
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read(4096)
-        except OSError:
-            continue  # gone meanwhile
-        end = stat.rfind(b")")  # the name may hold spaces and parentheses
-        fields = stat[end + 2:].split()
-        if len(fields) > 2 and fields[0] != b"Z" and fields[2] == str(pgid).encode():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    name = f.read(200).replace(b"\0", b" ").strip()
-            except OSError:
-                name = b""
-            name = name or stat[stat.find(b"(") + 1:end]  # comm: a kernel thread, a zombie
-            found.append(f"{pid} {name.decode(errors='replace')}")
-            if len(found) >= limit:
-                break
-    return found
-
-
-def close_fds_except(keep_fds: set[int]) -> None:
-    """After fork: drop every fd inherited from the master (other children's pipes, the
-    master's selector and sockets) but stdio and `keep_fds`."""
-    top = max(keep_fds)
-    os.closerange(3, min(keep_fds))
-    for fd in range(min(keep_fds) + 1, top):
-        if fd not in keep_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-    os.closerange(top + 1, 65536)
 
 
 class ChildState(Enum):
