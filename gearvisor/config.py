@@ -33,7 +33,7 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -881,7 +881,6 @@ class Config:
     control_socket: str | None = None
     watch_config: bool = True
     watch_debounce: float = 1.0
-    raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
     def directory(self) -> str:
@@ -1380,7 +1379,6 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
         control_socket=control_socket,
         watch_config=top.get("watch_config", True),
         watch_debounce=top.get("watch_debounce", BY_KEY["watch_debounce"].default),
-        raw=data,
     )
 
 
