@@ -32,7 +32,6 @@ import shlex
 import signal
 import socket
 import stat
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -1478,14 +1477,6 @@ def markdown_reference() -> str:
         doc = f"{s.doc} {limit}" if limit else s.doc
         rows.append(f"| `{s.key}` | {where[s.scope]} | {default} | {doc} |")
     return "\n".join(rows)
-
-
-if __name__ == "__main__":  # pragma: no cover - a docs helper
-    if sys.argv[1:] == ["--markdown"]:
-        print(markdown_reference())
-    else:
-        print("usage: python -m gearvisor.config --markdown", file=sys.stderr)
-        sys.exit(2)
 
 
 __all__ = ["Config", "ConfigError", "PoolConfig", "Server", "load", "load_yaml", "parse",
