@@ -4,7 +4,7 @@ README.md's table is this output, and a test keeps the two in sync."""
 
 import sys
 
-from gearvisor.config import markdown_reference
+from gearvisor.config.reference import markdown_reference
 
 if sys.argv[1:] == ["--markdown"]:
     print(markdown_reference())
