@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -437,3 +440,88 @@ def test_bad_max_job_size_names_the_key_and_value(tmp_path: Path) -> None:
                                     "    max_job_size: huge\n")
     assert f"{path}:4: pools.a.max_job_size: expected a size from 1 byte to 1024T" in msg
     assert "'huge'" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# The package: modules that import on their own, in no cycle; one public surface
+
+PACKAGE = REPO / "gearvisor" / "config"
+SUBMODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
+
+
+def run_python(*args: str) -> subprocess.CompletedProcess:
+    """A fresh interpreter on this checkout, bounded in time."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=60,
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+@pytest.mark.parametrize("module", SUBMODULES)
+def test_each_config_module_imports_in_a_fresh_interpreter(module: str) -> None:
+    out = run_python("-c", f"import gearvisor.config.{module}")
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_config_modules_import_each_other_without_a_cycle() -> None:
+    """Each module imports only modules of the package, never the package itself (whose
+    __init__ imports them all, which would hide a cycle), and the imports form no cycle."""
+    graph: dict[str, set[str]] = {}
+    for module in SUBMODULES:
+        tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{module}.py: use absolute imports"
+                names.add(node.module or "")
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        assert "gearvisor.config" not in names, f"{module}.py imports the package itself"
+        graph[module] = {n.rsplit(".", 1)[1] for n in names
+                         if n.startswith("gearvisor.config.")}
+    assert graph and set().union(*graph.values()) <= set(graph)
+    done: set[str] = set()
+
+    def visit(module: str, chain: tuple[str, ...]) -> None:
+        assert module not in chain, "import cycle: " + " -> ".join((*chain, module))
+        if module not in done:
+            for imported in graph[module]:
+                visit(imported, (*chain, module))
+            done.add(module)
+
+    for module in graph:
+        visit(module, ())
+
+
+def config_imports() -> set[tuple[str, str]]:
+    """(file, name) for every name imported from gearvisor.config in gearvisor/, tests/,
+    bench/ and examples/, absolute (`from gearvisor.config import X`) or relative
+    (`from ..config import X`)."""
+    found = set()
+    for top in ("gearvisor", "tests", "bench", "examples"):
+        for path in (REPO / top).rglob("*.py"):
+            if PACKAGE in path.parents:
+                continue
+            package = list(path.relative_to(REPO).parent.parts)
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ImportFrom):
+                    continue
+                base = package[:len(package) - node.level + 1] if node.level else []
+                if ".".join(base + (node.module or "").split(".")) == "gearvisor.config":
+                    found.update((str(path.relative_to(REPO)), a.name) for a in node.names)
+    return found
+
+
+def test_the_package_exports_every_name_imported_from_it() -> None:
+    imports = config_imports()
+    # the scan finds what is there, absolute and relative
+    assert ("tests/test_config.py", "markdown_reference") in imports
+    assert any(f.startswith("gearvisor/") for f, _ in imports)
+    missing = sorted((f, name) for f, name in imports if name not in config.__all__)
+    assert not missing, f"re-export these in gearvisor/config/__init__.py: {missing}"
+    assert all(hasattr(config, name) for name in config.__all__)
+
+
+def test_python_m_gearvisor_config_prints_the_reference() -> None:
+    out = run_python("-m", "gearvisor.config", "--markdown")
+    assert (out.returncode, out.stdout, out.stderr) == (0, markdown_reference() + "\n", "")
+    out = run_python("-m", "gearvisor.config")
+    assert out.returncode == 2 and "usage: python -m gearvisor.config --markdown" in out.stderr

@@ -42,8 +42,7 @@ def loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     """Run a test with libyaml's parser (the default) and with PyYAML's pure-Python one (the
     fallback where libyaml is missing): both must hold the limits."""
     if request.param == "python":
-        monkeypatch.setattr(config, "_LOADER", getattr(config, "_PyLoader", None),
-                            raising=False)
+        monkeypatch.setattr(config.yamlload, "_LOADER", config.yamlload._PyLoader)
     return request.param
 
 
@@ -83,7 +82,7 @@ ISOLATED_LOAD = """
 import json, sys, time
 from gearvisor import config
 if sys.argv[2] == "python":
-    config._LOADER = getattr(config, "_PyLoader", None)
+    config.yamlload._LOADER = config.yamlload._PyLoader
 start = time.monotonic()
 try:
     config.load(sys.argv[1])

@@ -1,0 +1,249 @@
+"""YAML data -> a Config: every setting parsed, defaults and top-level values merged into
+each pool, and every problem collected, so one error lists them all.
+
+parse() takes the text of a file, load() the file itself; both either return a Config or
+raise ConfigError (never OSError or YAMLError). The YAML is read by
+gearvisor.config.yamlload, each value parsed by its Setting (gearvisor.config.settings), and
+the checks between settings (backoff.max >= backoff.initial, a pool's functions and its
+command, user needing root, paths that must exist) are made here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+from typing import Any
+
+from gearvisor.config.errors import ConfigError, Invalid, Problem, dotted, key_text, show
+from gearvisor.config.model import (
+    BackoffConfig,
+    CircuitConfig,
+    Config,
+    KeepaliveConfig,
+    PoolConfig,
+    QuarantineConfig,
+)
+from gearvisor.config.settings import (
+    BLOCKS,
+    BY_KEY,
+    POOL_KEYS,
+    POOL_NAME,
+    SETTINGS,
+    TOP_KEYS,
+    Setting,
+)
+from gearvisor.config.values import servers, token
+from gearvisor.config.yamlload import compose, decode, read_file
+
+SOCKET_PATH_MAX = 107  # bytes in a Unix socket path (sun_path is 108, with its NUL)
+
+
+class _Collector:
+    """Gathers every problem in one pass, so the operator fixes them all at once."""
+
+    def __init__(self, lines: dict[tuple, int]) -> None:
+        self.lines = lines
+        self.problems: list[Problem] = []
+        self._seen: set[tuple[str, str]] = set()
+
+    def add(self, path: tuple, message: str) -> None:
+        """Record a problem at key `path`, on the line of the nearest key the file has."""
+        where = dotted(path)
+        if (where, message) in self._seen:
+            return  # a top-level value inherited by several pools is reported once
+        self._seen.add((where, message))
+        line = None
+        for n in range(len(path), -1, -1):
+            line = self.lines.get(path[:n])
+            if line:
+                break
+        self.problems.append(Problem(where, message, line))
+
+    def unknown(self, path: tuple, key: Any, allowed: set[str]) -> None:
+        """Record an unknown key, with the closest known one as a hint."""
+        hint = difflib.get_close_matches(key_text(key), sorted(allowed), n=1)
+        suggestion = f'; did you mean "{hint[0]}"?' if hint else ""
+        self.add(path + (key,), f"unknown key{suggestion} (known: {', '.join(sorted(allowed))})")
+
+
+def _parse_value(col: _Collector, path: tuple, setting: Setting, raw: Any) -> Any:
+    try:
+        return setting.parse(raw)
+    except Invalid as e:
+        col.add(path + e.at, f"{e}, got {show(raw if e.value is ... else e.value)}")
+        return setting.default
+
+
+def _read_scope(col: _Collector, path: tuple, data: dict, scope: str) -> dict[str, Any]:
+    """Parse the settings of one scope ("global" or "pool") present in `data`."""
+    allowed = TOP_KEYS if scope == "global" else POOL_KEYS
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key not in allowed:
+            col.unknown(path, key, allowed)
+            continue
+        if key == "pools":
+            continue
+        if key in BLOCKS:
+            if not isinstance(raw, dict):
+                col.add(path + (key,), f"expected a mapping, got {show(raw)}")
+                continue
+            sub = {s.key.split(".")[1] for s in SETTINGS if s.block == key}
+            for subkey, subraw in raw.items():
+                if subkey not in sub:
+                    col.unknown(path + (key,), subkey, sub)
+                    continue
+                s = BY_KEY[f"{key}.{subkey}"]
+                values[s.key] = _parse_value(col, path + (key, subkey), s, subraw)
+            continue
+        values[key] = _parse_value(col, path + (key,), BY_KEY[key], raw)
+    return values
+
+
+def _default(setting: Setting) -> Any:
+    if setting.key == "client_id_prefix":
+        return token(socket.gethostname().split(".")[0] or "gearvisor")
+    if setting.key == "servers":
+        return servers(list(setting.default))
+    return setting.default
+
+
+def _block(merged: dict[str, Any], block: str) -> dict[str, Any]:
+    """The values of one nested block ("backoff.initial" -> {"initial": ...})."""
+    return {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith(block + ".")}
+
+
+def _resolve(directory: str, p: str) -> str:
+    return os.path.normpath(os.path.join(directory, os.path.expanduser(p)))
+
+
+def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
+    """Validate the YAML text of a config file; raise ConfigError listing every problem."""
+    file = os.path.abspath(file)
+    directory = os.path.dirname(file)
+    doc = compose(text_, file)
+    data = doc.data
+    col = _Collector(doc.lines)
+    col.problems.extend(doc.duplicates)
+    if data is None:
+        raise ConfigError(file, [Problem("", "has no settings (it is empty, or only comments); "
+                                         "a config needs at least `pools:`, see "
+                                         "conf/pools.yaml")])
+    if not isinstance(data, dict):
+        raise ConfigError(file, [Problem("", f"expected a mapping at the top, got {show(data)}",
+                                         1)])
+    top = _read_scope(col, (), data, "global")
+    pools_raw = data.get("pools")
+    if not isinstance(pools_raw, dict) or not pools_raw:
+        col.add(("pools",), "expected a mapping of pool name -> pool settings, with at least "
+                f"one pool, got {show(pools_raw)}")
+        pools_raw = {}
+
+    pools: dict[str, PoolConfig] = {}
+    for name, praw in pools_raw.items():
+        path = ("pools", name)
+        if not isinstance(name, str) or not POOL_NAME.fullmatch(name):
+            col.add(path, "pool names are 1-64 letters, digits, '_', '.' or '-'")
+            continue
+        if not isinstance(praw, dict):
+            col.add(path, f"expected a mapping of pool settings, got {show(praw)}")
+            continue
+        own = _read_scope(col, path, praw, "pool")
+        if "functions" not in praw and "command" not in praw:
+            col.add(path, 'missing "functions": map each gearman function name to '
+                    '"module:callable" (or give a `command:` to run an external worker)')
+        elif "command" in praw and isinstance(praw.get("functions"), dict):
+            col.add(path + ("functions",), "a command pool lists the function names its "
+                    "command registers (a list), not Python callables")
+        elif "command" not in praw and isinstance(praw.get("functions"), list):
+            col.add(path + ("functions",), 'a list of names needs `command:`; a Python pool '
+                    'maps each name to "module:callable"')
+        if praw.get("ready") == "registered" and not isinstance(praw.get("functions"), list):
+            col.add(path + ("ready",), "`ready: registered` needs `functions:`, the list of "
+                    "function names the command registers")
+        merged: dict[str, Any] = {}
+        origin: dict[str, tuple] = {}  # where a value was written, for error messages
+        for s in SETTINGS:
+            if s.scope == "global":
+                continue
+            key_path = tuple(s.key.split("."))
+            if s.key in own:
+                merged[s.key] = own[s.key]
+                origin[s.key] = path + key_path
+            elif s.scope == "both" and s.key in top:
+                merged[s.key] = top[s.key]
+                origin[s.key] = key_path
+            else:
+                merged[s.key] = _default(s)
+                origin[s.key] = path + key_path
+        merged["env"] = {**top.get("env", {}), **own.get("env", {})}
+        merged["cwd"] = _resolve(directory, merged["cwd"]) if merged["cwd"] else directory
+        if not os.path.isdir(merged["cwd"]):
+            col.add(origin["cwd"], f"directory {merged['cwd']} does not exist")
+        if merged["backoff.max"] < merged["backoff.initial"]:
+            col.add(origin["backoff.max"], f"must be >= backoff.initial "
+                    f"({merged['backoff.initial']}), got {merged['backoff.max']}")
+        if merged["quarantine.min_jobs"] > merged["quarantine.window"]:
+            col.add(origin["quarantine.min_jobs"], "must be <= quarantine.window "
+                    f"({merged['quarantine.window']}), or the child can never quarantine, "
+                    f"got {merged['quarantine.min_jobs']}")
+        if (merged["user"] or merged["group"]) and (os.geteuid() if euid is None else euid) != 0:
+            which = "user" if merged["user"] else "group"
+            col.add(origin[which], f"switching {which} needs gearvisor to run as root; "
+                    f"remove {which} or start gearvisor as root")
+        special = {"functions", "env", "cwd", "watch", "log_file", "command"}
+        plain = {s.key: merged[s.key] for s in SETTINGS
+                 if s.scope != "global" and s.block is None and s.key not in special}
+        pools[name] = PoolConfig(
+            name=name,
+            functions=merged["functions"] or {},
+            env=merged["env"],
+            cwd=merged["cwd"],
+            watch=(None if merged["watch"] is None
+                   else tuple(_resolve(directory, w) for w in merged["watch"])),
+            timeouts=dict(getattr(merged["functions"], "timeouts", {})),
+            command=merged["command"],
+            log_file=_resolve(directory, merged["log_file"]) if merged["log_file"] else None,
+            backoff=BackoffConfig(**_block(merged, "backoff")),
+            keepalive=KeepaliveConfig(**_block(merged, "keepalive")),
+            quarantine=QuarantineConfig(**_block(merged, "quarantine")),
+            circuit=CircuitConfig(**_block(merged, "circuit")),
+            **plain,
+        )
+
+    pythonpath = []
+    for i, p in enumerate(top.get("pythonpath", ())):
+        resolved = _resolve(directory, p)
+        if not os.path.isdir(resolved):
+            col.add(("pythonpath", i), f"directory {resolved} does not exist")
+        pythonpath.append(resolved)
+    if directory not in pythonpath:
+        pythonpath.append(directory)
+
+    control_socket = (_resolve(directory, top["control_socket"])
+                      if top.get("control_socket") else None)
+    if control_socket is not None and len(os.fsencode(control_socket)) > SOCKET_PATH_MAX:
+        col.add(("control_socket",), f"the socket path {control_socket} is "
+                f"{len(os.fsencode(control_socket))} bytes; a Unix socket path has at most "
+                f"{SOCKET_PATH_MAX}: choose a shorter one")
+
+    if col.problems:
+        col.problems.sort(key=lambda p: p.line or 0)
+        raise ConfigError(file, col.problems)
+    return Config(
+        path=file,
+        pythonpath=tuple(pythonpath),
+        pools=pools,
+        log_level=top.get("log_level", BY_KEY["log_level"].default),
+        log_format=top.get("log_format", BY_KEY["log_format"].default),
+        graceful_timeout=top.get("graceful_timeout", BY_KEY["graceful_timeout"].default),
+        control_socket=control_socket,
+        watch_config=top.get("watch_config", True),
+        watch_debounce=top.get("watch_debounce", BY_KEY["watch_debounce"].default),
+    )
+
+
+def load(path: str) -> Config:
+    """Read and validate a config file; raise ConfigError (never OSError or YAMLError)."""
+    return parse(decode(read_file(path), path), path)

@@ -1,0 +1,138 @@
+"""The typed result of a config: frozen dataclasses (Config, PoolConfig, Server, ...).
+
+This is what the rest of gearvisor reads; it never sees YAML. A PoolConfig has every
+top-level default already applied, so a pool is complete on its own. Frozen, so a config
+that was checked stays as checked: a reload builds a new Config, it never edits the old one.
+Pure data, importing nothing else of the package.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Server:
+    """One job server address."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class BackoffConfig:
+    """Crash backoff of a pool's slots (the `backoff:` block)."""
+
+    initial: float
+    max: float
+    multiplier: float
+    jitter: float
+    reset_after: float
+
+
+@dataclass(frozen=True)
+class KeepaliveConfig:
+    """TCP keepalive of a child's job server connections (the `keepalive:` block)."""
+
+    idle: int
+    interval: int
+    count: int
+
+
+@dataclass(frozen=True)
+class QuarantineConfig:
+    """When a child that fails fast stops taking jobs (the `quarantine:` block)."""
+
+    enabled: bool = True
+    window: int = 20
+    min_jobs: int = 5
+    ratio: float = 0.8
+    fast: float = 1.0
+    cooldown: float = 5.0
+    cooldown_max: float = 300.0
+    probation_jobs: int = 3
+
+
+@dataclass(frozen=True)
+class CircuitConfig:
+    """When a pool stops consuming and probes (the `circuit:` block)."""
+
+    ratio: float = 0.6
+    cooldown: float = 10.0
+    cooldown_max: float = 300.0
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Everything one pool needs, with the top-level defaults already applied."""
+
+    name: str
+    processes: int
+    functions: dict[str, str]
+    servers: tuple[Server, ...]
+    graceful_timeout: float
+    connect_timeout: float
+    reconnect_max_delay: float
+    backoff: BackoffConfig
+    keepalive: KeepaliveConfig
+    env: dict[str, str]
+    cwd: str
+    user: str | None
+    group: str | None
+    rlimit_nofile: int | None
+    client_id_prefix: str
+    exception_packet: str
+    log_level: str
+    log_format: str
+    max_surge: int | str = "25%"
+    timeouts: dict[str, float] = field(default_factory=dict)  # function -> seconds
+    timeout_grace: float = 5.0
+    quarantine: QuarantineConfig = field(default_factory=lambda: QuarantineConfig())
+    circuit: CircuitConfig = field(default_factory=lambda: CircuitConfig())
+    poison_after: int = 2
+    prefetch: int = 1
+    max_job_size: int = 64 * 1024 * 1024
+    max_jobs: int | None = None
+    max_memory: int | None = None
+    max_lifetime: float | None = None
+    recycle_jitter: float = 0.1
+    command: tuple[str, ...] | None = None  # an external worker's argv (a command pool)
+    stop_signal: str = "SIGTERM"
+    reload_signal: str | None = None
+    startsecs: float = 1.0
+    ready: str = "started"
+    max_restarts: int | None = None
+    umask: int | None = None
+    rlimits: dict[str, int] = field(default_factory=dict)
+    log_file: str | None = None
+    log_file_max: int = 10 * 1024 * 1024
+    log_file_backups: int = 3
+    output_rate: int = 1000
+    kill_group: bool = True  # signal and clean up the child's whole process group
+    # None: the files the children report importing (a command pool: its script's dir);
+    # (): not watched
+    watch: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole validated config file."""
+
+    path: str
+    pythonpath: tuple[str, ...]
+    pools: dict[str, PoolConfig]
+    log_level: str
+    log_format: str
+    graceful_timeout: float
+    control_socket: str | None = None
+    watch_config: bool = True
+    watch_debounce: float = 1.0
+
+    @property
+    def directory(self) -> str:
+        """The config file's directory, which relative paths in it are relative to."""
+        return os.path.dirname(self.path)

@@ -1,0 +1,237 @@
+"""Every setting, declared once: key, parser (type and validator), default, doc, scope.
+
+That one declaration drives validation, defaults, per-pool overrides (gearvisor.config.load)
+and the reference table in README.md (gearvisor.config.reference, `python -m
+gearvisor.config --markdown`), so the docs cannot drift from the code. A new pool setting is
+one Setting(...) here and one field of PoolConfig (gearvisor.config.model), or of its block's
+dataclass; a global one is also passed to Config in gearvisor.config.load.parse().
+
+Scopes:
+  global  only at the top level (servers list aside, these are fleet-wide)
+  pool    only inside a pool
+  both    a fleet-wide default at the top level, overridable in each pool
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gearvisor.config.values import (
+    DAY,
+    HOUR,
+    MAX_PROCESSES,
+    TIMEOUT_MAX,
+    boolean,
+    choice,
+    command,
+    duration_upto,
+    env_map,
+    float_range,
+    functions,
+    group,
+    int_range,
+    optional,
+    rlimits,
+    servers,
+    signal_name,
+    size,
+    string_list,
+    surge,
+    text,
+    token,
+    umask,
+    user,
+    watch_list,
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One config key: how its raw YAML value is parsed, its default, its README line."""
+
+    key: str  # dotted for nested blocks: "backoff.initial"
+    parse: Callable[[Any], Any]
+    default: Any
+    doc: str
+    scope: str = "both"  # "global" | "pool" | "both"
+    shown_default: str | None = None  # for docs, when the default is computed
+
+    @property
+    def block(self) -> str | None:
+        """The nested block the key is in ("backoff" for "backoff.initial"), or None."""
+        return self.key.split(".", 1)[0] if "." in self.key else None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("servers", servers, ("127.0.0.1:4730",),
+            'Job servers, "host:port" (IPv6 as "[::1]:4730"). Every child connects to all '
+            "of them."),
+    Setting("pythonpath", string_list, (),
+            "Extra import paths, relative to the config file. The config's own directory is "
+            "always on it.", scope="global"),
+    Setting("control_socket", optional(text), None,
+            "Unix socket of `gearvisor reload/status/stop/restart/scale` (mode 0600).",
+            scope="global", shown_default="`/run/gearvisor/gearvisor.sock` as root, else "
+            "`$XDG_RUNTIME_DIR/gearvisor.sock`, else `/tmp/gearvisor-$UID/gearvisor.sock`"),
+    Setting("watch_config", boolean, True,
+            "Reload when the config file changes (as `gearvisor reload` does).",
+            scope="global"),
+    Setting("watch_debounce", duration_upto(HOUR), 1.0,
+            "Quiet period after the last file change before anything rolls, so a deploy "
+            "that touches many files causes one roll.", scope="global"),
+    Setting("processes", int_range(0, MAX_PROCESSES), 1, "How many children the pool runs.",
+            scope="pool"),
+    Setting("functions", functions, None,
+            'Gearman function name -> Python callable "module:attr". Required.', scope="pool"),
+    Setting("watch", watch_list, None,
+            "Files whose change rolls the pool: paths or globs (`**` spans directories), "
+            "relative to the config file; a directory means everything under it. A Python "
+            "pool watches these besides the files its code imported; a command pool watches "
+            "these instead of its script's directory. `false` turns watching off.",
+            shown_default="the files the pool's code imported (outside the stdlib and "
+                          "site-packages); a command pool: its script's directory"),
+    Setting("command", command, None,
+            "Run an external worker (PHP, Perl, any language) instead of Python functions: "
+            "an argv list, no shell (a string is split with shlex).", scope="pool",
+            shown_default="none (a Python pool)"),
+    Setting("stop_signal", signal_name, "SIGTERM",
+            "Command pools: the signal that stops a child; SIGKILL after graceful_timeout."),
+    Setting("reload_signal", optional(signal_name), None,
+            "Command pools: the signal that retires a child in a graceful roll.",
+            shown_default="stop_signal"),
+    Setting("startsecs", duration_upto(HOUR), 1.0,
+            "Command pools: a child that exits sooner failed to start; one that lives this "
+            "long is ready (unless `ready: registered`)."),
+    Setting("ready", choice("started", "registered"), "started",
+            "Command pools: `registered` waits until gearmand's `workers` list shows the "
+            "pool's `functions` from the child's client id ($GEARVISOR_CLIENT_ID)."),
+    Setting("max_restarts", optional(int_range(0, 1_000_000)), None,
+            "Give a slot up after this many consecutive failed starts or crashes (status "
+            "shows `fatal`; `gearvisor restart` tries again).", shown_default="never"),
+    Setting("umask", optional(umask), None, "The children's umask, octal.",
+            shown_default="inherited"),
+    Setting("rlimits", rlimits, {},
+            "Soft resource limits for each child by name, e.g. `{nofile: 4096, core: 0}`."),
+    Setting("log_file", optional(text), None,
+            "Command pools: write the children's stdout/stderr lines to this file (rotated "
+            "by size) instead of gearvisor's log; relative to the config file.",
+            shown_default="gearvisor's log"),
+    Setting("log_file_max", size, 10 * 1024 * 1024, "Rotate `log_file` at this size."),
+    Setting("log_file_backups", int_range(0, 100), 3, "Rotated `log_file`s kept."),
+    Setting("output_rate", int_range(1, 1_000_000), 1000,
+            "Command pools: output lines per second a pool may log; more are dropped and "
+            "counted, so a chatty worker never stalls the master or itself."),
+    Setting("graceful_timeout", duration_upto(TIMEOUT_MAX), 30.0,
+            "How long a child told to stop may finish its current job before SIGKILL."),
+    Setting("kill_group", boolean, True,
+            "Each child runs in its own process group. The stop signal goes to the child; "
+            "SIGKILL goes to its whole group; what is left of the group when the child "
+            "exits gets SIGTERM, then SIGKILL after graceful_timeout. `false` leaves "
+            "descendants alone (workers that daemonize on purpose)."),
+    Setting("timeout_grace", duration_upto(HOUR), 5.0,
+            "A job past its function's `timeout` gets an exception (soft); this much later "
+            "the master kills the child (hard), which counts toward `poison_after`."),
+    Setting("quarantine.enabled", boolean, True,
+            "A child that fails fast, job after job, stops taking jobs (self-quarantine)."),
+    Setting("quarantine.window", int_range(1, 10000), 20,
+            "How many of a child's latest jobs its failure ratio is taken over."),
+    Setting("quarantine.min_jobs", int_range(1, 10000), 5,
+            "Jobs in the window before a child may quarantine itself."),
+    Setting("quarantine.ratio", float_range(0.0, 1.0), 0.8,
+            "Share of fast failures in the window that quarantines the child."),
+    Setting("quarantine.fast", duration_upto(HOUR), 1.0,
+            "A failure quicker than this counts as fast (a broken worker, not a hard job)."),
+    Setting("quarantine.cooldown", duration_upto(DAY), 5.0,
+            "How long a quarantined child waits before a fresh child replaces it; doubles "
+            "on each repeat, up to `quarantine.cooldown_max`."),
+    Setting("quarantine.cooldown_max", duration_upto(7 * DAY), 300.0,
+            "Longest quarantine cooldown."),
+    Setting("quarantine.probation_jobs", int_range(1, 10000), 3,
+            "A replacement starts on probation: its first fast failure quarantines it "
+            "again, and this many successes end the probation."),
+    Setting("circuit.ratio", float_range(0.0, 1.0), 0.6,
+            "When this share of a pool's children is quarantined, the pool stops consuming "
+            "(jobs stay queued in gearmand) and probes with one child after a cooldown."),
+    Setting("circuit.cooldown", duration_upto(DAY), 10.0,
+            "Wait before the first probe of an open circuit; doubles on each failed probe."),
+    Setting("circuit.cooldown_max", duration_upto(7 * DAY), 300.0, "Longest wait between probes."),
+    Setting("poison_after", int_range(0, 1000), 2,
+            "A job that crashed or hung this many children is failed without running when "
+            "it comes back (0: never)."),
+    Setting("prefetch", int_range(1, 64), 1,
+            "Most jobs a child may hold per job server while it drains a queue of short jobs "
+            "(it asks for more before it has finished the current one). Above 1 it grows only "
+            "while jobs succeed in under 1 ms and drops to 1 on a slower or failed job; see "
+            "Prefetch. 1: one job at a time."),
+    Setting("max_job_size", size, 64 * 1024 * 1024,
+            "Largest job payload a child accepts (e.g. 16M). A bigger job is failed without "
+            "being read (the client gets WORK_FAIL and a warning saying why; the log names "
+            "it), so no job server can make a child allocate more. A job costs a child about "
+            "its size once.", shown_default="`64M`"),
+    Setting("max_jobs", optional(int_range(1, 10**12)), None,
+            "Recycle a child after this many jobs (+/- `recycle_jitter`).",
+            shown_default="no limit"),
+    Setting("max_memory", optional(size), None,
+            "Recycle a child whose RSS exceeds this, checked between jobs (e.g. 512M).",
+            shown_default="no limit"),
+    Setting("max_lifetime", optional(duration_upto(30 * DAY)), None,
+            "Recycle a child after it has run this long (+/- `recycle_jitter`).",
+            shown_default="no limit"),
+    Setting("recycle_jitter", float_range(0.0, 0.5), 0.1,
+            "Spread of `max_jobs` and `max_lifetime` per child, as a fraction."),
+    Setting("max_surge", surge, "25%",
+            "During a roll, how many new children may start beside the old ones at once: a "
+            'number or a percentage of `processes` (at least 1).'),
+    Setting("connect_timeout", duration_upto(HOUR), 5.0, "TCP connect timeout to a job server."),
+    Setting("reconnect_max_delay", duration_upto(HOUR), 2.0,
+            "Longest wait between reconnect attempts to a job server that went away."),
+    Setting("backoff.initial", duration_upto(HOUR), 0.1,
+            "Delay before restarting a crashed child."),
+    Setting("backoff.max", duration_upto(DAY), 30.0,
+            "Longest delay between restarts of a crash loop."),
+    Setting("backoff.multiplier", float_range(1.0, 10.0), 2.0,
+            "Delay growth per consecutive crash."),
+    Setting("backoff.jitter", float_range(0.0, 1.0), 0.1,
+            "Random spread of each delay, as a fraction (0.1 = +/-10%)."),
+    Setting("backoff.reset_after", duration_upto(DAY), 10.0,
+            "A child that stays up this long resets its slot's backoff."),
+    Setting("keepalive.idle", int_range(1, 32767), 30,
+            "Seconds a connection is idle before TCP keepalive probes start."),
+    Setting("keepalive.interval", int_range(1, 32767), 10,
+            "Seconds between TCP keepalive probes."),
+    Setting("keepalive.count", int_range(1, 127), 3,
+            "Unanswered probes before the connection is declared dead."),
+    Setting("env", env_map, {}, "Extra environment variables; a pool's env is merged over the "
+            "top-level env."),
+    Setting("cwd", optional(text), None,
+            "Working directory of the children, relative to the config file.",
+            shown_default="the config file's directory"),
+    Setting("user", optional(user), None, "Run children as this user (gearvisor must be root)."),
+    Setting("group", optional(group), None,
+            "Run children as this group (gearvisor must be root).",
+            shown_default="the user's primary group"),
+    Setting("rlimit_nofile", optional(int_range(16, 2**31 - 1)), None,
+            "Soft limit on open files for each child (RLIMIT_NOFILE).",
+            shown_default="inherited"),
+    Setting("client_id_prefix", token, None,
+            "First part of each child's gearman client id `<prefix>:<pool>:<slot>`.",
+            shown_default="the host name"),
+    Setting("exception_packet", choice("warning", "exception"), "warning",
+            "How a job that raised is reported: `warning` sends WORK_WARNING(text) + WORK_FAIL, "
+            "which every client sees as a failure; `exception` sends WORK_EXCEPTION(text) + "
+            "WORK_FAIL (libgearman clients such as the gearman CLI hang on it, gearmand #166)."),
+    Setting("log_level", choice("debug", "info", "warning", "error"), "info", "Log level."),
+    Setting("log_format", choice("auto", "console", "json"), "auto",
+            "`console` is key=value, `json` is one JSON object per line, `auto` picks console "
+            "on a terminal and json otherwise."),
+)
+
+# The shape of the file, derived from SETTINGS: what may be where.
+BY_KEY = {s.key: s for s in SETTINGS}
+BLOCKS = sorted({s.block for s in SETTINGS if s.block})
+TOP_KEYS = {s.key.split(".")[0] for s in SETTINGS if s.scope != "pool"} | {"pools"}
+POOL_KEYS = {s.key.split(".")[0] for s in SETTINGS if s.scope != "global"}
+POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
