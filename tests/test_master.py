@@ -29,11 +29,12 @@ from gearvisor import log as logmod
 from gearvisor.master import bus as ev
 from gearvisor.master.arbiter import HANDLED_SIGNALS, RETIRE_SIGNAL
 from gearvisor.master.component import Component
+from gearvisor.master.exitlog import ExitLog
 from gearvisor.master.groups import Groups
 from gearvisor.master.health import HEALTH_INTERVAL, Health
 from gearvisor.messages import BootError, ProbationPassed, Quarantined, Ready
 from gearvisor.policy.child import EXIT_BOOT_ERROR, ChildState
-from gearvisor.policy.pool import ExitKind, Pool
+from gearvisor.policy.pool import ExitKind, Pool, roll_results
 from gearvisor.shm.poison import job_key
 
 TICK = 1 / 64  # a moment, exact in binary: "just before" a deadline
@@ -192,7 +193,7 @@ def test_a_crashed_child_is_replaced_only_after_its_backoff_delay(build: Build) 
 
 def test_a_boot_error_streak_backs_off_growing_delays_and_is_logged_once(
         build: Build, log: io.StringIO) -> None:
-    m = build(processes=1, backoff={"initial": 1.0, "max": 30.0})
+    m = build((ExitLog(),), processes=1, backoff={"initial": 1.0, "max": 30.0})
     m.step()
     delays = []
     for attempt in range(5):
@@ -268,13 +269,13 @@ def test_a_roll_with_surge_one_retires_each_old_child_after_its_successor_is_rea
     assert [(s.child.pid, s.child.generation) for s in pool.slots] == [
         (c.pid, 2) for c in m.system.forked[4:]]
     assert sorted(m.arbiter.children) == pids(m.system.forked[4:])
-    assert m.arbiter.progress(["web"]) == {"web": {"generation": 2, "result": "ok"}}
+    assert roll_results(m.arbiter.pools, ["web"]) == {"web": {"generation": 2, "result": "ok"}}
     assert m.of(ev.FleetReady)[-1].after_reload
 
 
 def test_a_successor_that_dies_before_ready_halts_the_roll(
         build: Build, tmp_path: Path, log: io.StringIO) -> None:
-    m = build(processes=2, max_surge=1)
+    m = build((ExitLog(),), processes=2, max_surge=1)
     old = start_ready(m)
     pool = web(m)
     write_config(tmp_path / "gearvisor.yaml", processes=2, max_surge=1, env={"RELEASE": "2"})
@@ -292,7 +293,7 @@ def test_a_successor_that_dies_before_ready_halts_the_roll(
     assert [(s.child.pid, s.child.state, s.child.generation) for s in pool.slots] == [
         (c.pid, ChildState.READY, 1) for c in old]
     assert all(s.successor is None for s in pool.slots)
-    assert m.arbiter.progress(["web"]) == {"web": {
+    assert roll_results(m.arbiter.pools, ["web"]) == {"web": {
         "generation": 2, "result": pool.halted, "error": pool.halted}}
     halted = [x for x in lines(log) if x["event"].startswith("roll halted")]
     assert len(halted) == 1 and halted[0]["child_pid"] == successor.pid
@@ -341,9 +342,9 @@ def test_a_reload_during_a_roll_retires_unready_successors_and_rolls_to_the_newe
                 said_ready.add(child.pid)
                 child.say(Ready())
         step()
-        if m.arbiter.progress(["web"]) is not None and len(m.arbiter.children) == 4:
+        if roll_results(m.arbiter.pools, ["web"]) is not None and len(m.arbiter.children) == 4:
             break
-    assert m.arbiter.progress(["web"]) == {"web": {"generation": 3, "result": "ok"}}
+    assert roll_results(m.arbiter.pools, ["web"]) == {"web": {"generation": 3, "result": "ok"}}
     assert all(s.child.generation == 3 and s.child.state is ChildState.READY
                for s in pool.slots)
     told = collections.Counter(pid for _, pid, _ in m.system.sent)

@@ -31,7 +31,8 @@ def command(host: str, port: int, cmd: str, timeout: float = 5.0) -> list[str]:
     """Send one admin command; return the reply lines (without the final "." line)."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            # CRLF: gearmand cuts 2 bytes off some commands otherwise (DESIGN.md).
+            # CRLF: gearmand cuts 2 bytes off some commands otherwise (`create function`,
+            # `drop function`).
             sock.sendall(cmd.encode() + b"\r\n")
             buf = b""
             while True:

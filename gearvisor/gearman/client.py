@@ -81,7 +81,8 @@ class Client:
 
     def submit_background(self, function: str, data: bytes | str,
                           unique: str | None = None) -> str:
-        """Submit a background job (always with a unique id, see DESIGN.md)."""
+        """Submit a background job, always with a unique id: with a persistent queue,
+        gearmand collapses background jobs with an empty unique id into one row."""
         return self._submit(Packet.SUBMIT_JOB_BG, function, data, unique)
 
     def submit_background_many(self, function: str, uniques: list[str], data: bytes | str = b"",

@@ -5,7 +5,7 @@ The loop keeps one connection per server and drives each through a small state m
     DOWN -> CONNECTING -> GRABBING -> (job runs) -> GRABBING ...
                               \\-> EMPTY (NO_JOB) -> SLEEPING (PRE_SLEEP) -> NOOP -> GRABBING
 
-Throughput comes from three choices (DESIGN.md): PRE_SLEEP is sent only once every live server
+Throughput comes from three choices (README): PRE_SLEEP is sent only once every live server
 has answered NO_JOB; each result is written in the same send() as the next GRAB, so a busy
 queue costs one round trip per job; and, opt-in (`prefetch` above 1), while jobs are short and
 succeed, several GRABs stay in flight on a connection (see Connection.depth). Several jobs then

@@ -8,9 +8,10 @@ keeps the first report of each generation (`WatcherState.add_report`). Until tha
 arrives, the function modules' own files are watched.
 
 The master never watches files itself: watchfiles runs Rust threads, and the master must stay
-single-threaded so fork() stays safe (DESIGN.md). It forks a helper that runs watchfiles and
-writes one JSON line per batch of changes down a pipe, already mapped to pool names. The
-master debounces those batches (Debouncer, pure, injected clock) and rolls the pools.
+single-threaded so fork() stays safe (docs/architecture.md). It forks a helper that runs
+watchfiles and writes one JSON line per batch of changes down a pipe, already mapped to pool
+names. The master debounces those batches (Debouncer, pure, injected clock) and rolls the
+pools.
 
 Symlinked release directories (`/srv/app/current -> releases/42`): inotify follows a symlink
 once, when the watch is added, so a swap of `current` changes no watched file. The helper

@@ -12,6 +12,8 @@
         health.py    hard timeouts, lifetimes, poison strikes, the circuit breaker
         groups.py    what a dead child leaves in its process group
         systemd.py   sd_notify: READY, RELOADING, STOPPING, STATUS, WATCHDOG
+        exitlog.py   one log line per reaped child, worded from the pool's decision
+        limits.py    the open-files limit against what the pools will open
 
 The master never imports user code and never starts a thread; whatever needs either runs
 in a child or a helper process.
@@ -27,9 +29,11 @@ from gearvisor.master.arbiter import Arbiter
 from gearvisor.master.commands import Commands
 from gearvisor.master.component import Component
 from gearvisor.master.control import Control
+from gearvisor.master.exitlog import ExitLog
 from gearvisor.master.groups import Groups
 from gearvisor.master.health import Health
 from gearvisor.master.helpers import Watcher
+from gearvisor.master.limits import FdLimits
 from gearvisor.master.probe import Probe
 from gearvisor.master.systemd import Systemd
 
@@ -38,7 +42,7 @@ def components(config: Config) -> list[Component]:
     """Every component of a running master, in the order they attach."""
     probe = Probe()
     return [Control(config), Watcher(config), probe, Commands(probe), Health(), Groups(),
-            Systemd()]
+            Systemd(), FdLimits(), ExitLog()]
 
 
 def run(config: Config) -> int:

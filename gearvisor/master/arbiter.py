@@ -11,7 +11,6 @@ those events and calls the verbs here.
 
 from __future__ import annotations
 
-import resource
 import signal
 import time
 from collections.abc import Sequence
@@ -33,9 +32,9 @@ from gearvisor.master.output import output_pipe
 from gearvisor.master.pipes import read_lines
 from gearvisor.master.status import fleet_status, summary
 from gearvisor.master.system import System
-from gearvisor.policy.backoff import fd_warnings, jittered
+from gearvisor.policy.backoff import jittered
 from gearvisor.policy.child import EXIT_BOOT_ERROR, Child, ChildState, describe_status
-from gearvisor.policy.pool import Circuit, ExitKind, Pool, Retire, Spawn
+from gearvisor.policy.pool import Circuit, Pool, Retire, Spawn
 from gearvisor.shm.poison import PoisonTable, RunningJobs
 from gearvisor.shm.scoreboard import Scoreboard
 
@@ -107,7 +106,6 @@ class Arbiter:
         self.log.info("master started", config=self.config.path,
                       control_socket=self.config.control_socket or default_socket_path(),
                       pools={n: p.config.processes for n, p in self.pools.items()})
-        self.check_fd_limits()
         self.reap()  # a SIGCHLD before the handler was set
         self.loop.run()
         self.log.info("master stopped")
@@ -325,8 +323,9 @@ class Arbiter:
                 child.scoreboard.close()
 
     def on_child_exit(self, child: Child, pool: Pool, status: int) -> None:
+        """Let the pool decide what a reaped child's exit means, and publish it."""
         now = self.clock()
-        code, sig, words = describe_status(status)
+        code, _, words = describe_status(status)
         if (pool.config.command is not None and child.ready_at is None
                 and child.stop_requested_at is None and code != EXIT_BOOT_ERROR):
             # A command that exits before it is ready (startsecs) failed to start. No uptime
@@ -336,37 +335,7 @@ class Arbiter:
                                 f"({pool.config.startsecs:g}s)")
             code = EXIT_BOOT_ERROR
         decision = pool.child_exited(child, code, now, stopping=bool(self.stopping))
-        ctx = dict(pool=pool.name, slot=child.slot, child_pid=child.pid, status=words,
-                   generation=child.generation, uptime=round(now - child.started_at, 3))
-        job = child.scoreboard.read() if child.scoreboard is not None else None
-        if job is not None and job.busy and (decision.kind is not ExitKind.STOPPED
-                                             or child.killed_for or sig is not None):
-            ctx.update(function=job.function, handle=job.handle, unique=job.unique)
-        self.bus.publish(ev.ChildExited(child, pool, status, decision))
-        if decision.kind is ExitKind.STOPPED:
-            level = self.log.debug if code == 0 else self.log.warning
-            level("child stopped", **ctx)
-        elif decision.kind is ExitKind.ROLL_FAILED:
-            self.log.error("roll halted: a new child failed before it was ready; the old "
-                           "children keep serving", reason=pool.halted, **ctx)
-        elif decision.fatal:
-            self.log.error("giving up on this slot: no more restarts until `gearvisor "
-                           "restart` or a reload", reason=decision.fatal, **ctx)
-        else:
-            retry = ({} if decision.restart_in is None
-                     else {"retry_in": round(decision.restart_in, 3)})
-            if decision.kind is ExitKind.BOOT_ERROR and decision.log_reason:
-                self.log.error("child failed to boot; retrying with backoff", reason=(
-                    child.boot_error or f"exit code {EXIT_BOOT_ERROR}"),
-                    streak=decision.streak, **retry, **ctx)
-            elif decision.kind is ExitKind.BOOT_ERROR:
-                self.log.debug("child still failing to boot", streak=decision.streak,
-                               **retry, **ctx)
-            else:
-                level = self.log.error if decision.log_reason else self.log.warning
-                what = "crashed" if code != 0 else "exited without being asked to"
-                level(f"child {what}; restarting with backoff", streak=decision.streak,
-                      **retry, **ctx)
+        self.bus.publish(ev.ChildExited(child, pool, status, decision))  # ExitLog words it
 
     def kill_child(self, child: Child, sig: int, now: float,
                    graceful_timeout: float | None = None, force: bool = False) -> None:
@@ -447,7 +416,6 @@ class Arbiter:
         for component in self.components:
             component.reload(new)
         self.bus.publish(ev.Reloaded(new, why))
-        self.check_fd_limits()
         return None
 
     def roll_pool(self, pool: Pool, why: str) -> None:
@@ -467,23 +435,6 @@ class Arbiter:
                       note="until the next reload that changes its processes")
         return before
 
-    def progress(self, names: Sequence[str]) -> dict[str, dict] | None:
-        """How the rolls of pools `names` ended: None while one is still going."""
-        results: dict[str, dict] = {}
-        for name in names:
-            pool = self.pools.get(name)
-            if pool is None:
-                results[name] = {"result": "removed"}
-                continue
-            finished, problem = pool.progress()
-            if not finished:
-                return None
-            results[name] = {"generation": pool.generation,
-                             "result": "removed" if pool.removed else (problem or "ok")}
-            if problem:
-                results[name]["error"] = problem
-        return results
-
     def _announce_ready(self) -> None:
         """Once start-up or a reload has settled: FleetReady (systemd's READY=1)."""
         if self.announced_ready or not all(p.settled() and p.progress()[0]
@@ -493,14 +444,6 @@ class Arbiter:
         self.log.info("all pools ready" if not self.reloads else "reload finished",
                       children=len(self.children))
         self.bus.publish(ev.FleetReady(self.summary(), after_reload=bool(self.reloads)))
-
-    def check_fd_limits(self) -> None:
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        soft = soft if soft != resource.RLIM_INFINITY else 1 << 20
-        for warning in fd_warnings([(p.name, p.desired, len(p.config.servers),
-                                     p.config.rlimit_nofile) for p in self.pools.values()],
-                                   soft):
-            self.log.warning("open-files limit is close", problem=warning)
 
     # -- status ---------------------------------------------------------------------------------
 

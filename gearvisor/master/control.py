@@ -31,7 +31,8 @@ from gearvisor.master.component import Component
 if TYPE_CHECKING:
     from gearvisor.config import Config
     from gearvisor.master.arbiter import Arbiter
-    from gearvisor.master.loop import Timer
+    from gearvisor.policy.pool import roll_results
+from gearvisor.master.loop import Timer
 
 REPLY_TIMEOUT = 10.0  # a reply not read by then: the client is dropped
 MAX_OUT = 4 * 1024 * 1024  # a subscriber with this much unread is sent nothing more for now
@@ -266,7 +267,7 @@ class Control(Component):
     def answer_finished_rolls(self) -> None:
         """Answer reload/restart requests whose rolls have finished (or halted)."""
         for client in list(self.waiting):
-            results = self.master.progress(client.waits_for)
+            results = roll_results(self.master.pools, client.waits_for)
             if results is not None:
                 self.waiting.remove(client)
                 self.reply(client, {"ok": not any("error" in r for r in results.values()),

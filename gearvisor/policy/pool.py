@@ -14,6 +14,7 @@ children keep serving and the reason is kept for status and for `gearvisor reloa
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -496,3 +497,22 @@ class Pool:
                 return ExitDecision(kind, None if stopping else delay, log_reason,
                                     slot.backoff.failures)
         return ExitDecision(kind, None, True, 0)  # a slot that was scaled away meanwhile
+
+
+def roll_results(pools: Mapping[str, Pool], names: Sequence[str]) -> dict[str, dict] | None:
+    """How the rolls of pools `names` ended (what `gearvisor reload` waits for and prints):
+    None while one is still going."""
+    results: dict[str, dict] = {}
+    for name in names:
+        pool = pools.get(name)
+        if pool is None:
+            results[name] = {"result": "removed"}
+            continue
+        finished, problem = pool.progress()
+        if not finished:
+            return None
+        results[name] = {"generation": pool.generation,
+                         "result": "removed" if pool.removed else (problem or "ok")}
+        if problem:
+            results[name]["error"] = problem
+    return results
