@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare a fresh Debian machine for gearvisor: gearmand + gearman tools, php-gearman and
-# Perl's Gearman::Worker (for the example command pools) from Debian, and a
+# Perl's Gearman::Worker (for the example command pools), Prometheus, Alertmanager and tmux
+# (which the tests run for real) from Debian, and a
 # virtualenv in .venv with gearvisor installed (editable) plus the test tools.
 # Idempotent and quiet when everything is already there. Used by examples/demo.sh and
 # tests/run.sh (and so by .ci/run).
@@ -19,6 +20,11 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need+=(python3-ve
 command -v php >/dev/null 2>&1 || need+=(php-cli)
 php -r 'exit(class_exists("GearmanWorker") ? 0 : 1);' >/dev/null 2>&1 || need+=(php-gearman)
 perl -MGearman::Worker -e 1 >/dev/null 2>&1 || need+=(libgearman-client-perl)
+# The monitoring parts the tests run for real: Prometheus and promtool, Alertmanager, and
+# tmux (terminal views).
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertmanager)
+command -v tmux >/dev/null 2>&1 || need+=(tmux)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} from Debian" >&2
   $SUDO apt-get update -qq

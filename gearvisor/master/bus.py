@@ -11,13 +11,14 @@ A subscriber that raises is logged and the others still run.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gearvisor.messages import Message
 
 if TYPE_CHECKING:
+    from gearvisor.gearman.admin import FunctionStatus, WorkerInfo
     from gearvisor.policy.child import Child
     from gearvisor.policy.pool import ExitDecision, Pool
 
@@ -148,6 +149,32 @@ class FleetReady:
 
     summary: str
     after_reload: bool = False
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """The probe's last word on one job server. Every reader of gearmand's state (status,
+    metrics, health findings, command-pool readiness, the autoscaler) reads these cached
+    views (master.probe.views, or Snapshot events); nothing else queries gearmand."""
+
+    server: tuple[str, int]
+    up: bool = True  # False once DOWN_AFTER probes in a row failed
+    answered: bool = False  # the last probe got a whole answer
+    failures: int = 0  # failed probes in a row
+    checked_at: float | None = None  # monotonic time the last probe ended
+    answered_at: float | None = None  # ... and the last one that answered
+    version: str | None = None  # `version`
+    pid: int | None = None  # `getpid`
+    restarts: int = 0  # times its pid changed while this master watched
+    functions: Mapping[str, FunctionStatus] = field(default_factory=dict)  # `status`
+    workers: tuple[WorkerInfo, ...] | None = None  # `workers`; None: never answered
+    error: str | None = None  # why the last probe failed
+
+    @property
+    def name(self) -> str:
+        """host:port, as logs and metric labels show it ([v6]:port for IPv6)."""
+        host, port = self.server
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
