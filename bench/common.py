@@ -1,7 +1,7 @@
 """What every benchmark shares: a gearmand on loopback, polling with deadlines, process
 clean-up by pid, and the row format the report is built from.
 
-Rules (DEVELOPERS.md): only 127.0.0.1; every load loop bounded in count and time; poll a
+Rules: only 127.0.0.1; every load loop bounded in count and time; poll a
 condition until a deadline, never sleep to synchronise; kill what was started, by pid.
 """
 

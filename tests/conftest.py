@@ -1,6 +1,6 @@
 """Fixtures for integration tests: a real gearmand on a free loopback port and a real master.
 
-Rules (DEVELOPERS.md): never sleep to synchronise, poll against a deadline; every fixture kills
+Rules: never sleep to synchronise, poll against a deadline; every fixture kills
 what it started, by pid; only 127.0.0.1.
 """
 
