@@ -598,3 +598,46 @@ def test_a_job_busy_past_timeout_and_grace_gets_its_group_sigkilled_and_a_strike
     hung = [x for x in lines(log) if x["event"].startswith("job hung past its timeout")]
     assert len(hung) == 1
     assert (hung[0]["function"], hung[0]["unique"], hung[0]["timeout"]) == ("f", "job-1", 2.0)
+
+
+# -- the control socket out of fds --------------------------------------------------------------
+
+def test_a_control_listener_out_of_fds_pauses_accepts_instead_of_spinning(
+        tmp_path: Path, log: io.StringIO) -> None:
+    """accept() failing with EMFILE leaves the connection in the backlog and the listener
+    readable: the master must stop listening for a moment (not retry on every pass, which
+    spins the loop and floods the log), then accept the waiting client once it can."""
+    import resource
+    import socket
+
+    from gearvisor.config import load
+    from gearvisor.master.control import ACCEPT_PAUSE, Control
+
+    path = tmp_path / "gearvisor.yaml"
+    sock_path = tmp_path / "ctl.sock"
+    path.write_text(yaml.safe_dump({"watch_config": False, "control_socket": str(sock_path),
+                                    "pools": {"web": pool_settings(processes=1)}}))
+    m = FakeMaster(str(path), (Control(load(str(path))),))
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        client.connect(str(sock_path))
+        client.sendall(b'{"verb": "status"}\n')
+        # No fd left for accept() to return: the limit is the lowest free fd number.
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+        m.step()  # before the fix: "still busy after MAX_PASSES passes" (the spin)
+        m.step()
+        refused = [x for x in lines(log) if x["event"].startswith("control connection not")]
+        assert len(refused) == 1 and refused[0]["retry_in"] == ACCEPT_PAUSE
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        m.advance(ACCEPT_PAUSE)
+        client.settimeout(5.0)
+        reply = json.loads(client.makefile("rb").readline())
+        assert reply["ok"] is True and reply["status"]["pools"][0]["name"] == "web"
+        assert any(x["event"] == "control connections accepted again" for x in lines(log))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        client.close()
+        m.close()

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 from gearvisor.master.loop import Timer
 
 REPLY_TIMEOUT = 10.0  # a reply not read by then: the client is dropped
+ACCEPT_PAUSE = 1.0  # after accept() fails (out of fds): listen again this much later
 MAX_OUT = 4 * 1024 * 1024  # a subscriber with this much unread is sent nothing more for now
 VERBS = "status, subscribe, reload, stop, restart or scale"
 
@@ -59,6 +60,8 @@ class Control(Component):
         self.server = ControlServer(config.control_socket or default_socket_path())
         self.clients: set[Client] = set()
         self.waiting: list[Client] = []
+        self.listener: Any = None
+        self.accept_failing = False  # accept() failed and has not succeeded since
 
     def attach(self, master: Arbiter) -> None:
         self.master = master
@@ -80,6 +83,7 @@ class Control(Component):
         for client in list(self.clients):
             self._close(client)
         self.server.close()
+        self.listener = None
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -88,10 +92,21 @@ class Control(Component):
             try:
                 accepted = self.server.accept()
             except ControlError as e:
-                self.master.log.warning("control connection not accepted", error=str(e))
+                # Out of fds (EMFILE, ENFILE) or buffers: the connection stays in the
+                # backlog and the listener readable, so trying again at once would spin
+                # the loop. Stop listening for ACCEPT_PAUSE; say so once per streak.
+                if not self.accept_failing:
+                    self.master.log.warning("control connection not accepted; pausing "
+                                            "accepts", error=str(e), retry_in=ACCEPT_PAUSE)
+                self.accept_failing = True
+                self.master.loop.remove_reader(self.listener)
+                self.master.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
                 return
             if accepted is None:
                 return
+            if self.accept_failing:
+                self.accept_failing = False
+                self.master.log.info("control connections accepted again")
             sock, uid = accepted
             client = Client(sock)
             self.clients.add(client)
@@ -107,6 +122,10 @@ class Control(Component):
                                     "connections are still sending their request; try again"})
                 continue
             self.master.loop.add_reader(sock, lambda c=client: self.read(c))
+
+    def _resume_accepting(self) -> None:
+        if self.listener is not None:  # not closed meanwhile
+            self.master.loop.add_reader(self.listener, self.accept)
 
     def read(self, client: Client) -> None:
         """Read a client's request line; once it is complete (or too long, or the client
