@@ -525,3 +525,14 @@ def test_python_m_gearvisor_config_prints_the_reference() -> None:
     assert (out.returncode, out.stdout, out.stderr) == (0, markdown_reference() + "\n", "")
     out = run_python("-m", "gearvisor.config")
     assert out.returncode == 2 and "usage: python -m gearvisor.config --markdown" in out.stderr
+
+
+@pytest.mark.parametrize(("written", "mode"), [
+    ("077", 0o077), ("022", 0o022), ("0022", 0o022), ("22", 0o022), ('"077"', 0o077),
+    ("0o027", 0o027), ("0", 0)])
+def test_umask_reads_the_digits_as_written(tmp_path: Path, written: str, mode: int) -> None:
+    """YAML 1.1 reads an unquoted `077` as the octal number 63: the umask must be 0o077,
+    not the digits of 63 read as octal (0o63, which let the group write)."""
+    text = ("pools:\n  a:\n    functions: {r: 'examples.text:reverse'}\n"
+            f"    umask: {written}\n")
+    assert parse(text, str(write(tmp_path, text))).pools["a"].umask == mode

@@ -249,9 +249,23 @@ def signal_name(value: Any) -> str:
     raise Invalid("expected a signal name such as TERM, QUIT, INT, HUP or USR1")
 
 
+class OctalLiteral(int):
+    """An int YAML 1.1 read as octal (`077` is 63). It keeps the digits as written, so a
+    setting that is octal anyway (umask) reads `077` as 0o077, not as the digits of 63."""
+
+    text: str
+
+    def __new__(cls, value: int, text: str) -> OctalLiteral:
+        number = super().__new__(cls, value)
+        number.text = text
+        return number
+
+
 def umask(value: Any) -> int:
-    """An octal umask: 22, "022" or "0o022"."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 7777:
+    """An octal umask: 22, 022, "022" or "0o022"."""
+    if isinstance(value, OctalLiteral):
+        text_ = value.text
+    elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 7777:
         text_ = str(value)
     elif isinstance(value, str):
         text_ = value.strip().lower().removeprefix("0o")

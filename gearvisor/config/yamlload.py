@@ -29,6 +29,7 @@ from yaml.resolver import Resolver
 from yaml.scanner import Scanner
 
 from gearvisor.config.errors import ConfigError, Problem, dotted, show
+from gearvisor.config.values import OctalLiteral
 
 try:  # libyaml scans and parses ~5x faster; the composer with the limits stays ours
     from yaml.cyaml import CParser
@@ -142,6 +143,8 @@ class _Constructor(SafeConstructor):
 
     def construct_yaml_int(self, node: ScalarNode) -> int:
         value = self._number(node, super().construct_yaml_int)
+        if re.fullmatch(r"0[0-7_]+", node.value):  # YAML 1.1 octal: keep the digits too
+            value = OctalLiteral(value, node.value.replace("_", ""))
         if value.bit_length() > MAX_INT_DIGITS * 3.32:  # log2(10): about that many digits
             raise _Refused(f"a number of more than {MAX_INT_DIGITS} digits is too long (no "
                            "setting takes more than 19)", node.start_mark, node=node)
