@@ -27,11 +27,11 @@ from gearvisor.control import (
 from gearvisor.master import bus as ev
 from gearvisor.master.arbiter import StartError
 from gearvisor.master.component import Component
+from gearvisor.policy.pool import roll_results
 
 if TYPE_CHECKING:
     from gearvisor.config import Config
     from gearvisor.master.arbiter import Arbiter
-    from gearvisor.policy.pool import roll_results
 from gearvisor.master.loop import Timer
 
 REPLY_TIMEOUT = 10.0  # a reply not read by then: the client is dropped
