@@ -138,3 +138,44 @@ def test_a_pools_job_counter_survives_its_childrens_exits(
     board.job_started("f", "H:3", "", m.clock.now)
     board.job_finished(True)
     assert component._facts(pool).completed == 5
+
+
+# -- the probe's schedule ------------------------------------------------------------------------
+
+class RefusedPoll:
+    """A probe that fails at once, as a refused connection does."""
+
+    def __init__(self, address: Any, deadline: float) -> None:
+        self.sock = __import__("socket").socket()
+        self.done, self.error, self.answer = True, "connect: Connection refused", None
+
+
+def test_a_failing_server_is_retried_with_backoff_down_after_three_and_not_hammered(
+        tmp_path: Path, log: io.StringIO) -> None:
+    from gearvisor.master.probe import Probe
+
+    path = tmp_path / "gearvisor.yaml"
+    path.write_text(yaml.safe_dump({
+        "watch_config": False, "probe_interval": "4s",
+        "pools": {"web": {"processes": 0, "functions": {"f": "examples.text:echo"},
+                          "watch": False}}}))
+    calls: list[float] = []
+    probe = Probe(lambda address, deadline: (calls.append(m.clock.now), RefusedPoll(
+        address, deadline))[1])
+    m = FakeMaster(str(path), (probe,))
+    try:
+        start = m.clock.now
+        m.step()
+        assert calls == [start]  # the first probe at once
+        for _ in range(160):  # a server that stays down, for 40 s
+            probe.request({SERVER})  # readiness asking: never while it fails
+            m.advance(0.25)
+        delays = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+        assert 0.9 <= delays[0] <= 1.25 and 1.8 <= delays[1] <= 2.25  # 1s, 2s (+/- jitter)
+        assert len(delays) >= 5 and all(7.0 <= d <= 9.0 for d in delays[3:])  # <= 2 x 4s
+        snapshots = m.of(ev.Snapshot)
+        assert len(snapshots) == len(calls)
+        assert [s.view.up for s in snapshots[:4]] == [True, True, False, False]
+        assert probe.views[SERVER].failures == len(calls)
+    finally:
+        m.close()
