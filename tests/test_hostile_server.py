@@ -49,6 +49,7 @@ class FakeJobServer:
         self.deadline = time.monotonic() + lifetime
         self.received: list[tuple[int, int, tuple[bytes, ...]]] = []
         self.connections = 0
+        self.probes = 0  # the master's probe connections (closed at once, not counted)
         self.closed = 0  # connections the worker closed
         self.sent_big = threading.Event()  # set by answers that send a big packet
         self._stop = threading.Event()
@@ -83,12 +84,28 @@ class FakeJobServer:
                 sock, _ = self.listener.accept()
             except (TimeoutError, OSError):
                 continue
+            if self._is_probe(sock):
+                sock.close()  # the master's gearmand probe: not a worker, not counted
+                continue
             self.connections += 1
             if self.hang_up:
                 sock.close()
                 continue
             self._socks.append(sock)
             self._spawn(self._serve, self.connections, sock)
+
+    def _is_probe(self, sock: socket.socket) -> bool:
+        """The master probes every job server with admin text (`version` first); a worker
+        speaks binary. Peeked, so a worker's first packet stays unread."""
+        sock.settimeout(1.0)
+        try:
+            first = sock.recv(7, socket.MSG_PEEK)
+        except OSError:
+            return False
+        if first.startswith(b"version"):
+            self.probes += 1
+            return True
+        return False
 
     def _serve(self, number: int, sock: socket.socket) -> None:
         sock.settimeout(0.1)

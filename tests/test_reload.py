@@ -241,7 +241,9 @@ def test_status_table_and_json(gearmand, master, tmp_path):
     table = m.ctl("status")
     assert table.returncode == 0
     lines = table.stdout.splitlines()
-    assert lines[-1].startswith("watcher disabled")
+    assert next(line for line in lines if line.startswith("watcher")).startswith(
+        "watcher disabled")
+    assert lines[-1] == "health: ok"  # then gearmand's side (servers, functions, findings)
     assert lines[1].split() == ["POOL", "SLOT", "PID", "STATE", "GEN", "UPTIME", "DONE",
                                 "FAILED", "JOB", "RSS"]
     assert any(str(busy["pid"]) in line and "busy" in line and "work" in line

@@ -420,3 +420,73 @@ def test_summary_halted_wins_over_rolling(images: Pool) -> None:
 def test_summary_no_pools() -> None:
     assert summary(fleet().pools.values()) == "0/0 children ready in 0 pool(s)"
 
+
+
+# -- gearmand's side: servers, functions, findings -------------------------------------------------
+
+def gearmand_views() -> dict:
+    from gearvisor.gearman.admin import FunctionStatus, WorkerInfo
+    from gearvisor.master.bus import ServerView
+
+    up = ServerView(("127.0.0.1", 4730), answered=True, answered_at=NOW - 2.0, version="1.1.20",
+                    pid=4242, functions={
+                        "resize": FunctionStatus("resize", 7, 2, 5),
+                        "legacy": FunctionStatus("legacy", 3, 0, 0),
+                        "idle_foreign": FunctionStatus("idle_foreign", 0, 0, 4)},
+                    workers=(WorkerInfo(1, "127.0.0.1", "host:images:0", ("resize",)),
+                             WorkerInfo(2, "127.0.0.1", "host:images:1", ("resize",)),
+                             WorkerInfo(3, "10.0.0.9", "-", ("resize", "idle_foreign"))))
+    down = ServerView(("127.0.0.1", 4731), up=False, failures=4, error="connect: refused")
+    return {up.server: up, down.server: down}
+
+
+def test_functions_cover_our_pools_on_each_server_and_foreign_ones_with_jobs(
+        tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from gearvisor.config.model import Server
+    from gearvisor.master.status import functions_status
+
+    pc = replace(configs(tmp_path)["images"], client_id_prefix="host",
+                 servers=(Server("127.0.0.1", 4730), Server("127.0.0.1", 4731)))
+    rows, omitted = functions_status(gearmand_views(), [Pool(pc)])
+    assert omitted == 0
+    assert rows == [
+        {"function": "legacy", "server": "127.0.0.1:4730", "pools": [], "waiting": 3,
+         "running": 0, "workers_ours": 0, "workers_all": 0},
+        {"function": "resize", "server": "127.0.0.1:4730", "pools": ["images"], "waiting": 5,
+         "running": 2, "workers_ours": 2, "workers_all": 5},
+        {"function": "resize", "server": "127.0.0.1:4731", "pools": ["images"], "waiting": None,
+         "running": None, "workers_ours": None, "workers_all": None},
+    ]  # idle_foreign: 0 jobs and no pool of ours, so left out
+
+
+def test_render_servers_functions_and_findings(images: Pool) -> None:
+    from gearvisor.master.status import servers_status
+
+    status = fleet_status(fleet(images), NOW)
+    status["servers"] = servers_status(gearmand_views().values(), NOW)
+    status["functions"] = [
+        {"function": "resize", "server": "127.0.0.1:4730", "pools": ["images"], "waiting": 5,
+         "running": 2, "workers_ours": 2, "workers_all": 5},
+        {"function": "resize", "server": "127.0.0.1:4731", "pools": ["images"],
+         "waiting": None, "running": None, "workers_ours": None, "workers_all": None}]
+    status["functions_omitted"] = 3
+    status["findings"] = [{"kind": "server_down", "server": "127.0.0.1:4731", "function": None,
+                           "pool": None, "message": "job server 127.0.0.1:4731 is down",
+                           "details": {}, "age": 75.0}]
+    out = render(status).splitlines()
+    start = out.index(next(line for line in out if line.startswith("SERVER")))
+    assert out[start:] == [
+        "SERVER          STATE  VERSION  PID   ANSWERED",
+        "127.0.0.1:4730  up     1.1.20   4242  2.0s ago",
+        "127.0.0.1:4731  DOWN   -        -     never  (connect: refused)",
+        "FUNCTION  SERVER          WAITING  RUNNING  WORKERS  POOLS",
+        "resize    127.0.0.1:4730  5        2        2/5      images",
+        "resize    127.0.0.1:4731  -        -        -        images",
+        "(3 more functions with jobs queued not shown; see --json)",
+        "health: 1 finding(s)",
+        "  SERVER_DOWN  job server 127.0.0.1:4731 is down  (for 1m15s)",
+    ]
+    status["findings"] = []
+    assert render(status).splitlines()[-1] == "health: ok"

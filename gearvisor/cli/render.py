@@ -45,6 +45,52 @@ def _watcher_line(w: dict[str, Any]) -> str:
     return text
 
 
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Columns padded to their widest cell (the last one is not padded)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join([*(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)), r[-1]])
+            for r in rows]
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else str(n)
+
+
+def _gearmand_lines(status: dict[str, Any]) -> list[str]:
+    """The job servers as the probe last saw them, the functions per server, and the
+    health findings."""
+    lines: list[str] = []
+    servers = status.get("servers") or []
+    if servers:
+        rows: list[tuple[str, ...]] = [("SERVER", "STATE", "VERSION", "PID", "ANSWERED")]
+        for s in servers:
+            state = ("up" if s["answered"] else "FAILING") if s["up"] else "DOWN"
+            age = s["last_answer_age"]
+            answered = "never" if age is None else f"{_duration(age)} ago"
+            if s["error"]:
+                answered += f"  ({s['error']})"
+            rows.append((s["server"], state, s["version"] or "-", _count(s["pid"]), answered))
+        lines += _table(rows)
+    functions = status.get("functions") or []
+    if functions:
+        rows = [("FUNCTION", "SERVER", "WAITING", "RUNNING", "WORKERS", "POOLS")]
+        for f in functions:
+            workers = ("-" if f["workers_all"] is None
+                       else f"{f['workers_ours']}/{f['workers_all']}")
+            rows.append((f["function"], f["server"], _count(f["waiting"]),
+                         _count(f["running"]), workers, ",".join(f["pools"]) or "-"))
+        lines += _table(rows)
+        if status.get("functions_omitted"):
+            lines.append(f"({status['functions_omitted']} more functions with jobs queued "
+                         "not shown; see --json)")
+    findings = status.get("findings")
+    if findings is not None:
+        lines.append("health: ok" if not findings else f"health: {len(findings)} finding(s)")
+        lines += [f"  {f['kind'].upper()}  {f['message']}  (for {_duration(f['age'])})"
+                  for f in findings]
+    return lines
+
+
 def render(status: dict[str, Any]) -> str:
     """The human table, like `supervisorctl status`."""
     m = status["master"]
@@ -90,4 +136,5 @@ def render(status: dict[str, Any]) -> str:
                      + (f"  [{'; '.join(flags)}]" if flags else ""))
     if "watcher" in status:
         lines.append(_watcher_line(status["watcher"]))
+    lines += _gearmand_lines(status)
     return "\n".join(lines)

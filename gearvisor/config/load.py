@@ -20,6 +20,7 @@ from gearvisor.config.model import (
     BackoffConfig,
     CircuitConfig,
     Config,
+    FindingsConfig,
     KeepaliveConfig,
     PoolConfig,
     QuarantineConfig,
@@ -241,6 +242,9 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
         control_socket=control_socket,
         watch_config=top.get("watch_config", True),
         watch_debounce=top.get("watch_debounce", BY_KEY["watch_debounce"].default),
+        probe_interval=top.get("probe_interval", BY_KEY["probe_interval"].default),
+        findings=FindingsConfig(**{s.key.split(".", 1)[1]: top.get(s.key, s.default)
+                                   for s in SETTINGS if s.block == "findings"}),
     )
 
 

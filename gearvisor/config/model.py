@@ -67,6 +67,17 @@ class CircuitConfig:
 
 
 @dataclass(frozen=True)
+class FindingsConfig:
+    """Grace periods and thresholds of the health findings (the top-level `findings:`
+    block)."""
+
+    registration_grace: float = 30.0
+    no_workers_probes: int = 2
+    backlog_probes: int = 5
+    restart_hold: float = 600.0
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     """Everything one pool needs, with the top-level defaults already applied."""
 
@@ -131,6 +142,8 @@ class Config:
     control_socket: str | None = None
     watch_config: bool = True
     watch_debounce: float = 1.0
+    probe_interval: float = 5.0  # seconds between probes of each job server
+    findings: FindingsConfig = field(default_factory=lambda: FindingsConfig())
 
     @property
     def directory(self) -> str:

@@ -27,6 +27,7 @@ from gearvisor.config.values import (
     boolean,
     choice,
     command,
+    duration_between,
     duration_upto,
     env_map,
     float_range,
@@ -223,6 +224,25 @@ SETTINGS: tuple[Setting, ...] = (
             "How a job that raised is reported: `warning` sends WORK_WARNING(text) + WORK_FAIL, "
             "which every client sees as a failure; `exception` sends WORK_EXCEPTION(text) + "
             "WORK_FAIL (libgearman clients such as the gearman CLI hang on it, gearmand #166)."),
+    Setting("probe_interval", duration_between(0.05, HOUR), 5.0,
+            "How often the master probes each job server (`version`, `getpid`, `status`, "
+            "`workers` on one connection, answered within min(2s, probe_interval)); status "
+            "and the health findings read the last answer. A server that fails is retried "
+            "after a quarter of this, doubling up to twice it, and is down after 3 failures "
+            "in a row.", scope="global"),
+    Setting("findings.registration_grace", duration_upto(HOUR), 30.0,
+            "`under_registered`: how long a pool may have fewer connections registered on a "
+            "job server than it has children serving before it is a finding.",
+            scope="global"),
+    Setting("findings.no_workers_probes", int_range(1, 100), 2,
+            "`no_workers`: probes in a row that must show a function with jobs queued and "
+            "no capable worker on a server.", scope="global"),
+    Setting("findings.backlog_probes", int_range(2, 100), 5,
+            "`backlog_growing`: probes in a row over which a function's waiting jobs on a "
+            "server must rise each time.", scope="global"),
+    Setting("findings.restart_hold", duration_upto(DAY), 600.0,
+            "`server_restarted`: how long the finding stays after a job server's pid "
+            "changed.", scope="global"),
     Setting("log_level", choice("debug", "info", "warning", "error"), "info", "Log level."),
     Setting("log_format", choice("auto", "console", "json"), "auto",
             "`console` is key=value, `json` is one JSON object per line, `auto` picks console "

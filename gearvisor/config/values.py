@@ -93,6 +93,21 @@ def duration_upto(maximum: float) -> Callable[[Any], float]:
     return parse
 
 
+def duration_between(minimum: float, maximum: float) -> Callable[[Any], float]:
+    """A duration parser with a minimum above 0 as well, for periods the master repeats
+    (a probe every 0 seconds would spin the loop)."""
+
+    def parse(value: Any) -> float:
+        seconds = duration(value, maximum)
+        if seconds < minimum:
+            raise Invalid(f"expected a duration of at least {minimum * 1000:g}ms")
+        return seconds
+
+    parse.limit = (f"From {minimum * 1000:g}ms to "  # type: ignore[attr-defined]
+                   f"{_span(maximum)}.")
+    return parse
+
+
 def int_range(lo: int, hi: int) -> Callable[[Any], int]:
     """A whole number from lo to hi (every count has a maximum: nothing downstream has to
     survive a 400-digit one)."""

@@ -7,7 +7,8 @@
     components (master/component.py is the interface)
         control.py   the control socket: requests, buffered replies, the status stream
         helpers.py   the file-watcher helper process, and the rolls its changes ask for
-        probe.py     non-blocking `workers` queries to the job servers
+        probe.py     the periodic, non-blocking probe of every job server (its views)
+        findings.py  health findings from the probe's views: raised, cleared, logged
         commands.py  command pools' output capture and readiness
         health.py    hard timeouts, lifetimes, poison strikes, the circuit breaker
         groups.py    what a dead child leaves in its process group
@@ -30,6 +31,7 @@ from gearvisor.master.commands import Commands
 from gearvisor.master.component import Component
 from gearvisor.master.control import Control
 from gearvisor.master.exitlog import ExitLog
+from gearvisor.master.findings import HealthFindings
 from gearvisor.master.groups import Groups
 from gearvisor.master.health import Health
 from gearvisor.master.helpers import Watcher
@@ -42,7 +44,7 @@ def components(config: Config) -> list[Component]:
     """Every component of a running master, in the order they attach."""
     probe = Probe()
     return [Control(config), Watcher(config), probe, Commands(probe), Health(), Groups(),
-            Systemd(), FdLimits(), ExitLog()]
+            Systemd(), FdLimits(), ExitLog(), HealthFindings(probe)]
 
 
 def run(config: Config) -> int:

@@ -20,6 +20,7 @@ from gearvisor.messages import Message
 if TYPE_CHECKING:
     from gearvisor.gearman.admin import FunctionStatus, WorkerInfo
     from gearvisor.policy.child import Child
+    from gearvisor.policy.findings import Finding
     from gearvisor.policy.pool import ExitDecision, Pool
 
 E = TypeVar("E")
@@ -179,7 +180,21 @@ class ServerView:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """gearmand's `workers` list from one server, or None when it did not answer."""
+    """The probe has just ended a probe of `view.server` (answered or not): its new view."""
 
-    server: tuple[str, int]
-    workers: list | None = field(default=None)
+    view: ServerView
+
+
+@dataclass(frozen=True)
+class FindingRaised:
+    """A health finding became active (policy/findings.py decides; master/findings.py
+    publishes and logs it as `health finding raised`)."""
+
+    finding: Finding
+
+
+@dataclass(frozen=True)
+class FindingCleared:
+    """An active health finding no longer holds (logged as `health finding cleared`)."""
+
+    finding: Finding

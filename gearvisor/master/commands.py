@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from gearvisor.master.probe import Probe
     from gearvisor.policy.pool import Pool
 
-REGISTERED_POLL = 0.25  # how often gearmand's workers list is read while a child starts
+REGISTERED_POLL = 0.25  # how often readiness is checked (and an early probe asked) while a
+# child starts; the probe bounds how often it really asks (probe.REQUEST_GAP)
 FINAL_READS = 64  # a dead child's pipe: at most this many reads, then it is closed
 
 
@@ -126,10 +127,11 @@ class Commands(Component):
         needed = set(pool.config.functions)
         answered = False
         for server in pool.config.servers:
-            workers = self.probe.seen.get((server.host, server.port))
-            if workers is None:
+            view = self.probe.views.get((server.host, server.port))
+            if view is None or not view.answered or view.workers is None:
                 continue  # not asked yet, or not answering: does not hold the pool back
             answered = True
-            if not any(w.client_id == want and needed <= set(w.functions) for w in workers):
+            if not any(w.client_id == want and needed <= set(w.functions)
+                       for w in view.workers):
                 return False
         return answered

@@ -1,84 +1,254 @@
-"""The gearmand probe: non-blocking `workers` queries to the job servers, from the loop.
+"""The gearmand probe: every `probe_interval`, one non-blocking connection to each job
+server of every pool asks `version`, `getpid`, `status` and `workers` (pipelined), from
+the master's loop.
 
-Whoever needs gearmand's view asks `request(servers)`; each answer (or its absence: a
-server that does not answer within ADMIN_TIMEOUT, or cannot be reached) is published as a
-`Snapshot` on the bus and kept as the last snapshot of that server. Nothing else in the
-master talks to gearmand. (The observability issue grows this into a periodic probe of
-`version`, `getpid`, `status` and `workers` with backoff.)
+The last word on each server is kept in `views` (a bus.ServerView per server) and
+published as a `Snapshot` after every probe, answered or not. Everything else in the
+master that needs gearmand's state (status, findings, metrics, command-pool readiness)
+reads these views: nothing else queries gearmand.
+
+- A probe has min(PROBE_TIMEOUT, probe_interval) to answer; its answer is parsed within
+  fixed bounds (gearman/admin.ProbeParser), so no server can make the master block,
+  spin, or allocate without bound.
+- A server that fails is retried with backoff (a quarter of probe_interval, doubling up to
+  twice it), and is marked down (`up=False`) after DOWN_AFTER failures in a row.
+- A pid that changes between answers counts a restart.
+- `request(servers)` asks for an early probe (a command child waiting to show up as
+  registered), at most once per REQUEST_GAP per server, never while it is failing.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from gearvisor.gearman import admin
 from gearvisor.master import bus as ev
+from gearvisor.master.bus import ServerView
 from gearvisor.master.component import Component
+from gearvisor.master.status import functions_status, servers_status
+from gearvisor.policy.backoff import Backoff
 
 if TYPE_CHECKING:
+    from gearvisor.config import Config
     from gearvisor.master.arbiter import Arbiter
+    from gearvisor.master.loop import Timer
 
-ADMIN_TIMEOUT = 2.0  # a `workers` query that takes longer counts as not answered
+PROBE_TIMEOUT = 2.0  # the longest a probe may take (less with a shorter probe_interval)
+DOWN_AFTER = 3  # failed probes in a row that mark a server down
+REQUEST_GAP = 0.2  # request(): at most one early probe per server this often
 
 Server = tuple[str, int]
 
 
-class Probe(Component):
-    """At most one query in flight per server; answers go out as Snapshot events."""
+def next_view(view: ServerView, now: float, answer: admin.ProbeAnswer | None,
+              error: str | None = None) -> ServerView:
+    """The view after a probe that ended at `now` with `answer` (or failed with `error`).
+    A failure keeps what the server said last (marked `answered=False`), so a reader may
+    show its age; the server is down from the DOWN_AFTER-th failure in a row."""
+    if answer is None:
+        failures = view.failures + 1
+        return dataclasses.replace(view, up=failures < DOWN_AFTER, answered=False,
+                                   failures=failures, checked_at=now, error=error)
+    restarted = view.pid is not None and answer.pid is not None and answer.pid != view.pid
+    return dataclasses.replace(
+        view, up=True, answered=True, failures=0, checked_at=now, answered_at=now,
+        version=answer.version, pid=answer.pid if answer.pid is not None else view.pid,
+        restarts=view.restarts + restarted, functions=answer.functions,
+        workers=answer.workers, error=None)
 
-    def __init__(self) -> None:
-        self.polls: dict[Server, admin.WorkersPoll] = {}
-        self.seen: dict[Server, list[admin.WorkerInfo] | None] = {}
+
+class _Target:
+    """One server's probe state: the poll in flight, the next probe's timer, the backoff."""
+
+    def __init__(self, server: Server, interval: float) -> None:
+        self.server = server
+        self.poll: admin.ProbePoll | None = None
+        self.timer: Timer | None = None
+        self.deadline: Timer | None = None
+        self.address: admin.Address | None = None
+        self.started_at: float | None = None
+        self.backoff = backoff_for(interval)
+
+
+def backoff_for(interval: float) -> Backoff:
+    """Retry delays of a failing server: interval/4, doubling, up to 2 x interval. The
+    first retries come quickly, so a dead server is down within about one interval; a
+    server that stays down is asked twice as rarely as a live one."""
+    return Backoff(interval / 4, 2 * interval, multiplier=2.0, jitter=0.1,
+                   reset_after=float("inf"))
+
+
+class Probe(Component):
+    """At most one probe in flight per server; each result is a Snapshot on the bus."""
+
+    def __init__(self, poll: Callable[[admin.Address, float], admin.ProbePoll]
+                 = admin.ProbePoll) -> None:
+        self._make_poll = poll
+        self.views: dict[Server, ServerView] = {}
+        self._targets: dict[Server, _Target] = {}
+        self.interval = 5.0
+
+    # -- the component --------------------------------------------------------------------------
 
     def attach(self, master: Arbiter) -> None:
         self.master = master
+        self._configure(master.config)
+
+    def reload(self, config: Config) -> None:
+        self._configure(config)
+
+    def status(self, now: float) -> dict[str, Any]:
+        rows, omitted = functions_status(self.views, self.master.pools.values())
+        return {"servers": servers_status(self.views.values(), now), "functions": rows,
+                "functions_omitted": omitted}
+
+    def close(self) -> None:
+        for target in list(self._targets.values()):
+            self._drop(target)
+        self._targets.clear()
+
+    # -- what to probe ------------------------------------------------------------------------
+
+    def _used(self) -> set[Server]:
+        """Every server of a pool in the config, or of a pool still draining."""
+        pools = [p.config for p in self.master.pools.values()]
+        pools += list(self.master.config.pools.values())
+        return {(s.host, s.port) for pc in pools for s in pc.servers}
+
+    def _configure(self, config: Config) -> None:
+        interval = config.probe_interval
+        retimed = interval != self.interval
+        self.interval = interval
+        used = self._used()
+        for server in set(self._targets) - used:
+            self._drop(self._targets.pop(server))
+            self.views.pop(server, None)
+        now = self.master.clock()
+        for server in used:
+            target = self._targets.get(server)
+            if target is None:
+                self._targets[server] = target = _Target(server, interval)
+                self.views[server] = ServerView(server)
+                self._schedule(target, now)  # the first probe at once
+            elif retimed:
+                target.backoff = backoff_for(interval)
+                if target.poll is None:
+                    self._schedule(target, now + interval)
 
     def request(self, servers: set[Server]) -> None:
-        """Ask each of `servers` for its `workers` list (unless a query is in flight)."""
+        """Probe each of `servers` soon (a command child waits to be seen registered):
+        not while a probe of it is in flight or it is failing, and at most once per
+        REQUEST_GAP, so callers may ask as often as they like."""
         now = self.master.clock()
-        for server in servers - set(self.polls):
-            try:
-                poll = admin.WorkersPoll(server[0], server[1], now + ADMIN_TIMEOUT)
-            except OSError:
-                self._done(server, None)  # cannot even resolve or open a socket
+        for server in servers:
+            target = self._targets.get(server)
+            if (target is None or target.poll is not None or target.backoff.failures
+                    or (target.started_at is not None
+                        and now - target.started_at < REQUEST_GAP)):
                 continue
-            if poll.done:
-                poll.sock.close()
-                self._done(server, None)
-                continue
-            self.polls[server] = poll
-            self.master.loop.add_writer(poll.sock, lambda s=server: self._event(s))
-            self.master.loop.call_at(poll.deadline, lambda s=server, p=poll: self._late(s, p))
+            self._schedule(target, now)
 
-    def _event(self, server: Server) -> None:
-        poll = self.polls.get(server)
+    # -- probing --------------------------------------------------------------------------------
+
+    def _schedule(self, target: _Target, when: float) -> None:
+        if target.timer is not None:
+            target.timer.cancel()
+        target.timer = self.master.loop.call_at(when, lambda: self._start(target))
+
+    def _start(self, target: _Target) -> None:
+        target.timer = None
+        if self._targets.get(target.server) is not target or target.poll is not None:
+            return
+        now = self.master.clock()
+        target.started_at = now
+        timeout = min(PROBE_TIMEOUT, self.interval)
+        try:
+            if target.address is None:
+                # A host name may block in the resolver: asked once, and again only after
+                # a failure (the name may point elsewhere now).
+                target.address = admin.resolve(*target.server)
+            poll = self._make_poll(target.address, now + timeout)
+        except (OSError, UnicodeError) as e:
+            self._finished(target, None, f"cannot connect: {e}")
+            return
+        if poll.done:
+            poll.sock.close()
+            self._finished(target, None, poll.error)
+            return
+        target.poll = poll
+        self.master.loop.add_writer(poll.sock, lambda: self._event(target))
+        target.deadline = self.master.loop.call_at(poll.deadline, lambda: self._late(target))
+
+    def _event(self, target: _Target) -> None:
+        poll = target.poll
         if poll is None:
             return
         sent = poll.sent
         poll.on_ready()
         if poll.done:
-            self._finish(server, poll)
+            self._end_poll(target)
         elif poll.sent and not sent:
             self.master.loop.remove_writer(poll.sock)
-            self.master.loop.add_reader(poll.sock, lambda: self._event(server))
+            self.master.loop.add_reader(poll.sock, lambda: self._event(target))
 
-    def _late(self, server: Server, poll: admin.WorkersPoll) -> None:
-        if self.polls.get(server) is poll:
-            poll.finish(ok=False)  # too slow: counts as not answering
-            self._finish(server, poll)
+    def _late(self, target: _Target) -> None:
+        poll = target.poll
+        if poll is not None:
+            poll.finish(f"no whole answer within {min(PROBE_TIMEOUT, self.interval):g}s")
+            self._end_poll(target)
 
-    def _finish(self, server: Server, poll: admin.WorkersPoll) -> None:
-        self.master.loop.remove_reader(poll.sock)
-        self.master.loop.remove_writer(poll.sock)
-        poll.sock.close()
-        del self.polls[server]
-        self._done(server, poll.result)
+    def _end_poll(self, target: _Target) -> None:
+        poll = target.poll
+        assert poll is not None
+        self._close_poll(target)
+        self._finished(target, poll.answer, poll.error)
 
-    def _done(self, server: Server, workers: list[admin.WorkerInfo] | None) -> None:
-        self.seen[server] = workers
-        self.master.bus.publish(ev.Snapshot(server, workers))
-
-    def close(self) -> None:
-        for poll in self.polls.values():
+    def _close_poll(self, target: _Target) -> None:
+        poll, target.poll = target.poll, None
+        if target.deadline is not None:
+            target.deadline.cancel()
+            target.deadline = None
+        if poll is not None:
+            self.master.loop.remove_reader(poll.sock)
+            self.master.loop.remove_writer(poll.sock)
             poll.sock.close()
-        self.polls.clear()
+
+    def _finished(self, target: _Target, answer: admin.ProbeAnswer | None,
+                  error: str | None) -> None:
+        """Record the result, publish it, and set the next probe."""
+        if self._targets.get(target.server) is not target:
+            return  # no pool uses the server any more
+        now = self.master.clock()
+        view = next_view(self.views[target.server], now, answer, error)
+        self.views[target.server] = view
+        if answer is not None:
+            target.backoff.reset()
+            delay = self.interval
+        else:
+            target.address = None if not _numeric(target.server[0]) else target.address
+            delay = target.backoff.failure(now, now)
+            if view.failures == DOWN_AFTER:
+                self.master.log.debug("job server not answering", server=view.name,
+                                      error=error)
+        self._schedule(target, now + delay)
+        self.master.bus.publish(ev.Snapshot(view))
+
+    def _drop(self, target: _Target) -> None:
+        self._close_poll(target)
+        if target.timer is not None:
+            target.timer.cancel()
+            target.timer = None
+
+
+def _numeric(host: str) -> bool:
+    """A literal IP address: its resolution cannot change."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except (OSError, ValueError):
+            pass
+    return False

@@ -8,7 +8,7 @@ never block on a child. The same dict is the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -18,9 +18,11 @@ from gearvisor.policy.pool import Circuit
 
 if TYPE_CHECKING:
     from gearvisor.master.arbiter import Arbiter
+    from gearvisor.master.bus import ServerView
     from gearvisor.policy.pool import Pool
 
 STATUS_VERSION = 1
+MAX_FOREIGN_FUNCTIONS = 500  # functions of no pool of ours shown (most waiting first)
 
 
 def _rss(pid: int) -> int | None:
@@ -111,6 +113,79 @@ def fleet_status(arbiter: Arbiter, now: float) -> dict[str, Any]:
         **arbiter.parts(now),
         "pools": [pool_status(p, now) for p in arbiter.pools.values()],
     }
+
+
+def servers_status(views: Iterable[ServerView], now: float) -> list[dict[str, Any]]:
+    """One row per job server: what the probe last saw (`gearvisor status`'s servers)."""
+    rows = []
+    for v in sorted(views, key=lambda v: v.name):
+        rows.append({
+            "server": v.name,
+            "up": v.up,
+            "answered": v.answered,
+            "version": v.version,
+            "pid": v.pid,
+            "restarts": v.restarts,
+            "failures": v.failures,
+            "last_answer_age": (None if v.answered_at is None
+                                else round(max(0.0, now - v.answered_at), 3)),
+            "error": v.error,
+        })
+    return rows
+
+
+def _ours(view: ServerView, prefixes: tuple[str, ...]) -> dict[str, int]:
+    """Per function: the connections in the server's `workers` list that belong to one of
+    our pools (their client id starts with "<client_id_prefix>:<pool>:") and can do it."""
+    counts: dict[str, int] = {}
+    for w in view.workers or ():
+        if w.client_id.startswith(prefixes):
+            for fn in w.functions:
+                counts[fn] = counts.get(fn, 0) + 1
+    return counts
+
+
+def functions_status(views: Mapping[tuple[str, int], ServerView],
+                     pools: Iterable[Pool]) -> tuple[list[dict[str, Any]], int]:
+    """The functions table: per function and server, jobs waiting and running and capable
+    workers (ours / all), for every function of our pools on each of its pool's servers,
+    and for any other function with jobs queued (at most MAX_FOREIGN_FUNCTIONS of those,
+    most waiting first; the count of the rest is returned beside the rows). Values are
+    null for a server whose last probe did not answer. gearmand's `total` counts running
+    jobs too: waiting = total - running."""
+    rows: dict[tuple[str, tuple[str, int]], list[str]] = {}
+    prefixes = []
+    for pool in pools:
+        pc = pool.config
+        prefixes.append(f"{pc.client_id_prefix}:{pc.name}:")
+        for fn in pc.functions:
+            for s in pc.servers:
+                rows.setdefault((fn, (s.host, s.port)), []).append(pc.name)
+    foreign = []
+    for server, view in views.items():
+        if view.answered:
+            foreign += [(st.queued - st.running, fn, server)
+                        for fn, st in view.functions.items()
+                        if st.queued and (fn, server) not in rows]
+    foreign.sort(key=lambda r: (-r[0], r[1], r[2]))
+    for _, fn, server in foreign[:MAX_FOREIGN_FUNCTIONS]:
+        rows[(fn, server)] = []
+    ours = {server: _ours(view, tuple(prefixes)) for server, view in views.items()
+            if view.answered}
+    table = []
+    for (fn, server), pool_names in sorted(rows.items(), key=lambda r: (r[0][0], r[0][1])):
+        view = views.get(server)
+        row: dict[str, Any] = {"function": fn,
+                               "server": view.name if view else f"{server[0]}:{server[1]}",
+                               "pools": sorted(set(pool_names)), "waiting": None,
+                               "running": None, "workers_ours": None, "workers_all": None}
+        if view is not None and view.answered:
+            st = view.functions.get(fn)
+            row.update(waiting=max(0, st.queued - st.running) if st else 0,
+                       running=st.running if st else 0, workers_all=st.workers if st else 0,
+                       workers_ours=ours[server].get(fn, 0))
+        table.append(row)
+    return table, max(0, len(foreign) - MAX_FOREIGN_FUNCTIONS)
 
 
 def summary(pools: Iterable[Pool], watcher: dict[str, Any] | None = None) -> str:
