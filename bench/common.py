@@ -22,6 +22,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from gearvisor.child.postfork import set_pdeathsig  # noqa: E402
 from gearvisor.gearman import admin  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -95,7 +96,7 @@ class Gearmand:
         if self.threads is not None:
             args += ["-t", str(self.threads)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+                                     stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         wait_for(lambda: admin.version(HOST, self.port, 0.5), 10, message="gearmand")
         return self
 
@@ -130,8 +131,15 @@ def kill(proc: subprocess.Popen | None, sig: int = signal.SIGKILL) -> None:
         pass
 
 
+def _die_with_parent() -> None:
+    set_pdeathsig(signal.SIGTERM)
+
+
 def spawn(args: list[str], **kw: Any) -> subprocess.Popen:
-    """Start a process in its own session (so kill() takes its children too)."""
+    """Start a process in its own session (so kill() takes its children too) that gets
+    SIGTERM when this benchmark process dies: a run killed by a timeout (the suite runs
+    bench/run.py --tiny) leaves no master or gearmand behind. Call it from the main thread:
+    PDEATHSIG fires when the thread that forked ends."""
     kw.setdefault("stdout", subprocess.DEVNULL)
     kw.setdefault("stderr", subprocess.DEVNULL)
-    return subprocess.Popen(args, start_new_session=True, **kw)
+    return subprocess.Popen(args, start_new_session=True, preexec_fn=_die_with_parent, **kw)
