@@ -39,7 +39,17 @@ from typing import IO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import HOST, PYTHON, REPO, Gearmand, Row, Target, kill, spawn  # noqa: E402
+from common import (  # noqa: E402
+    HOST,
+    PYTHON,
+    REPO,
+    Gearmand,
+    Row,
+    Target,
+    free_port,
+    kill,
+    spawn,
+)
 
 from gearvisor.gearman.client import Client  # noqa: E402
 
@@ -82,7 +92,7 @@ exit(1);
 '''
 
 GEARVISOR_CONFIG = '''\
-servers: ["{address}"]
+{top}servers: ["{address}"]
 pythonpath: ["{dir}"]
 control_socket: "{dir}/gearvisor.sock"
 watch_config: false
@@ -234,10 +244,14 @@ class GearvisorMaster(Competitor):
     name = "gearvisor"
     extra = ""  # more pool settings (YAML lines, indented 4)
 
+    def top(self) -> str:
+        """More top-level settings (YAML lines)."""
+        return ""
+
     def start(self, gm: Gearmand, n: int) -> None:
         config = self.workdir / "pools.yaml"
         config.write_text(GEARVISOR_CONFIG.format(address=gm.address, dir=self.workdir, n=n,
-                                                  extra=self.extra))
+                                                  extra=self.extra, top=self.top()))
         self._spawn([PYTHON, "-m", "gearvisor", "-c", str(config)], cwd=str(REPO))
 
 
@@ -246,6 +260,16 @@ class GearvisorPrefetch(GearvisorMaster):
 
     name = "gearvisor prefetch 8"
     extra = "    prefetch: 8\n"
+
+
+class GearvisorMetrics(GearvisorMaster):
+    """The same with metrics on (README: Metrics): every job is counted in the child's
+    shared memory, and the endpoint is served (not scraped during the run)."""
+
+    name = "gearvisor metrics on"
+
+    def top(self) -> str:
+        return f'metrics: {{listen: "{HOST}:{free_port()}"}}\n'
 
 
 class PygearmanWorkers(Competitor):
@@ -269,7 +293,8 @@ class LibgearmanWorkers(Competitor):
 
 
 COMPETITORS: tuple[type[Competitor], ...] = (GearvisorMaster, GearvisorPrefetch,
-                                             PygearmanWorkers, LibgearmanWorkers)
+                                             GearvisorMetrics, PygearmanWorkers,
+                                             LibgearmanWorkers)
 
 
 def write_workers(workdir: Path) -> None:
@@ -388,6 +413,12 @@ def targets(drains: dict[tuple[str, int, int | None], float]) -> list[Target]:
             children = "1 gearvisor child" if n == 1 else f"{n} gearvisor children"
             out.append(Target(f"drain, -t 1: {children}{how} vs. {plural(n)} of {other}",
                               ratio, f">= {goal}x", ratio >= goal))
+    for n in sorted({n for _, n, _ in drains}):
+        # Metrics cost: the drain with metrics on, against the same default run (issue 15).
+        on, off = drains.get((GearvisorMetrics.name, n, 1)), drains.get(("gearvisor", n, 1))
+        if on is not None and off is not None:
+            out.append(Target(f"drain, -t 1, {plural(n)}: metrics on vs. off", on / off,
+                              ">= 0.95x", on / off >= 0.95))
     return out
 
 
