@@ -39,7 +39,17 @@ from typing import IO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import HOST, PYTHON, REPO, Gearmand, Row, Target, kill, spawn  # noqa: E402
+from common import (  # noqa: E402
+    HOST,
+    PYTHON,
+    REPO,
+    Gearmand,
+    Row,
+    Target,
+    free_port,
+    kill,
+    spawn,
+)
 
 from gearvisor.gearman.client import Client  # noqa: E402
 
@@ -82,7 +92,7 @@ exit(1);
 '''
 
 GEARVISOR_CONFIG = '''\
-servers: ["{address}"]
+{top}servers: ["{address}"]
 pythonpath: ["{dir}"]
 control_socket: "{dir}/gearvisor.sock"
 watch_config: false
@@ -234,10 +244,14 @@ class GearvisorMaster(Competitor):
     name = "gearvisor"
     extra = ""  # more pool settings (YAML lines, indented 4)
 
+    def top(self) -> str:
+        """More top-level settings (YAML lines)."""
+        return ""
+
     def start(self, gm: Gearmand, n: int) -> None:
         config = self.workdir / "pools.yaml"
         config.write_text(GEARVISOR_CONFIG.format(address=gm.address, dir=self.workdir, n=n,
-                                                  extra=self.extra))
+                                                  extra=self.extra, top=self.top()))
         self._spawn([PYTHON, "-m", "gearvisor", "-c", str(config)], cwd=str(REPO))
 
 
@@ -246,6 +260,16 @@ class GearvisorPrefetch(GearvisorMaster):
 
     name = "gearvisor prefetch 8"
     extra = "    prefetch: 8\n"
+
+
+class GearvisorMetrics(GearvisorMaster):
+    """The same with metrics on (README: Metrics): every job is counted in the child's
+    shared memory, and the endpoint is served (not scraped during the run)."""
+
+    name = "gearvisor metrics on"
+
+    def top(self) -> str:
+        return f'metrics: {{listen: "{HOST}:{free_port()}"}}\n'
 
 
 class PygearmanWorkers(Competitor):
@@ -269,7 +293,8 @@ class LibgearmanWorkers(Competitor):
 
 
 COMPETITORS: tuple[type[Competitor], ...] = (GearvisorMaster, GearvisorPrefetch,
-                                             PygearmanWorkers, LibgearmanWorkers)
+                                             GearvisorMetrics, PygearmanWorkers,
+                                             LibgearmanWorkers)
 
 
 def write_workers(workdir: Path) -> None:
@@ -334,6 +359,90 @@ def measure_one(competitor: Competitor, threads: int | None, n: int, plan: Plan)
         return Run(q0 / (t1 - t0), rates, submit_seconds, all_at - t0)
 
 
+def child_cpu_per_job(competitor: GearvisorMaster, plan: Plan) -> float:
+    """CPU microseconds one gearvisor child spends per echo job (user + system, from the
+    kernel's accounting of that process): registered first, then `plan.jobs` jobs queued
+    and drained. CPU time, unlike a drain rate, hardly moves when the machine is busy with
+    other work, so it shows what counting a job costs the child."""
+    import psutil
+
+    with Gearmand(threads=1) as gm:
+        poller = StatusPoller(gm.port)
+        try:
+            competitor.start(gm, 1)
+            deadline = time.monotonic() + plan.deadline
+            poll_until(lambda: poller.poll()[1] >= 1, deadline, 0.01, "the child registered")
+            master = psutil.Process(competitor.procs[0].pid)
+            child = next(p for p in master.children() if "bench[0]" in " ".join(p.cmdline()))
+            before = sum(child.cpu_times()[:2])
+            # CPU time is counted in clock ticks (10 ms): enough jobs for a few hundred
+            jobs = max(plan.jobs, 5000)
+            submit_background(gm.port, jobs, deadline)
+            poll_until(lambda: poller.poll()[0] == 0, deadline, POLL_DRAIN, "the drain")
+            return (sum(child.cpu_times()[:2]) - before) / jobs * 1e6
+        except (TimeoutError, OSError, RuntimeError, StopIteration, psutil.Error) as e:
+            raise RuntimeError(f"{competitor.name}, CPU per job: {e}\n"
+                               f"{competitor.diagnose()}") from e
+        finally:
+            competitor.stop()
+            poller.close()
+
+
+def metrics_cost(plan: Plan, workdir: Path) -> tuple[list[Row], list[Target]]:
+    """Child CPU per job with metrics off and on, interleaved (medians), and the target:
+    metrics cost the child at most 5% more per job."""
+    kinds = (GearvisorMaster, GearvisorMetrics)
+    got: dict[str, list[float]] = {k.name: [] for k in kinds}
+    for rep in range(plan.repeats * 2 - 1):  # the full run: 5 of each
+        for i in range(len(kinds)):
+            kind = kinds[(rep + i) % len(kinds)]
+            cpu = child_cpu_per_job(kind(workdir), plan)
+            got[kind.name].append(cpu)
+            print(f"  {kind.name}, CPU per job: {cpu:.1f} us", file=sys.stderr, flush=True)
+    rows = [Row(SECTION, f"child CPU per job, drain {max(plan.jobs, 5000)}, 1 worker, -t 1",
+                name,
+                statistics.median(values), "us/job", better="lower")
+            for name, values in got.items()]
+    off, on = (max(1e-3, statistics.median(got[k.name])) for k in kinds)  # (never 0)
+    # The counting itself, timed alone (best of 5): what metrics add to each job for sure,
+    # as a share of a job's whole cost in the child. The drains above are too noisy on a
+    # shared machine to resolve a few percent; this is not.
+    counting = count_cost_us(100_000 if plan is TINY else 1_000_000)
+    rows.append(Row(SECTION, "counting one job (shm.stats.JobStats.job_done)",
+                    "gearvisor metrics on", counting * 1000, "ns/job", better="lower"))
+    return rows, [Target("child CPU per job, 1 worker: metrics off / on", off / on,
+                         ">= 0.95x", off / on >= 0.95),
+                  Target("counting a job, as a share of the child's CPU per job (metrics "
+                         "off)", counting / off, "<= 0.05", counting / off <= 0.05)]
+
+
+def count_cost_us(n: int) -> float:
+    """Microseconds JobStats.job_done adds to one job (default buckets), beyond the bare
+    call of an empty method, best of 5 runs of `n` calls."""
+    from gearvisor.config.values import DEFAULT_BUCKETS
+    from gearvisor.shm.stats import SUCCESS, JobStats
+
+    stats = JobStats({FUNCTION: DEFAULT_BUCKETS})
+
+    class Empty:
+        def job_done(self, function: str, outcome: int, seconds: float) -> None:
+            pass
+
+    def best(target: object) -> float:
+        runs = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(n):
+                target.job_done(FUNCTION, SUCCESS, 0.00005)  # type: ignore[attr-defined]
+            runs.append(time.perf_counter() - started)
+        return min(runs) / n * 1e6
+
+    try:
+        return max(0.0, best(stats) - best(Empty()))
+    finally:
+        stats.close()
+
+
 def plural(n: int) -> str:
     return f"{n} worker" if n == 1 else f"{n} workers"
 
@@ -373,7 +482,8 @@ def measure(tiny: bool) -> tuple[list[Row], list[Target]]:
                         rows.append(Row(SECTION, f"round trip, {k} in flight, {plural(n)}, -t {t}",
                                         kind.name, statistics.median(r.round_trips[k] for r in got),
                                         "jobs/s"))
-    return rows, targets(drains)
+        cost_rows, cost_targets = metrics_cost(plan, workdir)
+    return rows + cost_rows, targets(drains) + cost_targets
 
 
 def targets(drains: dict[tuple[str, int, int | None], float]) -> list[Target]:
@@ -388,6 +498,12 @@ def targets(drains: dict[tuple[str, int, int | None], float]) -> list[Target]:
             children = "1 gearvisor child" if n == 1 else f"{n} gearvisor children"
             out.append(Target(f"drain, -t 1: {children}{how} vs. {plural(n)} of {other}",
                               ratio, f">= {goal}x", ratio >= goal))
+    for n in sorted({n for _, n, _ in drains}):
+        # Metrics cost: the drain with metrics on, against the same default run (issue 15).
+        on, off = drains.get((GearvisorMetrics.name, n, 1)), drains.get(("gearvisor", n, 1))
+        if on is not None and off is not None:
+            out.append(Target(f"drain, -t 1, {plural(n)}: metrics on vs. off", on / off,
+                              ">= 0.95x", on / off >= 0.95))
     return out
 
 

@@ -11,6 +11,14 @@ GEARVISOR=.venv/bin/gearvisor
 GEARMAND=$(command -v gearmand || echo /usr/sbin/gearmand)
 WORK=$(mktemp -d /tmp/gearvisor-demo.XXXXXX)
 PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# The metrics port: conf/pools.yaml's 9464 if it is free, else any free one.
+METRICS_PORT=$($PY -c 'import socket
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", 9464))
+except OSError:
+    s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])')
 GEARMAND_PID=""; MASTER_PID=""
 
 cleanup() {
@@ -30,7 +38,7 @@ GEARMAND_PID=$!
 wait_until "gearadmin -h 127.0.0.1 -p $PORT --server-version >/dev/null 2>&1"
 
 step "gearvisor check -c conf/pools.yaml (pointed at that port)"
-sed -e "s/127.0.0.1:4730/127.0.0.1:$PORT/" -e "s#pythonpath: \[\"..\"\]#pythonpath: [\"$REPO\"]#" \
+sed -e "s/127.0.0.1:4730/127.0.0.1:$PORT/" -e "s/127.0.0.1:9464/127.0.0.1:$METRICS_PORT/" -e "s#pythonpath: \[\"..\"\]#pythonpath: [\"$REPO\"]#" \
     -e "s/^log_format: auto/log_format: console/" conf/pools.yaml > "$WORK/pools.yaml"
 echo "control_socket: gearvisor.sock   # demo: next to this config" >> "$WORK/pools.yaml"
 CTL="-c $WORK/pools.yaml"
@@ -60,6 +68,18 @@ kill -9 "$VICTIM"
 wait_until "pgrep -f 'gearvisor: text\[0\] idle' | grep -vx $VICTIM >/dev/null"
 echo "text[0] was pid $VICTIM, now pid $(pgrep -f 'gearvisor: text\[0\]')"
 $G -f reverse 'still serving'; echo
+
+step "Prometheus metrics: curl http://127.0.0.1:$METRICS_PORT/metrics (scrape it there)"
+# (Python's urllib, not curl: the demo needs nothing else installed; 503 is an answer too)
+scrape() { $PY -c "import sys, urllib.request, urllib.error
+try:
+    r = urllib.request.urlopen('http://127.0.0.1:$METRICS_PORT' + sys.argv[1], timeout=5)
+except urllib.error.HTTPError as e:
+    r = e
+sys.stdout.write(r.read().decode())" "$1"; }
+wait_until "scrape /metrics | grep -q 'gearvisor_child_restarts_total{pool=\"text\",reason=\"crash\"} 1.0'"
+scrape /metrics | grep -E '^gearvisor_(jobs_total\{function="(reverse|flaky)",outcome="(success|error)"|child_restarts_total\{pool="text",reason="crash"|children\{pool="text")'
+echo "/readyz: $(scrape /readyz)"
 
 step "gearvisor status: every pool and child, from the master's control socket"
 $GEARVISOR status $CTL

@@ -536,3 +536,62 @@ def test_umask_reads_the_digits_as_written(tmp_path: Path, written: str, mode: i
     text = ("pools:\n  a:\n    functions: {r: 'examples.text:reverse'}\n"
             f"    umask: {written}\n")
     assert parse(text, str(write(tmp_path, text))).pools["a"].umask == mode
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics: the endpoint and the histogram buckets
+
+METRICS_POOL = """\
+pools:
+  p:
+    functions:
+      f: "examples.text:reverse"
+      g: {callable: "examples.text:upper", timeout: 5s, buckets: [0.1, 250ms, 1, 10]}
+"""
+
+
+def test_metrics_are_off_without_the_block_and_buckets_default_to_5ms_up_to_1h(
+        tmp_path: Path) -> None:
+    cfg = parse(METRICS_POOL, str(write(tmp_path, METRICS_POOL)))
+    assert cfg.metrics is None
+    f = cfg.pools["p"].buckets["f"]
+    assert f[0] == 0.005 and f[-1] == 3600.0 and list(f) == sorted(f)
+    assert cfg.pools["p"].buckets["g"] == (0.1, 0.25, 1.0, 10.0)
+    assert cfg.pools["p"].timeouts == {"g": 5.0}
+
+
+def test_metrics_listen_and_default_buckets(tmp_path: Path) -> None:
+    text = 'metrics: {listen: "127.0.0.1:9464", buckets: [1, 2m]}\n' + METRICS_POOL
+    cfg = parse(text, str(write(tmp_path, text)))
+    assert cfg.metrics == config.MetricsConfig(Server("127.0.0.1", 9464), (1.0, 120.0))
+    assert cfg.pools["p"].buckets == {"f": (1.0, 120.0), "g": (0.1, 0.25, 1.0, 10.0)}
+    text = 'metrics: {listen: "[::1]:9464"}\n' + METRICS_POOL
+    assert parse(text, str(write(tmp_path, text))).metrics.listen == Server("::1", 9464)
+
+
+@pytest.mark.parametrize(("block", "message"), [
+    ("metrics: {buckets: [1]}", 'metrics: missing "listen"'),
+    ('metrics: {listen: "127.0.0.1"}', 'metrics.listen: expected "host:port"'),
+    ('metrics: {listen: 9464}', 'metrics.listen: expected "host:port"'),
+    ('metrics: {listen: "127.0.0.1:0"}', "metrics.listen: expected a port from 1 to 65535"),
+    ('metrics: {listen: "h:1", buckets: [2, 1]}',
+     "metrics.buckets.1: expected bounds in increasing order (1 after 2)"),
+    ('metrics: {listen: "h:1", buckets: [0]}', "metrics.buckets.0: expected a bucket bound > 0"),
+    ('metrics: {listen: "h:1", buckets: []}', "metrics.buckets: expected a list of increasing"),
+    ('metrics: {listen: "h:1", buckets: [.nan]}', "metrics.buckets.0: expected a finite"),
+    ('metrics: {listen: "h:1", buckets: [' + ", ".join(map(str, range(1, 66))) + "]}",
+     "metrics.buckets: expected at most 64 buckets"),
+    ('metrics: {listen: "h:1", bucket: [1]}', 'metrics.bucket: unknown key; did you mean '
+     '"buckets"?'),
+    ("metrics: 5", "metrics: expected a mapping, got 5"),
+])
+def test_bad_metrics_block_is_named(tmp_path: Path, block: str, message: str) -> None:
+    text, path, _ = errors(tmp_path, block + "\n" + METRICS_POOL)
+    assert f"{path}:1: {message}" in text
+
+
+def test_bad_function_buckets_name_the_function(tmp_path: Path) -> None:
+    text, path, _ = errors(tmp_path, METRICS_POOL.replace("250ms", "'soon'"))
+    assert f"{path}:5: pools.p.functions.g.buckets.1: expected a duration" in text
+    text, _, _ = errors(tmp_path, METRICS_POOL + "    metrics: {listen: 'h:1'}\n")
+    assert "pools.p.metrics: unknown key" in text

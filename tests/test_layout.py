@@ -61,7 +61,8 @@ def imports(path: Path, late: bool = False) -> set[str]:
 GRAPH = {name: imports(path) for name, path in MODULES.items()}
 
 
-SUBPACKAGES = {"master", "cli", "child", "policy", "config", "gearman", "helpers", "shm"}
+SUBPACKAGES = {"master", "cli", "child", "policy", "config", "gearman", "helpers", "shm",
+               "metrics"}
 
 
 def layer(module: str) -> str:
@@ -104,7 +105,7 @@ def test_policy_is_pure() -> None:
 
 
 def test_only_master_and_cli_import_the_master_and_only_cli_imports_cli() -> None:
-    for other in ("child", "policy", "config", "gearman", "helpers", "shm", "top"):
+    for other in ("child", "policy", "config", "gearman", "helpers", "shm", "metrics", "top"):
         for module, names in imports_of(other).items():
             if module == "gearvisor.__main__":  # `python -m gearvisor` is the CLI
                 continue

@@ -36,6 +36,7 @@ from gearvisor.policy.child import (
 )
 from gearvisor.shm.poison import PoisonTable, RunningJobs, job_key
 from gearvisor.shm.scoreboard import Scoreboard
+from gearvisor.shm.stats import ERROR, POISON, SUCCESS, TIMEOUT
 
 try:  # CPython: the handler as set, without signal.getsignal's enum lookup (checked per job)
     from _signal import getsignal as _getsignal
@@ -131,6 +132,8 @@ class _ChildHooks(Hooks):
         self._idle()
 
     def job_started(self, job: Job) -> None:
+        if self.timer is not None:
+            self.timer.timed_out = False
         key = _key(job)
         if self.running is not None:
             self.running.set(self.running_index, key)  # before it runs: if it kills us
@@ -139,10 +142,18 @@ class _ChildHooks(Hooks):
         self._title(f"{self.prefix} busy {job.function}")
 
     def job_refused(self, job: Job) -> None:
+        self._refused(job, ERROR)  # too big (or a function we do not serve: not counted)
+
+    def job_poisoned(self, job: Job) -> None:
+        self._refused(job, POISON)
+
+    def _refused(self, job: Job, outcome: int) -> None:
         self.failed += 1
         self.board.job_started(job.function, job.handle, job.unique, time.monotonic(),
                                len(job.data))
         self.board.job_finished(False)
+        if self.board.stats is not None:
+            self.board.stats.job_not_run(job.function, outcome)
 
     def job_finished(self, job: Job, ok: bool, seconds: float) -> None:
         if self.running is not None:
@@ -152,6 +163,9 @@ class _ChildHooks(Hooks):
         else:
             self.failed += 1
         self.board.job_finished(ok)
+        if self.board.stats is not None:
+            self.board.stats.job_done(job.function, SUCCESS if ok else TIMEOUT if (
+                self.timer is not None and self.timer.timed_out) else ERROR, seconds)
         if self.window is None and self.probation and ok:
             self.probation = False  # no error tracking (quarantine off): one good job will do
             send_event(self.event_fd, msg.ProbationPassed())
@@ -231,6 +245,7 @@ class _AlarmTimer(JobTimer):
         self.flush_callback: Callable[[], None] | None = None
         self.held = False  # the runtime is writing to a server: do not raise now
         self.pending = False  # the timeout fired while held: raise on release
+        self.timed_out = False  # JobTimeout was raised in the current job (its metrics)
         signal.signal(signal.SIGALRM, self._fire)
 
     def installed(self) -> bool:
@@ -261,6 +276,7 @@ class _AlarmTimer(JobTimer):
             if self.job_deadline is not None:
                 self.job_deadline = None
                 self._arm()
+                self.timed_out = True
                 raise JobTimeout("the job ran past its timeout")
 
     def start(self, seconds: float) -> None:
@@ -302,6 +318,7 @@ class _AlarmTimer(JobTimer):
                 return
             self.job_deadline = None
             self._arm()
+            self.timed_out = True
             raise JobTimeout("the job ran past its timeout")
         self._arm()
 

@@ -22,6 +22,7 @@ from gearvisor.config.model import (
     Config,
     FindingsConfig,
     KeepaliveConfig,
+    MetricsConfig,
     PoolConfig,
     QuarantineConfig,
 )
@@ -141,6 +142,14 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
                 f"one pool, got {show(pools_raw)}")
         pools_raw = {}
 
+    default_buckets = top.get("metrics.buckets", BY_KEY["metrics.buckets"].default)
+    metrics = None
+    if "metrics" in data and isinstance(data["metrics"], dict):
+        if top.get("metrics.listen") is not None:
+            metrics = MetricsConfig(top["metrics.listen"], default_buckets)
+        elif "listen" not in data["metrics"]:
+            col.add(("metrics",), 'missing "listen": the address to serve metrics on, such '
+                    'as "127.0.0.1:9464" (remove the metrics block to turn metrics off)')
     pools: dict[str, PoolConfig] = {}
     for name, praw in pools_raw.items():
         path = ("pools", name)
@@ -204,6 +213,8 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
             watch=(None if merged["watch"] is None
                    else tuple(_resolve(directory, w) for w in merged["watch"])),
             timeouts=dict(getattr(merged["functions"], "timeouts", {})),
+            buckets={f: getattr(merged["functions"], "buckets", {}).get(f, default_buckets)
+                     for f in (merged["functions"] or {})},
             command=merged["command"],
             log_file=_resolve(directory, merged["log_file"]) if merged["log_file"] else None,
             backoff=BackoffConfig(**_block(merged, "backoff")),
@@ -245,6 +256,7 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
         probe_interval=top.get("probe_interval", BY_KEY["probe_interval"].default),
         findings=FindingsConfig(**{s.key.split(".", 1)[1]: top.get(s.key, s.default)
                                    for s in SETTINGS if s.block == "findings"}),
+        metrics=metrics,
     )
 
 

@@ -78,6 +78,14 @@ class FindingsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint (the `metrics:` block; metrics are off without it)."""
+
+    listen: Server
+    buckets: tuple[float, ...]  # the default histogram bounds, seconds
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     """Everything one pool needs, with the top-level defaults already applied."""
 
@@ -102,6 +110,9 @@ class PoolConfig:
     max_surge: int | str = "25%"
     timeouts: dict[str, float] = field(default_factory=dict)  # function -> seconds
     timeout_grace: float = 5.0
+    # function -> its job duration histogram's bounds (seconds): its own `buckets`, or
+    # metrics.buckets
+    buckets: dict[str, tuple[float, ...]] = field(default_factory=dict)
     quarantine: QuarantineConfig = field(default_factory=lambda: QuarantineConfig())
     circuit: CircuitConfig = field(default_factory=lambda: CircuitConfig())
     poison_after: int = 2
@@ -144,6 +155,7 @@ class Config:
     watch_debounce: float = 1.0
     probe_interval: float = 5.0  # seconds between probes of each job server
     findings: FindingsConfig = field(default_factory=lambda: FindingsConfig())
+    metrics: MetricsConfig | None = None  # None: no metrics endpoint, no per-job counting
 
     @property
     def directory(self) -> str:

@@ -21,10 +21,12 @@ from typing import Any
 
 from gearvisor.config.values import (
     DAY,
+    DEFAULT_BUCKETS,
     HOUR,
     MAX_PROCESSES,
     TIMEOUT_MAX,
     boolean,
+    buckets,
     choice,
     command,
     duration_between,
@@ -34,6 +36,7 @@ from gearvisor.config.values import (
     functions,
     group,
     int_range,
+    listen_address,
     optional,
     rlimits,
     servers,
@@ -83,10 +86,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("watch_debounce", duration_upto(HOUR), 1.0,
             "Quiet period after the last file change before anything rolls, so a deploy "
             "that touches many files causes one roll.", scope="global"),
+    Setting("metrics.listen", optional(listen_address), None,
+            'Serve Prometheus metrics, /healthz and /readyz over HTTP on this "host:port" '
+            '(e.g. "127.0.0.1:9464"), from the master\'s own loop. Off when absent; see '
+            "Metrics.", scope="global", shown_default="off"),
+    Setting("metrics.buckets", buckets, DEFAULT_BUCKETS,
+            "Bounds (seconds) of the job duration histogram, for every function that does "
+            "not set its own `buckets`.", scope="global",
+            shown_default="5ms .. 1h (`[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, "
+                          "10, 30, 60, 120, 300, 600, 1800, 3600]`)"),
     Setting("processes", int_range(0, MAX_PROCESSES), 1, "How many children the pool runs.",
             scope="pool"),
     Setting("functions", functions, None,
-            'Gearman function name -> Python callable "module:attr". Required.', scope="pool"),
+            'Gearman function name -> Python callable "module:attr", or a mapping '
+            '`{callable: "module:attr", timeout: 60s, buckets: [0.1, 1, 10]}` (`buckets`: '
+            "that function's own histogram bounds). Required.", scope="pool"),
     Setting("watch", watch_list, None,
             "Files whose change rolls the pool: paths or globs (`**` spans directories), "
             "relative to the config file; a directory means everything under it. A Python "

@@ -203,6 +203,14 @@ def server(value: Any) -> Server:
     return Server(_clean(host), int(port))
 
 
+def listen_address(value: Any) -> Server:
+    """Where the master listens (the metrics endpoint): "host:port" or "[v6]:port", the
+    port required, so the address in the config is the one a scraper is pointed at."""
+    if not isinstance(value, str) or not re.search(r":[0-9]+\s*$", value):
+        raise Invalid('expected "host:port" such as "127.0.0.1:9464" (IPv6 as "[::1]:9464")')
+    return server(value)
+
+
 def servers(value: Any) -> tuple[Server, ...]:
     """A list of "host:port"; a single string is taken as a list of one."""
     items = [value] if isinstance(value, str) else value
@@ -380,18 +388,51 @@ def _function_name(name: Any) -> bool:
 
 
 class Functions(dict):
-    """Gearman function name -> "module:attr", plus each function's `timeout` (seconds)."""
+    """Gearman function name -> "module:attr", plus each function's `timeout` (seconds) and
+    its own histogram `buckets` (seconds), where it sets them."""
 
     timeouts: dict[str, float]
+    buckets: dict[str, tuple[float, ...]]
+
+
+BUCKETS_MAX = 64  # histogram buckets per function: each is a series per function and pool
+BUCKET_MAX = 30 * DAY
+DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+
+def buckets(value: Any) -> tuple[float, ...]:
+    """Histogram bucket bounds of job durations: a list of durations (seconds or "250ms"),
+    each > 0, in increasing order; +Inf is always added."""
+    if not isinstance(value, list) or not value:
+        raise Invalid('expected a list of increasing durations such as [0.01, 0.1, 1, 10]')
+    if len(value) > BUCKETS_MAX:
+        raise Invalid(f"expected at most {BUCKETS_MAX} buckets")
+    out: list[float] = []
+    for i, item in enumerate(value):
+        try:
+            bound = duration(item, BUCKET_MAX)
+        except Invalid as e:
+            raise Invalid(str(e), at=(i,), value=item) from None
+        if bound <= 0:
+            raise Invalid("expected a bucket bound > 0", at=(i,), value=item)
+        if out and bound <= out[-1]:
+            raise Invalid(f"expected bounds in increasing order ({bound:g} after {out[-1]:g})",
+                          at=(i,), value=item)
+        out.append(bound)
+    return tuple(out)
+
+
+buckets.limit = f"At most {BUCKETS_MAX} bounds."  # type: ignore[attr-defined]
 
 
 def functions(value: Any) -> Functions:
     """Gearman function name -> "module:attr" of the Python callable that runs it, or a
-    mapping {callable: "module:attr", timeout: 30s}. In a `command:` pool: a list of the
-    function names the command registers (for `ready: registered`)."""
+    mapping {callable: "module:attr", timeout: 30s, buckets: [0.1, 1, 10]}. In a `command:`
+    pool: a list of the function names the command registers (for `ready: registered`)."""
     if isinstance(value, list) and value:
         out = Functions()
-        out.timeouts = {}
+        out.timeouts, out.buckets = {}, {}
         for i, name in enumerate(value):
             if not _function_name(name):
                 raise Invalid("function names are 1-255 characters with no spaces", at=(i,),
@@ -401,17 +442,24 @@ def functions(value: Any) -> Functions:
     if not isinstance(value, dict) or not value:
         raise Invalid('expected a mapping of gearman function name -> "module:callable"')
     out = Functions()
-    out.timeouts = {}
+    out.timeouts, out.buckets = {}, {}
     for name, target in value.items():
         if not _function_name(name):
             raise Invalid("function names are 1-255 characters with no spaces", at=(name,),
                           value=name)
         if isinstance(target, dict):
             # key=str: YAML keys may be numbers too, and ints and strs do not sort together
-            unknown = sorted(set(target) - {"callable", "timeout"}, key=str)
+            unknown = sorted(set(target) - {"callable", "timeout", "buckets"}, key=str)
             if unknown:
-                raise Invalid(f"unknown key {unknown[0]!r}; a function takes callable and "
-                              "timeout", at=(name, unknown[0]), value=unknown[0])
+                raise Invalid(f"unknown key {unknown[0]!r}; a function takes callable, "
+                              "timeout and buckets", at=(name, unknown[0]), value=unknown[0])
+            if "buckets" in target:
+                try:
+                    out.buckets[name] = buckets(target["buckets"])
+                except Invalid as e:
+                    raise Invalid(str(e), at=(name, "buckets", *e.at),
+                                  value=target["buckets"] if e.value is ... else e.value) \
+                        from None
             if "timeout" in target:
                 try:
                     timeout = duration(target["timeout"], TIMEOUT_MAX)

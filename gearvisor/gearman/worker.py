@@ -114,6 +114,11 @@ class Hooks:
         """A job was answered WORK_FAIL without running: poison, over max_job_size, or for a
         function we do not serve. Not the child's failure: it never counts toward quarantine."""
 
+    def job_poisoned(self, job: Job) -> None:
+        """A job was refused as poison (it killed `poison_after` workers already); by
+        default the same as any refusal."""
+        self.job_refused(job)
+
     def waiting(self) -> None:
         """No server has a job for us: the worker sleeps until one does."""
 
@@ -741,7 +746,7 @@ class Worker:
                            handle=job.handle, unique=job.unique, size=len(data))
             conn.depth = 1
             self._reply(conn, encode(Packet.WORK_FAIL, handle))
-            hooks.job_refused(job)
+            hooks.job_poisoned(job)
             return
         hooks.job_started(job)
         started = self.clock()

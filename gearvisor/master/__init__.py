@@ -14,6 +14,7 @@
         groups.py    what a dead child leaves in its process group
         systemd.py   sd_notify: READY, RELOADING, STOPPING, STATUS, WATCHDOG
         exitlog.py   one log line per reaped child, worded from the pool's decision
+        metrics.py   Prometheus /metrics, /healthz, /readyz over http.py (no thread)
         limits.py    the open-files limit against what the pools will open
 
 The master never imports user code and never starts a thread; whatever needs either runs
@@ -36,6 +37,7 @@ from gearvisor.master.groups import Groups
 from gearvisor.master.health import Health
 from gearvisor.master.helpers import Watcher
 from gearvisor.master.limits import FdLimits
+from gearvisor.master.metrics import Metrics
 from gearvisor.master.probe import Probe
 from gearvisor.master.systemd import Systemd
 
@@ -44,7 +46,7 @@ def components(config: Config) -> list[Component]:
     """Every component of a running master, in the order they attach."""
     probe = Probe()
     return [Control(config), Watcher(config), probe, Commands(probe), Health(), Groups(),
-            Systemd(), FdLimits(), ExitLog(), HealthFindings(probe)]
+            Systemd(), FdLimits(), Metrics(probe), ExitLog(), HealthFindings(probe)]
 
 
 def run(config: Config) -> int:

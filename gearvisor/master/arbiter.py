@@ -37,6 +37,7 @@ from gearvisor.policy.child import EXIT_BOOT_ERROR, Child, ChildState, describe_
 from gearvisor.policy.pool import Circuit, Pool, Retire, Spawn
 from gearvisor.shm.poison import PoisonTable, RunningJobs
 from gearvisor.shm.scoreboard import Scoreboard
+from gearvisor.shm.stats import JobStats
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGCHLD)
@@ -187,7 +188,9 @@ class Arbiter:
             if command:
                 pipes = [output_pipe(), output_pipe()]
             else:
-                child.scoreboard = Scoreboard()
+                # Per-function job counts for metrics (off: no counting in the child at all)
+                child.scoreboard = Scoreboard(JobStats(pool.config.buckets)
+                                              if self.config.metrics is not None else None)
         except OSError as e:
             for fd in (fd for p in pipes for fd in p):
                 self.system.close(fd)

@@ -11,6 +11,10 @@ from __future__ import annotations
 import mmap
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gearvisor.shm.stats import JobStats
 
 # The record: seq (8 bytes) then the body: busy, done, failed, job_started (monotonic;
 # CLOCK_MONOTONIC is system-wide on Linux), function, handle, unique, payload size, poison key.
@@ -45,9 +49,9 @@ def _cut(text: str) -> bytes:
 class Scoreboard:
     """One child's record. Create in the master before fork; the child writes, master reads."""
 
-    __slots__ = ("_mm", "_seq", "_done", "_failed", "_busy", "_last")
+    __slots__ = ("_mm", "_seq", "_done", "_failed", "_busy", "_last", "stats")
 
-    def __init__(self) -> None:
+    def __init__(self, stats: JobStats | None = None) -> None:
         # anonymous + MAP_SHARED: survives fork. Layout: seq, body (the child writes), then
         # one control byte the master writes (1: stop taking jobs, the circuit is open).
         self._mm = mmap.mmap(-1, _SEQ.size + _BODY.size + 1)
@@ -56,6 +60,9 @@ class Scoreboard:
         self._failed = 0
         self._busy = False  # the writer's own copy
         self._last: Snapshot | None = None  # the reader's last consistent snapshot
+        # Per-function job counts and durations (shm/stats.py), when metrics are on; mapped
+        # with the scoreboard, released with it.
+        self.stats = stats
 
     def _write(self, busy: bool, started: float, function: bytes, handle: bytes,
                unique: bytes, size: int = 0, key: int = 0) -> None:
@@ -121,3 +128,5 @@ class Scoreboard:
 
     def close(self) -> None:
         self._mm.close()
+        if self.stats is not None:
+            self.stats.close()

@@ -1,0 +1,56 @@
+"""HealthCounters: restarts by reason and quarantines, counted from the master's bus events,
+and how a reaped child's exit is classified for them.
+
+Pure: the metrics component (master/metrics.py) calls these from its bus subscribers.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from gearvisor.policy.child import EXIT_BOOT_ERROR, Child
+from gearvisor.policy.pool import ExitDecision, ExitKind
+
+RESTART_REASONS = ("crash", "boot_error", "exit", "timeout", "recycle")
+
+
+def restart_reason(child: Child, decision: ExitDecision, code: int | None,
+                   recycled: bool, stopping: bool) -> str | None:
+    """Why a reaped child's slot gets a new child, as gearvisor_child_restarts_total's
+    `reason`; None when it is no restart (a stop, a roll, a scale-down, a quarantined child
+    replaced: quarantines have their own counter).
+
+    `code` is its exit code (None: killed by a signal); `recycled` that it was retired
+    because a recycling limit replaced it (max_jobs, max_memory, max_lifetime); `stopping`
+    that the whole master is stopping (nothing restarts then)."""
+    if stopping:
+        return None
+    if child.killed_for == "timeout":
+        return "timeout"  # the master SIGKILLed it for a job past its hard timeout
+    if decision.kind is ExitKind.STOPPED:
+        return "recycle" if recycled else None
+    if decision.kind is ExitKind.BOOT_ERROR or code == EXIT_BOOT_ERROR or (
+            decision.kind is ExitKind.ROLL_FAILED and child.boot_error):
+        return "boot_error"
+    return "exit" if code == 0 else "crash"
+
+
+class HealthCounters:
+    """Cumulative per-pool counts: restarts by reason, quarantines."""
+
+    def __init__(self) -> None:
+        self.restarts: Counter[tuple[str, str]] = Counter()
+        self.quarantines: Counter[str] = Counter()
+
+    def restarted(self, pool: str, reason: str) -> None:
+        self.restarts[(pool, reason)] += 1
+
+    def quarantined(self, pool: str) -> None:
+        self.quarantines[pool] += 1
+
+    def forget(self, keep: set[str]) -> None:
+        """Drop the counts of pools not in `keep` (gone from the config and drained)."""
+        for key in [k for k in self.restarts if k[0] not in keep]:
+            del self.restarts[key]
+        for pool in [p for p in self.quarantines if p not in keep]:
+            del self.quarantines[pool]
