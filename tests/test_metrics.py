@@ -313,3 +313,25 @@ def test_labels_are_bounded_and_process_series_are_there(fleet: Fleet) -> None:
         assert {k for k, _ in labels} <= ALLOWED_LABELS, (name, labels)
         assert not any(str(fleet.pid) == v for _, v in labels)
     assert ("process_resident_memory_bytes", frozenset()) in got
+
+
+def test_the_collector_exports_exactly_the_series_the_rules_and_dashboard_use(
+        fleet: Fleet) -> None:
+    """conf/prometheus/rules.yml and the dashboard are checked against the interface written
+    down in tests/test_prometheus_rules.py; this holds that list to what is really exported,
+    so a series renamed here fails one of the two tests."""
+    from test_prometheus_rules import COUNTERS_AND_GAUGES, HISTOGRAMS
+
+    fleet.spawn("text")
+    fleet.views = {("127.0.0.1", 4730): view(4730, pid=11, functions={
+        "reverse": FunctionStatus("reverse", 1, 0, 1)}, workers=())}
+    exported: dict[str, set[str]] = {}
+    for (name, labels), _ in fleet.scrape().items():
+        if not name.startswith("gearvisor_"):
+            continue
+        base = name
+        for suffix in ("_bucket", "_sum", "_count", "_created"):
+            if name.endswith(suffix) and name[: -len(suffix)] in HISTOGRAMS:
+                base = name[: -len(suffix)]
+        exported.setdefault(base, set()).update(k for k, _ in labels if k != "le")
+    assert exported == {**COUNTERS_AND_GAUGES, **HISTOGRAMS}
