@@ -161,8 +161,15 @@ class RunningJobs:
         self._mm.close()
 
 
+PF_EXITING = 0x4  # linux/sched.h: set at the start of do_exit()
+
+
 def _alive(pid: int) -> bool:
-    """A running process (not a zombie waiting to be reaped, not gone)."""
+    """A running process: not exiting, not a zombie waiting to be reaped, not gone.
+
+    Exiting counts as dead: a child that dies mid-job closes its sockets (exit_files)
+    before it becomes a zombie, so gearmand may re-hand the job to another child while
+    the dying one still shows state R. Its flags say PF_EXITING from the start of exit."""
     if pid <= 0:
         return False
     try:
@@ -170,5 +177,11 @@ def _alive(pid: int) -> bool:
             stat = f.read()
     except OSError:
         return False
-    state = stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3]
-    return state not in (b"Z", b"X", b"x")
+    fields = stat[stat.rfind(b")") + 2:].split()
+    if not fields or fields[0] in (b"Z", b"X", b"x"):
+        return False
+    try:
+        flags = int(fields[6])  # field 9 of /proc/PID/stat; fields[0] is field 3
+    except (IndexError, ValueError):
+        return True
+    return not flags & PF_EXITING
