@@ -641,3 +641,42 @@ def test_a_control_listener_out_of_fds_pauses_accepts_instead_of_spinning(
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         client.close()
         m.close()
+
+
+def test_a_component_answers_its_own_control_verb_and_its_bugs_get_a_reply(
+        tmp_path: Path, log: io.StringIO) -> None:
+    """master.verbs: a component adds a verb without touching the control component; a
+    handler that raises still answers the client (and the loop goes on)."""
+    import socket
+
+    from gearvisor.config import load
+    from gearvisor.master.control import Control
+
+    class Echo(Component):
+        def attach(self, master: Any) -> None:
+            master.verbs["echo"] = lambda request: {"ok": True, "said": request.get("say")}
+            master.verbs["broken"] = lambda request: 1 / 0
+
+    path = tmp_path / "gearvisor.yaml"
+    sock_path = tmp_path / "ctl.sock"
+    path.write_text(yaml.safe_dump({"watch_config": False, "control_socket": str(sock_path),
+                                    "pools": {"web": pool_settings(processes=1)}}))
+    m = FakeMaster(str(path), (Control(load(str(path))), Echo()))
+
+    def ask(request: dict[str, Any]) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(sock_path))
+            client.sendall(json.dumps(request).encode() + b"\n")
+            client.settimeout(5.0)
+            reader = client.makefile("rb")
+            m.step()
+            return json.loads(reader.readline())
+
+    try:
+        assert ask({"verb": "echo", "say": "hi"}) == {"ok": True, "said": "hi"}
+        broken = ask({"verb": "broken"})
+        assert broken["ok"] is False and "broken failed in the master" in broken["error"]
+        unknown = ask({"verb": "nope"})
+        assert "broken, echo" in unknown["error"] and "status" in unknown["error"]
+    finally:
+        m.close()

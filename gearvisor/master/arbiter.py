@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any, NoReturn
 
@@ -76,6 +76,9 @@ class Arbiter:
         self.pools: dict[str, Pool] = {name: Pool(pc) for name, pc in config.pools.items()}
         self.children: dict[int, tuple[Child, Pool]] = {}
         self.components = list(components)
+        # Control requests a component answers (e.g. "alerts"): verb -> handler(request)
+        # returning the reply. The control component serves them beside its own verbs.
+        self.verbs: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
         self.stopping: StopMode | None = None
         self.reloads = 0
         self.announced_ready = False  # FleetReady sent for start-up or the last reload

@@ -37,7 +37,6 @@ from gearvisor.master.loop import Timer
 REPLY_TIMEOUT = 10.0  # a reply not read by then: the client is dropped
 ACCEPT_PAUSE = 1.0  # after accept() fails (out of fds): listen again this much later
 MAX_OUT = 4 * 1024 * 1024  # a subscriber with this much unread is sent nothing more for now
-VERBS = "status, subscribe, reload, stop, restart or scale"
 
 
 @dataclass(eq=False)
@@ -255,9 +254,18 @@ class Control(Component):
                 before = master.scale(pool, processes)
                 self.reply(client, {"ok": True, "pool": pool.name, "before": before,
                                     "after": processes})
+        elif isinstance(verb, str) and verb in master.verbs:
+            try:
+                reply = master.verbs[verb](request)
+            except Exception as e:  # a component's bug must not leave the client hanging
+                master.log.exception("control verb failed", verb=verb)
+                reply = {"ok": False, "error": f"{verb} failed in the master: {e}"}
+            self.reply(client, reply)
         else:
+            known = ", ".join(["status", "subscribe", "reload", "stop", "restart", "scale",
+                               *sorted(master.verbs)])
             self.reply(client, {"ok": False, "error": f"unknown request {verb!r}; expected "
-                                f"{VERBS}"})
+                                f"one of {known}"})
 
     def subscribe(self, client: Client, interval: Any) -> None:
         """Stream status lines until the client disconnects (it may send nothing more)."""
