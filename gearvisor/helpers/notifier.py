@@ -263,6 +263,21 @@ def mail(channel: EmailChannel, payload: dict[str, Any]) -> EmailMessage:
     return message
 
 
+def _login(smtp: smtplib.SMTP, user: str, password: str, where: str) -> None:
+    """AUTH with one mechanism the server offers (PLAIN, else LOGIN, else CRAM-MD5), as
+    Alertmanager does. Not smtplib's login(), which tries each in turn: one wrong password
+    would count as several failed logins, and some servers stall on the second try."""
+    offered = (smtp.esmtp_features.get("auth") or "").upper().split()
+    for mechanism in ("PLAIN", "LOGIN", "CRAM-MD5"):
+        if mechanism in offered:
+            break
+    else:
+        raise DeliveryError(f"{where} offers no AUTH mechanism gearvisor speaks (PLAIN, LOGIN, "
+                            f"CRAM-MD5); it offers {' '.join(offered) or 'none'}", retry=False)
+    smtp.user, smtp.password = user, password
+    smtp.auth(mechanism, getattr(smtp, "auth_" + mechanism.lower().replace("-", "_")))
+
+
 def send_email(channel: EmailChannel, payload: dict[str, Any]) -> None:
     """Send the mail over SMTP: STARTTLS when set (the server must offer it), then AUTH."""
     host, port = channel.smtp.host, channel.smtp.port
@@ -277,7 +292,7 @@ def send_email(channel: EmailChannel, payload: dict[str, Any]) -> None:
                 smtp.starttls(context=ssl.create_default_context(cafile=channel.ca_file))
                 smtp.ehlo()
             if channel.username is not None and channel.password_file is not None:
-                smtp.login(channel.username, _password(channel.password_file))
+                _login(smtp, channel.username, _password(channel.password_file), where)
             smtp.send_message(mail(channel, payload), channel.sender, list(channel.to))
     except smtplib.SMTPAuthenticationError as e:
         raise DeliveryError(f"{where}: login as {channel.username} refused: {e.smtp_code} "
@@ -508,6 +523,8 @@ def serve(channels: Mapping[str, ChannelConfig], in_fd: int, event_fd: int,
     exit code (0)."""
     report = _writer(event_fd)
     notifier = Notifier(channels, report, queue_max=queue_max, retry_initial=retry_initial)
+    too_long = msg.Delivered("", "", False, f"a notification line is longer than {MAX_LINE} "
+                             "bytes; dropped")
     buf = bytearray()
     skipping = False  # inside a line that was too long: drop up to its newline
     while True:
@@ -520,12 +537,13 @@ def serve(channels: Mapping[str, ChannelConfig], in_fd: int, event_fd: int,
             del buf[:end + 1]
             if skipping:
                 skipping = False
+            elif len(line) > MAX_LINE:  # it came whole, in the same read as its newline
+                report(too_long)
             elif line.strip():
                 notifier.submit_line(line)
         if len(buf) > MAX_LINE:
             if not skipping:
-                report(msg.Delivered("", "", False, f"a notification line is longer than "
-                                     f"{MAX_LINE} bytes; dropped"))
+                report(too_long)
             skipping = True
             buf.clear()
     notifier.close(drain)
@@ -596,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds queued notifications still get at end of input")
     parser.add_argument("--retry-delay", type=float, default=RETRY_INITIAL,
                         help="seconds before the first retry (doubled each time)")
+    parser.add_argument("--queue-max", type=int, default=QUEUE_MAX,
+                        help="notifications waiting per channel before the oldest is dropped")
     args = parser.parse_args(argv)
     try:
         channels = load_channels(args.channels)
@@ -612,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(msg.encode(result).decode())
         return 0 if result.ok else 1
     return serve(channels, sys.stdin.fileno(), sys.stdout.fileno(), drain=args.drain,
-                 retry_initial=args.retry_delay)
+                 queue_max=max(1, args.queue_max), retry_initial=args.retry_delay)
 
 
 if __name__ == "__main__":
