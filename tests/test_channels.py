@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gearvisor.config import channels as ch
+import gearvisor.config.channels as ch
 from gearvisor.config.errors import Invalid
 from gearvisor.config.model import Server
 
