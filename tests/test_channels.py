@@ -56,7 +56,10 @@ def test_exec_and_alertmanager() -> None:
                                command=("/usr/local/bin/page", "--urgent"))
     c = ch.channel("am", {"type": "alertmanager", "url": "http://127.0.0.1:9093/"})
     assert c == ch.AlertmanagerChannel(name="am", timeout=ch.DEFAULT_TIMEOUT,
-                                       retries=ch.DEFAULT_RETRIES, url="http://127.0.0.1:9093")
+                                       retries=ch.DEFAULT_RETRIES, url="http://127.0.0.1:9093",
+                                       resend=60.0)
+    c = ch.channel("am", {"type": "alertmanager", "url": "http://127.0.0.1:9093", "resend": 0})
+    assert c.resend == 0
 
 
 @pytest.mark.parametrize("value, at, words", [
@@ -85,6 +88,8 @@ def test_exec_and_alertmanager() -> None:
       "starttls": False, "username": "u", "password_file": "/p"}, ("starttls",),
      "unencrypted"),
     ({"type": "exec", "command": []}, ("command",), "argv"),
+    ({"type": "alertmanager", "url": "http://x", "resend": "10ms"}, ("resend",), "at least 1s"),
+    ({"type": "alertmanager", "url": "http://x", "resend": "2h"}, ("resend",), "at most 1h"),
     ({"type": "exec", "command": ["a\0b"]}, ("command", 0), "NUL"),
 ])
 def test_errors_name_the_key(value: Any, at: tuple, words: str) -> None:

@@ -5,9 +5,11 @@ process, driven through its pipes."""
 
 from __future__ import annotations
 
+import datetime
 import http.server
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -31,6 +33,7 @@ from gearvisor.config.channels import channels as parse_channels
 from gearvisor.helpers import notifier as nt
 
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
+AM_RESOLVE_TIMEOUT = 2
 
 
 def alert(name: str, status: str = "firing", **labels: str) -> dict[str, Any]:
@@ -479,7 +482,9 @@ def alertmanager(tmp_path: Path) -> Iterator[str]:
     if not os.access(ALERTMANAGER, os.X_OK):
         pytest.skip("needs prometheus-alertmanager (examples/setup.sh installs it)")
     config = tmp_path / "alertmanager.yml"
-    config.write_text("route: {receiver: blackhole}\nreceivers: [{name: blackhole}]\n")
+    # A short resolve_timeout, so the test of re-posting sees what happens without it.
+    config.write_text(f"global: {{resolve_timeout: {AM_RESOLVE_TIMEOUT}s}}\n"
+                      "route: {receiver: blackhole}\nreceivers: [{name: blackhole}]\n")
     port = free_port()
     proc = subprocess.Popen([ALERTMANAGER, f"--config.file={config}",
                              f"--storage.path={tmp_path / 'am-data'}",
@@ -508,7 +513,7 @@ def _am_alerts(url: str) -> list[dict[str, Any]]:
 
 def test_alertmanager_lists_the_alerts_and_resolves_them(alertmanager: str,
                                                          helper: Any) -> None:
-    h = helper({"am": {"type": "alertmanager", "url": alertmanager}})
+    h = helper({"am": {"type": "alertmanager", "url": alertmanager, "resend": "1s"}})
     h.send("am", payload("a1"))
     assert h.wait_results(1)[0] == msg.Delivered("am", "a1", True, "", 1, 0)
     listed = wait_value(lambda: _am_alerts(alertmanager), lambda a: len(a) == 2,
@@ -521,3 +526,34 @@ def test_alertmanager_lists_the_alerts_and_resolves_them(alertmanager: str,
     assert h.wait_results(2)[1].ok
     wait_value(lambda: _am_alerts(alertmanager), lambda a: a == [],
                message="the resolved alerts gone from alertmanager's active list")
+
+
+def _seconds(rfc3339: str) -> float:
+    """Alertmanager's timestamps (Go's, up to 9 fraction digits) as Unix seconds."""
+    text = re.sub(r"(\.\d{6})\d+", r"\1", rfc3339).replace("Z", "+00:00")
+    return datetime.datetime.fromisoformat(text).timestamp()
+
+
+def test_alertmanager_alerts_stay_firing_past_its_resolve_timeout(alertmanager: str,
+                                                                 helper: Any) -> None:
+    # Alertmanager resolves an alert nobody posts again within resolve_timeout; the
+    # channel re-posts its firing alerts every `resend`, so they stay active as long as
+    # they fire.
+    h = helper({"am": {"type": "alertmanager", "url": alertmanager, "resend": "1s"}})
+    h.send("am", payload("r1", alerts=[alert("CrashLoop", pool="images")]))
+    assert h.wait_results(1)[0].ok
+    [first] = wait_value(lambda: _am_alerts(alertmanager), lambda a: len(a) == 1,
+                         message="the alert in alertmanager")
+    past = _seconds(first["endsAt"]) + AM_RESOLVE_TIMEOUT  # well past its first end
+
+    def still_active_past_its_first_end() -> bool:
+        listed = _am_alerts(alertmanager)
+        assert [a["status"]["state"] for a in listed] == ["active"], listed
+        return time.time() > past  # wall time: Alertmanager's timestamps are wall time
+
+    wait_for(still_active_past_its_first_end, timeout=20, message="time to pass")
+    h.send("am", payload("r1", status="resolved",
+                         alerts=[alert("CrashLoop", "resolved", pool="images")]))
+    assert h.wait_results(2)[1].ok
+    wait_value(lambda: _am_alerts(alertmanager), lambda a: a == [],
+               message="the resolved alert gone")

@@ -30,6 +30,7 @@ from gearvisor.config.values import (
     boolean,
     command,
     duration_between,
+    duration_upto,
     int_range,
     server,
     string_list,
@@ -91,6 +92,9 @@ class AlertmanagerChannel(_Common):
     """POSTs the alerts to an Alertmanager's `/api/v2/alerts`."""
 
     url: str  # the base URL; /api/v2/alerts is appended
+    # Firing alerts are posted again this often (0: never) until resolved: Alertmanager
+    # resolves an alert by itself once its resolve_timeout (5m) passes without one.
+    resend: float = 60.0
     type: str = "alertmanager"
 
 
@@ -111,7 +115,7 @@ _KEYS: dict[str, set[str]] = {
     "email": _COMMON_KEYS | {"to", "from", "smtp", "starttls", "username", "password_file",
                              "ca_file"},
     "exec": _COMMON_KEYS | {"command"},
-    "alertmanager": _COMMON_KEYS | {"url"},
+    "alertmanager": _COMMON_KEYS | {"url", "resend"},
     "apprise": _COMMON_KEYS | {"urls"},
 }
 _REQUIRED = {"webhook": ("url",), "email": ("to", "from", "smtp"), "exec": ("command",),
@@ -186,6 +190,15 @@ def _path(value: Any) -> str:
     return value
 
 
+def _resend(value: Any) -> float:
+    """0 (off) or a period from 1s to 1h: a shorter one would have the helper post in a
+    loop, a longer one outlives any resolve_timeout worth having."""
+    seconds = duration_upto(3600.0)(value)
+    if 0 < seconds < 1:
+        raise Invalid("expected 0 (off) or a duration of at least 1s")
+    return seconds
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -244,7 +257,8 @@ def channel(name: str, value: Any) -> ChannelConfig:
         return WebhookChannel(**common, url=_field(value, "url", http_url),
                               headers=_field(value, "headers", _headers, ()))
     if kind == "alertmanager":
-        return AlertmanagerChannel(**common, url=_field(value, "url", http_url).rstrip("/"))
+        return AlertmanagerChannel(**common, url=_field(value, "url", http_url).rstrip("/"),
+                                   resend=_field(value, "resend", _resend, 60.0))
     if kind == "exec":
         return ExecChannel(**common, command=_field(value, "command", command))
     if kind == "apprise":

@@ -17,7 +17,10 @@ failure (HTTP 4xx, a program that cannot be run, a bad password file) is not ret
 
 Channels: webhook (POST the payload), email (smtplib, STARTTLS and AUTH), exec (an argv, no
 shell, the payload as JSON on stdin, killed at the timeout), alertmanager (POST the alerts to
-/api/v2/alerts) and apprise (when that package is installed).
+/api/v2/alerts) and apprise (when that package is installed). An alertmanager channel posts
+its firing alerts again every `resend` seconds until they resolve, as Prometheus does:
+Alertmanager resolves an alert by itself once its resolve_timeout passes without one, and
+the engine's repeat_interval (4h) is far longer than that.
 
 Run by the master through `run_notifier` (forked, two pipes), or standalone as
 `python -m gearvisor.helpers.notifier --channels FILE` reading notifications from stdin and
@@ -72,6 +75,7 @@ RETRY_MAX = 60.0
 DRAIN_TIMEOUT = 30.0  # at end of input, how long queued notifications still get to go out
 MAX_LISTED = 50  # alerts listed in a mail or apprise body; the rest are counted
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's "no end time"
+MAX_ACTIVE = 10_000  # firing alerts an alertmanager channel posts again, per channel
 
 
 class DeliveryError(Exception):
@@ -166,6 +170,18 @@ def postable_alerts(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
                 item[key] = value
         out.append(item)
     return out
+
+
+def track_firing(active: dict[str, dict[str, Any]], payload: Mapping[str, Any]) -> None:
+    """Update `active` (labels -> postable alert) with a notification's alerts: a firing
+    one is kept, a resolved one forgotten. At most MAX_ACTIVE, the oldest dropped first."""
+    for raw, item in zip(_alerts(payload), postable_alerts(payload), strict=True):
+        key = json.dumps(item["labels"], sort_keys=True)
+        active.pop(key, None)
+        if raw.get("status") == "firing":
+            active[key] = item
+    while len(active) > MAX_ACTIVE:
+        del active[next(iter(active))]
 
 
 def _rfc3339(seconds: float) -> str:
@@ -467,18 +483,39 @@ class Notifier:
     def _work(self, name: str) -> None:
         channel, queue = self.channels[name], self._queues[name]
         backoff = Backoff(self.retry_initial, self.retry_max, jitter=0.2, reset_after=math.inf)
+        resend = channel.resend if isinstance(channel, AlertmanagerChannel) else 0.0
+        active: dict[str, dict[str, Any]] = {}  # firing alerts posted to an Alertmanager
+        next_resend = math.inf
         while True:
             with self._cond:
                 while not queue and not self._closing and not self.stop.is_set():
-                    self._cond.wait()
-                if self.stop.is_set() or not queue:
+                    left = next_resend - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(None if left == math.inf else left)
+                if self.stop.is_set() or (not queue and self._closing):
                     return
-                payload = queue.popleft()
-            backoff.reset()  # each notification starts its own streak
-            result = deliver(channel, payload, self.stop, backoff)
-            with self._cond:
-                result = dataclasses.replace(result, dropped=self.dropped.get(name, 0))
-            self.report(result)
+                payload = queue.popleft() if queue else None
+            if payload is None:  # time to post the firing alerts again
+                self._resend(channel, list(active.values()))  # type: ignore[arg-type]
+            else:
+                backoff.reset()  # each notification starts its own streak
+                result = deliver(channel, payload, self.stop, backoff)
+                with self._cond:
+                    result = dataclasses.replace(result, dropped=self.dropped.get(name, 0))
+                self.report(result)
+                if resend:
+                    track_firing(active, payload)
+            next_resend = time.monotonic() + resend if resend and active else math.inf
+
+    def _resend(self, channel: AlertmanagerChannel, alerts: list[dict[str, Any]]) -> None:
+        """Post the still-firing alerts again, once (the next round is `resend` away): a
+        failure is logged, the notification it came with was reported already."""
+        try:
+            _post_json(channel.url + "/api/v2/alerts", alerts, (), channel.timeout)
+        except DeliveryError as e:
+            print(f"gearvisor notifier: posting {len(alerts)} firing alerts again to channel "
+                  f"{channel.name} failed: {e}", file=sys.stderr, flush=True)
 
     def close(self, timeout: float) -> bool:
         """No more input: let the queues drain for up to `timeout` seconds, then stop
