@@ -7,6 +7,8 @@ import importlib.util
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gearvisor.config.channels as ch
 from gearvisor.config.errors import Invalid
@@ -117,3 +119,26 @@ def test_unknown_channel_hint() -> None:
 def test_apprise_without_the_package_is_a_config_error() -> None:
     e = error({"type": "apprise", "urls": "json://127.0.0.1:9/"})
     assert e.at == ("c", "urls") and "pip install apprise" in str(e)
+
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**30), st.floats(),
+                  st.text(max_size=30), st.sampled_from(
+                      ["webhook", "email", "exec", "alertmanager", "apprise",
+                       "http://127.0.0.1:9/h", "a@x.org", "127.0.0.1:25", "/p", "10s"]))
+_value = st.recursive(_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12)
+_keys = st.sampled_from(["type", "url", "headers", "to", "from", "smtp", "starttls",
+                         "username", "password_file", "ca_file", "command", "urls",
+                         "timeout", "retries", "resend", "x"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_keys, _value, max_size=6))
+def test_any_channel_value_is_parsed_or_invalid(raw: dict) -> None:
+    """The alerts block parser calls channel() on whatever YAML held: a TypeError would
+    escape the config loader."""
+    try:
+        ch.channels({"c": raw})
+    except Invalid:
+        pass

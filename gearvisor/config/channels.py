@@ -235,7 +235,7 @@ def channel(name: str, value: Any) -> ChannelConfig:
         raise Invalid("expected a mapping with a type: webhook, email, exec, alertmanager or "
                       "apprise", value=value)
     kind = value.get("type")
-    if kind not in _KEYS:
+    if not isinstance(kind, str) or kind not in _KEYS:  # a list is not hashable
         hint = difflib.get_close_matches(str(kind), sorted(_KEYS), n=1) if kind else []
         mean = f' (did you mean "{hint[0]}"?)' if hint else ""
         raise Invalid(f"expected a type: webhook, email, exec, alertmanager or apprise{mean}",
