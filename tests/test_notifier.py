@@ -27,6 +27,8 @@ import psutil
 import pytest
 import yaml
 from conftest import HOST, REPO, free_port, wait_for, wait_value
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gearvisor import messages as msg
 from gearvisor.config.channels import channels as parse_channels
@@ -86,6 +88,39 @@ def test_postable_alerts_leave_out_the_zero_end_time() -> None:
                                       "description": "slot 3 crashed 5 times in 10m"},
                       "startsAt": "2026-12-01T10:00:00Z"}
     assert resolved["endsAt"] == "2026-12-01T10:05:00Z"
+
+
+def test_track_firing_keeps_firing_forgets_resolved_and_is_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    active: dict[str, dict[str, Any]] = {}
+    nt.track_firing(active, payload())
+    assert sorted(a["labels"]["slot"] for a in active.values()) == ["1", "2"]
+    nt.track_firing(active, payload(status="resolved", alerts=[
+        alert("CrashLoop", "resolved", pool="images", severity="critical", slot="1")]))
+    assert [a["labels"]["slot"] for a in active.values()] == ["2"]
+    monkeypatch.setattr(nt, "MAX_ACTIVE", 3)
+    nt.track_firing(active, payload(alerts=[alert("X", slot=str(i)) for i in range(5)]))
+    assert [a["labels"].get("slot") for a in active.values()] == ["2", "3", "4"]
+
+
+_json = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=20)),
+                     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(
+                         st.text(max_size=12), inner, max_size=4)), max_leaves=15)
+_payload_keys = st.sampled_from(["status", "alerts", "groupLabels", "commonLabels",
+                                 "truncatedAlerts", "labels", "annotations", "startsAt",
+                                 "endsAt", "generatorURL", "groupKey"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_payload_keys, st.one_of(_json, st.lists(st.dictionaries(
+    _payload_keys, _json, max_size=5), max_size=3)), max_size=6))
+def test_rendering_takes_any_payload(raw: dict) -> None:
+    """The engine builds payloads, but a helper that crashes on an odd one loses every
+    notification queued behind it."""
+    assert isinstance(nt.subject(raw), str) and "\n" not in nt.subject(raw)
+    assert isinstance(nt.text_body(raw), str)
+    assert isinstance(nt.postable_alerts(raw), list)
+    nt.track_firing({}, raw)
 
 
 # -- real receivers -------------------------------------------------------------------------------
