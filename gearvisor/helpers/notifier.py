@@ -229,8 +229,10 @@ def _post_json(url: str, body: Any, headers: tuple[tuple[str, str], ...],
     request = urllib.request.Request(url, data=data, method="POST", headers={
         "Content-Type": "application/json", "User-Agent": "gearvisor", **dict(headers)})
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            response.read(65536)
+        # The status is the answer; the body is not read: a receiver that trickles one
+        # byte per `timeout` could otherwise hold the channel for hours.
+        with _OPENER.open(request, timeout=timeout):
+            pass
     except urllib.error.HTTPError as e:
         try:
             detail = e.read(300).decode("utf-8", "replace").strip()
