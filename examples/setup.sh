@@ -25,6 +25,8 @@ perl -MGearman::Worker -e 1 >/dev/null 2>&1 || need+=(libgearman-client-perl)
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertmanager)
 command -v tmux >/dev/null 2>&1 || need+=(tmux)
+# openssl: the email channel's test makes a certificate for its STARTTLS server.
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} from Debian" >&2
   $SUDO apt-get update -qq

@@ -107,9 +107,26 @@ class WatcherError(Message):
     fatal: bool = False
 
 
+# -- from the alert delivery helper (helpers/notifier.py) ---------------------------------------
+
+@dataclass(frozen=True)
+class Delivered(Message):
+    """One notification's outcome: sent (`ok`) or given up on after `attempts` tries, or
+    dropped unsent (attempts 0) because its channel's queue was full. `dropped` counts the
+    channel's drops so far. Field names follow the notification's payload (groupKey)."""
+
+    name: ClassVar[str] = "delivered"
+    channel: str = ""
+    groupKey: str = ""  # the payload's own spelling
+    ok: bool = False
+    error: str = ""
+    attempts: int = 0
+    dropped: int = 0
+
+
 KINDS: dict[str, type[Message]] = {
     cls.name: cls for cls in (Ready, BootError, Quarantined, ProbationPassed, Recycle, Modules,
-                              Watching, Changed, WatcherError)}
+                              Watching, Changed, WatcherError, Delivered)}
 
 
 def encode(message: Message) -> bytes:

@@ -14,7 +14,8 @@ from gearvisor import messages as msg
     msg.Ready(), msg.BootError("cannot import x"), msg.Quarantined("fails fast", 9, 1),
     msg.ProbationPassed(), msg.Recycle("max_jobs"), msg.Modules(["/a.py"], more=True),
     msg.Watching(["/srv"], [], True), msg.Changed(["p"], False, ["/srv/a.py"], 1, "edit"),
-    msg.WatcherError("boom", fatal=True)])
+    msg.WatcherError("boom", fatal=True),
+    msg.Delivered("ops-mail", "{}:{alertname=\"CrashLoop\"}", False, "timed out", 4, 1)])
 def test_round_trip(message: msg.Message) -> None:
     line = msg.encode(message)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
@@ -24,7 +25,7 @@ def test_round_trip(message: msg.Message) -> None:
 
 def test_wire_names_are_stable() -> None:
     # Operators and tests grep for these; a rename is a breaking change.
-    assert sorted(msg.KINDS) == ["boot_error", "changed", "error", "modules",
+    assert sorted(msg.KINDS) == ["boot_error", "changed", "delivered", "error", "modules",
                                  "probation_passed", "quarantined", "ready", "recycle",
                                  "watching"]
 
