@@ -595,3 +595,13 @@ def test_bad_function_buckets_name_the_function(tmp_path: Path) -> None:
     assert f"{path}:5: pools.p.functions.g.buckets.1: expected a duration" in text
     text, _, _ = errors(tmp_path, METRICS_POOL + "    metrics: {listen: 'h:1'}\n")
     assert "pools.p.metrics: unknown key" in text
+
+
+def test_state_dir_defaults_to_var_lib_as_root_and_xdg_state_otherwise(tmp_path: Path) -> None:
+    from gearvisor.config.load import default_state_dir
+
+    assert default_state_dir(0, {}) == "/var/lib/gearvisor"
+    assert default_state_dir(1000, {"XDG_STATE_HOME": "/x/state"}) == "/x/state/gearvisor"
+    assert default_state_dir(1000, {"HOME": "/home/u"}) == "/home/u/.local/state/gearvisor"
+    text = "state_dir: st\n" + MINIMAL
+    assert parse(text, str(write(tmp_path, text))).state_dir == str(tmp_path / "st")

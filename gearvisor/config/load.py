@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import os
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 from gearvisor.config.errors import ConfigError, Invalid, Problem, dotted, key_text, show
@@ -118,6 +119,18 @@ def _block(merged: dict[str, Any], block: str) -> dict[str, Any]:
 
 def _resolve(directory: str, p: str) -> str:
     return os.path.normpath(os.path.join(directory, os.path.expanduser(p)))
+
+
+def default_state_dir(euid: int | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """state_dir when the config names none: /var/lib/gearvisor as root (systemd's
+    StateDirectory=), else $XDG_STATE_HOME/gearvisor, else ~/.local/state/gearvisor."""
+    euid = os.geteuid() if euid is None else euid
+    environ = os.environ if environ is None else environ
+    if euid == 0:
+        return "/var/lib/gearvisor"
+    base = environ.get("XDG_STATE_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "gearvisor")
 
 
 def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
@@ -251,6 +264,8 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
         log_format=top.get("log_format", BY_KEY["log_format"].default),
         graceful_timeout=top.get("graceful_timeout", BY_KEY["graceful_timeout"].default),
         control_socket=control_socket,
+        state_dir=(_resolve(directory, top["state_dir"]) if top.get("state_dir")
+                   else default_state_dir(euid)),
         watch_config=top.get("watch_config", True),
         watch_debounce=top.get("watch_debounce", BY_KEY["watch_debounce"].default),
         probe_interval=top.get("probe_interval", BY_KEY["probe_interval"].default),

@@ -151,6 +151,7 @@ class Config:
     log_format: str
     graceful_timeout: float
     control_socket: str | None = None
+    state_dir: str = "/var/lib/gearvisor"  # load.default_state_dir when the config names none
     watch_config: bool = True
     watch_debounce: float = 1.0
     probe_interval: float = 5.0  # seconds between probes of each job server

@@ -80,6 +80,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Unix socket of `gearvisor reload/status/stop/restart/scale` (mode 0600).",
             scope="global", shown_default="`/run/gearvisor/gearvisor.sock` as root, else "
             "`$XDG_RUNTIME_DIR/gearvisor.sock`, else `/tmp/gearvisor-$UID/gearvisor.sock`"),
+    Setting("state_dir", optional(text), None,
+            "Where the master keeps what must survive a restart (firing alerts, "
+            "notification times, silences, acks), relative to the config file. systemd's "
+            "`StateDirectory=gearvisor` fits the default.", scope="global",
+            shown_default="`/var/lib/gearvisor` as root, else "
+            "`$XDG_STATE_HOME/gearvisor` (`~/.local/state/gearvisor`)"),
     Setting("watch_config", boolean, True,
             "Reload when the config file changes (as `gearvisor reload` does).",
             scope="global"),
