@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from gearvisor import __version__
+from gearvisor.cli import alerts as alerts_cli
 from gearvisor.config import Config, ConfigError, load, load_yaml, read_file
 
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd's RestartPreventExitStatus=78 stops a loop
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale = control("scale", "set a pool's process count until the next reload changes it")
     scale.add_argument("pool")
     scale.add_argument("processes", type=int)
+    alerts_cli.add_parsers(control)
     return parser
 
 
@@ -262,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_check(config_path(args.sub_config or args.config), not args.no_import)
     if command in ("reload", "status", "stop", "restart", "scale"):
         return cmd_control(args)
+    if command in ("alerts", "silence"):
+        return alerts_cli.run(args, lambda payload: _ask(args, payload, 30.0),
+                              config_path(args.sub_config or args.config))
     return cmd_run(config_path(args.config))
 
 
