@@ -19,8 +19,15 @@ from typing import Any
 
 from gearvisor.config.errors import Invalid, key_text
 from gearvisor.config.model import AlertRoute, Escalation, RuleConfig
-from gearvisor.config.values import DAY, HOUR, boolean, choice, duration_upto, float_range, \
-    int_range
+from gearvisor.config.values import (
+    DAY,
+    HOUR,
+    boolean,
+    choice,
+    duration_upto,
+    float_range,
+    int_range,
+)
 
 SEVERITIES = ("info", "warning", "critical")
 MAX_ROUTES = 100

@@ -15,8 +15,8 @@ import os
 import socket
 from typing import Any
 
-from gearvisor.config.errors import ConfigError, Invalid, Problem, dotted, key_text, show
 from gearvisor.config.alerts import RULES
+from gearvisor.config.errors import ConfigError, Invalid, Problem, dotted, key_text, show
 from gearvisor.config.model import (
     AlertsConfig,
     BackoffConfig,
