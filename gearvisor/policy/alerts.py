@@ -1,0 +1,557 @@
+"""The alert engine: rules -> alerts -> groups -> notifications, with Alertmanager's
+semantics, plus the two things it lacks (escalation over time, resolved notices for
+silenced alerts). Pure: no I/O, no clock of its own; every call takes `now`.
+
+`now` is wall-clock seconds (time.time()), not monotonic: an alert's startsAt, a silence's
+end and the time a group was last notified must mean the same after a master restart (the
+state is kept in SQLite) and are shown as RFC 3339 times. A clock step only moves these
+deadlines; nothing here loops on time, so it can never spin.
+
+  engine = AlertEngine(config.alerts, host="web1")
+  notes = engine.observe(ChildExit("images", 3, "crashed"), now)   # a fact in, notices out
+  notes += engine.tick(now)                                         # at engine.next_due()
+
+The lifecycle of one alert (identified by its fingerprint, a hash of its labels):
+  inactive -> pending      its rule's condition holds (RuleBook.conditions)
+  pending  -> firing       it held for the rule's `for:` (0: at once)
+  pending  -> inactive     it stopped holding first (never notified)
+  firing   -> resolved     it stopped holding `keep_firing_for` ago
+A firing alert joins one group per route it matches (`alerts.routes`, first match, more
+after `continue`); a group is the route plus the values of its `group_by` labels. A group
+is notified `group_wait` after it was created, then checked every `group_interval`: it
+sends when an alert joined or resolved, else repeats every `repeat_interval` while any
+fires. A storm (50 slots crash at once) is one group, so one notification per channel.
+
+Muted (silenced, inhibited, or its pool rolling) alerts are left out of firing notices;
+but an alert that was notified is owed a resolved notice on every channel that got it,
+and gets it, muted or not. Escalation: a route's `escalate` steps notify more channels
+once an alert has fired unacknowledged for `after`; ack(fingerprint) stops that.
+
+Each notification is one group for one channel, in Alertmanager's webhook format
+(webhook_payload), wrapped as {"channel": name, "payload": {...}}.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gearvisor.config.model import AlertRoute, AlertsConfig
+from gearvisor.policy.alert_rules import Condition, Fact, Labels, RuleBook
+
+MAX_ALERTS = 10_000  # alerts held (pending, firing, resolved-but-owed); more are dropped
+MAX_SILENCES = 1_000
+SILENCE_RETENTION = 5 * 86400.0  # expired silences are listed this long, as Alertmanager
+RECHECK = 5.0  # while anything may change with time alone, tick at least this often
+ZERO_TIME = "0001-01-01T00:00:00Z"
+# ServerDown on a server makes these alerts about the same server noise
+INHIBITS = {"ServerDown": ("NoWorkers", "WorkersMissing", "Backlog")}
+# alerts of a pool that its own roll causes on purpose: muted while the roll runs
+ROLL_MUTED = frozenset({"CrashLoop", "BootFailure", "Quarantined", "CircuitOpen", "JobHung",
+                        "WorkersMissing"})
+
+Notification = dict[str, Any]  # {"channel": name, "payload": webhook payload}
+
+
+def fingerprint(labels: Mapping[str, str]) -> str:
+    """16 hex digits identifying a label set: FNV-1a 64 over the sorted names and values,
+    each followed by 0xff, as Alertmanager's model.LabelSet.Fingerprint, so the same alert
+    has the same id here and in Alertmanager."""
+    h = 0xCBF29CE484222325
+    for name in sorted(labels):
+        for part in (name, labels[name]):
+            for byte in part.encode("utf-8", "surrogateescape") + b"\xff":
+                h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def rfc3339(t: float | None) -> str:
+    """Wall-clock seconds as Alertmanager writes times; None as its zero time."""
+    if t is None:
+        return ZERO_TIME
+    dt = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """One label matcher of a silence: `name=value`, `!=`, `=~` (regex) or `!~`."""
+
+    name: str
+    value: str
+    op: str = "="
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        """Whether `labels` satisfy this matcher (a missing label is the empty string)."""
+        have = labels.get(self.name, "")
+        if self.op == "=":
+            return have == self.value
+        if self.op == "!=":
+            return have != self.value
+        hit = re.fullmatch(self.value, have) is not None
+        return hit if self.op == "=~" else not hit
+
+    def __str__(self) -> str:
+        return f"{self.name}{self.op}{self.value}"
+
+
+_MATCHER = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*(.*?)\s*")
+
+
+def parse_matcher(text: str) -> Matcher:
+    """`pool=images`, `severity!=info`, `alertname=~Crash.*`: a Matcher, or ValueError
+    saying what is expected (the CLI's `silence add` arguments)."""
+    m = _MATCHER.fullmatch(text)
+    if not m:
+        raise ValueError(f"expected LABEL=VALUE (or !=, =~, !~), got {text!r}")
+    name, op, value = m.groups()
+    value = value.strip('"')
+    if op in ("=~", "!~"):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"bad regular expression {value!r}: {e}") from None
+    return Matcher(name, value, op)
+
+
+@dataclass
+class Silence:
+    """Mutes the alerts its matchers all match from starts_at until ends_at."""
+
+    id: str
+    matchers: tuple[Matcher, ...]
+    starts_at: float
+    ends_at: float
+    comment: str = ""
+    created_by: str = ""
+
+    def active(self, now: float) -> bool:
+        """Whether it mutes alerts at `now`."""
+        return self.starts_at <= now < self.ends_at
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        """Whether every matcher matches `labels`."""
+        return all(m.matches(labels) for m in self.matchers)
+
+    def state(self, now: float) -> str:
+        """"pending", "active" or "expired", as Alertmanager shows it."""
+        return "pending" if now < self.starts_at else "active" if now < self.ends_at \
+            else "expired"
+
+
+@dataclass
+class Alert:
+    """One alert, from the first time its condition held until its resolved notices went."""
+
+    fingerprint: str
+    labels: Labels
+    annotations: Labels
+    state: str  # "pending" | "firing" | "resolved"
+    active_at: float  # its startsAt: when the condition began to hold
+    last_seen: float  # the last evaluation in which it held
+    fired_at: float | None = None
+    resolved_at: float | None = None
+    acked: bool = False
+    muted_by: tuple[str, ...] = ()  # silence ids, "inhibited", "roll"
+    groups: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ChannelState:
+    """What one channel (of one escalation step) of a group was last sent."""
+
+    last_firing: frozenset[str] = frozenset()
+    owed: set[str] = field(default_factory=set)  # notified firing, no resolved notice yet
+    sent_at: float | None = None
+
+
+@dataclass
+class Group:
+    """Alerts of one route with the same values of its group_by labels."""
+
+    key: str
+    route: int
+    labels: Labels
+    created: float
+    next_flush: float
+    alerts: list[str] = field(default_factory=list)  # fingerprints, in order of joining
+    channels: dict[str, ChannelState] = field(default_factory=dict)  # "step:channel"
+
+
+def webhook_payload(receiver: str, group_key: str, group_labels: Mapping[str, str],
+                    alerts: Iterable[Alert], status: str, truncated: int = 0
+                    ) -> dict[str, Any]:
+    """Alertmanager's webhook payload (version 4) for one group and one receiver: what
+    every existing receiver reads, and what the delivery helper sends or translates."""
+    items = []
+    for a in alerts:
+        firing = a.state != "resolved"
+        items.append({"status": "firing" if firing else "resolved",
+                      "labels": dict(a.labels), "annotations": dict(a.annotations),
+                      "startsAt": rfc3339(a.active_at),
+                      "endsAt": ZERO_TIME if firing else rfc3339(a.resolved_at),
+                      "generatorURL": "", "fingerprint": a.fingerprint})
+    common = dict(items[0]["labels"]) if items else {}
+    for item in items[1:]:
+        common = {k: v for k, v in common.items() if item["labels"].get(k) == v}
+    notes = dict(items[0]["annotations"]) if items else {}
+    for item in items[1:]:
+        notes = {k: v for k, v in notes.items() if item["annotations"].get(k) == v}
+    return {"version": "4", "groupKey": group_key, "status": status, "receiver": receiver,
+            "groupLabels": dict(group_labels), "commonLabels": common,
+            "commonAnnotations": notes, "externalURL": "", "truncatedAlerts": truncated,
+            "alerts": items}
+
+
+def _route_matches(route: AlertRoute, labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in route.match.items())
+
+
+class AlertEngine:
+    """Rules, alerts, groups, silences and acks; facts in, notifications out."""
+
+    def __init__(self, config: AlertsConfig, host: str) -> None:
+        self.config = config
+        self.host = host
+        self.rules = RuleBook(config.rules, host)
+        self.alerts: dict[str, Alert] = {}
+        self.groups: dict[str, Group] = {}
+        self.silences: dict[str, Silence] = {}
+        self.dropped = 0  # alerts not held because MAX_ALERTS were
+        self._silence_seq = 0
+        self._last_tick: float | None = None
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def reconfigure(self, config: AlertsConfig) -> None:
+        """A reload: new rules, grouping and routes. Alerts, silences and acks are kept;
+        groups are rebuilt at the next tick from the new routes (what each channel owes a
+        resolved notice is kept where the group still exists)."""
+        self.config = config
+        self.rules.reconfigure(config.rules)
+        for a in self.alerts.values():
+            a.groups = [k for k in a.groups if k in self.groups]
+
+    def observe(self, fact: Fact, now: float) -> list[Notification]:
+        """Take one fact (gearvisor.policy.alert_rules) and return what is due now."""
+        self.rules.observe(fact, now)
+        return self.tick(now)
+
+    def ack(self, alert_id: str, now: float) -> bool:
+        """Acknowledge an alert (its fingerprint, or a unique prefix of it): its escalation
+        stops; it still repeats and resolves on the channels it was sent to. False if no
+        such alert fires."""
+        del now  # acks last as long as the alert; kept for a uniform API
+        hits = [a for fp, a in self.alerts.items() if fp.startswith(alert_id)
+                and a.state != "resolved"] if alert_id else []
+        if len(hits) != 1:
+            return False
+        hits[0].acked = True
+        return True
+
+    def add_silence(self, matchers: Iterable[Matcher], starts_at: float, ends_at: float,
+                    comment: str = "", created_by: str = "") -> Silence:
+        """A new silence; ValueError if it matches nothing certain, ends before it starts,
+        or MAX_SILENCES are held."""
+        ms = tuple(matchers)
+        if not ms or not any(m.op == "=" and m.value for m in ms):
+            raise ValueError("a silence needs at least one LABEL=VALUE matcher")
+        if ends_at <= starts_at:
+            raise ValueError("a silence must end after it starts")
+        if len(self.silences) >= MAX_SILENCES:
+            raise ValueError(f"{MAX_SILENCES} silences are held; expire some first")
+        self._silence_seq += 1
+        digest = hashlib.sha256(f"{self._silence_seq}|{starts_at}|{ends_at}|{comment}|"
+                                f"{','.join(map(str, ms))}".encode()).hexdigest()[:16]
+        s = Silence(digest, ms, starts_at, ends_at, comment[:1000], created_by[:200])
+        self.silences[s.id] = s
+        return s
+
+    def expire_silence(self, silence_id: str, now: float) -> bool:
+        """End a silence now; False if there is no such silence that is not over."""
+        s = self.silences.get(silence_id)
+        if s is None or s.ends_at <= now:
+            return False
+        s.ends_at = max(now, s.starts_at)
+        if s.ends_at <= s.starts_at:  # never started: it is gone
+            del self.silences[silence_id]
+        return True
+
+    def list_silences(self, now: float) -> list[dict[str, Any]]:
+        """Every silence held, with its state, for `gearvisor silence list`."""
+        return [{"id": s.id, "matchers": [str(m) for m in s.matchers],
+                 "startsAt": rfc3339(s.starts_at), "endsAt": rfc3339(s.ends_at),
+                 "comment": s.comment, "createdBy": s.created_by, "state": s.state(now)}
+                for s in sorted(self.silences.values(), key=lambda s: s.starts_at)]
+
+    def list_alerts(self, now: float) -> list[dict[str, Any]]:
+        """Pending and firing alerts with their age, for `gearvisor alerts`."""
+        return [{"fingerprint": a.fingerprint, "labels": dict(a.labels),
+                 "annotations": dict(a.annotations), "state": a.state,
+                 "age": round(now - a.active_at, 3), "startsAt": rfc3339(a.active_at),
+                 "acked": a.acked, "mutedBy": list(a.muted_by)}
+                for a in sorted(self.alerts.values(), key=lambda a: a.active_at)
+                if a.state != "resolved"]
+
+    # -- evaluation -----------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Notification]:
+        """Evaluate the rules at `now`, move alerts through their lifecycle, and return the
+        notifications due now."""
+        self._last_tick = now
+        if not self.config.enabled:
+            return self._resolve_all(now)
+        self._evaluate(self.rules.conditions(now), now)
+        self._mute(now)
+        self._group(now)
+        out: list[Notification] = []
+        for group in list(self.groups.values()):
+            scheduled = now >= group.next_flush
+            if scheduled:
+                # the next check one interval on; never in the past, so no catch-up burst
+                group.next_flush = max(group.next_flush + self.config.group_interval,
+                                       now + 1e-3)
+            out += self._flush(group, now, scheduled)
+        self._collect(now)
+        return out
+
+    def _resolve_all(self, now: float) -> list[Notification]:
+        """Alerting turned off: what was notified gets its resolved notice."""
+        for a in self.alerts.values():
+            if a.state != "resolved":
+                a.state, a.resolved_at = "resolved", now
+        out: list[Notification] = []
+        for group in list(self.groups.values()):
+            out += self._flush(group, now, True)
+        self._collect(now)
+        return out
+
+    def _evaluate(self, conditions: list[Condition], now: float) -> None:
+        seen = set()
+        for c in conditions:
+            fp = fingerprint(c.labels)
+            seen.add(fp)
+            a = self.alerts.get(fp)
+            if a is None or a.state == "resolved":
+                if a is None and len(self.alerts) >= MAX_ALERTS:
+                    self.dropped += 1
+                    continue
+                groups = a.groups if a is not None else []
+                # inactive -> pending
+                a = Alert(fp, dict(c.labels), dict(c.annotations), "pending", now, now,
+                          groups=groups)
+                self.alerts[fp] = a
+            a.last_seen = now
+            a.annotations = dict(c.annotations)
+            rule = self.rules.rules[c.labels["alertname"]]
+            if a.state == "pending" and now - a.active_at >= rule.for_:
+                a.state, a.fired_at = "firing", now  # pending -> firing
+        for fp, a in list(self.alerts.items()):
+            if fp in seen or a.state == "resolved":
+                continue
+            if a.state == "pending":
+                del self.alerts[fp]  # pending -> inactive: never notified
+                continue
+            keep = self.rules.rules[a.labels["alertname"]].keep_firing_for
+            if now - a.last_seen >= keep:
+                a.state, a.resolved_at = "resolved", now  # firing -> resolved
+
+    def _mute(self, now: float) -> None:
+        down = {a.labels.get("server") for a in self.alerts.values()
+                if a.state == "firing" and a.labels["alertname"] == "ServerDown"}
+        inhibited = {name for names in INHIBITS.values() for name in names}
+        rolling = self.rules.rolling()
+        for sid in [sid for sid, s in self.silences.items()
+                    if now - s.ends_at > SILENCE_RETENTION]:
+            del self.silences[sid]
+        live = [s for s in self.silences.values() if s.active(now)]
+        for a in self.alerts.values():
+            why = [s.id for s in live if s.matches(a.labels)]
+            if a.labels["alertname"] in inhibited and a.labels.get("server") in down:
+                why.append("inhibited")
+            if a.labels["alertname"] in ROLL_MUTED and a.labels.get("pool") in rolling:
+                why.append("roll")
+            a.muted_by = tuple(why)
+
+    def _group_key(self, index: int, route: AlertRoute, labels: Labels) -> tuple[str, Labels]:
+        by = route.group_by if route.group_by is not None else self.config.group_by
+        glabels = dict(labels) if by == ("...",) else {k: labels[k] for k in by if k in labels}
+        match = ", ".join(f'{k}="{v}"' for k, v in sorted(route.match.items()))
+        grouped = ", ".join(f'{k}="{v}"' for k, v in sorted(glabels.items()))
+        return f"{{}}/{index}{{{match}}}:{{{grouped}}}", glabels
+
+    def _group(self, now: float) -> None:
+        """Every firing alert that is in no group yet joins the groups of its routes."""
+        for a in self.alerts.values():
+            if a.state != "firing" or a.groups:
+                continue
+            for i, route in enumerate(self.config.routes):
+                if not _route_matches(route, a.labels):
+                    continue
+                key, glabels = self._group_key(i, route, a.labels)
+                g = self.groups.get(key)
+                if g is None:
+                    g = self.groups[key] = Group(key, i, glabels, now,
+                                                 now + self.config.group_wait)
+                if a.fingerprint not in g.alerts:
+                    g.alerts.append(a.fingerprint)
+                a.groups.append(key)
+                if not route.continue_:
+                    break
+
+    def _steps(self, group: Group) -> list[tuple[int, float, tuple[str, ...]]]:
+        if group.route >= len(self.config.routes):
+            return []
+        route = self.config.routes[group.route]
+        return [(0, 0.0, route.notify)] + [(i + 1, s.after, s.notify)
+                                           for i, s in enumerate(route.escalate)]
+
+    def _flush(self, group: Group, now: float, scheduled: bool) -> list[Notification]:
+        """The notifications of one group: step 0 (the route's channels) at its scheduled
+        checks; escalation steps also as soon as an alert becomes due for them."""
+        out: list[Notification] = []
+        members = [self.alerts[fp] for fp in group.alerts if fp in self.alerts]
+        steps = self._steps(group)
+        for step, after, names in steps:
+            eligible = frozenset(
+                a.fingerprint for a in members
+                if a.state == "firing" and not a.muted_by and a.fired_at is not None
+                and (step == 0 or (not a.acked and now - a.fired_at >= after)))
+            for name in names:
+                st = group.channels.setdefault(f"{step}:{name}", ChannelState())
+                new = eligible - st.last_firing
+                if not scheduled and (step == 0 or not new):
+                    continue
+                resolved = {fp for fp in st.owed
+                            if fp not in self.alerts or self.alerts[fp].state == "resolved"}
+                repeat = bool(eligible) and st.sent_at is not None and \
+                    now - st.sent_at >= self.config.repeat_interval
+                if not (new or resolved or repeat):
+                    st.last_firing = eligible & st.last_firing  # muted/acked ones left
+                    continue
+                alerts = [self.alerts[fp] for fp in group.alerts if fp in eligible] + \
+                    [self.alerts[fp] for fp in group.alerts if fp in resolved
+                     and fp in self.alerts]
+                status = "firing" if eligible else "resolved"
+                out.append({"channel": name, "payload": webhook_payload(
+                    name, group.key, group.labels, alerts, status)})
+                st.owed = (st.owed | eligible) - resolved
+                st.last_firing, st.sent_at = eligible, now
+        # a channel that no step names any more (a reload) owes nothing it can deliver
+        names_now = {f"{s}:{n}" for s, _, ns in steps for n in ns}
+        for k in [k for k in group.channels if k not in names_now]:
+            del group.channels[k]
+        return out
+
+    def _collect(self, now: float) -> None:
+        """Forget resolved alerts no channel owes a notice, and groups left empty."""
+        del now
+        owed = {fp for g in self.groups.values() for st in g.channels.values()
+                for fp in st.owed}
+        for g in list(self.groups.values()):
+            g.alerts = [fp for fp in g.alerts if fp in self.alerts and (
+                self.alerts[fp].state != "resolved" or fp in owed)]
+            if not g.alerts:
+                del self.groups[g.key]
+        for fp, a in list(self.alerts.items()):
+            if a.state == "resolved" and fp not in owed:
+                del self.alerts[fp]
+
+    def next_due(self) -> float | None:
+        """When tick() should run next (wall-clock seconds), or None if nothing will
+        change until a new fact comes."""
+        times = [g.next_flush for g in self.groups.values()]
+        for a in self.alerts.values():
+            rule = self.rules.rules[a.labels["alertname"]]
+            if a.state == "pending":
+                times.append(a.active_at + rule.for_)
+            if a.state == "firing" and not a.acked and a.fired_at is not None:
+                for g in a.groups:
+                    group = self.groups.get(g)
+                    for _, after, _ in self._steps(group)[1:] if group else ():
+                        if a.fired_at + after > (self._last_tick or 0):
+                            times.append(a.fired_at + after)
+        for s in self.silences.values():
+            times += [t for t in (s.starts_at, s.ends_at) if t > (self._last_tick or 0)]
+        if self._last_tick is not None and (self.alerts or self.rules.has_timers()):
+            times.append(self._last_tick + RECHECK)
+        return min(times) if times else None
+
+    # -- state ----------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything that must survive a master restart, as plain data (JSON-able)."""
+        return {
+            "version": 1,
+            "alerts": [{"fingerprint": a.fingerprint, "labels": a.labels,
+                        "annotations": a.annotations, "state": a.state,
+                        "active_at": a.active_at, "last_seen": a.last_seen,
+                        "fired_at": a.fired_at, "resolved_at": a.resolved_at,
+                        "acked": a.acked, "groups": list(a.groups)}
+                       for a in self.alerts.values()],
+            "groups": [{"key": g.key, "route": g.route, "labels": g.labels,
+                        "created": g.created, "next_flush": g.next_flush,
+                        "alerts": list(g.alerts),
+                        "channels": {k: {"last_firing": sorted(st.last_firing),
+                                         "owed": sorted(st.owed), "sent_at": st.sent_at}
+                                     for k, st in g.channels.items()}}
+                       for g in self.groups.values()],
+            "silences": [{"id": s.id, "matchers": [[m.name, m.op, m.value]
+                                                   for m in s.matchers],
+                          "starts_at": s.starts_at, "ends_at": s.ends_at,
+                          "comment": s.comment, "created_by": s.created_by}
+                         for s in self.silences.values()],
+            "silence_seq": self._silence_seq,
+            "rules": self.rules.snapshot(),
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """Take back a snapshot() (from SQLite after a restart): the same alerts, groups,
+        acks and silences, so nothing is paged twice and no silence is forgotten. Raises
+        ValueError/KeyError/TypeError on data that is not a snapshot; the caller logs it
+        and starts afresh."""
+        if data.get("version") != 1:
+            raise ValueError(f"unknown alert state version {data.get('version')!r}")
+        alerts = {}
+        for d in list(data["alerts"])[:MAX_ALERTS]:
+            labels = {str(k): str(v) for k, v in d["labels"].items()}
+            if labels.get("alertname") not in self.rules.rules:
+                continue  # a rule this version does not have
+            alerts[d["fingerprint"]] = Alert(
+                str(d["fingerprint"]), labels, {str(k): str(v) for k, v in
+                                                d["annotations"].items()},
+                str(d["state"]), float(d["active_at"]), float(d["last_seen"]),
+                None if d["fired_at"] is None else float(d["fired_at"]),
+                None if d["resolved_at"] is None else float(d["resolved_at"]),
+                bool(d["acked"]), (), [str(g) for g in d["groups"]])
+        groups = {}
+        for d in list(data["groups"])[:MAX_ALERTS]:
+            g = Group(str(d["key"]), int(d["route"]), {str(k): str(v) for k, v in
+                                                      d["labels"].items()},
+                      float(d["created"]), float(d["next_flush"]),
+                      [str(fp) for fp in d["alerts"]])
+            for k, st in d["channels"].items():
+                g.channels[str(k)] = ChannelState(
+                    frozenset(map(str, st["last_firing"])), set(map(str, st["owed"])),
+                    None if st["sent_at"] is None else float(st["sent_at"]))
+            groups[g.key] = g
+        silences = {}
+        for d in list(data["silences"])[:MAX_SILENCES]:
+            s = Silence(str(d["id"]), tuple(Matcher(str(n), str(v), str(op))
+                                            for n, op, v in d["matchers"]),
+                        float(d["starts_at"]), float(d["ends_at"]), str(d["comment"]),
+                        str(d["created_by"]))
+            silences[s.id] = s
+        self.rules.restore(data.get("rules", {}))
+        self.alerts, self.groups, self.silences = alerts, groups, silences
+        self._silence_seq = int(data.get("silence_seq", 0))
+        # groups whose route a new config no longer has are rebuilt by the next tick
+        for g in list(self.groups.values()):
+            if g.route >= len(self.config.routes):
+                del self.groups[g.key]
+        for a in self.alerts.values():
+            a.groups = [k for k in a.groups if k in self.groups]
