@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -155,6 +156,7 @@ class Alert:
     last_seen: float  # the last evaluation in which it held
     fired_at: float | None = None
     resolved_at: float | None = None
+    cleared_at: float | None = None  # when its condition stopped holding (keep_firing_for)
     acked: bool = False
     muted_by: tuple[str, ...] = ()  # silence ids, "inhibited", "roll"
     groups: list[str] = field(default_factory=list)
@@ -312,9 +314,11 @@ class AlertEngine:
         for group in list(self.groups.values()):
             scheduled = now >= group.next_flush
             if scheduled:
-                # the next check one interval on; never in the past, so no catch-up burst
-                group.next_flush = max(group.next_flush + self.config.group_interval,
-                                       now + 1e-3)
+                # the next check on the group's own interval grid, after now: ticks that
+                # came late (or a clock step) cause no burst of catch-up checks
+                interval = self.config.group_interval
+                missed = math.floor((now - group.next_flush) / interval) + 1
+                group.next_flush += max(1, missed) * interval
             out += self._flush(group, now, scheduled)
         self._collect(now)
         return out
@@ -345,7 +349,7 @@ class AlertEngine:
                 a = Alert(fp, dict(c.labels), dict(c.annotations), "pending", now, now,
                           groups=groups)
                 self.alerts[fp] = a
-            a.last_seen = now
+            a.last_seen, a.cleared_at = now, None
             a.annotations = dict(c.annotations)
             rule = self.rules.rules[c.labels["alertname"]]
             if a.state == "pending" and now - a.active_at >= rule.for_:
@@ -357,7 +361,9 @@ class AlertEngine:
                 del self.alerts[fp]  # pending -> inactive: never notified
                 continue
             keep = self.rules.rules[a.labels["alertname"]].keep_firing_for
-            if now - a.last_seen >= keep:
+            if a.cleared_at is None:
+                a.cleared_at = now
+            if now - a.cleared_at >= keep:
                 a.state, a.resolved_at = "resolved", now  # firing -> resolved
 
     def _mute(self, now: float) -> None:
@@ -469,6 +475,8 @@ class AlertEngine:
             rule = self.rules.rules[a.labels["alertname"]]
             if a.state == "pending":
                 times.append(a.active_at + rule.for_)
+            if a.state == "firing" and a.cleared_at is not None:
+                times.append(a.cleared_at + rule.keep_firing_for)
             if a.state == "firing" and not a.acked and a.fired_at is not None:
                 for g in a.groups:
                     group = self.groups.get(g)
@@ -491,6 +499,7 @@ class AlertEngine:
                         "annotations": a.annotations, "state": a.state,
                         "active_at": a.active_at, "last_seen": a.last_seen,
                         "fired_at": a.fired_at, "resolved_at": a.resolved_at,
+                        "cleared_at": a.cleared_at,
                         "acked": a.acked, "groups": list(a.groups)}
                        for a in self.alerts.values()],
             "groups": [{"key": g.key, "route": g.route, "labels": g.labels,
@@ -527,6 +536,7 @@ class AlertEngine:
                 str(d["state"]), float(d["active_at"]), float(d["last_seen"]),
                 None if d["fired_at"] is None else float(d["fired_at"]),
                 None if d["resolved_at"] is None else float(d["resolved_at"]),
+                None if d.get("cleared_at") is None else float(d["cleared_at"]),
                 bool(d["acked"]), (), [str(g) for g in d["groups"]])
         groups = {}
         for d in list(data["groups"])[:MAX_ALERTS]:
