@@ -180,7 +180,20 @@ def alert_rules(value: Any) -> dict[str, RuleConfig]:
     return out
 
 
-alert_rules.limit = "Rules: " + ", ".join(RULES) + "."  # type: ignore[attr-defined]
+def _rule_text(spec: RuleSpec) -> str:
+    """`CrashLoop` (critical; count 5, window 600s): a rule and its defaults, for the README."""
+    shown = [spec.severity] + ([f"for {spec.for_:g}s"] if spec.for_ else [])
+    for k, p in spec.params.items():
+        if isinstance(p.default, dict):
+            shown.append(f"{k} {{}}")
+        else:
+            unit = "s" if p.parse is _WINDOW or k in ("p95", "drain") else ""
+            shown.append(f"{k} {p.default:g}{unit}")
+    return f"`{spec.name}` ({', '.join(shown)})"
+
+
+alert_rules.limit = ("Rules and their defaults: "  # type: ignore[attr-defined]
+                     + "; ".join(_rule_text(r) for r in RULES.values()) + ".")
 
 
 def label_names(value: Any) -> tuple[str, ...]:

@@ -263,8 +263,8 @@ SETTINGS: tuple[Setting, ...] = (
             scope="global"),
     Setting("alerts.rules", alert_rules, {},
             "Per rule overrides: `{CrashLoop: {count: 3, window: 5m, for: 0s, severity: "
-            "warning, keep_firing_for: 1m, enabled: true}}`; each rule's thresholds are in "
-            "Alerts.", scope="global", shown_default="every rule on, with its defaults"),
+            "warning, keep_firing_for: 1m, enabled: true}}`.", scope="global",
+            shown_default="every rule on, with its defaults"),
     Setting("alerts.group_by", label_names, ("alertname", "pool"),
             "Labels that make alerts one group, notified together (Alertmanager's "
             '`group_by`; `["..."]`: every alert alone).', scope="global"),

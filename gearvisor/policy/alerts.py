@@ -521,7 +521,7 @@ class AlertEngine:
     def restore(self, data: Mapping[str, Any]) -> None:
         """Take back a snapshot() (from SQLite after a restart): the same alerts, groups,
         acks and silences, so nothing is paged twice and no silence is forgotten. Raises
-        ValueError/KeyError/TypeError on data that is not a snapshot; the caller logs it
+        ValueError/KeyError/TypeError/re.error on data that is not a snapshot; the caller logs it
         and starts afresh."""
         if data.get("version") != 1:
             raise ValueError(f"unknown alert state version {data.get('version')!r}")
@@ -551,6 +551,11 @@ class AlertEngine:
             groups[g.key] = g
         silences = {}
         for d in list(data["silences"])[:MAX_SILENCES]:
+            for _, op, value in d["matchers"]:
+                if op not in ("=", "!=", "=~", "!~"):
+                    raise ValueError(f"unknown matcher operator {op!r}")
+                if op in ("=~", "!~"):
+                    re.compile(str(value))  # a bad one would raise in every tick
             s = Silence(str(d["id"]), tuple(Matcher(str(n), str(v), str(op))
                                             for n, op, v in d["matchers"]),
                         float(d["starts_at"]), float(d["ends_at"]), str(d["comment"]),
