@@ -352,7 +352,11 @@ def test_tables_are_bounded() -> None:
     for slot in range(12_000):
         e.rules.observe(QuarantineFact("p", slot), T0)
     e.tick(T0)
-    assert len(e.alerts) <= 10_000
+    assert len(e.alerts) == 10_000
+    notes = e.tick(T0 + 30)
+    assert len(notes) == 1
+    assert len(notes[0]["payload"]["alerts"]) == 1000
+    assert notes[0]["payload"]["truncatedAlerts"] == 9000
 
 
 # -- the property: nothing notified is left without its resolved notice ---------------------

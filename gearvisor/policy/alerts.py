@@ -46,6 +46,7 @@ from gearvisor.policy.alert_rules import Condition, Fact, Labels, RuleBook
 
 MAX_ALERTS = 10_000  # alerts held (pending, firing, resolved-but-owed); more are dropped
 MAX_SILENCES = 1_000
+MAX_PAYLOAD_ALERTS = 1_000  # alerts listed in one notification; the rest are counted
 SILENCE_RETENTION = 5 * 86400.0  # expired silences are listed this long, as Alertmanager
 RECHECK = 5.0  # while anything may change with time alone, tick at least this often
 ZERO_TIME = "0001-01-01T00:00:00Z"
@@ -403,8 +404,7 @@ class AlertEngine:
                 if g is None:
                     g = self.groups[key] = Group(key, i, glabels, now,
                                                  now + self.config.group_wait)
-                if a.fingerprint not in g.alerts:
-                    g.alerts.append(a.fingerprint)
+                g.alerts.append(a.fingerprint)  # it was in no group, so not in this one
                 a.groups.append(key)
                 if not route.continue_:
                     break
@@ -443,8 +443,10 @@ class AlertEngine:
                     [self.alerts[fp] for fp in group.alerts if fp in resolved
                      and fp in self.alerts]
                 status = "firing" if eligible else "resolved"
+                # a storm of thousands stays one bounded message (Alertmanager's max_alerts)
                 out.append({"channel": name, "payload": webhook_payload(
-                    name, group.key, group.labels, alerts, status)})
+                    name, group.key, group.labels, alerts[:MAX_PAYLOAD_ALERTS], status,
+                    truncated=max(0, len(alerts) - MAX_PAYLOAD_ALERTS))})
                 st.owed = (st.owed | eligible) - resolved
                 st.last_firing, st.sent_at = eligible, now
         # a channel that no step names any more (a reload) owes nothing it can deliver
