@@ -16,6 +16,7 @@ from gearvisor.config import ConfigError, parse
 from gearvisor.config.alerts import RULES
 from gearvisor.config.model import AlertRoute, AlertsConfig, Escalation
 from gearvisor.policy.alert_rules import (
+    BacklogDrain,
     ChildExit,
     ChildReady,
     CircuitFact,
@@ -307,19 +308,23 @@ def _scenarios() -> list[tuple[str, list, list]]:
         ("Backlog", [FindingUp("backlog_growing", "a:1", "f",
                                details={"drain_seconds": None})],
          [FindingDown("backlog_growing", "a:1", "f")]),
+        ("Backlog", [BacklogDrain("f", "a:1", 500, 900.0)], [BacklogDrain("f", "a:1", 0, None)]),
         ("RollHalted", [RollFact("p", "halted", "boot")], [RollFact("p", "done")]),
         ("FdLimit", [FdUsage(900, 1000)], [FdUsage(10, 1000)]),
     ]
 
 
 def test_the_scenarios_cover_every_rule() -> None:
-    assert sorted(s[0] for s in _scenarios()) == sorted(RULES)
+    assert sorted({s[0] for s in _scenarios()}) == sorted(RULES)
 
 
 @pytest.mark.parametrize("rule,raise_,clear", _scenarios(), ids=lambda v: v
                          if isinstance(v, str) else "")
 def test_each_rule_fires_once_and_resolves(rule: str, raise_: list, clear: list) -> None:
-    e = AlertEngine(config(group_wait=1.0, group_interval=10.0), host="h")
+    cfg = config(group_wait=1.0, group_interval=10.0)
+    # Backlog on the drain time alone: 10 minutes (growth alone fires whatever it is)
+    cfg.rules["Backlog"] = dataclasses.replace(cfg.rules["Backlog"], params={"drain": 600.0})
+    e = AlertEngine(cfg, host="h")
     got: list[dict] = []
     for fact in raise_:
         got += e.observe(fact, T0)
@@ -334,6 +339,48 @@ def test_each_rule_fires_once_and_resolves(rule: str, raise_: list, clear: list)
     assert names(got) == [("mail", "firing", [f"{rule}/firing"]),
                           ("mail", "resolved", [f"{rule}/resolved"])]
     assert e.alerts == {} and e.groups == {}
+
+
+def test_backlog_drain_under_the_threshold_does_not_fire() -> None:
+    cfg = config(group_wait=0.0)
+    cfg.rules["Backlog"] = dataclasses.replace(cfg.rules["Backlog"], params={"drain": 600.0})
+    e = AlertEngine(cfg, host="h")
+    assert e.observe(BacklogDrain("f", "a:1", 50, 30.0), T0) == []
+    assert e.observe(BacklogDrain("f", "a:1", 0, None), T0) == []  # nothing waiting
+    assert len(e.observe(BacklogDrain("f", "a:1", 50, None), T0)) == 1  # never drains
+
+
+def test_a_reload_that_changes_routes_still_sends_the_owed_resolved_notices() -> None:
+    e = AlertEngine(escalating(), host="h")
+    e.observe(CircuitFact("p", True), T0)
+    e.tick(T0 + 30)
+    assert [n["channel"] for n in e.tick(T0 + 600)] == ["sms"]
+    old_key = next(iter(e.groups))
+    # the reload drops the escalation and sends critical alerts to a new channel
+    new = dataclasses.replace(e.config, routes=(AlertRoute({"severity": "critical"},
+                                                           ("mail", "hook")),),
+                              channels={"mail": {}, "hook": {}})
+    e.reconfigure(new)
+    got = [(n["channel"], n["payload"]["status"]) for t in range(601, 700, 10)
+           for n in e.tick(T0 + t)]
+    assert sorted(got) == [("hook", "firing"), ("mail", "firing")]  # the new group
+    got = e.observe(CircuitFact("p", False), T0 + 700)
+    notes = got + [n for t in range(700, 1400, 30) for n in e.tick(T0 + t)]
+    got = sorted((n["channel"], n["payload"]["status"], n["payload"]["groupKey"] == old_key)
+                 for n in notes)
+    # the old group's channels (mail, sms) and the new group's (mail, hook) all resolve
+    assert got == [("hook", "resolved", True), ("mail", "resolved", True),
+                   ("mail", "resolved", True), ("sms", "resolved", True)]
+    assert e.alerts == {} and e.groups == {}
+
+
+def test_a_reload_with_the_same_routes_keeps_the_groups() -> None:
+    e = AlertEngine(escalating(), host="h")
+    e.observe(CircuitFact("p", True), T0)
+    e.tick(T0 + 30)
+    e.reconfigure(dataclasses.replace(e.config))
+    assert [n for t in range(31, 590, 10) for n in e.tick(T0 + t)] == []  # no re-page
+    assert [n["channel"] for n in e.tick(T0 + 600)] == ["sms"]
 
 
 def test_disabled_rule_and_alerting_off() -> None:

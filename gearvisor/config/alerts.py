@@ -113,8 +113,8 @@ RULES: dict[str, RuleSpec] = {r.name: r for r in (
                      "functions": Param(_threshold_map, {}, "function -> its own "
                                         "threshold")}),
     RuleSpec("Backlog", "warning", "a function's waiting jobs keep growing (`findings."
-             "backlog_probes`) with a drain time unknown or above `drain`",
-             params={"drain": Param(duration_upto(DAY), 0.0, "0: any growth fires")}),
+             "backlog_probes`), or their drain time is above `drain` (when above 0)",
+             params={"drain": Param(duration_upto(DAY), 0.0, "0: growth alone fires")}),
     RuleSpec("RollHalted", "warning", "a pool's roll halted: a new child could not get "
              "ready"),
     RuleSpec("FdLimit", "warning", "open files above `ratio` of the limit", for_=60.0,

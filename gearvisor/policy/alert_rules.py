@@ -15,6 +15,7 @@ The facts, one dataclass each (the bus event they come from in brackets):
   HardTimeout(pool, slot, function) [the master's hard-timeout kill]
   RollFact(pool, state)            [a roll started / halted / ended]
   FdUsage(used, limit, pool)       [a periodic count of open files]
+  BacklogDrain(function, server, waiting, seconds) [a drain time estimate, per probe]
   JobTick(pool, function, done, failed, p95) [per function, each metrics tick]
 
 Every table here is keyed by pool/slot/function/server, which the config bounds, and is
@@ -132,6 +133,17 @@ class FdUsage:
 
 
 @dataclass(frozen=True)
+class BacklogDrain:
+    """A function's waiting jobs on a server and the estimated time to drain them (None:
+    at the current rate they never drain); Backlog fires when it is above `drain`."""
+
+    function: str
+    server: str
+    waiting: int
+    seconds: float | None
+
+
+@dataclass(frozen=True)
 class JobTick:
     """One function's jobs ended since the last tick, and its p95 job time (None when no
     job ended in the window the caller keeps)."""
@@ -144,7 +156,7 @@ class JobTick:
 
 
 Fact = (ChildExit | ChildReady | FindingUp | FindingDown | QuarantineFact | CircuitFact
-        | PoisonFact | HardTimeout | RollFact | FdUsage | JobTick)
+        | PoisonFact | HardTimeout | RollFact | FdUsage | BacklogDrain | JobTick)
 
 # finding kind -> the rule it feeds
 FINDING_RULES = {"server_down": "ServerDown", "server_restarted": "ServerRestarted",
@@ -182,6 +194,7 @@ class RuleBook:
         self.findings: dict[tuple[str, str, str | None, str | None], FindingUp] = {}
         self.rolls: dict[str, RollFact] = {}
         self.fds: dict[str | None, FdUsage] = {}
+        self.drains: dict[tuple[str, str], BacklogDrain] = {}
         self.jobs: dict[tuple[str, str], collections.deque[tuple[float, int, int]]] = {}
         self.p95: dict[tuple[str, str], float | None] = {}
 
@@ -234,6 +247,8 @@ class RuleBook:
                 _put(self.rolls, fact.pool, fact)
         elif isinstance(fact, FdUsage):
             _put(self.fds, fact.pool, fact)
+        elif isinstance(fact, BacklogDrain):
+            _put(self.drains, (fact.function, fact.server), fact)
         elif isinstance(fact, JobTick):
             key = (fact.pool, fact.function)
             q = self.jobs.get(key)
@@ -307,13 +322,16 @@ class RuleBook:
             name = FINDING_RULES.get(kind)
             if name is None:
                 continue
-            if name == "Backlog":
-                drain = f.details.get("drain_seconds")
-                limit = float(p["Backlog"]["drain"])
-                if limit and drain is not None and drain < limit:
-                    continue
             found.append(self._condition(name, f.message or f"{kind} on {server}",
                                          server=server, function=function, pool=pool))
+        limit = float(p["Backlog"]["drain"])
+        for (fn, server), d in self.drains.items():
+            if limit and d.waiting > 0 and (d.seconds is None or d.seconds > limit):
+                how = "never, at the current rate" if d.seconds is None else \
+                    f"in about {d.seconds:.0f}s"
+                found.append(self._condition(
+                    "Backlog", f"function {fn} on {server}: {d.waiting} waiting jobs drain "
+                    f"{how} (above {limit:g}s)", server=server, function=fn))
         found += self._jobs(now, p)
         for pool, r in self.rolls.items():
             if r.state == "halted":

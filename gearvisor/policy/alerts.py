@@ -172,17 +172,27 @@ class ChannelState:
     sent_at: float | None = None
 
 
+Step = tuple[int, float, tuple[str, ...]]  # (0: the route's own | n: escalation n, after, channels)
+
+
 @dataclass
 class Group:
-    """Alerts of one route with the same values of its group_by labels."""
+    """Alerts of one route with the same values of its group_by labels.
+
+    A group keeps the channels of its route as they were when it was made, so a reload that
+    changes the route still sends the resolved notices owed on the old channels: the group
+    is then retired (it sends nothing firing, only those notices) and its firing alerts join
+    the groups of the new routes."""
 
     key: str
     route: int
     labels: Labels
     created: float
     next_flush: float
+    steps: list[Step] = field(default_factory=list)
     alerts: list[str] = field(default_factory=list)  # fingerprints, in order of joining
     channels: dict[str, ChannelState] = field(default_factory=dict)  # "step:channel"
+    retired: bool = False
 
 
 def webhook_payload(receiver: str, group_key: str, group_labels: Mapping[str, str],
@@ -226,18 +236,43 @@ class AlertEngine:
         self.silences: dict[str, Silence] = {}
         self.dropped = 0  # alerts not held because MAX_ALERTS were
         self._silence_seq = 0
+        self._retired_seq = 0
         self._last_tick: float | None = None
 
     # -- inputs ---------------------------------------------------------------------------
 
     def reconfigure(self, config: AlertsConfig) -> None:
-        """A reload: new rules, grouping and routes. Alerts, silences and acks are kept;
-        groups are rebuilt at the next tick from the new routes (what each channel owes a
-        resolved notice is kept where the group still exists)."""
+        """A reload: new rules, grouping and routes. Alerts, silences and acks are kept. A
+        group whose route or grouping changed is retired: it still sends the resolved
+        notices it owes, and its firing alerts join the new routes' groups at the next
+        tick (a new group, so they are notified there after its group_wait)."""
         self.config = config
         self.rules.reconfigure(config.rules)
-        for a in self.alerts.values():
-            a.groups = [k for k in a.groups if k in self.groups]
+        self._retire_changed()
+
+    def _retire_changed(self) -> None:
+        for g in list(self.groups.values()):
+            if g.retired:
+                continue
+            same = False
+            if g.route < len(self.config.routes):
+                route = self.config.routes[g.route]
+                member = next((self.alerts[fp] for fp in g.alerts if fp in self.alerts), None)
+                same = member is not None and \
+                    self._group_key(g.route, route, member.labels)[0] == g.key and \
+                    self._route_steps(route) == g.steps
+            if not same:
+                g.retired = True
+                # it keeps its groupKey in what it sends, but gives its place to the
+                # group of the new route that may have the same key
+                self._retired_seq += 1
+                old = g.key
+                del self.groups[old]
+                g.key = f"{old}~retired{self._retired_seq}"
+                self.groups[g.key] = g
+                for fp in g.alerts:
+                    if fp in self.alerts and old in self.alerts[fp].groups:
+                        self.alerts[fp].groups.remove(old)
 
     def observe(self, fact: Fact, now: float) -> list[Notification]:
         """Take one fact (gearvisor.policy.alert_rules) and return what is due now."""
@@ -403,16 +438,15 @@ class AlertEngine:
                 g = self.groups.get(key)
                 if g is None:
                     g = self.groups[key] = Group(key, i, glabels, now,
-                                                 now + self.config.group_wait)
+                                                 now + self.config.group_wait,
+                                                 self._route_steps(route))
                 g.alerts.append(a.fingerprint)  # it was in no group, so not in this one
                 a.groups.append(key)
                 if not route.continue_:
                     break
 
-    def _steps(self, group: Group) -> list[tuple[int, float, tuple[str, ...]]]:
-        if group.route >= len(self.config.routes):
-            return []
-        route = self.config.routes[group.route]
+    @staticmethod
+    def _route_steps(route: AlertRoute) -> list[Step]:
         return [(0, 0.0, route.notify)] + [(i + 1, s.after, s.notify)
                                            for i, s in enumerate(route.escalate)]
 
@@ -421,11 +455,11 @@ class AlertEngine:
         checks; escalation steps also as soon as an alert becomes due for them."""
         out: list[Notification] = []
         members = [self.alerts[fp] for fp in group.alerts if fp in self.alerts]
-        steps = self._steps(group)
-        for step, after, names in steps:
+        for step, after, names in group.steps:
             eligible = frozenset(
                 a.fingerprint for a in members
                 if a.state == "firing" and not a.muted_by and a.fired_at is not None
+                and not group.retired
                 and (step == 0 or (not a.acked and now - a.fired_at >= after)))
             for name in names:
                 st = group.channels.setdefault(f"{step}:{name}", ChannelState())
@@ -445,14 +479,11 @@ class AlertEngine:
                 status = "firing" if eligible else "resolved"
                 # a storm of thousands stays one bounded message (Alertmanager's max_alerts)
                 out.append({"channel": name, "payload": webhook_payload(
-                    name, group.key, group.labels, alerts[:MAX_PAYLOAD_ALERTS], status,
+                    name, group.key.split("~retired")[0], group.labels,
+                    alerts[:MAX_PAYLOAD_ALERTS], status,
                     truncated=max(0, len(alerts) - MAX_PAYLOAD_ALERTS))})
                 st.owed = (st.owed | eligible) - resolved
                 st.last_firing, st.sent_at = eligible, now
-        # a channel that no step names any more (a reload) owes nothing it can deliver
-        names_now = {f"{s}:{n}" for s, _, ns in steps for n in ns}
-        for k in [k for k in group.channels if k not in names_now]:
-            del group.channels[k]
         return out
 
     def _collect(self, now: float) -> None:
@@ -461,8 +492,9 @@ class AlertEngine:
         owed = {fp for g in self.groups.values() for st in g.channels.values()
                 for fp in st.owed}
         for g in list(self.groups.values()):
+            g_owed = {fp for st in g.channels.values() for fp in st.owed}
             g.alerts = [fp for fp in g.alerts if fp in self.alerts and (
-                self.alerts[fp].state != "resolved" or fp in owed)]
+                fp in g_owed or (self.alerts[fp].state != "resolved" and not g.retired))]
             if not g.alerts:
                 del self.groups[g.key]
         for fp, a in list(self.alerts.items()):
@@ -482,7 +514,7 @@ class AlertEngine:
             if a.state == "firing" and not a.acked and a.fired_at is not None:
                 for g in a.groups:
                     group = self.groups.get(g)
-                    for _, after, _ in self._steps(group)[1:] if group else ():
+                    for _, after, _ in group.steps[1:] if group else ():
                         if a.fired_at + after > (self._last_tick or 0):
                             times.append(a.fired_at + after)
         for s in self.silences.values():
@@ -506,7 +538,8 @@ class AlertEngine:
                        for a in self.alerts.values()],
             "groups": [{"key": g.key, "route": g.route, "labels": g.labels,
                         "created": g.created, "next_flush": g.next_flush,
-                        "alerts": list(g.alerts),
+                        "steps": [[n, after, list(names)] for n, after, names in g.steps],
+                        "retired": g.retired, "alerts": list(g.alerts),
                         "channels": {k: {"last_firing": sorted(st.last_firing),
                                          "owed": sorted(st.owed), "sent_at": st.sent_at}
                                      for k, st in g.channels.items()}}
@@ -517,6 +550,7 @@ class AlertEngine:
                           "comment": s.comment, "created_by": s.created_by}
                          for s in self.silences.values()],
             "silence_seq": self._silence_seq,
+            "retired_seq": self._retired_seq,
             "rules": self.rules.snapshot(),
         }
 
@@ -545,7 +579,9 @@ class AlertEngine:
             g = Group(str(d["key"]), int(d["route"]), {str(k): str(v) for k, v in
                                                       d["labels"].items()},
                       float(d["created"]), float(d["next_flush"]),
-                      [str(fp) for fp in d["alerts"]])
+                      [(int(n), float(after), tuple(map(str, names)))
+                       for n, after, names in d["steps"]],
+                      [str(fp) for fp in d["alerts"]], retired=bool(d["retired"]))
             for k, st in d["channels"].items():
                 g.channels[str(k)] = ChannelState(
                     frozenset(map(str, st["last_firing"])), set(map(str, st["owed"])),
@@ -566,9 +602,8 @@ class AlertEngine:
         self.rules.restore(data.get("rules", {}))
         self.alerts, self.groups, self.silences = alerts, groups, silences
         self._silence_seq = int(data.get("silence_seq", 0))
-        # groups whose route a new config no longer has are rebuilt by the next tick
-        for g in list(self.groups.values()):
-            if g.route >= len(self.config.routes):
-                del self.groups[g.key]
+        self._retired_seq = int(data.get("retired_seq", 0))
         for a in self.alerts.values():
             a.groups = [k for k in a.groups if k in self.groups]
+        # the config may have changed while the master was down
+        self._retire_changed()
