@@ -556,11 +556,23 @@ class AlertEngine:
 
     def restore(self, data: Mapping[str, Any]) -> None:
         """Take back a snapshot() (from SQLite after a restart): the same alerts, groups,
-        acks and silences, so nothing is paged twice and no silence is forgotten. Raises
-        ValueError/KeyError/TypeError/re.error on data that is not a snapshot; the caller logs it
-        and starts afresh."""
-        if data.get("version") != 1:
-            raise ValueError(f"unknown alert state version {data.get('version')!r}")
+        acks and silences, so nothing is paged twice and no silence is forgotten.
+
+        All or nothing: on data that is not a snapshot of this version (a corrupt or
+        hand-edited row) it raises ValueError saying why and the engine is left as it was;
+        the caller logs it and starts afresh."""
+        try:
+            self._restore(data)
+        except ValueError:
+            raise
+        except Exception as e:  # any shape of bad data: a list for a mapping, a None ...
+            raise ValueError(f"not an alert state snapshot: {type(e).__name__}: {e}") \
+                from None
+
+    def _restore(self, data: Mapping[str, Any]) -> None:
+        if not isinstance(data, Mapping) or data.get("version") != 1:
+            raise ValueError("unknown alert state version "
+                             f"{data.get('version') if isinstance(data, Mapping) else data!r}")
         alerts = {}
         for d in list(data["alerts"])[:MAX_ALERTS]:
             labels = {str(k): str(v) for k, v in d["labels"].items()}
@@ -593,14 +605,19 @@ class AlertEngine:
                 if op not in ("=", "!=", "=~", "!~"):
                     raise ValueError(f"unknown matcher operator {op!r}")
                 if op in ("=~", "!~"):
-                    re.compile(str(value))  # a bad one would raise in every tick
+                    try:
+                        re.compile(str(value))  # a bad one would raise in every tick
+                    except re.error as e:
+                        raise ValueError(f"silence {d.get('id')!r}: bad regular expression "
+                                         f"{value!r}: {e}") from None
             s = Silence(str(d["id"]), tuple(Matcher(str(n), str(v), str(op))
                                             for n, op, v in d["matchers"]),
                         float(d["starts_at"]), float(d["ends_at"]), str(d["comment"]),
                         str(d["created_by"]))
             silences[s.id] = s
-        self.rules.restore(data.get("rules", {}))
-        self.alerts, self.groups, self.silences = alerts, groups, silences
+        rules = RuleBook(self.config.rules, self.host)
+        rules.restore(data.get("rules", {}))
+        self.rules, self.alerts, self.groups, self.silences = rules, alerts, groups, silences
         self._silence_seq = int(data.get("silence_seq", 0))
         self._retired_seq = int(data.get("retired_seq", 0))
         for a in self.alerts.values():
