@@ -438,15 +438,23 @@ FACTS = st.sampled_from([
     CircuitFact("b", False), ChildExit("a", 0, "crashed"), ChildExit("b", 1, "crashed"),
     FindingUp("server_down", "s:1"), FindingDown("server_down", "s:1"),
     FindingUp("no_workers", "s:1", "f"), FindingDown("no_workers", "s:1", "f"),
-    RollFact("a", "running"), RollFact("a", "done"), "silence", "ack",
+    RollFact("a", "running"), RollFact("a", "done"), "silence", "ack", "reload",
+    "restart",
 ])
+
+
+def other_routes() -> AlertsConfig:
+    """escalating() with its route changed: a reload to it retires the groups."""
+    return config(routes=(AlertRoute({"severity": "critical"}, ("phone",)),
+                          AlertRoute({}, ("mail",), (Escalation(300.0, ("sms",)),))),
+                  channels={c: {"type": "exec"} for c in ("mail", "sms", "phone")})
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=st.lists(st.tuples(FACTS, st.floats(0, 900)), max_size=40))
 def test_every_notified_alert_gets_a_resolved_notice(steps: list) -> None:
     e = AlertEngine(escalating(), host="h")
-    now = T0
+    now, reloads = T0, 0
     sent: dict[tuple[str, str], str] = {}  # (channel, fingerprint) -> last status sent
 
     def record(notes: list[dict]) -> None:
@@ -461,6 +469,13 @@ def test_every_notified_alert_gets_a_resolved_notice(steps: list) -> None:
         elif fact == "ack":
             for a in e.list_alerts(now):
                 e.ack(a["fingerprint"], now)
+        elif fact == "reload":
+            reloads += 1
+            e.reconfigure(other_routes() if reloads % 2 else escalating())
+        elif fact == "restart":  # the state goes through JSON into a new engine
+            data = json.loads(json.dumps(e.snapshot()))
+            e = AlertEngine(e.config, host="h")
+            e.restore(data)
         else:
             record(e.observe(fact, now))
         record(e.tick(now))
