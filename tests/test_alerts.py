@@ -108,6 +108,14 @@ def test_repeat_interval() -> None:
     assert sent[0][0] - (T0 + 30) >= 4 * 3600
 
 
+def test_a_storm_observed_at_once_is_one_tick_and_the_same_notices() -> None:
+    e = AlertEngine(config(), host="h")
+    assert e.observe_all([ChildExit("images", slot, "crashed") for slot in range(50)
+                          for _ in range(5)], T0) == []
+    notes = e.tick(T0 + 30)
+    assert len(notes) == 1 and len(notes[0]["payload"]["alerts"]) == 50
+
+
 def test_storm_gives_one_notification_per_group() -> None:
     e = AlertEngine(config(), host="h")
     for slot in range(50):
@@ -225,6 +233,11 @@ def test_silence_needs_an_equality_matcher_and_bad_matchers_say_why() -> None:
         e.add_silence([Matcher("pool", "x")], T0, T0)
     with pytest.raises(ValueError, match="regular expression"):
         parse_matcher("pool=~[")
+    with pytest.raises(ValueError, match="regular expression"):
+        e.add_silence([Matcher("pool", "x"), Matcher("slot", "[", "=~")], T0, T0 + 60)
+    with pytest.raises(ValueError, match="operator"):
+        e.add_silence([Matcher("pool", "x", "==")], T0, T0 + 60)
+    assert e.silences == {}
     with pytest.raises(ValueError, match="LABEL=VALUE"):
         parse_matcher("pool")
     assert parse_matcher("alertname=~Crash.*").matches({"alertname": "CrashLoop"})

@@ -279,6 +279,13 @@ class AlertEngine:
         self.rules.observe(fact, now)
         return self.tick(now)
 
+    def observe_all(self, facts: Iterable[Fact], now: float) -> list[Notification]:
+        """Take many facts of one moment (the events of one loop iteration) and evaluate
+        once: a storm of exits costs one tick, not one per exit."""
+        for fact in facts:
+            self.rules.observe(fact, now)
+        return self.tick(now)
+
     def ack(self, alert_id: str, now: float) -> bool:
         """Acknowledge an alert (its fingerprint, or a unique prefix of it): its escalation
         stops; it still repeats and resolves on the channels it was sent to. False if no
@@ -296,6 +303,14 @@ class AlertEngine:
         """A new silence; ValueError if it matches nothing certain, ends before it starts,
         or MAX_SILENCES are held."""
         ms = tuple(matchers)
+        for m in ms:
+            if m.op not in ("=", "!=", "=~", "!~"):
+                raise ValueError(f"unknown matcher operator {m.op!r} in {m}")
+            if m.op in ("=~", "!~"):
+                try:
+                    re.compile(m.value)  # a bad one would raise in every tick
+                except re.error as e:
+                    raise ValueError(f"bad regular expression {m.value!r}: {e}") from None
         if not ms or not any(m.op == "=" and m.value for m in ms):
             raise ValueError("a silence needs at least one LABEL=VALUE matcher")
         if ends_at <= starts_at:
