@@ -259,7 +259,8 @@ SETTINGS: tuple[Setting, ...] = (
             "`server_restarted`: how long the finding stays after a job server's pid "
             "changed.", scope="global"),
     Setting("alerts.enabled", boolean, True,
-            "Evaluate the built-in alert rules (see Alerts). `false`: no alerts at all.",
+            "Evaluate the built-in alert rules (listed under `alerts.rules`). `false`: no "
+            "alerts at all.",
             scope="global"),
     Setting("alerts.rules", alert_rules, {},
             "Per rule overrides: `{CrashLoop: {count: 3, window: 5m, for: 0s, severity: "
