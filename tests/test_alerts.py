@@ -421,6 +421,16 @@ def test_a_reload_with_the_same_routes_keeps_the_groups() -> None:
     assert [n["channel"] for n in e.tick(T0 + 600)] == ["sms"]
 
 
+def test_a_pool_removed_by_a_reload_resolves_its_alerts() -> None:
+    e = AlertEngine(config(group_wait=0.0), host="h")
+    e.observe_all([CircuitFact("gone", True), QuarantineFact("gone", 1),
+                   CircuitFact("kept", True)], T0)
+    notes = e.forget({"kept"}, T0 + 400)
+    assert sorted(names(notes)) == [("mail", "resolved", ["CircuitOpen/resolved"]),
+                                    ("mail", "resolved", ["Quarantined/resolved"])]
+    assert [a["labels"]["pool"] for a in e.list_alerts(T0 + 400)] == ["kept"]
+
+
 def test_disabled_rule_and_alerting_off() -> None:
     rules = dict(config().rules)
     rules["CircuitOpen"] = dataclasses.replace(rules["CircuitOpen"], enabled=False)

@@ -29,11 +29,13 @@ once an alert has fired unacknowledged for `after`; ack(fingerprint) stops that.
 
 Each notification is one group for one channel, in Alertmanager's webhook format
 (webhook_payload), wrapped as {"channel": name, "payload": {...}}.
+
+The modules: alert_rules (the facts and the 15 rules), alert_model (fingerprints,
+matchers, silences, the webhook payload), this one (the engine).
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import math
 import re
@@ -42,14 +44,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gearvisor.config.model import AlertRoute, AlertsConfig
+from gearvisor.policy.alert_model import (
+    ZERO_TIME,
+    Alert,
+    Matcher,
+    Silence,
+    fingerprint,
+    parse_matcher,
+    rfc3339,
+    webhook_payload,
+)
 from gearvisor.policy.alert_rules import Condition, Fact, Labels, RuleBook
+
+__all__ = ["MAX_ALERTS", "ZERO_TIME", "Alert", "AlertEngine", "Group", "Matcher",
+           "Notification", "Silence", "fingerprint", "parse_matcher", "rfc3339",
+           "webhook_payload"]
 
 MAX_ALERTS = 10_000  # alerts held (pending, firing, resolved-but-owed); more are dropped
 MAX_SILENCES = 1_000
 MAX_PAYLOAD_ALERTS = 1_000  # alerts listed in one notification; the rest are counted
 SILENCE_RETENTION = 5 * 86400.0  # expired silences are listed this long, as Alertmanager
 RECHECK = 5.0  # while anything may change with time alone, tick at least this often
-ZERO_TIME = "0001-01-01T00:00:00Z"
 # ServerDown on a server makes these alerts about the same server noise
 INHIBITS = {"ServerDown": ("NoWorkers", "WorkersMissing", "Backlog")}
 # alerts of a pool that its own roll causes on purpose: muted while the roll runs
@@ -57,110 +72,6 @@ ROLL_MUTED = frozenset({"CrashLoop", "BootFailure", "Quarantined", "CircuitOpen"
                         "WorkersMissing"})
 
 Notification = dict[str, Any]  # {"channel": name, "payload": webhook payload}
-
-
-def fingerprint(labels: Mapping[str, str]) -> str:
-    """16 hex digits identifying a label set: FNV-1a 64 over the sorted names and values,
-    each followed by 0xff, as Alertmanager's model.LabelSet.Fingerprint, so the same alert
-    has the same id here and in Alertmanager."""
-    h = 0xCBF29CE484222325
-    for name in sorted(labels):
-        for part in (name, labels[name]):
-            for byte in part.encode("utf-8", "surrogateescape") + b"\xff":
-                h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return f"{h:016x}"
-
-
-def rfc3339(t: float | None) -> str:
-    """Wall-clock seconds as Alertmanager writes times; None as its zero time."""
-    if t is None:
-        return ZERO_TIME
-    dt = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
-
-
-@dataclass(frozen=True)
-class Matcher:
-    """One label matcher of a silence: `name=value`, `!=`, `=~` (regex) or `!~`."""
-
-    name: str
-    value: str
-    op: str = "="
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        """Whether `labels` satisfy this matcher (a missing label is the empty string)."""
-        have = labels.get(self.name, "")
-        if self.op == "=":
-            return have == self.value
-        if self.op == "!=":
-            return have != self.value
-        hit = re.fullmatch(self.value, have) is not None
-        return hit if self.op == "=~" else not hit
-
-    def __str__(self) -> str:
-        return f"{self.name}{self.op}{self.value}"
-
-
-_MATCHER = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*(.*?)\s*")
-
-
-def parse_matcher(text: str) -> Matcher:
-    """`pool=images`, `severity!=info`, `alertname=~Crash.*`: a Matcher, or ValueError
-    saying what is expected (the CLI's `silence add` arguments)."""
-    m = _MATCHER.fullmatch(text)
-    if not m:
-        raise ValueError(f"expected LABEL=VALUE (or !=, =~, !~), got {text!r}")
-    name, op, value = m.groups()
-    value = value.strip('"')
-    if op in ("=~", "!~"):
-        try:
-            re.compile(value)
-        except re.error as e:
-            raise ValueError(f"bad regular expression {value!r}: {e}") from None
-    return Matcher(name, value, op)
-
-
-@dataclass
-class Silence:
-    """Mutes the alerts its matchers all match from starts_at until ends_at."""
-
-    id: str
-    matchers: tuple[Matcher, ...]
-    starts_at: float
-    ends_at: float
-    comment: str = ""
-    created_by: str = ""
-
-    def active(self, now: float) -> bool:
-        """Whether it mutes alerts at `now`."""
-        return self.starts_at <= now < self.ends_at
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        """Whether every matcher matches `labels`."""
-        return all(m.matches(labels) for m in self.matchers)
-
-    def state(self, now: float) -> str:
-        """"pending", "active" or "expired", as Alertmanager shows it."""
-        return "pending" if now < self.starts_at else "active" if now < self.ends_at \
-            else "expired"
-
-
-@dataclass
-class Alert:
-    """One alert, from the first time its condition held until its resolved notices went."""
-
-    fingerprint: str
-    labels: Labels
-    annotations: Labels
-    state: str  # "pending" | "firing" | "resolved"
-    active_at: float  # its startsAt: when the condition began to hold
-    last_seen: float  # the last evaluation in which it held
-    fired_at: float | None = None
-    resolved_at: float | None = None
-    cleared_at: float | None = None  # when its condition stopped holding (keep_firing_for)
-    acked: bool = False
-    muted_by: tuple[str, ...] = ()  # silence ids, "inhibited", "roll"
-    groups: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -193,32 +104,6 @@ class Group:
     alerts: list[str] = field(default_factory=list)  # fingerprints, in order of joining
     channels: dict[str, ChannelState] = field(default_factory=dict)  # "step:channel"
     retired: bool = False
-
-
-def webhook_payload(receiver: str, group_key: str, group_labels: Mapping[str, str],
-                    alerts: Iterable[Alert], status: str, truncated: int = 0
-                    ) -> dict[str, Any]:
-    """Alertmanager's webhook payload (version 4) for one group and one receiver: what
-    every existing receiver reads, and what the delivery helper sends or translates."""
-    items = []
-    for a in alerts:
-        firing = a.state != "resolved"
-        items.append({"status": "firing" if firing else "resolved",
-                      "labels": dict(a.labels), "annotations": dict(a.annotations),
-                      "startsAt": rfc3339(a.active_at),
-                      "endsAt": ZERO_TIME if firing else rfc3339(a.resolved_at),
-                      "generatorURL": "", "fingerprint": a.fingerprint})
-    common = dict(items[0]["labels"]) if items else {}
-    for item in items[1:]:
-        common = {k: v for k, v in common.items() if item["labels"].get(k) == v}
-    notes = dict(items[0]["annotations"]) if items else {}
-    for item in items[1:]:
-        notes = {k: v for k, v in notes.items() if item["annotations"].get(k) == v}
-    return {"version": "4", "groupKey": group_key, "status": status, "receiver": receiver,
-            "groupLabels": dict(group_labels), "commonLabels": common,
-            "commonAnnotations": notes, "externalURL": "", "truncatedAlerts": truncated,
-            "alerts": items}
-
 
 def _route_matches(route: AlertRoute, labels: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in route.match.items())
@@ -273,6 +158,12 @@ class AlertEngine:
                 for fp in g.alerts:
                     if fp in self.alerts and old in self.alerts[fp].groups:
                         self.alerts[fp].groups.remove(old)
+
+    def forget(self, pools: set[str], now: float) -> list[Notification]:
+        """Pools a reload removed: their facts are dropped, so their alerts resolve (and
+        the notified ones get their resolved notices in due course)."""
+        self.rules.forget(pools)
+        return self.tick(now)
 
     def observe(self, fact: Fact, now: float) -> list[Notification]:
         """Take one fact (gearvisor.policy.alert_rules) and return what is due now."""
