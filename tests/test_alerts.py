@@ -466,6 +466,15 @@ FACTS = st.sampled_from([
 ])
 
 
+def flappy(c: AlertsConfig) -> AlertsConfig:
+    """`c` with CircuitOpen pending 2 minutes and kept firing 1 minute: both lifecycle
+    detours in play."""
+    rules = dict(c.rules)
+    rules["CircuitOpen"] = dataclasses.replace(rules["CircuitOpen"], for_=120.0,
+                                               keep_firing_for=60.0)
+    return dataclasses.replace(c, rules=rules)
+
+
 def other_routes() -> AlertsConfig:
     """escalating() with its route changed: a reload to it retires the groups."""
     return config(routes=(AlertRoute({"severity": "critical"}, ("phone",)),
@@ -476,7 +485,7 @@ def other_routes() -> AlertsConfig:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=st.lists(st.tuples(FACTS, st.floats(0, 900)), max_size=40))
 def test_every_notified_alert_gets_a_resolved_notice(steps: list) -> None:
-    e = AlertEngine(escalating(), host="h")
+    e = AlertEngine(flappy(escalating()), host="h")
     now, reloads = T0, 0
     sent: dict[tuple[str, str], str] = {}  # (channel, fingerprint) -> last status sent
 
@@ -494,7 +503,7 @@ def test_every_notified_alert_gets_a_resolved_notice(steps: list) -> None:
                 e.ack(a["fingerprint"], now)
         elif fact == "reload":
             reloads += 1
-            e.reconfigure(other_routes() if reloads % 2 else escalating())
+            e.reconfigure(flappy(other_routes() if reloads % 2 else escalating()))
         elif fact == "restart":  # the state goes through JSON into a new engine
             data = json.loads(json.dumps(e.snapshot()))
             e = AlertEngine(e.config, host="h")
@@ -557,3 +566,16 @@ def test_config_errors_name_the_key_path_with_did_you_mean() -> None:
         "alerts: {group_interval: 10m, repeat_interval: 5m}\n")
     assert 'alerts.grup_by: unknown key; did you mean "group_by"?' in problems(
         "alerts: {grup_by: [pool]}\n")
+
+
+def test_an_alert_that_comes_back_pending_and_goes_still_gets_its_resolved_notice() -> None:
+    e = AlertEngine(flappy(config(group_wait=0.0)), host="h")
+    e.observe(CircuitFact("p", True), T0)
+    assert names(e.tick(T0 + 120)) == [("mail", "firing", ["CircuitOpen/firing"])]
+    e.observe(CircuitFact("p", False), T0 + 130)
+    e.tick(T0 + 190)  # kept firing 60s: resolved now, its notice due at T0+420
+    e.observe(CircuitFact("p", True), T0 + 200)  # back, pending (for: 2m) ...
+    e.observe(CircuitFact("p", False), T0 + 210)  # ... and gone before it fired
+    notes = [n for t in range(210, 1000, 30) for n in e.tick(T0 + t)]
+    assert names(notes) == [("mail", "resolved", ["CircuitOpen/resolved"])]
+    assert e.alerts == {} and e.groups == {}

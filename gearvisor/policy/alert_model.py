@@ -120,6 +120,9 @@ class Alert:
     acked: bool = False
     muted_by: tuple[str, ...] = ()  # silence ids, "inhibited", "roll"
     groups: list[str] = field(default_factory=list)
+    # a resolved alert that came back pending: (startsAt, endsAt) of the episode before,
+    # which it returns to if it goes before it fires (its resolved notice is still owed)
+    previous: tuple[float, float] | None = None
 
 
 def webhook_payload(receiver: str, group_key: str, group_labels: Mapping[str, str],

@@ -286,21 +286,28 @@ class AlertEngine:
                 if a is None and len(self.alerts) >= MAX_ALERTS:
                     self.dropped += 1
                     continue
-                groups = a.groups if a is not None else []
-                # inactive -> pending
+                # inactive -> pending. A resolved alert still owed its resolved notice
+                # comes back as a new episode that remembers the old one: should it go
+                # before it fires, it is resolved again as it was, and the notice goes.
+                old = (a.active_at, a.resolved_at or now) if a is not None else None
                 a = Alert(fp, dict(c.labels), dict(c.annotations), "pending", now, now,
-                          groups=groups)
+                          groups=a.groups if a is not None else [], previous=old)
                 self.alerts[fp] = a
             a.last_seen, a.cleared_at = now, None
             a.annotations = dict(c.annotations)
             rule = self.rules.rules[c.labels["alertname"]]
             if a.state == "pending" and now - a.active_at >= rule.for_:
-                a.state, a.fired_at = "firing", now  # pending -> firing
+                a.state, a.fired_at, a.previous = "firing", now, None  # pending -> firing
         for fp, a in list(self.alerts.items()):
             if fp in seen or a.state == "resolved":
                 continue
             if a.state == "pending":
-                del self.alerts[fp]  # pending -> inactive: never notified
+                if a.previous is None:
+                    del self.alerts[fp]  # pending -> inactive: never notified
+                else:  # pending -> resolved: the episode before, as it ended
+                    a.state = "resolved"
+                    a.active_at, a.resolved_at = a.previous
+                    a.previous = None
                 continue
             keep = self.rules.rules[a.labels["alertname"]].keep_firing_for
             if a.cleared_at is None:
@@ -376,12 +383,15 @@ class AlertEngine:
                             if fp not in self.alerts or self.alerts[fp].state == "resolved"}
                 repeat = bool(eligible) and st.sent_at is not None and \
                     now - st.sent_at >= self.config.repeat_interval
+                gone = {fp for fp in resolved if fp not in self.alerts}
+                if gone:  # nothing left to say what it was (a restore that dropped it)
+                    st.owed -= gone
+                    resolved -= gone
                 if not (new or resolved or repeat):
                     st.last_firing = eligible & st.last_firing  # muted/acked ones left
                     continue
                 alerts = [self.alerts[fp] for fp in group.alerts if fp in eligible] + \
-                    [self.alerts[fp] for fp in group.alerts if fp in resolved
-                     and fp in self.alerts]
+                    [self.alerts[fp] for fp in group.alerts if fp in resolved]
                 status = "firing" if eligible else "resolved"
                 # a storm of thousands stays one bounded message (Alertmanager's max_alerts)
                 out.append({"channel": name, "payload": webhook_payload(
@@ -440,6 +450,7 @@ class AlertEngine:
                         "active_at": a.active_at, "last_seen": a.last_seen,
                         "fired_at": a.fired_at, "resolved_at": a.resolved_at,
                         "cleared_at": a.cleared_at,
+                        "previous": None if a.previous is None else list(a.previous),
                         "acked": a.acked, "groups": list(a.groups)}
                        for a in self.alerts.values()],
             "groups": [{"key": g.key, "route": g.route, "labels": g.labels,
@@ -491,7 +502,9 @@ class AlertEngine:
                 None if d["fired_at"] is None else float(d["fired_at"]),
                 None if d["resolved_at"] is None else float(d["resolved_at"]),
                 None if d.get("cleared_at") is None else float(d["cleared_at"]),
-                bool(d["acked"]), (), [str(g) for g in d["groups"]])
+                bool(d["acked"]), (), [str(g) for g in d["groups"]],
+                None if d.get("previous") is None else (float(d["previous"][0]),
+                                                        float(d["previous"][1])))
         groups = {}
         for d in list(data["groups"])[:MAX_ALERTS]:
             g = Group(str(d["key"]), int(d["route"]), {str(k): str(v) for k, v in
