@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -579,3 +580,54 @@ def test_an_alert_that_comes_back_pending_and_goes_still_gets_its_resolved_notic
     notes = [n for t in range(210, 1000, 30) for n in e.tick(T0 + t)]
     assert names(notes) == [("mail", "resolved", ["CircuitOpen/resolved"])]
     assert e.alerts == {} and e.groups == {}
+
+
+def test_job_counts_are_bounded_whatever_the_tick_rate() -> None:
+    e = AlertEngine(config(), host="h")
+    for i in range(20_000):  # ten ticks a second for over half an hour
+        e.rules.observe(JobTick("p", "f", 9, 1), T0 + i / 10)
+    assert len(e.rules.jobs[("p", "f")]) <= 1000
+    assert [c.labels["alertname"] for c in e.rules.conditions(T0 + 2000)] == ["FailureRate"]
+    for n in range(2000):
+        e.rules.observe(JobTick("p", f"f{n}", 1, 0), T0)
+    assert len(e.rules.jobs) == 1000
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(st.tuples(FACTS.filter(lambda f: f not in ("reload", "restart")),
+                                st.floats(0, 900)), max_size=40))
+def test_a_channel_hears_of_a_group_at_most_once_per_group_interval(steps: list) -> None:
+    e = AlertEngine(flappy(escalating()), host="h")
+    now = T0
+    # groupKey -> the group_interval slot "mail" last heard of it in: a group is checked
+    # at created + group_wait + k * group_interval (Alertmanager's ticker), and ticks here
+    # come late, so each notice must be in a later slot than the one before
+    last: dict[str, int] = {}
+    created: dict[str, float] = {}
+
+    def record(notes: list[dict]) -> None:
+        for n in notes:
+            if n["channel"] != "mail":
+                continue  # an escalation step is sent as soon as an alert is due for it
+            key = n["payload"]["groupKey"]
+            assert now - created[key] >= 30 - 1e-6  # never before group_wait
+            slot = math.floor((now - created[key] - 30 + 1e-6) / 300)
+            assert slot > last.get(key, -1), (key, slot, last.get(key))
+            last[key] = slot
+
+    for fact, dt in steps:
+        now += dt
+        if fact == "silence":
+            e.add_silence([Matcher("pool", "a")], now, now + 600)
+        elif fact == "ack":
+            for a in e.list_alerts(now):
+                e.ack(a["fingerprint"], now)
+        else:
+            e.rules.observe(fact, now)
+        notes = e.tick(now)
+        for key, g in e.groups.items():
+            created.setdefault(key, g.created)
+        record(notes)
+        for key in [k for k in last if k not in e.groups]:
+            del last[key]  # the group ended: a new one starts afresh, after its group_wait
+            created.pop(key, None)

@@ -33,7 +33,9 @@ from gearvisor.config.alerts import RULES
 from gearvisor.config.model import RuleConfig
 
 MAX_KEYS = 10_000  # entries per table (slots, functions, servers); more are dropped
-MAX_SAMPLES = 10_000  # job ticks kept per function (a tick per second over ~3h)
+MAX_JOB_KEYS = 1_000  # (pool, function) pairs whose job counts are kept
+SAMPLES = 500  # job count samples per function over FailureRate's window: ticks closer
+# than window/SAMPLES are added into one, so memory is bounded whatever the tick rate
 
 Labels = dict[str, str]
 
@@ -251,12 +253,19 @@ class RuleBook:
             _put(self.drains, (fact.function, fact.server), fact)
         elif isinstance(fact, JobTick):
             key = (fact.pool, fact.function)
-            q = self.jobs.get(key)
-            if q is None:
-                q = collections.deque(maxlen=MAX_SAMPLES)
-            q.append((now, max(0, fact.done), max(0, fact.failed)))
-            _put(self.jobs, key, q)
-            _put(self.p95, key, fact.p95)
+            if key not in self.jobs and len(self.jobs) >= MAX_JOB_KEYS:
+                return
+            q = self.jobs.setdefault(key, collections.deque())
+            done, failed = max(0, fact.done), max(0, fact.failed)
+            step = float(self.rules["FailureRate"].params["window"]) / SAMPLES
+            if q and 0 <= now - q[0][0] and now - q[-1][0] < step:
+                t, d, f = q[-1]
+                q[-1] = (t, d + done, f + failed)
+            else:
+                q.append((now, done, failed))
+            while len(q) > 2 * SAMPLES:  # a clock step back, or a smaller window now
+                q.popleft()
+            self.p95[key] = fact.p95
 
     def has_timers(self) -> bool:
         """Whether a condition may change with time alone (a window or a hold running)."""
