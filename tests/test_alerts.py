@@ -563,6 +563,8 @@ def test_config_errors_name_the_key_path_with_did_you_mean() -> None:
     assert "alerts.routes.0.escalate.1.after: expected a duration > 0, each step later" in \
         problems("alerts:\n  routes: [{notify: [m], escalate: [{after: 10m, notify: [m]}, "
                  "{after: 5m, notify: [m]}]}]\n  channels: {m: {type: email}}\n")
+    assert "alerts.rules.PoisonJob.hold: expected a duration of at least 1000ms, got 0" in \
+        problems("alerts: {rules: {PoisonJob: {hold: 0}}}\n")
     assert "alerts.repeat_interval: must be >= alerts.group_interval" in problems(
         "alerts: {group_interval: 10m, repeat_interval: 5m}\n")
     assert 'alerts.grup_by: unknown key; did you mean "group_by"?' in problems(

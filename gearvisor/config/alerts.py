@@ -24,6 +24,7 @@ from gearvisor.config.values import (
     HOUR,
     boolean,
     choice,
+    duration_between,
     duration_upto,
     float_range,
     int_range,
@@ -79,7 +80,8 @@ class RuleSpec:
                           {k: p.default for k, p in self.params.items()})
 
 
-_WINDOW = duration_upto(DAY)
+# a window or hold of 0 would make its rule never fire
+_WINDOW = duration_between(1.0, DAY)
 RULES: dict[str, RuleSpec] = {r.name: r for r in (
     RuleSpec("CrashLoop", "critical", "a slot's child crashed `count` times within `window`",
              params={"count": Param(int_range(1, 1000), 5, "crashes"),
