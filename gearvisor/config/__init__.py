@@ -11,6 +11,7 @@ The modules, each importing only those above it:
   errors     Problem, ConfigError, Invalid, and how a value is shown in an error
   model      the frozen dataclasses the rest of gearvisor reads (Config, PoolConfig, ...)
   values     the value parsers (duration, size, int_range, server, command, rlimits, ...)
+  alerts     the built-in alert rules (RULES) and the parsers of the `alerts:` block
   settings   SETTINGS, the one declaration of every key, and the file's shape from it
   yamlload   the bounded YAML loader (read_file, decode, load_yaml)
   load       parse() and load(): YAML data -> Config, every problem collected

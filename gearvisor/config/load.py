@@ -16,8 +16,10 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
+from gearvisor.config.alerts import RULES
 from gearvisor.config.errors import ConfigError, Invalid, Problem, dotted, key_text, show
 from gearvisor.config.model import (
+    AlertsConfig,
     BackoffConfig,
     CircuitConfig,
     Config,
@@ -253,6 +255,8 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
                 f"{len(os.fsencode(control_socket))} bytes; a Unix socket path has at most "
                 f"{SOCKET_PATH_MAX}: choose a shorter one")
 
+    alerts = _alerts(col, top)
+
     if col.problems:
         col.problems.sort(key=lambda p: p.line or 0)
         raise ConfigError(file, col.problems)
@@ -272,7 +276,34 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
         findings=FindingsConfig(**{s.key.split(".", 1)[1]: top.get(s.key, s.default)
                                    for s in SETTINGS if s.block == "findings"}),
         metrics=metrics,
+        alerts=alerts,
     )
+
+
+def _alerts(col: _Collector, top: dict[str, Any]) -> AlertsConfig:
+    """The `alerts:` block, and the checks between its keys: every channel a route names
+    exists (with a did-you-mean), and the group intervals are in order."""
+    values = {s.key.split(".", 1)[1]: top.get(s.key, s.default)
+              for s in SETTINGS if s.block == "alerts"}
+    if not values["rules"]:
+        values["rules"] = {name: spec.defaults() for name, spec in RULES.items()}
+    known = sorted(values["channels"])
+    for i, route in enumerate(values["routes"]):
+        steps = [("notify", route.notify)] + [(("escalate", j, "notify"), step.notify)
+                                              for j, step in enumerate(route.escalate)]
+        for where, names in steps:
+            path = ("alerts", "routes", i) + (where if isinstance(where, tuple) else (where,))
+            for k, name in enumerate(names):
+                if name not in values["channels"]:
+                    hint = difflib.get_close_matches(name, known, n=1)
+                    col.add(path + (k,), f"no channel named {show(name)} in alerts.channels"
+                            + (f'; did you mean "{hint[0]}"?' if hint else "")
+                            + (f" (channels: {', '.join(known)})" if known else
+                               " (there are none: add it under alerts.channels)"))
+    if values["repeat_interval"] < values["group_interval"]:
+        col.add(("alerts", "repeat_interval"), "must be >= alerts.group_interval "
+                f"({values['group_interval']:g}s), got {values['repeat_interval']:g}s")
+    return AlertsConfig(**values)
 
 
 def load(path: str) -> Config:

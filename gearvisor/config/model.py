@@ -86,6 +86,51 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class RuleConfig:
+    """One built-in alert rule with the config's overrides applied (`alerts.rules.NAME`)."""
+
+    name: str  # the alertname
+    enabled: bool
+    severity: str  # info | warning | critical
+    for_: float  # seconds the condition must hold before the alert fires
+    keep_firing_for: float  # seconds it keeps firing after the condition ends
+    params: dict  # the rule's thresholds by name ("count", "window", ...)
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """One step of a route's escalation: after this long firing unacked, notify these."""
+
+    after: float
+    notify: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AlertRoute:
+    """One `alerts.routes` entry: alerts whose labels match are notified on `notify`."""
+
+    match: dict[str, str]
+    notify: tuple[str, ...]
+    escalate: tuple[Escalation, ...] = ()
+    continue_: bool = False  # also try the routes after this one
+    group_by: tuple[str, ...] | None = None  # None: alerts.group_by
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """The `alerts:` block: rules, grouping, routes and channels."""
+
+    enabled: bool = True
+    rules: dict[str, RuleConfig] = field(default_factory=dict)  # every built-in rule
+    group_by: tuple[str, ...] = ("alertname", "pool")
+    group_wait: float = 30.0
+    group_interval: float = 300.0
+    repeat_interval: float = 4 * 3600.0
+    routes: tuple[AlertRoute, ...] = ()
+    channels: dict[str, dict] = field(default_factory=dict)  # name -> settings
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     """Everything one pool needs, with the top-level defaults already applied."""
 
@@ -157,6 +202,7 @@ class Config:
     probe_interval: float = 5.0  # seconds between probes of each job server
     findings: FindingsConfig = field(default_factory=lambda: FindingsConfig())
     metrics: MetricsConfig | None = None  # None: no metrics endpoint, no per-job counting
+    alerts: AlertsConfig = field(default_factory=lambda: AlertsConfig())
 
     @property
     def directory(self) -> str:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gearvisor.config.alerts import GROUP_WAIT_MAX, alert_rules, channels, label_names, routes
 from gearvisor.config.values import (
     DAY,
     DEFAULT_BUCKETS,
@@ -263,6 +264,35 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("findings.restart_hold", duration_upto(DAY), 600.0,
             "`server_restarted`: how long the finding stays after a job server's pid "
             "changed.", scope="global"),
+    Setting("alerts.enabled", boolean, True,
+            "Evaluate the built-in alert rules (listed under `alerts.rules`). `false`: no "
+            "alerts at all.",
+            scope="global"),
+    Setting("alerts.rules", alert_rules, {},
+            "Per rule overrides: `{CrashLoop: {count: 3, window: 5m, for: 0s, severity: "
+            "warning, keep_firing_for: 1m, enabled: true}}`.", scope="global",
+            shown_default="every rule on, with its defaults"),
+    Setting("alerts.group_by", label_names, ("alertname", "pool"),
+            "Labels that make alerts one group, notified together (Alertmanager's "
+            '`group_by`; `["..."]`: every alert alone).', scope="global"),
+    Setting("alerts.group_wait", duration_upto(GROUP_WAIT_MAX), 30.0,
+            "How long a new group waits for more alerts before its first notification.",
+            scope="global"),
+    Setting("alerts.group_interval", duration_between(1.0, DAY), 300.0,
+            "How long a group waits before notifying alerts added to it or resolved.",
+            scope="global"),
+    Setting("alerts.repeat_interval", duration_between(1.0, 7 * DAY), 4 * HOUR,
+            "How long before a group that still fires is notified again (dedupe).",
+            scope="global"),
+    Setting("alerts.routes", routes, (),
+            "Ordered `[{match: {severity: critical}, notify: [ops-mail], escalate: [{after: "
+            "10m, notify: [sms]}], continue: false, group_by: [...]}]`: an alert goes to the "
+            "first route whose labels match (and on after `continue: true`); `escalate` "
+            "notifies more channels while it fires unacknowledged.", scope="global",
+            shown_default="none (alerts are listed, not sent)"),
+    Setting("alerts.channels", channels, {},
+            "Channel name -> `{type: email|webhook|exec|alertmanager|apprise, ...}`; routes "
+            "name them.", scope="global"),
     Setting("log_level", choice("debug", "info", "warning", "error"), "info", "Log level."),
     Setting("log_format", choice("auto", "console", "json"), "auto",
             "`console` is key=value, `json` is one JSON object per line, `auto` picks console "
