@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gearvisor.config.channels import ChannelConfig
+from gearvisor.config.channels import channels as parse_channels
 from gearvisor.config.errors import Invalid, key_text
 from gearvisor.config.model import AlertRoute, Escalation, RuleConfig
 from gearvisor.config.values import (
@@ -296,26 +298,9 @@ def routes(value: Any) -> tuple[AlertRoute, ...]:
     return tuple(out)
 
 
-def channels(value: Any) -> dict[str, dict]:
-    """`alerts.channels`: channel name -> its settings ({type: email|webhook|exec|
-    alertmanager|apprise, ...}).
-
-    TODO(issue 16, part D): validate each channel with gearvisor/config/channels.py's
-    `channel(name, value)` once it exists; until then a channel is kept as the mapping it
-    is, with only its name and a `type` checked here."""
-    raw = _mapping(value, "channel name -> settings, such as {ops-mail: {type: email, ...}}")
-    if len(raw) > MAX_CHANNELS:
-        raise Invalid(f"expected at most {MAX_CHANNELS} channels")
-    out = {}
-    for name, settings in raw.items():
-        if not isinstance(name, str) or not CHANNEL_NAME.fullmatch(name):
-            raise Invalid("channel names are 1-64 letters, digits, '_', '.' or '-'",
-                          at=(name,), value=name)
-        if not isinstance(settings, dict) or not isinstance(settings.get("type"), str):
-            raise Invalid("expected a mapping with a `type` (email, webhook, exec, "
-                          "alertmanager, apprise)", at=(name,), value=settings)
-        out[name] = dict(settings)
-    return out
+def channels(value: Any) -> dict[str, ChannelConfig]:
+    """`alerts.channels`: channel name -> its validated settings (config/channels.py)."""
+    return parse_channels(value)
 
 
 ALERT_DURATION = duration_upto(DAY)

@@ -249,7 +249,8 @@ def channel(name: str, value: Any) -> ChannelConfig:
                           f"{', '.join(sorted(allowed))})", at=(key,), value=key)
     for key in _REQUIRED[kind]:
         if key not in value:
-            raise Invalid(f"a {kind} channel needs {key}", at=(key,), value=None)
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise Invalid(f"{article} {kind} channel needs {key}", at=(key,), value=None)
     common = {"name": name,
               "timeout": _field(value, "timeout", _timeout, DEFAULT_TIMEOUT),
               "retries": _field(value, "retries", _retries, DEFAULT_RETRIES)}

@@ -127,7 +127,7 @@ class AlertsConfig:
     group_interval: float = 300.0
     repeat_interval: float = 4 * 3600.0
     routes: tuple[AlertRoute, ...] = ()
-    channels: dict[str, dict] = field(default_factory=dict)  # name -> settings
+    channels: dict[str, object] = field(default_factory=dict)  # name -> channels.ChannelConfig
 
 
 @dataclass(frozen=True)

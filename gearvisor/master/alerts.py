@@ -1,0 +1,418 @@
+"""Alerting in the master: bus events become the alert engine's facts, its notifications go
+to the delivery helper, its state goes to the state file, and its verbs to the control
+socket (`gearvisor alerts`, `alerts ack`, `silence add|list|expire`).
+
+The engine (policy/alerts.py) is pure and decides what to send and when; this component
+only feeds it and carries its decisions out:
+- facts: ChildExited, ChildReady, FindingRaised/Cleared, Quarantined, CircuitOpened/Closed,
+  PoisonJob, Reloaded (rolls) and FleetReady (rolls done) are mapped to the engine's facts;
+- time: one loop timer at the engine's next_due() (wall clock: alert times mean the same
+  after a restart);
+- delivery: notifications are JSON lines written, without ever blocking, to the input pipe
+  of a helper process (helpers/notifier.py) the master forks and restarts with backoff.
+  The buffer is bounded (MAX_PENDING lines; the oldest are dropped and counted);
+- state: after a change, the engine's snapshot is saved (at most every SAVE_EVERY seconds)
+  to `state_dir`/state.sqlite3 and restored at start, so a restart neither re-pages nor
+  forgets a silence or an ack.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import socket
+import time
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from gearvisor import messages as msg
+from gearvisor.helpers.notifier import run_notifier
+from gearvisor.master import bus as ev
+from gearvisor.master.component import Component
+from gearvisor.master.pipes import read_lines
+from gearvisor.master.state import StateError, StateStore
+from gearvisor.policy import alert_rules as facts
+from gearvisor.policy.alert_model import parse_matcher
+from gearvisor.policy.alerts import AlertEngine
+from gearvisor.policy.backoff import Backoff
+from gearvisor.policy.pool import ExitKind
+
+if TYPE_CHECKING:
+    from gearvisor.config import Config
+    from gearvisor.master.arbiter import Arbiter
+    from gearvisor.master.loop import Timer
+
+STATE_KEY = "alerts"
+SAVE_EVERY = 1.0  # seconds: state saves are batched at most this often
+MAX_PENDING = 10_000  # notification lines waiting for the helper; older ones are dropped
+MAX_SILENCE = 366 * 86400.0  # the longest `silence add --for`
+EXIT_KINDS = {ExitKind.CRASH: "crashed", ExitKind.BOOT_ERROR: "boot_error",
+              ExitKind.ROLL_FAILED: "roll_failed", ExitKind.STOPPED: "stopped"}
+
+
+class Alerts(Component):
+    """The alert engine's driver; see the module docstring."""
+
+    def __init__(self, config: Config, wall=time.time) -> None:
+        self.config = config
+        self.wall = wall
+        self.engine: AlertEngine | None = None
+        self.store: StateStore | None = None
+        self.timer: Timer | None = None
+        self.save_timer: Timer | None = None
+        self.helper_pid: int | None = None
+        self.helper_in = -1  # the master's write end of the helper's input pipe
+        self.helper_events = -1
+        self.helper_buf = bytearray()
+        self.helper_backoff = Backoff(1.0, 60.0, multiplier=2.0, jitter=0.1)
+        self.helper_restart: Timer | None = None
+        self.out: collections.deque[bytes] = collections.deque()
+        self.partial = b""  # the unwritten rest of the line at the head of `out`
+        self.dropped = 0  # notification lines dropped because MAX_PENDING waited
+        self.delivered = 0
+        self.failed = 0
+        self.stopping = False
+
+    # -- component ------------------------------------------------------------------------------
+
+    def attach(self, master: Arbiter) -> None:
+        self.master = master
+        for verb, handler in (("alerts", self._verb_alerts), ("alerts.ack", self._verb_ack),
+                              ("silence.add", self._verb_silence_add),
+                              ("silence.list", self._verb_silence_list),
+                              ("silence.expire", self._verb_silence_expire)):
+            master.verbs[verb] = handler
+        alerts = self.config.alerts
+        if alerts is None or not alerts.enabled:
+            return
+        self.engine = AlertEngine(alerts, host=socket.gethostname())
+        self._open_state()
+        bus = master.bus
+        bus.subscribe(ev.ChildExited, self._exited)
+        bus.subscribe(ev.ChildReady, lambda e: self._fact(facts.ChildReady(e.pool.name,
+                                                                           e.child.slot)))
+        bus.subscribe(ev.FindingRaised, self._finding_raised)
+        bus.subscribe(ev.FindingCleared, self._finding_cleared)
+        bus.subscribe(ev.Quarantined, lambda e: self._fact(
+            facts.QuarantineFact(e.pool, e.slot, e.reason)))
+        bus.subscribe(ev.CircuitOpened, lambda e: self._fact(facts.CircuitFact(e.pool, True)))
+        bus.subscribe(ev.CircuitClosed, lambda e: self._fact(facts.CircuitFact(e.pool, False)))
+        bus.subscribe(ev.PoisonJob, lambda e: self._fact(
+            facts.PoisonFact(e.pool, e.function, e.strikes, e.last)))
+        bus.subscribe(ev.Reloaded, self._reloaded)
+        bus.subscribe(ev.FleetReady, self._rolls_done)
+        bus.subscribe(ev.OtherReaped, self._reaped)
+        if alerts.channels:
+            self._start_helper()
+        self._deliver(self.engine.tick(self.wall()))
+
+    def reload(self, config: Config) -> None:
+        self.config = config
+        if self.engine is not None and config.alerts is not None:
+            self.engine.reconfigure(config.alerts)
+            self._changed()
+
+    def begin_stop(self, fast: bool) -> None:
+        self.stopping = True
+        self._save()
+        if self.helper_pid is not None:
+            # End of input: the helper delivers what it holds (up to its own 30 s), exits.
+            self._close_input()
+            if fast:
+                self.master.system.kill(self.helper_pid, signal.SIGTERM)
+
+    def stop_overdue(self) -> None:
+        if self.helper_pid is not None:
+            self.master.system.kill(self.helper_pid, signal.SIGKILL)
+
+    def stopped(self) -> bool:
+        return self.helper_pid is None
+
+    def status(self, now: float) -> dict[str, Any]:
+        if self.engine is None:
+            return {}
+        listed = self.engine.list_alerts(self.wall())
+        return {"alerts": {
+            "firing": sum(1 for a in listed if a["state"] == "firing"),
+            "pending": sum(1 for a in listed if a["state"] == "pending"),
+            "silences": sum(1 for s in self.engine.list_silences(self.wall())
+                            if s["state"] == "active"),
+            "notifier": {"pid": self.helper_pid, "waiting": len(self.out),
+                         "delivered": self.delivered, "failed": self.failed,
+                         "dropped": self.dropped}}}
+
+    def close(self) -> None:
+        self._close_input()
+        if self.helper_events >= 0:
+            self.master.loop.remove_reader(self.helper_events)
+            self.master.system.close(self.helper_events)
+            self.helper_events = -1
+        if self.store is not None:
+            self._save()
+            self.store.close()
+            self.store = None
+
+    # -- facts in -------------------------------------------------------------------------------
+
+    def _fact(self, fact: facts.Fact) -> None:
+        if self.engine is not None:
+            self._deliver(self.engine.observe(fact, self.wall()))
+
+    def _exited(self, event: ev.ChildExited) -> None:
+        child, pool = event.child, event.pool
+        kind = EXIT_KINDS.get(event.decision.kind, "crashed")
+        self._fact(facts.ChildExit(pool.name, child.slot, kind))
+        if child.killed_for == "timeout":
+            job = child.scoreboard.read() if child.scoreboard is not None else None
+            function = job.function if job is not None and job.busy else ""
+            self._fact(facts.HardTimeout(pool.name, child.slot, function))
+        if event.decision.kind is ExitKind.ROLL_FAILED:
+            self._fact(facts.RollFact(pool.name, "halted", pool.halted or ""))
+
+    def _finding_raised(self, event: ev.FindingRaised) -> None:
+        f = event.finding
+        self._fact(facts.FindingUp(f.kind.value, f.server, f.function, f.pool, f.message,
+                                   dict(f.details)))
+
+    def _finding_cleared(self, event: ev.FindingCleared) -> None:
+        f = event.finding
+        self._fact(facts.FindingDown(f.kind.value, f.server, f.function, f.pool))
+
+    def _reloaded(self, event: ev.Reloaded) -> None:
+        for name, pool in self.master.pools.items():
+            if not pool.removed:
+                self._fact(facts.RollFact(name, "running"))
+
+    def _rolls_done(self, event: ev.FleetReady) -> None:
+        for name in self.master.pools:
+            self._fact(facts.RollFact(name, "done"))
+
+    # -- time and state -------------------------------------------------------------------------
+
+    def _deliver(self, notes: list[dict[str, Any]]) -> None:
+        """Queue `notes` for the helper, then re-arm the timer and mark the state dirty."""
+        for note in notes:
+            if len(self.out) >= MAX_PENDING:
+                self.out.popleft()
+                self.dropped += 1
+            self.out.append(json.dumps(note, separators=(",", ":")).encode() + b"\n")
+        if notes:
+            if not self.config.alerts or not self.config.alerts.channels:
+                self.out.clear()  # no channel configured: alerts are listed, not sent
+            elif self.helper_in >= 0:
+                self.master.loop.add_writer(self.helper_in, self._write)
+        self._changed()
+
+    def _changed(self) -> None:
+        engine = self.engine
+        if engine is None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        due = engine.next_due()
+        if due is not None:
+            delay = max(0.0, min(due - self.wall(), 3600.0))
+            self.timer = self.master.loop.call_later(delay, self._tick)
+        if self.store is not None and self.save_timer is None:
+            self.save_timer = self.master.loop.call_later(SAVE_EVERY, self._save)
+
+    def _tick(self) -> None:
+        self.timer = None
+        if self.engine is not None:
+            self._deliver(self.engine.tick(self.wall()))
+
+    def _open_state(self) -> None:
+        try:
+            self.store = StateStore(self.config.state_dir)
+            saved = self.store.load(STATE_KEY)
+        except StateError as e:
+            self.master.log.error("alert state not kept: alerts work, but a restart forgets "
+                                  "them", error=str(e))
+            self.store = None
+            return
+        if saved is not None and self.engine is not None:
+            try:
+                self.engine.restore(saved)
+            except ValueError as e:
+                self.master.log.error("saved alert state unreadable; starting afresh",
+                                      path=self.store.path, error=str(e))
+
+    def _save(self) -> None:
+        self.save_timer = None
+        if self.store is None or self.engine is None:
+            return
+        try:
+            self.store.save(STATE_KEY, self.engine.snapshot())
+        except StateError as e:
+            self.master.log.error("alert state not saved", error=str(e))
+
+    # -- the delivery helper --------------------------------------------------------------------
+
+    def _start_helper(self) -> None:
+        self.helper_restart = None
+        if self.stopping or self.helper_pid is not None or self.config.alerts is None:
+            return
+        channels = dict(self.config.alerts.channels)
+        try:
+            in_r, in_w = os.pipe()
+        except OSError as e:
+            self.master.log.error("cannot start the alert notifier", error=str(e))
+            self._schedule_helper_restart()
+            return
+
+        def body(w: int, blocked: set[int]) -> NoReturn:
+            os.close(in_w)
+            run_notifier(channels, in_r, w, blocked)
+
+        from gearvisor.master.arbiter import HANDLED_SIGNALS
+        try:
+            pid, events = self.master.system.fork(body, HANDLED_SIGNALS)
+        except OSError as e:
+            os.close(in_r)
+            os.close(in_w)
+            self.master.log.error("cannot fork the alert notifier", error=str(e))
+            self._schedule_helper_restart()
+            return
+        os.close(in_r)
+        os.set_blocking(in_w, False)
+        self.helper_pid, self.helper_in, self.helper_events = pid, in_w, events
+        self.partial = b""  # a line the dead helper half-read is sent again whole
+        self.master.loop.add_reader(events, self._read_results)
+        if self.out:
+            self.master.loop.add_writer(in_w, self._write)
+        self.master.log.info("alert notifier started", notifier_pid=pid,
+                             channels=sorted(channels))
+
+    def _schedule_helper_restart(self) -> None:
+        if self.stopping or self.helper_restart is not None:
+            return
+        now = self.master.clock()
+        delay = self.helper_backoff.failure(now, now)
+        self.helper_restart = self.master.loop.call_later(delay, self._start_helper)
+
+    def _write(self) -> None:
+        """Write queued lines while the pipe takes them; never blocks."""
+        while self.out and self.helper_in >= 0:
+            data = self.partial or self.out[0]
+            try:
+                n = os.write(self.helper_in, data)
+            except BlockingIOError:
+                return
+            except OSError:  # the helper is gone: its reaping restarts it
+                self._close_input()
+                return
+            self.partial = data[n:]
+            if not self.partial:
+                self.out.popleft()
+        if self.helper_in >= 0:
+            self.master.loop.remove_writer(self.helper_in)
+
+    def _close_input(self) -> None:
+        if self.helper_in >= 0:
+            self.master.loop.remove_writer(self.helper_in)
+            self.master.system.close(self.helper_in)
+            self.helper_in = -1
+
+    def _read_results(self, final: bool = False) -> None:
+        lines, eof, _ = read_lines(self.helper_events, self.helper_buf, 64 if final else 1)
+        for line in lines:
+            try:
+                result = msg.decode(line)
+            except msg.MessageError as e:
+                self.master.log.warning("unreadable line from the alert notifier",
+                                        error=str(e))
+                continue
+            if not isinstance(result, msg.Delivered):
+                continue
+            if result.ok:
+                self.delivered += 1
+                self.helper_backoff.success(self.master.clock())
+            else:
+                self.failed += 1
+                self.master.log.warning("alert notification not delivered",
+                                        channel=result.channel, error=result.error,
+                                        attempts=result.attempts)
+        if eof or final:
+            self.master.loop.remove_reader(self.helper_events)
+            self.master.system.close(self.helper_events)
+            self.helper_events = -1
+
+    def _reaped(self, event: ev.OtherReaped) -> None:
+        if event.pid != self.helper_pid:
+            return
+        if self.helper_events >= 0:
+            self._read_results(final=True)
+        self._close_input()
+        self.helper_pid = None
+        if not self.stopping:
+            self.master.log.warning("alert notifier exited; restarting with backoff",
+                                    status=event.status)
+            self._schedule_helper_restart()
+
+    # -- control verbs --------------------------------------------------------------------------
+
+    def _off(self) -> dict[str, Any] | None:
+        if self.engine is None:
+            return {"ok": False, "error": "alerting is off (alerts.enabled: false)"}
+        return None
+
+    def _verb_alerts(self, request: dict[str, Any]) -> dict[str, Any]:
+        if (off := self._off()) is not None:
+            return off
+        assert self.engine is not None
+        return {"ok": True, "alerts": self.engine.list_alerts(self.wall())}
+
+    def _verb_ack(self, request: dict[str, Any]) -> dict[str, Any]:
+        if (off := self._off()) is not None:
+            return off
+        assert self.engine is not None
+        alert_id = request.get("id")
+        if not isinstance(alert_id, str) or not alert_id:
+            return {"ok": False, "error": "alerts ack: expected an alert id (see `gearvisor "
+                    "alerts`)"}
+        if not self.engine.ack(alert_id, self.wall()):
+            return {"ok": False, "error": f"no firing or pending alert has the id "
+                    f"{alert_id!r} (or more than one starts with it)"}
+        self._changed()
+        return {"ok": True, "acked": alert_id}
+
+    def _verb_silence_add(self, request: dict[str, Any]) -> dict[str, Any]:
+        if (off := self._off()) is not None:
+            return off
+        assert self.engine is not None
+        raw = request.get("matchers")
+        duration = request.get("for")
+        if not isinstance(raw, list) or not all(isinstance(m, str) for m in raw):
+            return {"ok": False, "error": "silence add: expected matchers such as pool=images"}
+        if (not isinstance(duration, (int, float)) or isinstance(duration, bool)
+                or not 0 < duration <= MAX_SILENCE):
+            return {"ok": False, "error": "silence add: expected --for between 1s and 366d"}
+        comment = request.get("comment") if isinstance(request.get("comment"), str) else ""
+        by = request.get("by") if isinstance(request.get("by"), str) else ""
+        now = self.wall()
+        try:
+            matchers = [parse_matcher(m) for m in raw[:32]]
+            silence = self.engine.add_silence(matchers, now, now + duration, comment, by)
+        except ValueError as e:
+            return {"ok": False, "error": f"silence add: {e}"}
+        self._deliver(self.engine.tick(now))
+        return {"ok": True, "id": silence.id}
+
+    def _verb_silence_list(self, request: dict[str, Any]) -> dict[str, Any]:
+        if (off := self._off()) is not None:
+            return off
+        assert self.engine is not None
+        return {"ok": True, "silences": self.engine.list_silences(self.wall())}
+
+    def _verb_silence_expire(self, request: dict[str, Any]) -> dict[str, Any]:
+        if (off := self._off()) is not None:
+            return off
+        assert self.engine is not None
+        silence_id = request.get("id")
+        if not isinstance(silence_id, str) or not self.engine.expire_silence(
+                silence_id, self.wall()):
+            return {"ok": False, "error": f"no active or pending silence has the id "
+                    f"{silence_id!r} (see `gearvisor silence list`)"}
+        self._deliver(self.engine.tick(self.wall()))
+        return {"ok": True, "expired": silence_id}
