@@ -32,6 +32,7 @@ from gearvisor.policy.alert_rules import (
 )
 from gearvisor.policy.alerts import AlertEngine, Matcher, fingerprint, parse_matcher
 
+MAIL = "{type: email, to: [ops@example.com], from: gv@example.com, smtp: 127.0.0.1}"
 T0 = 1_800_000_000.0  # wall-clock seconds, as the engine takes them
 
 
@@ -541,7 +542,7 @@ def test_config_defaults_and_overrides() -> None:
     assert set(c.rules) == set(RULES) and c.rules["CrashLoop"].params["count"] == 5
     c = parse(POOL + "alerts:\n  rules: {CrashLoop: {count: 3, window: 5m, for: 10s, "
               "severity: warning}}\n  routes: [{match: {severity: critical}, notify: [m], "
-              "escalate: [{after: 10m, notify: [s]}]}]\n  channels: {m: {type: email, to: [ops@example.com], from: gv@example.com, smtp: 127.0.0.1}, "
+              "escalate: [{after: 10m, notify: [s]}]}]\n  channels: {m: " + MAIL + ", "
               "s: {type: exec, command: [/bin/true]}}\n", "/tmp/x.yaml").alerts
     rule = c.rules["CrashLoop"]
     assert (rule.params["count"], rule.params["window"], rule.for_, rule.severity) == (
@@ -557,12 +558,12 @@ def test_config_errors_name_the_key_path_with_did_you_mean() -> None:
     assert 'alerts.rules.FailureRate.ratoi: unknown key; did you mean "ratio"?' in problems(
         "alerts: {rules: {FailureRate: {ratoi: 0.1}}}\n")
     text = problems("alerts:\n  routes: [{notify: [ops-mial]}]\n  channels: "
-                    "{ops-mail: {type: email, to: [ops@example.com], from: gv@example.com, smtp: 127.0.0.1}}\n")
+                    "{ops-mail: " + MAIL + "}\n")
     assert 'alerts.routes.0.notify.0: no channel named \'ops-mial\' in alerts.channels; ' \
         'did you mean "ops-mail"?' in text
     assert "alerts.routes.0.escalate.1.after: expected a duration > 0, each step later" in \
         problems("alerts:\n  routes: [{notify: [m], escalate: [{after: 10m, notify: [m]}, "
-                 "{after: 5m, notify: [m]}]}]\n  channels: {m: {type: email, to: [ops@example.com], from: gv@example.com, smtp: 127.0.0.1}}\n")
+                 "{after: 5m, notify: [m]}]}]\n  channels: {m: " + MAIL + "}\n")
     assert "alerts.rules.PoisonJob.hold: expected a duration of at least 1000ms, got 0" in \
         problems("alerts: {rules: {PoisonJob: {hold: 0}}}\n")
     assert "alerts.repeat_interval: must be >= alerts.group_interval" in problems(
