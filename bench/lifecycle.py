@@ -208,6 +208,7 @@ def gearvisor_config(d: Path, g: Gearmand, n: int, results: Path, job_seconds: f
         "watch_config": False,
         "log_level": "warning",
         "control_socket": str(d / "gearvisor.sock"),
+        "state_dir": str(d / "state"),
         "pools": {"bench": {"processes": n, "functions": {FUNCTION: "benchwork:work"},
                             "watch": False, "env": _env(g, results, job_seconds), **pool}},
     }

@@ -95,6 +95,7 @@ GEARVISOR_CONFIG = '''\
 {top}servers: ["{address}"]
 pythonpath: ["{dir}"]
 control_socket: "{dir}/gearvisor.sock"
+state_dir: "{dir}/state"
 watch_config: false
 watch: false
 log_level: warning

@@ -41,6 +41,7 @@ step "gearvisor check -c conf/pools.yaml (pointed at that port)"
 sed -e "s/127.0.0.1:4730/127.0.0.1:$PORT/" -e "s/127.0.0.1:9464/127.0.0.1:$METRICS_PORT/" -e "s#pythonpath: \[\"..\"\]#pythonpath: [\"$REPO\"]#" \
     -e "s/^log_format: auto/log_format: console/" conf/pools.yaml > "$WORK/pools.yaml"
 echo "control_socket: gearvisor.sock   # demo: next to this config" >> "$WORK/pools.yaml"
+echo "state_dir: state                 # demo: alert state next to this config" >> "$WORK/pools.yaml"
 CTL="-c $WORK/pools.yaml"
 $GEARVISOR check -c "$WORK/pools.yaml"
 

@@ -304,7 +304,8 @@ def master(tmp_path: Path) -> Iterator[Callable[..., Master]]:
 
     def start(config: dict, start: bool = True, env: dict[str, str] | None = None) -> Master:
         base = {"log_format": "json", "pythonpath": [str(REPO), str(tmp_path)],
-                "control_socket": str(tmp_path / "gearvisor.sock")}
+                "control_socket": str(tmp_path / "gearvisor.sock"),
+                "state_dir": str(tmp_path / "state")}  # never the machine's /var/lib
         m = Master(tmp_path, config, uuid.uuid4().hex, base)
         started.append(m)
         return m.start(**(env or {})) if start else m

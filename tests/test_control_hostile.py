@@ -533,6 +533,7 @@ class UnusedUid:
         path = self.home / "pools.yaml"
         path.write_text(yaml.safe_dump({
             "servers": ["127.0.0.1:1"], "watch_config": False, "log_format": "json",
+            "state_dir": str(self.home / "state"),
             "pools": {"idle": {"processes": 0, "watch": False,
                                "functions": {"f": "examples.text:echo"}}}}))
         os.chown(self.home, self.uid, self.uid)

@@ -16,6 +16,7 @@
         exitlog.py   one log line per reaped child, worded from the pool's decision
         metrics.py   Prometheus /metrics, /healthz, /readyz over http.py (no thread)
         limits.py    the open-files limit against what the pools will open
+        alerts.py    the alert engine's driver: facts in, notifier helper out, state file
 
 The master never imports user code and never starts a thread; whatever needs either runs
 in a child or a helper process.
@@ -27,6 +28,7 @@ import sys
 
 from gearvisor import log as logmod
 from gearvisor.config import Config
+from gearvisor.master.alerts import Alerts
 from gearvisor.master.arbiter import Arbiter
 from gearvisor.master.commands import Commands
 from gearvisor.master.component import Component
@@ -46,7 +48,8 @@ def components(config: Config) -> list[Component]:
     """Every component of a running master, in the order they attach."""
     probe = Probe()
     return [Control(config), Watcher(config), probe, Commands(probe), Health(), Groups(),
-            Systemd(), FdLimits(), Metrics(probe), ExitLog(), HealthFindings(probe)]
+            Systemd(), FdLimits(), Metrics(probe), ExitLog(), HealthFindings(probe),
+            Alerts(config)]
 
 
 def run(config: Config) -> int:

@@ -47,8 +47,6 @@ STATE_KEY = "alerts"
 SAVE_EVERY = 1.0  # seconds: state saves are batched at most this often
 MAX_PENDING = 10_000  # notification lines waiting for the helper; older ones are dropped
 MAX_SILENCE = 366 * 86400.0  # the longest `silence add --for`
-EXIT_KINDS = {ExitKind.CRASH: "crashed", ExitKind.BOOT_ERROR: "boot_error",
-              ExitKind.ROLL_FAILED: "roll_failed", ExitKind.STOPPED: "stopped"}
 
 
 class Alerts(Component):
@@ -161,8 +159,8 @@ class Alerts(Component):
 
     def _exited(self, event: ev.ChildExited) -> None:
         child, pool = event.child, event.pool
-        kind = EXIT_KINDS.get(event.decision.kind, "crashed")
-        self._fact(facts.ChildExit(pool.name, child.slot, kind))
+        # The engine's exit kinds are the pool's (crashed, boot_error, roll_failed, stopped).
+        self._fact(facts.ChildExit(pool.name, child.slot, event.decision.kind.value))
         if child.killed_for == "timeout":
             job = child.scoreboard.read() if child.scoreboard is not None else None
             function = job.function if job is not None and job.busy else ""

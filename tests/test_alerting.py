@@ -1,0 +1,122 @@
+"""Alerting end to end: a real master with real children, real SIGKILLs, the delivery helper
+posting to a real HTTP receiver, and the CLI (`gearvisor alerts`, `gearvisor silence`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from conftest import HOST, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+class Receiver:
+    """An Alertmanager-webhook receiver: every POSTed payload, in order."""
+
+    def __init__(self) -> None:
+        self.payloads: list[dict[str, Any]] = []
+        received = self.payloads
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((HOST, 0), Handler)
+        self.url = f"http://{HOST}:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def alerts(self, name: str, status: str) -> list[dict[str, Any]]:
+        """The notified alerts named `name` in payloads of `status`."""
+        return [a for p in self.payloads if p["status"] == status for a in p["alerts"]
+                if a["labels"]["alertname"] == name]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def fleet_config(gearmand: Any, receiver: Receiver) -> dict[str, Any]:
+    return {"servers": [gearmand.address], "watch_config": False,
+            "alerts": {"group_wait": "0.2s", "group_interval": "1s",
+                       "rules": {"CrashLoop": {"count": 3, "window": "4s"}},
+                       "routes": [{"match": {}, "notify": ["hook"]}],
+                       "channels": {"hook": {"type": "webhook", "url": receiver.url,
+                                             "timeout": "5s"}}},
+            "pools": {"w": {"processes": 1, "watch": False, "backoff": {"initial": 0.05},
+                            "functions": {"echo": "examples.text:echo"}}}}
+
+
+def kill_the_child(m: Any, gearmand: Any) -> None:
+    """SIGKILL the pool's child once it is registered, and wait for its replacement."""
+    pid = wait_for(lambda: m.child_with_title("w[0]"), timeout=20, message="a child")
+    wait_for(lambda: len(gearmand.workers("w")) == 1, timeout=20, message="registered")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: m.child_with_title("w[0]") not in (None, pid), timeout=20,
+             message="the replacement")
+
+
+def test_a_crash_loop_is_notified_once_then_resolved(gearmand, master, receiver) -> None:
+    m = master(fleet_config(gearmand, receiver))
+    for _ in range(3):
+        kill_the_child(m, gearmand)
+    firing = wait_for(lambda: receiver.alerts("CrashLoop", "firing"), timeout=20,
+                      message="CrashLoop posted to the webhook")
+    labels = firing[0]["labels"]
+    assert labels["pool"] == "w" and labels["severity"] and labels["host"]
+    listed = json.loads(m.ctl("alerts", "--json", timeout=20).stdout)["alerts"]
+    assert [a["labels"]["alertname"] for a in listed] == ["CrashLoop"]
+    # No more crashes: after the window the alert resolves, and the receiver hears so.
+    wait_for(lambda: receiver.alerts("CrashLoop", "resolved"), timeout=30,
+             message="the resolved notice")
+    assert len(receiver.alerts("CrashLoop", "firing")) == 1, receiver.payloads
+    assert "no pending or firing alerts" in m.ctl("alerts", timeout=20).stdout
+
+
+def test_silences_are_listed_expired_and_survive_a_restart(gearmand, master,
+                                                           receiver) -> None:
+    m = master(fleet_config(gearmand, receiver))
+    wait_for(lambda: len(gearmand.workers("w")) == 1, timeout=20, message="registered")
+    bad = m.ctl("silence", "add", "pool=w", timeout=20)
+    assert bad.returncode == 2 and "--for" in bad.stderr
+    added = m.ctl("silence", "add", "pool=w", "--for", "2h", "--comment", "deploy",
+                  timeout=20)
+    assert added.returncode == 0, added.stderr
+    silence_id = added.stdout.split("id: ")[1].split()[0]
+    m.signal(signal.SIGTERM)
+    assert m.wait_exit() == 0
+    m.start()
+    listed = wait_for(lambda: json.loads(m.ctl("silence", "list", "--json",
+                                               timeout=20).stdout or "{}").get("silences"),
+                      timeout=20, message="the silence after a restart")
+    assert [(s["id"], s["state"], s["comment"]) for s in listed] == [
+        (silence_id, "active", "deploy")]
+    expired = m.ctl("silence", "expire", silence_id, timeout=20)
+    assert expired.returncode == 0, expired.stderr
+    again = json.loads(m.ctl("silence", "list", "--json", timeout=20).stdout)["silences"]
+    assert [s["state"] for s in again] == ["expired"]
+    unknown = m.ctl("silence", "expire", "nope", timeout=20)
+    assert unknown.returncode == 1 and "no active or pending silence" in unknown.stderr
