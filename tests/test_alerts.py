@@ -5,10 +5,15 @@ keep_firing_for, resolved notices for muted alerts, a storm, every rule once; an
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import math
+import os
+import shutil
+import tempfile
 
+import hypothesis.configuration
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -34,6 +39,16 @@ from gearvisor.policy.alerts import AlertEngine, Matcher, fingerprint, parse_mat
 
 MAIL = "{type: email, to: [ops@example.com], from: gv@example.com, smtp: 127.0.0.1}"
 T0 = 1_800_000_000.0  # wall-clock seconds, as the engine takes them
+
+# Hypothesis would cache what it learns under .hypothesis in the repository: send it to a
+# temp dir removed when the run ends (as tests/test_config_fuzz.py does), keep no example
+# database, and draw the same examples on every run, so a failure reproduces.
+if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+    _HOME = tempfile.mkdtemp(prefix="gearvisor-hypothesis-")
+    atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
+    hypothesis.configuration.set_hypothesis_home_dir(_HOME)
+PROPERTY = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 def config(**kw: object) -> AlertsConfig:
@@ -287,7 +302,7 @@ def test_snapshot_restore_neither_repages_nor_forgets() -> None:
     assert e2.tick(T0 + 601) == []  # the failed restore left the engine as it was
 
 
-@settings(max_examples=200, deadline=None)
+@settings(PROPERTY, max_examples=200)
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
                     lambda inner: st.lists(inner, max_size=4)
                     | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=20),
@@ -484,7 +499,7 @@ def other_routes() -> AlertsConfig:
                   channels={c: {"type": "exec"} for c in ("mail", "sms", "phone")})
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@PROPERTY
 @given(steps=st.lists(st.tuples(FACTS, st.floats(0, 900)), max_size=40))
 def test_every_notified_alert_gets_a_resolved_notice(steps: list) -> None:
     e = AlertEngine(flappy(escalating()), host="h")
@@ -596,7 +611,7 @@ def test_job_counts_are_bounded_whatever_the_tick_rate() -> None:
     assert len(e.rules.jobs) == 1000
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@PROPERTY
 @given(steps=st.lists(st.tuples(FACTS.filter(lambda f: f not in ("reload", "restart")),
                                 st.floats(0, 900)), max_size=40))
 def test_a_channel_hears_of_a_group_at_most_once_per_group_interval(steps: list) -> None:
