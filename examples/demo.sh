@@ -85,6 +85,11 @@ echo "/readyz: $(scrape /readyz)"
 step "gearvisor status: every pool and child, from the master's control socket"
 $GEARVISOR status $CTL
 
+step "gearvisor alerts and silences (one crash is no CrashLoop: the rule wants 5 in 10m)"
+$GEARVISOR alerts $CTL
+$GEARVISOR silence add $CTL pool=flaky --for 30m --comment "demo: flaky fails on purpose"
+$GEARVISOR silence list $CTL
+
 step "gearvisor reload: each child is replaced by a new one (new code), which must be ready first"
 $GEARVISOR reload $CTL
 $GEARVISOR status $CTL

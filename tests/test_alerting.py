@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from conftest import HOST, wait_for
+from conftest import HOST, REPO, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -120,3 +122,12 @@ def test_silences_are_listed_expired_and_survive_a_restart(gearmand, master,
     assert [s["state"] for s in again] == ["expired"]
     unknown = m.ctl("silence", "expire", "nope", timeout=20)
     assert unknown.returncode == 1 and "no active or pending silence" in unknown.stderr
+    # As typed by hand: the matchers after -c FILE (argparse alone refused them).
+    typed = subprocess.run(
+        [sys.executable, "-m", "gearvisor", "silence", "add", "-c", str(m.config_path),
+         "function=echo", "pool=w", "--for", "10m"], capture_output=True, text=True,
+        timeout=20, cwd=m.tmp, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert typed.returncode == 0, typed.stderr
+    matchers = [s["matchers"] for s in json.loads(m.ctl("silence", "list", "--json",
+                                                        timeout=20).stdout)["silences"]]
+    assert ["function=echo", "pool=w"] in matchers

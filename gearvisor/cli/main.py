@@ -258,7 +258,12 @@ def cmd_run(path: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "silence" and not any(a.startswith("-") for a in extra):
+        args.args += extra  # `silence add -c FILE pool=x`: matchers after an option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     command = args.command or "run"
     if command == "check":
         return cmd_check(config_path(args.sub_config or args.config), not args.no_import)
