@@ -131,3 +131,33 @@ def test_silences_are_listed_expired_and_survive_a_restart(gearmand, master,
     matchers = [s["matchers"] for s in json.loads(m.ctl("silence", "list", "--json",
                                                         timeout=20).stdout)["silences"]]
     assert ["function=echo", "pool=w"] in matchers
+
+
+def test_a_stopped_gearmand_pages_server_down_once_and_resolves_when_it_is_back(
+        gearmand, master, receiver) -> None:
+    config = fleet_config(gearmand, receiver)
+    config["probe_interval"] = "0.3s"
+    m = master(config)
+    wait_for(lambda: len(gearmand.workers("w")) == 1, timeout=20, message="registered")
+    gearmand.stop()
+    firing = wait_for(lambda: receiver.alerts("ServerDown", "firing"), timeout=20,
+                      message="ServerDown posted")
+    assert firing[0]["labels"]["server"] == gearmand.address
+    assert firing[0]["labels"]["severity"] == "critical"
+    gearmand.start()  # the same port, a new process
+    wait_for(lambda: receiver.alerts("ServerDown", "resolved"), timeout=30,
+             message="ServerDown resolved")
+    assert len(receiver.alerts("ServerDown", "firing")) == 1, receiver.payloads
+    wait_for(lambda: len(gearmand.workers("w")) == 1, timeout=20, message="registered again")
+
+
+def test_alerts_test_sends_to_the_channel_from_the_cli(gearmand, master, receiver) -> None:
+    m = master(fleet_config(gearmand, receiver), start=False)
+    m.write_config(fleet_config(gearmand, receiver))
+    out = m.ctl("alerts", "test", "hook", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "delivered" in out.stdout
+    sent = wait_for(lambda: receiver.payloads, timeout=10, message="the test notification")
+    assert sent[0]["alerts"][0]["labels"]["alertname"] == "GearvisorTest"
+    missing = m.ctl("alerts", "test", "hoook", timeout=60)
+    assert missing.returncode == 2 and "channels: hook" in missing.stderr
