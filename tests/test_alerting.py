@@ -137,7 +137,7 @@ def test_a_stopped_gearmand_pages_server_down_once_and_resolves_when_it_is_back(
         gearmand, master, receiver) -> None:
     config = fleet_config(gearmand, receiver)
     config["probe_interval"] = "0.3s"
-    m = master(config)
+    master(config)
     wait_for(lambda: len(gearmand.workers("w")) == 1, timeout=20, message="registered")
     gearmand.stop()
     firing = wait_for(lambda: receiver.alerts("ServerDown", "firing"), timeout=20,
