@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from conftest import HOST, REPO, wait_for
+from conftest import HOST, REPO, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +83,10 @@ def kill_the_child(m: Any, gearmand: Any) -> None:
 
 
 def test_a_crash_loop_is_notified_once_then_resolved(gearmand, master, receiver) -> None:
-    m = master(fleet_config(gearmand, receiver))
+    config = fleet_config(gearmand, receiver)
+    metrics_port = free_port()
+    config["metrics"] = {"listen": f"{HOST}:{metrics_port}"}
+    m = master(config)
     for _ in range(3):
         kill_the_child(m, gearmand)
     firing = wait_for(lambda: receiver.alerts("CrashLoop", "firing"), timeout=20,
@@ -96,6 +100,10 @@ def test_a_crash_loop_is_notified_once_then_resolved(gearmand, master, receiver)
              message="the resolved notice")
     assert len(receiver.alerts("CrashLoop", "firing")) == 1, receiver.payloads
     assert "no pending or firing alerts" in m.ctl("alerts", timeout=20).stdout
+    delivered = 'gearvisor_alert_notifications_total{channel="hook",outcome="delivered"} 2.0'
+    wait_for(lambda: delivered in urllib.request.urlopen(
+        f"http://{HOST}:{metrics_port}/metrics", timeout=5).read().decode(), timeout=10,
+        message="both notifications counted as delivered")
 
 
 def test_silences_are_listed_expired_and_survive_a_restart(gearmand, master,

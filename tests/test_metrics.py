@@ -323,6 +323,7 @@ def test_the_collector_exports_exactly_the_series_the_rules_and_dashboard_use(
     from test_prometheus_rules import COUNTERS_AND_GAUGES, HISTOGRAMS
 
     fleet.spawn("text")
+    fleet.health.notified("hook", "delivered")
     fleet.views = {("127.0.0.1", 4730): view(4730, pid=11, functions={
         "reverse": FunctionStatus("reverse", 1, 0, 1)}, workers=())}
     exported: dict[str, set[str]] = {}

@@ -48,6 +48,7 @@ COUNTERS_AND_GAUGES = {
     "gearvisor_gearmand_jobs_running": {"server", "function"},
     "gearvisor_gearmand_workers": {"server", "function"},
     "gearvisor_findings": {"kind"},
+    "gearvisor_alert_notifications_total": {"channel", "outcome"},
 }
 HISTOGRAMS = {"gearvisor_job_duration_seconds": {"pool", "function"}}
 LABEL_VALUES = {

@@ -192,8 +192,9 @@ class Alerts(Component):
         """Queue `notes` for the helper, then re-arm the timer and mark the state dirty."""
         for note in notes:
             if len(self.out) >= MAX_PENDING:
-                self.out.popleft()
+                lost = json.loads(self.out.popleft())
                 self.dropped += 1
+                self.master.bus.publish(ev.AlertNotified(str(lost.get("channel")), "dropped"))
             self.out.append(json.dumps(note, separators=(",", ":")).encode() + b"\n")
         if notes:
             if not self.config.alerts or not self.config.alerts.channels:
@@ -323,6 +324,9 @@ class Alerts(Component):
                 continue
             if not isinstance(result, msg.Delivered):
                 continue
+            outcome = ("delivered" if result.ok else
+                       "dropped" if result.attempts == 0 else "failed")
+            self.master.bus.publish(ev.AlertNotified(result.channel, outcome))
             if result.ok:
                 self.delivered += 1
                 self.helper_backoff.success(self.master.clock())

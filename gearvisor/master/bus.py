@@ -198,3 +198,12 @@ class FindingCleared:
     """An active health finding no longer holds (logged as `health finding cleared`)."""
 
     finding: Finding
+
+
+@dataclass(frozen=True)
+class AlertNotified:
+    """One alert notification's outcome on a channel: delivered, failed (after its
+    retries) or dropped (a queue was full). Counted by metrics."""
+
+    channel: str
+    outcome: str  # "delivered" | "failed" | "dropped"

@@ -56,6 +56,8 @@ class Metrics(Component):
         master.bus.subscribe(ev.ChildReady, self._ready)
         master.bus.subscribe(ev.Quarantined, lambda e: self.health.quarantined(e.pool))
         master.bus.subscribe(ev.FindingRaised, self._finding_raised)
+        master.bus.subscribe(ev.AlertNotified,
+                             lambda e: self.health.notified(e.channel, e.outcome))
         master.bus.subscribe(ev.FindingCleared, self._finding_cleared)
         if master.config.metrics is not None:
             listen = master.config.metrics.listen

@@ -140,7 +140,13 @@ class FleetCollector:
                 restarts.add_metric([name, reason], self.health.restarts[(name, reason)])
             quarantines.add_metric([name], self.health.quarantines[name])
             circuit.add_metric([name], 0 if pool.circuit is Circuit.CLOSED else 1)
-        yield from (restarts, quarantines, circuit)
+        notifications = CounterMetricFamily(
+            "gearvisor_alert_notifications", "Alert notifications by channel and outcome: "
+            "delivered, failed (after its retries) or dropped (a queue was full).",
+            labels=["channel", "outcome"])
+        for (channel, outcome), n in sorted(self.health.notifications.items()):
+            notifications.add_metric([channel, outcome], n)
+        yield from (restarts, quarantines, circuit, notifications)
 
     # -- the job servers (the probe's cached views) ---------------------------------------------
 

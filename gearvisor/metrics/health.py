@@ -41,12 +41,19 @@ class HealthCounters:
     def __init__(self) -> None:
         self.restarts: Counter[tuple[str, str]] = Counter()
         self.quarantines: Counter[str] = Counter()
+        self.notifications: Counter[tuple[str, str]] = Counter()  # (channel, outcome)
 
     def restarted(self, pool: str, reason: str) -> None:
         self.restarts[(pool, reason)] += 1
 
     def quarantined(self, pool: str) -> None:
         self.quarantines[pool] += 1
+
+    def notified(self, channel: str, outcome: str) -> None:
+        """An alert notification's outcome; at most 64 channels (3 outcomes each) are kept
+        (the config allows 64), so the label stays bounded whatever the events say."""
+        if (channel, outcome) in self.notifications or len(self.notifications) < 3 * 64:
+            self.notifications[(channel, outcome)] += 1
 
     def forget(self, keep: set[str]) -> None:
         """Drop the counts of pools not in `keep` (gone from the config and drained)."""
