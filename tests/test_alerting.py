@@ -169,3 +169,38 @@ def test_alerts_test_sends_to_the_channel_from_the_cli(gearmand, master, receive
     assert sent[0]["alerts"][0]["labels"]["alertname"] == "GearvisorTest"
     missing = m.ctl("alerts", "test", "hoook", timeout=60)
     assert missing.returncode == 2 and "channels: hook" in missing.stderr
+
+
+def test_a_ten_percent_failure_rate_pages_once_and_resolves_as_it_falls(
+        gearmand, master, receiver, tmp_path) -> None:
+    """Real jobs of one function: 18 succeed and 2 raise (10%, above FailureRate's 5%),
+    counted by the children and sampled by the master; 40 more successes take it to 3%."""
+    from conftest import write_module
+
+    from gearvisor.gearman.client import Client
+
+    write_module(tmp_path, "rated", """\
+        def maybe(job):
+            if job.data == b"fail":
+                raise RuntimeError("fails on purpose")
+            return b"ok"
+        """)
+    config = fleet_config(gearmand, receiver)
+    config["metrics"] = {"listen": f"{HOST}:{free_port()}"}  # children count per function
+    config["alerts"]["rules"] = {"FailureRate": {"ratio": 0.05, "window": "5m",
+                                                 "min_jobs": 10, "for": "0s"}}
+    config["pools"]["w"]["functions"] = {"maybe": "rated:maybe"}
+    config["pools"]["w"]["processes"] = 2
+    master(config)
+    wait_for(lambda: len(gearmand.workers("w")) == 2, timeout=20, message="registered")
+    with Client(HOST, gearmand.port, timeout=30) as c:
+        c.wait([c.submit("maybe", b"ok") for _ in range(18)]
+               + [c.submit("maybe", b"fail") for _ in range(2)])
+    firing = wait_for(lambda: receiver.alerts("FailureRate", "firing"), timeout=40,
+                      message="FailureRate posted")
+    assert firing[0]["labels"]["function"] == "maybe" and firing[0]["labels"]["pool"] == "w"
+    with Client(HOST, gearmand.port, timeout=30) as c:
+        c.wait([c.submit("maybe", b"ok") for _ in range(40)])
+    wait_for(lambda: receiver.alerts("FailureRate", "resolved"), timeout=40,
+             message="FailureRate resolved under 5%")
+    assert len(receiver.alerts("FailureRate", "firing")) == 1, receiver.payloads

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import resource
 import signal
 import socket
 import time
@@ -37,6 +38,7 @@ from gearvisor.policy.alert_model import parse_matcher
 from gearvisor.policy.alerts import AlertEngine
 from gearvisor.policy.backoff import Backoff
 from gearvisor.policy.pool import ExitKind
+from gearvisor.shm.stats import SUCCESS
 
 if TYPE_CHECKING:
     from gearvisor.config import Config
@@ -47,6 +49,23 @@ STATE_KEY = "alerts"
 SAVE_EVERY = 1.0  # seconds: state saves are batched at most this often
 MAX_PENDING = 10_000  # notification lines waiting for the helper; older ones are dropped
 MAX_SILENCE = 366 * 86400.0  # the longest `silence add --for`
+SAMPLE_EVERY = 10.0  # seconds between job-count and fd samples (FailureRate, SlowJobs, FdLimit)
+MAX_SEEN = 100_000  # (child, function) job counters remembered between samples
+
+
+def p95(bounds: tuple[float, ...], counts: list[int]) -> float | None:
+    """The 95th percentile of jobs counted in histogram buckets (one count per bound, then
+    +Inf): the bound of the bucket it falls in (Prometheus' histogram_quantile without the
+    interpolation); None without jobs. Past the last bound: that bound."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank, seen = 0.95 * total, 0
+    for bound, n in zip((*bounds, bounds[-1] if bounds else 0.0), counts, strict=False):
+        seen += n
+        if seen >= rank:
+            return bound
+    return bounds[-1] if bounds else None
 
 
 class Alerts(Component):
@@ -71,6 +90,10 @@ class Alerts(Component):
         self.delivered = 0
         self.failed = 0
         self.stopping = False
+        # Each child's per-function job counters at the last sample: (pid, function) ->
+        # (ok, failed, bucket counts), so a sample feeds the engine what ended since.
+        self.seen: dict[tuple[int, str], tuple[int, int, tuple[int, ...]]] = {}
+        self.sampler: Timer | None = None
 
     # -- component ------------------------------------------------------------------------------
 
@@ -103,6 +126,7 @@ class Alerts(Component):
         bus.subscribe(ev.OtherReaped, self._reaped)
         if alerts.channels:
             self._start_helper()
+        self.sampler = master.loop.call_later(SAMPLE_EVERY, self._sample)
         self._deliver(self.engine.tick(self.wall()))
 
     def reload(self, config: Config) -> None:
@@ -141,6 +165,8 @@ class Alerts(Component):
                          "dropped": self.dropped}}}
 
     def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.cancel()
         self._close_input()
         if self.helper_events >= 0:
             self.master.loop.remove_reader(self.helper_events)
@@ -157,8 +183,56 @@ class Alerts(Component):
         if self.engine is not None:
             self._deliver(self.engine.observe(fact, self.wall()))
 
+    def _sample(self) -> None:
+        """Every SAMPLE_EVERY: the jobs that ended since the last sample per pool and
+        function (JobTick: FailureRate, SlowJobs) and the master's open fds (FdUsage)."""
+        self.sampler = self.master.loop.call_later(SAMPLE_EVERY, self._sample)
+        ticks = []
+        for child, pool in list(self.master.children.values()):
+            ticks += self._job_ticks(child, pool.name)
+        try:
+            used = len(os.listdir("/proc/self/fd"))
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except OSError:
+            used, limit = 0, 0
+        if limit > 0 and limit != resource.RLIM_INFINITY:
+            ticks.append(facts.FdUsage(used, limit))
+        if ticks and self.engine is not None:
+            self._deliver(self.engine.observe_all(ticks, self.wall()))
+
+    def _job_ticks(self, child: Any, pool: str, final: bool = False) -> list[facts.Fact]:
+        """What `child` finished since its last sample, per function. Counted per function
+        only when metrics are on (children keep per-function counts only then)."""
+        board = child.scoreboard
+        if board is None or board.stats is None or child.pid is None:
+            return []
+        out: list[facts.Fact] = []
+        for function, stats in board.stats.read().items():
+            key = (child.pid, function)
+            ok = stats.outcomes[SUCCESS]
+            bad = sum(stats.outcomes) - ok
+            last_ok, last_bad, last_buckets = self.seen.get(key, (0, 0, ()))
+            buckets = tuple(stats.buckets)
+            if final:
+                self.seen.pop(key, None)
+            elif key in self.seen or len(self.seen) < MAX_SEEN:
+                self.seen[key] = (ok, bad, buckets)
+            if ok == last_ok and bad == last_bad:
+                continue
+            delta = [b - a for a, b in zip(last_buckets or (0,) * len(buckets), buckets,
+                                           strict=False)]
+            out.append(facts.JobTick(pool, function, ok - last_ok, bad - last_bad,
+                                     p95(stats.bounds, delta)))
+        return out
+
     def _exited(self, event: ev.ChildExited) -> None:
         child, pool = event.child, event.pool
+        ticks = self._job_ticks(child, pool.name, final=True)  # its last jobs
+        job = child.scoreboard.read() if child.scoreboard is not None else None
+        if job is not None and job.busy and event.decision.kind is not ExitKind.STOPPED:
+            ticks.append(facts.JobTick(pool.name, job.function, 0, 1))  # died on it
+        if ticks and self.engine is not None:
+            self._deliver(self.engine.observe_all(ticks, self.wall()))
         # The engine's exit kinds are the pool's (crashed, boot_error, roll_failed, stopped).
         self._fact(facts.ChildExit(pool.name, child.slot, event.decision.kind.value))
         if child.killed_for == "timeout":
