@@ -649,3 +649,13 @@ def test_a_channel_hears_of_a_group_at_most_once_per_group_interval(steps: list)
         for key in [k for k in last if k not in e.groups]:
             del last[key]  # the group ended: a new one starts afresh, after its group_wait
             created.pop(key, None)
+
+
+def test_p95_of_bucket_counts_is_the_bound_of_the_bucket_it_falls_in() -> None:
+    from gearvisor.master.alerts import p95
+
+    bounds = (0.1, 1.0, 10.0)
+    assert p95(bounds, [0, 0, 0, 0]) is None
+    assert p95(bounds, [100, 0, 0, 0]) == 0.1
+    assert p95(bounds, [94, 6, 0, 0]) == 1.0  # the 95th of 100 is in the second bucket
+    assert p95(bounds, [0, 0, 1, 19]) == 10.0  # past the last bound: that bound
