@@ -204,3 +204,75 @@ def test_a_ten_percent_failure_rate_pages_once_and_resolves_as_it_falls(
     wait_for(lambda: receiver.alerts("FailureRate", "resolved"), timeout=40,
              message="FailureRate resolved under 5%")
     assert len(receiver.alerts("FailureRate", "firing")) == 1, receiver.payloads
+
+
+def test_a_pool_that_cannot_boot_pages_boot_failure_until_its_code_is_there(
+        gearmand, master, receiver, tmp_path) -> None:
+    from conftest import write_module
+
+    config = fleet_config(gearmand, receiver)
+    config["pools"]["w"]["functions"] = {"f": "bootmod:f"}  # no such module yet
+    master(config)
+    firing = wait_for(lambda: receiver.alerts("BootFailure", "firing"), timeout=30,
+                      message="BootFailure posted")
+    assert firing[0]["labels"]["pool"] == "w"
+    # Children import after fork: the next retry finds the module and boots.
+    write_module(tmp_path, "bootmod", "def f(job):\n    return b'ok'\n")
+    wait_for(lambda: receiver.alerts("BootFailure", "resolved"), timeout=60,
+             message="BootFailure resolved once a child booted")
+    assert len(receiver.alerts("BootFailure", "firing")) == 1, receiver.payloads
+
+
+def test_a_poison_job_pages_once_and_resolves_after_its_hold(gearmand, master, receiver,
+                                                             tmp_path) -> None:
+    from conftest import write_module
+
+    from gearvisor.gearman.client import Client
+
+    write_module(tmp_path, "killer", "import os\n\ndef die(job):\n    os._exit(9)\n")
+    config = fleet_config(gearmand, receiver)
+    config["alerts"]["rules"] = {"PoisonJob": {"hold": "2s"}}
+    config["pools"]["w"].update({"processes": 2, "poison_after": 1,
+                                 "functions": {"die": "killer:die"}})
+    master(config)
+    wait_for(lambda: len(gearmand.workers("w")) == 2, timeout=20, message="registered")
+    with Client(HOST, gearmand.port, timeout=30) as c:
+        c.wait([c.submit("die", b"x")])  # kills one child, then is refused as poison
+    firing = wait_for(lambda: receiver.alerts("PoisonJob", "firing"), timeout=30,
+                      message="PoisonJob posted")
+    assert firing[0]["labels"]["function"] == "die"
+    wait_for(lambda: receiver.alerts("PoisonJob", "resolved"), timeout=30,
+             message="PoisonJob resolved after its hold")
+    assert len(receiver.alerts("PoisonJob", "firing")) == 1, receiver.payloads
+
+
+def test_a_hung_job_killed_at_its_hard_timeout_pages_job_hung(gearmand, master, receiver,
+                                                              tmp_path) -> None:
+    from conftest import write_module
+
+    from gearvisor.gearman.client import Client
+
+    write_module(tmp_path, "hangs", """\
+        import time
+
+        def hang(job):
+            while True:  # ignores the soft timeout: only the hard one ends it
+                try:
+                    time.sleep(10)
+                except BaseException:
+                    pass
+        """)
+    config = fleet_config(gearmand, receiver)
+    config["alerts"]["rules"] = {"JobHung": {"hold": "2s"}}
+    config["pools"]["w"].update({"poison_after": 1, "timeout_grace": 0.2, "functions": {
+        "hang": {"callable": "hangs:hang", "timeout": 0.3}}})
+    master(config)
+    wait_for(lambda: len(gearmand.workers("w")) == 1, timeout=20, message="registered")
+    with Client(HOST, gearmand.port, timeout=30) as c:
+        c.wait([c.submit("hang", b"x")])  # killed once, then refused as poison
+    firing = wait_for(lambda: receiver.alerts("JobHung", "firing"), timeout=30,
+                      message="JobHung posted")
+    assert firing[0]["labels"]["pool"] == "w"
+    wait_for(lambda: receiver.alerts("JobHung", "resolved"), timeout=30,
+             message="JobHung resolved after its hold")
+    assert len(receiver.alerts("JobHung", "firing")) == 1, receiver.payloads
