@@ -276,3 +276,25 @@ def test_a_hung_job_killed_at_its_hard_timeout_pages_job_hung(gearmand, master, 
     wait_for(lambda: receiver.alerts("JobHung", "resolved"), timeout=30,
              message="JobHung resolved after its hold")
     assert len(receiver.alerts("JobHung", "firing")) == 1, receiver.payloads
+
+
+def test_jobs_no_one_can_run_page_no_workers_until_a_pool_serves_them(
+        gearmand, master, receiver) -> None:
+    from gearvisor.gearman.client import Client
+
+    config = fleet_config(gearmand, receiver)
+    config["probe_interval"] = "0.3s"
+    m = master(config)
+    wait_for(lambda: len(gearmand.workers("w")) == 1, timeout=20, message="registered")
+    with Client(HOST, gearmand.port, timeout=30) as c:
+        c.submit_background("orphaned", b"x", unique="orphan-1")
+    firing = wait_for(lambda: receiver.alerts("NoWorkers", "firing"), timeout=30,
+                      message="NoWorkers posted")
+    assert firing[0]["labels"]["function"] == "orphaned"
+    config["pools"]["o"] = {"processes": 1, "watch": False,
+                            "functions": {"orphaned": "examples.text:echo"}}
+    m.write_config(config)
+    m.signal(signal.SIGHUP)  # a reload adds the pool that serves it
+    wait_for(lambda: receiver.alerts("NoWorkers", "resolved"), timeout=30,
+             message="NoWorkers resolved")
+    assert len(receiver.alerts("NoWorkers", "firing")) == 1, receiver.payloads
