@@ -194,7 +194,7 @@ class Master:
         return self.proc.pid
 
     def processes(self) -> list[psutil.Process]:
-        """Every child process of the master: workers and the file-watcher helper."""
+        """Every child process of the master: workers and the helpers."""
         try:
             return psutil.Process(self.pid).children()
         except psutil.NoSuchProcess:
@@ -207,9 +207,16 @@ class Master:
         except psutil.Error:
             return False
 
+    @staticmethod
+    def _is_helper(p: psutil.Process) -> bool:
+        try:
+            return p.cmdline()[:1] in (["gearvisor: watcher"], ["gearvisor: notifier"])
+        except psutil.Error:
+            return False
+
     def children(self) -> list[psutil.Process]:
-        """The worker children (the watcher helper left out)."""
-        return [p for p in self.processes() if not self._is_watcher(p)]
+        """The worker children (the watcher and alert-notifier helpers left out)."""
+        return [p for p in self.processes() if not self._is_helper(p)]
 
     def watcher(self) -> psutil.Process | None:
         return next((p for p in self.processes() if self._is_watcher(p)), None)

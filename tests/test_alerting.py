@@ -298,3 +298,27 @@ def test_jobs_no_one_can_run_page_no_workers_until_a_pool_serves_them(
     wait_for(lambda: receiver.alerts("NoWorkers", "resolved"), timeout=30,
              message="NoWorkers resolved")
     assert len(receiver.alerts("NoWorkers", "firing")) == 1, receiver.payloads
+
+
+def test_a_storm_of_crashes_is_one_notification_for_the_group(gearmand, master,
+                                                              receiver) -> None:
+    """20 children SIGKILLed at once: 20 CrashLoop alerts (count 1: every slot's crash is
+    one), one group (alertname, pool), so one notification listing them all."""
+    n = 20
+    config = fleet_config(gearmand, receiver)
+    config["alerts"]["group_wait"] = "3s"  # the kills land well inside it
+    config["alerts"]["rules"] = {"CrashLoop": {"count": 1, "window": "1m"}}
+    config["pools"]["w"]["processes"] = n
+    m = master(config)
+    wait_for(lambda: len(gearmand.workers("w")) == n, timeout=60, message="all registered")
+    workers = m.children()
+    assert len(workers) == n  # the notifier helper is not among them
+    for child in workers:
+        os.kill(child.pid, signal.SIGKILL)
+    first = wait_for(lambda: receiver.alerts("CrashLoop", "firing"), timeout=30,
+                     message="the storm's notification")
+    firing = [p for p in receiver.payloads if p["status"] == "firing"]
+    assert len(firing) == 1, [len(p["alerts"]) for p in firing]
+    assert len(first) == n and firing[0]["groupLabels"] == {"alertname": "CrashLoop",
+                                                            "pool": "w"}
+    assert len({a["labels"]["slot"] for a in first}) == n
