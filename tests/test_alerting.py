@@ -322,3 +322,32 @@ def test_a_storm_of_crashes_is_one_notification_for_the_group(gearmand, master,
     assert len(first) == n and firing[0]["groupLabels"] == {"alertname": "CrashLoop",
                                                             "pool": "w"}
     assert len({a["labels"]["slot"] for a in first}) == n
+
+
+def test_a_master_restart_does_not_page_again_for_what_still_fires(gearmand, master,
+                                                                   receiver) -> None:
+    """ServerDown fires; the master restarts while gearmand is still down, so the same
+    alert fires again in the new master: its state (notified, when) comes back from
+    state_dir, so no second page; the fix then resolves it, once."""
+    config = fleet_config(gearmand, receiver)
+    config["probe_interval"] = "0.3s"
+    m = master(config)
+    wait_for(lambda: len(gearmand.workers("w")) == 1, timeout=20, message="registered")
+    gearmand.stop()
+    wait_for(lambda: receiver.alerts("ServerDown", "firing"), timeout=20,
+             message="ServerDown posted")
+    m.signal(signal.SIGTERM)
+    assert m.wait_exit() == 0
+    m.start()
+
+    def firing_again() -> bool:
+        out = m.ctl("alerts", "--json", timeout=20)
+        return out.returncode == 0 and any(
+            a["labels"]["alertname"] == "ServerDown" and a["state"] == "firing"
+            for a in json.loads(out.stdout)["alerts"])
+
+    wait_for(firing_again, timeout=20, message="ServerDown firing in the new master")
+    gearmand.start()
+    wait_for(lambda: receiver.alerts("ServerDown", "resolved"), timeout=30,
+             message="ServerDown resolved")
+    assert len(receiver.alerts("ServerDown", "firing")) == 1, receiver.payloads
