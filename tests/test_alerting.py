@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import HOST, REPO, free_port, wait_for
+from test_notifier import alertmanager, smtp  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.integration
 
@@ -351,3 +352,32 @@ def test_a_master_restart_does_not_page_again_for_what_still_fires(gearmand, mas
     wait_for(lambda: receiver.alerts("ServerDown", "resolved"), timeout=30,
              message="ServerDown resolved")
     assert len(receiver.alerts("ServerDown", "firing")) == 1, receiver.payloads
+
+
+def test_a_crash_loop_reaches_a_real_smtp_server_and_a_real_alertmanager(
+        gearmand, master, receiver, smtp, alertmanager, tmp_path) -> None:  # noqa: F811
+    """The master's alerts through the email channel (aiosmtpd, STARTTLS and AUTH) and the
+    alertmanager channel (prometheus-alertmanager's own /api/v2/alerts lists them)."""
+    controller, box, cert = smtp
+    password = tmp_path / "smtp.pass"
+    password.write_text("s3cret\n")
+    config = fleet_config(gearmand, receiver)
+    config["alerts"]["routes"] = [{"match": {}, "notify": ["mail", "am"]}]
+    config["alerts"]["channels"] = {
+        "mail": {"type": "email", "to": ["ops@example.com"], "from": "gv@example.com",
+                 "smtp": f"{HOST}:{controller.port}", "username": "gv",
+                 "password_file": str(password), "ca_file": str(cert)},
+        "am": {"type": "alertmanager", "url": alertmanager}}
+    m = master(config)
+    for _ in range(3):
+        kill_the_child(m, gearmand)
+    [mail] = wait_for(lambda: box.envelopes, timeout=30, message="the mail")
+    text = mail.content.decode()
+    assert "Subject: [FIRING:1] CrashLoop w" in text and mail.rcpt_tos == ["ops@example.com"]
+
+    def in_alertmanager() -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"{alertmanager}/api/v2/alerts", timeout=5) as r:
+            return [a for a in json.loads(r.read()) if a["labels"]["alertname"] == "CrashLoop"]
+
+    [listed] = wait_for(in_alertmanager, timeout=30, message="CrashLoop in Alertmanager")
+    assert listed["labels"]["pool"] == "w" and listed["status"]["state"] == "active"
