@@ -254,12 +254,12 @@ def test_a_hung_job_killed_at_its_hard_timeout_pages_job_hung(gearmand, master, 
     from gearvisor.gearman.client import Client
 
     write_module(tmp_path, "hangs", """\
-        import time
+        import signal
 
         def hang(job):
-            while True:  # ignores the soft timeout: only the hard one ends it
+            while True:  # ignores the soft timeout: only the hard one (SIGKILL) ends it
                 try:
-                    time.sleep(10)
+                    signal.pause()
                 except BaseException:
                     pass
         """)

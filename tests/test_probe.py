@@ -168,14 +168,15 @@ def test_a_growing_backlog_with_its_drain_time_clears_once_it_drains(gearmand, m
 
 
 WORKER = """\
-import os, socket, sys, time
+import os, signal, socket, sys
 flag, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if os.path.exists(flag):  # the fixed worker registers; the broken one never does
     from gearvisor.gearman.protocol import Packet, encode
     s = socket.create_connection((host, port))
     s.sendall(encode(Packet.SET_CLIENT_ID, os.environ["GEARVISOR_CLIENT_ID"])
               + encode(Packet.CAN_DO, "cmd_fn"))
-time.sleep(300)
+while True:  # serve nothing until stopped (SIGTERM, or SIGKILL by the fixture)
+    signal.pause()
 """
 
 

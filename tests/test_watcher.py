@@ -235,7 +235,7 @@ pools:
       - "templates/**/*.html"
       - settings.ini
       - not-yet/created.txt
-      - ../shared/*.py
+      - ../common/*.py
 """)
     spec = build_spec(cfg, [])
     assert spec.pools == (("p", (
@@ -244,7 +244,7 @@ pools:
         f"{tmp_path}/settings.ini",
         f"{tmp_path}/not-yet/created.txt",  # missing: it may become a file...
         f"{tmp_path}/not-yet/created.txt/**",  # ...or a directory
-        f"{tmp_path.parent}/shared/*.py",  # relative to the config file's directory
+        f"{tmp_path.parent}/common/*.py",  # relative to the config file's directory
     )),)
     # A Python pool's watch: list adds to its imports: the module is still looked up.
     assert [n.split(":")[0] for n in spec.notes] == ["pool p"]
