@@ -8,50 +8,34 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from conftest import HOST, REPO, free_port, wait_for
+from test_notifier import Receiver as HttpReceiver
 from test_notifier import alertmanager, smtp  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.integration
 
 
-class Receiver:
-    """An Alertmanager-webhook receiver: every POSTed payload, in order."""
+class Receiver(HttpReceiver):
+    """test_notifier's HTTP receiver, read as Alertmanager webhook payloads."""
 
-    def __init__(self) -> None:
-        self.payloads: list[dict[str, Any]] = []
-        received = self.payloads
+    @property
+    def hook(self) -> str:
+        return self.url + "/ok"
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                received.append(json.loads(body))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((HOST, 0), Handler)
-        self.url = f"http://{HOST}:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+    @property
+    def payloads(self) -> list[dict[str, Any]]:
+        """Every POSTed payload, in order."""
+        return [body for _, _, body in self.requests]
 
     def alerts(self, name: str, status: str) -> list[dict[str, Any]]:
         """The notified alerts named `name` in payloads of `status`."""
         return [a for p in self.payloads if p["status"] == status for a in p["alerts"]
                 if a["labels"]["alertname"] == name]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 @pytest.fixture
@@ -68,7 +52,7 @@ def fleet_config(gearmand: Any, receiver: Receiver) -> dict[str, Any]:
             "alerts": {"group_wait": "0.2s", "group_interval": "1s",
                        "rules": {"CrashLoop": {"count": 3, "window": "4s"}},
                        "routes": [{"match": {}, "notify": ["hook"]}],
-                       "channels": {"hook": {"type": "webhook", "url": receiver.url,
+                       "channels": {"hook": {"type": "webhook", "url": receiver.hook,
                                              "timeout": "5s"}}},
             "pools": {"w": {"processes": 1, "watch": False, "backoff": {"initial": 0.05},
                             "functions": {"echo": "examples.text:echo"}}}}
