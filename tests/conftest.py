@@ -6,6 +6,7 @@ what it started, by pid; only 127.0.0.1.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -22,8 +23,10 @@ from typing import Any
 
 import psutil
 import pytest
+import structlog
 import yaml
 
+from gearvisor import log as logmod
 from gearvisor.gearman import admin
 
 REPO = Path(__file__).resolve().parent.parent
@@ -301,6 +304,17 @@ class Master:
         _kill_pid(self.proc)
         if hasattr(self, "_log"):
             self._log.close()
+
+
+@pytest.fixture
+def log() -> Iterator[io.StringIO]:
+    """The in-process master's JSON log (structlog), captured; reset afterwards."""
+    stream = io.StringIO()
+    logmod.configure("info", "json", stream)
+    try:
+        yield stream
+    finally:
+        structlog.reset_defaults()
 
 
 @pytest.fixture

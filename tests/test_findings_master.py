@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 import yaml
 from fakeos import FakeMaster
 
-from gearvisor import log as logmod
 from gearvisor.gearman.admin import FunctionStatus, WorkerInfo
 from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
@@ -39,16 +37,6 @@ class Views(Component):
     def show(self, view: ev.ServerView) -> None:
         self.views[view.server] = view
         self.master.bus.publish(ev.Snapshot(view))
-
-
-@pytest.fixture
-def log() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    logmod.configure("info", "json", stream)
-    try:
-        yield stream
-    finally:
-        structlog.reset_defaults()
 
 
 @pytest.fixture

@@ -21,11 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 import yaml
 from fakeos import FakeChild, FakeMaster, signal_status
 
-from gearvisor import log as logmod
 from gearvisor.master import bus as ev
 from gearvisor.master.arbiter import HANDLED_SIGNALS, RETIRE_SIGNAL
 from gearvisor.master.component import Component
@@ -56,17 +54,6 @@ def pool_settings(**overrides: Any) -> dict[str, Any]:
 def write_config(path: Path, **overrides: Any) -> None:
     path.write_text(yaml.safe_dump({"watch_config": False,
                                     "pools": {"web": pool_settings(**overrides)}}))
-
-
-@pytest.fixture
-def log() -> Iterator[io.StringIO]:
-    """The master's JSON log, captured."""
-    stream = io.StringIO()
-    logmod.configure("info", "json", stream)
-    try:
-        yield stream
-    finally:
-        structlog.reset_defaults()
 
 
 @pytest.fixture
