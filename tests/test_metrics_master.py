@@ -10,14 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 import yaml
 from conftest import HOST, free_port
 from fakeos import FakeMaster, signal_status
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gearvisor import log as logmod
 from gearvisor.master.health import HEALTH_INTERVAL, Health
 from gearvisor.master.metrics import Metrics
 from gearvisor.messages import Ready, Recycle
@@ -26,9 +24,8 @@ SIGKILL = 9
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Any]:
+def fleet(tmp_path: Path, log: io.StringIO) -> Iterator[Any]:
     """make(**pool settings) -> (FakeMaster, its Metrics component)."""
-    logmod.configure("info", "json", io.StringIO())
     made: list[FakeMaster] = []
 
     def make(**pool: Any) -> tuple[FakeMaster, Metrics]:
@@ -49,7 +46,6 @@ def fleet(tmp_path: Path) -> Iterator[Any]:
     finally:
         for m in made:
             m.close()
-        structlog.reset_defaults()
 
 
 def scrape(metrics: Metrics) -> dict[tuple[str, frozenset], float]:
