@@ -132,3 +132,16 @@ def switch_user(pool: PoolConfig) -> None:
         os.initgroups(pw.pw_name, gid)
         os.setuid(pw.pw_uid)
         os.environ.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+
+
+def start_helper(title: str, signals_to_unblock: set[int], fds: set[int]) -> None:
+    """How every helper process (the file watcher, the alert notifier) starts: the one
+    post-fork setup (SIGTERM when the master dies), its pipes `fds` blocking, its process
+    title, then the master's signals unblocked."""
+    after_fork(signals_to_unblock, signal.SIGTERM, fds)
+    for fd in fds:
+        os.set_blocking(fd, True)
+    from setproctitle import setproctitle
+
+    setproctitle(title)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals_to_unblock)

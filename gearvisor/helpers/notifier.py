@@ -593,16 +593,11 @@ def run_notifier(channels: Mapping[str, ChannelConfig], in_fd: int, event_fd: in
                  signals_to_unblock: set[int]) -> NoReturn:
     """The body of the forked delivery helper (System.fork's body, with `in_fd` the read
     end of a second pipe the master writes notifications to). Never returns."""
-    from gearvisor.child.postfork import after_fork
+    from gearvisor.child.postfork import start_helper
 
     code = EXIT_CRASH
     try:
-        after_fork(signals_to_unblock, signal.SIGTERM, {in_fd, event_fd})
-        os.set_blocking(in_fd, True)
-        os.set_blocking(event_fd, True)
-        from setproctitle import setproctitle
-        setproctitle("gearvisor: notifier")
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals_to_unblock)
+        start_helper("gearvisor: notifier", signals_to_unblock, {in_fd, event_fd})
         code = serve(channels, in_fd, event_fd)
     except BrokenPipeError:
         code = EXIT_ORPHANED

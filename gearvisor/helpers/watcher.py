@@ -27,7 +27,6 @@ import json
 import os
 import re
 import select
-import signal
 import stat
 import sys
 import time
@@ -39,7 +38,7 @@ from typing import Any, NoReturn
 from wcmatch import glob as wcglob
 
 from gearvisor import messages as msg
-from gearvisor.child.postfork import after_fork
+from gearvisor.child.postfork import start_helper
 from gearvisor.config import Config
 from gearvisor.policy.backoff import Backoff
 from gearvisor.policy.child import EXIT_CRASH, EXIT_ORPHANED
@@ -600,11 +599,7 @@ def run_watcher(spec: WatchSpec, event_fd: int, master_pid: int,
     """The body of the forked watcher helper. Never returns."""
     code = EXIT_CRASH
     try:
-        after_fork(signals_to_unblock, signal.SIGTERM, {event_fd})
-        os.set_blocking(event_fd, True)
-        from setproctitle import setproctitle
-        setproctitle("gearvisor: watcher")
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals_to_unblock)
+        start_helper("gearvisor: watcher", signals_to_unblock, {event_fd})
         code = _watch(spec, event_fd, master_pid)
     except BrokenPipeError:
         code = EXIT_ORPHANED
