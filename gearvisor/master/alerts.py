@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from gearvisor import messages as msg
 from gearvisor.helpers.notifier import run_notifier
 from gearvisor.master import bus as ev
+from gearvisor.master.arbiter import HANDLED_SIGNALS
 from gearvisor.master.component import Component
 from gearvisor.master.pipes import read_lines
 from gearvisor.master.state import StateError, StateStore
@@ -338,7 +339,6 @@ class Alerts(Component):
             os.close(in_w)
             run_notifier(channels, in_r, w, blocked)
 
-        from gearvisor.master.arbiter import HANDLED_SIGNALS
         try:
             pid, events = self.master.system.fork(body, HANDLED_SIGNALS)
         except OSError as e:
