@@ -237,7 +237,6 @@ class Alerts(Component):
         # The engine's exit kinds are the pool's (crashed, boot_error, roll_failed, stopped).
         self._fact(facts.ChildExit(pool.name, child.slot, event.decision.kind.value))
         if child.killed_for == "timeout":
-            job = child.scoreboard.read() if child.scoreboard is not None else None
             function = job.function if job is not None and job.busy else ""
             self._fact(facts.HardTimeout(pool.name, child.slot, function))
         if event.decision.kind is ExitKind.ROLL_FAILED:
@@ -265,17 +264,16 @@ class Alerts(Component):
 
     def _deliver(self, notes: list[dict[str, Any]]) -> None:
         """Queue `notes` for the helper, then re-arm the timer and mark the state dirty."""
+        if not self.config.alerts.channels:
+            notes = []  # no channel configured: alerts are listed, not sent
         for note in notes:
             if len(self.out) >= MAX_PENDING:
                 lost = json.loads(self.out.popleft())
                 self.dropped += 1
                 self.master.bus.publish(ev.AlertNotified(str(lost.get("channel")), "dropped"))
             self.out.append(json.dumps(note, separators=(",", ":")).encode() + b"\n")
-        if notes:
-            if not self.config.alerts or not self.config.alerts.channels:
-                self.out.clear()  # no channel configured: alerts are listed, not sent
-            elif self.helper_in >= 0:
-                self.master.loop.add_writer(self.helper_in, self._write)
+        if notes and self.helper_in >= 0:
+            self.master.loop.add_writer(self.helper_in, self._write)
         self._changed()
 
     def _changed(self) -> None:
