@@ -62,6 +62,7 @@ GRAPH = {name: imports(path) for name, path in MODULES.items()}
 
 
 SUBPACKAGES = {"master", "cli", "child", "policy", "config", "gearman", "helpers", "shm",
+               "journal",
                "metrics"}
 
 
@@ -105,7 +106,8 @@ def test_policy_is_pure() -> None:
 
 
 def test_only_master_and_cli_import_the_master_and_only_cli_imports_cli() -> None:
-    for other in ("child", "policy", "config", "gearman", "helpers", "shm", "metrics", "top"):
+    for other in ("child", "policy", "config", "gearman", "helpers", "shm", "metrics",
+                  "journal", "top"):
         for module, names in imports_of(other).items():
             if module == "gearvisor.__main__":  # `python -m gearvisor` is the CLI
                 continue
