@@ -26,6 +26,7 @@ from gearvisor.policy.alert_rules import (
     ChildExit,
     ChildReady,
     CircuitFact,
+    DeadLetterCount,
     FdUsage,
     FindingDown,
     FindingUp,
@@ -34,6 +35,7 @@ from gearvisor.policy.alert_rules import (
     PoisonFact,
     QuarantineFact,
     RollFact,
+    StoreFact,
 )
 from gearvisor.policy.alerts import AlertEngine, Matcher, fingerprint, parse_matcher
 
@@ -366,6 +368,8 @@ def _scenarios() -> list[tuple[str, list, list]]:
         ("Backlog", [BacklogDrain("f", "a:1", 500, 900.0)], [BacklogDrain("f", "a:1", 0, None)]),
         ("RollHalted", [RollFact("p", "halted", "boot")], [RollFact("p", "done")]),
         ("FdLimit", [FdUsage(900, 1000)], [FdUsage(10, 1000)]),
+        ("StoreDown", [StoreFact(False, "connection refused")], [StoreFact(True)]),
+        ("DeadLetters", [DeadLetterCount("f", 4), DeadLetterCount("f", 6)], [None]),
     ]
 
 
@@ -394,6 +398,15 @@ def test_each_rule_fires_once_and_resolves(rule: str, raise_: list, clear: list)
     assert names(got) == [("mail", "firing", [f"{rule}/firing"]),
                           ("mail", "resolved", [f"{rule}/resolved"])]
     assert e.alerts == {} and e.groups == {}
+
+
+def test_dead_letters_fire_on_growth_not_on_a_count_that_stands_or_falls() -> None:
+    e = AlertEngine(config(group_wait=0.0), host="h")
+    assert e.observe(DeadLetterCount("f", 40), T0) == []  # the first count: no growth seen
+    assert e.observe(DeadLetterCount("f", 40), T0 + 1) == []
+    assert e.observe(DeadLetterCount("f", 12), T0 + 2) == []  # deleted or replayed
+    assert names(e.observe(DeadLetterCount("f", 13), T0 + 3)) == [
+        ("mail", "firing", ["DeadLetters/firing"])]
 
 
 def test_backlog_drain_under_the_threshold_does_not_fire() -> None:

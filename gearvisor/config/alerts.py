@@ -1,7 +1,7 @@
 """The `alerts:` block: the built-in alert rules declared once, and the parsers of the
 block's values (rules, group_by, routes, channels).
 
-The 15 built-in rules live here as data (RULES: name, default severity, default `for:`,
+The built-in rules live here as data (RULES: name, default severity, default `for:`,
 thresholds with their parsers and defaults), because the config validates overrides
 against them (`alerts.rules.CrashLoop.count`) and the alert engine
 (gearvisor.policy.alerts) evaluates them; the config layer is the one both can import.
@@ -123,6 +123,12 @@ RULES: dict[str, RuleSpec] = {r.name: r for r in (
              "ready"),
     RuleSpec("FdLimit", "warning", "open files above `ratio` of the limit", for_=60.0,
              params={"ratio": Param(float_range(0.0, 1.0), 0.8, "share of RLIMIT_NOFILE")}),
+    RuleSpec("DeadLetters", "warning", "a function's dead letters (failed jobs no longer "
+             "retried: `gearvisor dead list`) grew by `count` within `window`",
+             params={"count": Param(int_range(1, 10**9), 1, "new dead letters"),
+                     "window": Param(_WINDOW, 3600.0, "over this long")}),
+    RuleSpec("StoreDown", "critical", "the job journal's store cannot be written; records "
+             "wait in the master's bounded buffer", for_=60.0),
 )}
 RULE_KEYS = {"enabled", "severity", "for", "keep_firing_for"}
 

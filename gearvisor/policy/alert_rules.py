@@ -157,8 +157,25 @@ class JobTick:
     p95: float | None = None
 
 
+@dataclass(frozen=True)
+class StoreFact:
+    """The job journal's store: up (written to) or down, and why."""
+
+    up: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class DeadLetterCount:
+    """How many dead letters a function has in the store now."""
+
+    function: str
+    total: int
+
+
 Fact = (ChildExit | ChildReady | FindingUp | FindingDown | QuarantineFact | CircuitFact
-        | PoisonFact | HardTimeout | RollFact | FdUsage | BacklogDrain | JobTick)
+        | PoisonFact | HardTimeout | RollFact | FdUsage | BacklogDrain | JobTick | StoreFact
+        | DeadLetterCount)
 
 # finding kind -> the rule it feeds
 FINDING_RULES = {"server_down": "ServerDown", "server_restarted": "ServerRestarted",
@@ -199,6 +216,9 @@ class RuleBook:
         self.drains: dict[tuple[str, str], BacklogDrain] = {}
         self.jobs: dict[tuple[str, str], collections.deque[tuple[float, int, int]]] = {}
         self.p95: dict[tuple[str, str], float | None] = {}
+        self.store_down: str | None = None  # why the journal's store is down, or None
+        # function -> (its dead letters at the last count, (time, how many new) per rise)
+        self.dead: dict[str, tuple[int, collections.deque[tuple[float, int]]]] = {}
 
     def reconfigure(self, rules: Mapping[str, RuleConfig]) -> None:
         """A reload: new thresholds; the facts seen so far are kept."""
@@ -266,10 +286,18 @@ class RuleBook:
             while len(q) > 2 * SAMPLES:  # a clock step back, or a smaller window now
                 q.popleft()
             self.p95[key] = fact.p95
+        elif isinstance(fact, StoreFact):
+            self.store_down = None if fact.up else (fact.error or "unreachable")
+        elif isinstance(fact, DeadLetterCount):
+            last, rises = self.dead.get(fact.function, (None, collections.deque(maxlen=SAMPLES)))
+            if last is not None and fact.total > last:
+                rises.append((now, fact.total - last))
+            _put(self.dead, fact.function, (max(0, fact.total), rises))
 
     def has_timers(self) -> bool:
         """Whether a condition may change with time alone (a window or a hold running)."""
-        return bool(self.crashes or self.poisoned or self.hung or self.jobs)
+        return bool(self.crashes or self.poisoned or self.hung or self.jobs or any(
+            rises for _, rises in self.dead.values()))
 
     def forget(self, pools: set[str]) -> None:
         """Pools that are gone (a reload removed them): drop what is known of them."""
@@ -352,6 +380,18 @@ class RuleBook:
                 who = f"pool {pool}" if pool else "the master"
                 found.append(self._condition("FdLimit", f"{who} has {fd.used} of "
                                              f"{fd.limit} files open", pool=pool))
+        if self.store_down is not None:
+            found.append(self._condition("StoreDown", "the job journal's store cannot be "
+                                         f"written: {self.store_down}"))
+        window = float(p["DeadLetters"]["window"])
+        for fn, (_, rises) in self.dead.items():
+            while rises and now - rises[0][0] > window:
+                rises.popleft()
+            new = sum(n for _, n in rises)
+            if new >= int(p["DeadLetters"]["count"]):
+                found.append(self._condition(
+                    "DeadLetters", f"function {fn}: {new} new dead letter(s) in {window:g}s "
+                    f"(`gearvisor dead list --function {fn}`)", function=fn))
         return [c for c in found if c is not None]
 
     def _jobs(self, now: float, p: Mapping[str, Mapping[str, Any]]) -> list[Condition | None]:

@@ -30,7 +30,7 @@ once an alert has fired unacknowledged for `after`; ack(fingerprint) stops that.
 Each notification is one group for one channel, in Alertmanager's webhook format
 (webhook_payload), wrapped as {"channel": name, "payload": {...}}.
 
-The modules: alert_rules (the facts and the 15 rules), alert_model (fingerprints,
+The modules: alert_rules (the facts and the built-in rules), alert_model (fingerprints,
 matchers, silences, the webhook payload), this one (the engine).
 """
 
