@@ -73,6 +73,9 @@ class FakeChild:
         self.write_fd: int | None = write_fd
         self.blocked = blocked  # the signals the arbiter asked to keep blocked in the child
         self.received: list[int] = []
+        # A helper's input: the read end of the pipe the master made for it (pipe()), as
+        # the forked helper would hold it; closed when it dies.
+        self.input_fd: int | None = None
         self.alive = True
         self.reaped = False
         self.status: int | None = None
@@ -81,6 +84,21 @@ class FakeChild:
         """Write one message to the master, as the real child does."""
         assert self.alive and self.write_fd is not None, f"child {self.pid} is dead"
         os.write(self.write_fd, messages.encode(message))
+
+    def read_input(self) -> bytes:
+        """What the master wrote to this helper's input and it has not read yet (b"" at end
+        of input, or when nothing is there)."""
+        assert self.input_fd is not None, f"child {self.pid} has no input pipe"
+        chunks = []
+        while True:
+            try:
+                data = os.read(self.input_fd, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
 
     def exit(self, code: int = 0) -> None:
         """The child exits with `code` (its pipe closes with it)."""
@@ -95,10 +113,13 @@ class FakeChild:
         self.system.exits.append((self.pid, status))
 
     def close_pipe(self) -> None:
-        """Close the write end (the child died, or the test is over)."""
+        """Close its ends (the child died, or the test is over)."""
         if self.write_fd is not None:
             os.close(self.write_fd)
             self.write_fd = None
+        if self.input_fd is not None:
+            os.close(self.input_fd)
+            self.input_fd = None
 
 
 class FakeSystem(System):
@@ -114,6 +135,7 @@ class FakeSystem(System):
         self.exits: deque[tuple[int, int]] = deque()  # (pid, status) for waitpid()
         self.fail_forks = 0  # the next this many fork() calls fail with EAGAIN
         self.fork_attempts = 0  # every fork() call, failed or not
+        self._inputs: list[int] = []  # read ends of pipe()s for the next fork to take
 
     def fork(self, body: Callable[..., Any], blocked: Iterable[int]) -> tuple[int, int]:
         """Record the fork (`body`, the child's code, never runs) and return a made-up pid
@@ -126,9 +148,23 @@ class FakeSystem(System):
         os.set_blocking(r, False)
         pid = next(self._pids)
         child = FakeChild(self, pid, w, tuple(blocked))
+        if self._inputs:
+            child.input_fd = self._inputs.pop()
         self.forked.append(child)
         self.children[pid] = child
         return pid, r
+
+    def pipe(self) -> tuple[int, int]:
+        """A real pipe; a non-blocking duplicate of its read end goes to the next forked
+        child (`input_fd`), which holds it as a forked helper would after the master
+        closed its own copy."""
+        r, w = os.pipe()
+        kept = os.dup(r)
+        os.set_blocking(kept, False)
+        for fd in self._inputs:
+            os.close(fd)  # made for a fork that failed
+        self._inputs = [kept]
+        return r, w
 
     def _signal(self, how: str, pid: int, sig: int) -> bool:
         child = self.children.get(pid)
@@ -177,6 +213,9 @@ class FakeSystem(System):
         """The test is over: close the write ends the fake children still hold."""
         for child in self.forked:
             child.close_pipe()
+        for fd in self._inputs:
+            os.close(fd)
+        self._inputs = []
 
 
 def event_types() -> list[type]:

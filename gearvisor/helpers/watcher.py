@@ -40,8 +40,8 @@ from wcmatch import glob as wcglob
 from gearvisor import messages as msg
 from gearvisor.child.postfork import start_helper
 from gearvisor.config import Config
-from gearvisor.policy.backoff import Backoff
 from gearvisor.policy.child import EXIT_CRASH, EXIT_ORPHANED
+from gearvisor.policy.helper import HelperRecord
 
 _GLOB_FLAGS = wcglob.GLOBSTAR
 RESOLVE_INTERVAL_MS = 1000  # how often symlinked roots are re-resolved (and the master checked)
@@ -483,19 +483,12 @@ def output_files(fds: Sequence[int] = (1, 2)) -> tuple[str, ...]:
 
 
 @dataclass
-class WatcherState:
-    """The master's record of the watcher helper (one process, restarted with backoff), and
-    of what each Python pool's children reported importing (which feeds its spec)."""
+class WatcherState(HelperRecord):
+    """The master's record of the watcher helper (one process, restarted with backoff: the
+    HelperRecord fields), and of what each Python pool's children reported importing (which
+    feeds its spec)."""
 
     spec: WatchSpec
-    pid: int | None = None
-    event_fd: int = -1
-    buf: bytearray = field(default_factory=bytearray)
-    started_at: float = 0.0
-    restart_at: float = 0.0
-    backoff: Backoff = field(default_factory=lambda: Backoff(0.5, 30.0, 2.0, 0.1, 10.0))
-    restarts: int = 0
-    replacing: bool = False  # killed on purpose (new spec): respawn at once, not a failure
     paths: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     polling: bool = False

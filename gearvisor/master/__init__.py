@@ -6,7 +6,7 @@
     system     master/system.py    the OS facade (fork, kill, waitpid), faked in tests
     components (master/component.py is the interface)
         control.py   the control socket: requests, buffered replies, the status stream
-        helpers.py   the file-watcher helper process, and the rolls its changes ask for
+        watcher.py   the file-watcher helper process, and the rolls its changes ask for
         probe.py     the periodic, non-blocking probe of every job server (its views)
         findings.py  health findings from the probe's views: raised, cleared, logged
         commands.py  command pools' output capture and readiness
@@ -37,11 +37,11 @@ from gearvisor.master.exitlog import ExitLog
 from gearvisor.master.findings import HealthFindings
 from gearvisor.master.groups import Groups
 from gearvisor.master.health import Health
-from gearvisor.master.helpers import Watcher
 from gearvisor.master.limits import FdLimits
 from gearvisor.master.metrics import Metrics
 from gearvisor.master.probe import Probe
 from gearvisor.master.systemd import Systemd
+from gearvisor.master.watcher import Watcher
 
 
 def components(config: Config) -> list[Component]:

@@ -18,11 +18,10 @@ only feeds it and carries its decisions out:
 
 from __future__ import annotations
 
-import collections
 import json
+import math
 import os
 import resource
-import signal
 import socket
 import time
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -30,14 +29,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from gearvisor import messages as msg
 from gearvisor.helpers.notifier import run_notifier
 from gearvisor.master import bus as ev
-from gearvisor.master.arbiter import HANDLED_SIGNALS
 from gearvisor.master.component import Component
-from gearvisor.master.pipes import read_lines
+from gearvisor.master.helper import HelperBody, HelperProcess
 from gearvisor.master.state import StateError, StateStore
 from gearvisor.policy import alert_rules as facts
 from gearvisor.policy.alert_model import parse_matcher
 from gearvisor.policy.alerts import AlertEngine
 from gearvisor.policy.backoff import Backoff
+from gearvisor.policy.helper import HelperRecord
 from gearvisor.policy.pool import ExitKind
 from gearvisor.shm.stats import SUCCESS
 
@@ -79,15 +78,13 @@ class Alerts(Component):
         self.store: StateStore | None = None
         self.timer: Timer | None = None
         self.save_timer: Timer | None = None
-        self.helper_pid: int | None = None
-        self.helper_in = -1  # the master's write end of the helper's input pipe
-        self.helper_events = -1
-        self.helper_buf = bytearray()
-        self.helper_backoff = Backoff(1.0, 60.0, multiplier=2.0, jitter=0.1)
-        self.helper_restart: Timer | None = None
-        self.out: collections.deque[bytes] = collections.deque()
-        self.partial = b""  # the unwritten rest of the line at the head of `out`
-        self.dropped = 0  # notification lines dropped because MAX_PENDING waited
+        # The delivery helper. Its backoff ends only with a delivery, not with uptime: a
+        # notifier that runs but cannot deliver is not well.
+        self.notifier = HelperProcess(
+            "alert notifier", self._notifier_body, with_input=True, max_pending=MAX_PENDING,
+            on_drop=self._dropped, on_message=self._result, on_start=self._notifier_started,
+            record=HelperRecord(backoff=Backoff(1.0, 60.0, multiplier=2.0, jitter=0.1,
+                                                reset_after=math.inf)))
         self.delivered = 0
         self.failed = 0
         self.stopping = False
@@ -124,9 +121,9 @@ class Alerts(Component):
             facts.PoisonFact(e.pool, e.function, e.strikes, e.last)))
         bus.subscribe(ev.Reloaded, self._reloaded)
         bus.subscribe(ev.FleetReady, self._rolls_done)
-        bus.subscribe(ev.OtherReaped, self._reaped)
+        self.notifier.attach(master)
         if alerts.channels:
-            self._start_helper()
+            self.notifier.start()
         self.sampler = master.loop.call_later(SAMPLE_EVERY, self._sample)
         self._deliver(self.engine.tick(self.wall()))
 
@@ -139,18 +136,14 @@ class Alerts(Component):
     def begin_stop(self, fast: bool) -> None:
         self.stopping = True
         self._save()
-        if self.helper_pid is not None:
-            # End of input: the helper delivers what it holds (up to its own 30 s), exits.
-            self._close_input()
-            if fast:
-                self.master.system.kill(self.helper_pid, signal.SIGTERM)
+        # End of input: the helper delivers what it holds (up to its own 30 s), exits.
+        self.notifier.begin_stop(fast)
 
     def stop_overdue(self) -> None:
-        if self.helper_pid is not None:
-            self.master.system.kill(self.helper_pid, signal.SIGKILL)
+        self.notifier.stop_overdue()
 
     def stopped(self) -> bool:
-        return self.helper_pid is None
+        return self.notifier.stopped()
 
     def status(self, now: float) -> dict[str, Any]:
         if self.engine is None:
@@ -161,18 +154,14 @@ class Alerts(Component):
             "pending": sum(1 for a in listed if a["state"] == "pending"),
             "silences": sum(1 for s in self.engine.list_silences(self.wall())
                             if s["state"] == "active"),
-            "notifier": {"pid": self.helper_pid, "waiting": len(self.out),
+            "notifier": {"pid": self.notifier.pid, "waiting": self.notifier.waiting,
                          "delivered": self.delivered, "failed": self.failed,
-                         "dropped": self.dropped}}}
+                         "dropped": self.notifier.dropped}}}
 
     def close(self) -> None:
         if self.sampler is not None:
             self.sampler.cancel()
-        self._close_input()
-        if self.helper_events >= 0:
-            self.master.loop.remove_reader(self.helper_events)
-            self.master.system.close(self.helper_events)
-            self.helper_events = -1
+        self.notifier.close()
         if self.store is not None:
             self._save()
             self.store.close()
@@ -267,13 +256,7 @@ class Alerts(Component):
         if not self.config.alerts.channels:
             notes = []  # no channel configured: alerts are listed, not sent
         for note in notes:
-            if len(self.out) >= MAX_PENDING:
-                lost = json.loads(self.out.popleft())
-                self.dropped += 1
-                self.master.bus.publish(ev.AlertNotified(str(lost.get("channel")), "dropped"))
-            self.out.append(json.dumps(note, separators=(",", ":")).encode() + b"\n")
-        if notes and self.helper_in >= 0:
-            self.master.loop.add_writer(self.helper_in, self._write)
+            self.notifier.send(json.dumps(note, separators=(",", ":")).encode())
         self._changed()
 
     def _changed(self) -> None:
@@ -321,108 +304,42 @@ class Alerts(Component):
 
     # -- the delivery helper --------------------------------------------------------------------
 
-    def _start_helper(self) -> None:
-        self.helper_restart = None
-        if self.stopping or self.helper_pid is not None or self.config.alerts is None:
-            return
+    def _notifier_body(self) -> HelperBody | None:
+        """What the next notifier runs: the channels of now."""
+        if self.config.alerts is None:
+            return None
         channels = dict(self.config.alerts.channels)
-        try:
-            in_r, in_w = os.pipe()
-        except OSError as e:
-            self.master.log.error("cannot start the alert notifier", error=str(e))
-            self._schedule_helper_restart()
-            return
 
-        def body(w: int, blocked: set[int]) -> NoReturn:
-            os.close(in_w)
-            run_notifier(channels, in_r, w, blocked)
+        def body(w: int, r: int, blocked: set[int]) -> NoReturn:
+            run_notifier(channels, r, w, blocked)
 
-        try:
-            pid, events = self.master.system.fork(body, HANDLED_SIGNALS)
-        except OSError as e:
-            os.close(in_r)
-            os.close(in_w)
-            self.master.log.error("cannot fork the alert notifier", error=str(e))
-            self._schedule_helper_restart()
-            return
-        os.close(in_r)
-        os.set_blocking(in_w, False)
-        self.helper_pid, self.helper_in, self.helper_events = pid, in_w, events
-        self.partial = b""  # a line the dead helper half-read is sent again whole
-        self.master.loop.add_reader(events, self._read_results)
-        if self.out:
-            self.master.loop.add_writer(in_w, self._write)
+        return body
+
+    def _notifier_started(self, pid: int) -> None:
+        assert self.config.alerts is not None  # _notifier_body ran nothing without it
         self.master.log.info("alert notifier started", notifier_pid=pid,
-                             channels=sorted(channels))
+                             channels=sorted(self.config.alerts.channels))
 
-    def _schedule_helper_restart(self) -> None:
-        if self.stopping or self.helper_restart is not None:
+    def _dropped(self, line: bytes) -> None:
+        """A notification the helper never got (MAX_PENDING waited): counted as dropped."""
+        lost = json.loads(line)
+        self.master.bus.publish(ev.AlertNotified(str(lost.get("channel")), "dropped"))
+
+    def _result(self, result: msg.Message) -> None:
+        """One line the notifier wrote: a delivery's outcome."""
+        if not isinstance(result, msg.Delivered):
             return
-        now = self.master.clock()
-        delay = self.helper_backoff.failure(now, now)
-        self.helper_restart = self.master.loop.call_later(delay, self._start_helper)
-
-    def _write(self) -> None:
-        """Write queued lines while the pipe takes them; never blocks."""
-        while self.out and self.helper_in >= 0:
-            data = self.partial or self.out[0]
-            try:
-                n = os.write(self.helper_in, data)
-            except BlockingIOError:
-                return
-            except OSError:  # the helper is gone: its reaping restarts it
-                self._close_input()
-                return
-            self.partial = data[n:]
-            if not self.partial:
-                self.out.popleft()
-        if self.helper_in >= 0:
-            self.master.loop.remove_writer(self.helper_in)
-
-    def _close_input(self) -> None:
-        if self.helper_in >= 0:
-            self.master.loop.remove_writer(self.helper_in)
-            self.master.system.close(self.helper_in)
-            self.helper_in = -1
-
-    def _read_results(self, final: bool = False) -> None:
-        lines, eof, _ = read_lines(self.helper_events, self.helper_buf, 64 if final else 1)
-        for line in lines:
-            try:
-                result = msg.decode(line)
-            except msg.MessageError as e:
-                self.master.log.warning("unreadable line from the alert notifier",
-                                        error=str(e))
-                continue
-            if not isinstance(result, msg.Delivered):
-                continue
-            outcome = ("delivered" if result.ok else
-                       "dropped" if result.attempts == 0 else "failed")
-            self.master.bus.publish(ev.AlertNotified(result.channel, outcome))
-            if result.ok:
-                self.delivered += 1
-                self.helper_backoff.success(self.master.clock())
-            else:
-                self.failed += 1
-                self.master.log.warning("alert notification not delivered",
-                                        channel=result.channel, error=result.error,
-                                        attempts=result.attempts)
-        if eof or final:
-            self.master.loop.remove_reader(self.helper_events)
-            self.master.system.close(self.helper_events)
-            self.helper_events = -1
-
-    def _reaped(self, event: ev.OtherReaped) -> None:
-        if event.pid != self.helper_pid:
-            return
-        if self.helper_events >= 0:
-            self._read_results(final=True)
-        self._close_input()
-        self.helper_pid = None
-        if not self.stopping:
-            self.master.log.warning("alert notifier exited; restarting with backoff",
-                                    status=event.status)
-            self._schedule_helper_restart()
+        outcome = ("delivered" if result.ok else
+                   "dropped" if result.attempts == 0 else "failed")
+        self.master.bus.publish(ev.AlertNotified(result.channel, outcome))
+        if result.ok:
+            self.delivered += 1
+            self.notifier.succeeded()
+        else:
+            self.failed += 1
+            self.master.log.warning("alert notification not delivered",
+                                    channel=result.channel, error=result.error,
+                                    attempts=result.attempts)
 
     # -- control verbs --------------------------------------------------------------------------
 

@@ -123,6 +123,10 @@ class System:
             return None
         return None if pid == 0 else (pid, status)
 
+    def pipe(self) -> tuple[int, int]:
+        """A pipe for a helper's input: (read end, write end), both blocking."""
+        return os.pipe()
+
     def read(self, fd: int, size: int = 65536) -> bytes:
         return os.read(fd, size)
 

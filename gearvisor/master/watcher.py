@@ -9,17 +9,14 @@ What each Python pool's children report importing feeds the watch list.
 
 from __future__ import annotations
 
-import signal
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from gearvisor import messages as msg
 from gearvisor.helpers.watcher import Debouncer, WatcherState, run_watcher
 from gearvisor.master import bus as ev
-from gearvisor.master.arbiter import HANDLED_SIGNALS
 from gearvisor.master.component import Component
-from gearvisor.master.pipes import read_lines
-from gearvisor.policy.child import describe_status
+from gearvisor.master.helper import HelperBody, HelperProcess
 
 if TYPE_CHECKING:
     from gearvisor.config import Config
@@ -33,16 +30,17 @@ class Watcher(Component):
     def __init__(self, config: Config) -> None:
         self.debouncer = Debouncer(config.watch_debounce)
         self.state = WatcherState.for_config(config, sys.path)
-        self._start_timer: Timer | None = None
+        self.helper = HelperProcess("file watcher", self._body, on_start=self._started,
+                                    on_message=self.handle, record=self.state,
+                                    describe=lambda: {"error": self.state.error})
         self._roll_timer: Timer | None = None
-        self.stopping = False
 
     def attach(self, master: Arbiter) -> None:
         self.master = master
-        master.bus.subscribe(ev.OtherReaped, self._reaped)
+        self.helper.attach(master)
         master.bus.subscribe(ev.ChildSaid, self._child_said)
         self._log_notes()
-        self._start_at(0.0)
+        self.helper.start_at(0.0)
 
     def reload(self, config: Config) -> None:
         self.debouncer.retime(config.watch_debounce)
@@ -50,65 +48,35 @@ class Watcher(Component):
         self.update_spec()
 
     def begin_stop(self, fast: bool) -> None:
-        self.stopping = True
-        self._signal(signal.SIGTERM)
+        self.helper.begin_stop(fast)  # no input: SIGTERM
 
     def stop_overdue(self) -> None:
-        self._signal(signal.SIGKILL)
+        self.helper.stop_overdue()
 
     def stopped(self) -> bool:
-        return self.state.pid is None
+        return self.helper.stopped()
 
     def status(self, now: float) -> dict[str, Any]:
         return {"watcher": self.state.status(now, self.debouncer)}
 
+    def close(self) -> None:
+        self.helper.close()
+
     # -- the helper process ---------------------------------------------------------------------
 
-    def _start_at(self, when: float) -> None:
-        if self._start_timer is not None:
-            self._start_timer.cancel()
-        self._start_timer = self.master.loop.call_at(when, self.start)
+    def _body(self) -> HelperBody | None:
+        """What the next watcher runs: the spec of now (none while it is empty)."""
+        spec, master_pid = self.state.spec, self.master.pid
+        if spec.empty:
+            return None
 
-    def start(self) -> None:
-        w = self.state
-        if w.pid is not None or w.spec.empty or self.stopping:
-            return
-        spec, master_pid, now = w.spec, self.master.pid, self.master.clock()
-
-        def body(fd: int, blocked: set[int]) -> NoReturn:
+        def body(fd: int, _input: int, blocked: set[int]) -> NoReturn:
             run_watcher(spec, fd, master_pid, blocked)
 
-        try:
-            w.pid, w.event_fd = self.master.system.fork(body, HANDLED_SIGNALS)
-        except OSError as e:
-            w.restart_at = now + w.backoff.failure(now, now)
-            self.master.log.error("fork of the file watcher failed", error=str(e))
-            self._start_at(w.restart_at)
-            return
-        w.started_at = now
-        w.paths, w.missing, w.buf = [], [], bytearray()
-        self.master.loop.add_reader(w.event_fd, self._read)
+        return body
 
-    def _signal(self, sig: int) -> None:
-        if self.state.pid is not None:
-            self.master.system.kill(self.state.pid, sig)  # gone: reap() collects it
-
-    def _read(self, final: bool = False) -> None:
-        """What the helper's pipe holds; closed at end of file, or with `final` (it is
-        dead, so one bounded read takes all it wrote)."""
-        w = self.state
-        lines, eof, _ = read_lines(w.event_fd, w.buf, 64 if final else 1)
-        if eof or final:
-            self.master.loop.remove_reader(w.event_fd)
-            self.master.system.close(w.event_fd)
-            w.event_fd = -1
-        for line in lines:
-            try:
-                message = msg.decode(line)
-            except msg.MessageError as e:
-                self.master.log.warning("unreadable line from the file watcher", error=str(e))
-                continue
-            self.handle(message)
+    def _started(self, pid: int) -> None:
+        self.state.paths, self.state.missing = [], []  # until the new one says
 
     def handle(self, message: msg.Message) -> None:
         w, log = self.state, self.master.log
@@ -136,29 +104,6 @@ class Watcher(Component):
             w.error = message.message
             log.error("file watcher problem; the fleet keeps running", error=w.error)
 
-    def _reaped(self, event: ev.OtherReaped) -> None:
-        w = self.state
-        if event.pid != w.pid:
-            return
-        if w.event_fd >= 0:
-            self._read(final=True)
-        now = self.master.clock()
-        w.pid = None
-        if self.stopping:
-            return
-        if w.replacing:
-            w.replacing = False
-            w.restart_at = now
-        else:
-            delay = w.backoff.failure(w.started_at, now)
-            w.restarts += 1
-            w.restart_at = now + delay
-            level = self.master.log.error if w.backoff.failures <= 3 else self.master.log.debug
-            level("file watcher died; restarting it with backoff (the fleet keeps running)",
-                  status=describe_status(event.status)[2], retry_in=round(delay, 3),
-                  error=w.error, streak=w.backoff.failures)
-        self._start_at(w.restart_at)
-
     # -- what to watch --------------------------------------------------------------------------
 
     def _log_notes(self, known: tuple[str, ...] = ()) -> None:
@@ -174,14 +119,10 @@ class Watcher(Component):
         if not w.rebuild(self.master.config, sys.path):
             return
         self._log_notes(known=notes)
-        w.restart_at = 0.0  # in backoff: start on the new list now
         if w.pid is not None:
-            w.replacing = True
             self.master.log.info("watch list changed; restarting the file watcher",
                                  watcher_pid=w.pid)
-            self._signal(signal.SIGTERM)
-        else:
-            self._start_at(0.0)
+        self.helper.restart()  # in backoff too: start on the new list now
 
     def _child_said(self, event: ev.ChildSaid) -> None:
         """A child's import report ("modules" lines): once the first report of a new
