@@ -25,6 +25,7 @@ from gearvisor.child.command import exec_command
 from gearvisor.child.python import run_child
 from gearvisor.config import Config, ConfigError, load
 from gearvisor.control import default_socket_path
+from gearvisor.journal.record import JOURNAL_PREFIX
 from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
 from gearvisor.master.loop import Loop, Timer
@@ -293,6 +294,9 @@ class Arbiter:
                              pool=pool.name, child_pid=child.pid)
         child.event_overflows += bool(dropped)
         for line in lines:
+            if line.startswith(JOURNAL_PREFIX):  # not decoded here: the store helper checks
+                self.bus.publish(ev.JournalLines(child, pool, line))
+                continue
             try:
                 message = msg.decode(line)
             except msg.MessageError as e:

@@ -207,3 +207,28 @@ class AlertNotified:
 
     channel: str
     outcome: str  # "delivered" | "failed" | "dropped"
+
+
+# -- the job journal ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JournalLines:
+    """A child wrote a journal line (journal/record.py): records of the jobs it ended. The
+    arbiter hands it on undecoded; the journal component forwards it to the store."""
+
+    child: Child
+    pool: Pool
+    line: bytes
+
+
+@dataclass(frozen=True)
+class JournalState:
+    """The job store's state as its helper last reported it: `up` (or `error`), dead
+    letters per function, and retries the helper submitted since its last report as
+    (pool, function, n). Alerts (StoreDown, DeadLetters) and metrics read it."""
+
+    up: bool
+    error: str
+    dead: Mapping[str, int]
+    retries: tuple[tuple[str, str, int], ...]

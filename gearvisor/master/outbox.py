@@ -26,11 +26,12 @@ class Outbox:
         self.dropped = 0  # lines dropped for the bound, ever
 
     def add(self, line: bytes) -> bytes:
-        """Keep `line` (without its newline) and return its framing for the helper:
-        b"<seq> <line>\\n". The oldest lines go when the bound is passed."""
+        """Keep `line` (without its newline) and return its framing for the helper,
+        b"<seq> <line>" (the newline is the sender's). The oldest lines go when the bound is
+        passed."""
         seq = self.next_seq
         self.next_seq += 1
-        framed = b"%d %s\n" % (seq, line)
+        framed = b"%d %s" % (seq, line)
         self.lines.append((seq, framed))
         self.bytes += len(framed)
         while self.bytes > self.max_bytes and len(self.lines) > 1:
