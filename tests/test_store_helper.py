@@ -291,3 +291,60 @@ def test_store_outage_stops_acks_buffers_and_flushes_when_back(
         assert sorted(uniques) == sorted(["before", *(f"during{n}" for n in range(2, 12))])
     finally:
         s.close()
+
+
+# -- the helper's state, in this process (an injected clock) --------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_claim_answered_while_the_store_was_down_is_not_sent_again(tmp_path: Path) -> None:
+    # A retry went out, then the store failed before it heard so. On reconnect the helper
+    # tells it first; taking back "stale" claims first would queue the retry a second time.
+    clock, sent = Clock(), []
+    settings = sqlite_settings(tmp_path)
+    h = helper.StoreHelper(settings, sent.append, clock=clock)
+    h.connect()
+    assert h.store is not None
+    h.store.write(store_records(rec("error", decision="retry", due=0.0)))
+    [due] = h.store.claim_due(time.time(), h.host, 10)
+    h.to_mark.add(due.id)  # a job server took it ...
+    h.down(store.StoreError("job store x: disk I/O error"))  # ... and the store failed
+    assert (h.up, h.store) == (False, None)
+    clock.now += helper.RECONNECT_MAX + 1
+    h.connect()
+    assert h.up and h.to_mark == set()
+    assert h.store.dead_show(due.id)["state"] == "submitted"
+    assert h.store.claim_due(time.time(), h.host, 10) == []
+    h.store.close()
+
+
+def test_lines_held_while_the_store_was_down_are_checked_against_it(tmp_path: Path) -> None:
+    # The helper started with the store down, so it did not know what was committed: a
+    # line sent again is dropped once the store says it has it.
+    settings = sqlite_settings(tmp_path)
+    s = opened(settings)
+    s.write(store_records(rec(unique="old")), seq=("h1/run1", 2))
+    s.close()
+    clock, sent = Clock(), []
+    h = helper.StoreHelper(settings, sent.append, clock=clock)
+    h.take_line(line(2, rec(unique="old")).rstrip(b"\n"))
+    h.take_line(line(3, rec(unique="new")).rstrip(b"\n"))
+    h.connect()
+    h.flush()
+    assert sent[-1] == msg.Stored(seq=3)
+    assert h.store is not None
+    assert sorted(j["unique"] for j in h.store.recent()) == ["new", "old"]
+    h.store.close()
+
+
+def store_records(*items: dict[str, Any]) -> list:
+    out, errors = store.parse_line(record.journal_line(list(items)), 65536)
+    assert errors == []
+    return out

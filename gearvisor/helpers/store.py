@@ -13,7 +13,8 @@ most PENDING_MAX bytes of lines in memory (and reads no more until they are writ
 master holds the rest) and reconnects with backoff. Every RETRY_EVERY seconds (sooner when
 a retry it wrote falls due) it claims due retries and submits each as a background job to
 the first job server that takes it, under record.retry_unique; a retry no server took is
-unclaimed and waits for the next round. After a change it reports `StoreState` (dead
+unclaimed and waits for the next round. Any host's helper may claim any due retry: the
+hosts sharing a store share their job servers. After a change it reports `StoreState` (dead
 letters per function, retries submitted), at most once a second. At end of input it
 commits what it holds and exits 0.
 
@@ -111,18 +112,17 @@ class StoreHelper:
             return
         s = self.settings
         try:
-            store = self.opener(s.url, s.state_dir, s.caps)
-            try:
-                store.recover_claims(self.host)
-                store.recount()
-                self.committed = max(self.committed, store.last_seq(self.key))
-            except StoreError:
-                store.close()
-                raise
+            self.store = self.opener(s.url, s.state_dir, s.caps)
+            # First what this helper itself knows about its claims (the store went down
+            # between a claim and its answer), then the claims a dead helper left.
+            self._settle()
+            self.store.recover_claims(self.host)
+            self.store.recount()
+            self.committed = max(self.committed, self.store.last_seq(self.key))
         except StoreError as e:
             self.down(e)
             return
-        self.store = store
+        store = self.store
         self.backoff.reset()
         if not self.up:
             self.up, self.error, self.changed = True, "", True
@@ -161,6 +161,8 @@ class StoreHelper:
         self.refused += len(errors)
         self.pending.append((seq, records))
         self.pending_bytes += len(line)
+        if not self.up:
+            self.changed = True  # `buffered` grew: reported (at most once a second)
 
     def flush(self) -> None:
         """Write what is held, in one transaction, and ack it; on failure keep it all."""
