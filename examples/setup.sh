@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare a fresh Debian machine for gearvisor: gearmand + gearman tools, php-gearman and
 # Perl's Gearman::Worker (for the example command pools), Prometheus, Alertmanager and tmux
-# (which the tests run for real) from Debian, and a
+# (which the tests run for real), PostgreSQL (the job store's tests) from Debian, and a
 # virtualenv in .venv with gearvisor installed (editable) plus the test tools.
 # Idempotent and quiet when everything is already there. Used by examples/demo.sh and
 # tests/run.sh (and so by .ci/run).
@@ -27,6 +27,9 @@ command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertman
 command -v tmux >/dev/null 2>&1 || need+=(tmux)
 # openssl: the email channel's test makes a certificate for its STARTTLS server.
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# PostgreSQL: the job store's tests run a real server (initdb in a temp dir, a free
+# loopback port) as the unprivileged user the package creates (postgres).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} from Debian" >&2
   $SUDO apt-get update -qq

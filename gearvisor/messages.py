@@ -124,9 +124,36 @@ class Delivered(Message):
     dropped: int = 0
 
 
+# -- from the job store helper (helpers/store.py) --------------------------------------------------
+
+@dataclass(frozen=True)
+class Stored(Message):
+    """Every journal line the master numbered up to `seq` is committed (or was refused as
+    unreadable): the master can forget them."""
+
+    name: ClassVar[str] = "stored"
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class StoreState(Message):
+    """The store helper's state, sent after a change (at most once a second): whether the
+    store is `up` (else `error` says why), dead letters per function, retries submitted
+    since the last report as [pool, function, n] triples, journal lines held unwritten
+    (`buffered`), and `refused`: records and fields refused as malformed so far."""
+
+    name: ClassVar[str] = "store"
+    up: bool = False
+    error: str = ""
+    dead: dict = field(default_factory=dict)
+    retries: list = field(default_factory=list)
+    buffered: int = 0
+    refused: int = 0
+
+
 KINDS: dict[str, type[Message]] = {
     cls.name: cls for cls in (Ready, BootError, Quarantined, ProbationPassed, Recycle, Modules,
-                              Watching, Changed, WatcherError, Delivered)}
+                              Watching, Changed, WatcherError, Delivered, Stored, StoreState)}
 
 
 def encode(message: Message) -> bytes:
@@ -149,6 +176,9 @@ def _checked(value: Any, default: Any, key: str) -> Any:
             return default
     elif isinstance(default, list):
         if isinstance(value, list):
+            return value
+    elif isinstance(default, dict):
+        if isinstance(value, dict):
             return value
     raise MessageError(f"{key}: expected {type(default).__name__}, got {type(value).__name__}")
 

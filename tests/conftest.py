@@ -9,11 +9,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -363,3 +365,132 @@ def wired() -> Iterator[Callable[..., Any]]:
     for worker, theirs in made:
         worker.close()
         theirs.close()
+
+
+# -- PostgreSQL (the job store's shared backend) --------------------------------------------------
+
+
+def _postgres_bin() -> Path | None:
+    """The newest installed PostgreSQL's bin directory (Debian: /usr/lib/postgresql/N/bin)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
+                   else 0)
+    return found[-1].parent if found else None
+
+
+class Postgres:
+    """A real PostgreSQL server: initdb in a temporary directory, listening on a free
+    127.0.0.1 port (its unix socket in that directory too), run as an unprivileged user
+    (`postgres`, which Debian's package creates, when the tests run as root), stopped by
+    pid. Restartable on the same port and data, for outages."""
+
+    SUPERUSER = "gv"
+
+    def __init__(self) -> None:
+        bindir = _postgres_bin()
+        if bindir is None:
+            pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
+        self.bin = bindir
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="gv-pg-"))
+        self.user: str | None = None
+        if os.geteuid() == 0:
+            # initdb and postgres refuse to run as root.
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                pw = pwd.getpwnam("nobody")
+            self.user = pw.pw_name
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+        self.data = self.dir / "data"
+        self.proc: subprocess.Popen | None = None
+        self._run([str(self.bin / "initdb"), "-D", str(self.data), "-U", self.SUPERUSER,
+                   "-A", "trust", "-E", "UTF8", "--no-locale", "--no-sync"])
+
+    def _run(self, argv: list[str]) -> None:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                             user=self.user, cwd=self.dir)
+        assert out.returncode == 0, f"{argv[0]} failed: {out.stdout}\n{out.stderr}"
+
+    def start(self) -> Postgres:
+        """Start the server and wait until pg_isready says it accepts connections."""
+        self._log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - closed by stop()
+        self.proc = subprocess.Popen(
+            [str(self.bin / "postgres"), "-D", str(self.data), "-h", HOST, "-p", str(self.port),
+             "-k", str(self.dir), "-c", "fsync=off", "-c", "max_connections=30",
+             "-c", "shared_buffers=16MB"],
+            stdout=subprocess.DEVNULL, stderr=self._log, user=self.user, cwd=self.dir)
+        isready = str(self.bin / "pg_isready")
+        wait_for(lambda: self.proc is not None and self.proc.poll() is None and subprocess.run(
+            [isready, "-q", "-h", HOST, "-p", str(self.port)], timeout=10).returncode == 0,
+            timeout=30, interval=0.1, message=f"postgres on port {self.port}")
+        return self
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT) by pid, SIGKILL if it is not gone in 15 s."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        self._log.close()
+        if proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def url(self, database: str = "postgres", password: str | None = None) -> str:
+        auth = self.SUPERUSER + (f":{password}" if password is not None else "")
+        return f"postgresql://{auth}@{HOST}:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        """A new empty database; its URL."""
+        import psycopg
+
+        name = "gv_" + uuid.uuid4().hex[:12]
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Postgres]:
+    """One PostgreSQL for the session (a fresh database per test: pg_url)."""
+    pytest.importorskip("psycopg")
+    server = Postgres()
+    try:
+        yield server.start()
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def pg_url(postgres_server: Postgres) -> str:
+    """The URL of a new empty database on the session's PostgreSQL."""
+    if postgres_server.proc is None or postgres_server.proc.poll() is not None:
+        postgres_server.start()  # a test stopped it
+    return postgres_server.create_database()
+
+
+@pytest.fixture
+def postgres_factory() -> Iterator[Callable[[], Postgres]]:
+    """make() -> a PostgreSQL of the test's own (to stop and start); removed afterwards."""
+    pytest.importorskip("psycopg")
+    made: list[Postgres] = []
+
+    def make() -> Postgres:
+        server = Postgres()
+        made.append(server)
+        return server.start()
+
+    try:
+        yield make
+    finally:
+        for server in made:
+            server.remove()

@@ -15,7 +15,9 @@ from gearvisor import messages as msg
     msg.ProbationPassed(), msg.Recycle("max_jobs"), msg.Modules(["/a.py"], more=True),
     msg.Watching(["/srv"], [], True), msg.Changed(["p"], False, ["/srv/a.py"], 1, "edit"),
     msg.WatcherError("boom", fatal=True),
-    msg.Delivered("ops-mail", "{}:{alertname=\"CrashLoop\"}", False, "timed out", 4, 1)])
+    msg.Delivered("ops-mail", "{}:{alertname=\"CrashLoop\"}", False, "timed out", 4, 1),
+    msg.Stored(41), msg.StoreState(True, "", {"send_mail": 3}, [["mail", "send_mail", 2]], 0, 1),
+    msg.StoreState(False, "job store x: down", {}, [], 12, 0)])
 def test_round_trip(message: msg.Message) -> None:
     line = msg.encode(message)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
@@ -27,7 +29,7 @@ def test_wire_names_are_stable() -> None:
     # Operators and tests grep for these; a rename is a breaking change.
     assert sorted(msg.KINDS) == ["boot_error", "changed", "delivered", "error", "modules",
                                  "probation_passed", "quarantined", "ready", "recycle",
-                                 "watching"]
+                                 "store", "stored", "watching"]
 
 
 @pytest.mark.parametrize("line, why", [
@@ -39,6 +41,7 @@ def test_wire_names_are_stable() -> None:
     (b'{"event": "quarantined", "failed": "many"}', "failed: expected int"),
     (b'{"event": "modules", "files": "/a.py"}', "files: expected list"),
     (b'{"event": "changed", "config": 1}', "config: expected bool"),
+    (b'{"event": "store", "dead": [1]}', "dead: expected dict"),
     (b'\xff\xfe', "not JSON"),
 ])
 def test_bad_lines_are_a_message_error_naming_the_problem(line: bytes, why: str) -> None:
