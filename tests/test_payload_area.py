@@ -48,11 +48,11 @@ def test_a_payload_over_the_cap_is_read_cut() -> None:
         area.close()
 
 
-def test_no_job_or_a_job_that_ended_reads_none() -> None:
+def test_no_job_or_a_cleared_copy_reads_none() -> None:
     area = PayloadArea(16)
     try:
         assert area.read() is None
-        in_child(lambda: (area.job_started(b"abc"), area.job_ended()))
+        in_child(lambda: (area.job_started(b"abc"), area.clear()))
         assert area.read() is None
         in_child(lambda: area.job_started(b""))
         assert area.read() == (b"", 0, False)  # an empty payload is still a payload
@@ -73,8 +73,7 @@ def test_a_child_killed_mid_copy_reads_none() -> None:
 def test_a_later_job_replaces_the_copy() -> None:
     area = PayloadArea(8)
     try:
-        in_child(lambda: (area.job_started(b"first-payload"), area.job_ended(),
-                          area.job_started(b"2nd")))
+        in_child(lambda: (area.job_started(b"first-payload"), area.job_started(b"2nd")))
         assert area.read() == (b"2nd", 3, False)
     finally:
         area.close()

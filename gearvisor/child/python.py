@@ -161,6 +161,8 @@ class _ChildHooks(Hooks):
             self.running.set(self.running_index, key)  # before it runs: if it kills us
         if job.function in self.copy_payload:
             self.board.payload.job_started(job.data)  # type: ignore[union-attr]
+        elif self.board.payload is not None:
+            self.board.payload.clear()  # (failed_payload: drop)
         # A retry's unique as gearvisor submitted it, so a crash record has its attempt
         unique = (job.unique if job.retry_of is None
                   else retry_unique(job.retry_of, job.attempt, job.unique))
@@ -191,8 +193,6 @@ class _ChildHooks(Hooks):
     def job_finished(self, job: Job, ok: bool, seconds: float) -> None:
         if self.running is not None:
             self.running.set(self.running_index, 0)
-        if job.function in self.copy_payload:
-            self.board.payload.job_ended()  # type: ignore[union-attr]
         if ok:
             self.done += 1
         else:

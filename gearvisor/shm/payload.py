@@ -16,12 +16,13 @@ import struct
 
 # seq, the whole payload's size, the bytes kept (<= cap); then the bytes
 _HEADER = struct.Struct("<QQQ")
+_SEQ = struct.Struct("<Q")
 _NONE = 2**64 - 1  # the size field when no job's payload is held
 
 
 class PayloadArea:
     """The current job's payload, its first `cap` bytes. Create in the master before fork;
-    the child writes (job_started, job_ended), the master reads (read)."""
+    the child writes (job_started, clear), the master reads (read)."""
 
     __slots__ = ("cap", "_mm", "_seq", "_empty")
 
@@ -33,21 +34,23 @@ class PayloadArea:
         self._empty = True
 
     def job_started(self, data: bytes) -> None:
-        """Child side: copy the payload of the job about to run (at most cap bytes)."""
+        """Child side: copy the payload of the job about to run (at most cap bytes). It
+        stays until the next job starts: the master reads it only while the scoreboard
+        says a job runs."""
         kept = min(len(data), self.cap)
-        self._seq += 1  # odd: being written
+        seq = self._seq + 1  # odd: being written
         mm = self._mm
-        _HEADER.pack_into(mm, 0, self._seq, len(data), kept)
+        _HEADER.pack_into(mm, 0, seq, len(data), kept)
         if kept:
             # a memoryview slice: the first cap bytes of a big payload, without copying it
             mm[_HEADER.size:_HEADER.size + kept] = memoryview(data)[:kept]
-        self._seq += 1
-        _HEADER.pack_into(mm, 0, self._seq, len(data), kept)
+        self._seq = seq + 1
+        _SEQ.pack_into(mm, 0, seq + 1)
         self._empty = False
 
-    def job_ended(self) -> None:
-        """Child side: no job is running (a copy left over would be read as the payload of
-        a job that is not the one a later crash interrupts)."""
+    def clear(self) -> None:
+        """Child side: a job whose payload is not copied (failed_payload: drop) starts; the
+        last job's copy must not be read as its payload."""
         if not self._empty:
             self._seq += 2
             _HEADER.pack_into(self._mm, 0, self._seq, _NONE, 0)
@@ -56,7 +59,7 @@ class PayloadArea:
     def read(self) -> tuple[bytes, int, bool] | None:
         """Master side, after the child died: (the bytes kept, the whole payload's size,
         cut: the bytes are only its first cap). None when the child died mid-copy or
-        holds no job's payload (none running, or its function's failed_payload is drop)."""
+        holds no job's payload (no job ran yet, or its function's failed_payload is drop)."""
         seq, size, kept = _HEADER.unpack_from(self._mm, 0)
         if seq & 1 or size == _NONE or kept > self.cap or kept > size:
             return None
