@@ -25,6 +25,7 @@ machine's cores, so the rates are only comparable within one run: quote the rati
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import sys
@@ -273,6 +274,18 @@ class GearvisorMetrics(GearvisorMaster):
         return f'metrics: {{listen: "{HOST}:{free_port()}"}}\n'
 
 
+class GearvisorJournalOff(GearvisorMaster):
+    """The default master with the job journal off (`journal: {enabled: false}`): what the
+    journal's recording costs the child is the default (journal on) against this. Until
+    the master forwards journal lines it reads them as unknown events (and logs them):
+    the master's side is not what is measured, the child's CPU is."""
+
+    name = "gearvisor journal off"
+
+    def top(self) -> str:
+        return "journal: {enabled: false}\n"
+
+
 class PygearmanWorkers(Competitor):
     """N python processes, each one pygearman GearmanWorker."""
 
@@ -417,6 +430,86 @@ def metrics_cost(plan: Plan, workdir: Path) -> tuple[list[Row], list[Target]]:
                          "off)", counting / off, "<= 0.05", counting / off <= 0.05)]
 
 
+def journal_cost(plan: Plan, workdir: Path) -> tuple[list[Row], list[Target]]:
+    """Child CPU per job with the journal off and on (the default), interleaved (medians),
+    and the issue's target: the journal costs a successful job at most 5%. Also what
+    recording a success costs alone (the child's batch, its encoding and the pipe write,
+    amortized), and the shared-memory payload copy a crash record reads."""
+    kinds = (GearvisorJournalOff, GearvisorMaster)
+    got: dict[str, list[float]] = {k.name: [] for k in kinds}
+    for rep in range(plan.repeats * 2 - 1):
+        for i in range(len(kinds)):
+            kind = kinds[(rep + i) % len(kinds)]
+            cpu = child_cpu_per_job(kind(workdir), plan)
+            got[kind.name].append(cpu)
+            print(f"  {kind.name}, CPU per job: {cpu:.1f} us", file=sys.stderr, flush=True)
+    case = f"child CPU per job, drain {max(plan.jobs, 5000)}, 1 worker, -t 1 (journal)"
+    rows = [Row(SECTION, case, "gearvisor journal on" if name == "gearvisor" else name,
+                statistics.median(values), "us/job", better="lower")
+            for name, values in got.items()]
+    off, on = (max(1e-3, statistics.median(got[k.name])) for k in kinds)
+    n = 20_000 if plan is TINY else 200_000
+    recording = journal_record_cost_us(n)
+    copying = payload_copy_cost_us(n)
+    rows.append(Row(SECTION, "recording one success (child.journal, batched, written)",
+                    "gearvisor journal on", recording * 1000, "ns/job", better="lower"))
+    rows.append(Row(SECTION, "payload copy for a crash record (shm.payload, 100 B)",
+                    "gearvisor journal on", copying * 1000, "ns/job", better="lower"))
+    return rows, [Target("child CPU per job, 1 worker: journal off / on", off / on,
+                         ">= 0.95x", off / on >= 0.95),
+                  Target("recording a success + payload copy, as a share of the child's "
+                         "CPU per job (journal off)", (recording + copying) / off, "<= 0.05",
+                         (recording + copying) / off <= 0.05)]
+
+
+def journal_record_cost_us(n: int) -> float:
+    """Microseconds ChildJournal.success adds to one job, its flushes included (every 64
+    records, to /dev/null: a real write), best of 5 runs of `n` jobs."""
+    from gearvisor.child.journal import ChildJournal
+    from gearvisor.config.model import JournalConfig, PoolConfig
+    from gearvisor.job import Job
+
+    pool = PoolConfig(name="bench", processes=1, functions={FUNCTION: "benchecho:echo"},
+                      servers=(), graceful_timeout=1.0, connect_timeout=1.0,
+                      reconnect_max_delay=1.0, backoff=None, keepalive=None,  # type: ignore
+                      env={}, cwd="/", user=None, group=None, rlimit_nofile=None,
+                      client_id_prefix="b", exception_packet="warning", log_level="info",
+                      log_format="json", failed_payload={FUNCTION: "store"})
+    job = Job(FUNCTION, "H:bench:123456", "0123456789abcdef", b"x" * 100, lambda *a: None,
+              "127.0.0.1:4730")
+    fd = os.open(os.devnull, os.O_WRONLY)
+    try:
+        journal = ChildJournal(JournalConfig(), pool, 0, 1, "benchhost", fd)
+        runs = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(n):
+                journal.success(job, 0.00005)
+            runs.append(time.perf_counter() - started)
+        return min(runs) / n * 1e6
+    finally:
+        os.close(fd)
+
+
+def payload_copy_cost_us(n: int) -> float:
+    """Microseconds the shared-memory payload copy (at job start) adds to one job of 100
+    bytes, best of 5 runs of `n`."""
+    from gearvisor.shm.payload import PayloadArea
+
+    area = PayloadArea(64 * 1024)
+    data = b"x" * 100
+    try:
+        runs = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(n):
+                area.job_started(data)
+            runs.append(time.perf_counter() - started)
+        return min(runs) / n * 1e6
+    finally:
+        area.close()
+
+
 def count_cost_us(n: int) -> float:
     """Microseconds JobStats.job_done adds to one job (default buckets), beyond the bare
     call of an empty method, best of 5 runs of `n` calls."""
@@ -484,7 +577,9 @@ def measure(tiny: bool) -> tuple[list[Row], list[Target]]:
                                         kind.name, statistics.median(r.round_trips[k] for r in got),
                                         "jobs/s"))
         cost_rows, cost_targets = metrics_cost(plan, workdir)
-    return rows + cost_rows, targets(drains) + cost_targets
+        journal_rows, journal_targets = journal_cost(plan, workdir)
+    return (rows + cost_rows + journal_rows,
+            targets(drains) + cost_targets + journal_targets)
 
 
 def targets(drains: dict[tuple[str, int, int | None], float]) -> list[Target]:

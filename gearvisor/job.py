@@ -17,14 +17,18 @@ class Job:
     Attributes:
         function: the gearman function name it was submitted to.
         handle: the job server's handle, e.g. "H:host:17".
-        unique: the client's unique id ("" when the client gave none).
+        unique: the client's unique id ("" when the client gave none). A retry or replay
+            of a failed job has the original job's unique here, not the one gearvisor
+            submitted it with.
         data: the payload, as bytes.
+        attempt: 1 for a job's first run, n for its n-th (a retry, see `retry:`).
     """
 
-    __slots__ = ("function", "handle", "unique", "data", "_send", "server", "key")
+    __slots__ = ("function", "handle", "unique", "data", "_send", "server", "key", "attempt",
+                 "retry_of")
 
     def __init__(self, function: str, handle: str, unique: str, data: bytes, send: Send,
-                 server: str = "") -> None:
+                 server: str = "", attempt: int = 1, retry_of: int | None = None) -> None:
         self.function = function
         self.handle = handle
         self.unique = unique
@@ -32,6 +36,8 @@ class Job:
         self._send = send
         self.server = server  # "host:port" of the job server that assigned it
         self.key = 0  # its poison key, once computed (gearvisor.poison.job_key)
+        self.attempt = attempt
+        self.retry_of = retry_of  # the journal's failure record this run retries, or None
 
     def text(self, encoding: str = "utf-8") -> str:
         """The payload decoded as text."""

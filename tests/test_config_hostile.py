@@ -435,7 +435,8 @@ def test_function_mapping_with_an_int_key(tmp_path: Path) -> None:
     err, _ = refused(tmp_path, text)
     p = problem(err, "pools.text.functions.f.2")
     assert p.line == 3
-    assert "unknown key 2; a function takes callable, timeout and buckets" in p.message
+    assert ("unknown key 2; a function takes callable, timeout, buckets, retry and "
+            "failed_payload") in p.message
 
 
 @pytest.mark.parametrize("scalar", ["0x_", "0b_", "-0x_", "2001-13-45", "2001-02-30",

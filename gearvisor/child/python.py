@@ -12,6 +12,7 @@ import math
 import os
 import resource
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -22,11 +23,13 @@ from setproctitle import setproctitle
 
 from gearvisor import log as logmod
 from gearvisor import messages as msg
+from gearvisor.child.journal import ChildJournal
 from gearvisor.child.postfork import after_fork
 from gearvisor.config import Config, PoolConfig
 from gearvisor.gearman.worker import Hooks, JobTimer, Keepalive, Worker
 from gearvisor.helpers.watcher import send_import_report
 from gearvisor.job import Job, JobTimeout
+from gearvisor.journal.record import retry_unique
 from gearvisor.policy.backoff import ErrorWindow, jittered
 from gearvisor.policy.child import (
     EXIT_BOOT_ERROR,
@@ -44,6 +47,7 @@ except ImportError:  # pragma: no cover - other interpreters
     _getsignal = signal.getsignal
 
 GRACEFUL_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+JOURNAL_EXIT_WAIT = 1.0  # seconds an exiting child waits for room for its journal records
 
 
 class BootError(Exception):
@@ -84,7 +88,13 @@ class _ChildHooks(Hooks):
     tracks the error rate (self-quarantine) and the recycling limits."""
 
     def __init__(self, pool: PoolConfig, slot: int, event_fd: int, board: Scoreboard,
-                 probation: bool, log: Any) -> None:
+                 probation: bool, log: Any, journal: ChildJournal | None = None) -> None:
+        self.journal = journal  # None: journal.enabled is false
+        # the current job's failure (job_failed, just before job_finished): (error, timed out)
+        self.error: tuple[Exception, bool] | None = None
+        # functions whose payload is copied to shared memory for a crash record
+        self.copy_payload = ({f for f, mode in pool.failed_payload.items() if mode != "drop"}
+                             if board.payload is not None else set())
         self.prefix = f"gearvisor: {pool.name}[{slot}]"
         self.title = ""
         self.timer: _AlarmTimer | None = None
@@ -109,10 +119,20 @@ class _ChildHooks(Hooks):
         self.max_memory = pool.max_memory
         self.recycling = False
 
+    def _send(self, message: msg.Message) -> None:
+        """An event to the master, unless the rest of a journal line must go first and the
+        pipe has no room for it (then the event is dropped, as with a full pipe)."""
+        if self.journal is not None and self.journal.blocks_others() and \
+                not self.journal.finish_tail():
+            return
+        send_event(self.event_fd, message)
+
     def ready(self) -> None:
-        send_event(self.event_fd, msg.Ready())
+        self._send(msg.Ready())
         self._idle()
-        if self.report_imports:
+        if self.report_imports and (self.journal is None
+                                    or not self.journal.blocks_others()
+                                    or self.journal.flush_before_exit(1.0)):
             # What this child imported, so the master watches the code it runs (the master
             # keeps the first report of each generation and ignores the others).
             send_import_report(self.event_fd)
@@ -129,6 +149,8 @@ class _ChildHooks(Hooks):
             setproctitle(text)
 
     def waiting(self) -> None:
+        if self.journal is not None and (self.journal.pending() or self.journal.tail):
+            self.journal.flush()
         self._idle()
 
     def job_started(self, job: Job) -> None:
@@ -137,7 +159,14 @@ class _ChildHooks(Hooks):
         key = _key(job)
         if self.running is not None:
             self.running.set(self.running_index, key)  # before it runs: if it kills us
-        self.board.job_started(job.function, job.handle, job.unique, time.monotonic(),
+        if job.function in self.copy_payload:
+            self.board.payload.job_started(job.data)  # type: ignore[union-attr]
+        elif self.board.payload is not None:
+            self.board.payload.clear()  # (failed_payload: drop)
+        # A retry's unique as gearvisor submitted it, so a crash record has its attempt
+        unique = (job.unique if job.retry_of is None
+                  else retry_unique(job.retry_of, job.attempt, job.unique))
+        self.board.job_started(job.function, job.handle, unique, time.monotonic(),
                                len(job.data), key)
         self._title(f"{self.prefix} busy {job.function}")
 
@@ -146,6 +175,12 @@ class _ChildHooks(Hooks):
 
     def job_poisoned(self, job: Job) -> None:
         self._refused(job, POISON)
+        if self.journal is not None:
+            self.journal.failure(job, "poison", 0.0, text="refused without running: it "
+                                 "crashed or hung poison_after workers already")
+
+    def job_failed(self, job: Job, error: Exception, timed_out: bool) -> None:
+        self.error = (error, timed_out)
 
     def _refused(self, job: Job, outcome: int) -> None:
         self.failed += 1
@@ -163,19 +198,28 @@ class _ChildHooks(Hooks):
         else:
             self.failed += 1
         self.board.job_finished(ok)
+        error, self.error = self.error, None
+        timed_out = (error[1] if error is not None
+                     else self.timer is not None and self.timer.timed_out)
         if self.board.stats is not None:
-            self.board.stats.job_done(job.function, SUCCESS if ok else TIMEOUT if (
-                self.timer is not None and self.timer.timed_out) else ERROR, seconds)
+            self.board.stats.job_done(job.function, SUCCESS if ok else TIMEOUT if timed_out
+                                      else ERROR, seconds)
+        if self.journal is not None:
+            if ok:
+                self.journal.success(job, seconds)
+            else:
+                self.journal.failure(job, "timeout" if timed_out else "error", seconds,
+                                     error[0] if error is not None else None)
         if self.window is None and self.probation and ok:
             self.probation = False  # no error tracking (quarantine off): one good job will do
-            send_event(self.event_fd, msg.ProbationPassed())
+            self._send(msg.ProbationPassed())
         if self.window is not None and not self.quarantined and not self.stopping:
             was_on_probation = self.window.on_probation
             reason = self.window.record(ok, seconds)
             if reason:
                 self.quarantine(reason)
             elif was_on_probation and not self.window.on_probation:
-                send_event(self.event_fd, msg.ProbationPassed())
+                self._send(msg.ProbationPassed())
         self._check_limits()
         if self.timer is not None and not self.timer_warned and not self.timer.installed():
             self.timer_warned = True
@@ -193,7 +237,7 @@ class _ChildHooks(Hooks):
             self.worker.pause()
         self.log.warning("quarantined: failing fast; no more jobs taken", reason=reason,
                          jobs_failed=self.failed, jobs_done=self.done)
-        send_event(self.event_fd, msg.Quarantined(reason, self.failed, self.done))
+        self._send(msg.Quarantined(reason, self.failed, self.done))
 
     def _check_limits(self) -> None:
         if self.recycling or self.stopping:
@@ -208,7 +252,7 @@ class _ChildHooks(Hooks):
                        f"{self.max_memory / 1048576:.0f} MiB")
         if why:
             self.recycling = True
-            send_event(self.event_fd, msg.Recycle(why))
+            self._send(msg.Recycle(why))
 
 
 def _key(job: Job) -> int:
@@ -420,7 +464,9 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         send_event(event_fd, msg.BootError(str(e)))
         return EXIT_BOOT_ERROR, logger
 
-    hooks = _ChildHooks(pool, slot, event_fd, board, probation, logger)
+    journal = (ChildJournal(cfg.journal, pool, slot, generation, socket.gethostname(),
+                            event_fd) if cfg.journal.enabled else None)
+    hooks = _ChildHooks(pool, slot, event_fd, board, probation, logger, journal)
     hooks.running, hooks.running_index = running, running_index
     if running is not None:
         running.claim(running_index, os.getpid())
@@ -459,5 +505,11 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
     worker.every_tick(check_parent)
     logger.debug("child started", functions=sorted(functions))
     worker.run()
+    if journal is not None:
+        journal.flush_before_exit(JOURNAL_EXIT_WAIT)
+        if journal.dropped_successes or journal.dropped_failures or journal.pending():
+            logger.warning("journal records lost: the event pipe had no room for them",
+                           successes=journal.dropped_successes,
+                           failures=journal.dropped_failures, unwritten=journal.pending())
     logger.info("child exiting", jobs_done=hooks.done, jobs_failed=hooks.failed)
     return EXIT_OK, logger

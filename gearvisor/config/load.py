@@ -24,6 +24,7 @@ from gearvisor.config.model import (
     CircuitConfig,
     Config,
     FindingsConfig,
+    JournalConfig,
     KeepaliveConfig,
     MetricsConfig,
     PoolConfig,
@@ -190,7 +191,7 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
         merged: dict[str, Any] = {}
         origin: dict[str, tuple] = {}  # where a value was written, for error messages
         for s in SETTINGS:
-            if s.scope == "global":
+            if s.scope in ("global", "function"):
                 continue
             key_path = tuple(s.key.split("."))
             if s.key in own:
@@ -219,7 +220,10 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
                     f"remove {which} or start gearvisor as root")
         special = {"functions", "env", "cwd", "watch", "log_file", "command"}
         plain = {s.key: merged[s.key] for s in SETTINGS
-                 if s.scope != "global" and s.block is None and s.key not in special}
+                 if s.scope in ("pool", "both") and s.block is None and s.key not in special}
+        fns = merged["functions"] or {}
+        extra = getattr(merged["functions"], "extra", {})
+        retries = {f: extra[f]["retry"] for f in fns if extra.get(f, {}).get("retry")}
         pools[name] = PoolConfig(
             name=name,
             functions=merged["functions"] or {},
@@ -236,6 +240,10 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
             keepalive=KeepaliveConfig(**_block(merged, "keepalive")),
             quarantine=QuarantineConfig(**_block(merged, "quarantine")),
             circuit=CircuitConfig(**_block(merged, "circuit")),
+            retry=retries,
+            failed_payload={f: extra.get(f, {}).get("failed_payload",
+                                                    BY_KEY["failed_payload"].default)
+                            for f in fns},
             **plain,
         )
 
@@ -256,6 +264,9 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
                 f"{SOCKET_PATH_MAX}: choose a shorter one")
 
     alerts = _alerts(col, top)
+    state_dir = (_resolve(directory, top["state_dir"]) if top.get("state_dir")
+                 else default_state_dir(euid))
+    journal = _journal(top, state_dir)
 
     if col.problems:
         col.problems.sort(key=lambda p: p.line or 0)
@@ -268,8 +279,7 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
         log_format=top.get("log_format", BY_KEY["log_format"].default),
         graceful_timeout=top.get("graceful_timeout", BY_KEY["graceful_timeout"].default),
         control_socket=control_socket,
-        state_dir=(_resolve(directory, top["state_dir"]) if top.get("state_dir")
-                   else default_state_dir(euid)),
+        state_dir=state_dir,
         watch_config=top.get("watch_config", True),
         watch_debounce=top.get("watch_debounce", BY_KEY["watch_debounce"].default),
         probe_interval=top.get("probe_interval", BY_KEY["probe_interval"].default),
@@ -277,7 +287,18 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
                                    for s in SETTINGS if s.block == "findings"}),
         metrics=metrics,
         alerts=alerts,
+        journal=journal,
     )
+
+
+def _journal(top: dict[str, Any], state_dir: str) -> JournalConfig:
+    """The `journal:` block, with `store: sqlite` made a path in state_dir."""
+    values = {s.key.split(".", 1)[1]: top.get(s.key, s.default)
+              for s in SETTINGS if s.block == "journal"}
+    store = values.pop("store")
+    url = ("sqlite://" + os.path.join(state_dir, "journal.sqlite3") if store == "sqlite"
+           else store)
+    return JournalConfig(url=url, state_dir=state_dir, **values)
 
 
 def _alerts(col: _Collector, top: dict[str, Any]) -> AlertsConfig:

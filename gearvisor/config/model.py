@@ -130,6 +130,43 @@ class AlertsConfig:
     channels: dict[str, object] = field(default_factory=dict)  # name -> channels.ChannelConfig
 
 
+# The failures a retry may be for (journal/record.py FAILURES, in a fixed order; a test
+# keeps the two equal: this module imports nothing of the package).
+RETRY_OUTCOMES = ("error", "timeout", "killed", "crash", "poison")
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """A function's `retry:`: how often and when a failed job is submitted again
+    (policy/retry.py decides from it)."""
+
+    max_attempts: int = 5  # attempts in all, the first run included
+    initial: float = 10.0  # seconds: the first retry's delay, at most (full jitter)
+    max: float = 1800.0  # seconds: no delay is longer
+    multiplier: float = 2.0  # delay growth per attempt
+    outcomes: tuple[str, ...] = RETRY_OUTCOMES  # which failures are retried
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    """The top-level `journal:` block, resolved: what the child records and what the store
+    helper is given (the store's URL with `sqlite` made a path in state_dir)."""
+
+    enabled: bool = True
+    url: str = "sqlite:///var/lib/gearvisor/journal.sqlite3"  # sqlite:///path | postgresql://
+    state_dir: str = "/var/lib/gearvisor"
+    max_entries: int = 1_000_000  # outcome rows kept, oldest out first
+    max_bytes: int = 512 * 1024 * 1024  # payload + text bytes kept
+    ttl: float = 14 * 86400.0  # seconds a row is kept
+    payload_cap: int = 64 * 1024  # bytes of a failed job's payload kept
+    successes: bool = True  # record successful outcomes too
+
+    @property
+    def sqlite_path(self) -> str | None:
+        """The SQLite database's path, or None for a PostgreSQL store."""
+        return self.url[len("sqlite://"):] if self.url.startswith("sqlite://") else None
+
+
 @dataclass(frozen=True)
 class PoolConfig:
     """Everything one pool needs, with the top-level defaults already applied."""
@@ -183,6 +220,9 @@ class PoolConfig:
     # None: the files the children report importing (a command pool: its script's dir);
     # (): not watched
     watch: tuple[str, ...] | None = None
+    retry: dict[str, RetryConfig] = field(default_factory=dict)  # function -> its `retry:`
+    # function -> store | hash | drop (every function of a Python pool is listed)
+    failed_payload: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -203,6 +243,7 @@ class Config:
     findings: FindingsConfig = field(default_factory=lambda: FindingsConfig())
     metrics: MetricsConfig | None = None  # None: no metrics endpoint, no per-job counting
     alerts: AlertsConfig = field(default_factory=lambda: AlertsConfig())
+    journal: JournalConfig = field(default_factory=lambda: JournalConfig())
 
     @property
     def directory(self) -> str:

@@ -13,7 +13,8 @@ from gearvisor.config.settings import SETTINGS
 def markdown_reference() -> str:
     """The config reference table for README.md, generated from SETTINGS."""
     rows = ["| key | where | default | meaning |", "| --- | --- | --- | --- |"]
-    where = {"global": "top level", "pool": "pool", "both": "top level or pool"}
+    where = {"global": "top level", "pool": "pool", "both": "top level or pool",
+             "function": "function"}
     for s in SETTINGS:
         if s.shown_default is not None:
             default = s.shown_default

@@ -7,9 +7,11 @@ one Setting(...) here and one field of PoolConfig (gearvisor.config.model), or o
 dataclass; a global one is also passed to Config in gearvisor.config.load.parse().
 
 Scopes:
-  global  only at the top level (servers list aside, these are fleet-wide)
-  pool    only inside a pool
-  both    a fleet-wide default at the top level, overridable in each pool
+  global    only at the top level (servers list aside, these are fleet-wide)
+  pool      only inside a pool
+  both      a fleet-wide default at the top level, overridable in each pool
+  function  inside one function's mapping (`functions: {NAME: {callable: ..., KEY: ...}}`);
+            FUNCTION_KEYS hands their parsers to the `functions` parser
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from gearvisor.config.values import (
     choice,
     command,
     duration_between,
+    duration_days,
     duration_upto,
     env_map,
     float_range,
@@ -39,10 +42,13 @@ from gearvisor.config.values import (
     int_range,
     listen_address,
     optional,
+    retry,
     rlimits,
     servers,
     signal_name,
     size,
+    size_upto,
+    store_url,
     string_list,
     surge,
     text,
@@ -61,13 +67,40 @@ class Setting:
     parse: Callable[[Any], Any]
     default: Any
     doc: str
-    scope: str = "both"  # "global" | "pool" | "both"
+    scope: str = "both"  # "global" | "pool" | "both" | "function"
     shown_default: str | None = None  # for docs, when the default is computed
 
     @property
     def block(self) -> str | None:
         """The nested block the key is in ("backoff" for "backoff.initial"), or None."""
         return self.key.split(".", 1)[0] if "." in self.key else None
+
+
+# A journal record carries at most this much payload, so one record (base64 is 4/3 of it,
+# plus its error text and traceback) always fits in one journal line (record.MAX_LINE).
+PAYLOAD_CAP_MAX = 512 * 1024
+
+# The keys of one function's mapping besides callable, timeout and buckets (those three are
+# the `functions` parser's own): declared here for the reference table, parsed by it.
+_FUNCTION_SETTINGS: tuple[Setting, ...] = (
+    Setting("retry", optional(retry), None,
+            "Retry this function's failed jobs (opt-in: a worker cannot tell a background "
+            "job from a foreground one): `{max_attempts: 5, backoff: {initial: 10s, max: 30m, "
+            "multiplier: 2}, outcomes: [error, timeout, killed, crash, poison]}` (those are "
+            "the defaults of each key; max_attempts counts the first run, from 1 to 1000). "
+            "A due retry is submitted as a background job with full jitter; after the last "
+            "attempt the job is a dead letter. Without `retry:` every failure is a dead "
+            "letter at once.", scope="function", shown_default="no retries"),
+    Setting("failed_payload", choice("store", "hash", "drop"), "store",
+            "What the journal keeps of a failed job's payload: `store` (its first "
+            "`journal.payload_cap` bytes, replayable when whole), `hash` (its sha256 and "
+            "size only: personal data), `drop` (its size only).", scope="function"),
+)
+FUNCTION_KEYS = {s.key: s.parse for s in _FUNCTION_SETTINGS}
+
+
+def _functions(value: Any) -> Any:
+    return functions(value, FUNCTION_KEYS)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -104,10 +137,12 @@ SETTINGS: tuple[Setting, ...] = (
                           "10, 30, 60, 120, 300, 600, 1800, 3600]`)"),
     Setting("processes", int_range(0, MAX_PROCESSES), 1, "How many children the pool runs.",
             scope="pool"),
-    Setting("functions", functions, None,
+    Setting("functions", _functions, None,
             'Gearman function name -> Python callable "module:attr", or a mapping '
             '`{callable: "module:attr", timeout: 60s, buckets: [0.1, 1, 10]}` (`buckets`: '
-            "that function's own histogram bounds). Required.", scope="pool"),
+            "that function's own histogram bounds), which may also hold the function keys "
+            "below (`retry`, `failed_payload`). Required.", scope="pool"),
+    *_FUNCTION_SETTINGS,
     Setting("watch", watch_list, None,
             "Files whose change rolls the pool: paths or globs (`**` spans directories), "
             "relative to the config file; a directory means everything under it. A Python "
@@ -293,6 +328,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("alerts.channels", channels, {},
             "Channel name -> `{type: email|webhook|exec|alertmanager|apprise, ...}`; routes "
             "name them.", scope="global"),
+    Setting("journal.enabled", boolean, True,
+            "Record every job that ended (outcome, times, a failure's error, traceback tail "
+            "and payload) in the job journal: dead letters, retries, `gearvisor jobs`. "
+            "`false`: no recording and no retries.", scope="global"),
+    Setting("journal.store", store_url, "sqlite",
+            "Where the journal is kept: `sqlite` (`journal.sqlite3` in state_dir), "
+            "`sqlite:///absolute/path`, or `postgresql://user@host/db` (psycopg 3), which "
+            "a fleet shares.", scope="global"),
+    Setting("journal.max_entries", int_range(1, 10**10), 1_000_000,
+            "Outcome rows kept; the oldest go first.", scope="global"),
+    Setting("journal.max_bytes", size, 512 * 1024 * 1024,
+            "Payload and error text bytes kept; the oldest rows go first.", scope="global",
+            shown_default="`512M`"),
+    Setting("journal.ttl", duration_days(365 * DAY), 14 * DAY,
+            "Rows older than this are removed (e.g. 14d, 36h).", scope="global",
+            shown_default="`14d`"),
+    Setting("journal.payload_cap", size_upto(PAYLOAD_CAP_MAX), 64 * 1024,
+            "Bytes of a failed job's payload kept (`failed_payload: store`); a longer one is "
+            "kept cut, and cannot be replayed.", scope="global", shown_default="`64K`"),
+    Setting("journal.successes", boolean, True,
+            "Record successful jobs too (`gearvisor jobs` shows them); `false`: failures "
+            "only.", scope="global"),
     Setting("log_level", choice("debug", "info", "warning", "error"), "info", "Log level."),
     Setting("log_format", choice("auto", "console", "json"), "auto",
             "`console` is key=value, `json` is one JSON object per line, `auto` picks console "
@@ -301,7 +358,7 @@ SETTINGS: tuple[Setting, ...] = (
 
 # The shape of the file, derived from SETTINGS: what may be where.
 BY_KEY = {s.key: s for s in SETTINGS}
-BLOCKS = sorted({s.block for s in SETTINGS if s.block})
-TOP_KEYS = {s.key.split(".")[0] for s in SETTINGS if s.scope != "pool"} | {"pools"}
-POOL_KEYS = {s.key.split(".")[0] for s in SETTINGS if s.scope != "global"}
+BLOCKS = sorted({s.block for s in SETTINGS if s.block and s.scope != "function"})
+TOP_KEYS = {s.key.split(".")[0] for s in SETTINGS if s.scope in ("global", "both")} | {"pools"}
+POOL_KEYS = {s.key.split(".")[0] for s in SETTINGS if s.scope in ("pool", "both")}
 POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

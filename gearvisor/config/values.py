@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gearvisor.config.errors import Invalid
-from gearvisor.config.model import Server
+from gearvisor.config.model import RETRY_OUTCOMES, RetryConfig, Server
 
 MINUTE = 60.0
 HOUR = 3600.0
@@ -388,11 +388,13 @@ def _function_name(name: Any) -> bool:
 
 
 class Functions(dict):
-    """Gearman function name -> "module:attr", plus each function's `timeout` (seconds) and
-    its own histogram `buckets` (seconds), where it sets them."""
+    """Gearman function name -> "module:attr", plus each function's `timeout` (seconds), its
+    own histogram `buckets` (seconds), and its other keys (`retry`, `failed_payload`: see
+    FUNCTION_KEYS in gearvisor.config.settings), where it sets them."""
 
     timeouts: dict[str, float]
     buckets: dict[str, tuple[float, ...]]
+    extra: dict[str, dict[str, Any]]  # function -> key -> parsed value
 
 
 BUCKETS_MAX = 64  # histogram buckets per function: each is a series per function and pool
@@ -426,13 +428,15 @@ def buckets(value: Any) -> tuple[float, ...]:
 buckets.limit = f"At most {BUCKETS_MAX} bounds."  # type: ignore[attr-defined]
 
 
-def functions(value: Any) -> Functions:
+def functions(value: Any, extra: dict[str, Callable[[Any], Any]] | None = None) -> Functions:
     """Gearman function name -> "module:attr" of the Python callable that runs it, or a
-    mapping {callable: "module:attr", timeout: 30s, buckets: [0.1, 1, 10]}. In a `command:`
-    pool: a list of the function names the command registers (for `ready: registered`)."""
+    mapping {callable: "module:attr", timeout: 30s, buckets: [0.1, 1, 10]} plus the keys of
+    `extra` (key -> its parser). In a `command:` pool: a list of the function names the
+    command registers (for `ready: registered`)."""
+    extra = extra or {}
     if isinstance(value, list) and value:
         out = Functions()
-        out.timeouts, out.buckets = {}, {}
+        out.timeouts, out.buckets, out.extra = {}, {}, {}
         for i, name in enumerate(value):
             if not _function_name(name):
                 raise Invalid("function names are 1-255 characters with no spaces", at=(i,),
@@ -442,17 +446,28 @@ def functions(value: Any) -> Functions:
     if not isinstance(value, dict) or not value:
         raise Invalid('expected a mapping of gearman function name -> "module:callable"')
     out = Functions()
-    out.timeouts, out.buckets = {}, {}
+    out.timeouts, out.buckets, out.extra = {}, {}, {}
+    known = {"callable", "timeout", "buckets", *extra}
+    known_text = ", ".join(["callable", "timeout", "buckets", *extra][:-1]) + (
+        f" and {[*extra][-1] if extra else 'buckets'}")
     for name, target in value.items():
         if not _function_name(name):
             raise Invalid("function names are 1-255 characters with no spaces", at=(name,),
                           value=name)
         if isinstance(target, dict):
             # key=str: YAML keys may be numbers too, and ints and strs do not sort together
-            unknown = sorted(set(target) - {"callable", "timeout", "buckets"}, key=str)
+            unknown = sorted(set(target) - known, key=str)
             if unknown:
-                raise Invalid(f"unknown key {unknown[0]!r}; a function takes callable, "
-                              "timeout and buckets", at=(name, unknown[0]), value=unknown[0])
+                raise Invalid(f"unknown key {unknown[0]!r}; a function takes {known_text}",
+                              at=(name, unknown[0]), value=unknown[0])
+            for key, parse in extra.items():
+                if key in target:
+                    try:
+                        out.extra.setdefault(name, {})[key] = parse(target[key])
+                    except Invalid as e:
+                        raise Invalid(str(e), at=(name, key, *e.at),
+                                      value=target[key] if e.value is ... else e.value) \
+                            from None
             if "buckets" in target:
                 try:
                     out.buckets[name] = buckets(target["buckets"])
@@ -498,6 +513,123 @@ def size(value: Any) -> int:
 
 
 size.limit = "At most 1024T."  # type: ignore[attr-defined]
+
+
+def size_upto(maximum: int) -> Callable[[Any], int]:
+    """A size parser with its own maximum (what must fit somewhere: a journal line)."""
+
+    def parse(value: Any) -> int:
+        n = size(value)
+        if n > maximum:
+            raise Invalid(f"expected a size of at most {maximum // 1024}K")
+        return n
+
+    parse.limit = f"At most {maximum // 1024}K."  # type: ignore[attr-defined]
+    return parse
+
+
+_DAYS = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*d\s*")
+
+
+def duration_days(maximum: float) -> Callable[[Any], float]:
+    """A duration that may also be given in days ("14d"), for retention periods; only
+    these take days (elsewhere "1d" is refused: no job timeout is meant to be a day)."""
+
+    def parse(value: Any) -> float:
+        if isinstance(value, str) and (m := _DAYS.fullmatch(value)):
+            seconds = float(m.group(1)) * DAY
+            if not seconds <= maximum:
+                raise Invalid(f"expected a duration of at most {_span(maximum)}")
+            return seconds
+        try:
+            return duration(value, maximum)
+        except Invalid as e:
+            if "at most" in str(e):
+                raise
+            raise Invalid("expected a duration such as 14d, 36h or 30m") from None
+
+    parse.limit = f"At most {_span(maximum)}."  # type: ignore[attr-defined]
+    return parse
+
+
+def store_url(value: Any) -> str:
+    """Where the job journal is kept: `sqlite` (journal.sqlite3 in state_dir),
+    `sqlite:///absolute/path`, or a `postgresql://` (or `postgres://`) URL, which is passed
+    to psycopg as it is (not checked here beyond its scheme: psycopg is not imported by
+    the config)."""
+    if not isinstance(value, str) or not value.strip():
+        raise Invalid("expected sqlite, sqlite:///absolute/path or postgresql://user@host/db")
+    value = _clean(value.strip())
+    if value == "sqlite":
+        return value
+    if value.startswith("sqlite://"):
+        path = value[len("sqlite://"):]
+        if not path.startswith("/") or path.rstrip("/") == "":
+            raise Invalid("expected sqlite:/// and an absolute path, such as "
+                          "sqlite:///var/lib/gearvisor/journal.sqlite3 (or just sqlite: "
+                          "journal.sqlite3 in state_dir)")
+        return value
+    if re.match(r"postgres(ql)?://\S+$", value):
+        return value
+    raise Invalid("expected sqlite, sqlite:///absolute/path or postgresql://user@host/db "
+                  "(no other store is supported)")
+
+
+RETRY_ATTEMPTS_MAX = 1000
+RETRY_KEYS = ("max_attempts", "backoff", "outcomes")
+RETRY_BACKOFF_KEYS = ("initial", "max", "multiplier")
+
+
+def retry(value: Any) -> RetryConfig:
+    """A function's `retry:` mapping {max_attempts, backoff: {initial, max, multiplier},
+    outcomes}; every key may be left out (RetryConfig's defaults). Errors point at the
+    sub-key (`at`), so the message names e.g. retry.backoff.initial."""
+    if not isinstance(value, dict):
+        raise Invalid("expected a mapping such as {max_attempts: 8, backoff: {initial: 10s, "
+                      "max: 30m}, outcomes: [error, timeout, crash]}")
+    defaults = RetryConfig()
+    for key in value:
+        if key not in RETRY_KEYS:
+            raise Invalid(f"unknown key; retry takes {', '.join(RETRY_KEYS)}", at=(key,),
+                          value=key)
+    fields: dict[str, Any] = {}
+    if "max_attempts" in value:
+        try:
+            fields["max_attempts"] = int_range(1, RETRY_ATTEMPTS_MAX)(value["max_attempts"])
+        except Invalid as e:
+            raise Invalid(str(e), at=("max_attempts",), value=value["max_attempts"]) from None
+    raw_backoff = value.get("backoff", {})
+    if not isinstance(raw_backoff, dict):
+        raise Invalid("expected a mapping such as {initial: 10s, max: 30m, multiplier: 2}",
+                      at=("backoff",), value=raw_backoff)
+    for key in raw_backoff:
+        if key not in RETRY_BACKOFF_KEYS:
+            raise Invalid(f"unknown key; backoff takes {', '.join(RETRY_BACKOFF_KEYS)}",
+                          at=("backoff", key), value=key)
+    parsers = {"initial": duration_upto(DAY), "max": duration_upto(7 * DAY),
+               "multiplier": float_range(1.0, 10.0)}
+    for key, parse in parsers.items():
+        if key in raw_backoff:
+            try:
+                fields[key] = parse(raw_backoff[key])
+            except Invalid as e:
+                raise Invalid(str(e), at=("backoff", key), value=raw_backoff[key]) from None
+    initial = fields.get("initial", defaults.initial)
+    if fields.get("max", max(defaults.max, initial)) < initial:
+        raise Invalid(f"must be >= backoff.initial ({initial:g}s)", at=("backoff", "max"),
+                      value=raw_backoff["max"])
+    fields.setdefault("max", max(defaults.max, initial))
+    if "outcomes" in value:
+        raw = value["outcomes"]
+        if not isinstance(raw, list) or not raw:
+            raise Invalid(f"expected a non-empty list of {', '.join(RETRY_OUTCOMES)}",
+                          at=("outcomes",), value=raw)
+        for i, item in enumerate(raw):
+            if item not in RETRY_OUTCOMES:
+                raise Invalid(f"expected one of {', '.join(RETRY_OUTCOMES)}",
+                              at=("outcomes", i), value=item)
+        fields["outcomes"] = tuple(dict.fromkeys(raw))
+    return RetryConfig(**fields)
 MAX_PROCESSES = 10_000  # per pool; also the most max_surge may be
 
 

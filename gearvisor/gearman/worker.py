@@ -50,7 +50,8 @@ from gearvisor.gearman.protocol import (
     ProtocolError,
     encode,
 )
-from gearvisor.job import Job, encode_result
+from gearvisor.job import Job, JobTimeout, encode_result
+from gearvisor.journal.record import RETRY_PREFIX, parse_unique
 
 RECV_SIZE = 256 * 1024
 SEND_TIMEOUT = 30.0  # a server that accepts no bytes for this long is treated as dead
@@ -110,6 +111,11 @@ class Hooks:
     def job_finished(self, job: Job, ok: bool, seconds: float) -> None:
         """A job ended; ok is False when it failed or raised."""
 
+    def job_failed(self, job: Job, error: Exception, timed_out: bool) -> None:
+        """A job raised `error` (called just before job_finished); `timed_out`: it ran past
+        its soft timeout (JobTimeout was raised in it), so the failure is a timeout even if
+        the job code turned the JobTimeout into another exception."""
+
     def job_refused(self, job: Job) -> None:
         """A job was answered WORK_FAIL without running: poison, over max_job_size, or for a
         function we do not serve. Not the child's failure: it never counts toward quarantine."""
@@ -125,6 +131,8 @@ class Hooks:
 
 class JobTimer:
     """Arms the soft timeout of one job (the child implements it with SIGALRM)."""
+
+    timed_out = False  # JobTimeout was raised in the current job (reset when one starts)
 
     def start(self, seconds: float) -> None:
         """The job may run `seconds`; then it receives JobTimeout."""
@@ -728,8 +736,14 @@ class Worker:
         else:  # JOB_ASSIGN_ALL: handle, function, unique, reducer, data
             handle, fname, unique, _reducer, data = args
         function = fname.decode(errors="replace")
-        job = Job(function, handle.decode(errors="replace"), unique.decode(errors="replace"),
-                  data, conn.job_send, conn.label)
+        text = unique.decode(errors="replace")
+        if text.startswith(RETRY_PREFIX):  # a retry gearvisor submitted (one test per job)
+            text, attempt, retry_of = parse_unique(text)
+            job = Job(function, handle.decode(errors="replace"), text, data, conn.job_send,
+                      conn.label, attempt, retry_of)
+        else:
+            job = Job(function, handle.decode(errors="replace"), text, data, conn.job_send,
+                      conn.label)
         fn = self.functions.get(function)
         if fn is None:
             # gearmand only assigns what we CAN_DO: this server is broken or hostile, and
@@ -773,6 +787,7 @@ class Worker:
             self.log.error("job raised", function=function, handle=job.handle,
                            unique=job.unique, error=f"{type(e).__name__}: {e}",
                            traceback="".join(traceback.format_exception(e)).rstrip())
+            hooks.job_failed(job, e, isinstance(e, JobTimeout) or self.timer.timed_out)
         # The host decides first (it may quarantine itself: then no GRAB goes out with the
         # result, so gearmand cannot hand us a job we would have to give back).
         seconds = self.clock() - started

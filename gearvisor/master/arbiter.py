@@ -23,7 +23,7 @@ from gearvisor import log as logmod
 from gearvisor import messages as msg
 from gearvisor.child.command import exec_command
 from gearvisor.child.python import run_child
-from gearvisor.config import Config, ConfigError, load
+from gearvisor.config import Config, ConfigError, PoolConfig, load
 from gearvisor.control import default_socket_path
 from gearvisor.journal.record import JOURNAL_PREFIX
 from gearvisor.master import bus as ev
@@ -36,6 +36,7 @@ from gearvisor.master.system import System
 from gearvisor.policy.backoff import jittered
 from gearvisor.policy.child import EXIT_BOOT_ERROR, Child, ChildState, describe_status
 from gearvisor.policy.pool import Circuit, Pool, Retire, Spawn
+from gearvisor.shm.payload import PayloadArea
 from gearvisor.shm.poison import PoisonTable, RunningJobs
 from gearvisor.shm.scoreboard import Scoreboard
 from gearvisor.shm.stats import JobStats
@@ -194,7 +195,8 @@ class Arbiter:
             else:
                 # Per-function job counts for metrics (off: no counting in the child at all)
                 child.scoreboard = Scoreboard(JobStats(pool.config.buckets)
-                                              if self.config.metrics is not None else None)
+                                              if self.config.metrics is not None else None,
+                                              _payload_area(self.config, pool.config))
         except OSError as e:
             for fd in (fd for p in pipes for fd in p):
                 self.system.close(fd)
@@ -522,3 +524,11 @@ class Arbiter:
             component.stop_overdue()
         self._stop_deadline(self.clock() + 5.0)
 
+
+def _payload_area(cfg: Config, pool: PoolConfig) -> PayloadArea | None:
+    """The child's shared copy of its current job's payload (a crash record's payload):
+    only with the journal on, and only for a pool with a function that keeps payloads."""
+    if not cfg.journal.enabled or not any(
+            mode != "drop" for mode in pool.failed_payload.values()):
+        return None
+    return PayloadArea(cfg.journal.payload_cap)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from gearvisor.shm.payload import PayloadArea
     from gearvisor.shm.stats import JobStats
 
 # The record: seq (8 bytes) then the body: busy, done, failed, job_started (monotonic;
@@ -49,9 +50,10 @@ def _cut(text: str) -> bytes:
 class Scoreboard:
     """One child's record. Create in the master before fork; the child writes, master reads."""
 
-    __slots__ = ("_mm", "_seq", "_done", "_failed", "_busy", "_last", "stats")
+    __slots__ = ("_mm", "_seq", "_done", "_failed", "_busy", "_last", "stats", "payload")
 
-    def __init__(self, stats: JobStats | None = None) -> None:
+    def __init__(self, stats: JobStats | None = None,
+                 payload: PayloadArea | None = None) -> None:
         # anonymous + MAP_SHARED: survives fork. Layout: seq, body (the child writes), then
         # one control byte the master writes (1: stop taking jobs, the circuit is open).
         self._mm = mmap.mmap(-1, _SEQ.size + _BODY.size + 1)
@@ -63,6 +65,9 @@ class Scoreboard:
         # Per-function job counts and durations (shm/stats.py), when metrics are on; mapped
         # with the scoreboard, released with it.
         self.stats = stats
+        # The current job's payload (shm/payload.py), when the journal is on: what a crash
+        # record keeps. Mapped with the scoreboard, released with it.
+        self.payload = payload
 
     def _write(self, busy: bool, started: float, function: bytes, handle: bytes,
                unique: bytes, size: int = 0, key: int = 0) -> None:
@@ -130,3 +135,5 @@ class Scoreboard:
         self._mm.close()
         if self.stats is not None:
             self.stats.close()
+        if self.payload is not None:
+            self.payload.close()
