@@ -37,9 +37,18 @@ def test_the_last_attempt_is_dead() -> None:
     assert decide(RetryConfig(max_attempts=1), "error", 1, NOW) == (DEAD, None)
 
 
-@pytest.mark.parametrize("outcome", ["timeout", "killed", "poison"])
+@pytest.mark.parametrize("outcome", ["timeout", "killed"])
 def test_an_outcome_not_listed_is_dead(outcome: str) -> None:
     assert decide(POLICY, outcome, 1, NOW, rand=lambda: 0.1) == (DEAD, None)
+
+
+def test_a_poison_refusal_is_retried_as_the_crash_it_ended() -> None:
+    """gearmand re-runs a job whose worker died by itself; our retry comes when those runs
+    end in a poison refusal, so `crash` (or `killed`) in outcomes covers it."""
+    crash = RetryConfig(outcomes=("crash",))
+    assert decide(crash, "poison", 1, NOW, rand=lambda: 0.0) == (RETRY, NOW)
+    assert decide(RetryConfig(outcomes=("killed",)), "poison", 1, NOW)[0] == RETRY
+    assert decide(RetryConfig(outcomes=("error",)), "poison", 1, NOW) == (DEAD, None)
 
 
 def test_a_random_source_outside_0_1_is_clamped() -> None:
@@ -58,7 +67,8 @@ def test_due_is_within_now_and_now_plus_max_and_never_past_max_attempts(
     maximum = max(maximum, initial)  # the config refuses max < initial
     policy = RetryConfig(max_attempts, initial, maximum, multiplier, tuple(sorted(outcomes)))
     decision, due = decide(policy, outcome, attempt, now, rand=lambda: r)
-    if attempt >= max_attempts or outcome not in outcomes:
+    covered = set(outcomes) | ({"poison"} if {"crash", "killed"} & outcomes else set())
+    if attempt >= max_attempts or outcome not in covered:
         assert (decision, due) == (DEAD, None)
     else:
         assert decision == RETRY and due is not None

@@ -251,6 +251,31 @@ def test_a_retry_without_its_whole_payload_is_dead(make_store: Callable[..., sto
     assert s.dead_counts() == {"send_mail": 2}
 
 
+def test_a_crash_gearmand_requeues_waits_for_its_jobs_next_record(
+        make_store: Callable[..., store.Store]) -> None:
+    """The master's crash record is `requeued`: gearmand re-runs the job (same handle) on
+    another worker, and that run's record decides the row. Not a dead letter meanwhile."""
+    s = make_store()
+    s.write(records(rec("crash", decision="requeued", handle="H:x:7", unique="c1"),
+                    rec("crash", decision="requeued", handle="H:x:8", unique="c2")), now=NOW)
+    assert s.dead_counts() == {} and s.claim_due(NOW + 10**6, "h1", 10) == []
+    # H:x:7 crashes again, then succeeds; H:x:8 is refused as poison and retried
+    s.write(records(rec("crash", decision="requeued", handle="H:x:7", unique="c1"),
+                    rec("success", handle="H:x:7", unique="c1"),
+                    rec("poison", decision="retry", due=NOW + 5, handle="H:x:8",
+                        unique="c2"),
+                    rec("success", handle="H:x:9", unique="other")), now=NOW + 1)
+    rows = {g["unique"]: g for g in s.recent(failed=True)}
+    done = s.dead_show(rows["c1"]["failure_id"])
+    poisoned = s.dead_show(rows["c2"]["failure_id"])
+    assert (done["state"], done["outcome"]) == ("done", "crash")
+    assert (poisoned["state"], poisoned["outcome"], poisoned["due"]) == (
+        "retrying", "poison", NOW + 5)
+    assert len({r["failure_id"] for r in s.recent(unique="c1")} - {None}) == 1  # one row
+    [due] = s.claim_due(NOW + 5, "h1", 10)
+    assert (due.id, due.attempt) == (poisoned["id"], 2)
+
+
 def test_a_retry_whose_row_is_gone_makes_a_new_row(make_store: Callable[..., store.Store]
                                                    ) -> None:
     s = make_store()

@@ -24,7 +24,7 @@ MAX_UNIQUE = 256  # characters of a unique (gearmand's limit is 64 bytes; room t
 MAX_INT = 1 << 62  # integers beyond this are refused (both databases store 64-bit ints)
 MAX_TIME = 1 << 34  # epoch seconds (year 2514): a later time is refused as a typo or attack
 MAX_ERRORS = 50  # error texts kept per line; the rest are counted in the last one
-DECISIONS = ("retry", "dead")
+DECISIONS = ("retry", "dead", "requeued")
 
 
 @dataclass(frozen=True)
@@ -180,8 +180,8 @@ def parse_record(raw: Any, where: str, payload_cap: int,
     elif decision is None:
         decision = "dead"  # a failure nobody decided on is kept as a dead letter
     elif decision not in DECISIONS:
-        errors.append(f"{where}: decision {clean_text(str(decision), 40)!r} is not retry or "
-                      "dead; refused")
+        errors.append(f"{where}: decision {clean_text(str(decision), 40)!r} is not retry, "
+                      "dead or requeued; refused")
         return None
     if decision == "retry":
         due = f.number("due", MAX_TIME)

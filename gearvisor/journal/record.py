@@ -31,7 +31,10 @@ A RECORD is a JSON object with these keys (FIELDS); absent optional keys mean No
     payload_cut      true when `payload` holds only the first cap bytes (not replayable)
     decision    for a failure: "retry" (then `due`, wall clock, says when) or "dead";
                 None for a success. Computed where the failure is seen, by
-                policy/retry.py, from the function's `retry:` setting.
+                policy/retry.py, from the function's `retry:` setting. "requeued" for a
+                crash or kill the master records: gearmand gives a job whose worker died to
+                another worker itself, so the job is not ours to retry; the store links the
+                next record of the same job (function and handle) to it.
     due         epoch seconds the retry is due, when decision is "retry"
 
 Retries and replays are submitted with the unique `gv:<retry_of>:<attempt>:<unique>`

@@ -10,7 +10,10 @@ opens the store itself and reads it: `dead_groups`, `dead_show`, `select_dead`,
 
 A failure's states: retrying (due at `due`) -> submitting (claimed by one host) ->
 submitted (a job server took it) -> its next attempt's record makes it retrying, dead or
-done. A dead letter becomes replayed when an operator replays it, and done when that
+done. A crash the master recorded is requeued (gearmand gives a job whose worker died to
+another worker itself): the next record of the same function and handle decides it (a
+success: done; a poison refusal or error: retrying or dead as that record says). A dead
+letter becomes replayed when an operator replays it, and done when that
 run succeeds. Caps: outcomes rows and failures rows at most max_entries each, their texts
 and payloads at most max_bytes, nothing finished older than ttl; oldest first out, and
 successes go before failures, finished failures before dead letters, dead letters
@@ -23,6 +26,7 @@ password) and what failed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import time
@@ -43,7 +47,7 @@ ID_CHUNK = 500  # ids per IN (...) list
 SEQ_RUNS_KEPT = 8  # sequence numbers kept per host: its last few master runs
 ROW_OVERHEAD = 64  # bytes a row counts beyond its texts and payload
 FINISHED = ("done", "replayed")  # failures nobody waits for any more
-ACTIVE = ("retrying", "submitted", "submitting")
+ACTIVE = ("requeued", "retrying", "submitted", "submitting")
 # Which rows go first when a cap is over: successes, then failure outcomes; of the
 # failures, finished ones, then dead letters, then retries (the newest work last).
 FAILURE_TRIM_ORDER = (*FINISHED, "dead", *ACTIVE)
@@ -145,7 +149,16 @@ class Store:
         now = time.time() if now is None else now
         with self._tx() as tx:
             rows_o = rows_f = size = 0
+            # Crashes gearmand re-runs (state requeued) wait for their job's next record;
+            # looked up by function and handle only while there are any.
+            requeued = bool(tx.one("SELECT COUNT(*) FROM failures WHERE state = 'requeued'")[0])
             for r in records:
+                if requeued and r.retry_of is None and r.handle:
+                    row = tx.one("SELECT id FROM failures WHERE state = 'requeued' AND "
+                                 "function = ? AND handle = ? ORDER BY id DESC LIMIT 1",
+                                 (r.function, r.handle))
+                    if row is not None:
+                        r = dataclasses.replace(r, retry_of=int(row[0]))
                 started = r.started if r.started is not None else now
                 failure_id: int | None = None
                 if r.failed:
@@ -175,7 +188,8 @@ class Store:
                  now: float) -> tuple[int, int, int]:
         """The failures row of failed record `r`: (its id, 1 if it is new, bytes it grew)."""
         ended = started + (r.seconds or 0.0)
-        state, due = ("retrying", r.due) if r.decision == "retry" else ("dead", None)
+        state, due = (("retrying", r.due) if r.decision == "retry" else
+                      ("requeued", None) if r.decision == "requeued" else ("dead", None))
         fp = fingerprint(r.error_class, r.error)
         if r.retry_of is not None:
             row = tx.one("SELECT attempt, state, size, payload IS NULL, payload_cut, "
@@ -183,7 +197,7 @@ class Store:
                          (r.retry_of,))
             if row is not None:
                 attempt, old_state, old_size, no_payload, cut, payload_size = row
-                if r.attempt <= attempt or old_state == "done":
+                if old_state == "done" or (r.attempt <= attempt and old_state != "requeued"):
                     return r.retry_of, 0, 0  # a repeated or older attempt: the row knows more
                 if state == "retrying" and (no_payload or cut):
                     state, due = "dead", None  # nothing whole to submit again

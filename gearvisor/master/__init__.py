@@ -17,6 +17,8 @@
         metrics.py   Prometheus /metrics, /healthz, /readyz over http.py (no thread)
         limits.py    the open-files limit against what the pools will open
         alerts.py    the alert engine's driver: facts in, notifier helper out, state file
+        journal.py   the job journal: children's records and crash records to the store
+                     helper, kept until it acks them
 
 The master never imports user code and never starts a thread; whatever needs either runs
 in a child or a helper process.
@@ -37,6 +39,7 @@ from gearvisor.master.exitlog import ExitLog
 from gearvisor.master.findings import HealthFindings
 from gearvisor.master.groups import Groups
 from gearvisor.master.health import Health
+from gearvisor.master.journal import Journal
 from gearvisor.master.limits import FdLimits
 from gearvisor.master.metrics import Metrics
 from gearvisor.master.probe import Probe
@@ -49,7 +52,7 @@ def components(config: Config) -> list[Component]:
     probe = Probe()
     return [Control(config), Watcher(config), probe, Commands(probe), Health(), Groups(),
             Systemd(), FdLimits(), Metrics(probe), ExitLog(), HealthFindings(probe),
-            Alerts(config)]
+            Alerts(config), Journal(config)]
 
 
 def run(config: Config) -> int:

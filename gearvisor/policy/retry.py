@@ -35,6 +35,11 @@ def decide(policy: RetryConfig | None, outcome: str, attempt: int, now: float,
     """("retry", due) when `policy` retries this `outcome` and `attempt` (1-based, the one
     that failed) is below max_attempts; otherwise ("dead", None). `due` is in [now, now +
     policy.max]; `rand` returns a float in [0, 1)."""
+    listed = policy.outcomes if policy is not None else ()
+    if outcome == "poison" and ("crash" in listed or "killed" in listed):
+        # Refused as poison: it crashed (or hung) the workers it ran on. gearmand itself
+        # re-runs a job whose worker died, so this refusal is where our retry comes in.
+        outcome = "crash" if "crash" in listed else "killed"
     if policy is None or outcome not in policy.outcomes or attempt >= policy.max_attempts:
         return DEAD, None
     jitter = min(max(rand(), 0.0), 1.0)  # a caller's odd random source cannot leave [0, 1]

@@ -1,0 +1,229 @@
+"""The job journal in the master: children's journal lines and the master's own crash
+records go to the store helper, and nothing is lost on the way.
+
+- In: each journal line a child writes (the arbiter publishes it undecoded as
+  JournalLines) and, for a child that died in the middle of a job, a record the master
+  writes from what the child left in shared memory (its scoreboard: function, handle,
+  unique, start; its payload area: the payload's first `payload_cap` bytes). A hard
+  timeout or a stop's deadline is `killed`; any other death mid-job is a `crash`. Such a
+  record is `requeued`: gearmand gives the job to another worker itself, and the store
+  links that run's record to it.
+- Out: every line is numbered and kept in an Outbox until the store helper
+  (helpers/store.py) acks its number, so a helper that dies, or a store that is down,
+  loses nothing: a new helper is given every unacked line again. The Outbox is bounded in
+  bytes (MAX_BYTES); past it the oldest lines are dropped and counted.
+- The helper reports the store's state (up or down, dead letters per function, retries it
+  submitted); it is published as JournalState for alerts and metrics, and shown in
+  `gearvisor status`.
+- Stop: the helper's input is closed only once every child is gone (their last records
+  come on the way out), so a graceful stop writes everything.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import socket
+import time
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from gearvisor import messages as msg
+from gearvisor.helpers.store import run_store
+from gearvisor.journal.record import journal_line, parse_unique
+from gearvisor.journal.settings import Caps, StoreSettings
+from gearvisor.master import bus as ev
+from gearvisor.master.component import Component
+from gearvisor.master.helper import HelperProcess
+from gearvisor.master.outbox import Outbox
+from gearvisor.policy.child import describe_status
+
+if TYPE_CHECKING:
+    from gearvisor.config import Config
+    from gearvisor.master.arbiter import Arbiter
+    from gearvisor.master.helper import HelperBody
+    from gearvisor.policy.child import Child
+    from gearvisor.policy.pool import Pool
+
+MAX_BYTES = 32 << 20  # journal lines kept for the store helper until it acks them
+MAX_PENDING = 1_000_000  # lines the helper's input queue may hold (the Outbox bounds bytes)
+
+
+def store_settings(config: Config, host: str) -> StoreSettings:
+    """What the store helper needs from the config: the store, its caps, and every job
+    server a pool uses (due retries are submitted there)."""
+    j = config.journal
+    servers = tuple(dict.fromkeys(s for p in config.pools.values() for s in p.servers))
+    return StoreSettings(url=j.url, state_dir=j.state_dir,
+                         caps=Caps(j.max_entries, j.max_bytes, j.ttl, j.payload_cap),
+                         servers=servers, host=host)
+
+
+def safe_url(url: str) -> str:
+    """A store URL without its password, for status and logs."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, where = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    return f"{scheme}://{creds.partition(':')[0]}@{where}"
+
+
+class Journal(Component):
+    """The journal's driver; see the module docstring."""
+
+    def __init__(self, config: Config, wall=time.time) -> None:
+        self.config = config
+        self.wall = wall
+        self.host = socket.gethostname()
+        self.outbox = Outbox(MAX_BYTES)
+        self.helper: HelperProcess | None = None
+        self._settings: StoreSettings | None = None  # what the running helper was given
+        self.state: ev.JournalState | None = None
+        self.retries: dict[tuple[str, str], int] = {}  # submitted, ever, per (pool, function)
+        self.crashes = 0  # crash records this master wrote
+        self.stopping = False
+
+    # -- component ------------------------------------------------------------------------------
+
+    def attach(self, master: Arbiter) -> None:
+        self.master = master
+        master.bus.subscribe(ev.JournalLines, self._lines)
+        master.bus.subscribe(ev.ChildExited, self._exited)
+        if not self.config.journal.enabled:
+            return
+        self.helper = HelperProcess("job store", self._body, with_input=True,
+                                    max_pending=MAX_PENDING, on_message=self._message,
+                                    on_start=self._started)
+        self.helper.attach(master)
+        self.helper.start()
+
+    def reload(self, config: Config) -> None:
+        old, self.config = self.config.journal, config
+        if self.helper is not None and (config.journal != old or store_settings(
+                config, self.host) != self._settings):
+            self.helper.restart()  # a new store or new caps: the next helper has them
+
+    def begin_stop(self, fast: bool) -> None:
+        self.stopping = True
+        self._maybe_finish()
+
+    def stop_overdue(self) -> None:
+        if self.helper is not None:
+            self.helper.stop_overdue()
+
+    def stopped(self) -> bool:
+        return self.helper is None or self.helper.stopped()
+
+    def status(self, now: float) -> dict[str, Any]:
+        if self.helper is None:
+            return {}
+        s = self.state
+        return {"journal": {
+            "store": safe_url(self.config.journal.url),
+            "up": s.up if s is not None else None,
+            "error": s.error if s is not None else "",
+            "dead_letters": sum(s.dead.values()) if s is not None else None,
+            "waiting": len(self.outbox), "dropped": self.outbox.dropped,
+            "crash_records": self.crashes, "helper": self.helper.status()}}
+
+    def close(self) -> None:
+        if self.helper is not None:
+            self.helper.close()
+
+    # -- the helper -----------------------------------------------------------------------------
+
+    def _body(self) -> HelperBody | None:
+        settings = self._settings = store_settings(self.config, self.host)
+
+        def body(out_fd: int, in_fd: int, blocked: set[int]) -> NoReturn:
+            run_store(settings, in_fd, out_fd, blocked)
+        return body
+
+    def _started(self, pid: int) -> None:
+        """A new helper: it gets every line not acked yet, in order (it skips the numbers
+        it committed already). What the last one's queue held is among them."""
+        assert self.helper is not None
+        self.helper.out.clear()
+        self.helper.resend(self.outbox.pending())
+
+    def _message(self, message: msg.Message) -> None:
+        if isinstance(message, msg.Stored):
+            self.outbox.ack(message.seq)
+            if self.helper is not None:
+                self.helper.succeeded()
+        elif isinstance(message, msg.StoreState):
+            retries = []
+            for item in message.retries[:10_000]:
+                if (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                        and isinstance(item[1], str) and isinstance(item[2], int)):
+                    key = (item[0][:200], item[1][:200])
+                    if key in self.retries or len(self.retries) < 10_000:
+                        self.retries[key] = self.retries.get(key, 0) + max(0, item[2])
+                    retries.append((key[0], key[1], max(0, item[2])))
+            dead = {str(k)[:200]: v for k, v in list(message.dead.items())[:10_000]
+                    if isinstance(v, int) and not isinstance(v, bool)}
+            was_up = self.state.up if self.state is not None else None
+            self.state = ev.JournalState(message.up, message.error, dead, tuple(retries))
+            if message.up != was_up:
+                log = self.master.log.info if message.up else self.master.log.error
+                log("job store up" if message.up else
+                    "job store down: records wait in the master (bounded) until it is back",
+                    store=safe_url(self.config.journal.url), error=message.error or None,
+                    waiting=len(self.outbox))
+            self.master.bus.publish(self.state)
+
+    def _send(self, line: bytes) -> None:
+        framed = self.outbox.add(line)
+        if self.helper is not None:
+            self.helper.send(framed)
+
+    # -- records in -----------------------------------------------------------------------------
+
+    def _lines(self, event: ev.JournalLines) -> None:
+        if self.helper is not None:
+            self._send(event.line)
+
+    def _exited(self, event: ev.ChildExited) -> None:
+        if self.helper is not None:
+            record = self._crash_record(event.child, event.pool, event.status)
+            if record is not None:
+                self.crashes += 1
+                self._send(journal_line([record]).rstrip(b"\n"))
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        """Stopping and every child gone: the helper writes what it holds and exits."""
+        if self.stopping and self.helper is not None and not self.master.children:
+            self.helper.begin_stop(fast=False)
+
+    def _crash_record(self, child: Child, pool: Pool, status: int) -> dict[str, Any] | None:
+        """The record of the job `child` died running, or None when it ran none."""
+        board = child.scoreboard
+        job = board.read() if board is not None else None
+        if job is None or not job.busy:
+            return None
+        outcome = "killed" if child.killed_for == "timeout" or child.master_killed else "crash"
+        now, wall = self.master.clock(), self.wall()
+        unique, attempt, retry_of = parse_unique(job.unique)
+        function = job.function
+        cfg = pool.config
+        mode = cfg.failed_payload.get(function, "store")
+        copy = board.payload.read() if board is not None and board.payload is not None else None
+        data, size, cut = copy if copy is not None else (b"", job.size, True)
+        payload = base64.b64encode(data).decode() if mode == "store" and copy else None
+        digest = (hashlib.sha256(data).hexdigest() if mode in ("store", "hash") and copy
+                  and not cut else None)
+        words = describe_status(status)[2]
+        why = ("killed by the master: " + ("its hard timeout passed" if child.killed_for
+                                            == "timeout" else "a stop's deadline passed")
+               if outcome == "killed" else f"the child {words} in the middle of the job")
+        return {"outcome": outcome, "function": function, "unique": unique,
+                "handle": job.handle, "server": None, "pool": pool.name, "slot": child.slot,
+                "host": self.host, "generation": child.generation, "attempt": attempt,
+                "retry_of": retry_of, "started": wall - max(0.0, now - job.job_started),
+                "seconds": max(0.0, now - job.job_started),
+                "error_class": "Killed" if outcome == "killed" else "Crash", "error": why,
+                "traceback": None, "payload": payload, "payload_sha256": digest,
+                "payload_size": size, "payload_cut": bool(cut) if copy else None,
+                # gearmand hands a job whose worker died to another worker: its next
+                # record (same handle) decides whether it is retried or dead
+                "decision": "requeued", "due": None}
