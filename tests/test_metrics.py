@@ -336,3 +336,18 @@ def test_the_collector_exports_exactly_the_series_the_rules_and_dashboard_use(
                 base = name[: -len(suffix)]
         exported.setdefault(base, set()).update(k for k, _ in labels if k != "le")
     assert exported == {**COUNTERS_AND_GAUGES, **HISTOGRAMS}
+
+
+def test_journal_series_from_the_store_helpers_reports(fleet: Fleet) -> None:
+    assert ("gearvisor_store_up", frozenset()) not in fleet.scrape()  # no report yet
+    fleet.health.journal(False, {"send_mail": 3}, (("mail", "send_mail", 2),))
+    fleet.health.journal(True, {"send_mail": 4, "resize": 1}, (("mail", "send_mail", 5),))
+    got = fleet.scrape()
+    assert value(got, "gearvisor_store_up") == 1
+    assert value(got, "gearvisor_dead_letters", function="send_mail") == 4
+    assert value(got, "gearvisor_dead_letters", function="resize") == 1
+    assert value(got, "gearvisor_retries_total", pool="mail", function="send_mail") == 7
+    fleet.health.journal(False, {}, ())
+    got = fleet.scrape()
+    assert value(got, "gearvisor_store_up") == 0
+    assert ("gearvisor_dead_letters", frozenset({("function", "resize")})) not in got

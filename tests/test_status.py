@@ -490,3 +490,13 @@ def test_render_servers_functions_and_findings(images: Pool) -> None:
     ]
     status["findings"] = []
     assert render(status).splitlines()[-1] == "health: ok"
+
+
+def test_render_journal_line(images: Pool) -> None:
+    status = fleet_status(fleet(images), NOW)
+    status["journal"] = {"store": "postgresql://gv@db/jobs", "up": False,
+                         "error": "connection refused", "dead_letters": 3, "waiting": 12,
+                         "dropped": 0}
+    [line] = [x for x in render(status).splitlines() if x.startswith("journal:")]
+    assert line == ("journal: store postgresql://gv@db/jobs DOWN (connection refused)  dead "
+                    "letters 3 (gearvisor dead list)  12 lines waiting")

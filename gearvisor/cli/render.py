@@ -88,6 +88,19 @@ def _gearmand_lines(status: dict[str, Any]) -> list[str]:
         lines.append("health: ok" if not findings else f"health: {len(findings)} finding(s)")
         lines += [f"  {f['kind'].upper()}  {f['message']}  (for {_duration(f['age'])})"
                   for f in findings]
+    journal = status.get("journal")
+    if journal:
+        state = {True: "up", False: "DOWN", None: "starting"}[journal.get("up")]
+        line = f"journal: store {journal.get('store')} {state}"
+        if journal.get("error"):
+            line += f" ({journal['error']})"
+        if journal.get("dead_letters"):
+            line += f"  dead letters {journal['dead_letters']} (gearvisor dead list)"
+        if journal.get("waiting"):
+            line += f"  {journal['waiting']} lines waiting"
+        if journal.get("dropped"):
+            line += f"  {journal['dropped']} DROPPED"
+        lines.append(line)
     return lines
 
 

@@ -121,6 +121,7 @@ class Alerts(Component):
             facts.PoisonFact(e.pool, e.function, e.strikes, e.last)))
         bus.subscribe(ev.Reloaded, self._reloaded)
         bus.subscribe(ev.FleetReady, self._rolls_done)
+        bus.subscribe(ev.JournalState, self._journal)
         self.notifier.attach(master)
         if alerts.channels:
             self.notifier.start()
@@ -239,6 +240,13 @@ class Alerts(Component):
     def _finding_cleared(self, event: ev.FindingCleared) -> None:
         f = event.finding
         self._fact(facts.FindingDown(f.kind.value, f.server, f.function, f.pool))
+
+    def _journal(self, event: ev.JournalState) -> None:
+        """The store helper's report: StoreDown, and DeadLetters per function."""
+        if self.engine is not None:
+            found: list[facts.Fact] = [facts.StoreFact(event.up, event.error)]
+            found += [facts.DeadLetterCount(f, n) for f, n in event.dead.items()]
+            self._deliver(self.engine.observe_all(found, self.wall()))
 
     def _reloaded(self, event: ev.Reloaded) -> None:
         for name, pool in self.master.pools.items():

@@ -147,6 +147,25 @@ class FleetCollector:
         for (channel, outcome), n in sorted(self.health.notifications.items()):
             notifications.add_metric([channel, outcome], n)
         yield from (restarts, quarantines, circuit, notifications)
+        yield from self._journal()
+
+    def _journal(self) -> Iterator[Metric]:
+        h = self.health
+        retries = CounterMetricFamily("gearvisor_retries", "Failed jobs submitted again as a "
+                                      "retry (the function's retry:), by the store helper.",
+                                      labels=["pool", "function"])
+        for (pool, function), n in sorted(h.retries.items()):
+            retries.add_metric([pool, function], n)
+        dead = GaugeMetricFamily("gearvisor_dead_letters", "Failed jobs no longer retried, "
+                                 "kept for `gearvisor dead replay` (in the whole store: a "
+                                 "shared PostgreSQL counts every host's).",
+                                 labels=["function"])
+        for function, n in sorted(h.dead_letters.items()):
+            dead.add_metric([function], n)
+        yield from (retries, dead)
+        if h.store_up is not None:
+            yield GaugeMetricFamily("gearvisor_store_up", "1 while the job journal's store "
+                                    "takes writes.", value=1 if h.store_up else 0)
 
     # -- the job servers (the probe's cached views) ---------------------------------------------
 

@@ -12,6 +12,7 @@ from gearvisor.policy.child import EXIT_BOOT_ERROR, Child
 from gearvisor.policy.pool import ExitDecision, ExitKind
 
 RESTART_REASONS = ("crash", "boot_error", "exit", "timeout", "recycle")
+MAX_JOURNAL_SERIES = 1000  # (pool, function) pairs and functions the journal series keep
 
 
 def restart_reason(child: Child, decision: ExitDecision, code: int | None,
@@ -42,6 +43,12 @@ class HealthCounters:
         self.restarts: Counter[tuple[str, str]] = Counter()
         self.quarantines: Counter[str] = Counter()
         self.notifications: Counter[tuple[str, str]] = Counter()  # (channel, outcome)
+        # The job journal, as its store helper reports: retries it submitted per (pool,
+        # function), dead letters per function now, whether the store is up (None: no
+        # report yet, or the journal is off)
+        self.retries: Counter[tuple[str, str]] = Counter()
+        self.dead_letters: dict[str, int] = {}
+        self.store_up: bool | None = None
 
     def restarted(self, pool: str, reason: str) -> None:
         self.restarts[(pool, reason)] += 1
@@ -54,6 +61,16 @@ class HealthCounters:
         (the config allows 64), so the label stays bounded whatever the events say."""
         if (channel, outcome) in self.notifications or len(self.notifications) < 3 * 64:
             self.notifications[(channel, outcome)] += 1
+
+    def journal(self, up: bool, dead: dict[str, int],
+                retries: tuple[tuple[str, str, int], ...]) -> None:
+        """A store helper's report. Labels stay bounded: at most MAX_JOURNAL_SERIES
+        (pool, function) pairs and functions are kept."""
+        self.store_up = up
+        self.dead_letters = dict(list(dead.items())[:MAX_JOURNAL_SERIES])
+        for pool, function, n in retries:
+            if (pool, function) in self.retries or len(self.retries) < MAX_JOURNAL_SERIES:
+                self.retries[(pool, function)] += n
 
     def forget(self, keep: set[str]) -> None:
         """Drop the counts of pools not in `keep` (gone from the config and drained)."""
