@@ -276,9 +276,8 @@ class GearvisorMetrics(GearvisorMaster):
 
 class GearvisorJournalOff(GearvisorMaster):
     """The default master with the job journal off (`journal: {enabled: false}`): what the
-    journal's recording costs the child is the default (journal on) against this. Until
-    the master forwards journal lines it reads them as unknown events (and logs them):
-    the master's side is not what is measured, the child's CPU is."""
+    journal costs a successful job is the default (journal on, `successes: false`)
+    against this."""
 
     name = "gearvisor journal off"
 

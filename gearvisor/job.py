@@ -25,7 +25,7 @@ class Job:
     """
 
     __slots__ = ("function", "handle", "unique", "data", "_send", "server", "key", "attempt",
-                 "retry_of")
+                 "retry_of", "strikes")
 
     def __init__(self, function: str, handle: str, unique: str, data: bytes, send: Send,
                  server: str = "", attempt: int = 1, retry_of: int | None = None) -> None:
@@ -36,6 +36,7 @@ class Job:
         self._send = send
         self.server = server  # "host:port" of the job server that assigned it
         self.key = 0  # its poison key, once computed (gearvisor.poison.job_key)
+        self.strikes = 0  # children that died running it before (when poison is checked)
         self.attempt = attempt
         self.retry_of = retry_of  # the journal's failure record this run retries, or None
 

@@ -73,7 +73,8 @@ def pool(**kw) -> PoolConfig:
 
 def make(pipe: Pipe, clock: Clock | None = None, journal: JournalConfig | None = None,
          **pool_kw) -> ChildJournal:
-    return ChildJournal(journal or JournalConfig(payload_cap=8), pool(**pool_kw), 2, 5,
+    return ChildJournal(journal or JournalConfig(payload_cap=8, successes=True),
+                        pool(**pool_kw), 2, 5,
                         "web1", 9, clock=clock or Clock(), wall=lambda: WALL,
                         rand=lambda: 0.5, write=pipe.write)
 
@@ -128,6 +129,20 @@ def test_successes_off_records_only_failures() -> None:
     j.failure(job(2), "error", 0.1, ValueError("x"))
     j.flush()
     assert [r["outcome"] for r in pipe.records()] == ["error"]
+
+
+def test_successes_off_still_records_a_success_that_ends_a_failure() -> None:
+    """A retry's success marks its failure done; so does the success of a job that crashed
+    a worker before (the master's crash record waits for it)."""
+    pipe = Pipe()
+    j = make(pipe, journal=JournalConfig(successes=False))
+    retried, crashed, plain = job(1, attempt=2, retry_of=7), job(2), job(3)
+    crashed.strikes = 1
+    for one in (retried, crashed, plain):
+        j.success(one, 0.1)
+    j.flush()
+    assert [(r["handle"], r.get("retry_of")) for r in pipe.records()] == [
+        (retried.handle, 7), (crashed.handle, None)]
 
 
 def test_an_error_record_has_class_text_traceback_and_the_stored_payload() -> None:
@@ -225,7 +240,7 @@ def test_the_batch_is_bounded_oldest_successes_dropped_failures_kept(monkeypatch
 def test_failures_are_dropped_only_when_no_success_is_left(monkeypatch) -> None:
     monkeypatch.setattr(jmod, "MAX_PENDING_BYTES", 10_000)
     pipe = Pipe(room=0)
-    j = make(pipe, journal=JournalConfig(payload_cap=4096))
+    j = make(pipe, journal=JournalConfig(payload_cap=4096, successes=True))
     for n in range(20):
         j.failure(job(n, data=b"x" * 4000), "error", 0.1, ValueError())
     assert j.failure_bytes <= 10_000 + 6000
@@ -234,7 +249,7 @@ def test_failures_are_dropped_only_when_no_success_is_left(monkeypatch) -> None:
 
 def test_big_failures_split_into_lines_under_max_line() -> None:
     pipe = Pipe()
-    j = make(pipe, journal=JournalConfig(payload_cap=512 * 1024))
+    j = make(pipe, journal=JournalConfig(payload_cap=512 * 1024, successes=True))
     for n in range(5):
         j.failure(job(n, data=bytes(512 * 1024)), "error", 0.1, ValueError())
     j.flush()
@@ -265,6 +280,7 @@ def test_a_flush_with_nothing_writes_nothing() -> None:
 def test_a_gone_master_is_not_an_error(bad: OSError) -> None:
     def write(fd: int, data: bytes) -> int:
         raise bad
-    j = ChildJournal(JournalConfig(), pool(), 0, 1, "h", 9, wall=lambda: WALL, write=write)
+    j = ChildJournal(JournalConfig(successes=True), pool(), 0, 1, "h", 9, wall=lambda: WALL,
+                     write=write)
     j.success(job(1), 0.1)
     assert not j.flush()  # kept (bounded), never raised

@@ -94,7 +94,7 @@ def child(tmp_path: Path, gearmand) -> Iterator[Callable[..., Child]]:
     started: list[Child] = []
     write_module(tmp_path, "jmod", MODULE)
 
-    def start(journal: str = "") -> Child:
+    def start(journal: str = ", successes: true") -> Child:
         path = tmp_path / "pools.yaml"
         path.write_text(CONFIG.format(dir=tmp_path, address=gearmand.address,
                                       journal=journal))

@@ -39,7 +39,7 @@ def test_defaults_journal_on_sqlite_in_state_dir_no_retries_store_payloads(
     assert c.journal == JournalConfig(
         enabled=True, url=f"sqlite://{tmp_path}/state/journal.sqlite3",
         state_dir=f"{tmp_path}/state", max_entries=1_000_000, max_bytes=512 * 1024 * 1024,
-        ttl=14 * 86400.0, payload_cap=64 * 1024, successes=True)
+        ttl=14 * 86400.0, payload_cap=64 * 1024, successes=False)
     assert c.journal.sqlite_path == f"{tmp_path}/state/journal.sqlite3"
     pool = c.pools["mail"]
     assert pool.retry == {}

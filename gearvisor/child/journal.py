@@ -85,8 +85,8 @@ class ChildJournal:
 
     def success(self, job: Job, seconds: float) -> None:
         """A job succeeded (the per-job fast path: a tuple appended, flushed when due)."""
-        if not self.successes_on:
-            return
+        if not self.successes_on and job.retry_of is None and not job.strikes:
+            return  # (a retry's or a crashed job's success ends a failure: always kept)
         successes = self.successes
         successes.append((job.function, job.unique, job.handle, job.server, job.attempt,
                           job.retry_of, self.wall() - seconds, seconds))

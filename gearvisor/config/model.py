@@ -159,7 +159,7 @@ class JournalConfig:
     max_bytes: int = 512 * 1024 * 1024  # payload + text bytes kept
     ttl: float = 14 * 86400.0  # seconds a row is kept
     payload_cap: int = 64 * 1024  # bytes of a failed job's payload kept
-    successes: bool = True  # record successful outcomes too
+    successes: bool = False  # record every successful outcome (those ending a failure: always)
 
     @property
     def sqlite_path(self) -> str | None:

@@ -347,9 +347,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("journal.payload_cap", size_upto(PAYLOAD_CAP_MAX), 64 * 1024,
             "Bytes of a failed job's payload kept (`failed_payload: store`); a longer one is "
             "kept cut, and cannot be replayed.", scope="global", shown_default="`64K`"),
-    Setting("journal.successes", boolean, True,
-            "Record successful jobs too (`gearvisor jobs` shows them); `false`: failures "
-            "only.", scope="global"),
+    Setting("journal.successes", boolean, False,
+            "Record every successful job too, so `gearvisor jobs` shows them. Off by "
+            "default: it costs the store a row per job (see Performance). A success that "
+            "ends a failure (a retry, a replay, a job that crashed a worker before) is "
+            "always recorded.", scope="global"),
     Setting("log_level", choice("debug", "info", "warning", "error"), "info", "Log level."),
     Setting("log_format", choice("auto", "console", "json"), "auto",
             "`console` is key=value, `json` is one JSON object per line, `auto` picks console "
