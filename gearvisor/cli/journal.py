@@ -367,7 +367,7 @@ class Replayer:
         delay = self.next_at - self.clock()
         if delay > 0:
             self.sleep(delay)
-        self.next_at = max(self.next_at, self.clock() - self.interval) + self.interval
+        self.next_at = max(self.next_at, self.clock()) + self.interval
         if not self.store.mark_replayed([r["id"]]):
             self.raced.append(r["id"])  # another replay (or a delete) got there first
             return True
