@@ -488,6 +488,11 @@ class Store:
         returns how many were dead."""
         return self._set_state(ids, "replayed", "state = 'dead'")
 
+    def unmark_replayed(self, ids: Sequence[int]) -> int:
+        """No job server took these replays after all (replayed -> dead): the CLI marks a
+        dead letter before it submits it, so two operators never both submit one."""
+        return self._set_state(ids, "dead", "state = 'replayed'")
+
     def delete(self, ids: Sequence[int]) -> int:
         """Delete these failures rows (any state); returns how many there were."""
         gone = size = 0
