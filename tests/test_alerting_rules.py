@@ -10,10 +10,12 @@ stops, each child's open files, and `gearvisor restart` muting its pool's child 
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,12 @@ def resolved_once(receiver: Receiver, name: str, timeout: float = 30) -> None:
     wait_for(lambda: receiver.alerts(name, "resolved"), timeout=timeout,
              message=f"{name} resolved")
     assert len(receiver.alerts(name, "firing")) == 1, receiver.payloads
+
+
+def wall(rfc3339: str) -> float:
+    """An Alertmanager time (`2026-01-02T03:04:05.678Z`) as seconds since the epoch."""
+    return datetime.datetime.strptime(rfc3339, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
 
 
 def waiting(gearmand: Any, function: str) -> int:
@@ -154,9 +162,9 @@ def test_jobs_slower_than_their_threshold_page_slow_jobs_until_they_speed_up(
 def test_a_backlog_pages_while_it_grows_and_while_its_drain_time_is_above_drain(
         gearmand, master, receiver) -> None:
     """25 jobs a second arrive, one child does 10: the backlog grows (backlog_growing);
-    then the arrivals stop. With `drain: 50ms` the alert holds while any job waits (one
-    job takes 100 ms), so its resolved notice comes once gearmand's queue has drained,
-    not when the growth stopped."""
+    then, with 40 waiting, the arrivals stop. With `drain: 50ms` the alert holds while any
+    job waits (one job takes 100 ms), so its resolved notice comes once gearmand's queue
+    has drained, not when the growth stopped."""
     config = fleet_config(gearmand, receiver)
     config.update({"probe_interval": "300ms", "findings": {"backlog_probes": 2}})
     config["alerts"]["rules"] = {"Backlog": {"drain": "50ms"}}
@@ -176,6 +184,8 @@ def test_a_backlog_pages_while_it_grows_and_while_its_drain_time_is_above_drain(
     arrivals.start()
     try:
         alert = once(receiver, "Backlog")
+        # A backlog of 40 takes 4 s to drain: the growth stops well before it is gone.
+        wait_for(lambda: waiting(gearmand, "nap") >= 40, timeout=15, message="40 waiting")
     finally:
         stop.set()
         arrivals.join(15)
@@ -302,11 +312,20 @@ def test_a_restart_roll_mutes_crash_loop_for_the_child_it_replaces(
     new = wait_for(lambda: m.child_with_title("w[0]"), timeout=20, message="the successor")
     assert new != old
     wait_for(lambda: len(gearmand.workers("w")) == 1, timeout=20, message="it registered")
-    # After the roll, the same fault pages.
+    # After the roll, the same fault pages: wait for that episode's firing and resolved
+    # notices (the same fingerprint: told apart by startsAt), by then a page for the crash
+    # during the roll would have come long before.
     flag.unlink()
+    killed_at = time.time()
     os.kill(new, signal.SIGKILL)
-    once(receiver, "CrashLoop")
-    resolved_once(receiver, "CrashLoop")
+
+    def after_the_roll(status: str) -> list[dict[str, Any]]:
+        return [a for a in receiver.alerts("CrashLoop", status)
+                if wall(a["startsAt"]) >= killed_at - 0.01]
+
+    wait_for(lambda: after_the_roll("firing"), timeout=30, message="CrashLoop posted")
+    wait_for(lambda: after_the_roll("resolved"), timeout=30, message="CrashLoop resolved")
+    assert len(receiver.alerts("CrashLoop", "firing")) == 1, receiver.payloads
 
 
 @pytest.mark.parametrize("value", ["0s", "2h"])
