@@ -339,3 +339,17 @@ def test_alerts_sample_interval_is_checked(value: str, tmp_path: Path) -> None:
         load(str(path))
     path.write_text("alerts: {sample_interval: 500ms}\n" + pools)
     assert load(str(path)).alerts.sample_interval == 0.5
+
+
+def test_fd_usage_counts_a_process_files_against_its_soft_limit() -> None:
+    import resource
+    import subprocess
+
+    from gearvisor.master.alerts import fd_usage
+
+    used, limit = fd_usage(os.getpid()) or (0, 0)
+    assert abs(used - len(os.listdir("/proc/self/fd"))) <= 1  # listdir's own fd aside
+    assert limit == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert fd_usage(gone.pid) is None  # exited and reaped: no error, nothing counted
