@@ -159,18 +159,10 @@ def test_jobs_slower_than_their_threshold_page_slow_jobs_until_they_speed_up(
     resolved_once(receiver, "SlowJobs")
 
 
-def test_a_backlog_pages_while_it_grows_and_while_its_drain_time_is_above_drain(
-        gearmand, master, receiver) -> None:
-    """25 jobs a second arrive, one child does 10: the backlog grows (backlog_growing);
-    then, with 40 waiting, the arrivals stop. With `drain: 50ms` the alert holds while any
-    job waits (one job takes 100 ms), so its resolved notice comes once gearmand's queue
-    has drained, not when the growth stopped."""
-    config = fleet_config(gearmand, receiver)
-    config.update({"probe_interval": "300ms", "findings": {"backlog_probes": 2}})
-    config["alerts"]["rules"] = {"Backlog": {"drain": "50ms"}}
-    config["pools"]["w"]["functions"] = {"nap": "examples.tasks:sleep"}
-    master(config)
-    wait_for(lambda: len(gearmand.workers("w")) == 1, timeout=20, message="registered")
+def grow_backlog(gearmand: Any, receiver: Receiver) -> dict[str, Any]:
+    """25 jobs of nap(0.1 s) a second arrive at `gearmand` and one child does 10: the
+    backlog grows (backlog_growing). They stop once Backlog fired and 40 wait (4 s of
+    work), well before they drain. Returns the firing alert."""
     stop = threading.Event()
 
     def arrive() -> None:
@@ -184,17 +176,50 @@ def test_a_backlog_pages_while_it_grows_and_while_its_drain_time_is_above_drain(
     arrivals.start()
     try:
         alert = once(receiver, "Backlog")
-        # A backlog of 40 takes 4 s to drain: the growth stops well before it is gone.
         wait_for(lambda: waiting(gearmand, "nap") >= 40, timeout=15, message="40 waiting")
     finally:
         stop.set()
         arrivals.join(15)
     assert (alert["labels"]["function"], alert["labels"]["server"]) == ("nap",
                                                                         gearmand.address)
-    assert waiting(gearmand, "nap") > 0
+    return alert
+
+
+def backlog_config(servers: list[Any], receiver: Receiver) -> dict[str, Any]:
+    config = fleet_config(servers[0], receiver)
+    config.update({"servers": [g.address for g in servers], "probe_interval": "300ms",
+                   "findings": {"backlog_probes": 2}})
+    config["alerts"]["rules"] = {"Backlog": {"drain": "50ms"}}
+    config["pools"]["w"]["functions"] = {"nap": "examples.tasks:sleep"}
+    return config
+
+
+def test_a_backlog_pages_while_it_grows_and_while_its_drain_time_is_above_drain(
+        gearmand, master, receiver) -> None:
+    """With `drain: 50ms` the alert holds while any job waits (one takes 100 ms), so its
+    resolved notice comes once gearmand's queue has drained, not when the growth
+    stopped."""
+    master(backlog_config([gearmand], receiver))
+    wait_for(lambda: len(gearmand.workers("w")) == 1, timeout=20, message="registered")
+    grow_backlog(gearmand, receiver)
     resolved_once(receiver, "Backlog")
     # Nothing arrives any more, so what waited when it resolved still waits no more.
     assert waiting(gearmand, "nap") == 0
+
+
+def test_a_backlog_on_a_server_a_reload_removed_resolves(gearmand_factory, master,
+                                                         receiver) -> None:
+    """The backlog is on the second server; a reload drops that server from the config,
+    so nothing probes it any more: its Backlog resolves (its jobs still wait there)."""
+    kept, dropped = gearmand_factory(), gearmand_factory()
+    config = backlog_config([kept, dropped], receiver)
+    m = master(config)
+    wait_for(lambda: len(dropped.workers("w")) == 1, timeout=20, message="registered")
+    grow_backlog(dropped, receiver)
+    m.write_config({**config, "servers": [kept.address]})
+    m.signal(signal.SIGHUP)
+    resolved_once(receiver, "Backlog")
+    assert waiting(dropped, "nap") > 0  # gearmand still holds them: no one was to drain them
 
 
 def test_a_reload_whose_new_code_cannot_boot_pages_roll_halted_until_a_fixed_reload(

@@ -169,6 +169,16 @@ class Alerts(Component):
         if self.engine is not None and config.alerts is not None:
             self.engine.reconfigure(config.alerts)
             self._changed()
+            # A backlog on a server no pool uses any more is probed no more: it resolves.
+            used = {f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
+                    for pc in config.pools.values() for s in pc.servers}
+            gone = [key for key in self.drains if key[1] not in used]
+            for key in gone:
+                del self.drains[key]
+            if gone:
+                self._deliver(self.engine.observe_all(
+                    [facts.BacklogDrain(fn, server, 0, None) for fn, server in gone],
+                    self.wall()))
 
     def begin_stop(self, fast: bool) -> None:
         self.stopping = True
