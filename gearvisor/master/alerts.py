@@ -78,7 +78,7 @@ def p95(bounds: tuple[float, ...], counts: list[int]) -> float | None:
 def fd_usage(pid: int) -> tuple[int, int] | None:
     """A process' open files and its soft RLIMIT_NOFILE, from /proc/PID/fd and
     /proc/PID/limits (FdLimit for a child): None when it is gone, unreadable or unlimited.
-    At most MAX_FD_COUNT files are counted, so one sample's work is bounded."""
+    At most min(limit, MAX_FD_COUNT) files are counted, so one sample's work is bounded."""
     try:
         with open(f"/proc/{pid}/limits", "rb") as f:
             text = f.read(16384)
@@ -86,11 +86,11 @@ def fd_usage(pid: int) -> tuple[int, int] | None:
                      if line.startswith(b"Max open files")), b"")
         if not soft.isdigit() or int(soft) <= 0:
             return None
-        used = 0
+        used, most = 0, min(int(soft), MAX_FD_COUNT)
         with os.scandir(f"/proc/{pid}/fd") as entries:
             for _ in entries:
                 used += 1
-                if used >= MAX_FD_COUNT:
+                if used >= most:
                     break
     except (OSError, IndexError, ValueError):
         return None  # it exited meanwhile, or runs as a user we cannot look at
