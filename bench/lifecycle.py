@@ -164,7 +164,7 @@ class Fleet:
         return self.proc.poll() is None
 
     def workers(self) -> list[psutil.Process]:
-        """The worker processes (not a file watcher helper, if gearvisor has one)."""
+        """The worker processes (not gearvisor's helpers: file watcher, notifier, store)."""
         try:
             kids = psutil.Process(self.proc.pid).children()
         except psutil.Error:
@@ -174,7 +174,8 @@ class Fleet:
             try:
                 if p.status() == psutil.STATUS_ZOMBIE:
                     continue
-                if p.cmdline()[:1] == ["gearvisor: watcher"]:
+                if p.cmdline()[:1] in (["gearvisor: watcher"], ["gearvisor: notifier"],
+                                       ["gearvisor: store"]):
                     continue
             except psutil.Error:
                 continue

@@ -215,12 +215,13 @@ class Master:
     @staticmethod
     def _is_helper(p: psutil.Process) -> bool:
         try:
-            return p.cmdline()[:1] in (["gearvisor: watcher"], ["gearvisor: notifier"])
+            return p.cmdline()[:1] in (["gearvisor: watcher"], ["gearvisor: notifier"],
+                                       ["gearvisor: store"])
         except psutil.Error:
             return False
 
     def children(self) -> list[psutil.Process]:
-        """The worker children (the watcher and alert-notifier helpers left out)."""
+        """The worker children (the watcher, alert-notifier and job-store helpers left out)."""
         return [p for p in self.processes() if not self._is_helper(p)]
 
     def watcher(self) -> psutil.Process | None:

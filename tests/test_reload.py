@@ -243,7 +243,8 @@ def test_status_table_and_json(gearmand, master, tmp_path):
     lines = table.stdout.splitlines()
     assert next(line for line in lines if line.startswith("watcher")).startswith(
         "watcher disabled")
-    assert lines[-1] == "health: ok"  # then gearmand's side (servers, functions, findings)
+    # then gearmand's side (servers, functions, findings), then the journal's store
+    assert lines[-2] == "health: ok" and lines[-1].startswith("journal: store sqlite://")
     assert lines[1].split() == ["POOL", "SLOT", "PID", "STATE", "GEN", "UPTIME", "DONE",
                                 "FAILED", "JOB", "RSS"]
     assert any(str(busy["pid"]) in line and "busy" in line and "work" in line

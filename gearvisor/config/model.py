@@ -126,6 +126,7 @@ class AlertsConfig:
     group_wait: float = 30.0
     group_interval: float = 300.0
     repeat_interval: float = 4 * 3600.0
+    sample_interval: float = 10.0  # seconds between job-count and fd samples
     routes: tuple[AlertRoute, ...] = ()
     channels: dict[str, object] = field(default_factory=dict)  # name -> channels.ChannelConfig
 

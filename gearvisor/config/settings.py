@@ -319,6 +319,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("alerts.repeat_interval", duration_between(1.0, 7 * DAY), 4 * HOUR,
             "How long before a group that still fires is notified again (dedupe).",
             scope="global"),
+    Setting("alerts.sample_interval", duration_between(0.1, HOUR), 10.0,
+            "How often the master samples its children's job counters (`FailureRate`, "
+            "`SlowJobs`) and open files (`FdLimit`, the master's and each child's).",
+            scope="global"),
     Setting("alerts.routes", routes, (),
             "Ordered `[{match: {severity: critical}, notify: [ops-mail], escalate: [{after: "
             "10m, notify: [sms]}], continue: false, group_by: [...]}]`: an alert goes to the "

@@ -5,7 +5,11 @@ socket (`gearvisor alerts`, `alerts ack`, `silence add|list|expire`).
 The engine (policy/alerts.py) is pure and decides what to send and when; this component
 only feeds it and carries its decisions out:
 - facts: ChildExited, ChildReady, FindingRaised/Cleared, Quarantined, CircuitOpened/Closed,
-  PoisonJob, Reloaded (rolls) and FleetReady (rolls done) are mapped to the engine's facts;
+  PoisonJob, Reloaded and RollStarted (rolls), FleetReady and each rolled pool's progress
+  (rolls done) are mapped to the engine's facts; a backlog_growing finding's drain estimate
+  is kept and refreshed from each probe's Snapshot (BacklogDrain) until the queue is empty;
+  every `alerts.sample_interval` the children's job counters (JobTick) and the open files
+  of the master and of each pool's fullest child (FdUsage) are sampled;
 - time: one loop timer at the engine's next_due() (wall clock: alert times mean the same
   after a restart);
 - delivery: notifications are JSON lines written, without ever blocking, to the input pipe
@@ -49,8 +53,10 @@ STATE_KEY = "alerts"
 SAVE_EVERY = 1.0  # seconds: state saves are batched at most this often
 MAX_PENDING = 10_000  # notification lines waiting for the helper; older ones are dropped
 MAX_SILENCE = 366 * 86400.0  # the longest `silence add --for`
-SAMPLE_EVERY = 10.0  # seconds between job-count and fd samples (FailureRate, SlowJobs, FdLimit)
 MAX_SEEN = 100_000  # (child, function) job counters remembered between samples
+MAX_FD_CHILDREN = 1_000  # children whose open files one sample counts
+MAX_FD_COUNT = 100_000  # open files counted per child, at most (a huge limit, a leak)
+MAX_DRAINS = 1_000  # (function, server) backlogs whose drain time is followed
 
 
 def p95(bounds: tuple[float, ...], counts: list[int]) -> float | None:
@@ -66,6 +72,28 @@ def p95(bounds: tuple[float, ...], counts: list[int]) -> float | None:
         if seen >= rank:
             return bound
     return bounds[-1] if bounds else None
+
+
+def fd_usage(pid: int) -> tuple[int, int] | None:
+    """A process' open files and its soft RLIMIT_NOFILE, from /proc/PID/fd and
+    /proc/PID/limits (FdLimit for a child): None when it is gone, unreadable or unlimited.
+    At most min(limit, MAX_FD_COUNT) files are counted, so one sample's work is bounded."""
+    try:
+        with open(f"/proc/{pid}/limits", "rb") as f:
+            text = f.read(16384)
+        soft = next((line.split()[3] for line in text.splitlines()
+                     if line.startswith(b"Max open files")), b"")
+        if not soft.isdigit() or int(soft) <= 0:
+            return None
+        used, most = 0, min(int(soft), MAX_FD_COUNT)
+        with os.scandir(f"/proc/{pid}/fd") as entries:
+            for _ in entries:
+                used += 1
+                if used >= most:
+                    break
+    except (OSError, IndexError, ValueError):
+        return None  # it exited meanwhile, or runs as a user we cannot look at
+    return used, int(soft)
 
 
 class Alerts(Component):
@@ -92,6 +120,11 @@ class Alerts(Component):
         # (ok, failed, bucket counts), so a sample feeds the engine what ended since.
         self.seen: dict[tuple[int, str], tuple[int, int, tuple[int, ...]]] = {}
         self.sampler: Timer | None = None
+        self.fd_pools: set[str] = set()  # pools whose children's fds the last sample fed
+        # Backlogs whose drain time is followed after their backlog_growing finding:
+        # (function, server) -> our pools' completion rate then (jobs/s; None: unknown)
+        self.drains: dict[tuple[str, str], float | None] = {}
+        self.rolling: set[str] = set()  # pools rolled by RollStarted, until their roll ends
 
     # -- component ------------------------------------------------------------------------------
 
@@ -109,8 +142,7 @@ class Alerts(Component):
         self._open_state()
         bus = master.bus
         bus.subscribe(ev.ChildExited, self._exited)
-        bus.subscribe(ev.ChildReady, lambda e: self._fact(facts.ChildReady(e.pool.name,
-                                                                           e.child.slot)))
+        bus.subscribe(ev.ChildReady, self._ready)
         bus.subscribe(ev.FindingRaised, self._finding_raised)
         bus.subscribe(ev.FindingCleared, self._finding_cleared)
         bus.subscribe(ev.Quarantined, lambda e: self._fact(
@@ -120,12 +152,14 @@ class Alerts(Component):
         bus.subscribe(ev.PoisonJob, lambda e: self._fact(
             facts.PoisonFact(e.pool, e.function, e.strikes, e.last)))
         bus.subscribe(ev.Reloaded, self._reloaded)
+        bus.subscribe(ev.RollStarted, self._roll_started)
+        bus.subscribe(ev.Snapshot, self._snapshot)
         bus.subscribe(ev.FleetReady, self._rolls_done)
         bus.subscribe(ev.JournalState, self._journal)
         self.notifier.attach(master)
         if alerts.channels:
             self.notifier.start()
-        self.sampler = master.loop.call_later(SAMPLE_EVERY, self._sample)
+        self.sampler = master.loop.call_later(alerts.sample_interval, self._sample)
         self._deliver(self.engine.tick(self.wall()))
 
     def reload(self, config: Config) -> None:
@@ -133,6 +167,16 @@ class Alerts(Component):
         if self.engine is not None and config.alerts is not None:
             self.engine.reconfigure(config.alerts)
             self._changed()
+            # A backlog on a server no pool uses any more is probed no more: it resolves.
+            used = {f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
+                    for pc in config.pools.values() for s in pc.servers}
+            gone = [key for key in self.drains if key[1] not in used]
+            for key in gone:
+                del self.drains[key]
+            if gone:
+                self._deliver(self.engine.observe_all(
+                    [facts.BacklogDrain(fn, server, 0, None) for fn, server in gone],
+                    self.wall()))
 
     def begin_stop(self, fast: bool) -> None:
         self.stopping = True
@@ -175,12 +219,15 @@ class Alerts(Component):
             self._deliver(self.engine.observe(fact, self.wall()))
 
     def _sample(self) -> None:
-        """Every SAMPLE_EVERY: the jobs that ended since the last sample per pool and
-        function (JobTick: FailureRate, SlowJobs) and the master's open fds (FdUsage)."""
-        self.sampler = self.master.loop.call_later(SAMPLE_EVERY, self._sample)
+        """Every `alerts.sample_interval`: the jobs that ended since the last sample per pool
+        and function (JobTick: FailureRate, SlowJobs) and the open fds of the master and of
+        each pool's children (FdUsage)."""
+        self.sampler = self.master.loop.call_later(self.config.alerts.sample_interval,
+                                                   self._sample)
         ticks = []
         for child, pool in list(self.master.children.values()):
             ticks += self._job_ticks(child, pool.name)
+        ticks += self._child_fds()
         try:
             used = len(os.listdir("/proc/self/fd"))
             limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -190,6 +237,24 @@ class Alerts(Component):
             ticks.append(facts.FdUsage(used, limit))
         if ticks and self.engine is not None:
             self._deliver(self.engine.observe_all(ticks, self.wall()))
+
+    def _child_fds(self) -> list[facts.Fact]:
+        """Per pool, the open files of its child nearest its limit: the engine keeps one
+        FdUsage per pool, and the fullest child is the one about to fail. A pool with no
+        child counted now is fed zero, so its alert resolves."""
+        fullest: dict[str, tuple[int, int]] = {}
+        for child, pool in list(self.master.children.values())[:MAX_FD_CHILDREN]:
+            usage = fd_usage(child.pid) if child.pid is not None else None
+            if usage is None:
+                continue
+            had = fullest.get(pool.name)
+            if had is None or usage[0] * had[1] > had[0] * usage[1]:
+                fullest[pool.name] = usage
+        out: list[facts.Fact] = [facts.FdUsage(used, limit, name)
+                                 for name, (used, limit) in fullest.items()]
+        out += [facts.FdUsage(0, 0, name) for name in self.fd_pools - fullest.keys()]
+        self.fd_pools = set(fullest)
+        return out
 
     def _job_ticks(self, child: Any, pool: str, final: bool = False) -> list[facts.Fact]:
         """What `child` finished since its last sample, per function. Counted per function
@@ -231,11 +296,44 @@ class Alerts(Component):
             self._fact(facts.HardTimeout(pool.name, child.slot, function))
         if event.decision.kind is ExitKind.ROLL_FAILED:
             self._fact(facts.RollFact(pool.name, "halted", pool.halted or ""))
+        self._roll_progress(pool)
+
+    def _ready(self, event: ev.ChildReady) -> None:
+        self._fact(facts.ChildReady(event.pool.name, event.child.slot))
+        self._roll_progress(event.pool)
 
     def _finding_raised(self, event: ev.FindingRaised) -> None:
         f = event.finding
         self._fact(facts.FindingUp(f.kind.value, f.server, f.function, f.pool, f.message,
                                    dict(f.details)))
+        if f.kind.value == "backlog_growing" and f.function is not None:
+            # Backlog's `drain` threshold: the finding's estimate, then followed per probe
+            # (_snapshot) after the growth stops, while jobs still wait.
+            key = (f.function, f.server)
+            rate, drain = f.details.get("completion_rate"), f.details.get("drain_seconds")
+            if key in self.drains or len(self.drains) < MAX_DRAINS:
+                self.drains[key] = float(rate) if isinstance(rate, (int, float)) else None
+            self._fact(facts.BacklogDrain(f.function, f.server, int(f.details.get(
+                "waiting", 0)), float(drain) if isinstance(drain, (int, float)) else None))
+
+    def _snapshot(self, event: ev.Snapshot) -> None:
+        """A probe's answer: the waiting jobs of each followed backlog on that server, and
+        their drain time at the rate its finding measured; followed until none wait."""
+        view = event.view
+        if not self.drains or not view.answered:
+            return  # a server that did not answer: ServerDown says it all
+        ticks: list[facts.Fact] = []
+        for (function, server), rate in list(self.drains.items()):
+            if server != view.name:
+                continue
+            st = view.functions.get(function)
+            waiting = max(0, st.queued - st.running) if st is not None else 0
+            if not waiting:
+                del self.drains[(function, server)]
+            ticks.append(facts.BacklogDrain(function, server, waiting,
+                                            waiting / rate if rate else None))
+        if ticks and self.engine is not None:
+            self._deliver(self.engine.observe_all(ticks, self.wall()))
 
     def _finding_cleared(self, event: ev.FindingCleared) -> None:
         f = event.finding
@@ -253,9 +351,31 @@ class Alerts(Component):
             if not pool.removed:
                 self._fact(facts.RollFact(name, "running"))
 
+    def _roll_started(self, event: ev.RollStarted) -> None:
+        """One pool rolls without a reload (`gearvisor restart`, watched files): its child
+        alerts are muted until its roll ends (no FleetReady follows such a roll)."""
+        if event.pool in self.master.pools:
+            self.rolling.add(event.pool)
+            self._fact(facts.RollFact(event.pool, "running"))
+
+    def _roll_progress(self, pool: Any) -> None:
+        """After a child of a rolling pool got ready or exited: has the roll ended? A roll
+        that halted stays halted (RollHalted) until the next one."""
+        if pool.name not in self.rolling:
+            return
+        finished, _ = pool.progress()
+        if finished:
+            self.rolling.discard(pool.name)
+            if pool.halted is None:
+                self._fact(facts.RollFact(pool.name, "done"))
+
     def _rolls_done(self, event: ev.FleetReady) -> None:
-        for name in self.master.pools:
-            self._fact(facts.RollFact(name, "done"))
+        """Start-up or a reload settled: every roll ended, but one that halted is still
+        halted (FleetReady follows a halt too: the old children serve) until the next."""
+        self.rolling.clear()
+        for name, pool in self.master.pools.items():
+            if pool.halted is None:
+                self._fact(facts.RollFact(name, "done"))
 
     # -- time and state -------------------------------------------------------------------------
 

@@ -437,6 +437,7 @@ class Arbiter:
             self.retire(pool, action, now)
         self.log.info("rolling pool to a new generation", pool=pool.name, trigger=why,
                       generation=pool.generation)
+        self.bus.publish(ev.RollStarted(pool.name, why))
 
     def scale(self, pool: Pool, processes: int) -> int:
         """Run `processes` children in `pool` until a reload changes its size; the old

@@ -139,6 +139,15 @@ class Reloaded:
 
 
 @dataclass(frozen=True)
+class RollStarted:
+    """One pool rolls to a new generation without a reload (`gearvisor restart`, watched
+    files changed): what a Reloaded is for every pool, for this one."""
+
+    pool: str
+    why: str
+
+
+@dataclass(frozen=True)
 class Stopping:
     fast: bool
     why: str
