@@ -479,6 +479,15 @@ def pg_url(postgres_server: Postgres) -> str:
     return postgres_server.create_database()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A job store's URL, once for each backend: a SQLite file under tmp_path/state, and a
+    new database on the session's real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/state/journal.sqlite3"
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
 def postgres_factory() -> Iterator[Callable[[], Postgres]]:
     """make() -> a PostgreSQL of the test's own (to stop and start); removed afterwards."""

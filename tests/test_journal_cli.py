@@ -79,13 +79,6 @@ class Env:
         return "gone" if row is None else row["state"]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/state/journal.sqlite3"
-    return request.getfixturevalue("pg_url")
-
-
 @pytest.fixture
 def env(tmp_path: Path, store_url: str) -> Iterator[Env]:
     e = Env(tmp_path, store_url, [f"{HOST}:{free_port()}"])

@@ -158,13 +158,6 @@ def test_redact_hides_the_password() -> None:
 # -- the store, on SQLite and on PostgreSQL -------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/journal.sqlite3"
-    return request.getfixturevalue("pg_url")
-
-
 @pytest.fixture
 def make_store(store_url: str, tmp_path: Path) -> Iterator[Callable[..., store.Store]]:
     opened: list[store.Store] = []

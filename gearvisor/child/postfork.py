@@ -12,7 +12,8 @@ import ctypes
 import os
 import resource
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import NoReturn
 
 from gearvisor.config import PoolConfig
 
@@ -145,3 +146,32 @@ def start_helper(title: str, signals_to_unblock: set[int], fds: set[int]) -> Non
 
     setproctitle(title)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals_to_unblock)
+
+
+def run_helper(title: str, signals_to_unblock: set[int], fds: set[int],
+               serve: Callable[[], int],
+               on_error: Callable[[BaseException], None] | None = None) -> NoReturn:
+    """The body of every helper process: start_helper, then `serve()`'s return value is the
+    exit code. A gone master (EPIPE on a pipe) exits EXIT_ORPHANED; anything else that
+    escapes is shown (`on_error`, or the traceback on stderr) and exits EXIT_CRASH, so the
+    master restarts it with backoff. Never returns."""
+    import traceback
+
+    from gearvisor.policy.child import EXIT_CRASH, EXIT_ORPHANED
+
+    code = EXIT_CRASH
+    try:
+        start_helper(title, signals_to_unblock, fds)
+        code = serve()
+    except BrokenPipeError:
+        code = EXIT_ORPHANED
+    except BaseException as e:
+        try:
+            if on_error is not None:
+                on_error(e)
+            else:
+                traceback.print_exc()
+        except OSError:
+            pass
+    finally:
+        os._exit(code)

@@ -46,7 +46,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 import urllib.error
 import urllib.request
 from collections import deque
@@ -65,7 +64,7 @@ from gearvisor.config.channels import (
     WebhookChannel,
 )
 from gearvisor.policy.backoff import Backoff
-from gearvisor.policy.child import EXIT_CRASH, EXIT_ORPHANED
+from gearvisor.policy.child import EXIT_ORPHANED
 
 QUEUE_MAX = 256  # notifications waiting per channel; beyond, the oldest is dropped
 MAX_LINE = 1 << 20  # one notification line; a longer one is refused, not buffered
@@ -593,21 +592,10 @@ def run_notifier(channels: Mapping[str, ChannelConfig], in_fd: int, event_fd: in
                  signals_to_unblock: set[int]) -> NoReturn:
     """The body of the forked delivery helper (System.fork's body, with `in_fd` the read
     end of a second pipe the master writes notifications to). Never returns."""
-    from gearvisor.child.postfork import start_helper
+    from gearvisor.child.postfork import run_helper
 
-    code = EXIT_CRASH
-    try:
-        start_helper("gearvisor: notifier", signals_to_unblock, {in_fd, event_fd})
-        code = serve(channels, in_fd, event_fd)
-    except BrokenPipeError:
-        code = EXIT_ORPHANED
-    except BaseException:
-        try:
-            traceback.print_exc()
-        except OSError:
-            pass
-    finally:
-        os._exit(code)
+    run_helper("gearvisor: notifier", signals_to_unblock, {in_fd, event_fd},
+               lambda: serve(channels, in_fd, event_fd))
 
 
 def load_channels(path: str) -> dict[str, ChannelConfig]:

@@ -27,7 +27,6 @@ import os
 import select
 import sys
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable
 from typing import NoReturn
@@ -40,7 +39,7 @@ from gearvisor.journal.parse import Record, parse_line
 from gearvisor.journal.settings import StoreSettings
 from gearvisor.journal.store import Due, Store, StoreError, open_store
 from gearvisor.policy.backoff import Backoff
-from gearvisor.policy.child import EXIT_CRASH, EXIT_ORPHANED
+from gearvisor.policy.child import EXIT_ORPHANED
 
 READ_MAX = 1 << 20  # bytes read in one burst, written as one transaction
 PENDING_MAX = 8 << 20  # bytes of lines held while the store is down; then reading stops
@@ -389,18 +388,7 @@ def run_store(settings: StoreSettings, in_fd: int, out_fd: int,
               blocked_signals: set[int]) -> NoReturn:
     """The body of the forked store helper (`in_fd`: the pipe the master writes numbered
     journal lines to; `out_fd`: its event pipe). Never returns."""
-    from gearvisor.child.postfork import start_helper
+    from gearvisor.child.postfork import run_helper
 
-    code = EXIT_CRASH
-    try:
-        start_helper("gearvisor: store", blocked_signals, {in_fd, out_fd})
-        code = serve(settings, in_fd, out_fd)
-    except BrokenPipeError:
-        code = EXIT_ORPHANED
-    except BaseException:
-        try:
-            traceback.print_exc()
-        except OSError:
-            pass
-    finally:
-        os._exit(code)
+    run_helper("gearvisor: store", blocked_signals, {in_fd, out_fd},
+               lambda: serve(settings, in_fd, out_fd))

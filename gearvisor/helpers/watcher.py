@@ -38,9 +38,9 @@ from typing import Any, NoReturn
 from wcmatch import glob as wcglob
 
 from gearvisor import messages as msg
-from gearvisor.child.postfork import start_helper
+from gearvisor.child.postfork import run_helper
 from gearvisor.config import Config
-from gearvisor.policy.child import EXIT_CRASH, EXIT_ORPHANED
+from gearvisor.policy.child import EXIT_ORPHANED
 from gearvisor.policy.helper import HelperRecord
 
 _GLOB_FLAGS = wcglob.GLOBSTAR
@@ -590,20 +590,12 @@ def _send(fd: int, message: msg.Message) -> None:
 def run_watcher(spec: WatchSpec, event_fd: int, master_pid: int,
                 signals_to_unblock: set[int]) -> NoReturn:
     """The body of the forked watcher helper. Never returns."""
-    code = EXIT_CRASH
-    try:
-        start_helper("gearvisor: watcher", signals_to_unblock, {event_fd})
-        code = _watch(spec, event_fd, master_pid)
-    except BrokenPipeError:
-        code = EXIT_ORPHANED
-    except BaseException as e:
-        try:
-            _send(event_fd, msg.WatcherError("".join(
-                traceback.format_exception_only(e)).strip(), fatal=True))
-        except OSError:
-            pass
-    finally:
-        os._exit(code)
+    def report(e: BaseException) -> None:
+        _send(event_fd, msg.WatcherError("".join(
+            traceback.format_exception_only(e)).strip(), fatal=True))
+
+    run_helper("gearvisor: watcher", signals_to_unblock, {event_fd},
+               lambda: _watch(spec, event_fd, master_pid), report)
 
 
 def split_roots(spec: WatchSpec) -> tuple[list[str], list[str]]:
