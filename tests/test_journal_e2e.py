@@ -69,6 +69,11 @@ def maybe(job):
 
 def quick(job):
     return b"done"
+
+
+def slowish(job):
+    time.sleep(0.01)
+    return b"done"
 """
 
 
@@ -351,4 +356,29 @@ def test_killing_the_store_helper_while_jobs_run_loses_and_duplicates_nothing(
     assert {k: len(v) for k, v in got.items()} == {k: 1 for k in keys}
     wait_value(lambda: journal_status(m), lambda j: j.get("waiting") == 0
                and j.get("dropped") == 0, timeout=20, message="nothing waiting or dropped")
+    clean_log(m)
+
+
+def test_a_graceful_stop_writes_the_record_of_every_job_that_ran(
+        gearmand, master, stores, tmp_path) -> None:
+    """SIGTERM while jobs run: the children finish their job and send their last journal
+    lines on the way out; the store helper gets them before its end of input."""
+    write_module(tmp_path, "e2ejobs", JOBS)
+    m = master(config(gearmand, {"slowish": "e2ejobs:slowish"}))
+    registered(gearmand, 2)
+    store = sqlite_store(stores, tmp_path)
+    keys = [f"s-{i}" for i in range(300)]
+    with Client(HOST, gearmand.port, timeout=10) as c:
+        for key in keys:
+            c.submit_background("slowish", key, unique=key)
+    wait_value(lambda: count_rows(store, "slowish"), lambda n: n >= 10, timeout=20,
+               message="some records stored")
+    m.signal(signal.SIGTERM)
+    assert m.wait_exit() == 0
+    left = gearmand.status()["slowish"]
+    assert left.queued > 0 and left.running == 0, left  # stopped while jobs were queued
+    done = sum(e["jobs_done"] for e in m.events("child exiting"))
+    assert done == len(keys) - left.queued  # what the children ran, as gearmand says
+    got = by_unique(store, "slowish")
+    assert len(got) == done and all(len(rows) == 1 for rows in got.values())
     clean_log(m)
