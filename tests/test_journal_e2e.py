@@ -71,6 +71,26 @@ def quick(job):
     return b"done"
 
 
+def first_fails(job):
+    if job.attempt == 1:
+        raise RuntimeError("the first attempt fails")
+    return b"ok"
+
+
+def stubborn(job):
+    # Its first run ignores the soft timeout (the master kills it); its requeued run returns.
+    mark = Path(os.environ["GV_MARKS"]) / job.unique
+    if not mark.exists():
+        mark.write_text(str(os.getpid()))
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            try:
+                time.sleep(30)
+            except BaseException:
+                pass
+    return b"ok"
+
+
 def slowish(job):
     time.sleep(0.01)
     return b"done"
@@ -278,6 +298,62 @@ def test_a_child_sigkilled_mid_job_is_a_crash_and_the_requeued_run_finishes_it(
     assert store.dead_counts() == {}
     assert m.status()["journal"]["crash_records"] == 1
     queue_empty(gearmand, "nap")
+    clean_log(m)
+
+
+def test_a_job_past_its_hard_timeout_is_killed_recorded_and_finished_by_its_requeued_run(
+        gearmand, master, stores, tmp_path) -> None:
+    write_module(tmp_path, "e2ejobs", JOBS)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    cfg = config(gearmand, {"stubborn": {"callable": "e2ejobs:stubborn", "timeout": "0.3s"}},
+                 processes=1)
+    cfg["pools"]["jobs"]["timeout_grace"] = "0.5s"
+    m = master(cfg, env={"GV_MARKS": str(marks)})
+    registered(gearmand, 1)
+    with Client(HOST, gearmand.port, timeout=10) as c:
+        c.submit_background("stubborn", b"stubborn payload", unique="st-1")
+    store = sqlite_store(stores, tmp_path)
+    rows = wait_value(lambda: by_unique(store, "stubborn").get("st-1", []),
+                      lambda r: [x["outcome"] for x in r] == ["killed", "success"],
+                      timeout=30, message="the kill and the requeued run")
+    killed, success = rows
+    assert killed["error_class"] == "Killed" and "hard timeout" in killed["error"], killed
+    assert success["failure_id"] == killed["failure_id"] is not None
+    row = store.dead_show(killed["failure_id"])
+    assert row is not None
+    assert (row["outcome"], row["state"], row["payload"]) == ("killed", "done",
+                                                             b"stubborn payload")
+    queue_empty(gearmand, "stubborn")
+    clean_log(m)
+
+
+def test_retries_due_while_gearmand_is_down_wait_and_run_once_it_is_back(
+        gearmand, master, stores, tmp_path) -> None:
+    write_module(tmp_path, "e2ejobs", JOBS)
+    retry = {"max_attempts": 5, "backoff": {"initial": "1.5s", "max": "1.5s"}}
+    m = master(config(gearmand, {"first_fails": {"callable": "e2ejobs:first_fails",
+                                                 "retry": retry}}))
+    registered(gearmand, 2)
+    keys = [f"ff-{i}" for i in range(8)]
+    with Client(HOST, gearmand.port, timeout=10) as c:
+        for key in keys:
+            c.submit_background("first_fails", key, unique=key)
+    store = sqlite_store(stores, tmp_path)
+    wait_value(lambda: by_unique(store, "first_fails"), lambda g: len(g) == len(keys),
+               timeout=20, message="every first attempt recorded")
+    gearmand.stop()
+    # The store helper tried to submit a due retry, found no job server, and keeps it.
+    wait_for(lambda: "it waits" in m.log_path.read_text(errors="replace"), timeout=20,
+             message="a due retry waiting for a job server")
+    gearmand.start()  # the same port, an empty queue
+    got = wait_value(lambda: by_unique(store, "first_fails"), lambda g: all(
+        rows[-1]["outcome"] == "success" for rows in g.values()), timeout=30,
+        message="every retry run once gearmand is back")
+    for key in keys:
+        assert [(r["attempt"], r["outcome"]) for r in got[key]] == [(1, "error"),
+                                                                    (2, "success")]
+        assert store.dead_show(got[key][0]["failure_id"])["state"] == "done"
     clean_log(m)
 
 
