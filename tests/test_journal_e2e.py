@@ -366,7 +366,11 @@ def test_a_postgresql_outage_buffers_in_the_master_and_every_record_arrives_once
     write_module(tmp_path, "e2ejobs", JOBS)
     pg = postgres_factory()
     url = pg.create_database()
-    m = master(config(gearmand, {"maybe": "e2ejobs:maybe"}, journal={"store": url}))
+    retry = {"max_attempts": 3, "backoff": {"initial": "0.2s", "max": "0.5s"}}
+    m = master(config(gearmand, {"maybe": "e2ejobs:maybe",
+                                 "first_fails": {"callable": "e2ejobs:first_fails",
+                                                 "retry": retry}},
+                      journal={"store": url}))
     registered(gearmand, 2)
     wait_value(lambda: journal_status(m).get("up"), lambda up: up is True, timeout=30,
                message="status: journal up")
@@ -380,7 +384,10 @@ def test_a_postgresql_outage_buffers_in_the_master_and_every_record_arrives_once
     with Client(HOST, gearmand.port, timeout=10) as c:
         for key in keys:
             c.submit_background("maybe", key, unique=key)
+        for i in range(4):  # retried: their retries are due while the store is down
+            c.submit_background("first_fails", f"r-{i}", unique=f"r-{i}")
     queue_empty(gearmand, "maybe")
+    queue_empty(gearmand, "first_fails")
     down = wait_value(lambda: journal_status(m), lambda j: j.get("up") is False,
                       timeout=30, message="status: journal down")
     assert down["error"], down
@@ -398,6 +405,13 @@ def test_a_postgresql_outage_buffers_in_the_master_and_every_record_arrives_once
         assert got[key][0]["outcome"] == ("error" if key.startswith("fail") else "success")
     failing = sorted(k for k in keys if k.startswith("fail"))
     assert sorted(r["unique"] for r in store.select_dead(function="maybe")) == failing
+    # The retries written after the outage are submitted then, and run once each.
+    retried = wait_value(lambda: by_unique(store, "first_fails"), lambda g: len(g) == 4 and all(
+        rows[-1]["outcome"] == "success" for rows in g.values()), timeout=30,
+        message="the retries run after the outage")
+    for rows in retried.values():
+        assert [(r["attempt"], r["outcome"]) for r in rows] == [(1, "error"), (2, "success")]
+        assert store.dead_show(rows[0]["failure_id"])["state"] == "done"
     clean_log(m)
 
 
