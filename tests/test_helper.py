@@ -279,6 +279,24 @@ def test_a_graceful_stop_closes_the_input_and_kills_only_when_overdue(build):
     assert m.system.fork_attempts == forks  # never restarted once stopping
 
 
+def test_a_graceful_stop_writes_what_is_queued_before_ending_the_input(build):
+    """Lines queued just before a stop (the journal sends a child's last lines, read at
+    its reaping, and then stops the store helper in the same step) are written first: end
+    of input follows them. A line larger than the pipe is finished, not cut."""
+    store = Store()
+    m = build(store)
+    helper = helper_of(m, store)
+    big = b"1 " + b"y" * 200_000  # more than a pipe holds: written over several steps
+    store.helper.send(big)
+    store.put(2)
+    store.begin_stop(fast=False)
+    expected = big + b"\n2 x\n"
+    assert drain(m, helper, len(expected)) == expected
+    m.step()
+    assert helper.input_fd is not None and os.read(helper.input_fd, 1) == b""  # then EOF
+    assert sorted(store.unacked) == [1, 2] and m.system.signals(signal.SIGTERM) == []
+
+
 def test_a_fast_stop_also_sends_sigterm(build):
     store = Store()
     m = build(store)

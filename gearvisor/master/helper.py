@@ -95,6 +95,7 @@ class HelperProcess:
         self.input = -1  # the master's (non-blocking) write end of its input pipe
         self.out: collections.deque[bytes] = collections.deque()  # lines, with newline
         self.partial = b""  # the unwritten rest of the line at the head of `out`
+        self.closing = False  # a graceful stop: end of input once `out` is written
         self.dropped = 0  # input lines dropped because `max_pending` waited
         self.stopping = False
         self._timer: Timer | None = None
@@ -246,6 +247,8 @@ class HelperProcess:
                     self.on_sent(line[:-1])
         if self.input >= 0:
             self.master.loop.remove_writer(self.input)
+            if self.closing:
+                self.close_input()  # everything queued before the stop is written
 
     def close_input(self) -> None:
         """End of its input: a helper that reads it finishes what it holds and exits."""
@@ -304,15 +307,23 @@ class HelperProcess:
     # -- stopping -------------------------------------------------------------------------------
 
     def begin_stop(self, fast: bool) -> None:
-        """The master stops: no more starts; close its input (it finishes what it holds and
-        exits), SIGTERM when `fast` or when it has no input to close."""
+        """The master stops: no more starts; close its input once the lines queued for it
+        are written (it finishes what it holds and exits; a fast stop closes it at once),
+        SIGTERM when `fast` or when it has no input to close."""
         self.stopping = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self.record.pid is None:
             return
-        self.close_input()
+        if self.out and self.input >= 0 and not fast:
+            # Lines queued just before the stop (a child's last journal lines, read when
+            # it was reaped) go first; end of input follows them (see _write). A helper
+            # that does not read them is SIGKILLed when the stop is overdue.
+            self.closing = True
+            self._want_write()
+        else:
+            self.close_input()
         if fast or not self.with_input:
             self.signal(signal.SIGTERM)
 
