@@ -11,6 +11,8 @@ import email
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import HOST, free_port, wait_equal, wait_for, wait_value, write_module
+from conftest import HOST, REPO, free_port, wait_equal, wait_for, wait_value, write_module
 from test_notifier import Mailbox
 
 from gearvisor.gearman.client import Client
@@ -94,6 +96,13 @@ def stubborn(job):
 def slowish(job):
     time.sleep(0.01)
     return b"done"
+
+
+def fixed_later(job):
+    # Fails until the operator's fix (a flag file) is in place.
+    if not Path(os.environ["GV_FIXED"]).exists():
+        raise RuntimeError("the fix is not deployed yet")
+    return b"ok"
 """
 
 
@@ -266,6 +275,46 @@ def test_a_function_that_always_fails_ends_as_one_dead_letter_per_job_at_its_las
     queue_empty(gearmand, "always_fails")
     wait_value(lambda: m.status().get("journal", {}).get("dead_letters"),
                lambda n: n == len(keys), timeout=20, message="status: the dead letters")
+    clean_log(m)
+
+
+def gv(m: Any, *args: str) -> subprocess.CompletedProcess:
+    """The real CLI, as typed: `gearvisor dead replay -c FILE ...`."""
+    return subprocess.run([sys.executable, "-m", "gearvisor", *args[:2], "-c",
+                           str(m.config_path), *args[2:]], capture_output=True, text=True,
+                          timeout=60, cwd=m.tmp, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def test_dead_letters_are_replayed_once_fixed_and_delete_wants_the_right_count(
+        gearmand, master, stores, tmp_path) -> None:
+    write_module(tmp_path, "e2ejobs", JOBS)
+    fixed = tmp_path / "fixed"
+    m = master(config(gearmand, {"fixed_later": "e2ejobs:fixed_later"}),
+               env={"GV_FIXED": str(fixed)})
+    registered(gearmand, 2)
+    keys = [f"order-{i}" for i in range(4)]
+    with Client(HOST, gearmand.port, timeout=10) as c:
+        for key in keys:
+            c.submit_background("fixed_later", key, unique=key)
+    store = sqlite_store(stores, tmp_path)
+    wait_value(lambda: store.dead_counts(), lambda d: d == {"fixed_later": 4}, timeout=30,
+               message="no retry: one dead letter per job")
+    refused = gv(m, "dead", "delete", "--function", "fixed_later", "--expect", "3")
+    assert refused.returncode == 1 and "not 3" in refused.stderr, refused
+    assert store.dead_counts() == {"fixed_later": 4}  # nothing deleted
+    fixed.write_text("deployed")
+    replayed = gv(m, "dead", "replay", "--function", "fixed_later", "--rate", "100/s")
+    assert replayed.returncode == 0, replayed.stderr
+    # Each runs once more, as attempt 2, and its success closes the same row.
+    got = wait_value(lambda: by_unique(store, "fixed_later"),
+                     lambda g: all([r["outcome"] for r in g.get(k, [])] == ["error", "success"]
+                                   for k in keys), timeout=30, message="every replay ran")
+    for key in keys:
+        assert [r["attempt"] for r in got[key]] == [1, 2]
+        [fid] = {r["failure_id"] for r in got[key]}
+        assert store.dead_show(fid)["state"] == "done"
+    assert store.dead_counts() == {}
+    queue_empty(gearmand, "fixed_later")
     clean_log(m)
 
 
