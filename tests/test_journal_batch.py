@@ -190,6 +190,8 @@ def test_the_retry_decision_is_in_the_failure_record() -> None:
     got = [(r["decision"], r["due"]) for r in pipe.records()]
     assert got == [("retry", WALL + 5.0), ("retry", WALL + 5.0), ("dead", None),
                    ("dead", None), ("dead", None)]
+    poison = pipe.records()[3]
+    assert (poison["error_class"], poison["error"]) == ("Poison", "refused")
 
 
 def test_a_full_pipe_loses_nothing_and_blocks_nothing() -> None:

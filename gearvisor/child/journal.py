@@ -118,6 +118,7 @@ class ChildJournal:
             record["error"] = _error_text(error)[:MAX_ERROR]
             record["traceback"] = _traceback_tail(error)
         elif text is not None:
+            record["error_class"] = outcome.capitalize()  # e.g. "Poison": not run at all
             record["error"] = text[:MAX_ERROR]
         record.update(self.payload_fields(job.function, job.data))
         record["decision"], record["due"] = decision, due
