@@ -1,5 +1,5 @@
 """Command line: `gearvisor -c FILE` runs the master; `gearvisor check -c FILE` validates;
-`gearvisor reload|status|stop|restart|scale` talk to a running master over its control socket;
+`gearvisor reload|status|stop|restart|scale|fleet` talk to a running master over its control socket;
 `gearvisor dead ...` and `gearvisor jobs` read the job journal's store themselves.
 """
 
@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     scale = control("scale", "set a pool's process count until the next reload changes it")
     scale.add_argument("pool")
     scale.add_argument("processes", type=int)
+    fleet = control("fleet", "every gearvisor host and other worker on the job servers, "
+                    "from the master's last probes; flags vanished hosts and partial "
+                    "registrations")
+    fleet.add_argument("--json", action="store_true", help="machine-readable output")
     alerts_cli.add_parsers(control)
     journal_cli.add_parsers(sub)
     return parser
@@ -180,6 +184,11 @@ def cmd_control(args: argparse.Namespace) -> int:
 
         status = reply["status"]
         print(json.dumps(status, indent=2) if args.json else render(status))
+    elif verb == "fleet":
+        from gearvisor.cli.render import render_fleet
+
+        fleet = reply["fleet"]
+        print(json.dumps(fleet, indent=2) if args.json else render_fleet(fleet))
     elif verb in ("reload", "restart"):
         for name, result in reply.get("pools", {}).items():
             gen = f" (generation {result['generation']})" if "generation" in result else ""
@@ -270,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "run"
     if command == "check":
         return cmd_check(config_path(args.sub_config or args.config), not args.no_import)
-    if command in ("reload", "status", "stop", "restart", "scale"):
+    if command in ("reload", "status", "stop", "restart", "scale", "fleet"):
         return cmd_control(args)
     if command in ("alerts", "silence"):
         return alerts_cli.run(args, lambda payload: _ask(args, payload, 30.0),

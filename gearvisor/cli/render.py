@@ -151,3 +151,77 @@ def render(status: dict[str, Any]) -> str:
         lines.append(_watcher_line(status["watcher"]))
     lines += _gearmand_lines(status)
     return "\n".join(lines)
+
+
+def _safe(text: Any) -> str:
+    """A name from a job server's `workers` list (any worker sets its client id), made
+    harmless for a terminal: control and other unprintable characters as \\xNN."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256
+                   else f"\\u{ord(c):04x}" for c in str(text))
+
+
+def _functions(row: dict[str, Any]) -> str:
+    names = ", ".join(_safe(f) for f in row["functions"]) or "-"
+    return names + (f" (+{row['functions_omitted']} more)" if row["functions_omitted"] else "")
+
+
+def _flag_line(f: dict[str, Any]) -> str:
+    host = _safe(f["host"])
+    if f["flag"] == "vanished":
+        return (f"  VANISHED  {host}: no worker on any job server; last seen "
+                f"{_duration(f['last_seen_age'])} ago on {', '.join(f['last_servers'])} "
+                f"with {f['last_children']} child(ren) of {', '.join(map(_safe, f['last_pools']))}")
+    return (f"  PARTIAL   {host}: pool {_safe(f['pool'])} registered on "
+            f"{', '.join(f['registered_on'])}, not on {', '.join(f['missing_from'])}")
+
+
+def render_fleet(fleet: dict[str, Any]) -> str:
+    """`gearvisor fleet`: the job servers, a table per gearvisor host (pool, server,
+    children, slots, functions), then the workers that are not gearvisor's, then flags."""
+    lines: list[str] = []
+    for s in fleet["servers"]:
+        age = s["last_answer_age"]
+        state = (f"{s['connections']} connection(s), answered {_duration(age)} ago"
+                 if s["answered"] else
+                 f"NOT ANSWERING ({s['error'] or 'no answer yet'}); left out")
+        lines.append(f"job server {s['server']}: {state}")
+    if not fleet["hosts"]:
+        lines.append("no gearvisor host on the answered job servers")
+    for h in fleet["hosts"]:
+        addresses = ", ".join(h["addresses"]) + (
+            f" (+{h['addresses_omitted']} more)" if h["addresses_omitted"] else "")
+        lines.append("")
+        lines.append(f"host {_safe(h['host'])}{' (this master)' if h['local'] else ''}  "
+                     f"{h['children']} child(ren), {h['connections']} connection(s)  "
+                     f"from {addresses}")
+        rows: list[tuple[str, ...]] = [("  POOL", "SERVER", "CHILDREN", "SLOTS", "FUNCTIONS")]
+        for p in h["pools"]:
+            for server, on in p["servers"].items():
+                rows.append((f"  {_safe(p['pool'])}", server, str(on["children"]),
+                             on["slots"] or "-", _functions(p)))
+        lines += _table(rows)
+        if h["pools_omitted"]:
+            lines.append(f"  ({h['pools_omitted']} more pools not shown; see --json)")
+    if fleet["hosts_omitted"]:
+        lines.append(f"({fleet['hosts_omitted']} more hosts not shown)")
+    lines.append("")
+    if fleet["foreign"]:
+        lines.append("other workers (not gearvisor's)")
+        rows = [("  WORKER", "ADDRESS", "SERVERS", "CONNECTIONS", "FUNCTIONS")]
+        for f in fleet["foreign"]:
+            worker = _safe(f["worker"]) if f["client_id"] is not None else "(no client id)"
+            rows.append((f"  {worker}", ", ".join(f["addresses"]) or "-",
+                         ", ".join(f["servers"]), str(f["connections"]), _functions(f)))
+        lines += _table(rows)
+        if fleet["foreign_omitted"]:
+            lines.append(f"  ({fleet['foreign_omitted']} more not shown)")
+    else:
+        lines.append("other workers: none")
+    if fleet["flags"]:
+        lines.append(f"flags: {len(fleet['flags']) + fleet['flags_omitted']}")
+        lines += [_flag_line(f) for f in fleet["flags"]]
+        if fleet["flags_omitted"]:
+            lines.append(f"  ({fleet['flags_omitted']} more not shown)")
+    else:
+        lines.append("flags: none")
+    return "\n".join(lines)

@@ -19,6 +19,8 @@
         alerts.py    the alert engine's driver: facts in, notifier helper out, state file
         journal.py   the job journal: children's records and crash records to the store
                      helper, kept until it acks them
+        fleet.py     `gearvisor fleet`: every host and foreign worker in the probe's
+                     `workers` lists, and the hosts that vanished since an earlier look
 
 The master never imports user code and never starts a thread; whatever needs either runs
 in a child or a helper process.
@@ -37,6 +39,7 @@ from gearvisor.master.component import Component
 from gearvisor.master.control import Control
 from gearvisor.master.exitlog import ExitLog
 from gearvisor.master.findings import HealthFindings
+from gearvisor.master.fleet import Fleet
 from gearvisor.master.groups import Groups
 from gearvisor.master.health import Health
 from gearvisor.master.journal import Journal
@@ -52,7 +55,7 @@ def components(config: Config) -> list[Component]:
     probe = Probe()
     return [Control(config), Watcher(config), probe, Commands(probe), Health(), Groups(),
             Systemd(), FdLimits(), Metrics(probe), ExitLog(), HealthFindings(probe),
-            Alerts(config), Journal(config)]
+            Alerts(config), Journal(config), Fleet(probe)]
 
 
 def run(config: Config) -> int:
