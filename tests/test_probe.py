@@ -18,6 +18,7 @@ import psutil
 import pytest
 from conftest import HOST, REPO, wait_for, wait_value
 
+from gearvisor.gearman.admin import PROBE_MAX_LINES
 from gearvisor.gearman.client import Client
 
 pytestmark = pytest.mark.integration
@@ -30,9 +31,9 @@ TEXT = {"processes": 1, "functions": {"reverse": "examples.text:reverse"}, "watc
         "reconnect_max_delay": "200ms"}
 
 
-def start(master, servers: list[str], pools: dict):
-    return master({"servers": servers, "watch_config": False, "probe_interval": "300ms",
-                   "findings": FINDINGS, "pools": pools})
+def start(master, servers: list[str], pools: dict, probe_interval: str = "300ms"):
+    return master({"servers": servers, "watch_config": False,
+                   "probe_interval": probe_interval, "findings": FINDINGS, "pools": pools})
 
 
 def findings(m, kind: str) -> list[dict]:
@@ -251,10 +252,11 @@ class AdminServer:
                     return  # a worker: hang up
                 self.probes += 1
                 if self.mode == "flood":
-                    conn.sendall(b"OK 1.0\nOK 99\n")
-                    lines = b"fn\t1\t0\t0\n" * 4096
+                    # Past the probe's line cap in one send: a thread of a busy test
+                    # process must not be what decides whether the cap is reached in time.
+                    conn.sendall(b"OK 1.0\nOK 99\n" + b"fn\t1\t0\t0\n" * (PROBE_MAX_LINES + 1))
                     while self._running():
-                        conn.sendall(lines)
+                        time.sleep(0.05)
                 else:
                     while self._running():
                         time.sleep(0.05)  # holds the connection open, says nothing
@@ -273,7 +275,9 @@ def test_a_hostile_job_server_fails_its_probes_and_costs_the_master_nothing(
         gearmand, master, mode: str, error: str) -> None:
     hostile = AdminServer(mode)
     try:
-        m = start(master, [gearmand.address, hostile.address], {"text": TEXT})
+        # 1s probes: time for the flood's 450 KB to be read on a loaded machine
+        m = start(master, [gearmand.address, hostile.address], {"text": TEXT},
+                  probe_interval="1s")
         wait_answered(m, gearmand.address)
         row = wait_value(lambda: server_row(m, hostile.address),
                          lambda s: s and not s["up"], timeout=20,
