@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 MAX_TEXT = 4096  # longer reasons and messages are cut (a child's text is not trusted)
+# A field declared with metadata {"max": n} is cut to n characters instead: a JobStarted
+# payload (base64) is bounded by the event line's cap; the journal cuts it to its own cap.
+MAX_PAYLOAD_TEXT = 1 << 20
 
 
 class MessageError(ValueError):
@@ -78,6 +81,28 @@ class Modules(Message):
     files: list = field(default_factory=list)
     more: bool = False
     dropped: int = 0
+
+
+@dataclass(frozen=True)
+class JobStarted(Message):
+    """A command child (through its reporting shim) took a job: the master keeps it as the
+    child's current job, so a death before JobEnded is recorded as a crash of this job.
+    `payload_b64` is the payload's first bytes, base64 (at most GEARVISOR_PAYLOAD_CAP of
+    them), `size` the whole payload's length."""
+
+    name: ClassVar[str] = "job_started"
+    function: str = ""
+    handle: str = ""
+    unique: str = ""
+    payload_b64: str = field(default="", metadata={"max": MAX_PAYLOAD_TEXT})
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class JobEnded(Message):
+    """A command child finished the job of its last JobStarted (answered or failed)."""
+
+    name: ClassVar[str] = "job_ended"
 
 
 # -- from the file-watcher helper -----------------------------------------------------------------
@@ -153,7 +178,8 @@ class StoreState(Message):
 
 KINDS: dict[str, type[Message]] = {
     cls.name: cls for cls in (Ready, BootError, Quarantined, ProbationPassed, Recycle, Modules,
-                              Watching, Changed, WatcherError, Delivered, Stored, StoreState)}
+                              JobStarted, JobEnded, Watching, Changed, WatcherError, Delivered,
+                              Stored, StoreState)}
 
 
 def encode(message: Message) -> bytes:
@@ -161,8 +187,9 @@ def encode(message: Message) -> bytes:
     return json.dumps({"event": message.name, **dataclasses.asdict(message)}).encode() + b"\n"
 
 
-def _checked(value: Any, default: Any, key: str) -> Any:
-    """`value` if it has the default's type (bounded), else MessageError."""
+def _checked(value: Any, default: Any, key: str, limit: int = MAX_TEXT) -> Any:
+    """`value` if it has the default's type (bounded; a string to `limit` characters),
+    else MessageError."""
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -171,7 +198,7 @@ def _checked(value: Any, default: Any, key: str) -> Any:
             return max(0, min(value, 1 << 62))
     elif isinstance(default, str):
         if isinstance(value, str):
-            return value[:MAX_TEXT]
+            return value[:limit]
         if value is None:
             return default
     elif isinstance(default, list):
@@ -198,5 +225,6 @@ def decode(line: bytes) -> Message:
     for f in dataclasses.fields(kind):
         if f.name in raw:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            values[f.name] = _checked(raw[f.name], default, f.name)
+            values[f.name] = _checked(raw[f.name], default, f.name,
+                                      f.metadata.get("max", MAX_TEXT))
     return kind(**values)

@@ -23,6 +23,7 @@ from workload import CapacityWatch, Load
 
 from gearvisor.gearman import admin
 from gearvisor.gearman.client import Client
+from gearvisor.journal import store
 
 pytestmark = pytest.mark.integration
 
@@ -63,8 +64,11 @@ def lang_pool(tmp_path: Path, lang: tuple, processes: int = 3, **extra) -> dict:
     exe, script, record, slow, _ = lang
     copy = tmp_path / script.name
     copy.write_text(script.read_text())
-    functions = {"php": ["php_reverse", "php_slow", "php_record", "php_crash"],
-                 "perl": ["perl_upper", "perl_slow", "perl_record"]}[exe]
+    shim = script.with_name("gearvisor" + script.suffix)  # the reporting shim it requires
+    (tmp_path / shim.name).write_text(shim.read_text())
+    functions = {"php": ["php_reverse", "php_slow", "php_record", "php_crash", "php_fail"],
+                 "perl": ["perl_upper", "perl_slow", "perl_record", "perl_crash",
+                          "perl_fail"]}[exe]
     return {"processes": processes, "command": [exe, str(copy)], "functions": functions,
             "ready": "registered", "startsecs": "100ms", "graceful_timeout": 20,
             "env": {"RESULTS": str(tmp_path / "results.txt")}, "watch": False, **extra}
@@ -326,3 +330,114 @@ def test_editing_a_command_workers_script_rolls_its_pool(gearmand, master, tmp_p
              and p["ready"] == 2, timeout=20, message="rolled after the edit")
     with Client(HOST, gearmand.port, timeout=20) as c:
         assert c.call("php_record", "x", "after-edit").data == b"php-v2-edited"
+
+
+def journal_rows(tmp_path: Path, function: str) -> list[dict]:
+    """The master's job journal (the default SQLite store under state_dir): `function`'s
+    recent outcomes, newest first; [] while the store helper has not created it yet."""
+    if not (tmp_path / "state" / "journal.sqlite3").exists():
+        return []
+    s = store.open_store("sqlite", str(tmp_path / "state"))
+    try:
+        return s.recent(function=function)
+    finally:
+        s.close()
+
+
+def journal_failure(tmp_path: Path, failure_id: int) -> dict | None:
+    s = store.open_store("sqlite", str(tmp_path / "state"))
+    try:
+        return s.dead_show(failure_id)
+    finally:
+        s.close()
+
+
+CRASH_LANGS = [pytest.param(("php", PHP, "php_crash", "php_fail", "php-v1"), marks=needs_php,
+                            id="php"),
+               pytest.param(("perl", PERL, "perl_crash", "perl_fail", "perl-v1"),
+                            marks=needs_perl, id="perl")]
+
+
+@pytest.mark.parametrize("lang", CRASH_LANGS)
+def test_a_command_workers_crash_mid_job_and_its_error_are_in_the_journal(
+        gearmand, master, tmp_path, lang):
+    # The example worker reports each job through its shim (gearvisor.php / gearvisor.pl)
+    # on fd 3: the master records the job a worker died running, and stores the error
+    # record the shim wrote for a job that failed.
+    exe, _, crash, fail, _ = lang
+    m = start(gearmand, master, {"w": lang_pool(tmp_path, lang, processes=1)})
+    wait_for(lambda: m.status()["pools"][0]["ready"] == 1, timeout=20, message="ready")
+    with Client(HOST, gearmand.port, timeout=20) as c:
+        r = c.call(fail, "the impossible", "fail-1")
+        assert not r.ok  # the client heard of the failure (WORK_FAIL)
+        failed = wait_for(lambda: journal_rows(tmp_path, fail), timeout=20,
+                          message="the error record stored")
+        assert failed[0]["outcome"] == "error"
+        assert failed[0]["error"].strip() == "cannot do the impossible"
+        assert (failed[0]["pool"], failed[0]["slot"]) == ("w", 0)
+        if exe == "php":  # Gearman::Worker (Perl) does not get the unique (GRAB_JOB)
+            assert failed[0]["unique"] == "fail-1"
+        pid = m.status()["pools"][0]["children"][0]["pid"]
+        # gearmand gives the job to the restarted worker again, which dies again: at
+        # least the first death is recorded, with the job's function, unique and payload.
+        c.submit_background(crash, "die", "crash-1")
+        rows = wait_for(lambda: journal_rows(tmp_path, crash), timeout=20,
+                        message="the crash recorded")
+    first = rows[-1]
+    assert (first["outcome"], first["function"], first["pool"], first["slot"]) == (
+        "crash", crash, "w", 0)
+    assert first["unique"] == ("crash-1" if exe == "php" else "")
+    assert first["error"] == "the child exited with code 3 in the middle of the job"
+    failure = journal_failure(tmp_path, first["failure_id"])
+    assert failure is not None and (failure["payload"], failure["payload_size"]) == (b"die", 3)
+    wait_for(lambda: pid not in {c["pid"] for c in m.status()["pools"][0]["children"]},
+             message="the dead worker reaped")
+    assert m.status()["journal"]["crash_records"] >= 1
+
+
+def test_a_command_writing_garbage_and_huge_lines_to_fd_3_does_not_hurt_the_master(
+        gearmand, master, tmp_path):
+    # fd 3 is the worker's to write: non-JSON, unknown events, wrong types, a JobStarted
+    # far over every cap and lines past the line cap are dropped and logged (a flood only
+    # at 1, 10, 100, ... lines), and the master goes on serving and answering.
+    done = tmp_path / "garbage-done"
+    script = (
+        "import os, pathlib, signal\n"
+        "fd = int(os.environ['GEARVISOR_EVENT_FD'])\n"
+        "def say(data):\n"
+        "    os.write(fd, data)\n"
+        "say(b'not json at all\\n')\n"
+        "say(b'{\"event\": \"launch_missiles\"}\\n')\n"
+        "say(b'{\"event\": \"job_started\", \"size\": \"big\"}\\n')\n"
+        "say(b'\\xff\\xfe\\x00\\n' * 5000)\n"
+        "say(b'x' * (3 << 20) + b'\\n')\n"  # a line over the 1 MiB cap
+        "say(b'{\"event\": \"job_started\", \"function\": \"' + b'f' * 100000 +"
+        " b'\", \"payload_b64\": \"' + b'QUJD' * 200000 + b'\", \"size\": 99}\\n')\n"
+        "say(b'{\"event\": \"job_started\", \"function\": \"f\", \"payload_b64\": \"!!\"}\\n')\n"
+        f"pathlib.Path({str(done)!r}).touch()\n"
+        "signal.pause()\n")
+    (tmp_path / "garbage.py").write_text(script)
+    m = start(gearmand, master, {
+        "junk": {"processes": 1, "command": [sys.executable, str(tmp_path / "garbage.py")],
+                 "startsecs": "100ms", "watch": False},
+        "text": {"processes": 1, "functions": {"reverse": "examples.text:reverse"},
+                 "watch": False}})
+    wait_for(done.exists, timeout=20, message="the worker wrote its garbage")
+    unreadable = wait_for(lambda: [e for e in m.events("unreadable event from child")
+                                   if e.get("unreadable") == 1000], timeout=20,
+                          message="the flood of unreadable lines counted")
+    logged = m.events("unreadable event from child")
+    assert len(logged) <= 5 and logged[0]["pool"] == "junk", logged  # 1, 10, 100, 1000
+    assert unreadable[0]["pool"] == "junk"
+    assert m.events("event line from child too long; dropped (said once per child)")
+    with Client(HOST, gearmand.port, timeout=10) as c:
+        assert c.call("reverse", "stack").data == b"kcats"  # the master serves on
+    pools = {p["name"]: p for p in m.status()["pools"]}
+    pid = pools["junk"]["children"][0]["pid"]
+    assert pools["junk"]["ready"] == 1 and psutil.Process(pid).is_running()
+    # The garbage JobStarted was kept as the worker's job (cut to the caps): its death
+    # now is a crash record with the payload that did not decode left out.
+    psutil.Process(pid).kill()
+    rows = wait_for(lambda: journal_rows(tmp_path, "f"), timeout=20,
+                    message="the last JobStarted's crash recorded")
+    assert rows[0]["outcome"] == "crash" and m.proc.poll() is None

@@ -15,6 +15,7 @@ from gearvisor import messages as msg
     msg.ProbationPassed(), msg.Recycle("max_jobs"), msg.Modules(["/a.py"], more=True),
     msg.Watching(["/srv"], [], True), msg.Changed(["p"], False, ["/srv/a.py"], 1, "edit"),
     msg.WatcherError("boom", fatal=True),
+    msg.JobStarted("send_mail", "H:host:7", "u-1", "aGk=", 2), msg.JobEnded(),
     msg.Delivered("ops-mail", "{}:{alertname=\"CrashLoop\"}", False, "timed out", 4, 1),
     msg.Stored(41), msg.StoreState(True, "", {"send_mail": 3}, [["mail", "send_mail", 2]], 0, 1),
     msg.StoreState(False, "job store x: down", {}, [], 12, 0)])
@@ -27,9 +28,9 @@ def test_round_trip(message: msg.Message) -> None:
 
 def test_wire_names_are_stable() -> None:
     # Operators and tests grep for these; a rename is a breaking change.
-    assert sorted(msg.KINDS) == ["boot_error", "changed", "delivered", "error", "modules",
-                                 "probation_passed", "quarantined", "ready", "recycle",
-                                 "store", "stored", "watching"]
+    assert sorted(msg.KINDS) == ["boot_error", "changed", "delivered", "error", "job_ended",
+                                 "job_started", "modules", "probation_passed", "quarantined",
+                                 "ready", "recycle", "store", "stored", "watching"]
 
 
 @pytest.mark.parametrize("line, why", [
@@ -56,3 +57,20 @@ def test_fields_are_bounded_and_missing_ones_default() -> None:
     assert len(decoded.reason) == msg.MAX_TEXT and decoded.failed == 1 << 62
     assert decoded.done == 0
     assert msg.decode(b'{"event": "boot_error", "reason": null}') == msg.BootError("unknown")
+
+
+def test_a_job_started_keeps_its_payload_past_max_text_but_cuts_its_names() -> None:
+    # A command worker's JobStarted: the payload (base64) is bounded by the line cap, not
+    # MAX_TEXT (the journal cuts it to payload_cap); function, handle, unique are texts.
+    payload = "QUJD" * 10_000
+    decoded = msg.decode(json.dumps({"event": "job_started", "function": "f" * 10_000,
+                                     "handle": "H", "unique": None, "payload_b64": payload,
+                                     "size": -5}).encode())
+    assert isinstance(decoded, msg.JobStarted)
+    assert decoded.payload_b64 == payload and len(decoded.function) == msg.MAX_TEXT
+    assert (decoded.unique, decoded.size) == ("", 0)
+    huge = msg.decode(json.dumps({"event": "job_started",
+                                  "payload_b64": "A" * (msg.MAX_PAYLOAD_TEXT + 9)}).encode())
+    assert len(huge.payload_b64) == msg.MAX_PAYLOAD_TEXT  # type: ignore[attr-defined]
+    with pytest.raises(msg.MessageError, match="payload_b64: expected str"):
+        msg.decode(b'{"event": "job_started", "payload_b64": 7}')

@@ -6,11 +6,18 @@
 // It stops the worker with stop_signal / reload_signal (SIGTERM here): the handler only
 // records it, the current job finishes, and the loop exits between jobs.
 //
+// Each job runs through gearvisor_run() (gearvisor.php, beside this file): under gearvisor
+// it reports the job on GEARVISOR_EVENT_FD, so a crash in the middle of a job and a job's
+// error are recorded in gearvisor's job journal (README: Failed jobs).
+//
 // Functions:
 //   php_reverse  returns the payload reversed
 //   php_slow     sleeps for the payload's seconds (a float), then returns "slept"
 //   php_record   appends "<unique> <VERSION> <pid>" to $RESULTS, returns VERSION
 //   php_crash    exits the process (a crash) without answering
+//   php_fail     fails (an exception, recorded as an error) with "cannot do <payload>"
+
+require __DIR__ . "/gearvisor.php";
 
 const VERSION = "php-v1";
 
@@ -31,10 +38,16 @@ if (getenv("GEARVISOR_CLIENT_ID")) {
 $worker->addOptions(GEARMAN_WORKER_NON_BLOCKING);
 $worker->setTimeout(200);  // ms: wake up to notice a stop signal
 
-$worker->addFunction("php_reverse", function (GearmanJob $job) {
+// Every function runs through the reporting shim.
+function serve(GearmanWorker $worker, string $name, callable $work): void
+{
+    $worker->addFunction($name, fn (GearmanJob $job) => gearvisor_run($job, $work));
+}
+
+serve($worker, "php_reverse", function (GearmanJob $job) {
     return strrev($job->workload());
 });
-$worker->addFunction("php_slow", function (GearmanJob $job) {
+serve($worker, "php_slow", function (GearmanJob $job) {
     // A signal interrupts usleep(); sleep on until the job's time is up: a stop lets the
     // current job finish.
     $end = microtime(true) + floatval($job->workload());
@@ -43,7 +56,7 @@ $worker->addFunction("php_slow", function (GearmanJob $job) {
     }
     return "slept";
 });
-$worker->addFunction("php_record", function (GearmanJob $job) {
+serve($worker, "php_record", function (GearmanJob $job) {
     $results = getenv("RESULTS");
     if ($results) {
         file_put_contents($results, $job->unique() . " " . VERSION . " " . getmypid() . "\n",
@@ -51,8 +64,11 @@ $worker->addFunction("php_record", function (GearmanJob $job) {
     }
     return VERSION;
 });
-$worker->addFunction("php_crash", function (GearmanJob $job) {
+serve($worker, "php_crash", function (GearmanJob $job) {
     exit(3);
+});
+serve($worker, "php_fail", function (GearmanJob $job) {
+    throw new RuntimeException("cannot do " . $job->workload());
 });
 
 fwrite(STDERR, "php worker " . getmypid() . " serving " . getenv("GEARVISOR_POOL")

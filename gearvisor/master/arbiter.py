@@ -302,9 +302,14 @@ class Arbiter:
             try:
                 message = msg.decode(line)
             except msg.MessageError as e:
-                self.log.warning("unreadable event from child", pool=pool.name,
-                                 child_pid=child.pid, error=str(e),
-                                 line=line[:200].decode(errors="replace"))
+                # A command's fd 3 is its own to write: garbage is counted, and logged at
+                # the 1st, 10th, 100th, ... line, so a flood cannot flood the log.
+                child.event_unreadable += 1
+                if _is_power_of_ten(child.event_unreadable):
+                    self.log.warning("unreadable event from child", pool=pool.name,
+                                     child_pid=child.pid, error=str(e),
+                                     line=line[:200].decode(errors="replace"),
+                                     unreadable=child.event_unreadable)
                 continue
             if isinstance(message, msg.Ready):
                 self.child_ready(child, pool)
@@ -524,6 +529,13 @@ class Arbiter:
         for component in self.components:
             component.stop_overdue()
         self._stop_deadline(self.clock() + 5.0)
+
+
+def _is_power_of_ten(n: int) -> bool:
+    """1, 10, 100, ...: when a count that grows one by one is worth a log line."""
+    while n >= 10 and n % 10 == 0:
+        n //= 10
+    return n == 1
 
 
 def _payload_area(cfg: Config, pool: PoolConfig) -> PayloadArea | None:

@@ -3,11 +3,14 @@ records go to the store helper, and nothing is lost on the way.
 
 - In: each journal line a child writes (the arbiter publishes it undecoded as
   JournalLines) and, for a child that died in the middle of a job, a record the master
-  writes from what the child left in shared memory (its scoreboard: function, handle,
-  unique, start; its payload area: the payload's first `payload_cap` bytes). A hard
-  timeout or a stop's deadline is `killed`; any other death mid-job is a `crash`. Such a
-  record is `requeued`: gearmand gives the job to another worker itself, and the store
-  links that run's record to it.
+  writes (crash_record) of the job it was running. A Python child's job is what it left in
+  shared memory (its scoreboard: function, handle, unique, start; its payload area: the
+  payload's first `payload_cap` bytes). A command child's is the last JobStarted its
+  worker reported on fd 3 (child/command.py) not followed by JobEnded or a journal line;
+  a worker that reports nothing has no job the master could record. A hard timeout or a
+  stop's deadline is `killed`; any other death mid-job is a `crash`. Such a record is
+  `requeued`: gearmand gives the job to another worker itself, and the store links that
+  run's record to it.
 - Out: every line is numbered and kept in an Outbox until the store helper
   (helpers/store.py) acks its number, so a helper that dies, or a store that is down,
   loses nothing: a new helper is given every unacked line again. The Outbox is bounded in
@@ -22,9 +25,11 @@ records go to the store helper, and nothing is lost on the way.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import socket
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from gearvisor import messages as msg
@@ -46,6 +51,71 @@ if TYPE_CHECKING:
 
 MAX_BYTES = 32 << 20  # journal lines kept for the store helper until it acks them
 MAX_PENDING = 1_000_000  # lines the helper's input queue may hold (the Outbox bounds bytes)
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """The job a child was running, wherever the master learnt it (a Python child's
+    scoreboard, a command child's JobStarted): what a crash record is built from."""
+
+    function: str
+    handle: str
+    unique: str  # as assigned: a retry's "gv:" unique is parsed by crash_record
+    started: float  # monotonic (the master's clock)
+    payload: bytes | None  # the payload's first bytes kept, None when none was kept
+    size: int  # the whole payload's length
+    cut: bool  # `payload` holds only the first bytes
+
+
+def reported_job(message: msg.JobStarted, started: float, cap: int) -> RunningJob:
+    """A command child's JobStarted as its current job: its payload decoded and cut to
+    `cap` bytes (base64 that does not decode keeps no payload)."""
+    text = message.payload_b64
+    keep = text[:4 * (cap // 3 + 1)]  # decode only what the cap keeps: 4 characters, 3 bytes
+    payload: bytes | None
+    try:
+        payload = base64.b64decode(keep, validate=True)
+    except (binascii.Error, ValueError):
+        payload = None
+    if payload is not None and not text and message.size > 0:
+        payload = None  # the worker did not send it
+    size = max(message.size, len(payload or b""))
+    cut = payload is None or len(keep) < len(text) or len(payload) > cap
+    if payload is not None:
+        payload = payload[:cap]
+        cut = cut or len(payload) < size
+    return RunningJob(message.function, message.handle, message.unique, started, payload,
+                      size, cut)
+
+
+def crash_record(job: RunningJob, child: Child, pool: Pool, status: int, now: float,
+                 wall: float, host: str) -> dict[str, Any]:
+    """The journal record (journal/record.py) of `job`, which `child` died running: a
+    `killed` one when the master killed it (hard timeout, stop deadline), else a `crash`.
+    `now` is monotonic, `wall` epoch seconds, both at the exit."""
+    outcome = "killed" if child.killed_for == "timeout" or child.master_killed else "crash"
+    unique, attempt, retry_of = parse_unique(job.unique)
+    mode = pool.config.failed_payload.get(job.function, "store")
+    kept = job.payload is not None
+    data = job.payload or b""
+    payload = base64.b64encode(data).decode() if mode == "store" and kept else None
+    digest = (hashlib.sha256(data).hexdigest() if mode in ("store", "hash") and kept
+              and not job.cut else None)
+    words = describe_status(status)[2]
+    why = ("killed by the master: " + ("its hard timeout passed" if child.killed_for
+                                        == "timeout" else "a stop's deadline passed")
+           if outcome == "killed" else f"the child {words} in the middle of the job")
+    seconds = max(0.0, now - job.started)
+    return {"outcome": outcome, "function": job.function, "unique": unique,
+            "handle": job.handle, "server": None, "pool": pool.name, "slot": child.slot,
+            "host": host, "generation": child.generation, "attempt": attempt,
+            "retry_of": retry_of, "started": wall - seconds, "seconds": seconds,
+            "error_class": "Killed" if outcome == "killed" else "Crash", "error": why,
+            "traceback": None, "payload": payload, "payload_sha256": digest,
+            "payload_size": job.size, "payload_cut": job.cut if kept else None,
+            # gearmand hands a job whose worker died to another worker: its next
+            # record (same handle) decides whether it is retried or dead
+            "decision": "requeued", "due": None}
 
 
 def store_settings(config: Config, host: str) -> StoreSettings:
@@ -80,6 +150,9 @@ class Journal(Component):
         self.state: ev.JournalState | None = None
         self.retries: dict[tuple[str, str], int] = {}  # submitted, ever, per (pool, function)
         self.crashes = 0  # crash records this master wrote
+        # Command children's current jobs (JobStarted not ended yet), by pid: one each at
+        # most, removed at exit
+        self.reported: dict[int, RunningJob] = {}
         self.stopping = False
 
     # -- component ------------------------------------------------------------------------------
@@ -88,6 +161,7 @@ class Journal(Component):
         self.master = master
         master.bus.subscribe(ev.JournalLines, self._lines)
         master.bus.subscribe(ev.ChildExited, self._exited)
+        master.bus.subscribe(ev.ChildSaid, self._said)
         if not self.config.journal.enabled:
             return
         self.helper = HelperProcess("job store", self._body, with_input=True,
@@ -181,12 +255,30 @@ class Journal(Component):
     def _lines(self, event: ev.JournalLines) -> None:
         if self.helper is not None:
             self._send(event.line)
+        # A command worker writes a job's record instead of JobEnded: the job is over.
+        self.reported.pop(event.child.pid, None)
+
+    def _said(self, event: ev.ChildSaid) -> None:
+        """A command child's JobStarted / JobEnded: its current job, for a crash record.
+        A Python child's job is on its scoreboard; what it says about jobs is ignored."""
+        message, child = event.message, event.child
+        if child.scoreboard is not None or self.helper is None:
+            return
+        if isinstance(message, msg.JobStarted):
+            self.reported[child.pid] = reported_job(message, self.master.clock(),
+                                                    self.config.journal.payload_cap)
+        elif isinstance(message, msg.JobEnded):
+            self.reported.pop(child.pid, None)
 
     def _exited(self, event: ev.ChildExited) -> None:
+        job = self.reported.pop(event.child.pid, None)
         if self.helper is not None:
-            record = self._crash_record(event.child, event.pool, event.status)
-            if record is not None:
+            if event.child.scoreboard is not None:
+                job = self._scoreboard_job(event.child)
+            if job is not None:
                 self.crashes += 1
+                record = crash_record(job, event.child, event.pool, event.status,
+                                      self.master.clock(), self.wall(), self.host)
                 self._send(journal_line([record]).rstrip(b"\n"))
         self._maybe_finish()
 
@@ -195,35 +287,17 @@ class Journal(Component):
         if self.stopping and self.helper is not None and not self.master.children:
             self.helper.begin_stop(fast=False)
 
-    def _crash_record(self, child: Child, pool: Pool, status: int) -> dict[str, Any] | None:
-        """The record of the job `child` died running, or None when it ran none."""
+    @staticmethod
+    def _scoreboard_job(child: Child) -> RunningJob | None:
+        """The job a Python child's scoreboard says it was running, or None when idle."""
         board = child.scoreboard
         job = board.read() if board is not None else None
-        if job is None or not job.busy:
+        if board is None or job is None or not job.busy:
             return None
-        outcome = "killed" if child.killed_for == "timeout" or child.master_killed else "crash"
-        now, wall = self.master.clock(), self.wall()
-        unique, attempt, retry_of = parse_unique(job.unique)
-        function = job.function
-        cfg = pool.config
-        mode = cfg.failed_payload.get(function, "store")
-        copy = board.payload.read() if board is not None and board.payload is not None else None
-        data, size, cut = copy if copy is not None else (b"", job.size, True)
-        payload = base64.b64encode(data).decode() if mode == "store" and copy else None
-        digest = (hashlib.sha256(data).hexdigest() if mode in ("store", "hash") and copy
-                  and not cut else None)
-        words = describe_status(status)[2]
-        why = ("killed by the master: " + ("its hard timeout passed" if child.killed_for
-                                            == "timeout" else "a stop's deadline passed")
-               if outcome == "killed" else f"the child {words} in the middle of the job")
-        return {"outcome": outcome, "function": function, "unique": unique,
-                "handle": job.handle, "server": None, "pool": pool.name, "slot": child.slot,
-                "host": self.host, "generation": child.generation, "attempt": attempt,
-                "retry_of": retry_of, "started": wall - max(0.0, now - job.job_started),
-                "seconds": max(0.0, now - job.job_started),
-                "error_class": "Killed" if outcome == "killed" else "Crash", "error": why,
-                "traceback": None, "payload": payload, "payload_sha256": digest,
-                "payload_size": size, "payload_cut": bool(cut) if copy else None,
-                # gearmand hands a job whose worker died to another worker: its next
-                # record (same handle) decides whether it is retried or dead
-                "decision": "requeued", "due": None}
+        copy = board.payload.read() if board.payload is not None else None
+        if copy is None:
+            return RunningJob(job.function, job.handle, job.unique, job.job_started, None,
+                              job.size, True)
+        data, size, cut = copy
+        return RunningJob(job.function, job.handle, job.unique, job.job_started, data, size,
+                          bool(cut))

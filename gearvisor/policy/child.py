@@ -64,6 +64,7 @@ class Child:
     event_fd: int = -1
     event_buf: bytearray = field(default_factory=bytearray)
     event_overflows: int = 0  # reads that dropped an over-long event line (logged once)
+    event_unreadable: int = 0  # event lines that were no message (logged at 1, 10, 100, ...)
     boot_error: str | None = None  # reason reported by a child that could not boot
     scoreboard: Scoreboard | None = field(default=None, repr=False)  # its job counters
     # Health (issue: self-quarantine, circuit, poison, timeouts, recycling)

@@ -1,0 +1,111 @@
+"""The master's crash records (master/journal.py): one builder for the job a child died
+running, whether a Python child's scoreboard or a command child's JobStarted said what it
+was; and a Python child SIGKILLed mid-job, for real, is still recorded."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+from conftest import HOST, wait_for
+
+from gearvisor import messages as msg
+from gearvisor.gearman.client import Client
+from gearvisor.journal import store
+from gearvisor.master.journal import RunningJob, crash_record, reported_job
+from gearvisor.policy.child import Child
+
+
+def pool(failed_payload: dict[str, str] | None = None) -> SimpleNamespace:
+    return SimpleNamespace(name="php", config=SimpleNamespace(
+        failed_payload=failed_payload or {}))
+
+
+def child() -> Child:
+    return Child(pool="php", slot=2, generation=5, started_at=0.0)
+
+
+def test_a_reported_job_keeps_its_payload_cut_to_the_cap() -> None:
+    job = reported_job(msg.JobStarted("f", "H:1", "u", base64.b64encode(b"x" * 100).decode(),
+                                      100), started=7.0, cap=10)
+    assert (job.payload, job.size, job.cut, job.started) == (b"x" * 10, 100, True, 7.0)
+    whole = reported_job(msg.JobStarted("f", "H:1", "u", "aGk=", 2), 0.0, 64)
+    assert (whole.payload, whole.size, whole.cut) == (b"hi", 2, False)
+    # The worker sent a shorter payload than it said it had (its own cap): cut.
+    short = reported_job(msg.JobStarted("f", "H:1", "u", "aGk=", 9), 0.0, 64)
+    assert (short.payload, short.size, short.cut) == (b"hi", 9, True)
+
+
+@pytest.mark.parametrize("b64, size", [("!!not base64", 3), ("", 5)])
+def test_a_payload_that_does_not_decode_or_was_not_sent_is_not_kept(b64: str,
+                                                                     size: int) -> None:
+    job = reported_job(msg.JobStarted("f", "H", "u", b64, size), 0.0, 64)
+    assert job.payload is None and job.cut and job.size == size
+    record = crash_record(job, child(), pool(), 3 << 8, 1.0, 1000.0, "h")  # type: ignore[arg-type]
+    assert (record["payload"], record["payload_sha256"], record["payload_cut"]) == (
+        None, None, None)
+
+
+def test_an_empty_payload_is_kept_empty() -> None:
+    job = reported_job(msg.JobStarted("f", "H", "u", "", 0), 0.0, 64)
+    assert (job.payload, job.cut) == (b"", False)
+
+
+def test_the_crash_record_of_a_reported_retry() -> None:
+    job = RunningJob("send", "H:x:9", "gv:41:3:mail-7", started=10.0, payload=b"hello",
+                     size=5, cut=False)
+    record = crash_record(job, child(), pool(), 3 << 8, now=12.5, wall=1000.0,  # type: ignore[arg-type]
+                          host="web1")
+    assert record == {
+        "outcome": "crash", "function": "send", "unique": "mail-7", "handle": "H:x:9",
+        "server": None, "pool": "php", "slot": 2, "host": "web1", "generation": 5,
+        "attempt": 3, "retry_of": 41, "started": 997.5, "seconds": 2.5,
+        "error_class": "Crash", "error": "the child exited with code 3 in the middle of the job",
+        "traceback": None, "payload": base64.b64encode(b"hello").decode(),
+        "payload_sha256": hashlib.sha256(b"hello").hexdigest(), "payload_size": 5,
+        "payload_cut": False, "decision": "requeued", "due": None}
+
+
+def test_failed_payload_hash_and_drop_and_a_kill() -> None:
+    job = RunningJob("send", "H", "u", 0.0, b"secret", 6, False)
+    hashed = crash_record(job, child(), pool({"send": "hash"}), 9, 1.0, 9.0, "h")  # type: ignore[arg-type]
+    assert hashed["payload"] is None and hashed["payload_sha256"] == hashlib.sha256(
+        b"secret").hexdigest()
+    killed = child()
+    killed.killed_for = "timeout"
+    dropped = crash_record(job, killed, pool({"send": "drop"}), 9, 1.0, 9.0, "h")  # type: ignore[arg-type]
+    assert (dropped["payload"], dropped["payload_sha256"]) == (None, None)
+    assert (dropped["outcome"], dropped["error_class"]) == ("killed", "Killed")
+    assert dropped["error"] == "killed by the master: its hard timeout passed"
+
+
+@pytest.mark.integration
+def test_a_python_child_killed_mid_job_is_a_crash_with_its_unique_and_payload(
+        gearmand, master, tmp_path: Path) -> None:
+    m = master({"servers": [gearmand.address], "watch_config": False, "pools": {
+        "slow": {"processes": 1, "functions": {"nap": "examples.tasks:sleep"},
+                 "watch": False}}})
+    wait_for(lambda: m.status()["pools"][0]["ready"] == 1, timeout=20, message="ready")
+    with Client(HOST, gearmand.port, timeout=10) as c:
+        c.submit_background("nap", "30", "nap-1")
+    busy = wait_for(lambda: next((ch["pid"] for ch in m.status()["pools"][0]["children"]
+                                  if ch["state"] == "busy"), None), message="the job runs")
+    psutil.Process(busy).send_signal(signal.SIGKILL)
+
+    def crashes() -> list[dict]:
+        if not (tmp_path / "state" / "journal.sqlite3").exists():
+            return []
+        s = store.open_store("sqlite", str(tmp_path / "state"))
+        try:
+            return s.recent(function="nap")
+        finally:
+            s.close()
+    rows = wait_for(crashes, timeout=20, message="the crash recorded")
+    assert (rows[-1]["outcome"], rows[-1]["unique"], rows[-1]["pool"]) == (
+        "crash", "nap-1", "slow")
+    assert rows[-1]["error"] == "the child killed by SIGKILL in the middle of the job"
