@@ -26,10 +26,12 @@ from fakeos import FakeChild, FakeMaster, signal_status
 
 from gearvisor.master import bus as ev
 from gearvisor.master.arbiter import HANDLED_SIGNALS, RETIRE_SIGNAL
+from gearvisor.master.commands import Commands
 from gearvisor.master.component import Component
 from gearvisor.master.exitlog import ExitLog
 from gearvisor.master.groups import Groups
 from gearvisor.master.health import HEALTH_INTERVAL, Health
+from gearvisor.master.probe import Probe
 from gearvisor.messages import BootError, ProbationPassed, Quarantined, Ready
 from gearvisor.policy.child import EXIT_BOOT_ERROR, ChildState
 from gearvisor.policy.pool import ExitKind, Pool, roll_results
@@ -667,3 +669,25 @@ def test_a_component_answers_its_own_control_verb_and_its_bugs_get_a_reply(
         assert "broken, echo" in unknown["error"] and "status" in unknown["error"]
     finally:
         m.close()
+
+
+def test_a_command_workers_own_exit_3_is_a_crash_not_a_boot_error(build: Build) -> None:
+    """3 is gearvisor's boot-error code; a PHP script's exit(3) is its crash."""
+    m = build((Commands(Probe()),), functions=["f"], command=["/bin/true"], startsecs=0.5)
+    m.step()
+    child = m.system.forked[-1]
+    m.advance(1.0)  # past startsecs: ready
+    assert m.of(ev.ChildReady)
+    child.exit(EXIT_BOOT_ERROR)
+    m.step()
+    assert m.of(ev.ChildExited)[-1].decision.kind is ExitKind.CRASHED
+    # Before it was ready, an exit (3 or not) is its failure to start, said in words.
+    for _ in range(100):  # the replacement, after the crash's backoff
+        if m.system.forked[-1] is not child:
+            break
+        m.advance(0.1)
+    early = m.system.forked[-1]
+    assert early is not child
+    early.exit(EXIT_BOOT_ERROR)
+    m.step()
+    assert m.of(ev.ChildExited)[-1].decision.kind is ExitKind.BOOT_ERROR

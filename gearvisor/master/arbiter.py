@@ -343,6 +343,9 @@ class Arbiter:
         """Let the pool decide what a reaped child's exit means, and publish it."""
         now = self.clock()
         code, _, words = describe_status(status)
+        if pool.config.command is not None and code == EXIT_BOOT_ERROR and not child.boot_error:
+            # The worker's own exit 3, not ours: a failed exec says why (BootError) first.
+            code = 1
         if (pool.config.command is not None and child.ready_at is None
                 and child.stop_requested_at is None and code != EXIT_BOOT_ERROR):
             # A command that exits before it is ready (startsecs) failed to start. No uptime
