@@ -672,3 +672,31 @@ def test_p95_of_bucket_counts_is_the_bound_of_the_bucket_it_falls_in() -> None:
     assert p95(bounds, [100, 0, 0, 0]) == 0.1
     assert p95(bounds, [94, 6, 0, 0]) == 1.0  # the 95th of 100 is in the second bucket
     assert p95(bounds, [0, 0, 1, 19]) == 10.0  # past the last bound: that bound
+
+
+def test_the_components_status_names_what_firing_alerts_are_about(tmp_path) -> None:
+    """`alerts.firing_labels` (gearvisor top's marker): alertname, pool and function of each
+    firing alert, pending ones left out, at most MAX_FIRING_LABELS of them."""
+    import yaml
+
+    from gearvisor.config import load
+    from gearvisor.master import alerts as component
+
+    path = tmp_path / "gearvisor.yaml"
+    path.write_text(yaml.safe_dump({"pools": {"images": {"functions": {
+        "resize": "examples.text:echo"}}}}))
+    alerts = component.Alerts(load(str(path)), wall=lambda: T0)
+    alerts.engine = AlertEngine(config(), host="h1")
+    crash(alerts.engine, T0)
+    alerts.engine.observe(PoisonFact("images", "resize", 3, "boom"), T0)
+    got = alerts.status(T0)["alerts"]
+    assert got["firing"] == 2
+    assert sorted(got["firing_labels"], key=str) == sorted([
+        {"alertname": "CrashLoop", "pool": "images", "function": None},
+        {"alertname": "PoisonJob", "pool": "images", "function": "resize"}], key=str)
+    for slot in range(1, 10):
+        crash(alerts.engine, T0, slot=slot)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(component, "MAX_FIRING_LABELS", 4)
+        got = alerts.status(T0)["alerts"]
+    assert got["firing"] == 11 and len(got["firing_labels"]) == 4

@@ -154,3 +154,29 @@ def test_findings_on_the_bus_are_counted_by_kind_until_they_clear(fleet) -> None
     assert findings()["backlog_growing"] == 0
     m.arbiter.bus.publish(ev.FindingCleared(down))
     assert findings()["server_down"] == 0 and findings()["no_workers"] == 1
+
+
+def test_status_has_each_functions_job_counters_across_restarts(fleet) -> None:
+    """`jobs` in the status (gearvisor top's jobs/s, failure % and p95): outcomes and the
+    histogram per pool and function, a dead child's jobs kept, a live child's added."""
+    m, metrics = fleet()
+    child = start(m)
+    record = m.arbiter.children[child.pid][0]
+    record.scoreboard.stats.job_done("f", 0, 0.001)
+    record.scoreboard.job_started("f", "H:1", "u1", m.clock.now)
+    child.die(signal_status(SIGKILL))  # mid-job: a crash the master counts
+    m.step()
+    m.clock.now += 60  # past the restart backoff
+    second = start(m)
+    board = m.arbiter.children[second.pid][0].scoreboard
+    board.stats.job_done("f", 0, 0.001)
+    board.stats.job_done("f", 1, 0.3)  # an error
+    [row] = metrics.status(m.clock.now)["jobs"]
+    bounds = row.pop("bounds")
+    buckets = row.pop("buckets")
+    assert row == {"pool": "web", "function": "f", "outcomes": {
+        "success": 2, "error": 1, "timeout": 0, "poison": 0, "crash": 1}}
+    assert sum(buckets) == 3 and len(buckets) == len(bounds) + 1
+    assert buckets[0] == 2  # the two 1 ms jobs in the first bucket
+    assert m.arbiter.status(m.clock.now)["jobs"] == [{**row, "bounds": bounds,
+                                                      "buckets": buckets}]

@@ -166,6 +166,24 @@ def test_crash_schedules_restart_after_backoff() -> None:
     assert slot.restart_at == 104.0
 
 
+def test_slot_counts_restarts_of_crashes_not_of_requested_stops() -> None:
+    """`restarts` (status, `gearvisor top`) counts the slot's children that died unasked;
+    a streak reset by uptime does not reset it, and a retired child's exit is no restart."""
+    pool, fleet = started_pool(2, reset_after=10.0)
+    slot = pool.slots[0]
+    fleet.now = 100.0
+    fleet.exit(slot.child, EXIT_CRASH)
+    assert slot.restarts == 1
+    pool.child_exited(start(pool, slot, 200.0), EXIT_BOOT_ERROR, 300.0, stopping=False)
+    assert slot.restarts == 2 and slot.backoff.failures == 1  # the streak started again
+    child = start(pool, slot, 400.0)
+    fleet.now = 500.0
+    fleet.retire(child)
+    fleet.exit(child, EXIT_CRASH)
+    assert slot.restarts == 2
+    assert pool.slots[1].restarts == 0
+
+
 def test_backoff_is_capped_at_max() -> None:
     pool = Pool(pool_config(initial=1.0, maximum=5.0))
     slot = pool.slots[0]

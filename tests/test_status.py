@@ -162,13 +162,17 @@ def test_rows_in_order(images: Pool) -> None:
 def test_busy_child_row(images: Pool) -> None:
     row = rows_by_role(pool_status(images, NOW))[(0, "serving")]
     rss = row.pop("rss")
+    cpu = row.pop("cpu")
     assert row == {
         "slot": 0, "pid": os.getpid(), "state": "busy", "role": "serving", "generation": 1,
         "uptime": 125.0, "jobs_done": 5, "jobs_failed": 1, "function": "resize",
         "handle": "H:host:77", "unique": "img-77", "job_seconds": 2.5,
-        "quarantined": None, "probation": False}
+        "quarantined": None, "probation": False, "restarts": 0}
     own = psutil.Process().memory_info().rss
     assert isinstance(rss, int) and own / 2 < rss < own * 2
+    # CPU seconds so far (a counter for `gearvisor top`'s CPU%): this process' own.
+    times = psutil.Process().cpu_times()
+    assert isinstance(cpu, float) and 0 < cpu <= times.user + times.system + 0.01
 
 
 def test_idle_child_row(images: Pool) -> None:
@@ -217,7 +221,8 @@ def test_retired_row_of_a_gone_process(images: Pool) -> None:
 def test_empty_backing_off_slot_row(images: Pool) -> None:
     row = rows_by_role(pool_status(images, NOW))[(3, "empty")]
     assert row == {"slot": 3, "pid": None, "state": "backoff", "role": "empty",
-                   "generation": None, "retry_in": 4.5, "failures": 1, "reason": "crashed"}
+                   "generation": None, "retry_in": 4.5, "failures": 1, "reason": "crashed",
+                   "restarts": 1}
 
 
 def test_empty_slot_that_never_failed_is_pending_not_backoff(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Command line: `gearvisor -c FILE` runs the master; `gearvisor check -c FILE` validates;
-`gearvisor reload|status|stop|restart|scale|fleet` talk to a running master over its control socket;
-`gearvisor dead ...` and `gearvisor jobs` read the job journal's store themselves.
+`gearvisor reload|status|stop|restart|scale|fleet|top` talk to a running master over its
+control socket; `gearvisor dead ...` and `gearvisor jobs` read the job journal's store
+themselves.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from gearvisor import __version__
 from gearvisor.cli import alerts as alerts_cli
 from gearvisor.cli import journal as journal_cli
+from gearvisor.cli import top as top_cli
 from gearvisor.config import Config, ConfigError, load, load_yaml, read_file
 
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd's RestartPreventExitStatus=78 stops a loop
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "registrations")
     fleet.add_argument("--json", action="store_true", help="machine-readable output")
     alerts_cli.add_parsers(control)
+    top_cli.add_parser(control)
     journal_cli.add_parsers(sub)
     return parser
 
@@ -284,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     if command in ("alerts", "silence"):
         return alerts_cli.run(args, lambda payload: _ask(args, payload, 30.0),
                               config_path(args.sub_config or args.config))
+    if command == "top":
+        return top_cli.run(socket_path(args), args.interval)
     if command in ("dead", "jobs"):
         return journal_cli.run(args, config_path(args.sub_config or args.config))
     return cmd_run(config_path(args.config))

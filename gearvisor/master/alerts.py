@@ -57,6 +57,7 @@ MAX_SEEN = 100_000  # (child, function) job counters remembered between samples
 MAX_FD_CHILDREN = 1_000  # children whose open files one sample counts
 MAX_FD_COUNT = 100_000  # open files counted per child, at most (a huge limit, a leak)
 MAX_DRAINS = 1_000  # (function, server) backlogs whose drain time is followed
+MAX_FIRING_LABELS = 200  # firing alerts whose pool/function the status lists (`top`'s marker)
 
 
 def p95(bounds: tuple[float, ...], counts: list[int]) -> float | None:
@@ -194,8 +195,13 @@ class Alerts(Component):
         if self.engine is None:
             return {}
         listed = self.engine.list_alerts(self.wall())
+        firing = [a["labels"] for a in listed if a["state"] == "firing"]
         return {"alerts": {
-            "firing": sum(1 for a in listed if a["state"] == "firing"),
+            "firing": len(firing),
+            # What each firing alert is about, so `gearvisor top` can mark its function
+            # or pool without a second request; bounded (the count above is the whole).
+            "firing_labels": [{k: labels.get(k) for k in ("alertname", "pool", "function")}
+                              for labels in firing[:MAX_FIRING_LABELS]],
             "pending": sum(1 for a in listed if a["state"] == "pending"),
             "silences": sum(1 for s in self.engine.list_silences(self.wall())
                             if s["state"] == "active"),

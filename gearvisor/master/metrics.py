@@ -24,7 +24,7 @@ from gearvisor.master.component import Component
 from gearvisor.master.http import HttpServer, Request, Response
 from gearvisor.metrics.collector import FleetCollector, probe_views, registry
 from gearvisor.metrics.health import HealthCounters, restart_reason
-from gearvisor.metrics.jobs import JobTotals
+from gearvisor.metrics.jobs import ALL_OUTCOMES, JobTotals
 from gearvisor.policy.child import ChildState, describe_status
 from gearvisor.policy.pool import ExitKind
 
@@ -100,6 +100,25 @@ class Metrics(Component):
         self.server, self.listen = server, new
         self.master.log.info("serving metrics", listen=str(new),
                              endpoints="/metrics /healthz /readyz")
+
+    def status(self, now: float) -> dict[str, Any]:
+        """Per pool and function, the job counters the metrics keep (outcomes and the
+        duration histogram), so `gearvisor top` can show jobs/s, failure % and p95 from two
+        frames. Only with metrics on: children count per function only then."""
+        if self.master.config.metrics is None:
+            return {}
+        rows = []
+        for name, pool in self.master.pools.items():
+            if pool.config.command is not None:
+                continue  # a command child counts nothing per function
+            live = [c.scoreboard.stats.read() for c in pool.children()
+                    if c.scoreboard is not None and c.scoreboard.stats is not None]
+            for function, counts in sorted(self.totals.view(name, pool.config.buckets,
+                                                            live).items()):
+                rows.append({"pool": name, "function": function,
+                             "outcomes": dict(zip(ALL_OUTCOMES, counts.outcomes, strict=True)),
+                             "bounds": list(counts.bounds), "buckets": list(counts.buckets)})
+        return {"jobs": rows}
 
     def close(self) -> None:
         if self.server is not None:

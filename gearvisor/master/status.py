@@ -32,6 +32,16 @@ def _rss(pid: int) -> int | None:
         return None
 
 
+def _cpu(pid: int) -> float | None:
+    """User + system CPU seconds so far: a counter, so `gearvisor top` can show CPU% from
+    two frames without the master keeping per-child history."""
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return round(t.user + t.system, 3)
+
+
 def _child_row(child: Child, now: float, role: str) -> dict[str, Any]:
     board = child.scoreboard.read() if child.scoreboard is not None else None
     busy = bool(board and board.busy)
@@ -59,6 +69,7 @@ def _child_row(child: Child, now: float, role: str) -> dict[str, Any]:
         "unique": board.unique if busy else None,
         "job_seconds": round(max(0.0, now - board.job_started), 3) if busy else None,
         "rss": _rss(child.pid),
+        "cpu": _cpu(child.pid),
         "quarantined": child.quarantined,
         "probation": child.probation,
     }
@@ -81,6 +92,9 @@ def pool_status(pool: Pool, now: float) -> dict[str, Any]:
         if slot.successor is not None:
             rows.append(_child_row(slot.successor, now, "successor"))
     rows += [_child_row(c, now, "retired") for c in pool.retired]
+    restarts = {slot.index: slot.restarts for slot in pool.slots}
+    for row in rows:
+        row["restarts"] = restarts.get(row["slot"], 0)
     serving = [s.child for s in pool.slots if s.child is not None]
     return {
         "name": pool.name,

@@ -97,6 +97,7 @@ class Slot:
         self.replace_why: str | None = None
         self.probation_next = False  # the next child of this slot starts on probation
         self.fatal: str | None = None  # gave up (max_restarts): no more starts until a roll
+        self.restarts = 0  # serving children of this slot that died unasked (status, top)
         # For a roll's progress: the generation of the last child that became ready here,
         # and of the last one that died here before it was ready (not on request).
         self.ready_generation = 0
@@ -473,6 +474,7 @@ class Pool:
                 return ExitDecision(ExitKind.ROLL_FAILED, None, True, 0)
             if slot.child is child:
                 slot.child = None
+                slot.restarts += 1
                 slot.replace_at = slot.replace_why = None  # the restart replaces it
                 if child.ready_at is None:
                     slot.failed_generation = child.generation
