@@ -347,6 +347,10 @@ def test_journal_series_from_the_store_helpers_reports(fleet: Fleet) -> None:
     assert value(got, "gearvisor_dead_letters", function="send_mail") == 4
     assert value(got, "gearvisor_dead_letters", function="resize") == 1
     assert value(got, "gearvisor_retries_total", pool="mail", function="send_mail") == 7
+    fleet.health.journal_buffered(12, 3)
+    got = fleet.scrape()
+    assert value(got, "gearvisor_journal_waiting_lines") == 12
+    assert value(got, "gearvisor_journal_dropped_lines_total") == 3
     fleet.health.journal(False, {}, ())
     got = fleet.scrape()
     assert value(got, "gearvisor_store_up") == 0

@@ -232,6 +232,15 @@ class JournalLines:
 
 
 @dataclass(frozen=True)
+class JournalBuffered:
+    """Journal lines the master holds for the store helper (not acked yet), and how many
+    it dropped for its bound, ever. Published when either changes."""
+
+    waiting: int
+    dropped: int
+
+
+@dataclass(frozen=True)
 class JournalState:
     """The job store's state as its helper last reported it: `up` (or `error`), dead
     letters per function, and retries the helper submitted since its last report as

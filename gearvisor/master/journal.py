@@ -221,7 +221,8 @@ class Journal(Component):
 
     def _message(self, message: msg.Message) -> None:
         if isinstance(message, msg.Stored):
-            self.outbox.ack(message.seq)
+            if self.outbox.ack(message.seq):
+                self._buffered()
             if self.helper is not None:
                 self.helper.succeeded()
         elif isinstance(message, msg.StoreState):
@@ -249,6 +250,10 @@ class Journal(Component):
         framed = self.outbox.add(line)
         if self.helper is not None:
             self.helper.send(framed)
+        self._buffered()
+
+    def _buffered(self) -> None:
+        self.master.bus.publish(ev.JournalBuffered(len(self.outbox), self.outbox.dropped))
 
     # -- records in -----------------------------------------------------------------------------
 

@@ -59,6 +59,8 @@ class Metrics(Component):
         master.bus.subscribe(ev.AlertNotified,
                              lambda e: self.health.notified(e.channel, e.outcome))
         master.bus.subscribe(ev.FindingCleared, self._finding_cleared)
+        master.bus.subscribe(ev.JournalBuffered,
+                             lambda e: self.health.journal_buffered(e.waiting, e.dropped))
         master.bus.subscribe(ev.JournalState,
                              lambda e: self.health.journal(e.up, dict(e.dead), e.retries))
         if master.config.metrics is not None:

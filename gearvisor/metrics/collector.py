@@ -163,6 +163,14 @@ class FleetCollector:
         for function, n in sorted(h.dead_letters.items()):
             dead.add_metric([function], n)
         yield from (retries, dead)
+        if h.store_up is not None or h.journal_waiting or h.journal_dropped:
+            yield GaugeMetricFamily("gearvisor_journal_waiting_lines", "Journal lines the "
+                                    "master holds until the store helper has committed them "
+                                    "(they grow while the store is down).",
+                                    value=h.journal_waiting)
+            yield CounterMetricFamily("gearvisor_journal_dropped_lines", "Journal lines the "
+                                      "master dropped because its buffer was full.",
+                                      value=h.journal_dropped)
         if h.store_up is not None:
             yield GaugeMetricFamily("gearvisor_store_up", "1 while the job journal's store "
                                     "takes writes.", value=1 if h.store_up else 0)

@@ -49,6 +49,8 @@ class HealthCounters:
         self.retries: Counter[tuple[str, str]] = Counter()
         self.dead_letters: dict[str, int] = {}
         self.store_up: bool | None = None
+        self.journal_waiting = 0  # journal lines the master holds until the store has them
+        self.journal_dropped = 0  # ... and those it dropped for its bound
 
     def restarted(self, pool: str, reason: str) -> None:
         self.restarts[(pool, reason)] += 1
@@ -71,6 +73,10 @@ class HealthCounters:
         for pool, function, n in retries:
             if (pool, function) in self.retries or len(self.retries) < MAX_JOURNAL_SERIES:
                 self.retries[(pool, function)] += n
+
+    def journal_buffered(self, waiting: int, dropped: int) -> None:
+        """The master's buffer of journal lines for the store helper."""
+        self.journal_waiting, self.journal_dropped = waiting, dropped
 
     def forget(self, keep: set[str]) -> None:
         """Drop the counts of pools not in `keep` (gone from the config and drained)."""
