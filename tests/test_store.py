@@ -278,6 +278,19 @@ def test_a_retry_whose_row_is_gone_makes_a_new_row(make_store: Callable[..., sto
     assert (row["attempt"], row["state"]) == (3, "dead")
 
 
+def test_a_submitted_retry_never_heard_of_again_is_due_again(
+        make_store: Callable[..., store.Store]) -> None:
+    s = make_store()
+    s.write(records(rec("error", decision="retry", due=NOW)), now=NOW)
+    [due] = s.claim_due(NOW, "h1", 10)
+    s.submitted([due.id])
+    assert s.requeue_lost(NOW + 3599, older_than=3600) == 0  # not long enough
+    assert s.claim_due(NOW + 3599, "h1", 10) == []
+    assert s.requeue_lost(NOW + 3601, older_than=3600) == 1
+    [again] = s.claim_due(NOW + 3601, "h1", 10)
+    assert (again.id, again.attempt) == (due.id, 2)  # the same attempt, sent again
+
+
 def test_unclaim_and_recover_put_claims_back(make_store: Callable[..., store.Store]) -> None:
     s = make_store()
     s.write(records(*(rec("error", decision="retry", due=NOW, unique=f"u{i}")

@@ -47,6 +47,8 @@ MAX_INPUT_LINE = record.MAX_LINE + 32  # a journal line and its sequence number
 RETRY_EVERY = 1.0  # seconds between claims of due retries
 REPORT_EVERY = 1.0  # seconds between two state reports at least
 CLAIM_LIMIT = 200  # retries claimed per round
+LOST_AFTER = 6 * 3600.0  # seconds a submitted retry may go unheard of before it is sent again
+LOST_EVERY = 60.0  # seconds between two looks for such retries
 SUBMIT_TIMEOUT = 2.0  # seconds a job server gets to connect and answer one submit
 RECONNECT_INITIAL = 0.5  # seconds before reconnecting to a store that failed; doubled
 RECONNECT_MAX = 30.0
@@ -97,6 +99,7 @@ class StoreHelper:
         now = clock()
         self.next_connect = now
         self.next_claim = now
+        self.next_lost = now  # the next look for submitted retries that were lost
         self.last_report = -float("inf")
         self.changed = True
         self._log_window = (now, 0)
@@ -208,6 +211,11 @@ class StoreHelper:
         self.next_claim = self.clock() + RETRY_EVERY
         try:
             self._settle()
+            if self.clock() >= self.next_lost:
+                self.next_lost = self.clock() + LOST_EVERY
+                if lost := self.store.requeue_lost(self.wall(), LOST_AFTER):
+                    self.log(f"{lost} retries submitted over {LOST_AFTER / 3600:g}h ago never "
+                             "reported back (a job server lost them?); they are due again")
             dues = self.store.claim_due(self.wall(), self.host, CLAIM_LIMIT)
         except StoreError as e:
             self.down(e)

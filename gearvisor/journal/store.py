@@ -364,6 +364,17 @@ class Store:
                  "WHERE state = 'submitting' AND claimed_by = ?", (host,))
             return tx.rowcount
 
+    def requeue_lost(self, now: float, older_than: float) -> int:
+        """Retries a job server took more than `older_than` seconds ago whose run never
+        reported back (a gearmand restarted without a persistent queue loses its jobs)
+        are due again (submitted -> retrying, due now). Sent again with the same unique,
+        one still queued on that server is coalesced by gearmand."""
+        with self._tx() as tx:
+            tx.q("UPDATE failures SET state = 'retrying', due = ?, claimed_by = NULL, "
+                 "claimed_at = NULL WHERE state = 'submitted' AND claimed_at < ?",
+                 (now, now - older_than))
+            return tx.rowcount
+
     def next_due(self) -> float | None:
         """When the earliest waiting retry is due (epoch seconds), or None."""
         with self._tx() as tx:
