@@ -19,6 +19,7 @@
         alerts.py    the alert engine's driver: facts in, notifier helper out, state file
         journal.py   the job journal: children's records and crash records to the store
                      helper, kept until it acks them
+        autoscale.py sizes pools on queue depth from the probe's snapshots; scale pins
 
 The master never imports user code and never starts a thread; whatever needs either runs
 in a child or a helper process.
@@ -32,6 +33,7 @@ from gearvisor import log as logmod
 from gearvisor.config import Config
 from gearvisor.master.alerts import Alerts
 from gearvisor.master.arbiter import Arbiter
+from gearvisor.master.autoscale import Autoscale
 from gearvisor.master.commands import Commands
 from gearvisor.master.component import Component
 from gearvisor.master.control import Control
@@ -52,7 +54,7 @@ def components(config: Config) -> list[Component]:
     probe = Probe()
     return [Control(config), Watcher(config), probe, Commands(probe), Health(), Groups(),
             Systemd(), FdLimits(), Metrics(probe), ExitLog(), HealthFindings(probe),
-            Alerts(config), Journal(config)]
+            Alerts(config), Journal(config), Autoscale(probe)]
 
 
 def run(config: Config) -> int:
