@@ -192,3 +192,37 @@ def test_the_autoscaler_is_frozen_while_the_circuit_is_open(gearmand, master, tm
     frozen = [e for e in m.events("autoscale") if e.get("state") == "frozen"]
     assert len(frozen) == 1 and frozen[0]["reason"] == "circuit open"  # once, not per probe
     assert frozen[0]["backlog"] >= 150 and frozen[0]["recommended"] == 6
+
+
+def test_scale_for_pins_a_count_that_expires(gearmand, master, tmp_path):
+    write_module(tmp_path, "asmod", MODULE)
+    cfg = config(tmp_path / "results.txt",
+                 {"min": 1, "max": 4, "target": 10, "up_cooldown": 0.2, "down_after": 0.5,
+                  "max_step": 4})
+    cfg["servers"] = [gearmand.address]
+    cfg["pools"]["fixed"] = {"functions": {"other": "asmod:work"}, "watch": False,
+                             "processes": 1}
+    m = master(cfg)
+    wait_for(lambda: pool_workers(gearmand, "auto") == 1 and pool_workers(gearmand, "fixed")
+             == 1, timeout=30, message="both pools registered")
+    out = m.ctl("scale", "auto", "3", "--for", "2s")
+    assert out.returncode == 0 and "1 -> 3 processes for 2s" in out.stdout, out.stderr
+    out = m.ctl("scale", "fixed", "2", "--for", "2s")
+    assert out.returncode == 0, out.stderr
+    row = autoscale_row(m, "auto")
+    assert row["state"] == "pinned" and row["pinned"]["processes"] == 3
+    assert 0 < row["pinned"]["expires_in"] <= 2
+    wait_for(lambda: pool_workers(gearmand, "auto") == 3 and pool_workers(gearmand, "fixed")
+             == 2, timeout=20, message="both pinned sizes registered")
+    table = m.ctl("status").stdout
+    assert "autoscale auto: 3 processes [1..4] target 10  pinned" in table, table
+    # The pins expire: the idle autoscaled pool goes back to min (down_after after the pin
+    # ended), the other pool to its processes.
+    wait_for(lambda: pool_workers(gearmand, "auto") == 1 and pool_workers(gearmand, "fixed")
+             == 1, timeout=20, message="both pools back after their pins")
+    assert len(m.events("scale pin expired")) == 2
+    by = [(e["pool"], e["by"], e["after"]) for e in m.events("scaling pool")]
+    assert ("fixed", "pin expired", 1) in by and ("auto", "autoscale", 1) in by, by
+    for bad in ("0s", "31d", "soon"):
+        out = m.ctl("scale", "auto", "2", "--for", bad)
+        assert out.returncode != 0 and "--for" in out.stderr, (bad, out.stderr)
