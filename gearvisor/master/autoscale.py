@@ -234,11 +234,14 @@ class Autoscale(Component):
         frozen = frozen_reason(pool) if views else "no job server answered"
         d = ps.scaler.decide(Inputs(ps.backlog, ps.hosts, pool.desired, frozen), now)
         inputs = self._inputs(ps, d)
+        # A new state is logged once; a frozen pool also when why changes (its reasons
+        # have no numbers in them, unlike cooldown's and holding's).
+        state = f"frozen: {d.reason}" if d.state == "frozen" else d.state
         if d.changed:
-            ps.logged_state = d.state
+            ps.logged_state = state
             self.master.scale(pool, d.desired, by="autoscale", **inputs)
-        elif d.state != ps.logged_state:
-            ps.logged_state = d.state
+        elif state != ps.logged_state:
+            ps.logged_state = state
             self.master.log.info("autoscale", pool=pool.name, processes=d.desired, **inputs)
 
     @staticmethod
