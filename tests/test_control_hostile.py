@@ -255,7 +255,7 @@ def test_a_request_whose_handling_raises_gets_an_error_and_one_log_line(
         control: tuple[Control, io.StringIO], monkeypatch: pytest.MonkeyPatch) -> None:
     ctl, log = control
 
-    def broken(*_: Any) -> None:
+    def broken(*_: Any, **__: Any) -> None:
         raise RuntimeError("a bug in scale")
 
     monkeypatch.setattr(ctl.master, "scale", broken)

@@ -790,6 +790,44 @@ def test_scale_up_and_down() -> None:
     assert pool.children() == [pool.slots[0].child]
 
 
+def test_scale_down_retires_idle_children_before_busy_ones() -> None:
+    pool, fleet = started_pool(5)
+    busy = {pool.slots[i].child.pid for i in (4, 1, 0)}
+    pool.scaled_to = 3
+    actions = pool.plan(0.0, lambda c: c.pid in busy)
+    fleet.execute(actions)
+    # The idle ones (slots 3 and 2) go, not the highest (4, which runs a job).
+    assert [a.child.slot for a in retires(actions)] == [3, 2]
+    assert [s.index for s in pool.slots] == [0, 1, 4]
+    # Only when nothing idle is left does a busy child go (retired: it finishes its job).
+    pool.scaled_to = 2
+    actions = pool.plan(0.0, lambda c: c.pid in busy)
+    assert [(a.child.slot, a.why) for a in retires(actions)] == [(4, "scaled down")]
+
+
+def test_scale_down_takes_empty_and_quarantined_slots_before_serving_ones() -> None:
+    pool, fleet = started_pool(4)
+    fleet.exit(pool.slots[1].child, 1)  # crashed: slot 1 waits in backoff
+    pool.slots[2].child.quarantined = "fails fast"
+    pool.scaled_to = 2
+    actions = fleet.execute(pool.plan(0.0, lambda c: True))
+    assert [a.child.slot for a in retires(actions)] == [2]
+    assert [s.index for s in pool.slots] == [0, 3]
+
+
+def test_scale_up_fills_the_lowest_free_slot_numbers() -> None:
+    pool, fleet = started_pool(4)
+    busy = {pool.slots[3].child.pid}
+    pool.scaled_to = 2
+    fleet.execute(pool.plan(0.0, lambda c: c.pid in busy))
+    assert [s.index for s in pool.slots] == [0, 3]
+    pool.scaled_to = 5
+    actions = fleet.step()
+    assert [a.slot.index for a in spawns(actions)] == [1, 2, 4]
+    assert [s.index for s in pool.slots] == [0, 1, 2, 3, 4]
+    assert len({c.slot for c in pool.children() if c not in pool.retired}) == 5
+
+
 def test_scale_down_mid_roll_retires_successors_too() -> None:
     pool, fleet = started_pool(4, max_surge="100%")
     pool.roll()

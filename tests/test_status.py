@@ -144,7 +144,7 @@ def test_pool_fields(images: Pool) -> None:
     assert {k: v for k, v in st.items() if k != "children"} == {
         "name": "images", "generation": 2, "desired": 4, "actual": 3, "ready": 2,
         "rolling": True, "halted": None, "removed": False, "scaled": False,
-        "circuit": "closed", "command": None}
+        "scaled_by": None, "circuit": "closed", "command": None}
 
 
 def test_rows_in_order(images: Pool) -> None:

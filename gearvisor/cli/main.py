@@ -68,17 +68,34 @@ def build_parser() -> argparse.ArgumentParser:
     restart = control("restart", "roll one pool to a new generation (same surge as reload)")
     restart.add_argument("pool")
     restart.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
-    scale = control("scale", "set a pool's process count until the next reload changes it")
+    scale = control("scale", "set a pool's process count until the next reload changes it "
+                    "(an autoscaled pool: until the next reload), or for a while with --for")
     scale.add_argument("pool")
     scale.add_argument("processes", type=int)
     fleet = control("fleet", "every gearvisor host and other worker on the job servers, "
                     "from the master's last probes; flags vanished hosts and partial "
                     "registrations")
     fleet.add_argument("--json", action="store_true", help="machine-readable output")
+    scale.add_argument("--for", dest="pin_for", metavar="DURATION", type=_pin_duration,
+                       help="pin the count this long (e.g. 30m, 2h), then the autoscaler (or "
+                            "the pool's processes) takes over again")
     alerts_cli.add_parsers(control)
     top_cli.add_parser(control)
     journal_cli.add_parsers(sub)
     return parser
+
+
+def _pin_duration(text: str) -> float:
+    """`scale --for`: a duration as the config writes one (30m, 2h, 90s), 1s to 30d."""
+    from gearvisor.config import Invalid, duration
+
+    try:
+        seconds = duration(text, 30 * 86400.0)
+    except Invalid as e:
+        raise argparse.ArgumentTypeError(f"{e}, got {text!r}") from None
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1s, got {text!r}")
+    return seconds
 
 
 def _scan_control_socket(path: str) -> str | None:
@@ -174,6 +191,8 @@ def cmd_control(args: argparse.Namespace) -> int:
         payload["pool"] = args.pool
     if verb == "scale":
         payload["processes"] = args.processes
+        if args.pin_for is not None:
+            payload["for"] = args.pin_for
     reply = _ask(args, payload, getattr(args, "timeout", 30.0))
     if reply is None:
         return EXIT_NO_MASTER
@@ -197,7 +216,8 @@ def cmd_control(args: argparse.Namespace) -> int:
             gen = f" (generation {result['generation']})" if "generation" in result else ""
             print(f"{name}: {result['result']}{gen}")
     elif verb == "scale":
-        print(f"{reply['pool']}: {reply['before']} -> {reply['after']} processes")
+        pinned = f" for {args.pin_for:g}s" if args.pin_for is not None else ""
+        print(f"{reply['pool']}: {reply['before']} -> {reply['after']} processes{pinned}")
     elif verb == "stop":
         return _wait_gone(reply["pid"], 0 if args.no_wait else args.timeout)
     return 0

@@ -45,6 +45,21 @@ def _watcher_line(w: dict[str, Any]) -> str:
     return text
 
 
+def _autoscale_line(a: dict[str, Any]) -> str:
+    """One pool's autoscaler: its size, bounds, state and why, and a pin."""
+    pin = a.get("pinned")
+    pinned = ""
+    if pin is not None:
+        pinned = (f"  pinned at {pin['processes']} "
+                  + ("until the next reload" if pin["expires_in"] is None
+                     else f"for {_duration(pin['expires_in'])} more"))
+    if "min" not in a:  # a pool without autoscale, scaled --for
+        return f"scale {a['pool']}: {a['desired']} processes{pinned}"
+    return (f"autoscale {a['pool']}: {a['desired']} processes [{a['min']}..{a['max']}] "
+            f"target {a['target']}  {a['state']}: {a['reason']}  backlog {a['backlog']} "
+            f"over {a['hosts']} host(s)" + pinned)
+
+
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
     """Columns padded to their widest cell (the last one is not padded)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -147,6 +162,7 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"pool {pool['name']}: {pool['ready']}/{pool['desired']} ready, "
                      f"{pool['actual']} running, generation {pool['generation']}"
                      + (f"  [{'; '.join(flags)}]" if flags else ""))
+    lines += [_autoscale_line(a) for a in status.get("autoscale") or ()]
     if "watcher" in status:
         lines.append(_watcher_line(status["watcher"]))
     lines += _gearmand_lines(status)

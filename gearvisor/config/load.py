@@ -20,6 +20,7 @@ from gearvisor.config.alerts import RULES
 from gearvisor.config.errors import ConfigError, Invalid, Problem, dotted, key_text, show
 from gearvisor.config.model import (
     AlertsConfig,
+    AutoscaleConfig,
     BackoffConfig,
     CircuitConfig,
     Config,
@@ -221,6 +222,14 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
         special = {"functions", "env", "cwd", "watch", "log_file", "command"}
         plain = {s.key: merged[s.key] for s in SETTINGS
                  if s.scope in ("pool", "both") and s.block is None and s.key not in special}
+        autoscale = None
+        if isinstance(praw.get("autoscale"), dict):
+            autoscale = AutoscaleConfig(**_block(merged, "autoscale"))
+            if autoscale.min > autoscale.max:
+                col.add(origin["autoscale.max"], f"must be >= autoscale.min ({autoscale.min}), "
+                        f"got {autoscale.max}")
+            # `processes` is where the pool starts; the autoscaler never leaves [min, max].
+            plain["processes"] = max(autoscale.min, min(autoscale.max, plain["processes"]))
         fns = merged["functions"] or {}
         extra = getattr(merged["functions"], "extra", {})
         retries = {f: extra[f]["retry"] for f in fns if extra.get(f, {}).get("retry")}
@@ -240,6 +249,7 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
             keepalive=KeepaliveConfig(**_block(merged, "keepalive")),
             quarantine=QuarantineConfig(**_block(merged, "quarantine")),
             circuit=CircuitConfig(**_block(merged, "circuit")),
+            autoscale=autoscale,
             retry=retries,
             failed_payload={f: extra.get(f, {}).get("failed_payload",
                                                     BY_KEY["failed_payload"].default)

@@ -67,6 +67,19 @@ class CircuitConfig:
 
 
 @dataclass(frozen=True)
+class AutoscaleConfig:
+    """Sizing a pool on its queue depth (the pool's `autoscale:` block; off without it).
+    policy/autoscale.py decides from it."""
+
+    min: int = 1
+    max: int = 8
+    target: int = 10  # jobs (waiting + running) per child
+    up_cooldown: float = 15.0  # seconds after any change before the pool grows again
+    down_after: float = 120.0  # seconds: shrink to the highest recommendation in this window
+    max_step: int = 4  # children added or retired per decision, at most
+
+
+@dataclass(frozen=True)
 class FindingsConfig:
     """Grace periods and thresholds of the health findings (the top-level `findings:`
     block)."""
@@ -224,6 +237,7 @@ class PoolConfig:
     retry: dict[str, RetryConfig] = field(default_factory=dict)  # function -> its `retry:`
     # function -> store | hash | drop (every function of a Python pool is listed)
     failed_payload: dict[str, str] = field(default_factory=dict)
+    autoscale: AutoscaleConfig | None = None  # None: `processes` children, unless scaled
 
 
 @dataclass(frozen=True)

@@ -245,6 +245,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("connect_timeout", duration_upto(HOUR), 5.0, "TCP connect timeout to a job server."),
     Setting("reconnect_max_delay", duration_upto(HOUR), 2.0,
             "Longest wait between reconnect attempts to a job server that went away."),
+    Setting("autoscale.min", int_range(0, MAX_PROCESSES), 1,
+            "Autoscaling on queue depth (on when the pool has an `autoscale:` block): the "
+            "fewest children. `processes` is the start size, clamped to [min, max]; see "
+            "Autoscaling.", scope="pool"),
+    Setting("autoscale.max", int_range(0, MAX_PROCESSES), 8,
+            "Autoscaling: the most children (>= `autoscale.min`).", scope="pool"),
+    Setting("autoscale.target", int_range(1, 10**9), 10,
+            "Autoscaling: jobs (waiting + running, over the pool's functions and servers) "
+            "per child: desired = ceil(jobs / target), shared between the hosts that run "
+            "the pool.", scope="pool"),
+    Setting("autoscale.up_cooldown", duration_upto(DAY), 15.0,
+            "Autoscaling: after a change, how long before the pool may grow again.",
+            scope="pool"),
+    Setting("autoscale.down_after", duration_upto(DAY), 120.0,
+            "Autoscaling: the pool shrinks only to the highest size recommended within this "
+            "window, so a dip does not flap it.", scope="pool"),
+    Setting("autoscale.max_step", int_range(1, MAX_PROCESSES), 4,
+            "Autoscaling: children added or retired per decision, at most.", scope="pool"),
     Setting("backoff.initial", duration_upto(HOUR), 0.1,
             "Delay before restarting a crashed child."),
     Setting("backoff.max", duration_upto(DAY), 30.0,

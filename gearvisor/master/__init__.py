@@ -21,6 +21,7 @@
                      helper, kept until it acks them
         fleet.py     `gearvisor fleet`: every host and foreign worker in the probe's
                      `workers` lists, and the hosts that vanished since an earlier look
+        autoscale.py sizes pools on queue depth from the probe's snapshots; scale pins
 
 The master never imports user code and never starts a thread; whatever needs either runs
 in a child or a helper process.
@@ -34,6 +35,7 @@ from gearvisor import log as logmod
 from gearvisor.config import Config
 from gearvisor.master.alerts import Alerts
 from gearvisor.master.arbiter import Arbiter
+from gearvisor.master.autoscale import Autoscale
 from gearvisor.master.commands import Commands
 from gearvisor.master.component import Component
 from gearvisor.master.control import Control
@@ -55,7 +57,7 @@ def components(config: Config) -> list[Component]:
     probe = Probe()
     return [Control(config), Watcher(config), probe, Commands(probe), Health(), Groups(),
             Systemd(), FdLimits(), Metrics(probe), ExitLog(), HealthFindings(probe),
-            Alerts(config), Journal(config), Fleet(probe)]
+            Alerts(config), Journal(config), Fleet(probe), Autoscale(probe)]
 
 
 def run(config: Config) -> int:

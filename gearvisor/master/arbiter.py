@@ -168,7 +168,7 @@ class Arbiter:
     def manage_pools(self, now: float) -> None:
         """Carry out each pool's plan: fill empty slots, push rolls forward, scale."""
         for name, pool in list(self.pools.items()):
-            for action in pool.plan(now):
+            for action in pool.plan(now, self.child_busy):
                 if isinstance(action, Spawn):
                     self.spawn_child(pool, action, now)
                 else:
@@ -176,6 +176,12 @@ class Arbiter:
             if pool.removed and not pool.children():
                 del self.pools[name]
                 self.log.info("pool removed", pool=name)
+
+    def child_busy(self, child: Child) -> bool:
+        """Is `child` running a job now (its scoreboard says so)? A child without one (a
+        command pool's) counts as busy: we cannot tell, so it is not preferred."""
+        board = child.scoreboard.read() if child.scoreboard is not None else None
+        return board is None or board.busy
 
     def spawn_child(self, pool: Pool, action: Spawn, now: float) -> None:
         """Fork one child for `action`. The record is built before fork; the child's
@@ -447,13 +453,22 @@ class Arbiter:
                       generation=pool.generation)
         self.bus.publish(ev.RollStarted(pool.name, why))
 
-    def scale(self, pool: Pool, processes: int) -> int:
-        """Run `processes` children in `pool` until a reload changes its size; the old
-        size."""
+    def scale(self, pool: Pool, processes: int | None, by: str = "gearvisor scale",
+              pin_for: float | None = None, **inputs: Any) -> int:
+        """Run `processes` children in `pool` (None: the config's `processes` again) until
+        a reload changes its size; the old size. `by` says who asked (`gearvisor scale`,
+        the autoscaler, a pin that expired); `inputs` (what the autoscaler decided from)
+        go into the one log line of the change. Published as a bus.Scaled."""
         before = pool.desired
-        pool.scaled_to = processes
-        self.log.info("scaling pool", pool=pool.name, before=before, after=processes,
-                      note="until the next reload that changes its processes")
+        pool.scaled_to, pool.scaled_by = processes, by if processes is not None else None
+        after = pool.desired
+        if by == "gearvisor scale":
+            inputs["note"] = (f"for {pin_for:g}s" if pin_for is not None else
+                              "until the next reload" if pool.config.autoscale is not None
+                              else "until the next reload that changes its processes")
+        self.log.info("scaling pool", pool=pool.name, before=before, after=after, by=by,
+                      **inputs)
+        self.bus.publish(ev.Scaled(pool.name, before, after, by, pin_for))
         return before
 
     def _announce_ready(self) -> None:

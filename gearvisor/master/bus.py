@@ -148,6 +148,19 @@ class RollStarted:
 
 
 @dataclass(frozen=True)
+class Scaled:
+    """A pool's size was set through Arbiter.scale: by `gearvisor scale` (a pin, for
+    `pin_for` seconds or until the next reload), by the autoscaler, or back to the config's
+    `processes` (`after` is the new desired size)."""
+
+    pool: str
+    before: int
+    after: int
+    by: str  # "gearvisor scale" | "autoscale" | "pin expired"
+    pin_for: float | None = None  # `gearvisor scale --for`: seconds the pin lasts
+
+
+@dataclass(frozen=True)
 class Stopping:
     fast: bool
     why: str

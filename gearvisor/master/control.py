@@ -36,6 +36,7 @@ from gearvisor.master.loop import Timer
 
 REPLY_TIMEOUT = 10.0  # a reply not read by then: the client is dropped
 ACCEPT_PAUSE = 1.0  # after accept() fails (out of fds): listen again this much later
+MAX_PIN = 30 * 86400.0  # `gearvisor scale --for`: the longest pin
 MAX_OUT = 4 * 1024 * 1024  # a subscriber with this much unread is sent nothing more for now
 
 
@@ -251,9 +252,17 @@ class Control(Component):
                     self.reply(client, {"ok": False, "error": f"scale {pool.name}: expected a "
                                         f"whole number >= 0, got {processes!r}"})
                     return
-                before = master.scale(pool, processes)
+                pin_for = request.get("for")
+                if pin_for is not None and (
+                        not isinstance(pin_for, (int, float)) or isinstance(pin_for, bool)
+                        or not 1 <= pin_for <= MAX_PIN):
+                    self.reply(client, {"ok": False, "error": f"scale {pool.name}: --for "
+                                        f"expected a duration from 1s to 30d, got {pin_for!r}"})
+                    return
+                pin = None if pin_for is None else float(pin_for)
+                before = master.scale(pool, processes, pin_for=pin)
                 self.reply(client, {"ok": True, "pool": pool.name, "before": before,
-                                    "after": processes})
+                                    "after": processes, "for": pin})
         elif isinstance(verb, str) and verb in master.verbs:
             try:
                 reply = master.verbs[verb](request)

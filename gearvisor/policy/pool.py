@@ -13,8 +13,9 @@ children keep serving and the reason is kept for status and for `gearvisor reloa
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -140,7 +141,8 @@ class Pool:
         self.retired: list[Child] = []  # told to stop, not yet reaped
         self.halted: str | None = None  # why the current roll stopped, if it did
         self.removed = False  # gone from the config: drain, then forget
-        self.scaled_to: int | None = None  # `gearvisor scale` override of processes
+        self.scaled_to: int | None = None  # `gearvisor scale` (or autoscale) override
+        self.scaled_by: str | None = None  # who set scaled_to (bus.Scaled.by)
         self.circuit = Circuit.CLOSED
         self.circuit_until = 0.0
         c = config.circuit
@@ -207,18 +209,32 @@ class Pool:
                 and child.generation == self.generation
                 and not (child.quarantined and self.circuit is not Circuit.CLOSED))
 
-    def plan(self, now: float) -> list[Action]:
-        """What to do now: fill empty slots past their backoff, push the roll forward."""
+    def plan(self, now: float, busy: Callable[[Child], bool] | None = None) -> list[Action]:
+        """What to do now: scale, fill empty slots past their backoff, push the roll forward.
+
+        `busy(child)` says whether a child is running a job now (the arbiter reads its
+        scoreboard; asked only when the pool shrinks): a scale-down takes the slots that
+        cost least first (see _shrink_order), so a busy child goes only when nothing idle is
+        left, and even then it is retired (finishes its job), never killed.
+        """
         actions: list[Action] = []
-        # Scale down: the highest slots go first.
-        while len(self.slots) > self.desired:
-            slot = self.slots.pop()
-            for c in (slot.successor, slot.child):
-                if c is not None:
-                    actions.append(Retire(c, "scaled down" if not self.removed else "removed"))
-        # Scale up.
-        while len(self.slots) < self.desired:
-            self.slots.append(Slot(len(self.slots), self.config))
+        excess = len(self.slots) - self.desired
+        if excess > 0:
+            for slot in self._shrink_order(busy)[:excess]:
+                self.slots.remove(slot)
+                for c in (slot.successor, slot.child):
+                    if c is not None:
+                        actions.append(Retire(c, "scaled down" if not self.removed
+                                              else "removed"))
+        # Scale up: into the lowest free slot numbers, so they stay 0..desired-1 as far as
+        # the scale-downs before allowed (a slot's number is in its child's client id and
+        # title; a gap left by an idle child that went is filled first).
+        if len(self.slots) < self.desired:
+            used = {s.index for s in self.slots}
+            free = (i for i in itertools.count() if i not in used)
+            while len(self.slots) < self.desired:
+                self.slots.append(Slot(next(free), self.config))
+            self.slots.sort(key=lambda s: s.index)
         probe_due = (self.circuit is Circuit.OPEN and now >= self.circuit_until
                      and self.probe is None)
         for slot in self.slots:
@@ -256,6 +272,22 @@ class Pool:
                     actions.append(Spawn(slot, successor=True))
                     in_flight += 1
         return actions
+
+    def _shrink_order(self, busy: Callable[[Child], bool] | None) -> list[Slot]:
+        """The slots in the order a scale-down takes them: empty ones (backing off or not
+        started), then children not serving yet, quarantined or paused ones (they take no
+        jobs), then idle ones, then busy ones; the highest slot number first among equals."""
+        def cost(slot: Slot) -> int:
+            child = slot.child
+            if child is None:
+                return 0
+            if child.state is ChildState.STARTING:
+                return 1
+            if child.quarantined or child.paused:
+                return 2
+            return 4 if busy is not None and busy(child) else 3
+
+        return sorted(self.slots, key=lambda s: (cost(s), -s.index))
 
     def placed(self, action: Spawn, child: Child) -> None:
         """The arbiter forked `child` for `action`: record it in its slot."""
@@ -410,6 +442,7 @@ class Pool:
         if config is not None:
             if config.processes != self.config.processes:
                 self.scaled_to = None  # the config changed the size: it wins over `scale`
+                self.scaled_by = None
             self.config = config
             for slot in self.slots:
                 slot.reconfigure(config)
