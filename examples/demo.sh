@@ -62,6 +62,10 @@ step "gearman -f wordcount (a JSON task reporting progress)"
 $G -f wordcount '{"lines": ["the quick brown fox", "jumps over", "the lazy dog"], "delay": 0.2}'; echo
 step "gearman -f flaky fail (a job that raises: the client sees the failure and the error text)"
 $G -f flaky fail || echo "(gearman exited $?, as expected)"
+step "gearvisor dead list / jobs --failed: the failure is in the job journal (state/journal.sqlite3)"
+wait_until "$GEARVISOR dead list -c '$WORK/pools.yaml' --json 2>/dev/null | grep -q flaky"
+$GEARVISOR dead list -c "$WORK/pools.yaml"
+$GEARVISOR jobs -c "$WORK/pools.yaml" --failed
 
 step "kill -9 a child: gearvisor restarts it with backoff"
 VICTIM=$(pgrep -f 'gearvisor: text\[0\]')
