@@ -61,7 +61,9 @@ def test_hosts_pools_children_per_server_and_foreign_workers() -> None:
         S1: [w("web1:images:0", "resize", "thumb"), w("web1:images:1", "resize", "thumb"),
              w("web1:mail:0", "send"), w("web2:images:0", "resize", ip="10.0.0.2"),
              w("php-resize", "resize", ip="10.0.0.9"), w("-", "legacy", ip="10.0.0.8"),
-             w("-", "legacy", ip="10.0.0.8", fd=31)],
+             w("-", "legacy", ip="10.0.0.8", fd=31),
+             # a client, gearadmin, a probe: connections with no function are no workers
+             w("-", ip="127.0.0.1", fd=40), w("billing-client", ip="10.0.0.5", fd=41)],
         S2: [w("web1:images:0", "resize"), w("web1:images:1", "resize"),
              w("web1:mail:0", "send"), w("web2:images:0", "resize", ip="10.0.0.2")],
     })

@@ -505,3 +505,17 @@ def test_render_journal_line(images: Pool) -> None:
     [line] = [x for x in render(status).splitlines() if x.startswith("journal:")]
     assert line == ("journal: store postgresql://gv@db/jobs DOWN (connection refused)  dead "
                     "letters 3 (gearvisor dead list)  12 lines waiting")
+
+
+def test_render_autoscale_line_names_its_inputs_once() -> None:
+    from gearvisor.cli.render import _autoscale_line
+
+    line = _autoscale_line({"pool": "w", "desired": 1, "min": 1, "max": 6, "target": 10,
+                             "state": "steady", "reason": "backlog 0 over 1 host(s)",
+                             "backlog": 0, "hosts": 1, "pinned": None})
+    assert line == ("autoscale w: 1 processes [1..6] target 10  steady: backlog 0 over 1 "
+                    "host(s)")
+    frozen = _autoscale_line({"pool": "w", "desired": 3, "min": 1, "max": 6, "target": 10,
+                               "state": "frozen", "reason": "the circuit is open",
+                               "backlog": 40, "hosts": 2, "pinned": None})
+    assert frozen.endswith("frozen: the circuit is open  backlog 40 over 2 host(s)")

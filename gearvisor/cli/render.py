@@ -55,9 +55,10 @@ def _autoscale_line(a: dict[str, Any]) -> str:
                      else f"for {_duration(pin['expires_in'])} more"))
     if "min" not in a:  # a pool without autoscale, scaled --for
         return f"scale {a['pool']}: {a['desired']} processes{pinned}"
+    inputs = ("" if "backlog" in a["reason"] else
+              f"  backlog {a['backlog']} over {a['hosts']} host(s)")
     return (f"autoscale {a['pool']}: {a['desired']} processes [{a['min']}..{a['max']}] "
-            f"target {a['target']}  {a['state']}: {a['reason']}  backlog {a['backlog']} "
-            f"over {a['hosts']} host(s)" + pinned)
+            f"target {a['target']}  {a['state']}: {a['reason']}{inputs}" + pinned)
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

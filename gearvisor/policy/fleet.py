@@ -153,6 +153,8 @@ def look(workers: Mapping[str, Iterable[WorkerLike]],
     for server, conns in workers.items():
         for w in conns:
             member = parse_client_id(w.client_id, own)
+            if member is None and not w.functions:
+                continue  # a client, gearadmin or a probe (ours too): no worker at all
             if member is None:
                 named = bool(w.client_id) and w.client_id != NO_CLIENT_ID
                 key = f"id {w.client_id}" if named else f"address {w.ip}"
