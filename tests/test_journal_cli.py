@@ -189,6 +189,11 @@ def test_jobs_newest_first_with_filters(env: Env, capsys: pytest.CaptureFixture[
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:4] == ["WHEN", "FUNCTION", "UNIQUE", "OUTCOME"]
     assert "mail/0/h1" in lines[1] and "SMTPError" in lines[2]
+    # journal.successes is off by default: the table says why a success may be missing
+    assert "journal.successes: true" in lines[-1]
+    assert env.json(capsys, "jobs")["successes_recorded"] is False
+    code, out, _ = env.cli(capsys, "jobs", "--failed")
+    assert "journal.successes" not in out
 
 
 @pytest.mark.parametrize("limit", ["10001", "9" * 400, "-5", "many", "1e9"])

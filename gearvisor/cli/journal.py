@@ -441,7 +441,12 @@ def cmd_jobs(args: argparse.Namespace, cfg: Any, store: Store) -> int:
     now = time.time()
     for r in rows:
         r["started_age"] = _seconds_ago(r["started"], now)
-    _emit(args, {"jobs": rows}, lambda: render_jobs(rows))
+    successes = bool(cfg.journal.successes)
+    note = ("" if successes or args.failed else
+            "\n(successful jobs are recorded only when they end a failure; set "
+            "journal.successes: true to record them all)")
+    _emit(args, {"jobs": rows, "successes_recorded": successes},
+          lambda: render_jobs(rows) + note)
     return 0
 
 
