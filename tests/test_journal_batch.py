@@ -122,6 +122,42 @@ def test_flush_writes_whatever_waits() -> None:  # Hooks.waiting and exit call i
     assert pipe.records()[0]["retry_of"] == 7 and pipe.records()[0]["attempt"] == 3
 
 
+def test_a_batch_is_due_flush_after_its_first_record_with_no_job_ending() -> None:
+    # An idle or quarantined child ends no more jobs: the worker's loop sleeps until due_at
+    # and tick() writes the batch then (no periodic wake-up for it).
+    pipe, clock = Pipe(), Clock()
+    j = make(pipe, clock)
+    assert j.due_at() == float("inf")  # nothing recorded: nothing to wake up for
+    j.failure(job(1), "error", 0.1, ValueError("x"))
+    assert j.due_at() == clock.now + FLUSH_AFTER
+    clock.now += FLUSH_AFTER - 0.01
+    j.tick()
+    assert pipe.data == b""
+    clock.now += 0.02
+    j.tick()
+    assert [r["unique"] for r in pipe.records()] == ["u1"]
+    assert j.due_at() == float("inf")
+
+
+def test_a_write_the_pipe_refused_is_retried_every_retry_after_not_spun_on() -> None:
+    pipe, clock = Pipe(room=0), Clock()
+    j = make(pipe, clock)
+    j.success(job(1), 0.1)
+    clock.now += FLUSH_AFTER
+    j.tick()  # the master is not reading: nothing written
+    assert pipe.data == b"" and j.due_at() == clock.now + jmod.RETRY_AFTER
+    j.tick()  # a pass before that (another wake-up) writes nothing and moves nothing
+    assert j.due_at() == clock.now + jmod.RETRY_AFTER
+    pipe.room = 60  # room for part of the line only: the rest is due at the next retry
+    clock.now += jmod.RETRY_AFTER
+    j.tick()
+    assert j.blocks_others() and j.due_at() == clock.now + jmod.RETRY_AFTER
+    pipe.room = None
+    clock.now += jmod.RETRY_AFTER
+    j.tick()
+    assert [r["unique"] for r in pipe.records()] == ["u1"] and j.due_at() == float("inf")
+
+
 def test_successes_off_records_only_failures() -> None:
     pipe = Pipe()
     j = make(pipe, journal=JournalConfig(successes=False))

@@ -2,13 +2,13 @@
 journal lines (journal/record.py) to the child's event pipe, never blocking the job loop.
 
 A batch is written when it holds FLUSH_RECORDS records, when the worker is about to wait for
-work, when FLUSH_AFTER seconds passed since its first record (checked when a job ends: no
-timer, no signal), and before the child exits. The pipe is non-blocking: a line the pipe
-has no room for waits for the next flush, and the part of a line a pipe took only in part
-goes out before anything else (the master reads lines; nothing may be written into the
-middle of one). What waits is bounded (MAX_PENDING records, MAX_PENDING_BYTES): past that
-the oldest successes are dropped and counted, then (only when there are no successes left
-to drop) the oldest failures.
+work, when FLUSH_AFTER seconds passed since its first record (checked when a job ends, and
+by the worker's loop at due_at: no timer, no signal), and before the child exits. The pipe
+is non-blocking: a line the pipe has no room for waits for the next flush, and the part of
+a line a pipe took only in part goes out before anything else (the master reads lines;
+nothing may be written into the middle of one). What waits is bounded (MAX_PENDING
+records, MAX_PENDING_BYTES): past that the oldest successes are dropped and counted, then
+(only when there are no successes left to drop) the oldest failures.
 
 A success costs the job loop one tuple appended; it is encoded at flush time, by hand,
 because json.dumps per record would cost more than the rest of the journal together.
@@ -38,6 +38,7 @@ from gearvisor.policy.retry import decide
 FLUSH_RECORDS = 64  # a full batch is written at once
 FLUSH_AFTER = 1.0  # seconds: the oldest unwritten record waits at most about this long
 MAX_PENDING = 10_000  # records waiting for room in the pipe
+RETRY_AFTER = 0.25  # seconds between tries of a write the pipe had no room for (rare)
 MAX_PENDING_BYTES = 16 * 1024 * 1024  # bytes of encoded failures waiting (payloads)
 MAX_NAME = 1024  # characters of a handle kept (a job server chooses it: it may be huge)
 _SUFFIX = b"]}\n"
@@ -77,6 +78,7 @@ class ChildJournal:
         self.first_at: float | None = None  # clock() of the oldest unwritten record
         self.tail = b""  # the rest of a line the pipe took only in part
         self.tail_started = False  # part of that line is in the pipe already
+        self.retry_at = 0.0  # clock() before which a write the pipe refused is not retried
         self.dropped_successes = 0
         self.dropped_failures = 0
         self.written = 0  # records written
@@ -167,6 +169,24 @@ class ChildJournal:
             self.flush()
         elif self.tail:
             self.finish_tail()
+
+    def due_at(self) -> float:
+        """When the worker's loop must give the journal a pass (tick) of its own, in clock()
+        seconds (inf: never): a batch whose first record waited FLUSH_AFTER, or a write the
+        pipe had no room for, tried again every RETRY_AFTER. So records never wait for a
+        next job that may not come (an idle or quarantined child), and a child with nothing
+        to write has no wake-up for it."""
+        if self.tail:
+            return self.retry_at
+        if self.first_at is None:
+            return float("inf")
+        return max(self.first_at + FLUSH_AFTER, self.retry_at)
+
+    def tick(self) -> None:
+        """A pass of the worker's loop: write what is due (due_at)."""
+        now = self.clock()
+        if now >= self.due_at() and not self.flush():
+            self.retry_at = now + RETRY_AFTER  # the master reads soon; do not spin on it
 
     def _template(self, function: str, server: str) -> str:
         """A success record of `function` from `server`, with %-slots for the unique, the

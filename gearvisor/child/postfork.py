@@ -32,9 +32,10 @@ def prctl(option: int, value: int) -> bool:
         return False  # not Linux
 
 
-def set_pdeathsig(sig: int) -> None:
-    """Ask Linux to send `sig` to this process when its parent (the master) dies."""
-    prctl(PR_SET_PDEATHSIG, int(sig))  # elsewhere the getppid() checks catch an orphan
+def set_pdeathsig(sig: int) -> bool:
+    """Ask Linux to send `sig` to this process when its parent (the master) dies. False
+    where that is not possible (not Linux): the caller must then look at getppid() itself."""
+    return prctl(PR_SET_PDEATHSIG, int(sig))
 
 
 def close_fds_except(keep_fds: set[int]) -> None:
@@ -53,8 +54,9 @@ def close_fds_except(keep_fds: set[int]) -> None:
 
 def after_fork(masters_signals: Iterable[int], pdeathsig: int, keep_fds: set[int],
                pool: PoolConfig | None = None, env: dict[str, str] | None = None,
-               stdio: tuple[int, int] | None = None, for_exec: bool = False) -> None:
-    """Make a freshly forked process stand on its own.
+               stdio: tuple[int, int] | None = None, for_exec: bool = False) -> bool:
+    """Make a freshly forked process stand on its own. True when the kernel will signal it
+    (`pdeathsig`) if the master dies; False where it cannot (the caller must check).
 
     Args:
         masters_signals: the signals the master handles (still blocked): back to SIG_DFL,
@@ -75,7 +77,7 @@ def after_fork(masters_signals: Iterable[int], pdeathsig: int, keep_fds: set[int
         for sig in EXEC_DEFAULT_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
-    set_pdeathsig(pdeathsig)
+    armed = set_pdeathsig(pdeathsig)
     if stdio is not None:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
@@ -85,14 +87,19 @@ def after_fork(masters_signals: Iterable[int], pdeathsig: int, keep_fds: set[int
             os.set_blocking(fd, False)  # never block the worker on its own output
     close_fds_except(keep_fds)
     if pool is None:
-        return
+        return armed
     os.chdir(pool.cwd)
     if pool.umask is not None:
         os.umask(pool.umask)
     set_rlimits(pool)
     os.environ.update(pool.env)
     os.environ.update(env or {})
-    switch_user(pool)
+    if switch_user(pool):
+        # A new user or group clears PR_SET_PDEATHSIG (prctl(2)): without this, the child
+        # of a pool with `user:` would outlive its master. (A master that died between the
+        # switch and here is caught by the caller's getppid() check.)
+        armed = set_pdeathsig(pdeathsig)
+    return armed
 
 
 def set_rlimits(pool: PoolConfig) -> None:
@@ -112,14 +119,15 @@ def set_rlimits(pool: PoolConfig) -> None:
         resource.setrlimit(which, (soft, hard))
 
 
-def switch_user(pool: PoolConfig) -> None:
+def switch_user(pool: PoolConfig) -> bool:
     """Become the pool's user and group (the master is root: config checked that), with the
-    user's HOME, USER and LOGNAME."""
+    user's HOME, USER and LOGNAME. True when the credentials changed (which clears
+    PR_SET_PDEATHSIG)."""
     import grp
     import pwd
 
     if not pool.user and not pool.group:
-        return
+        return False
     pw = None
     if pool.user:
         pw = pwd.getpwuid(int(pool.user)) if pool.user.isdigit() else pwd.getpwnam(pool.user)
@@ -133,6 +141,7 @@ def switch_user(pool: PoolConfig) -> None:
         os.initgroups(pw.pw_name, gid)
         os.setuid(pw.pw_uid)
         os.environ.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+    return True
 
 
 def start_helper(title: str, signals_to_unblock: set[int], fds: set[int]) -> None:

@@ -48,6 +48,7 @@ except ImportError:  # pragma: no cover - other interpreters
 
 GRACEFUL_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 JOURNAL_EXIT_WAIT = 1.0  # seconds an exiting child waits for room for its journal records
+PARENT_CHECK = 1.0  # seconds between getppid() looks, only where PDEATHSIG is not available
 
 
 class BootError(Exception):
@@ -412,8 +413,8 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
                 running_index: int = -1) -> tuple[int, Any]:
     # Default dispositions first, while signals are still blocked (they were blocked around
     # fork, so nothing the master set can run here); then the pool's cwd, limits, env, user.
-    after_fork(signals_to_unblock, signal.SIGTERM, {event_fd}, pool,
-               env={"GEARVISOR_POOL": pool.name, "GEARVISOR_SLOT": str(slot)})
+    watched = after_fork(signals_to_unblock, signal.SIGTERM, {event_fd}, pool,
+                         env={"GEARVISOR_POOL": pool.name, "GEARVISOR_SLOT": str(slot)})
     setproctitle(f"gearvisor: {pool.name}[{slot}] starting")
     logmod.configure(pool.log_level, pool.log_format)
     logger = logmod.get(pool=pool.name, slot=slot, generation=generation)
@@ -454,6 +455,8 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
     signal.signal(signal.SIGUSR1, pause)
     signal.signal(signal.SIGUSR2, pause)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals_to_unblock)
+    # PR_SET_PDEATHSIG (after_fork) sends SIGTERM once the master dies; this one look
+    # catches a master that died before it was set (after the last credential change).
     if os.getppid() != master_pid:
         return EXIT_ORPHANED, logger
 
@@ -499,12 +502,24 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
     if stop_requested:
         worker.stop()
 
-    def check_parent() -> None:
-        if os.getppid() != master_pid and not worker.stopping:
-            logger.warning("master went away; finishing the current job and exiting")
-            graceful(signal.SIGTERM, None)
+    if not watched:
+        # No PR_SET_PDEATHSIG (not Linux): nothing would wake an idle child whose master
+        # died, so it looks once every PARENT_CHECK. With it, the signal is the check.
+        next_check = time.monotonic() + PARENT_CHECK
 
-    worker.every_tick(check_parent)
+        def check_parent() -> None:
+            nonlocal next_check
+            now = time.monotonic()
+            if now < next_check:
+                return
+            next_check = now + PARENT_CHECK
+            if os.getppid() != master_pid and not worker.stopping:
+                logger.warning("master went away; finishing the current job and exiting")
+                graceful(signal.SIGTERM, None)
+
+        worker.every_tick(check_parent, due=lambda: next_check)
+    if journal is not None:
+        worker.every_tick(journal.tick, due=journal.due_at)
     logger.debug("child started", functions=sorted(functions))
     worker.run()
     if journal is not None:

@@ -295,6 +295,7 @@ class Worker:
         self._can_do = b"".join(encode(Packet.CAN_DO, f) for f in functions)
         self._client_id = encode(Packet.SET_CLIENT_ID, client_id)
         self._extra_checks: list[Callable[[], None]] = []
+        self._dues: list[Callable[[], float]] = []  # when a check needs a pass (every_tick)
         # One receive buffer for every connection: recv() of a fresh 256 KiB bytes object
         # costs an mmap, mremap and munmap per call.
         self._rbuf = memoryview(bytearray(RECV_SIZE))
@@ -346,10 +347,18 @@ class Worker:
             if self._grab(conn, b"" if conn.can_do else self._can_do):
                 conn.can_do = True
 
-    def every_tick(self, check: Callable[[], None]) -> None:
-        """Run `check` on every loop pass (at least once a second; every FAST_PATH_CHECKS
-        while a queue drains): e.g. parent-alive checks."""
+    def every_tick(self, check: Callable[[], None],
+                   due: Callable[[], float] | None = None) -> None:
+        """Run `check` on every loop pass (every FAST_PATH_CHECKS while a queue drains).
+
+        An idle worker has no pass of its own: it sleeps until a server, a signal or a due
+        timer wakes it. `due` returns when `check` next needs a pass (monotonic seconds, as
+        the worker's clock; inf: only when something else wakes the loop), so a host that
+        waits for something (a journal batch the pipe had no room for) is not left asleep.
+        """
         self._extra_checks.append(check)
+        if due is not None:
+            self._dues.append(due)
 
     def run(self) -> None:
         """Serve jobs until stop() is called and no answer to a GRAB is outstanding."""
@@ -441,16 +450,27 @@ class Worker:
             if conn.state is ConnState.EMPTY and now - conn.empty_since >= REPOLL_EMPTY:
                 self._grab(conn)
 
-    def _timeout(self, now: float) -> float:
-        timeout = 1.0
+    def _timeout(self, now: float) -> float | None:
+        """How long select() may sleep: until the next thing that is due (a reconnect, a
+        connect deadline, a re-poll of an EMPTY server, a FaultLog summary, a host check's
+        `due`), or None (no limit) when nothing is. A worker asleep on every server (PRE_SLEEP
+        sent) then costs no wake-up at all: a NOOP, a signal (the wakeup fd) or a dropped
+        connection wakes it. A dead server is found by TCP keepalive, a dead master by
+        PR_SET_PDEATHSIG (a signal), so neither needs a periodic look."""
+        due = self._summary_due
         for conn in self.conns:
             if conn.state is ConnState.DOWN:
-                timeout = min(timeout, conn.retry_at - now)
+                if not self.stopping:  # (stopping reconnects nothing: not due)
+                    due = min(due, conn.retry_at)
             elif conn.state is ConnState.CONNECTING:
-                timeout = min(timeout, conn.deadline - now)
-            elif conn.state is ConnState.EMPTY:
-                timeout = min(timeout, conn.empty_since + REPOLL_EMPTY - now)
-        return max(0.0, timeout)
+                due = min(due, conn.deadline)
+            elif conn.state is ConnState.EMPTY and self._taking():  # (_tick re-polls then)
+                due = min(due, conn.empty_since + REPOLL_EMPTY)
+        for when in self._dues:
+            due = min(due, when())
+        if due == float("inf"):
+            return None
+        return max(0.0, due - now)
 
     def _check_ready(self) -> None:
         if self.is_ready:
