@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from wired import RecordingHooks
 
 from gearvisor.gearman.client import Client
 from gearvisor.gearman.protocol import RES, Packet, encode
-from gearvisor.gearman.worker import FLUSH_AFTER, PREFETCH_FAST, ConnState, JobTimer, Worker
+from gearvisor.gearman.worker import PREFETCH_FAST, ConnState, JobTimer, Worker
 from gearvisor.job import Job
 
 GRAB = (Packet.GRAB_JOB_ALL, ())
@@ -33,31 +34,18 @@ class Clock:
 
 
 class FlushTimer(JobTimer):
-    """A timer that can send held-back results: records the alarms asked for; the test
-    "fires" one by calling the callback."""
+    """A job timer that records the writes it was asked to hold a timeout over."""
 
     def __init__(self) -> None:
-        self.armed: list[float] = []
-        self.cancelled = 0
-        self.callback: Callable[[], None] | None = None
         self.held = False
+        self.holds = 0
 
     def hold(self) -> None:
         self.held = True
+        self.holds += 1
 
     def release(self) -> None:
         self.held = False
-
-    def flush_in(self, seconds: float, callback: Callable[[], None]) -> bool:
-        self.armed.append(seconds)
-        self.callback = callback
-        return True
-
-    def flush_cancel(self) -> None:
-        # Held results are taken only inside hold(): a soft timeout raised in between
-        # would drop them.
-        assert self.held, "held-back results taken outside hold()"
-        self.cancelled += 1
 
 
 def jobs(*specs: tuple[str, str]) -> bytes:
@@ -186,10 +174,10 @@ def test_a_refused_poison_job_drops_prefetch_to_one(wired) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Held-back results
+# Results leave before the next job starts, with the GRAB that tops the connection up
 
 
-def test_results_of_one_read_leave_together_after_its_last_job(wired) -> None:
+def test_each_result_leaves_before_the_next_job_of_the_read_starts(wired) -> None:
     timer = FlushTimer()
     hooks = RecordingHooks()
     sent_before: dict[bytes, list[bytes]] = {}
@@ -202,14 +190,13 @@ def test_results_of_one_read_leave_together_after_its_last_job(wired) -> None:
     conn = worker.conns[0]
     conn.depth, conn.outstanding = 4, 4
     feed(worker, server, jobs(("H:1", "f"), ("H:2", "f"), ("H:3", "f"), ("H:4", "f")))
-    assert sent_before == {b"H:1": [], b"H:2": [], b"H:3": [], b"H:4": []}
-    packets = server.received()
-    assert completed(packets) == [b"H:1", b"H:2", b"H:3", b"H:4"]
-    # Each short job doubled the depth (4 -> 8): GRABs topped up to 8 in flight.
-    assert grabs(packets) == 8 and conn.outstanding == conn.depth == 8
+    # Four jobs in one read; each one's result was out before the next one ran.
+    assert sent_before == {b"H:1": [], b"H:2": [b"H:1"], b"H:3": [b"H:2"], b"H:4": [b"H:3"]}
+    assert completed(server.received()) == [b"H:4"]
+    # Each short job doubled the depth (4 -> 8) and its write topped the GRABs up to it.
+    assert conn.outstanding == conn.depth == 8
     assert hooks.finished == [("H:1", True), ("H:2", True), ("H:3", True), ("H:4", True)]
-    assert timer.armed == [FLUSH_AFTER]  # one alarm for the read, cancelled when sent
-    assert timer.cancelled == 1 and conn.out == []
+    assert timer.holds == 4 and not timer.held  # one write per job, each under hold()
 
 
 class Batch:
@@ -237,42 +224,7 @@ def read_batch(wired, body: Callable[[Worker, Any, FlushTimer, Job], None], *han
     return Batch(wired, body).read(*handles)
 
 
-def test_held_results_leave_before_the_next_job_runs_when_the_alarm_came_between_jobs(
-        wired) -> None:
-    seen_by_server: dict[bytes, list[bytes]] = {}
-
-    def body(worker: Worker, server: Any, timer: FlushTimer, job: Job) -> None:
-        if job.data == b"H:2":
-            worker._in_job = False
-            timer.callback()  # the alarm fires in the runtime, between two jobs
-            worker._in_job = True
-        seen_by_server[job.data] = completed(server.received())
-
-    _, server = read_batch(wired, body, "H:1", "H:2", "H:3")
-    # H:1's result was held; the alarm asked for a flush; it left before H:3 ran.
-    assert seen_by_server == {b"H:1": [], b"H:2": [], b"H:3": [b"H:1", b"H:2"]}
-    assert completed(server.received()) == [b"H:3"]
-
-
-def test_the_alarm_sends_held_results_while_a_long_job_runs(wired) -> None:
-    seen: list[list[bytes]] = []
-
-    def body(worker: Worker, server: Any, timer: FlushTimer, job: Job) -> None:
-        if job.data == b"H:3":  # the long one: the alarm fires inside it
-            timer.callback()
-            seen.append(completed(server.received()))
-
-    worker, server = read_batch(wired, body, "H:1", "H:2", "H:3")
-    conn = worker.conns[0]
-    assert seen == [[b"H:1", b"H:2"]]  # out while H:3 still ran
-    packets = server.received()
-    assert completed(packets) == [b"H:3"]
-    # Nothing lost or doubled: three results; the GRABs leave with the last one, topping
-    # the connection up to the depth (now 8).
-    assert grabs(packets) == 8 and conn.outstanding == 8 and conn.out == []
-
-
-def test_a_job_that_sends_status_flushes_held_results_first(wired) -> None:
+def test_a_job_that_sends_status_writes_it_after_the_results_before_it(wired) -> None:
     def body(worker: Worker, server: Any, timer: FlushTimer, job: Job) -> None:
         if job.data == b"H:2":
             job.send_status(1, 2)
@@ -283,63 +235,48 @@ def test_a_job_that_sends_status_flushes_held_results_first(wired) -> None:
                      (Packet.WORK_COMPLETE, b"H:2")]
 
 
-def test_without_a_flush_capable_timer_every_result_leaves_at_once(wired) -> None:
-    sent_before: dict[bytes, list[bytes]] = {}
-
-    def f(worker: Worker, server: Any, job: Job) -> bytes:
-        sent_before[job.data] = completed(server.received())
-        return job.data
-
-    worker, server = wired(on_job=f, prefetch=8, timer=JobTimer())
-    conn = worker.conns[0]
-    conn.depth, conn.outstanding = 4, 3
-    feed(worker, server, jobs(("H:1", "f"), ("H:2", "f"), ("H:3", "f")))
-    assert sent_before == {b"H:1": [], b"H:2": [b"H:1"], b"H:3": [b"H:2"]}
-
-
-def test_a_dropped_connection_forgets_held_results(wired) -> None:
+def test_a_dropped_connection_forgets_its_grabs(wired) -> None:
     worker, server, _ = make(wired)
     conn = worker.conns[0]
-    conn.out.append(b"held")
     conn.outstanding = 5
     worker._drop(conn, "test")
     # gearmand requeues every job it had assigned on that connection: none is ours now.
-    assert conn.out == [] and conn.outstanding == 0 and conn.state is ConnState.DOWN
+    assert conn.outstanding == 0 and conn.state is ConnState.DOWN
 
 
-def test_the_alarm_between_jobs_looks_again_soon(wired) -> None:
+def after(packets: list, handle: bytes) -> list:
+    """The packets the worker sent after the result of `handle`."""
+    at = next(i for i, (p, a) in enumerate(packets)
+              if p == Packet.WORK_COMPLETE and a[0] == handle)
+    return packets[at + 1:]
+
+
+def test_a_stop_during_a_job_sends_its_result_without_grabs(wired) -> None:
     def body(worker: Worker, server: Any, timer: FlushTimer, job: Job) -> None:
         if job.data == b"H:2":
-            worker._in_job = False
-            timer.callback()
-            worker._in_job = True
-
-    batch = Batch(wired, body)
-    batch.read("H:1", "H:2", "H:3")
-    # H:1 held: armed once; the alarm came between jobs: armed again, in case H:3 runs long.
-    assert batch.timer.armed == [FLUSH_AFTER, FLUSH_AFTER]
-
-
-def test_results_held_before_a_stop_leave_without_grabs(wired) -> None:
-    def body(worker: Worker, server: Any, timer: FlushTimer, job: Job) -> None:
-        if job.data == b"H:2":
-            worker.stop()  # SIGHUP while H:1's result is held back
+            worker.stop()  # SIGHUP while H:2 runs
 
     worker, server = read_batch(wired, body, "H:1", "H:2")
     packets = server.received()
-    assert completed(packets) == [b"H:1", b"H:2"] and grabs(packets) == 0
-    assert worker.conns[0].state is ConnState.IDLE and worker.conns[0].outstanding == 0
+    assert completed(packets) == [b"H:1", b"H:2"]
+    assert after(packets, b"H:2") == []  # no GRAB once stopping
+    assert worker.conns[0].state is ConnState.GRABBING  # run() hands the rest back
 
 
-def test_results_held_before_a_pause_leave_then_reset_without_grabs(wired) -> None:
+def test_a_pause_during_a_job_sends_its_result_and_resets_once_grabs_are_answered(
+        wired) -> None:
     def body(worker: Worker, server: Any, timer: FlushTimer, job: Job) -> None:
         if job.data == b"H:2":
-            worker.pause()  # quarantine (or the circuit) while H:1's result is held back
+            worker.pause()  # quarantine (or the circuit) while H:2 runs
 
     worker, server = read_batch(wired, body, "H:1", "H:2")
-    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:1", b"H:1")),
-                                 (Packet.WORK_COMPLETE, (b"H:2", b"H:2")),
-                                 (Packet.RESET_ABILITIES, ())]
+    conn = worker.conns[0]
+    packets = server.received()
+    assert completed(packets) == [b"H:1", b"H:2"] and after(packets, b"H:2") == []
+    worker._apply_pause()
+    assert server.received() == []  # GRABs unanswered: a RESET now would requeue a job
+    feed(worker, server, encode(Packet.NO_JOB, magic=RES) * conn.outstanding)
+    assert server.received() == [(Packet.RESET_ABILITIES, ())]
 
 
 def test_job_code_exiting_does_not_lose_the_results_held_before_it(wired) -> None:
@@ -354,10 +291,11 @@ def test_job_code_exiting_does_not_lose_the_results_held_before_it(wired) -> Non
 
 
 # ---------------------------------------------------------------------------------------------
-# Stopping and pausing with jobs prefetched: they run, then no more GRABs
+# Stopping with jobs prefetched: they go back to gearmand unstarted. Pausing: they run, then
+# no more GRABs
 
 
-def test_stop_runs_the_prefetched_jobs_then_goes_idle(wired) -> None:
+def test_a_stop_hands_back_the_prefetched_jobs_unstarted(wired) -> None:
     ran: list[bytes] = []
 
     def f(worker: Worker, server: Any, job: Job) -> bytes:
@@ -369,14 +307,17 @@ def test_stop_runs_the_prefetched_jobs_then_goes_idle(wired) -> None:
     worker, server = wired(on_job=f, prefetch=8, timer=FlushTimer())
     conn = worker.conns[0]
     conn.depth, conn.outstanding = 4, 4
-    feed(worker, server, jobs(("H:1", "f"), ("H:2", "f")))
-    packets = server.received()
-    assert ran == [b"H:1", b"H:2"] and completed(packets) == [b"H:1", b"H:2"]
-    assert grabs(packets) == 0
-    assert conn.state is ConnState.GRABBING and conn.outstanding == 2  # two answers to come
-    feed(worker, server, jobs(("H:3", "f")) + encode(Packet.NO_JOB, magic=RES))
-    assert ran[-1] == b"H:3" and completed(server.received()) == [b"H:3"]
-    assert conn.state is ConnState.IDLE and conn.outstanding == 0
+    server.sock.sendall(jobs(("H:1", "f"), ("H:2", "f"), ("H:3", "f")))
+    server.sock.shutdown(socket.SHUT_WR)  # gearmand closes its end once it sees ours close
+    worker._read(conn)
+    assert ran == [b"H:1"]  # the job running at the stop, and no other
+    # Its result, then the connection closed (gearmand requeues H:2, H:3 and whatever the
+    # other GRABs brought): nothing after the result, not even a GRAB.
+    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:1", b"H:1"))]
+    assert server.sock.recv(1) == b""
+    assert conn.sock is None and conn.state is ConnState.DOWN and conn.outstanding == 0
+    assert any(msg.startswith("stopping: handed the jobs") and kw["held"] == 2
+               for _, msg, kw in worker.log.records)
 
 
 def test_pause_waits_for_every_answer_then_resets_abilities(wired) -> None:
@@ -414,20 +355,22 @@ def read_ending_in_an_error_then(wired, action: Callable[[Worker], None]) -> tup
     return worker, batch.server
 
 
-def test_a_stop_after_the_last_job_of_a_read_leaves_the_connection_idle(wired) -> None:
+def test_a_stop_after_the_last_job_of_a_read_sends_nothing_more(wired) -> None:
     worker, server = read_ending_in_an_error_then(wired, Worker.stop)
     packets = server.received()
-    assert completed(packets) == [b"H:1", b"H:2"] and grabs(packets) == 0
-    # run() ends only once no connection is GRABBING: nothing is in flight, so idle.
-    assert worker.conns[0].state is ConnState.IDLE
+    # H:2's write topped the GRABs up (the stop came later); nothing was written after it.
+    assert completed(packets) == [b"H:1", b"H:2"] and after(packets, b"H:2") == [GRAB]
+    assert server.received() == [] and worker.conns[0].state is ConnState.GRABBING
 
 
 def test_a_pause_after_the_last_job_of_a_read_unregisters_and_resumes(wired) -> None:
     worker, server = read_ending_in_an_error_then(wired, Worker.pause)
+    conn = worker.conns[0]
     worker._apply_pause()
-    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:1", b"H:1")),
-                                 (Packet.WORK_COMPLETE, (b"H:2", b"H:2")),
-                                 (Packet.RESET_ABILITIES, ())]
+    packets = server.received()
+    assert completed(packets) == [b"H:1", b"H:2"] and after(packets, b"H:2") == [GRAB]
+    feed(worker, server, encode(Packet.NO_JOB, magic=RES) * conn.outstanding)
+    assert server.received() == [(Packet.RESET_ABILITIES, ())]
     worker.resume()
     worker._apply_pause()
     assert grabs(server.received()) == 1
@@ -540,3 +483,85 @@ def test_results_held_back_leave_while_a_long_job_runs(gearmand, master, tmp_pat
         c.wait([long_one])
         assert c.results[long_one].data == b"long"
     assert took < 2.0, f"short results took {took:.1f}s: held back behind the long job"
+
+
+HANDED_BACK = ("stopping: handed the jobs this child took but did not start back to the job "
+               "server")
+
+STOP_MODULE = """
+import os, signal, time
+
+def f(job):
+    fd = os.open({log!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, ("%s %d\\n" % (job.unique, os.getpid())).encode())
+    os.close(fd)
+    if job.unique == "stop-me":
+        os.kill(os.getpid(), signal.SIGTERM)  # the graceful stop arrives during this job
+    until = time.perf_counter() + 0.0002
+    while time.perf_counter() < until:
+        pass
+    return b""
+"""
+
+
+@pytest.mark.integration
+def test_a_stopped_child_runs_only_its_current_job_and_hands_back_the_rest(
+        gearmand, master, tmp_path) -> None:
+    log = tmp_path / "ran.txt"
+    write_module(tmp_path, "stopjobs", STOP_MODULE.format(log=str(log)))
+    m = master({"servers": [gearmand.address], "watch_config": False,
+                "pools": {"drain": {"processes": 2, "functions": {"f": "stopjobs:f"},
+                                    "backoff": {"initial": 0}, "prefetch": 8}}})
+    wait_for(lambda: len(gearmand.workers("drain")) == 2, message="2 children registered")
+    # Deep enough that prefetch is at its full depth when the stop comes.
+    uniques = [f"u{i}" for i in range(3000)] + ["stop-me"] + [f"v{i}" for i in range(3000)]
+    with Client(HOST, gearmand.port) as client:
+        client.submit_background_many("f", uniques, deadline=time.monotonic() + 30)
+    wait_for(lambda: drained(gearmand) and len(ran(log)) >= len(uniques), timeout=60,
+             message="every job ran")
+    done = ran(log)
+    counts = collections.Counter(u for u, _ in done)
+    assert set(counts) == set(uniques)
+    assert [u for u, c in counts.items() if c != 1] == []  # exactly once, none lost
+    at = next(i for i, (u, _) in enumerate(done) if u == "stop-me")
+    stopped = done[at][1]
+    assert [u for u, pid in done[at + 1:] if pid == stopped] == [], \
+        "the stopped child started jobs after its current one"
+    wait_for(lambda: m.events(HANDED_BACK), message="the hand-back logged")
+
+
+INTERRUPT_MODULE = """
+import signal, time
+
+def f(job):
+    if job.data != b"sleeper":
+        until = time.perf_counter() + 0.0002  # short: prefetch grows
+        while time.perf_counter() < until:
+            pass
+        return b"short"
+    # Any signal sent to the job while it sleeps stays pending here, where we can see it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGALRM}})
+    try:
+        for _ in range(20):
+            time.sleep(0.001)
+        return b"alarm" if signal.SIGALRM in signal.sigpending() else b"clean"
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGALRM}})
+"""
+
+
+@pytest.mark.integration
+def test_no_signal_interrupts_a_job_while_prefetch_is_on(gearmand, master, tmp_path) -> None:
+    write_module(tmp_path, "sleepjobs", INTERRUPT_MODULE.format())
+    master({"servers": [gearmand.address], "watch_config": False,
+            "pools": {"nap": {"processes": 1, "functions": {"f": "sleepjobs:f"},
+                              "prefetch": 8}}})
+    wait_for(lambda: len(gearmand.workers("nap")) == 1, message="the child registered")
+    with Client(HOST, gearmand.port, timeout=30) as c:
+        handles = []
+        for _ in range(8):  # sleepers in the middle of batches of short jobs
+            handles += [c.submit("f", b"short") for _ in range(100)]
+            handles.append(c.submit("f", b"sleeper"))
+        c.wait(handles)
+        answers = collections.Counter(c.results[h].data for h in handles)
+    assert answers == {b"short": 800, b"clean": 8}, answers

@@ -288,8 +288,6 @@ class _AlarmTimer(JobTimer):
     def __init__(self) -> None:
         self.job_deadline: float | None = None
         self.exit_deadline: float | None = None
-        self.flush_deadline: float | None = None  # held-back results must leave then
-        self.flush_callback: Callable[[], None] | None = None
         self.held = False  # the runtime is writing to a server: do not raise now
         self.pending = False  # the timeout fired while held: raise on release
         self.timed_out = False  # JobTimeout was raised in the current job (its metrics)
@@ -299,19 +297,6 @@ class _AlarmTimer(JobTimer):
         """Still the SIGALRM handler (job code may have installed its own)."""
         # _signal's getsignal: signal.getsignal wraps the answer in an enum (slow, per job).
         return _getsignal(signal.SIGALRM) == self._fire
-
-    def flush_in(self, seconds: float, callback: Callable[[], None]) -> bool:
-        if not self.installed():
-            return False  # the job code's handler would get our alarm: send results at once
-        self.flush_deadline = time.monotonic() + seconds
-        self.flush_callback = callback
-        self._arm()
-        return True
-
-    def flush_cancel(self) -> None:
-        if self.flush_deadline is not None:
-            self.flush_deadline = None
-            self._arm()
 
     def hold(self) -> None:
         self.held = True
@@ -340,23 +325,13 @@ class _AlarmTimer(JobTimer):
         self._arm()
 
     def _arm(self) -> None:
-        deadlines = [d for d in (self.job_deadline, self.exit_deadline, self.flush_deadline)
+        deadlines = [d for d in (self.job_deadline, self.exit_deadline)
                      if d is not None]
         delay = max(0.001, min(deadlines) - time.monotonic()) if deadlines else 0.0
         signal.setitimer(signal.ITIMER_REAL, delay)
 
     def _fire(self, signum: int, _frame: Any) -> None:
         now = time.monotonic()
-        if self.flush_deadline is not None and now >= self.flush_deadline:
-            self.flush_deadline = None
-            if self.flush_callback is not None:
-                # Results held back leave (before any exit below). Held: a nested alarm
-                # must not raise JobTimeout in the middle of that write.
-                held, self.held = self.held, True
-                try:
-                    self.flush_callback()
-                finally:
-                    self.held = held
         if self.exit_deadline is not None and now >= self.exit_deadline:
             os._exit(EXIT_CRASH)
         if self.job_deadline is not None and now >= self.job_deadline:

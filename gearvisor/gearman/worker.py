@@ -7,15 +7,19 @@ The loop keeps one connection per server and drives each through a small state m
 
 Throughput comes from three choices (README): PRE_SLEEP is sent only once every live server
 has answered NO_JOB; each result is written in the same send() as the next GRAB, so a busy
-queue costs one round trip per job; and, opt-in (`prefetch` above 1), while jobs are short and
+queue costs one round trip per job; and, with `prefetch` above 1, while jobs are short and
 succeed, several GRABs stay in flight on a connection (see Connection.depth). Several jobs then
-arrive in one read; their results are held back until the last of them is done, the GRABs
-that top the connection up leave with them, and the timer's alarm sends held results after
-FLUSH_AFTER if a later job runs long (while it runs Python code: a signal handler waits for a
-long C call to return). A deep queue of fast jobs then costs gearmand one wake-up per read
-instead of one per job. A job gearmand has assigned is always run, even when the worker is
-stopping or pausing: nothing is handed back (that would count as a retry in gearmand). A
-server that goes away is reconnected with backoff while jobs from the others keep flowing.
+arrive in one read, and each result leaves before the next job starts, with the GRAB that
+tops the connection up in the same write: no result waits behind another job, and no timer
+or signal is needed to send it.
+
+A stop never runs more than the job running now: a job that arrives once the worker is
+stopping (prefetched, or the answer to a GRAB in flight) is not started; the connection that
+holds it is closed after the results already done are written (_hand_back), and gearmand
+requeues what it had assigned on it for another worker. (gearmand counts that as a try: with
+`gearmand -j N` a job handed back N times is failed.) A pause (quarantine, an open circuit)
+still runs what was assigned, then unregisters. A server that goes away is reconnected with
+backoff while jobs from the others keep flowing.
 
 A broken or hostile server is that server's problem, never the child's: a malformed packet,
 or one a job server must not send (an answer to a GRAB we never sent, a client's packet),
@@ -63,9 +67,10 @@ FAST_PATH_CHECKS = 0.1  # every_tick checks while a queue drains: this often, no
 # fails, drops the connection back to one GRAB in flight at once. So prefetched jobs wait
 # behind short jobs, and a worker that starts failing (quarantine) holds few jobs.
 PREFETCH_FAST = 0.001
-# A result held back while more jobs of the same read run leaves at the latest this long
-# after it was held: the timer's alarm sends it even when the next job runs long.
-FLUSH_AFTER = 0.001
+# Handing jobs back on a stop: how long to wait for gearmand to close its end (it has read
+# our results by then), and how many reads of what it still sends are discarded meanwhile.
+HAND_BACK_WAIT = 1.0
+HAND_BACK_READS = 64
 # The largest job payload a server may send unless the pool sets max_job_size: the packet
 # limit the codec has always had, so nothing that was accepted before is refused now.
 DEFAULT_MAX_JOB = DEFAULT_MAX_PACKET
@@ -81,6 +86,7 @@ GRAB = encode(Packet.GRAB_JOB_ALL)
 PRE_SLEEP = encode(Packet.PRE_SLEEP)
 RESET = encode(Packet.RESET_ABILITIES)
 _ASSIGN = (Packet.JOB_ASSIGN, Packet.JOB_ASSIGN_UNIQ, Packet.JOB_ASSIGN_ALL)
+_TAKEN = (*_ASSIGN, OVERSIZED_JOB)  # what gearmand assigned us (a job to run or refuse)
 
 
 class ConnState(Enum):
@@ -146,15 +152,6 @@ class JobTimer:
     def release(self) -> None:
         """The write is done: a timeout that fired meanwhile is raised now."""
 
-    def flush_in(self, seconds: float, callback: Callable[[], None]) -> bool:
-        """Call `callback` once, in about `seconds`, from a signal handler: the worker sends
-        the results it held back. False (this base class): not possible, so the worker
-        sends each result at once."""
-        return False
-
-    def flush_cancel(self) -> None:
-        """The held-back results left: the callback is not needed."""
-
 
 class FaultLog:
     """Rate limit for what one job server's misbehaviour writes to the log (pure; the caller
@@ -202,7 +199,7 @@ class Connection:
 
     __slots__ = ("host", "port", "label", "sock", "decoder", "state", "retry_at", "delay",
                  "deadline", "empty_since", "answered", "attempts", "down_logged", "ever_up",
-                 "can_do", "outstanding", "depth", "out", "job_send", "faults", "faulted")
+                 "can_do", "outstanding", "depth", "job_send", "faults", "faulted")
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -224,7 +221,6 @@ class Connection:
         # GRABs to keep in flight: 1, doubled after each short successful job up to the
         # worker's prefetch; back to 1 after a slow or failed job, or NO_JOB.
         self.depth = 1
-        self.out: list[bytes] = []  # results held back; every send writes them first
         self.job_send: Callable[[int, bytes, bytes], None] | None = None  # set by Worker
         self.faults = FaultLog()  # kept across reconnects: a server that keeps misbehaving
         self.faulted = False  # last closed for misbehaving (its reconnect is not news)
@@ -299,9 +295,6 @@ class Worker:
         # One receive buffer for every connection: recv() of a fresh 256 KiB bytes object
         # costs an mmap, mremap and munmap per call.
         self._rbuf = memoryview(bytearray(RECV_SIZE))
-        self._more = False  # more packets of the current read follow: results may wait
-        self._in_job = False  # job code runs (not a send of its own): the alarm may flush
-        self._flush_due = False  # the flush alarm came between jobs: flush before the next
         self._summary_due = float("inf")  # when a FaultLog summary is due (_log_suppressed)
 
     # -- public ------------------------------------------------------------------------------
@@ -384,7 +377,11 @@ class Worker:
                         self._log_suppressed(now)
                 continue
             now = self.clock()
-            if self.stopping and not any(c.state is ConnState.GRABBING for c in self.conns):
+            if self.stopping:
+                # No job runs here: what the GRABs in flight bring is not ours to start.
+                for conn in self.conns:
+                    if conn.state is ConnState.GRABBING:
+                        self._hand_back(conn, 0)
                 break
             self._apply_pause()
             self._tick(now)
@@ -502,7 +499,6 @@ class Worker:
         conn.decoder = self._decoder()
         conn.outstanding = 0
         conn.depth = 1
-        conn.out.clear()
         conn.answered = False
         conn.state = ConnState.CONNECTING
         conn.deadline = now + self.connect_timeout
@@ -562,7 +558,6 @@ class Worker:
         self._close_socket(conn)
         conn.state = ConnState.DOWN
         conn.outstanding = 0  # gearmand requeues whatever it assigned on this connection
-        conn.out.clear()  # results of jobs it will now run again (at least once)
         conn.answered = False
         conn.attempts += 1
         conn.faulted = fault
@@ -588,14 +583,10 @@ class Worker:
         sock = conn.sock
         if sock is None:
             return False
-        # A soft job timeout (SIGALRM) must not cut a packet in half, nor drop the held-back
-        # results taken below: it waits until the write is done (raised on release).
+        # A soft job timeout (SIGALRM) must not cut a packet in half: it waits until the
+        # write is done (raised on release).
         self.timer.hold()
         try:
-            if conn.out:  # held-back results go first: the stream keeps its order
-                data = b"".join(conn.out) + data
-                conn.out.clear()
-                self.timer.flush_cancel()
             sock.sendall(data)
             return True
         except OSError as e:
@@ -635,21 +626,14 @@ class Worker:
                                "connection", error=str(e))
             self._drop(conn, f"protocol error: {e}", fault=True)
             return
-        last = len(frames) - 1
-        try:
-            for i, frame in enumerate(frames):
-                if conn.sock is None:
-                    return  # dropped while handling an earlier frame
-                self._more = i < last
-                self._handle(conn, frame.type, frame.args)
-        except BaseException:
-            # Job code raised SystemExit (or the like) through us: the results of the jobs
-            # that finished before it still go out, or gearmand would run them again.
-            if conn.out:
-                self._send(conn, b"")
-            raise
-        if conn.out:
-            self._flush(conn)
+        for i, frame in enumerate(frames):
+            if conn.sock is None:
+                return  # dropped while handling an earlier frame
+            if self.stopping and frame.type in _TAKEN:
+                # Assigned to us, not started: it goes back to gearmand with the rest.
+                self._hand_back(conn, sum(1 for f in frames[i:] if f.type in _TAKEN))
+                return
+            self._handle(conn, frame.type, frame.args)
 
     def _handle(self, conn: Connection, ptype: int, args: tuple[bytes, ...]) -> None:
         if ptype in _ASSIGN:
@@ -786,17 +770,11 @@ class Worker:
         started = self.clock()
         timeout = self.timeouts.get(function)
         try:
-            if self._flush_due:
-                self._flush_due = False
-                if conn.out:
-                    self._send(conn, b"")
             if timeout is not None:
                 self.timer.start(timeout)
-            self._in_job = True
             try:
                 result = fn(job)
             finally:
-                self._in_job = False
                 if timeout is not None:
                     self.timer.stop()
             reply = encode(Packet.WORK_COMPLETE, handle, encode_result(result))
@@ -842,26 +820,18 @@ class Worker:
 
     def _job_send(self, conn: Connection, ptype: int, handle: bytes, payload: bytes) -> None:
         """What a job's send_status/send_data/... write (Job._send)."""
-        in_job, self._in_job = self._in_job, False  # we write: the flush alarm must not
-        try:
-            self._send(conn, encode(ptype, handle, payload))
-        finally:
-            self._in_job = in_job
+        self._send(conn, encode(ptype, handle, payload))
 
     def _taking(self) -> bool:
         """New jobs are wanted: not stopping, paused or about to pause."""
         return not self.stopping and not self.paused and not self._want_paused
 
     def _reply(self, conn: Connection, reply: bytes) -> None:
-        # The result and the next GRAB(s) leave in one write: at most one round trip per job.
+        """Send a job's result now, before the next job starts (so it never waits behind
+        one), with the GRABs that top the connection up in the same write: one send per
+        job, and at most one round trip."""
         if not self._taking():
             self._send_winding_down(conn, reply)
-        elif self._more and conn.depth > 1:
-            # More assigned jobs arrived in this read: this result leaves with theirs, and
-            # the GRABs with the last of them (_flush): no GRAB is decided early.
-            conn.out.append(reply)
-            if len(conn.out) == 1 and not self.timer.flush_in(FLUSH_AFTER, self._flush_alarm):
-                self._flush(conn)  # nothing would bound the wait: send it now
         else:
             self._top_up(conn, reply)
 
@@ -870,47 +840,40 @@ class Worker:
         self._grab(conn, before, max(0, conn.depth - conn.outstanding))
 
     def _send_winding_down(self, conn: Connection, data: bytes) -> None:
-        """Stopping or pausing: no more GRABs (jobs already assigned to us still run). Once
-        every GRAB is answered the connection goes idle, and a pause unregisters it."""
+        """Stopping or pausing: no more GRABs. Pausing, jobs already assigned to us still
+        run; once every GRAB is answered the connection goes idle, and a pause unregisters
+        it. Stopping, the jobs still to come are handed back (_read, run)."""
         if (self._send(conn, data) and not conn.outstanding
                 and conn.state is ConnState.GRABBING):
             conn.state = ConnState.IDLE
             if self.paused or self._want_paused:
                 self._settle(conn)
 
-    def _flush(self, conn: Connection) -> None:
-        """Send the held-back results, with the GRABs that keep conn.depth in flight while
-        new jobs are wanted and the queue has not run dry."""
-        if conn.state is ConnState.GRABBING and self._taking():
-            self._top_up(conn)
-        else:  # a stop or pause may have come after the read's last job
-            self._send_winding_down(conn, b"")
-
-    def _flush_alarm(self) -> None:
-        """From the timer's signal handler: results held back too long leave now if job
-        code is running. If the runtime itself is running (between two sends), it flushes
-        before the next job or at the end of the read; the alarm looks again soon, in case
-        that next job is long. Results only: GRABs are the runtime's to decide."""
-        conn = next((c for c in self.conns if c.out), None)  # (one read holds at a time)
-        if conn is None or conn.sock is None:
+    def _hand_back(self, conn: Connection, held: int) -> None:
+        """Stopping: give gearmand back every job it assigned on this connection that has not
+        started (`held` of them are read already; the GRABs in flight may bring more), by
+        closing the connection, which makes gearmand requeue them for another worker. The
+        results already sent are in the stream before our FIN, so gearmand reads them
+        first; we wait (bounded) for its side to close before closing ours, because a close
+        with unread data would send a reset, which may discard those results on its side."""
+        sock = conn.sock
+        if sock is None:
             return
-        if not self._in_job:
-            self._flush_due = True
-            self.timer.flush_in(FLUSH_AFTER, self._flush_alarm)
-            return
-        data = b"".join(conn.out)
-        conn.out.clear()
+        self.log.info("stopping: handed the jobs this child took but did not start back to "
+                      "the job server", server=conn.label, held=held,
+                      grabs_in_flight=conn.outstanding)
         try:
-            conn.sock.sendall(data)
-        except BaseException as e:
-            # Maybe cut mid-packet: make the runtime's next read or write fail, so it drops
-            # the connection (no logging or selector work from a signal handler).
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            if not isinstance(e, OSError):
-                raise
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(HAND_BACK_WAIT)
+            for _ in range(HAND_BACK_READS):
+                if not sock.recv_into(self._rbuf):
+                    break  # gearmand closed its end: it has seen all we wrote
+        except OSError:
+            pass  # gone, reset or slow: the close below hands back what is left anyway
+        self._close_socket(conn)
+        conn.state = ConnState.DOWN
+        conn.outstanding = 0
+        conn.answered = False
 
     def _failure_reply(self, handle: bytes, exc: Exception) -> bytes:
         return self._failure_text(handle, f"{type(exc).__name__}: {exc}\n".encode(
