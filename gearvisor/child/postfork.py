@@ -13,7 +13,7 @@ import os
 import resource
 import signal
 from collections.abc import Callable, Iterable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from gearvisor.config import PoolConfig
 
@@ -184,3 +184,32 @@ def run_helper(title: str, signals_to_unblock: set[int], fds: set[int],
             pass
     finally:
         os._exit(code)
+
+
+def message_writer(fd: int, threadsafe: bool = False) -> Callable[[Any], None]:
+    """A helper's report(message): one whole line per message on `fd` (blocking: the master
+    reads its pipes all the time), under a lock when threads share it. A gone master
+    (EPIPE) ends the helper as orphaned."""
+    import threading
+
+    from gearvisor import messages as msg
+    from gearvisor.policy.child import EXIT_ORPHANED
+
+    lock = threading.Lock() if threadsafe else None
+
+    def write(data: bytes) -> None:
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except BrokenPipeError:
+            os._exit(EXIT_ORPHANED)
+
+    def report(message: Any) -> None:
+        data = msg.encode(message)
+        if lock is None:
+            write(data)
+        else:
+            with lock:
+                write(data)
+
+    return report

@@ -55,6 +55,7 @@ from email.utils import formatdate, make_msgid
 from typing import Any, NoReturn
 
 from gearvisor import messages as msg
+from gearvisor.child.postfork import message_writer
 from gearvisor.config.channels import (
     AlertmanagerChannel,
     AppriseChannel,
@@ -64,7 +65,6 @@ from gearvisor.config.channels import (
     WebhookChannel,
 )
 from gearvisor.policy.backoff import Backoff
-from gearvisor.policy.child import EXIT_ORPHANED
 
 QUEUE_MAX = 256  # notifications waiting per channel; beyond, the oldest is dropped
 MAX_LINE = 1 << 20  # one notification line; a longer one is refused, not buffered
@@ -537,29 +537,13 @@ class Notifier:
 # -- the process ----------------------------------------------------------------------------------
 
 
-def _writer(fd: int) -> Callable[[msg.Delivered], None]:
-    """A thread-safe report(): one whole line per result. A gone master ends the helper."""
-    lock = threading.Lock()
-
-    def report(result: msg.Delivered) -> None:
-        data = msg.encode(result)
-        with lock:
-            try:
-                while data:
-                    data = data[os.write(fd, data):]
-            except BrokenPipeError:
-                os._exit(EXIT_ORPHANED)
-
-    return report
-
-
 def serve(channels: Mapping[str, ChannelConfig], in_fd: int, event_fd: int,
           drain: float = DRAIN_TIMEOUT, queue_max: int = QUEUE_MAX,
           retry_initial: float = RETRY_INITIAL) -> int:
     """Read notification lines from `in_fd` until end of input, deliver them, write a
     result line for each to `event_fd`; then drain for up to `drain` seconds. Returns the
     exit code (0)."""
-    report = _writer(event_fd)
+    report = message_writer(event_fd, threadsafe=True)
     notifier = Notifier(channels, report, queue_max=queue_max, retry_initial=retry_initial)
     too_long = msg.Delivered("", "", False, f"a notification line is longer than {MAX_LINE} "
                              "bytes; dropped")

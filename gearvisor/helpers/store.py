@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from gearvisor import messages as msg
+from gearvisor.child.postfork import message_writer
 from gearvisor.config.model import Server
 from gearvisor.gearman.client import Client, ClientError
 from gearvisor.journal import record
@@ -39,7 +40,6 @@ from gearvisor.journal.parse import Record, parse_line
 from gearvisor.journal.settings import StoreSettings
 from gearvisor.journal.store import Due, Store, StoreError, open_store
 from gearvisor.policy.backoff import Backoff
-from gearvisor.policy.child import EXIT_ORPHANED
 
 READ_MAX = 1 << 20  # bytes read in one burst, written as one transaction
 PENDING_MAX = 8 << 20  # bytes of lines held while the store is down; then reading stops
@@ -319,25 +319,11 @@ class StoreHelper:
         self._log_window = (start, n + 1)
 
 
-def _writer(fd: int) -> Callable[[msg.Message], None]:
-    """One whole line per message; a gone master ends the helper."""
-
-    def report(message: msg.Message) -> None:
-        data = msg.encode(message)
-        try:
-            while data:
-                data = data[os.write(fd, data):]
-        except BrokenPipeError:
-            os._exit(EXIT_ORPHANED)
-
-    return report
-
-
 def serve(settings: StoreSettings, in_fd: int, out_fd: int,
           helper: StoreHelper | None = None) -> int:
     """Read `<seq> <journal line>` lines from `in_fd` until end of input, store them, ack
     them and submit due retries, reporting on `out_fd`; returns the exit code (0)."""
-    helper = helper or StoreHelper(settings, _writer(out_fd))
+    helper = helper or StoreHelper(settings, message_writer(out_fd))
     buf = bytearray()
     skipping = False  # inside a line that was too long: drop up to its newline
     closed = False
