@@ -304,6 +304,30 @@ def test_snapshot_restore_neither_repages_nor_forgets() -> None:
     assert e2.tick(T0 + 601) == []  # the failed restore left the engine as it was
 
 
+def test_after_a_restore_a_finding_that_is_not_back_yet_does_not_resolve_its_alert() -> None:
+    """Findings are not saved: the restarted master's probe raises ServerDown again only
+    after a few probes. Held, the restored alert neither resolves nor pages again; once
+    the hold is over, an alert whose fact did not come back resolves."""
+    e = AlertEngine(config(group_wait=0.0, group_interval=1.0), host="h")
+    assert names(e.observe(FindingUp("server_down", "a:1"), T0)) == [
+        ("mail", "firing", ["ServerDown/firing"])]
+    data = json.loads(json.dumps(e.snapshot()))
+    again = AlertEngine(config(group_wait=0.0, group_interval=1.0), host="h")
+    again.restore(data)
+    again.hold(T0 + 30)
+    got = [n for t in range(1, 20) for n in again.tick(T0 + t)]
+    got += again.observe(FindingUp("server_down", "a:1"), T0 + 20)  # the probe, 3 fails on
+    got += [n for t in range(21, 29) for n in again.tick(T0 + t)]
+    assert got == []  # neither resolved nor paged again
+    gone = AlertEngine(config(group_wait=0.0, group_interval=1.0), host="h")
+    gone.restore(data)
+    gone.hold(T0 + 30)
+    assert [n for t in range(1, 30) for n in gone.tick(T0 + t)] == []
+    assert gone.next_due() is not None and gone.next_due() <= T0 + 30
+    assert names([n for t in range(30, 40) for n in gone.tick(T0 + t)]) == [
+        ("mail", "resolved", ["ServerDown/resolved"])]
+
+
 @settings(PROPERTY, max_examples=200)
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
                     lambda inner: st.lists(inner, max_size=4)

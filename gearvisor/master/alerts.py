@@ -35,6 +35,7 @@ from gearvisor.helpers.notifier import run_notifier
 from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
 from gearvisor.master.helper import HelperBody, HelperProcess
+from gearvisor.master.probe import DOWN_AFTER, PROBE_TIMEOUT
 from gearvisor.master.state import StateError, StateStore
 from gearvisor.policy import alert_rules as facts
 from gearvisor.policy.alert_model import parse_matcher
@@ -423,9 +424,20 @@ class Alerts(Component):
         if saved is not None and self.engine is not None:
             try:
                 self.engine.restore(saved)
+                self.engine.hold(self.wall() + self.restore_grace())
             except ValueError as e:
                 self.master.log.error("saved alert state unreadable; starting afresh",
                                       path=self.store.path, error=str(e))
+
+    def restore_grace(self) -> float:
+        """How long, after a restart, the facts that are not saved take to come back: the
+        probe's findings (a server is down after DOWN_AFTER probes, no workers and backlogs
+        after their own counts of probes, a registration shortfall after its grace) and
+        the job-count samples. No restored alert resolves before it has passed."""
+        c = self.config
+        probes = max(DOWN_AFTER, c.findings.no_workers_probes, c.findings.backlog_probes) + 2
+        return max(c.probe_interval * probes + PROBE_TIMEOUT, c.findings.registration_grace,
+                   2 * c.alerts.sample_interval)
 
     def _save(self) -> None:
         self.save_timer = None

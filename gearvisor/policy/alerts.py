@@ -123,6 +123,7 @@ class AlertEngine:
         self._silence_seq = 0
         self._retired_seq = 0
         self._last_tick: float | None = None
+        self.hold_until = 0.0  # no firing alert resolves before this (hold())
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -312,7 +313,7 @@ class AlertEngine:
             keep = self.rules.rules[a.labels["alertname"]].keep_firing_for
             if a.cleared_at is None:
                 a.cleared_at = now
-            if now - a.cleared_at >= keep:
+            if now - a.cleared_at >= keep and now >= self.hold_until:
                 a.state, a.resolved_at = "resolved", now  # firing -> resolved
 
     def _mute(self, now: float) -> None:
@@ -426,7 +427,7 @@ class AlertEngine:
             if a.state == "pending":
                 times.append(a.active_at + rule.for_)
             if a.state == "firing" and a.cleared_at is not None:
-                times.append(a.cleared_at + rule.keep_firing_for)
+                times.append(max(a.cleared_at + rule.keep_firing_for, self.hold_until))
             if a.state == "firing" and not a.acked and a.fired_at is not None:
                 for g in a.groups:
                     group = self.groups.get(g)
@@ -470,6 +471,12 @@ class AlertEngine:
             "retired_seq": self._retired_seq,
             "rules": self.rules.snapshot(),
         }
+
+    def hold(self, until: float) -> None:
+        """Resolve no firing alert before `until` (wall clock): after a restart the facts
+        that were not saved (the probe's findings, job counts) take a while to come back,
+        and an alert that still holds must not be resolved and paged again meanwhile."""
+        self.hold_until = until
 
     def restore(self, data: Mapping[str, Any]) -> None:
         """Take back a snapshot() (from SQLite after a restart): the same alerts, groups,
