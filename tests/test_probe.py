@@ -255,11 +255,9 @@ class AdminServer:
                     # Past the probe's line cap in one send: a thread of a busy test
                     # process must not be what decides whether the cap is reached in time.
                     conn.sendall(b"OK 1.0\nOK 99\n" + b"fn\t1\t0\t0\n" * (PROBE_MAX_LINES + 1))
-                    while self._running():
-                        time.sleep(0.05)
-                else:
-                    while self._running():
-                        time.sleep(0.05)  # holds the connection open, says nothing
+                # Then (silent: only) hold the connection open, saying nothing, until the
+                # test stops the server or its deadline passes.
+                self._stop.wait(max(0.0, self.deadline - time.monotonic()))
             except OSError:
                 pass  # the probe gave up on it and closed: what it should do
 
