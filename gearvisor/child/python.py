@@ -49,6 +49,10 @@ except ImportError:  # pragma: no cover - other interpreters
 GRACEFUL_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 JOURNAL_EXIT_WAIT = 1.0  # seconds an exiting child waits for room for its journal records
 PARENT_CHECK = 1.0  # seconds between getppid() looks, only where PDEATHSIG is not available
+# A child that waits for work says "idle" in its title only after this long: each title change
+# is a system call (prctl), and jobs that come one at a time would pay two per job for a
+# title that flips faster than anyone reads it.
+IDLE_TITLE_DELAY = 0.1
 
 
 class BootError(Exception):
@@ -98,6 +102,7 @@ class _ChildHooks(Hooks):
                              if board.payload is not None else set())
         self.prefix = f"gearvisor: {pool.name}[{slot}]"
         self.title = ""
+        self.idle_title_at = float("inf")  # when waiting() lets the title say idle
         self.timer: _AlarmTimer | None = None
         self.timer_warned = False
         self.running: RunningJobs | None = None
@@ -152,9 +157,18 @@ class _ChildHooks(Hooks):
     def waiting(self) -> None:
         if self.journal is not None and (self.journal.pending() or self.journal.tail):
             self.journal.flush()
-        self._idle()
+        self.idle_title_at = time.monotonic() + IDLE_TITLE_DELAY
+
+    def idle_title(self) -> None:
+        """The worker's check (every_tick): the title says idle once waiting lasted
+        IDLE_TITLE_DELAY."""
+        if time.monotonic() >= self.idle_title_at:
+            self.idle_title_at = float("inf")
+            if not self.board.busy():
+                self._idle()
 
     def job_started(self, job: Job) -> None:
+        self.idle_title_at = float("inf")
         if self.timer is not None:
             self.timer.timed_out = False
         key = _key(job)
@@ -493,6 +507,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
                 graceful(signal.SIGTERM, None)
 
         worker.every_tick(check_parent, due=lambda: next_check)
+    worker.every_tick(hooks.idle_title, due=lambda: hooks.idle_title_at)
     if journal is not None:
         worker.every_tick(journal.tick, due=journal.due_at)
     logger.debug("child started", functions=sorted(functions))

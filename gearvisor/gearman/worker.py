@@ -5,9 +5,10 @@ The loop keeps one connection per server and drives each through a small state m
     DOWN -> CONNECTING -> GRABBING -> (job runs) -> GRABBING ...
                               \\-> EMPTY (NO_JOB) -> SLEEPING (PRE_SLEEP) -> NOOP -> GRABBING
 
-Throughput comes from three choices (README): PRE_SLEEP is sent only once every live server
-has answered NO_JOB; each result is written in the same send() as the next GRAB, so a busy
-queue costs one round trip per job; and, with `prefetch` above 1, while jobs are short and
+Throughput comes from these choices (README): each result is written in the same send() as
+the next GRAB, so a busy queue costs one round trip per job; while jobs come one at a time,
+PRE_SLEEP goes in that send() too (Connection.dry), so a NO_JOB needs no write of ours, and
+otherwise it is sent once every live server has answered NO_JOB; and, with `prefetch` above 1, while jobs are short and
 succeed, several GRABs stay in flight on a connection (see Connection.depth). Several jobs then
 arrive in one read, and each result leaves before the next job starts, with the GRAB that
 tops the connection up in the same write: no result waits behind another job, and no timer
@@ -199,7 +200,8 @@ class Connection:
 
     __slots__ = ("host", "port", "label", "sock", "decoder", "state", "retry_at", "delay",
                  "deadline", "empty_since", "answered", "attempts", "down_logged", "ever_up",
-                 "can_do", "outstanding", "depth", "job_send", "faults", "faulted")
+                 "can_do", "outstanding", "depth", "job_send", "faults", "faulted", "dry",
+                 "presleep", "woke")
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -221,6 +223,16 @@ class Connection:
         # GRABs to keep in flight: 1, doubled after each short successful job up to the
         # worker's prefetch; back to 1 after a slow or failed job, or NO_JOB.
         self.depth = 1
+        # The last GRAB was answered NO_JOB: the queue was dry, so the next result's write
+        # also carries PRE_SLEEP (presleep: sent, its GRAB not answered yet). A NO_JOB then
+        # puts the connection to sleep without another write: one send per job fewer when
+        # jobs come one at a time. A job in answer to a GRAB that went with a result ends
+        # it, so a busy queue (a drain) never gets a PRE_SLEEP, which gearmand would answer
+        # with a NOOP while jobs wait; one in answer to the GRAB a NOOP woke (woke) does
+        # not: jobs that come one at a time each arrive that way.
+        self.dry = False
+        self.presleep = False
+        self.woke = False
         self.job_send: Callable[[int, bytes, bytes], None] | None = None  # set by Worker
         self.faults = FaultLog()  # kept across reconnects: a server that keeps misbehaving
         self.faulted = False  # last closed for misbehaving (its reconnect is not news)
@@ -435,10 +447,12 @@ class Worker:
                 live.append(conn)
         if self.stopping or self.paused or not live:
             return
-        if all(c.state is ConnState.EMPTY for c in live):
+        if all(c.state is ConnState.EMPTY or c.state is ConnState.SLEEPING for c in live) \
+                and any(c.state is ConnState.EMPTY for c in live):
             # Every server said NO_JOB: sleep on all of them; a NOOP from any wakes us.
+            # (One that got its PRE_SLEEP with a result is asleep already.)
             for conn in live:
-                if self._send(conn, PRE_SLEEP):
+                if conn.state is ConnState.EMPTY and self._send(conn, PRE_SLEEP):
                     conn.state = ConnState.SLEEPING
             self.hooks.waiting()
             return
@@ -499,6 +513,7 @@ class Worker:
         conn.decoder = self._decoder()
         conn.outstanding = 0
         conn.depth = 1
+        conn.dry = conn.presleep = conn.woke = False
         conn.answered = False
         conn.state = ConnState.CONNECTING
         conn.deadline = now + self.connect_timeout
@@ -595,9 +610,10 @@ class Worker:
         finally:
             self.timer.release()
 
-    def _grab(self, conn: Connection, before: bytes = b"", n: int = 1) -> bool:
-        """Write `before` (a result, CAN_DOs) and `n` GRABs in one send."""
-        if not self._send(conn, before + GRAB * n):
+    def _grab(self, conn: Connection, before: bytes = b"", n: int = 1,
+              after: bytes = b"") -> bool:
+        """Write `before` (a result, CAN_DOs), `n` GRABs and `after` in one send."""
+        if not self._send(conn, before + GRAB * n + after):
             return False
         conn.outstanding += n
         if conn.outstanding:
@@ -641,6 +657,11 @@ class Worker:
                 self._unexpected(conn, ptype, "a job we did not ask for (no GRAB outstanding)")
                 return
             conn.outstanding -= 1
+            conn.presleep = False
+            if conn.woke:
+                conn.woke = False
+            else:
+                conn.dry = False
             self._mark_answered(conn)
             self._run_job(conn, ptype, args)
         elif ptype == Packet.NO_JOB:
@@ -651,20 +672,30 @@ class Worker:
                 return
             self._mark_answered(conn)
             conn.depth = 1  # the queue ran dry: no prefetch until it is busy again
+            conn.dry = True
+            conn.woke = False
             conn.outstanding -= 1
             if conn.outstanding:
                 return  # the answers to our other GRABs are on their way
+            asleep, conn.presleep = conn.presleep, False
             if self.paused or self._want_paused:
                 self._settle(conn)  # the GRAB is answered: now unregister
             elif self.stopping:
                 conn.state = ConnState.IDLE
+            elif asleep:
+                # Its PRE_SLEEP went with the GRAB: gearmand has us asleep (or, if a job
+                # came in between, has queued a NOOP). Nothing more to write.
+                conn.state = ConnState.SLEEPING
+                if all(c.state is ConnState.SLEEPING for c in self.conns
+                       if c.sock is not None and c.state is not ConnState.CONNECTING):
+                    self.hooks.waiting()
             else:
                 conn.state = ConnState.EMPTY
                 conn.empty_since = self.clock()
         elif ptype == Packet.NOOP:
             if conn.state is ConnState.SLEEPING and not self.stopping and not (
                     self.paused or self._want_paused):
-                self._grab(conn)
+                conn.woke = self._grab(conn)
         elif ptype == Packet.ERROR:
             code = args[0].decode(errors="replace")
             # In "exception" mode gearmand ends the job at WORK_EXCEPTION, so the WORK_FAIL
@@ -836,8 +867,14 @@ class Worker:
             self._top_up(conn, reply)
 
     def _top_up(self, conn: Connection, before: bytes = b"") -> None:
-        """Write `before` with the GRABs that bring conn.outstanding up to conn.depth."""
-        self._grab(conn, before, max(0, conn.depth - conn.outstanding))
+        """Write `before` with the GRABs that bring conn.outstanding up to conn.depth, and
+        PRE_SLEEP after a single GRAB while the queue is dry (Connection.dry)."""
+        n = max(0, conn.depth - conn.outstanding)
+        if conn.dry and n == 1 and not conn.outstanding:
+            if self._grab(conn, before, 1, PRE_SLEEP):
+                conn.presleep = True
+        else:
+            self._grab(conn, before, n)
 
     def _send_winding_down(self, conn: Connection, data: bytes) -> None:
         """Stopping or pausing: no more GRABs. Pausing, jobs already assigned to us still

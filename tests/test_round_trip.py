@@ -1,0 +1,146 @@
+"""Jobs that come one at a time (gearman/worker.py): a result written while the queue is dry
+carries the PRE_SLEEP too, so a NO_JOB puts the worker to sleep without another write; a busy
+queue never gets one (gearmand answers a PRE_SLEEP with a NOOP while jobs wait). Driven by
+hand over a socketpair (tests/wired.py), then once against a real gearmand."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+from conftest import HOST, wait_for
+from wired import RecordingHooks
+
+from gearvisor.gearman.client import Client
+from gearvisor.gearman.protocol import RES, Packet, encode
+from gearvisor.gearman.worker import Connection, ConnState, Worker
+
+GRAB = (Packet.GRAB_JOB_ALL, ())
+PRE_SLEEP = (Packet.PRE_SLEEP, ())
+
+
+class WaitingHooks(RecordingHooks):
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    def waiting(self) -> None:
+        self.waits += 1
+
+
+def job(handle: str) -> bytes:
+    return encode(Packet.JOB_ASSIGN_UNIQ, handle, "echo", "", handle.encode(), magic=RES)
+
+
+def feed(worker: Worker, server: Any, data: bytes, index: int = 0) -> None:
+    server.sock.sendall(data)
+    worker._read(worker.conns[index])
+
+
+def asleep(worker: Worker, server: Any) -> None:
+    """The connection as the loop leaves it once gearmand said NO_JOB: EMPTY, then PRE_SLEEP
+    from the tick."""
+    conn = worker.conns[0]
+    worker._handle(conn, Packet.NO_JOB, ())
+    assert conn.state is ConnState.EMPTY and server.received() == []
+    worker._tick(worker.clock())
+    assert server.received() == [PRE_SLEEP] and conn.state is ConnState.SLEEPING
+
+
+def test_a_job_that_came_alone_is_answered_with_grab_and_pre_sleep_in_one_write(wired) -> None:
+    hooks = WaitingHooks()
+    worker, server = wired(hooks=hooks)
+    conn = worker.conns[0]
+    asleep(worker, server)
+    assert hooks.waits == 1
+    for i in range(3):
+        feed(worker, server, encode(Packet.NOOP, magic=RES))  # a job came: wake, grab
+        assert server.received() == [GRAB]
+        feed(worker, server, job(f"H:{i}"))
+        # the result, the next GRAB and the PRE_SLEEP: one write
+        assert server.received() == [(Packet.WORK_COMPLETE, (f"H:{i}".encode(),) * 2), GRAB,
+                                     PRE_SLEEP]
+        worker._handle(conn, Packet.NO_JOB, ())
+        # asleep at once: nothing more written, and the host hears the worker waits
+        assert conn.state is ConnState.SLEEPING and server.received() == []
+        assert hooks.waits == 2 + i
+        worker._tick(worker.clock())
+        assert server.received() == []
+
+
+def test_a_busy_queue_gets_no_pre_sleep(wired) -> None:
+    worker, server = wired()
+    conn = worker.conns[0]
+    asleep(worker, server)
+    feed(worker, server, encode(Packet.NOOP, magic=RES))
+    assert server.received() == [GRAB]
+    feed(worker, server, job("H:0"))
+    assert server.received()[-1] == PRE_SLEEP  # the queue looked dry
+    # ...but the GRAB brought a job: the queue is busy, so no PRE_SLEEP from now on.
+    # gearmand answered that PRE_SLEEP with a NOOP (jobs were waiting): no GRAB for it.
+    feed(worker, server, job("H:1") + encode(Packet.NOOP, magic=RES))
+    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:1", b"H:1")), GRAB]
+    for i in range(2, 5):
+        feed(worker, server, job(f"H:{i}"))
+        assert server.received() == [(Packet.WORK_COMPLETE, (f"H:{i}".encode(),) * 2), GRAB]
+    assert conn.state is ConnState.GRABBING and conn.outstanding == 1
+
+
+def test_a_pause_that_comes_while_pre_sleep_is_in_flight_unregisters(wired) -> None:
+    worker, server = wired()
+    conn = worker.conns[0]
+    asleep(worker, server)
+    feed(worker, server, encode(Packet.NOOP, magic=RES))
+    feed(worker, server, job("H:0"))
+    server.received()
+    worker.pause()
+    worker._handle(conn, Packet.NO_JOB, ())
+    assert server.received() == [(Packet.RESET_ABILITIES, ())]
+    assert conn.state is ConnState.IDLE and not conn.can_do
+
+
+def test_one_server_asleep_and_another_empty_sleeps_on_both(wired) -> None:
+    hooks = WaitingHooks()
+    worker, server = wired(hooks=hooks)
+    first = worker.conns[0]
+    first.state, first.outstanding = ConnState.SLEEPING, 0  # its PRE_SLEEP went with a result
+    second = Connection("127.0.0.2", 4730)
+    ours, theirs = socket.socketpair()
+    second.sock, second.state, second.answered, second.can_do = ours, ConnState.EMPTY, True, True
+    second.empty_since = worker.clock()
+    worker.conns.append(second)
+    try:
+        worker._tick(worker.clock())
+        theirs.setblocking(False)
+        assert theirs.recv(100) == encode(Packet.PRE_SLEEP)
+        assert second.state is ConnState.SLEEPING and hooks.waits == 1
+        assert server.received() == []  # the one asleep already gets nothing
+        worker._tick(worker.clock())
+        assert hooks.waits == 1
+        assert worker._timeout(worker.clock()) is None  # asleep on both: no wake-up due
+    finally:
+        worker.conns.remove(second)
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.integration
+def test_jobs_one_at_a_time_with_gaps_all_come_back_from_a_real_gearmand(gearmand, master
+                                                                         ) -> None:
+    """A worker asleep after every job (its PRE_SLEEP sent with the result) is woken for
+    each next one: no wake-up is lost, back to back or after the child fell asleep; and
+    it is one connection, registered once, in gearmand's own view."""
+    m = master({"servers": [gearmand.address],
+                "pools": {"work": {"processes": 1,
+                                   "functions": {"reverse": "examples.text:reverse"}}}})
+    wait_for(lambda: len(gearmand.workers("work")) == 1, message="child registered")
+    with Client(HOST, gearmand.port, timeout=5.0) as client:
+        for i in range(300):
+            if i % 60 == 59:
+                # asleep for sure: the title says idle only once it waited IDLE_TITLE_DELAY
+                wait_for(lambda: m.child_with_title("work[0] idle"), message="child asleep")
+            r = client.call("reverse", f"job-{i}")
+            assert r.ok and r.data == f"job-{i}"[::-1].encode(), (i, r)
+    assert len(gearmand.workers("work")) == 1
+    wait_for(lambda: m.child_with_title("work[0] idle"), message="the idle title")
