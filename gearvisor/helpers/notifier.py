@@ -64,6 +64,7 @@ from gearvisor.config.channels import (
     ExecChannel,
     WebhookChannel,
 )
+from gearvisor.lines import LineSplitter
 from gearvisor.policy.backoff import Backoff
 
 QUEUE_MAX = 256  # notifications waiting per channel; beyond, the oldest is dropped
@@ -547,27 +548,13 @@ def serve(channels: Mapping[str, ChannelConfig], in_fd: int, event_fd: int,
     notifier = Notifier(channels, report, queue_max=queue_max, retry_initial=retry_initial)
     too_long = msg.Delivered("", "", False, f"a notification line is longer than {MAX_LINE} "
                              "bytes; dropped")
-    buf = bytearray()
-    skipping = False  # inside a line that was too long: drop up to its newline
+    lines = LineSplitter(MAX_LINE, lambda _size: report(too_long))
     while True:
         chunk = os.read(in_fd, 65536)
         if not chunk:
             break
-        buf += chunk
-        while (end := buf.find(b"\n")) >= 0:
-            line = bytes(buf[:end])
-            del buf[:end + 1]
-            if skipping:
-                skipping = False
-            elif len(line) > MAX_LINE:  # it came whole, in the same read as its newline
-                report(too_long)
-            elif line.strip():
-                notifier.submit_line(line)
-        if len(buf) > MAX_LINE:
-            if not skipping:
-                report(too_long)
-            skipping = True
-            buf.clear()
+        for line in lines.feed(chunk):
+            notifier.submit_line(line)
     notifier.close(drain)
     return 0
 

@@ -39,6 +39,7 @@ from gearvisor.journal import record
 from gearvisor.journal.parse import Record, parse_line
 from gearvisor.journal.settings import StoreSettings
 from gearvisor.journal.store import Due, Store, StoreError, open_store
+from gearvisor.lines import LineSplitter
 from gearvisor.policy.backoff import Backoff
 
 READ_MAX = 1 << 20  # bytes read in one burst, written as one transaction
@@ -324,8 +325,13 @@ def serve(settings: StoreSettings, in_fd: int, out_fd: int,
     """Read `<seq> <journal line>` lines from `in_fd` until end of input, store them, ack
     them and submit due retries, reporting on `out_fd`; returns the exit code (0)."""
     helper = helper or StoreHelper(settings, message_writer(out_fd))
-    buf = bytearray()
-    skipping = False  # inside a line that was too long: drop up to its newline
+
+    def too_long(size: int) -> None:
+        helper.refused += 1
+        helper.log_problem(f"input line longer than {MAX_INPUT_LINE} bytes ({size} seen); "
+                           "dropped")
+
+    lines = LineSplitter(MAX_INPUT_LINE, too_long)
     closed = False
     while not closed:
         helper.connect()
@@ -342,24 +348,8 @@ def serve(settings: StoreSettings, in_fd: int, out_fd: int,
                 closed = True
                 break
             burst += len(chunk)
-            buf += chunk
-            while (end := buf.find(b"\n")) >= 0:
-                line = bytes(buf[:end])
-                del buf[:end + 1]
-                if skipping:
-                    skipping = False
-                elif len(line) > MAX_INPUT_LINE:
-                    helper.refused += 1
-                    helper.log_problem(f"input line of {len(line)} bytes; dropped")
-                elif line.strip():
-                    helper.take_line(line)
-            if len(buf) > MAX_INPUT_LINE:
-                if not skipping:
-                    helper.refused += 1
-                    helper.log_problem(f"input line longer than {MAX_INPUT_LINE} bytes; "
-                                       "dropped")
-                skipping = True
-                buf.clear()
+            for line in lines.feed(chunk):
+                helper.take_line(line)
             ready = bool(select.select([in_fd], [], [], 0)[0])
         helper.flush()
         helper.claim_round()
