@@ -143,6 +143,19 @@ def opened(settings: StoreSettings) -> store.Store:
     return store.open_store(settings.url, settings.state_dir, settings.caps)
 
 
+def test_an_input_line_over_the_limit_is_dropped_whole_and_the_next_one_stored(
+        tmp_path: Path, helpers: Callable[[StoreSettings], Helper]) -> None:
+    h = helpers(sqlite_settings(tmp_path))
+    h.send(b"7 " + b"x" * (helper.MAX_INPUT_LINE // 2))  # no newline yet: held, not stored
+    h.send(b"x" * helper.MAX_INPUT_LINE)  # now over the limit: dropped, the rest skipped
+    h.send(b"x" * 1000 + b"\n" + line(1, rec(unique="a")))
+    wait_value(h.acked, lambda n: n == 1, message="ack of line 1")
+    wait_value(lambda: h.states()[-1:], lambda s: s and s[0].refused == 1,
+               message="a report counting the dropped line")
+    assert "longer than" in h.stderr()
+    assert h.close_input() == 0
+
+
 def test_lines_in_rows_stored_acks_out_and_a_resend_is_not_stored_twice(
         tmp_path: Path, helpers: Callable[[StoreSettings], Helper]) -> None:
     settings = sqlite_settings(tmp_path)

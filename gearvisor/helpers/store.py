@@ -150,8 +150,7 @@ class StoreHelper:
         or skipped when that sequence number is committed already."""
         head, _, body = line.partition(b" ")
         if not head.isdigit() or len(head) > 18:
-            self.refused += 1
-            self.log_problem(f"input line without a sequence number ({line[:40]!r}); dropped")
+            self.refuse(f"input line without a sequence number ({line[:40]!r}); dropped")
             return
         seq = int(head)
         newest = self.pending[-1][0] if self.pending else self.committed
@@ -160,8 +159,7 @@ class StoreHelper:
             return
         records, errors = parse_line(body, self.settings.caps.payload_cap)
         for text in errors:
-            self.log_problem(f"journal line {seq}: {text}")
-        self.refused += len(errors)
+            self.refuse(f"journal line {seq}: {text}")
         self.pending.append((seq, records))
         self.pending_bytes += len(line)
         if not self.up:
@@ -308,6 +306,13 @@ class StoreHelper:
         except OSError:
             pass
 
+    def refuse(self, text: str) -> None:
+        """One input line or record refused: counted (reported, at most once a second) and
+        logged (log_problem)."""
+        self.refused += 1
+        self.changed = True
+        self.log_problem(text)
+
     def log_problem(self, text: str) -> None:
         """Log a malformed input at most LOG_BURST times per LOG_EVERY (a flood of bad
         records must not become a flood of log lines); the rest are only counted."""
@@ -326,12 +331,8 @@ def serve(settings: StoreSettings, in_fd: int, out_fd: int,
     them and submit due retries, reporting on `out_fd`; returns the exit code (0)."""
     helper = helper or StoreHelper(settings, message_writer(out_fd))
 
-    def too_long(size: int) -> None:
-        helper.refused += 1
-        helper.log_problem(f"input line longer than {MAX_INPUT_LINE} bytes ({size} seen); "
-                           "dropped")
-
-    lines = LineSplitter(MAX_INPUT_LINE, too_long)
+    lines = LineSplitter(MAX_INPUT_LINE, lambda size: helper.refuse(
+        f"input line longer than {MAX_INPUT_LINE} bytes ({size} seen); dropped"))
     closed = False
     while not closed:
         helper.connect()
