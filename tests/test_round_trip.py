@@ -55,8 +55,9 @@ def test_a_job_that_came_alone_is_answered_with_grab_and_pre_sleep_in_one_write(
     asleep(worker, server)
     assert hooks.waits == 1
     for i in range(3):
-        feed(worker, server, encode(Packet.NOOP, magic=RES))  # a job came: wake, grab
-        assert server.received() == [GRAB]
+        # a job came: wake and grab, and the PRE_SLEEP for when another worker was quicker
+        feed(worker, server, encode(Packet.NOOP, magic=RES))
+        assert server.received() == [GRAB, PRE_SLEEP]
         feed(worker, server, job(f"H:{i}"))
         # the result, the next GRAB and the PRE_SLEEP: one write
         assert server.received() == [(Packet.WORK_COMPLETE, (f"H:{i}".encode(),) * 2), GRAB,
@@ -74,7 +75,7 @@ def test_a_busy_queue_gets_no_pre_sleep(wired) -> None:
     conn = worker.conns[0]
     asleep(worker, server)
     feed(worker, server, encode(Packet.NOOP, magic=RES))
-    assert server.received() == [GRAB]
+    assert server.received() == [GRAB, PRE_SLEEP]
     feed(worker, server, job("H:0"))
     assert server.received()[-1] == PRE_SLEEP  # the queue looked dry
     # ...but the GRAB brought a job: the queue is busy, so no PRE_SLEEP from now on.
@@ -85,6 +86,22 @@ def test_a_busy_queue_gets_no_pre_sleep(wired) -> None:
         feed(worker, server, job(f"H:{i}"))
         assert server.received() == [(Packet.WORK_COMPLETE, (f"H:{i}".encode(),) * 2), GRAB]
     assert conn.state is ConnState.GRABBING and conn.outstanding == 1
+
+
+def test_a_worker_woken_for_a_job_another_took_is_asleep_again_without_a_write(wired
+                                                                               ) -> None:
+    hooks = WaitingHooks()
+    worker, server = wired(hooks=hooks)
+    conn = worker.conns[0]
+    asleep(worker, server)
+    for _ in range(3):
+        feed(worker, server, encode(Packet.NOOP, magic=RES))
+        assert server.received() == [GRAB, PRE_SLEEP]
+        feed(worker, server, encode(Packet.NO_JOB, magic=RES))
+        assert conn.state is ConnState.SLEEPING and server.received() == []
+        worker._tick(worker.clock())
+        assert server.received() == []
+    assert hooks.waits == 4 and hooks.started == []
 
 
 def test_a_pause_that_comes_while_pre_sleep_is_in_flight_unregisters(wired) -> None:

@@ -8,7 +8,8 @@ The loop keeps one connection per server and drives each through a small state m
 Throughput comes from these choices (README): each result is written in the same send() as
 the next GRAB, so a busy queue costs one round trip per job; while jobs come one at a time,
 PRE_SLEEP goes in that send() too (Connection.dry), so a NO_JOB needs no write of ours, and
-otherwise it is sent once every live server has answered NO_JOB; and, with `prefetch` above 1, while jobs are short and
+otherwise it is sent once every live server has answered NO_JOB (a NOOP's GRAB carries one
+too: asleep means the queue was dry); and, with `prefetch` above 1, while jobs are short and
 succeed, several GRABs stay in flight on a connection (see Connection.depth). Several jobs then
 arrive in one read, and each result leaves before the next job starts, with the GRAB that
 tops the connection up in the same write: no result waits behind another job, and no timer
@@ -695,7 +696,10 @@ class Worker:
         elif ptype == Packet.NOOP:
             if conn.state is ConnState.SLEEPING and not self.stopping and not (
                     self.paused or self._want_paused):
-                conn.woke = self._grab(conn)
+                # Asleep means the queue was dry: the PRE_SLEEP goes with the GRAB, so a
+                # NO_JOB (another worker was quicker) puts us back to sleep with no write.
+                if self._grab(conn, b"", 1, PRE_SLEEP):
+                    conn.woke = conn.presleep = True
         elif ptype == Packet.ERROR:
             code = args[0].decode(errors="replace")
             # In "exception" mode gearmand ends the job at WORK_EXCEPTION, so the WORK_FAIL
