@@ -30,6 +30,8 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # PostgreSQL: the job store's tests run a real server (initdb in a temp dir, a free
 # loopback port) as the unprivileged user the package creates (postgres).
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+# strace: bench/profile.py counts system calls per job beside the C worker.
+command -v strace >/dev/null 2>&1 || need+=(strace)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} from Debian" >&2
   $SUDO apt-get update -qq
