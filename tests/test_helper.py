@@ -196,6 +196,21 @@ def test_a_half_written_line_is_finished_and_the_bound_drops_the_oldest_not_begu
     assert drain(m, helper, len(expected)) == expected  # whole lines, none glued
 
 
+def test_a_framed_line_is_queued_as_it_is_and_replace_makes_the_queue_exactly_so(build):
+    store = Store()
+    m = build(store)
+    helper = helper_of(m, store)
+    framed = b"5 x\n"  # as the journal's Outbox keeps it: the queue holds it, not a copy
+    store.helper.send(framed)
+    assert store.helper.out[-1] is framed
+    m.step()
+    assert helper.read_input() == b"5 x\n"
+    store.helper.send(b"6 x")
+    store.helper.replace([b"1 a\n", b"2 b"])
+    m.step()
+    assert helper.read_input() == b"1 a\n2 b\n"
+
+
 def test_a_line_a_dead_helper_half_read_is_sent_whole_to_the_next(build):
     store = Store()
     m = build(store)

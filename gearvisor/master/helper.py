@@ -53,6 +53,11 @@ FINAL_READS = 64  # reads at reaping: the helper is dead, what it wrote is all i
 NOISY_FAILURES = 3  # a crash loop logs its first exits as errors, the rest at debug level
 
 
+
+def _framed(line: bytes) -> bytes:
+    """`line` with its newline (lines never hold one inside)."""
+    return line if line.endswith(b"\n") else line + b"\n"
+
 class HelperProcess:
     """One supervised helper process; see the module docstring.
 
@@ -198,21 +203,31 @@ class HelperProcess:
     # -- input ----------------------------------------------------------------------------------
 
     def send(self, line: bytes) -> None:
-        """Queue one line (without its newline) for the helper's input. When `max_pending`
-        lines wait, the oldest one not begun is dropped (`on_drop`)."""
-        self.out.append(line + b"\n")
+        """Queue one line for the helper's input; its newline is added unless it ends in one
+        (a caller that keeps its lines, like the journal's Outbox, frames them once, and the
+        queue then holds the same bytes, not a copy). When `max_pending` lines wait, the
+        oldest one not begun is dropped (`on_drop`)."""
+        self.out.append(_framed(line))
         self._trim()
         self._want_write()
 
     def resend(self, lines: Iterable[bytes]) -> None:
-        """Queue `lines` (without newlines) ahead of what waits, in their order: for
+        """Queue `lines` (framed as by send) ahead of what waits, in their order: for
         `on_start`, what a dead helper took but never acknowledged."""
-        head = [line + b"\n" for line in lines]
+        head = [_framed(line) for line in lines]
         if self.partial and self.out:
             head.insert(0, self.out.popleft())  # a half-written line is finished first
         self.out.extendleft(reversed(head))
         self._trim()
         self._want_write()
+
+    def replace(self, lines: Iterable[bytes]) -> None:
+        """The input queue becomes `lines` (framed as by send), in their order: for an
+        `on_start` whose caller keeps every line the helper has not acknowledged, so what
+        the last process's queue held is among them."""
+        self.out.clear()
+        self.partial = b""
+        self.resend(lines)
 
     def _trim(self) -> None:
         """Drop the oldest lines past `max_pending`. A half-written head is finished, never

@@ -216,8 +216,7 @@ class Journal(Component):
         """A new helper: it gets every line not acked yet, in order (it skips the numbers
         it committed already). What the last one's queue held is among them."""
         assert self.helper is not None
-        self.helper.out.clear()
-        self.helper.resend(self.outbox.pending())
+        self.helper.replace(self.outbox.pending())
 
     def _message(self, message: msg.Message) -> None:
         if isinstance(message, msg.Stored):

@@ -27,11 +27,11 @@ class Outbox:
 
     def add(self, line: bytes) -> bytes:
         """Keep `line` (without its newline) and return its framing for the helper,
-        b"<seq> <line>" (the newline is the sender's). The oldest lines go when the bound is
-        passed."""
+        b"<seq> <line>\n": the very bytes kept, so a sender that queues them holds no second
+        copy. The oldest lines go when the bound is passed."""
         seq = self.next_seq
         self.next_seq += 1
-        framed = b"%d %s" % (seq, line)
+        framed = b"%d %s\n" % (seq, line)
         self.lines.append((seq, framed))
         self.bytes += len(framed)
         while self.bytes > self.max_bytes and len(self.lines) > 1:
