@@ -689,7 +689,7 @@ def test_a_channel_hears_of_a_group_at_most_once_per_group_interval(steps: list)
 
 
 def test_p95_of_bucket_counts_is_the_bound_of_the_bucket_it_falls_in() -> None:
-    from gearvisor.master.alerts import p95
+    from gearvisor.shm.stats import p95
 
     bounds = (0.1, 1.0, 10.0)
     assert p95(bounds, [0, 0, 0, 0]) is None

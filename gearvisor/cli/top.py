@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gearvisor.cli.render import _duration, _size
-from gearvisor.master.alerts import p95
+from gearvisor.shm.stats import p95
 
 MIN_COLS, MIN_ROWS = 80, 24
 RATE_WINDOW = 5.0  # seconds of frames the rates span (at least the previous frame)

@@ -43,7 +43,7 @@ from gearvisor.policy.alerts import AlertEngine
 from gearvisor.policy.backoff import Backoff
 from gearvisor.policy.helper import HelperRecord
 from gearvisor.policy.pool import ExitKind
-from gearvisor.shm.stats import SUCCESS
+from gearvisor.shm.stats import SUCCESS, p95
 
 if TYPE_CHECKING:
     from gearvisor.config import Config
@@ -59,21 +59,6 @@ MAX_FD_CHILDREN = 1_000  # children whose open files one sample counts
 MAX_FD_COUNT = 100_000  # open files counted per child, at most (a huge limit, a leak)
 MAX_DRAINS = 1_000  # (function, server) backlogs whose drain time is followed
 MAX_FIRING_LABELS = 200  # firing alerts whose pool/function the status lists (`top`'s marker)
-
-
-def p95(bounds: tuple[float, ...], counts: list[int]) -> float | None:
-    """The 95th percentile of jobs counted in histogram buckets (one count per bound, then
-    +Inf): the bound of the bucket it falls in (Prometheus' histogram_quantile without the
-    interpolation); None without jobs. Past the last bound: that bound."""
-    total = sum(counts)
-    if total <= 0:
-        return None
-    rank, seen = 0.95 * total, 0
-    for bound, n in zip((*bounds, bounds[-1] if bounds else 0.0), counts, strict=False):
-        seen += n
-        if seen >= rank:
-            return bound
-    return bounds[-1] if bounds else None
 
 
 def fd_usage(pid: int) -> tuple[int, int] | None:

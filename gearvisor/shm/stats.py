@@ -96,3 +96,18 @@ class JobStats:
         self._q.release()
         self._d.release()
         self._mm.close()
+
+
+def p95(bounds: tuple[float, ...], counts: list[int]) -> float | None:
+    """The 95th percentile of jobs counted in histogram buckets (one count per bound, then
+    +Inf): the bound of the bucket it falls in (Prometheus' histogram_quantile without the
+    interpolation); None without jobs. Past the last bound: that bound."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank, seen = 0.95 * total, 0
+    for bound, n in zip((*bounds, bounds[-1] if bounds else 0.0), counts, strict=False):
+        seen += n
+        if seen >= rank:
+            return bound
+    return bounds[-1] if bounds else None
