@@ -233,3 +233,17 @@ def test_bytes_after_the_last_answer_are_ignored() -> None:
 def test_the_blocking_helpers_skip_malformed_lines_instead_of_raising() -> None:
     assert admin.parse_workers(["x 127.0.0.1 - : f", "3 127.0.0.1 id : f"]) == [
         admin.WorkerInfo(3, "127.0.0.1", "id", ("f",))]
+
+
+def test_a_blocking_command_stops_reading_an_answer_that_never_ends(serve) -> None:
+    """admin.command (the CLI's and the tests' `status`/`workers`): a server that streams
+    lines without the final "." is given MAX_ANSWER bytes, then an error, not all memory."""
+    chunk = b"f\t1\t0\t1\n" * (1 << 17)  # 1 MiB of plausible status lines
+
+    def endless(conn, _server) -> None:
+        for _ in range(admin.MAX_ANSWER // len(chunk) + 4):  # bounded: a little past it
+            conn.sendall(chunk)
+
+    server = serve(endless)
+    with pytest.raises(admin.AdminError, match="longer than"):
+        admin.workers("127.0.0.1", server.port, timeout=10.0)

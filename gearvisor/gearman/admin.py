@@ -39,17 +39,20 @@ def command(host: str, port: int, cmd: str, timeout: float = 5.0) -> list[str]:
             # CRLF: gearmand cuts 2 bytes off some commands otherwise (`create function`,
             # `drop function`).
             sock.sendall(cmd.encode() + b"\r\n")
-            buf = b""
+            buf = bytearray()
             while True:
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
                 buf += chunk
+                if len(buf) > MAX_ANSWER:
+                    raise AdminError(f"job server {host}:{port}: the answer to {cmd!r} is "
+                                     f"longer than {MAX_ANSWER} bytes; not a job server?")
                 if complete(buf) or (cmd in ("version", "getpid") and buf.endswith(b"\n")):
                     break
     except OSError as e:
         raise AdminError(f"job server {host}:{port}: {e}") from e
-    return _lines(buf, host, port)
+    return _lines(bytes(buf), host, port)
 
 
 def _lines(buf: bytes, host: str, port: int) -> list[str]:
@@ -286,7 +289,7 @@ def workers(host: str, port: int, timeout: float = 5.0) -> list[WorkerInfo]:
     return parse_workers(command(host, port, "workers", timeout))
 
 
-def complete(buf: bytes) -> bool:
+def complete(buf: bytes | bytearray) -> bool:
     """A multi-line admin reply (status, workers) has arrived whole."""
     return buf.endswith(b"\n.\n") or buf == b".\n"
 
