@@ -519,3 +519,25 @@ def test_render_autoscale_line_names_its_inputs_once() -> None:
                                "state": "frozen", "reason": "the circuit is open",
                                "backlog": 40, "hosts": 2, "pinned": None})
     assert frozen.endswith("frozen: the circuit is open  backlog 40 over 2 host(s)")
+
+
+def test_render_never_prints_a_control_sequence_from_a_job_server(tmp_path: Path) -> None:
+    """Any client names a function and any server its version: `gearvisor status` shows
+    them escaped, so a hostile name cannot drive the operator's terminal."""
+    pool = Pool(configs(tmp_path)["images"])
+    evil = "\x1b]0;owned\x07\x1b[2J"
+    status = {"master": {"pid": 1, "state": "running", "uptime": 1.0, "rss": None,
+                         "config": "x.yaml"},
+              "pools": [pool_status(pool, NOW)],
+              "servers": [{"server": "127.0.0.1:4730", "up": True, "answered": True,
+                           "version": f"1.1{evil}", "pid": 7, "last_answer_age": 1.0,
+                           "error": None}],
+              "functions": [{"function": f"mail{evil}", "server": "127.0.0.1:4730",
+                             "waiting": 3, "running": 0, "workers_ours": 0,
+                             "workers_all": 0, "pools": []}],
+              "findings": [{"kind": "no_workers", "message": f"mail{evil} has no worker",
+                            "age": 5.0}]}
+    text = render(status)
+    assert all(c == "\n" or c.isprintable() for c in text), repr(text)
+    assert "mail\\x1b]0;owned\\x07\\x1b[2J" in text
+    assert text.count("\n") == len(text.splitlines()) - 1  # no line broken by a name

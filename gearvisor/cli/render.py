@@ -62,7 +62,9 @@ def _autoscale_line(a: dict[str, Any]) -> str:
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
-    """Columns padded to their widest cell (the last one is not padded)."""
+    """Columns padded to their widest cell (the last one is not padded), every cell made
+    harmless for a terminal first (_safe)."""
+    rows = [tuple(_safe(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return ["  ".join([*(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)), r[-1]])
             for r in rows]
@@ -144,10 +146,7 @@ def render(status: dict[str, Any]) -> str:
                           str(row["generation"]), _duration(row["uptime"]),
                           str(row["jobs_done"]), str(row["jobs_failed"]), job,
                           _size(row["rss"])))
-    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
-    for r in table:
-        cells = [c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)]
-        lines.append("  ".join([*cells, r[-1]]))
+    lines += _table(table)
     for pool in status["pools"]:
         flags = []
         if pool["removed"]:
@@ -167,12 +166,15 @@ def render(status: dict[str, Any]) -> str:
     if "watcher" in status:
         lines.append(_watcher_line(status["watcher"]))
     lines += _gearmand_lines(status)
-    return "\n".join(lines)
+    # Names and texts from job servers (any client names a function, any server its
+    # version), from job code (a boot error) or from the config: never a control sequence.
+    return "\n".join(map(_safe, lines))
 
 
 def _safe(text: Any) -> str:
-    """A name from a job server's `workers` list (any worker sets its client id), made
-    harmless for a terminal: control and other unprintable characters as \\xNN."""
+    """A name from a job server (any worker sets its client id, any client names a
+    function), made harmless for a terminal: control and other unprintable characters as
+    \\xNN. Idempotent: what it writes is printable."""
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256
                    else f"\\u{ord(c):04x}" for c in str(text))
 
