@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 PROBE_TIMEOUT = 2.0  # the longest a probe may take (less with a shorter probe_interval)
 DOWN_AFTER = 3  # failed probes in a row that mark a server down
 REQUEST_GAP = 0.2  # request(): at most one early probe per server this often
+# A host name is looked up again after a failure only this long after the last lookup: the
+# resolver blocks the master's loop (up to its own timeout when DNS is down), so a server
+# named by host that stays down costs one lookup per RESOLVE_EVERY, not one per probe.
+RESOLVE_EVERY = 300.0
 
 Server = tuple[str, int]
 
@@ -69,6 +73,7 @@ class _Target:
         self.timer: Timer | None = None
         self.deadline: Timer | None = None
         self.address: admin.Address | None = None
+        self.resolved_at = float("-inf")  # when the host name was last looked up
         self.started_at: float | None = None
         self.backoff = backoff_for(interval)
 
@@ -167,8 +172,9 @@ class Probe(Component):
         timeout = min(PROBE_TIMEOUT, self.interval)
         try:
             if target.address is None:
-                # A host name may block in the resolver: asked once, and again only after
-                # a failure (the name may point elsewhere now).
+                # A host name may block in the resolver: asked once, and again after a
+                # failure (the name may point elsewhere now), at most every RESOLVE_EVERY.
+                target.resolved_at = now
                 target.address = admin.resolve(*target.server)
             poll = self._make_poll(target.address, now + timeout)
         except (OSError, UnicodeError) as e:
@@ -228,7 +234,9 @@ class Probe(Component):
             target.backoff.reset()
             delay = self.interval
         else:
-            target.address = None if not _numeric(target.server[0]) else target.address
+            if (not _numeric(target.server[0])
+                    and now - target.resolved_at >= RESOLVE_EVERY):
+                target.address = None  # looked up again at the next probe
             delay = target.backoff.failure(now, now)
             if view.failures == DOWN_AFTER:
                 self.master.log.debug("job server not answering", server=view.name,
