@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gearvisor.gearman.protocol import (
     ARG_COUNT,
@@ -319,3 +321,10 @@ def test_decoder_for_one_magic_refuses_the_other() -> None:
                                                                              ())]
     with pytest.raises(ProtocolError, match="bad magic"):
         Decoder(magic=RES).feed(encode(Packet.GRAB_JOB_ALL))
+
+
+@given(st.binary(max_size=64).filter(lambda b: b"\0" not in b), st.binary(max_size=256))
+def test_the_result_packet_is_what_encode_writes(handle: bytes, data: bytes) -> None:
+    from gearvisor.gearman.protocol import encode_result_packet
+
+    assert encode_result_packet(handle, data) == encode(Packet.WORK_COMPLETE, handle, data)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import io
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 REQ = b"\0REQ"
 RES = b"\0RES"
 HEADER = struct.Struct(">4sII")
 HEADER_SIZE = HEADER.size
+_COMPLETE = HEADER.pack
 
 # gearmand refuses nothing smaller; a job payload past this is almost surely a corrupt stream
 # (or a hostile peer). Configurable per parser so a fleet with huge payloads can raise it.
@@ -137,13 +138,20 @@ class ProtocolError(Exception):
     """The peer sent bytes that are not a valid Gearman packet; the connection must be closed."""
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """One decoded packet: its magic (REQ or RES), type and arguments."""
+class Frame(NamedTuple):
+    """One decoded packet: its magic (REQ or RES), type and arguments. (A NamedTuple: one
+    is made per packet, and a frozen dataclass costs three object.__setattr__ calls.)"""
 
     magic: bytes
     type: int
     args: tuple[bytes, ...]
+
+
+def encode_result_packet(handle: bytes, data: bytes) -> bytes:
+    """WORK_COMPLETE for `handle` with `data` (bytes): encode() without its per-argument
+    checks, for the one packet every job sends."""
+    return _COMPLETE(REQ, Packet.WORK_COMPLETE, len(handle) + 1 + len(data)) + handle + b"\0" \
+        + data
 
 
 def encode(ptype: int, *args: bytes | str, magic: bytes = REQ) -> bytes:

@@ -55,6 +55,7 @@ from gearvisor.gearman.protocol import (
     Packet,
     ProtocolError,
     encode,
+    encode_result_packet,
 )
 from gearvisor.job import Job, JobTimeout, encode_result
 from gearvisor.journal.record import RETRY_PREFIX, parse_unique
@@ -280,6 +281,7 @@ class Worker:
             conn.job_send = functools.partial(self._job_send, conn)
             conn.decoder = self._decoder()
         self.functions = functions
+        self._names = {name.encode(): name for name in functions}  # a job's function, decoded
         self.client_id = client_id
         self.log = log
         self.hooks = hooks or Hooks()
@@ -774,7 +776,7 @@ class Worker:
             handle, fname, unique, data = args
         else:  # JOB_ASSIGN_ALL: handle, function, unique, reducer, data
             handle, fname, unique, _reducer, data = args
-        function = fname.decode(errors="replace")
+        function = self._names.get(fname) or fname.decode(errors="replace")
         text = unique.decode(errors="replace")
         if text.startswith(RETRY_PREFIX):  # a retry gearvisor submitted (one test per job)
             text, attempt, retry_of = parse_unique(text)
@@ -812,7 +814,7 @@ class Worker:
             finally:
                 if timeout is not None:
                     self.timer.stop()
-            reply = encode(Packet.WORK_COMPLETE, handle, encode_result(result))
+            reply = encode_result_packet(handle, encode_result(result))
             ok = True
         except Exception as e:  # a user bug: report it, log it, keep serving
             reply = self._failure_reply(handle, e)
