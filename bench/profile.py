@@ -139,7 +139,7 @@ def profile(name: str, kind: str, jobs: int, workdir: Path, spy: bool) -> dict:
         finally:
             competitor.stop()
             poller.close()
-    d = [b - a for a, b in zip(before, after)]
+    d = [b - a for a, b in zip(before, after, strict=True)]
     return {"rate": rate, "user_us": d[0] / jobs * 1e6, "sys_us": d[1] / jobs * 1e6,
             "voluntary": d[2] / jobs, "involuntary": d[3] / jobs,
             "calls": {k: v / jobs for k, v in strace_counts(trace_out).items()},

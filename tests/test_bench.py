@@ -31,3 +31,15 @@ def test_bench_tiny_mode_writes_the_report(tmp_path: Path) -> None:
     md = (tmp_path / "results.md").read_text()
     assert "## Targets" in md and "## Ratios" in md and "| throughput |" in md
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("script, args, expect", [
+    ("hot_cold.py", ["--jobs", "200"], "32 MiB of other memory written between jobs"),
+    ("profile.py", ["--jobs", "300"], "| per job | gearvisor | libgearman |"),
+])
+def test_the_profiling_scripts_run(script: str, args: list[str], expect: str) -> None:
+    """bench/hot_cold.py and bench/profile.py (strace beside the C worker), tiny."""
+    out = subprocess.run([sys.executable, str(REPO / "bench" / script), *args],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert expect in out.stdout, out.stdout
