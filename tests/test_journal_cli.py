@@ -370,6 +370,22 @@ def test_a_row_another_replay_took_is_not_submitted_twice(
     assert "send_mail" not in gearmand.status()
 
 
+def test_a_replay_interrupted_before_a_server_took_it_leaves_the_row_dead(
+        sqlite_env: Env) -> None:
+    [fid] = sqlite_env.fill(failed("a"))
+    [row] = sqlite_env.store.select_dead(ids=[fid], with_payload=True)
+    replayer = journal_cli.Replayer(sqlite_env.store, [], 100.0)
+
+    def interrupted(*_args: Any) -> bool:
+        assert sqlite_env.state(fid) == "replayed"  # claimed first, as a replay does
+        raise KeyboardInterrupt
+
+    replayer._submit = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        replayer.replay(row)
+    assert sqlite_env.state(fid) == "dead" and replayer.done == []
+
+
 def gearmand_server(g: Gearmand) -> Any:
     from gearvisor.config.model import Server
 

@@ -372,7 +372,14 @@ class Replayer:
             self.raced.append(r["id"])  # another replay (or a delete) got there first
             return True
         job = _job(r)
-        if self._submit(r["function"], r["payload"], job["retry_unique"]):
+        try:
+            submitted = self._submit(r["function"], r["payload"], job["retry_unique"])
+        except BaseException:
+            # Interrupted (Ctrl-C) before a job server took it: dead again, not left
+            # `replayed` with nothing submitted.
+            self.store.unmark_replayed([r["id"]])
+            raise
+        if submitted:
             self.done.append(job)
             return True
         self.store.unmark_replayed([r["id"]])
