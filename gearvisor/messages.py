@@ -147,6 +147,11 @@ class Delivered(Message):
     error: str = ""
     attempts: int = 0
     dropped: int = 0
+    # The notification's "id" as the master numbered it (0: none): what the master stops
+    # holding for a resend once the outcome is in.
+    id: int = 0
+    # Not an outcome: the helper stopped before it was done; the master sends it again.
+    pending: bool = False
 
 
 # -- from the job store helper (helpers/store.py) --------------------------------------------------

@@ -370,3 +370,29 @@ def test_a_crash_loop_reaches_a_real_smtp_server_and_a_real_alertmanager(
 
     [listed] = wait_for(in_alertmanager, timeout=30, message="CrashLoop in Alertmanager")
     assert listed["labels"]["pool"] == "w" and listed["status"]["state"] == "active"
+
+
+def test_a_notification_the_notifier_died_with_is_sent_again_by_the_next(
+        gearmand, master, receiver) -> None:
+    """The notifier is SIGKILLed while it posts a page (the receiver holds the request):
+    the master held the notification until an outcome came, so the restarted notifier
+    posts it again. At least once: a page is never lost to a helper crash."""
+    config = fleet_config(gearmand, receiver)
+    config["alerts"]["rules"]["CrashLoop"] = {"count": 1, "window": "30s"}
+    config["alerts"]["channels"]["hook"]["url"] = receiver.url + "/hang"
+    m = master(config)
+    kill_the_child(m, gearmand)
+    first = wait_for(lambda: [b for p, _, b in receiver.requests if p == "/hang"],
+                     timeout=20, message="the page posted (and held by the receiver)")[0]
+
+    def notifier() -> Any:
+        return next((p for p in m.processes() if p.cmdline()[:1] == ["gearvisor: notifier"]),
+                    None)
+
+    dead = wait_for(notifier, message="the notifier")
+    os.kill(dead.pid, signal.SIGKILL)
+    again = wait_for(lambda: [b for p, _, b in receiver.requests
+                              if p == "/hang" and b["groupKey"] == first["groupKey"]][1:],
+                     timeout=30, message="the same page posted again by the next notifier")
+    assert again[0]["status"] == "firing"
+    assert notifier() is not None and notifier().pid != dead.pid

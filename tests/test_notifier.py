@@ -592,3 +592,25 @@ def test_alertmanager_alerts_stay_firing_past_its_resolve_timeout(alertmanager: 
     assert h.wait_results(2)[1].ok
     wait_value(lambda: _am_alerts(alertmanager), lambda a: a == [],
                message="the resolved alert gone")
+
+
+def test_each_outcome_carries_its_notifications_id(receiver: Receiver, helper: Any) -> None:
+    """The master numbers notifications and holds each until its outcome (by id) is in."""
+    h = helper({"hook": {"type": "webhook", "url": receiver.url + "/ok"}})
+    for nid, channel in ((7, "hook"), (8, "nope")):
+        h.send(channel, json.dumps({"channel": channel, "payload": payload(f"g{nid}"),
+                                    "id": nid}).encode() + b"\n")
+    h.send("", b'{"id": 9}\n')
+    results = {r.id: r for r in h.wait_results(3)}
+    assert results[7].ok and not results[8].ok and not results[9].ok
+    assert not any(r.pending for r in results.values())
+    assert h.close() == 0
+
+
+def test_a_retry_cut_short_by_a_stop_is_pending_not_an_outcome(receiver: Receiver) -> None:
+    [channel] = parse_channels({"hook": {"type": "webhook", "url": receiver.url + "/status/503",
+                                         "retries": 5}}).values()
+    stop = threading.Event()
+    stop.set()  # the helper is stopping: no retry is waited for
+    result = nt.deliver(channel, payload("p"), stop)
+    assert result.pending and not result.ok and result.attempts == 1

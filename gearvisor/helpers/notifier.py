@@ -406,7 +406,8 @@ def deliver(channel: ChannelConfig, payload: dict[str, Any],
             break
         if stop.wait(backoff.failure(0.0, 0.0)):
             error += "; not retried: the helper is stopping"
-            break
+            return msg.Delivered(channel.name, group_key, False, error[:MAX_ERROR], attempts,
+                                 pending=True)
     return msg.Delivered(channel.name, group_key, False, error[:MAX_ERROR], attempts)
 
 
@@ -435,7 +436,7 @@ class Notifier:
         self.stop = threading.Event()  # set: give up retrying, exit the workers
         self.dropped: dict[str, int] = {}
         self._cond = threading.Condition()
-        self._queues: dict[str, deque[dict[str, Any]]] = {}
+        self._queues: dict[str, deque[tuple[int, dict[str, Any]]]] = {}  # (id, payload)
         self._threads: dict[str, threading.Thread] = {}
         self._closing = False
 
@@ -449,30 +450,34 @@ class Notifier:
         self.submit(note)
 
     def submit(self, note: Any) -> None:
-        """Queue one notification {"channel": NAME, "payload": {...}} for its channel."""
+        """Queue one notification {"channel": NAME, "payload": {...}, "id": N} for its
+        channel; its outcome is reported with the same id (0 when it had none)."""
+        nid = note.get("id") if isinstance(note, dict) else None
+        nid = nid if isinstance(nid, int) and not isinstance(nid, bool) and nid > 0 else 0
         if not isinstance(note, dict) or not isinstance(note.get("payload"), dict) \
                 or not isinstance(note.get("channel"), str):
             self.report(msg.Delivered("", "", False, 'expected {"channel": NAME, "payload": '
-                                      '{...}}'))
+                                      '{...}}', id=nid))
             return
         name, payload = note["channel"], note["payload"]
         if name not in self.channels:
             hint = difflib.get_close_matches(name, sorted(self.channels), n=1)
             mean = f'; did you mean "{hint[0]}"?' if hint else ""
             self.report(msg.Delivered(name[:200], str(payload.get("groupKey", ""))[:MAX_ERROR],
-                                      False, f"no channel named {name[:200]!r}{mean}"))
+                                      False, f"no channel named {name[:200]!r}{mean}",
+                                      id=nid))
             return
         dropped = None
         with self._cond:
             queue = self._queues.setdefault(name, deque())
             if len(queue) >= self.queue_max:
-                old = queue.popleft()
+                old_id, old = queue.popleft()
                 self.dropped[name] = self.dropped.get(name, 0) + 1
                 dropped = msg.Delivered(
                     name, str(old.get("groupKey", ""))[:MAX_ERROR], False,
                     f"dropped unsent: {self.queue_max} notifications were waiting for this "
-                    "channel", 0, self.dropped[name])
-            queue.append(payload)
+                    "channel", 0, self.dropped[name], id=old_id)
+            queue.append((nid, payload))
             if name not in self._threads:
                 worker = threading.Thread(target=self._work, args=(name,), daemon=True,
                                           name=f"notify-{name}")
@@ -497,14 +502,15 @@ class Notifier:
                     self._cond.wait(None if left == math.inf else left)
                 if self.stop.is_set() or (not queue and self._closing):
                     return
-                payload = queue.popleft() if queue else None
+                nid, payload = queue.popleft() if queue else (0, None)
             if payload is None:  # time to post the firing alerts again
                 self._resend(channel, list(active.values()))  # type: ignore[arg-type]
             else:
                 backoff.reset()  # each notification starts its own streak
                 result = deliver(channel, payload, self.stop, backoff)
                 with self._cond:
-                    result = dataclasses.replace(result, dropped=self.dropped.get(name, 0))
+                    result = dataclasses.replace(result, dropped=self.dropped.get(name, 0),
+                                                 id=nid)
                 self.report(result)
                 if resend:
                     track_firing(active, payload)

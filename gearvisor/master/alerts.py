@@ -102,6 +102,11 @@ class Alerts(Component):
                                                 reset_after=math.inf)))
         self.delivered = 0
         self.failed = 0
+        # Notifications sent to the helper whose outcome it has not reported: id -> line, in
+        # id order. A notifier that dies (or restarts) with them is given them again, so a
+        # crash costs at most a duplicate, never a page. Bounded by MAX_PENDING.
+        self.unacked: dict[int, bytes] = {}
+        self.next_note = 1
         self.stopping = False
         # Each child's per-function job counters at the last sample: (pid, function) ->
         # (ok, failed, bucket counts), so a sample feeds the engine what ended since.
@@ -376,7 +381,12 @@ class Alerts(Component):
         if not self.config.alerts.channels:
             notes = []  # no channel configured: alerts are listed, not sent
         for note in notes:
-            self.notifier.send(json.dumps(note, separators=(",", ":")).encode())
+            nid, self.next_note = self.next_note, self.next_note + 1
+            line = json.dumps({**note, "id": nid}, separators=(",", ":")).encode()
+            self.unacked[nid] = line
+            while len(self.unacked) > MAX_PENDING:  # the oldest is no longer held for a resend
+                del self.unacked[next(iter(self.unacked))]
+            self.notifier.send(line)
         self._changed()
 
     def _changed(self) -> None:
@@ -449,17 +459,23 @@ class Alerts(Component):
     def _notifier_started(self, pid: int) -> None:
         assert self.config.alerts is not None  # _notifier_body ran nothing without it
         self.master.log.info("alert notifier started", notifier_pid=pid,
-                             channels=sorted(self.config.alerts.channels))
+                             channels=sorted(self.config.alerts.channels),
+                             resent=len(self.unacked) or None)
+        # What the last one took and never reported on goes again, in order (what was
+        # queued for it is among these).
+        self.notifier.replace(list(self.unacked.values()))
 
     def _dropped(self, line: bytes) -> None:
         """A notification the helper never got (MAX_PENDING waited): counted as dropped."""
         lost = json.loads(line)
+        self.unacked.pop(lost.get("id"), None)
         self.master.bus.publish(ev.AlertNotified(str(lost.get("channel")), "dropped"))
 
     def _result(self, result: msg.Message) -> None:
         """One line the notifier wrote: a delivery's outcome."""
-        if not isinstance(result, msg.Delivered):
-            return
+        if not isinstance(result, msg.Delivered) or result.pending:
+            return  # (pending: the helper stopped first; the next one is given it again)
+        self.unacked.pop(result.id, None)
         outcome = ("delivered" if result.ok else
                    "dropped" if result.attempts == 0 else "failed")
         self.master.bus.publish(ev.AlertNotified(result.channel, outcome))
