@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import HOST, free_port, wait_for, write_module
+from conftest import HOST, free_port, wait_for, wait_value, write_module
 from test_metrics_http import JOBS, fleet_config, get, run_jobs
 
 pytestmark = pytest.mark.integration
@@ -111,8 +111,9 @@ def test_prometheus_sees_jobs_total_equal_to_the_jobs_that_ran(gearmand, master,
     want = {"ok": {**zero, "success": 11.0}, "fail": {**zero, "error": 4.0},
             "slow": {**zero, "timeout": 1.0}, "crash": {**zero, "crash": 1.0, "poison": 1.0}}
     for function, counts in want.items():
-        wait_for(lambda f=function, c=counts: by_outcome(prom, f) == c, timeout=30,
-                 message=f"prometheus's gearvisor_jobs_total for {function} == {counts}")
+        wait_value(lambda f=function: by_outcome(prom, f), lambda got, c=counts: got == c,
+                   timeout=30,
+                   message=f"prometheus's gearvisor_jobs_total for {function} == {counts}")
     got = prom.query('gearvisor_job_duration_seconds_count{pool="w",function="ok"}')
     assert [float(r["value"][1]) for r in got] == [11.0]
     assert prom.query('gearvisor_child_restarts_total{pool="w",reason="crash"} == 1')
