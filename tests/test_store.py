@@ -509,3 +509,34 @@ def test_postgres_outage_raises_store_error_and_reconnects(postgres_factory: Cal
     with pytest.raises(StoreError, match="job store postgresql://gv:\\*\\*\\*@"):
         server.stop()
         store.open_store(url, "/nonexistent")
+
+
+def refuse_function(s: store.Store, store_url: str, function: str) -> None:
+    """A trigger in the real database that refuses any outcome row of `function` as a
+    constraint violation: a record the store cannot take, whatever gearvisor checked."""
+    with s._tx() as tx:
+        if store_url.startswith("postgresql"):
+            tx.q("CREATE OR REPLACE FUNCTION gv_refuse() RETURNS trigger AS $$ BEGIN "
+                 f"IF NEW.function = '{function}' THEN RAISE EXCEPTION 'refused' "
+                 "USING ERRCODE = 'check_violation'; END IF; RETURN NEW; END $$ "
+                 "LANGUAGE plpgsql")
+            tx.q("CREATE TRIGGER gv_refuse BEFORE INSERT ON outcomes FOR EACH ROW "
+                 "EXECUTE FUNCTION gv_refuse()")
+        else:
+            tx.q("CREATE TRIGGER gv_refuse BEFORE INSERT ON outcomes "
+                 f"WHEN NEW.function = '{function}' BEGIN SELECT RAISE(ABORT, 'no'); END")
+
+
+def test_a_record_the_store_refuses_is_left_out_of_a_careful_write_and_the_rest_kept(
+        make_store: Callable[..., store.Store], store_url: str) -> None:
+    s = make_store()
+    refuse_function(s, store_url, "unstorable")
+    batch = records(rec(unique="before"), rec("error", function="unstorable", unique="bad"),
+                    rec("error", unique="after"))
+    with pytest.raises(StoreError):
+        s.write(batch, now=NOW, seq=("run1", 7))  # the whole batch, as it was
+    assert s.recent() == [] and s.last_seq("run1") == 0
+    refused = s.write(batch, now=NOW, seq=("run1", 7), careful=True)
+    assert len(refused) == 1 and "unstorable" in refused[0]
+    assert sorted(j["unique"] for j in s.recent()) == ["after", "before"]
+    assert s.dead_counts() == {"send_mail": 1} and s.last_seq("run1") == 7

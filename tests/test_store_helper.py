@@ -361,3 +361,33 @@ def store_records(*items: dict[str, Any]) -> list:
     out, errors = store.parse_line(record.journal_line(list(items)), 65536)
     assert errors == []
     return out
+
+
+def test_a_record_the_store_refuses_does_not_hold_back_the_others(
+        tmp_path: Path, helpers: Callable[[StoreSettings], Helper]) -> None:
+    """One record the database refuses (here a real trigger) would fail its batch on every
+    retry, and all that came after would wait behind it. The helper writes that batch
+    again without it: the others are stored and acked, the refusal counted."""
+    settings = sqlite_settings(tmp_path)
+    s = opened(settings)  # creates the tables
+    try:
+        with s._tx() as tx:
+            tx.q("CREATE TRIGGER gv_refuse BEFORE INSERT ON outcomes "
+                 "WHEN NEW.function = 'unstorable' BEGIN SELECT RAISE(ABORT, 'no'); END")
+    finally:
+        s.close()
+    h = helpers(settings)
+    h.send(line(1, rec(unique="a")) + line(2, rec("error", function="unstorable", unique="b"))
+           + line(3, rec(unique="c")))
+    wait_value(h.acked, lambda n: n == 3, message="ack of line 3")
+    wait_value(lambda: h.states()[-1:], lambda st: st and st[0].refused == 1,
+               message="a report counting the refused record")
+    assert "refused by the store" in h.stderr()
+    h.send(line(4, rec(unique="d")))
+    wait_value(h.acked, lambda n: n == 4, message="the next line flows")
+    assert h.close_input() == 0
+    s = opened(settings)
+    try:
+        assert sorted(j["unique"] for j in s.recent()) == ["a", "c", "d"]
+    finally:
+        s.close()

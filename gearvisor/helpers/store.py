@@ -184,8 +184,19 @@ class StoreHelper:
         try:
             self.store.write(records, now=self.wall(), seq=(self.key, seq))
         except StoreError as e:
-            self.down(e)
-            return
+            # The store may be down, or one record may be one it refuses (then every
+            # retry of the batch would fail, and all that came after would wait behind
+            # it). A store that still answers gets the batch again record by record,
+            # without the ones it refuses.
+            try:
+                self.store.dead_counts()
+                refused = self.store.write(records, now=self.wall(), seq=(self.key, seq),
+                                           careful=True)
+            except StoreError:
+                self.down(e)
+                return
+            for text in refused:
+                self.refuse(text)
         self.committed = seq
         self.pending, self.pending_bytes, self.ack_owed = [], 0, False
         self.report(msg.Stored(seq=seq))

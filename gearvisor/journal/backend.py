@@ -72,6 +72,12 @@ class Backend:
             except Exception:  # noqa: BLE001 - closing a broken connection may fail; it is gone
                 pass
 
+    def data_errors(self) -> tuple[type[BaseException], ...]:
+        """The driver's errors that mean "this row cannot be stored" (a constraint, a
+        value), not "the store is unwell": what Store.write(careful=True) skips a record
+        for."""
+        return ()
+
     def error(self, e: BaseException) -> StoreError:
         """`e` as a StoreError naming the store: one line, bounded."""
         text = " ".join(str(e).split())[:500] or type(e).__name__
@@ -95,6 +101,9 @@ class SQLiteBackend(Backend):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.path = path
+
+    def data_errors(self) -> tuple[type[BaseException], ...]:
+        return (sqlite3.IntegrityError, sqlite3.DataError)
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -181,6 +190,11 @@ class PostgresBackend(Backend):
         super().__init__(redact(url))
         self.url = url
         self._password = urllib.parse.urlsplit(url).password or ""
+
+    def data_errors(self) -> tuple[type[BaseException], ...]:
+        import psycopg
+
+        return (psycopg.IntegrityError, psycopg.DataError)
 
     def error(self, e: BaseException) -> StoreError:
         err = super().error(e)

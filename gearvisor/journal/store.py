@@ -142,47 +142,72 @@ class Store:
         return parse_line(line, self.caps.payload_cap)
 
     def write(self, records: Sequence[Record], now: float | None = None,
-              seq: tuple[str, int] | None = None) -> None:
+              seq: tuple[str, int] | None = None, careful: bool = False) -> list[str]:
         """Commit `records` in one transaction: an outcomes row each, a failures row per
         failure (or the update of the row its retry_of names), `seq` (key, number) as the
-        last sequence number committed, and then the caps enforced (bounded work)."""
+        last sequence number committed, and then the caps enforced (bounded work).
+
+        careful: each record in a savepoint of its own, and one the database refuses as
+        data (Backend.data_errors: a constraint, a value) is left out instead of failing
+        the rest; the texts of those errors are returned. For a batch that failed whole
+        while the store still answers, so one bad record cannot hold back every other."""
         now = time.time() if now is None else now
+        refused: list[str] = []
+        skip = self.backend.data_errors() if careful else ()
         with self._tx() as tx:
-            rows_o = rows_f = size = 0
+            totals = [0, 0, 0]  # outcomes rows, failures rows, bytes
             # Crashes gearmand re-runs (state requeued) wait for their job's next record;
             # looked up by function and handle only while there are any.
             requeued = bool(tx.one("SELECT COUNT(*) FROM failures WHERE state = 'requeued'")[0])
             for r in records:
-                if requeued and r.retry_of is None and r.handle:
-                    row = tx.one("SELECT id FROM failures WHERE state = 'requeued' AND "
-                                 "function = ? AND handle = ? ORDER BY id DESC LIMIT 1",
-                                 (r.function, r.handle))
-                    if row is not None:
-                        r = dataclasses.replace(r, retry_of=int(row[0]))
-                started = r.started if r.started is not None else now
-                failure_id: int | None = None
-                if r.failed:
-                    failure_id, new_row, grew = self._failure(tx, r, started, now)
-                    rows_f += new_row
-                    size += grew
-                elif r.retry_of is not None:
-                    # Its retry (or replay) succeeded: nobody waits for this failure now.
-                    tx.q("UPDATE failures SET state = 'done', due = NULL, claimed_by = NULL, "
-                         "claimed_at = NULL WHERE id = ?", (r.retry_of,))
-                    failure_id = r.retry_of if tx.rowcount else None
-                row_size = _size(r.function, r.unique, r.handle, r.server, r.pool, r.host,
-                                 r.error_class, r.error)
-                tx.q(f"INSERT INTO outcomes ({_cols(OUTCOME_COLUMNS[1:])}, failed, size) "
-                     f"VALUES ({_marks(len(OUTCOME_COLUMNS) + 1)})",
-                     (r.outcome, r.function, r.unique, r.handle, r.server, r.pool, r.slot,
-                      r.host, r.generation, r.attempt, started, r.seconds, r.error_class,
-                      r.error, failure_id, int(r.failed), row_size))
-                rows_o += 1
-                size += row_size
-            self._count(tx, rows_o, rows_f, size)
+                if not careful:
+                    self._write_one(tx, r, requeued, now, totals)
+                    continue
+                tx.q("SAVEPOINT one_record")
+                kept = list(totals)
+                try:
+                    self._write_one(tx, r, requeued, now, totals)
+                except skip as e:
+                    tx.q("ROLLBACK TO SAVEPOINT one_record")
+                    totals[:] = kept
+                    refused.append(f"record ({r.outcome} {r.function} {r.handle}) refused by "
+                                   f"the store: {' '.join(str(e).split())[:300]}")
+                tx.q("RELEASE SAVEPOINT one_record")
+            self._count(tx, *totals)
             if seq is not None:
                 self._set_seq(tx, seq[0], seq[1], now)
             self._trim(tx, now)
+        return refused
+
+    def _write_one(self, tx: Tx, r: Record, requeued: bool, now: float,
+                   totals: list[int]) -> None:
+        """One record's rows; `totals` (outcomes rows, failures rows, bytes) grows."""
+        if requeued and r.retry_of is None and r.handle:
+            row = tx.one("SELECT id FROM failures WHERE state = 'requeued' AND "
+                         "function = ? AND handle = ? ORDER BY id DESC LIMIT 1",
+                         (r.function, r.handle))
+            if row is not None:
+                r = dataclasses.replace(r, retry_of=int(row[0]))
+        started = r.started if r.started is not None else now
+        failure_id: int | None = None
+        if r.failed:
+            failure_id, new_row, grew = self._failure(tx, r, started, now)
+            totals[1] += new_row
+            totals[2] += grew
+        elif r.retry_of is not None:
+            # Its retry (or replay) succeeded: nobody waits for this failure now.
+            tx.q("UPDATE failures SET state = 'done', due = NULL, claimed_by = NULL, "
+                 "claimed_at = NULL WHERE id = ?", (r.retry_of,))
+            failure_id = r.retry_of if tx.rowcount else None
+        row_size = _size(r.function, r.unique, r.handle, r.server, r.pool, r.host,
+                         r.error_class, r.error)
+        tx.q(f"INSERT INTO outcomes ({_cols(OUTCOME_COLUMNS[1:])}, failed, size) "
+             f"VALUES ({_marks(len(OUTCOME_COLUMNS) + 1)})",
+             (r.outcome, r.function, r.unique, r.handle, r.server, r.pool, r.slot,
+              r.host, r.generation, r.attempt, started, r.seconds, r.error_class,
+              r.error, failure_id, int(r.failed), row_size))
+        totals[0] += 1
+        totals[2] += row_size
 
     def _failure(self, tx: Tx, r: Record, started: float,
                  now: float) -> tuple[int, int, int]:
