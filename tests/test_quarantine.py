@@ -1012,3 +1012,54 @@ def test_a_pause_whose_reset_cannot_be_sent_leaves_the_connection_down_to_reconn
     assert conn.sock is None
     assert conn.state is ConnState.DOWN
     assert conn.attempts == 1  # a reconnect is scheduled
+
+
+@pytest.mark.parametrize("moment", ["before strikes", "between", "after others"])
+def test_a_death_moved_from_its_slot_to_the_strikes_meanwhile_counts_exactly_once(
+        moment: str) -> None:
+    """The master moves a death from the dead child's running slot to the strike table
+    while another child counts the deaths on that job (a job gearmand re-handed at once):
+    whenever it lands, the count is 1, never 0 (one more crash) or 2 (poison too early)."""
+    import os as _os
+
+    from gearvisor.shm.poison import RunningJobs
+
+    dead = _os.fork()
+    if dead == 0:
+        _os._exit(0)
+    _os.waitpid(dead, 0)
+    running, table = RunningJobs(capacity=4), PoisonTable(capacity=4)
+    try:
+        a, me = running.allocate(), running.allocate()
+        key = job_key("crash", "", "H:x:1")
+        running.claim(a, dead)
+        running.set(a, key)  # it died running the job; not reaped yet
+        moved = []
+
+        def move() -> None:  # the master, reaping it (health._strike)
+            if not moved:
+                moved.append(True)
+                table.add(key, also=lambda: running.release(a))
+
+        real_strikes = table.strikes
+
+        def strikes(k: int) -> int:
+            if moment == "before strikes":
+                move()
+            got = real_strikes(k)
+            if moment == "between":
+                move()
+            return got
+
+        def others() -> int:
+            got = running.others(key, me)
+            if moment == "after others":
+                move()
+            return got
+
+        table.strikes = strikes  # type: ignore[method-assign]
+        assert table.deaths(key, others) == 1
+        assert moved and table.deaths(key, others) == 1  # and after the move, settled
+    finally:
+        running.close()
+        table.close()

@@ -280,8 +280,8 @@ def _deaths(job: Job, poison: PoisonTable, running: RunningJobs | None, index: i
     """Children that died on this job: strikes the master recorded, plus children that died
     on it and are not reaped yet (their running slot still holds it)."""
     key = _key(job)
-    job.strikes = poison.strikes(key) + (running.others(key, index) if running is not None
-                                         else 0)
+    job.strikes = poison.deaths(key, (lambda: running.others(key, index)) if running is not None
+                                else (lambda: 0))
     return job.strikes
 
 

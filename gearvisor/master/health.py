@@ -112,12 +112,11 @@ class Health(Component):
         if not limit or not job.key:
             return  # (children always write the key of the job they run)
         running = self.master.running
-        # The death moves from the child's running slot to the strike table, back to back:
-        # freed first, so a child checking in between undercounts by one (one more crash at
-        # worst) rather than failing a job that crashed only once.
-        running.release(child.running_index)
-        child.running_index = -1
-        self.master.poison.add(job.key)
+        # The death moves from the child's running slot to the strike table in one write
+        # (PoisonTable.add's seqlock): a child counting deaths meanwhile reads again, so it
+        # neither misses this death (one more crash) nor counts it twice.
+        index, child.running_index = child.running_index, -1
+        self.master.poison.add(job.key, also=lambda: running.release(index))
         strikes = self.master.poison.strikes(job.key)  # the count every child sees
         if strikes == limit:
             self._publish(ev.PoisonJob(pool.name, job.function, job.unique, job.handle,

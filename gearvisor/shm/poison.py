@@ -3,10 +3,12 @@
 gearmand hands a job whose worker died to the next worker, at once and forever (`-j 0`). Each
 child writes the key of the job it runs into its slot of a shared table (RunningJobs); when a
 child crashes or is killed for a hard timeout mid-job, the master records a strike against
-that key in another shared table (PoisonTable) and only then frees the slot. Before a child
-runs a job it counts the deaths on it: strikes, plus slots of children that died on it and
-are not reaped yet. At `poison_after` the job is answered WORK_FAIL without running. So the
-count holds even when gearmand re-hands the job before the master has noticed the death.
+that key in another shared table (PoisonTable) and frees the slot in the same write (one
+seqlock window). Before a child runs a job it counts the deaths on it (PoisonTable.deaths):
+strikes, plus slots of children that died on it and are not reaped yet, read again if the
+master moved a death from one to the other meanwhile, so each death counts exactly once. At
+`poison_after` the job is answered WORK_FAIL without running. So the count holds even when
+gearmand re-hands the job before the master has noticed the death.
 
 A job is known by its unique id; without one, by its server, handle and a digest of its
 payload (see job_key).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import collections
 import mmap
 import struct
+from collections.abc import Callable
 
 _HEADER = struct.Struct("<QQ")  # seq (odd while the master writes), count
 _KEY = struct.Struct("<Q")
@@ -50,16 +53,35 @@ class PoisonTable:
         self._seen_seq = -1  # child side: the seq its local counts were built at
         self._local: collections.Counter[int] = collections.Counter()
 
-    def add(self, key: int) -> None:
-        """Master side: one more strike against `key`."""
+    def add(self, key: int, also: Callable[[], None] | None = None) -> None:
+        """Master side: one more strike against `key`. `also` runs inside the same write:
+        the dead child's running slot freed, so a child counting deaths (deaths()) sees
+        the strike and the freed slot together, or neither."""
         slot = self._count % self.capacity
         self._seq += 1
         self._mm[0:8] = _KEY.pack(self._seq)
         _KEY.pack_into(self._mm, _HEADER.size + slot * _KEY.size, key)
         self._count += 1
         self._mm[8:16] = _KEY.pack(self._count)
+        if also is not None:
+            also()
         self._seq += 1
         self._mm[0:8] = _KEY.pack(self._seq)
+
+    def deaths(self, key: int, others: Callable[[], int]) -> int:
+        """Child side: strikes against `key` plus `others()` (deaths still in running
+        slots), from one consistent moment: read again while the master is moving a death
+        from a slot to this table (the seq is odd, or moved), so none counts twice or not
+        at all. A write takes microseconds; after 1000 reads the last count stands."""
+        n = 0
+        for _ in range(1000):
+            seq = _KEY.unpack_from(self._mm, 0)[0]
+            if seq & 1:
+                continue
+            n = self.strikes(key) + others()
+            if _KEY.unpack_from(self._mm, 0)[0] == seq:
+                return n
+        return n
 
     def strikes(self, key: int) -> int:
         """Child side (and tests): strikes recorded against `key`."""
