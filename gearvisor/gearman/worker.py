@@ -614,10 +614,12 @@ class Worker:
             self.timer.release()
 
     def _grab(self, conn: Connection, before: bytes = b"", n: int = 1,
-              after: bytes = b"") -> bool:
-        """Write `before` (a result, CAN_DOs), `n` GRABs and `after` in one send."""
-        if not self._send(conn, before + GRAB * n + after):
+              sleep: bool = False) -> bool:
+        """Write `before` (a result, CAN_DOs) and `n` GRABs in one send; with `sleep`, a
+        PRE_SLEEP after them (conn.presleep: a NO_JOB then puts the connection to sleep)."""
+        if not self._send(conn, before + GRAB * n + (PRE_SLEEP if sleep else b"")):
             return False
+        conn.presleep = conn.presleep or sleep
         conn.outstanding += n
         if conn.outstanding:
             conn.state = ConnState.GRABBING
@@ -700,8 +702,7 @@ class Worker:
                     self.paused or self._want_paused):
                 # Asleep means the queue was dry: the PRE_SLEEP goes with the GRAB, so a
                 # NO_JOB (another worker was quicker) puts us back to sleep with no write.
-                if self._grab(conn, b"", 1, PRE_SLEEP):
-                    conn.woke = conn.presleep = True
+                conn.woke = self._grab(conn, sleep=True)
         elif ptype == Packet.ERROR:
             code = args[0].decode(errors="replace")
             # In "exception" mode gearmand ends the job at WORK_EXCEPTION, so the WORK_FAIL
@@ -876,11 +877,7 @@ class Worker:
         """Write `before` with the GRABs that bring conn.outstanding up to conn.depth, and
         PRE_SLEEP after a single GRAB while the queue is dry (Connection.dry)."""
         n = max(0, conn.depth - conn.outstanding)
-        if conn.dry and n == 1 and not conn.outstanding:
-            if self._grab(conn, before, 1, PRE_SLEEP):
-                conn.presleep = True
-        else:
-            self._grab(conn, before, n)
+        self._grab(conn, before, n, sleep=conn.dry and n == 1 and not conn.outstanding)
 
     def _send_winding_down(self, conn: Connection, data: bytes) -> None:
         """Stopping or pausing: no more GRABs. Pausing, jobs already assigned to us still
