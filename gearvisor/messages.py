@@ -105,6 +105,14 @@ class JobEnded(Message):
     name: ClassVar[str] = "job_ended"
 
 
+@dataclass(frozen=True)
+class Holding(Message):
+    """A Python child started holding the next job on a second lane while it runs one: the
+    master watches the pool's held lanes until none is held (master/lanes.py)."""
+
+    name: ClassVar[str] = "holding"
+
+
 # -- from the file-watcher helper -----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -183,8 +191,8 @@ class StoreState(Message):
 
 KINDS: dict[str, type[Message]] = {
     cls.name: cls for cls in (Ready, BootError, Quarantined, ProbationPassed, Recycle, Modules,
-                              JobStarted, JobEnded, Watching, Changed, WatcherError, Delivered,
-                              Stored, StoreState)}
+                              JobStarted, JobEnded, Holding, Watching, Changed, WatcherError,
+                              Delivered, Stored, StoreState)}
 
 
 def encode(message: Message) -> bytes:

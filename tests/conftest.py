@@ -101,8 +101,9 @@ def _kill_pid(proc: subprocess.Popen | None) -> None:
 class Gearmand:
     """One real gearmand on a loopback port; restartable on the same port."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, args: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
+        self.args = args  # more gearmand options, e.g. ("--job-retries", "2")
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -112,7 +113,7 @@ class Gearmand:
     def start(self) -> Gearmand:
         exe = shutil.which("gearmand") or "/usr/sbin/gearmand"
         self.proc = subprocess.Popen(
-            [exe, "-L", HOST, "-p", str(self.port), "-t", "1", "--log-file=none"],
+            [exe, "-L", HOST, "-p", str(self.port), "-t", "1", "--log-file=none", *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: self.proc.poll() is None and admin.version(HOST, self.port, 0.5),
                  timeout=10, message=f"gearmand on port {self.port}")

@@ -232,7 +232,8 @@ def test_jobs_for_a_function_never_registered_do_not_quarantine_the_child(
              timeout=30, message=f"all {bad_jobs} jobs of the bad server failed")
     assert m.events(QUARANTINED) == []
     failed = bad.packets(Packet.WORK_FAIL)
-    assert [args[0].decode() for args in failed] == handed  # each failed once, by its handle
+    # each failed once, by its handle (on either of the child's lanes: in any order)
+    assert sorted(args[0].decode() for args in failed) == sorted(handed)
     warning = bad.packets(Packet.WORK_WARNING)[0]
     assert b"does not serve function 'nosuch'" in warning[1]  # the client is told why
     good_server_serves(gearmand)

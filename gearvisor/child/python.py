@@ -26,7 +26,7 @@ from gearvisor import messages as msg
 from gearvisor.child.journal import ChildJournal
 from gearvisor.child.postfork import after_fork
 from gearvisor.config import Config, PoolConfig
-from gearvisor.gearman.worker import Hooks, JobTimer, Keepalive, Worker
+from gearvisor.gearman.worker import Hooks, JobTimer, Keepalive, Lanes, Worker
 from gearvisor.helpers.watcher import send_import_report
 from gearvisor.job import Job, JobTimeout
 from gearvisor.journal.record import retry_unique
@@ -53,6 +53,9 @@ PARENT_CHECK = 1.0  # seconds between getppid() looks, only where PDEATHSIG is n
 # is a system call (prctl), and jobs that come one at a time would pay two per job for a
 # title that flips faster than anyone reads it.
 IDLE_TITLE_DELAY = 0.1
+# A child that holds a job while the master does not watch its pool says so (Holding) at
+# most this often: the master's answer (the scoreboard's watched byte) takes a moment.
+HOLDING_RETELL = 0.5
 
 
 class BootError(Exception):
@@ -124,6 +127,7 @@ class _ChildHooks(Hooks):
                          if pool.max_jobs else None)
         self.max_memory = pool.max_memory
         self.recycling = False
+        self.asleep = False  # the scoreboard's asleep byte, as last written
 
     def _send(self, message: msg.Message) -> None:
         """An event to the master, unless the rest of a journal line must go first and the
@@ -158,6 +162,9 @@ class _ChildHooks(Hooks):
         if self.journal is not None and (self.journal.pending() or self.journal.tail):
             self.journal.flush()
         self.idle_title_at = time.monotonic() + IDLE_TITLE_DELAY
+        if not self.asleep:
+            self.asleep = True
+            self.board.set_asleep(True)  # the master may hand this child a held job
 
     def idle_title(self) -> None:
         """The worker's check (every_tick): the title says idle once waiting lasted
@@ -169,6 +176,9 @@ class _ChildHooks(Hooks):
 
     def job_started(self, job: Job) -> None:
         self.idle_title_at = float("inf")
+        if self.asleep:
+            self.asleep = False
+            self.board.set_asleep(False)
         if self.timer is not None:
             self.timer.timed_out = False
         key = _key(job)
@@ -268,6 +278,29 @@ class _ChildHooks(Hooks):
         if why:
             self.recycling = True
             self._send(msg.Recycle(why))
+
+
+class _BoardLanes(Lanes):
+    """Lanes through the scoreboard: the held lane is recorded there, under its lock, for
+    the master to close (master/lanes.py); a child that starts holding while the master
+    does not watch its pool tells it (Holding)."""
+
+    def __init__(self, board: Scoreboard, hooks: _ChildHooks) -> None:
+        self.board = board
+        self.hooks = hooks
+        self.told_at = -HOLDING_RETELL
+
+    def allowed(self) -> bool:
+        return not self.board.lanes_off()
+
+    def holding(self, fd: int, port: int, now: float) -> None:
+        self.board.hold(fd, port, now)
+        if not self.board.watched() and now - self.told_at >= HOLDING_RETELL:
+            self.told_at = now
+            self.hooks._send(msg.Holding())
+
+    def released(self) -> bool:
+        return self.board.release()
 
 
 def _key(job: Job) -> int:
@@ -479,6 +512,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         timer=timer,
         prefetch=pool.prefetch,
         max_job_size=pool.max_job_size,
+        lanes=_BoardLanes(board, hooks) if board.lock is not None else None,
         is_poison=(None if poison is None or not pool.poison_after else
                    lambda job: _deaths(job, poison, running, running_index)
                    >= pool.poison_after),

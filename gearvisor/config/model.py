@@ -213,6 +213,7 @@ class PoolConfig:
     circuit: CircuitConfig = field(default_factory=lambda: CircuitConfig())
     poison_after: int = 2
     prefetch: int = 1
+    hold_next: bool = True  # lanes: a second connection per server holds the next job
     max_job_size: int = 64 * 1024 * 1024
     max_jobs: int | None = None
     max_memory: int | None = None

@@ -223,6 +223,12 @@ SETTINGS: tuple[Setting, ...] = (
             "(it asks for more before it has finished the current one). Above 1 it grows only "
             "while jobs succeed in under 1 ms and drops to 1 on a slower or failed job; see "
             "Prefetch. 1: one job at a time."),
+    Setting("hold_next", boolean, True,
+            "With `prefetch: 1`: while a queue is busy, a child holds the next job on a "
+            "second connection per job server, so it never waits for gearmand between jobs. "
+            "If the job in front runs past a few ms while another child of the pool is idle, "
+            "the master closes that connection and gearmand hands the held job to the idle "
+            "child (see Prefetch). false: one connection per server."),
     Setting("max_job_size", size, 64 * 1024 * 1024,
             "Largest job payload a child accepts (e.g. 16M). A bigger job is failed without "
             "being read (the client gets WORK_FAIL and a warning saying why; the log names "

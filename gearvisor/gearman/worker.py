@@ -65,6 +65,9 @@ SEND_TIMEOUT = 30.0  # a server that accepts no bytes for this long is treated a
 RECV_TIMEOUT = 0.5  # a blocking read (the one-server fast path) gives the loop back this often
 REPOLL_EMPTY = 0.5  # re-ask an EMPTY server this often while another keeps us busy
 RECONNECT_INITIAL = 0.05
+# A child asleep this long closes its second lanes, so an idle fleet shows one connection per
+# child and server in gearmand's lists; the next busy queue opens them again.
+LANE_LINGER = 0.5
 FAST_PATH_CHECKS = 0.1  # every_tick checks while a queue drains: this often, not per job
 # Prefetch grows only while jobs end successfully within this time: a job that is slower, or
 # fails, drops the connection back to one GRAB in flight at once. So prefetched jobs wait
@@ -156,6 +159,26 @@ class JobTimer:
         """The write is done: a timeout that fired meanwhile is raised now."""
 
 
+class Lanes:
+    """What lets a child hold the next job on a second connection per server (docs/
+    prefetch.md): whoever can close that connection while job code runs (the master) must
+    know which one it is, and the child must know if it did. The child implements this with
+    its scoreboard; the defaults here say "never closed"."""
+
+    def allowed(self) -> bool:
+        """Second lanes may take jobs now (False: the closer cannot close them here)."""
+        return True
+
+    def holding(self, fd: int, port: int, now: float) -> None:
+        """A job starts on one lane while the other one (its socket's fd and local port) has
+        a GRAB in flight: its job, if one comes, waits unless that lane is closed."""
+
+    def released(self) -> bool:
+        """That job ended: the held lane is ours again. False: it was closed meanwhile, and
+        gearmand has requeued whatever it held; nothing read from it may run."""
+        return True
+
+
 class FaultLog:
     """Rate limit for what one job server's misbehaviour writes to the log (pure; the caller
     passes the monotonic time). The first `burst` problems are logged one by one; past that
@@ -203,9 +226,9 @@ class Connection:
     __slots__ = ("host", "port", "label", "sock", "decoder", "state", "retry_at", "delay",
                  "deadline", "empty_since", "answered", "attempts", "down_logged", "ever_up",
                  "can_do", "outstanding", "depth", "job_send", "faults", "faulted", "dry",
-                 "presleep", "woke")
+                 "presleep", "woke", "mate", "second", "sent", "local_port")
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, second: bool = False) -> None:
         self.host = host
         self.port = port
         self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -238,6 +261,13 @@ class Connection:
         self.job_send: Callable[[int, bytes, bytes], None] | None = None  # set by Worker
         self.faults = FaultLog()  # kept across reconnects: a server that keeps misbehaving
         self.faulted = False  # last closed for misbehaving (its reconnect is not news)
+        # Lanes (Worker's `lanes`): the other connection to the same server, and whether
+        # this is the second one, which holds the next job while the queue is busy and never
+        # sleeps. `sent` orders the GRABs of both: the older one is answered first.
+        self.mate: Connection | None = None
+        self.second = second
+        self.sent = 0
+        self.local_port = 0  # this end's port, so the closer can tell the socket is the same
 
 
 class Worker:
@@ -253,6 +283,8 @@ class Worker:
             (WORK_EXCEPTION + WORK_FAIL): how a job that raised is reported.
         prefetch: the most GRABs kept in flight per server while jobs are short (1: one job
             per round trip, never more than one job assigned to this worker per server).
+        lanes: with prefetch 1, hold the next job on a second connection per server while
+            the queue is busy (Lanes says who may close it); None: one connection each.
         max_job_size: the largest job payload a server may make this worker hold, in bytes;
             a bigger job is failed (WORK_FAIL, with a warning saying why) without reading it.
     """
@@ -274,10 +306,21 @@ class Worker:
         is_poison: Callable[[Job], bool] | None = None,
         prefetch: int = 1,
         max_job_size: int = DEFAULT_MAX_JOB,
+        lanes: Lanes | None = None,
     ) -> None:
         self.max_job_size = max_job_size
-        self.conns = [Connection(h, p) for h, p in servers]
-        for conn in self.conns:
+        self.conns = [Connection(h, p) for h, p in servers]  # one per server: readiness, sleep
+        # With lanes (and prefetch 1), a second connection per server holds the next job
+        # while one runs; `all` is every connection, both lanes.
+        self.lanes = lanes if max(1, prefetch) == 1 else None
+        self._seconds: list[Connection] = []
+        if self.lanes is not None:
+            for conn in self.conns:
+                conn.mate = Connection(conn.host, conn.port, second=True)
+                conn.mate.mate = conn
+                conn.mate.faults = conn.faults  # one rate limit per server, both lanes
+                self._seconds.append(conn.mate)
+        for conn in self.all:
             conn.job_send = functools.partial(self._job_send, conn)
             conn.decoder = self._decoder()
         self.functions = functions
@@ -311,8 +354,15 @@ class Worker:
         # costs an mmap, mremap and munmap per call.
         self._rbuf = memoryview(bytearray(RECV_SIZE))
         self._summary_due = float("inf")  # when a FaultLog summary is due (_log_suppressed)
+        self._sent = 0  # GRABs written so far (Connection.sent: which lane to read first)
+        self._close_lanes_at = float("inf")  # asleep since then + LANE_LINGER (_waiting)
 
     # -- public ------------------------------------------------------------------------------
+
+    @property
+    def all(self) -> list[Connection]:
+        """Every connection: each server's first lane, then the second lanes (with lanes)."""
+        return self.conns + self._seconds if self._seconds else self.conns
 
     @property
     def wakeup_fd(self) -> int:
@@ -337,7 +387,7 @@ class Worker:
         a GRAB is unanswered: gearmand would requeue a job it is assigning to us right then,
         and we would run it anyway (run twice). The answer comes first (_settle)."""
         self.paused = self._want_paused
-        for conn in self.conns:
+        for conn in self.all:
             if conn.sock is None or conn.state is ConnState.CONNECTING:
                 continue  # registers in the right mode when the connect finishes
             if conn.state is not ConnState.GRABBING:
@@ -351,7 +401,8 @@ class Worker:
                 return  # the connection dropped: it reconnects (unregistered) from DOWN
             conn.can_do = False
             conn.state = ConnState.IDLE
-        elif not self.stopping and conn.state is ConnState.IDLE:
+        elif not self.stopping and conn.state is ConnState.IDLE and not conn.second:
+            # (an idle second lane is at rest: it GRABs when the queue is busy, _fill_mate)
             if self._grab(conn, b"" if conn.can_do else self._can_do):
                 conn.can_do = True
 
@@ -376,25 +427,34 @@ class Worker:
         only = self.conns[0] if len(self.conns) == 1 else None
         checked = 0.0
         while True:
-            if (only is not None and only.state is ConnState.GRABBING and not self.stopping
-                    and self._want_paused == self.paused):
+            if only is not None and not self.stopping and self._want_paused == self.paused:
                 # One server, a GRAB just sent: gearmand answers it at once (a job or NO_JOB),
                 # so read without epoll and without the loop's bookkeeping: the fast path of
                 # a queue being drained. The socket's receive timeout bounds the wait, and
-                # the checks run every FAST_PATH_CHECKS seconds, not per job.
-                self._read(only)
-                now = self.clock()
-                if now - checked >= FAST_PATH_CHECKS:
-                    checked = now
-                    for check in self._extra_checks:
-                        check()
-                    if now >= self._summary_due:
-                        self._log_suppressed(now)
-                continue
+                # the checks run every FAST_PATH_CHECKS seconds, not per job. With lanes,
+                # the lane whose GRAB went first is read first: its answer came first.
+                conn = only
+                mate = only.mate
+                if mate is not None and mate.state is not ConnState.DOWN:
+                    if mate.state is ConnState.GRABBING:
+                        if only.state is not ConnState.GRABBING or mate.sent < only.sent:
+                            conn = mate
+                    elif mate.state is ConnState.CONNECTING:
+                        conn = None  # (its connect finishes in the loop below)
+                if conn is not None and conn.state is ConnState.GRABBING:
+                    self._read(conn)
+                    now = self.clock()
+                    if now - checked >= FAST_PATH_CHECKS:
+                        checked = now
+                        for check in self._extra_checks:
+                            check()
+                        if now >= self._summary_due:
+                            self._log_suppressed(now)
+                    continue
             now = self.clock()
             if self.stopping:
                 # No job runs here: what the GRABs in flight bring is not ours to start.
-                for conn in self.conns:
+                for conn in self.all:
                     if conn.state is ConnState.GRABBING:
                         self._hand_back(conn, 0)
                 break
@@ -415,7 +475,7 @@ class Worker:
 
     def close(self) -> None:
         """Close every connection; gearmand then unregisters this worker."""
-        for conn in self.conns:
+        for conn in self.all:
             if conn.sock is not None:
                 self._close_socket(conn)
         self.sel.close()
@@ -438,16 +498,19 @@ class Worker:
         if now >= self._summary_due:
             self._log_suppressed(now)
         live = []
-        for conn in self.conns:
+        for conn in self.all:
             state = conn.state
             if state is ConnState.DOWN:
-                if now >= conn.retry_at and not self.stopping:
+                # (a second lane connects when the queue is busy: _fill_mate)
+                if now >= conn.retry_at and not self.stopping and not conn.second:
                     self._connect(conn, now)
             elif state is ConnState.CONNECTING:
                 if now >= conn.deadline:
                     self._drop(conn, f"connect timed out after {self.connect_timeout:g}s")
-            else:
+            elif not conn.second:
                 live.append(conn)
+        if now >= self._close_lanes_at:
+            self._close_idle_lanes()
         if self.stopping or self.paused or not live:
             return
         if all(c.state is ConnState.EMPTY or c.state is ConnState.SLEEPING for c in live) \
@@ -457,7 +520,7 @@ class Worker:
             for conn in live:
                 if conn.state is ConnState.EMPTY and self._send(conn, PRE_SLEEP):
                     conn.state = ConnState.SLEEPING
-            self.hooks.waiting()
+            self._waiting(now)
             return
         for conn in live:
             # Another server keeps us busy; do not starve this one.
@@ -471,10 +534,10 @@ class Worker:
         sent) then costs no wake-up at all: a NOOP, a signal (the wakeup fd) or a dropped
         connection wakes it. A dead server is found by TCP keepalive, a dead master by
         PR_SET_PDEATHSIG (a signal), so neither needs a periodic look."""
-        due = self._summary_due
-        for conn in self.conns:
+        due = min(self._summary_due, self._close_lanes_at)
+        for conn in self.all:
             if conn.state is ConnState.DOWN:
-                if not self.stopping:  # (stopping reconnects nothing: not due)
+                if not self.stopping and not conn.second:  # (stopping reconnects nothing)
                     due = min(due, conn.retry_at)
             elif conn.state is ConnState.CONNECTING:
                 due = min(due, conn.deadline)
@@ -485,6 +548,24 @@ class Worker:
         if due == float("inf"):
             return None
         return max(0.0, due - now)
+
+    def _waiting(self, now: float) -> None:
+        """Asleep on every server: tell the host, and close the second lanes if it lasts."""
+        self.hooks.waiting()
+        if any(c.sock is not None for c in self.all if c.second):
+            self._close_lanes_at = now + LANE_LINGER
+
+    def _close_idle_lanes(self) -> None:
+        """Asleep for LANE_LINGER: close each second lane that holds nothing (a job that
+        came meanwhile ended that sleep; its lanes close after the next one)."""
+        self._close_lanes_at = float("inf")
+        if not all(c.state is ConnState.SLEEPING for c in self.conns if c.sock is not None):
+            return
+        for conn in self.all:
+            if conn.second and conn.sock is not None and conn.state is ConnState.IDLE:
+                self._close_socket(conn)
+                conn.state = ConnState.DOWN
+                conn.answered = conn.can_do = False
 
     def _check_ready(self) -> None:
         if self.is_ready:
@@ -531,6 +612,10 @@ class Worker:
             return
         self._tune(sock)
         self.sel.modify(sock, selectors.EVENT_READ, conn)
+        try:
+            conn.local_port = sock.getsockname()[1]
+        except (OSError, IndexError):
+            conn.local_port = 0
         # The outage (its backoff and its log line) ends when the server first answers
         # (_mark_answered), not here: one that accepts and closes at once is still down,
         # and does not hold the child's readiness back.
@@ -577,7 +662,6 @@ class Worker:
         conn.state = ConnState.DOWN
         conn.outstanding = 0  # gearmand requeues whatever it assigned on this connection
         conn.answered = False
-        conn.attempts += 1
         conn.faulted = fault
         if fault:
             conn.delay = self.reconnect_max_delay
@@ -585,6 +669,13 @@ class Worker:
         jitter = 1.0 + 0.2 * (random.random() - 0.5)
         conn.retry_at = now + conn.delay * jitter
         conn.delay = min(conn.delay * 2, self.reconnect_max_delay)
+        if conn.second:
+            # A second lane is opened again when the queue is busy, not before retry_at.
+            # What is wrong with its server is its first lane's to say (and to log).
+            self.log.debug("second lane to a job server closed", server=conn.label,
+                           reason=reason)
+            return
+        conn.attempts += 1
         if fault:
             self.log.debug("closed the connection to a misbehaving job server",
                            server=conn.label, reason=reason)
@@ -620,6 +711,8 @@ class Worker:
         if not self._send(conn, before + GRAB * n + (PRE_SLEEP if sleep else b"")):
             return False
         conn.presleep = conn.presleep or sleep
+        self._sent += 1
+        conn.sent = self._sent
         conn.outstanding += n
         if conn.outstanding:
             conn.state = ConnState.GRABBING
@@ -668,6 +761,8 @@ class Worker:
             else:
                 conn.dry = False
             self._mark_answered(conn)
+            if conn.mate is not None and not conn.dry:
+                self._fill_mate(conn)
             self._run_job(conn, ptype, args)
         elif ptype == Packet.NO_JOB:
             if not conn.outstanding:
@@ -685,7 +780,8 @@ class Worker:
             asleep, conn.presleep = conn.presleep, False
             if self.paused or self._want_paused:
                 self._settle(conn)  # the GRAB is answered: now unregister
-            elif self.stopping:
+            elif self.stopping or conn.second:
+                # (a second lane never sleeps: it GRABs again when the queue is busy)
                 conn.state = ConnState.IDLE
             elif asleep:
                 # Its PRE_SLEEP went with the GRAB: gearmand has us asleep (or, if a job
@@ -693,7 +789,7 @@ class Worker:
                 conn.state = ConnState.SLEEPING
                 if all(c.state is ConnState.SLEEPING for c in self.conns
                        if c.sock is not None and c.state is not ConnState.CONNECTING):
-                    self.hooks.waiting()
+                    self._waiting(self.clock())
             else:
                 conn.state = ConnState.EMPTY
                 conn.empty_since = self.clock()
@@ -757,6 +853,9 @@ class Worker:
         """The server answered since we connected (or, paused, need not): it is up."""
         if not conn.answered:
             conn.answered = True
+            if conn.second:  # (readiness and outages are its first lane's)
+                conn.delay = RECONNECT_INITIAL
+                return
             if conn.faulted:  # closed for misbehaving: that was logged (rate-limited)
                 self.log.debug("reconnected to job server", server=conn.label)
             elif conn.attempts or conn.down_logged:
@@ -807,6 +906,10 @@ class Worker:
         hooks.job_started(job)
         started = self.clock()
         timeout = self.timeouts.get(function)
+        mate = conn.mate
+        held = mate is not None and mate.state is ConnState.GRABBING and mate.sock is not None
+        if held:
+            self.lanes.holding(mate.sock.fileno(), mate.local_port, started)  # type: ignore
         try:
             if timeout is not None:
                 self.timer.start(timeout)
@@ -815,6 +918,8 @@ class Worker:
             finally:
                 if timeout is not None:
                     self.timer.stop()
+                if held and not self.lanes.released():  # type: ignore[union-attr]
+                    self._mate_closed(mate)  # type: ignore[arg-type]
             reply = encode_result_packet(handle, encode_result(result))
             ok = True
         except Exception as e:  # a user bug: report it, log it, keep serving
@@ -831,6 +936,34 @@ class Worker:
         conn.depth = (min(conn.depth * 2, self.prefetch) if ok and seconds < PREFETCH_FAST
                       else 1)
         self._reply(conn, reply)
+
+    def _fill_mate(self, conn: Connection) -> None:
+        """A job came while the queue is busy: the second lane asks for the next one now, so
+        it is here when this one ends (and handed back if this one runs long). A lane that
+        is not open yet is opened (it GRABs once connected)."""
+        mate = conn.mate
+        if mate is None or not mate.second or not self._taking():
+            return
+        lanes = self.lanes
+        if mate.state is ConnState.IDLE:
+            if lanes is not None and lanes.allowed() and self._grab(
+                    mate, b"" if mate.can_do else self._can_do):
+                mate.can_do = True
+        elif mate.state is ConnState.DOWN:
+            now = self.clock()
+            if now >= mate.retry_at and lanes is not None and lanes.allowed():
+                self._connect(mate, now)
+
+    def _mate_closed(self, mate: Connection) -> None:
+        """The held lane was closed while a job ran (Lanes.released): gearmand has requeued
+        what it held, so nothing it sent is read; it is opened again when wanted."""
+        self._close_socket(mate)
+        mate.state = ConnState.DOWN
+        mate.outstanding = 0
+        mate.answered = mate.can_do = False
+        mate.retry_at = 0.0
+        self.log.debug("the held job went back to the job server: this job ran long and "
+                       "another child was idle", server=mate.label)
 
     def _refuse(self, conn: Connection, job: Job, handle: bytes, why: str) -> None:
         """Fail a job without running it, telling the client why; the host hears of it as
@@ -877,7 +1010,8 @@ class Worker:
         """Write `before` with the GRABs that bring conn.outstanding up to conn.depth, and
         PRE_SLEEP after a single GRAB while the queue is dry (Connection.dry)."""
         n = max(0, conn.depth - conn.outstanding)
-        self._grab(conn, before, n, sleep=conn.dry and n == 1 and not conn.outstanding)
+        self._grab(conn, before, n, sleep=conn.dry and n == 1 and not conn.outstanding
+                   and not conn.second)
 
     def _send_winding_down(self, conn: Connection, data: bytes) -> None:
         """Stopping or pausing: no more GRABs. Pausing, jobs already assigned to us still

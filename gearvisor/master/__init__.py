@@ -22,6 +22,8 @@
         fleet.py     `gearvisor fleet`: every host and foreign worker in the probe's
                      `workers` lists, and the hosts that vanished since an earlier look
         autoscale.py sizes pools on queue depth from the probe's snapshots; scale pins
+        lanes.py     gives a held job back to gearmand when the job in front of it is slow
+                     and another child of the pool is idle (pidfd_getfd + shutdown)
 
 The master never imports user code and never starts a thread; whatever needs either runs
 in a child or a helper process.
@@ -45,6 +47,7 @@ from gearvisor.master.fleet import Fleet
 from gearvisor.master.groups import Groups
 from gearvisor.master.health import Health
 from gearvisor.master.journal import Journal
+from gearvisor.master.lanes import HeldLanes
 from gearvisor.master.limits import FdLimits
 from gearvisor.master.metrics import Metrics
 from gearvisor.master.probe import Probe
@@ -57,7 +60,7 @@ def components(config: Config) -> list[Component]:
     probe = Probe()
     return [Control(config), Watcher(config), probe, Commands(probe), Health(), Groups(),
             Systemd(), FdLimits(), Metrics(probe), ExitLog(), HealthFindings(probe),
-            Alerts(config), Journal(config), Fleet(probe), Autoscale(probe)]
+            Alerts(config), Journal(config), Fleet(probe), Autoscale(probe), HeldLanes()]
 
 
 def run(config: Config) -> int:

@@ -202,7 +202,8 @@ class Arbiter:
                 # Per-function job counts for metrics (off: no counting in the child at all)
                 child.scoreboard = Scoreboard(JobStats(pool.config.buckets)
                                               if self.config.metrics is not None else None,
-                                              _payload_area(self.config, pool.config))
+                                              _payload_area(self.config, pool.config),
+                                              lanes=_lanes(pool.config))
         except OSError as e:
             for fd in (fd for p in pipes for fd in p):
                 self.system.close(fd)
@@ -554,6 +555,11 @@ def _is_power_of_ten(n: int) -> bool:
     while n >= 10 and n % 10 == 0:
         n //= 10
     return n == 1
+
+
+def _lanes(pool: PoolConfig) -> bool:
+    """Does a child of `pool` hold the next job on second lanes (hold_next, prefetch 1)?"""
+    return pool.hold_next and pool.prefetch == 1
 
 
 def _payload_area(cfg: Config, pool: PoolConfig) -> PayloadArea | None:

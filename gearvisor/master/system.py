@@ -9,8 +9,11 @@ process.)
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import signal
+import socket
 from collections.abc import Callable, Iterable
 from typing import NoReturn
 
@@ -18,6 +21,39 @@ from gearvisor.child.postfork import prctl
 from gearvisor.policy.child import EXIT_CRASH
 
 PR_SET_CHILD_SUBREAPER = 36
+SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture (5.6 and later)
+
+
+def pidfd_getfd(pidfd: int, fd: int) -> int:
+    """A copy, in this process, of the file `fd` of the process behind `pidfd`
+    (pidfd_getfd(2): the caller must be allowed to ptrace it, as a parent is its own
+    children of the same user, unless a seccomp profile forbids the call)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    got = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+    if got < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return got
+
+
+def shutdown_socket(pid: int, fd: int, port: int) -> None:
+    """Shut down the TCP socket `fd` of process `pid`, whose local port must be `port`
+    (so a file the process put in that fd since is left alone). Its peer sees the end of
+    the connection, as if the process had closed it; the process keeps its fd."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        mine = pidfd_getfd(pidfd, fd)
+    finally:
+        os.close(pidfd)
+    try:
+        sock = socket.socket(fileno=mine)
+    except OSError:
+        os.close(mine)
+        raise
+    with sock:
+        if sock.type != socket.SOCK_STREAM or sock.getsockname()[1] != port:
+            raise OSError(errno.ESTALE, f"fd {fd} is not that connection any more")
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def set_child_subreaper() -> bool:
@@ -135,6 +171,10 @@ class System:
             os.close(fd)
         except OSError:
             pass
+
+    def shutdown_socket(self, pid: int, fd: int, port: int) -> None:
+        """Shut down a child's connection (a held lane: master/lanes.py); OSError if not."""
+        shutdown_socket(pid, fd, port)
 
     def become_subreaper(self) -> None:
         set_child_subreaper()

@@ -4,12 +4,20 @@ The master maps one anonymous shared page per child before fork. The child write
 counters and current job there (a few hundred nanoseconds, no syscall, no wake-up of the
 master); the master reads it when it needs to (status, a crash: which job was running).
 Single writer, so a sequence counter is enough to read a consistent snapshot (a seqlock).
+
+After the record come a few single bytes (no tearing) and, with lanes (docs/prefetch.md),
+the lane the child holds a job on while it runs another. That one has two writers: the
+child records and clears it, the master closes the lane and says so. A process-shared lock
+(a POSIX semaphore, fresh for each child) orders the two, so a child never starts a job
+from a lane the master closed, and the master never closes a lane whose job has started.
 """
 
 from __future__ import annotations
 
 import mmap
+import multiprocessing
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +32,17 @@ _BODY = struct.Struct("<B7xQQd128s128s128sQQ")
 _TEXT = 128
 _END = _SEQ.size + _BODY.size  # where the body ends and the master's control byte is
 _READ_ATTEMPTS = 1000  # spins: a write takes about a microsecond
+# Single bytes after the control byte: who writes each.
+_ASLEEP = _END + 1  # child: asleep on every server, waiting for work
+_WATCHED = _END + 2  # master: it looks at this pool's held lanes now (no Holding needed)
+_LANES_OFF = _END + 3  # master: it cannot close this child's lanes; hold nothing
+_CLOSED = _END + 4  # master, under the lock: it closed the held lane
+# Under the lock: the held lane's fd and local port, and when the job in front of it started.
+_HOLD = struct.Struct("<iid")
+_HOLD_AT = _END + 8
+_SIZE = _HOLD_AT + _HOLD.size
+LOCK_WAIT = 1.0  # the child's longest wait for the lock (the master holds it for microseconds)
+_FORK = multiprocessing.get_context("fork")
 
 
 @dataclass(frozen=True)
@@ -50,13 +69,17 @@ def _cut(text: str) -> bytes:
 class Scoreboard:
     """One child's record. Create in the master before fork; the child writes, master reads."""
 
-    __slots__ = ("_mm", "_seq", "_done", "_failed", "_busy", "_last", "stats", "payload")
+    __slots__ = ("_mm", "_seq", "_done", "_failed", "_busy", "_last", "stats", "payload",
+                 "lock")
 
     def __init__(self, stats: JobStats | None = None,
-                 payload: PayloadArea | None = None) -> None:
+                 payload: PayloadArea | None = None, lanes: bool = False) -> None:
         # anonymous + MAP_SHARED: survives fork. Layout: seq, body (the child writes), then
-        # one control byte the master writes (1: stop taking jobs, the circuit is open).
-        self._mm = mmap.mmap(-1, _SEQ.size + _BODY.size + 1)
+        # one control byte the master writes (1: stop taking jobs, the circuit is open),
+        # then the bytes and the held lane above.
+        self._mm = mmap.mmap(-1, _SIZE)
+        # The held lane's lock (lanes only): a semaphore shared across fork, not a name.
+        self.lock = _FORK.Lock() if lanes else None
         self._seq = 0
         self._done = 0
         self._failed = 0
@@ -130,6 +153,82 @@ class Scoreboard:
     def paused_wanted(self) -> bool:
         """Child side."""
         return self._mm[_END] == 1
+
+    # -- lanes -----------------------------------------------------------------------------------
+
+    def set_asleep(self, asleep: bool) -> None:
+        """Child side: waiting for work on every server (True), or taking a job."""
+        self._mm[_ASLEEP] = asleep
+
+    def asleep(self) -> bool:
+        """Master side."""
+        return self._mm[_ASLEEP] == 1
+
+    def set_watched(self, watched: bool) -> None:
+        """Master side: it watches this child's held lanes now (the child need not say
+        when it starts holding one)."""
+        self._mm[_WATCHED] = watched
+
+    def watched(self) -> bool:
+        return self._mm[_WATCHED] == 1
+
+    def set_lanes_off(self) -> None:
+        """Master side: it cannot close this child's lanes (the child then holds nothing)."""
+        self._mm[_LANES_OFF] = 1
+
+    def lanes_off(self) -> bool:
+        return self._mm[_LANES_OFF] == 1
+
+    def hold(self, fd: int, port: int, since: float) -> None:
+        """Child side: a job starts (at `since`) while the lane with socket `fd` (local
+        `port`) may bring the next one."""
+        lock = self.lock
+        if lock is not None and lock.acquire(timeout=LOCK_WAIT):
+            try:
+                _HOLD.pack_into(self._mm, _HOLD_AT, fd, port, since)
+            finally:
+                lock.release()
+
+    def release(self) -> bool:
+        """Child side: that job ended. True: the held lane is the child's again; False: the
+        master closed it meanwhile (or the lock could not be had: the child then closes it
+        itself, which is always safe), so nothing read from it may run."""
+        lock = self.lock
+        if lock is None or not lock.acquire(timeout=LOCK_WAIT):
+            return False
+        try:
+            _HOLD.pack_into(self._mm, _HOLD_AT, 0, 0, 0.0)
+            closed = self._mm[_CLOSED] == 1
+            self._mm[_CLOSED] = 0
+            return not closed
+        finally:
+            lock.release()
+
+    def held(self) -> tuple[int, int, float] | None:
+        """Master side, without the lock (a hint: take_held checks again under it): the
+        held lane's fd and port and when the job in front of it started, or None."""
+        fd, port, since = _HOLD.unpack_from(self._mm, _HOLD_AT)
+        return (fd, port, since) if fd > 0 else None
+
+    def take_held(self, older_than: float, close: Callable[[int, int], bool]) -> bool | None:
+        """Master side: if the job in front of the held lane started before `older_than`,
+        close that lane with `close(fd, port)` (True when it did) and tell the child. Never
+        waits: a lock the child holds means it is changing lanes right now (None). Returns
+        what `close` said, or None when nothing was closed and nothing was tried."""
+        lock = self.lock
+        if lock is None or not lock.acquire(False):
+            return None
+        try:
+            fd, port, since = _HOLD.unpack_from(self._mm, _HOLD_AT)
+            if fd <= 0 or since >= older_than:
+                return None
+            done = close(fd, port)
+            if done:
+                _HOLD.pack_into(self._mm, _HOLD_AT, 0, 0, 0.0)
+                self._mm[_CLOSED] = 1
+            return done
+        finally:
+            lock.release()
 
     def close(self) -> None:
         self._mm.close()

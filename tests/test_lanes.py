@@ -1,0 +1,242 @@
+"""Lanes (hold_next, the default): a child holds the next job on a second connection per
+server while the queue is busy, and the master gives it back to gearmand when the job in
+front of it is slow and another child is idle (master/lanes.py, docs/prefetch.md).
+
+The integration tests check what gearmand and the jobs themselves report: every job runs
+exactly once, none waits for a slow job while a sibling idles, and a stop runs only the
+current job. The unit tests check the scoreboard's lock protocol between child and master.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import HOST, Gearmand, wait_for, write_module
+
+from gearvisor.gearman.client import Client
+from gearvisor.shm.scoreboard import Scoreboard
+
+# -- the scoreboard's lock: child and master never both win --------------------------------------
+
+
+def test_the_master_closes_a_held_lane_only_while_its_job_runs() -> None:
+    board = Scoreboard(lanes=True)
+    try:
+        closed: list[tuple[int, int]] = []
+
+        def close(fd: int, port: int) -> bool:
+            closed.append((fd, port))
+            return True
+
+        assert board.take_held(100.0, close) is None  # nothing held
+        board.hold(7, 4242, since=10.0)
+        assert board.held() == (7, 4242, 10.0)
+        assert board.take_held(10.0, close) is None  # the job in front is not slow yet
+        assert board.take_held(10.5, close) is True
+        assert closed == [(7, 4242)]
+        assert board.held() is None
+        assert board.release() is False  # the child learns it: nothing from that lane runs
+        board.hold(8, 4243, since=20.0)
+        assert board.release() is True  # ended before the master looked: the lane is kept
+        assert board.take_held(100.0, close) is None
+        assert closed == [(7, 4242)]
+    finally:
+        board.close()
+
+
+def test_the_master_never_waits_for_a_child_changing_lanes() -> None:
+    board = Scoreboard(lanes=True)
+    try:
+        board.hold(7, 4242, since=10.0)
+        assert board.lock is not None
+        board.lock.acquire()  # the child, mid-change
+        try:
+            assert board.take_held(100.0, lambda fd, port: True) is None
+        finally:
+            board.lock.release()
+        assert board.held() == (7, 4242, 10.0)  # still held: nothing was closed
+    finally:
+        board.close()
+
+
+def test_a_close_that_fails_leaves_the_lane_recorded() -> None:
+    board = Scoreboard(lanes=True)
+    try:
+        board.hold(7, 4242, since=10.0)
+        assert board.take_held(100.0, lambda fd, port: False) is False
+        assert board.release() is True  # not closed: the child keeps it
+    finally:
+        board.close()
+
+
+def test_a_child_forked_after_the_hold_sees_the_master_close() -> None:
+    """Across fork, as in a real master: the child records, the parent closes."""
+    board = Scoreboard(lanes=True)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            os.close(r)
+            board.hold(5, 1234, since=1.0)
+            os.write(w, b"h")
+            while board.held() is not None:  # until the parent has closed it
+                time.sleep(0.001)
+            os.write(w, b"y" if board.release() is False else b"n")
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        assert os.read(r, 1) == b"h"
+        assert board.take_held(2.0, lambda fd, port: (fd, port) == (5, 1234)) is True
+        assert os.read(r, 1) == b"y"
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+        board.close()
+
+
+# -- a real master and a real gearmand ----------------------------------------------------------
+
+JOBS = """
+import os, time
+
+def f(job):
+    started = time.monotonic()
+    if job.unique == "slow":
+        time.sleep({slow})
+    until = time.perf_counter() + {spin}  # every job's own work
+    while time.perf_counter() < until:
+        pass
+    fd = os.open({log!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, ("%s %d %.6f %.6f\\n" % (job.unique, os.getpid(), started,
+                                         time.monotonic())).encode())
+    os.close(fd)
+    return b""
+"""
+
+
+def ran(log: Path) -> list[tuple[str, int, float, float]]:
+    if not log.exists():
+        return []
+    out = []
+    for line in log.read_text().splitlines():
+        u, pid, start, end = line.split()
+        out.append((u, int(pid), float(start), float(end)))
+    return out
+
+
+def fleet(gearmand: Gearmand, master: Any, tmp_path: Path, processes: int, slow: float,
+          spin: float = 0.0):
+    log = tmp_path / "ran.txt"
+    write_module(tmp_path, "lanejobs", JOBS.format(log=str(log), slow=slow, spin=spin))
+    m = master({"servers": [gearmand.address], "watch_config": False,
+                "pools": {"lanes": {"processes": processes, "functions": {"f": "lanejobs:f"},
+                                    "backoff": {"initial": 0}}}})
+    wait_for(lambda: len(gearmand.workers("lanes")) == processes,
+             message=f"{processes} children registered")
+    return m, log
+
+
+def submit(gearmand: Gearmand, uniques: list[str]) -> None:
+    with Client(HOST, gearmand.port) as client:
+        client.submit_background_many("f", uniques, deadline=time.monotonic() + 30)
+
+
+def queued(gearmand: Gearmand) -> int | None:
+    st = gearmand.status().get("f")
+    return None if st is None else st.queued
+
+
+@pytest.mark.integration
+def test_a_job_held_behind_a_slow_one_goes_to_the_idle_child(gearmand, master,
+                                                            tmp_path) -> None:
+    m, log = fleet(gearmand, master, tmp_path, processes=2, slow=3.0)
+    uniques = [f"u{i}" for i in range(40)] + ["slow"] + [f"v{i}" for i in range(40)]
+    submit(gearmand, uniques)
+    wait_for(lambda: {u for u, *_ in ran(log)} >= set(uniques) - {"slow"}, timeout=20,
+             message="every short job ran")
+    wait_for(lambda: len(ran(log)) == len(uniques) and queued(gearmand) == 0, timeout=20,
+             message="the slow job ran too, and gearmand's queue is empty")
+    done = ran(log)
+    counts = collections.Counter(u for u, *_ in done)
+    assert [u for u, c in counts.items() if c != 1] == []  # each job exactly once
+    slow = next(row for row in done if row[0] == "slow")
+    late = [(u, round(end - slow[2], 3)) for u, _, _, end in done
+            if u != "slow" and end > slow[2] + 1.0]
+    assert late == [], "short jobs waited for the slow one while a child was idle"
+    # The slow child did hold one (it was given back): that is what this test is about.
+    wait_for(lambda: m.status().get("held_jobs_returned", {}).get("lanes", 0) >= 1,
+             message="the master gave the held job back")
+
+
+@pytest.mark.integration
+def test_a_stop_runs_only_the_current_job_and_hands_the_held_one_back(gearmand, master,
+                                                                      tmp_path) -> None:
+    m, log = fleet(gearmand, master, tmp_path, processes=1, slow=1.0)
+    after = [f"v{i}" for i in range(20)]
+    submit(gearmand, [f"u{i}" for i in range(20)] + ["slow"] + after)
+    # The slow job is running once gearmand says so and the short ones before it are done.
+    wait_for(lambda: len(ran(log)) >= 20 and (gearmand.status().get("f") or 0)
+             and gearmand.status()["f"].running >= 1, timeout=20,
+             message="the slow job running")
+    m.signal(signal.SIGTERM)  # graceful: finish the current job, then exit
+    assert m.wait_exit(timeout=30) == 0
+    names = [u for u, *_ in ran(log)]
+    assert "slow" in names
+    assert [u for u in names if u.startswith("v")] == []  # nothing after the current job
+    assert queued(gearmand) == len(after)  # gearmand has all the rest back, held one too
+    assert m.events("stopping: handed the jobs this child took but did not start back to "
+                    "the job server")
+
+
+@pytest.mark.integration
+def test_a_roll_in_the_middle_of_a_drain_runs_every_job_once_with_lanes(gearmand, master,
+                                                                       tmp_path) -> None:
+    m, log = fleet(gearmand, master, tmp_path, processes=2, slow=0, spin=0.0002)
+    first = {c.pid for c in m.children()}
+    uniques = [f"u{i}" for i in range(12000)]
+    submit(gearmand, uniques)
+    wait_for(lambda: len(ran(log)) >= 500, timeout=30, message="the drain under way")
+    out = m.ctl("reload")
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: queued(gearmand) == 0 and len(ran(log)) >= len(uniques), timeout=60,
+             message="every job ran")
+    done = ran(log)
+    counts = collections.Counter(u for u, *_ in done)
+    assert set(counts) == set(uniques)
+    assert [u for u, c in counts.items() if c != 1] == []
+    pids = {pid for _, pid, *_ in done}
+    assert pids & first and pids - first, "the roll did not happen during the drain"
+
+
+@pytest.mark.integration
+def test_an_idle_fleet_shows_one_connection_per_child_again(gearmand, master,
+                                                            tmp_path) -> None:
+    """Second lanes open while the queue is busy and close once the child has slept a while,
+    so gearmand's `workers` list of an idle fleet is what it was without lanes."""
+    m, log = fleet(gearmand, master, tmp_path, processes=2, slow=0)
+    submit(gearmand, [f"u{i}" for i in range(3000)])
+    wait_for(lambda: len(gearmand.workers("lanes")) > 2, timeout=20,
+             message="second lanes opened during the drain")
+    wait_for(lambda: queued(gearmand) == 0, timeout=30, message="the drain")
+    wait_for(lambda: len(gearmand.workers("lanes")) == 2, timeout=10,
+             message="one connection per child once idle")
+    assert len({w.client_id for w in gearmand.workers("lanes")}) == 2
+    assert len(ran(log)) == 3000
+
+
+@pytest.mark.integration
+def test_job_retries_count_a_given_back_job_once(master, tmp_path) -> None:
+    """gearmand --job-retries counts each hand-back as a try: with 2, a job given back once
+    still runs."""
+    server = Gearmand(args=("--job-retries", "2")).start()
+    try:
+        test_a_job_held_behind_a_slow_one_goes_to_the_idle_child(server, master, tmp_path)
+    finally:
+        server.stop()
