@@ -118,6 +118,15 @@ def test_under_registered_after_its_grace_counting_only_children_ready_before_th
     assert findings.evaluate([view(at=112.0, workers=one)], [web], 112.0) == frozenset()
 
 
+def test_a_child_with_two_lanes_is_one_registered_child(findings: Findings) -> None:
+    web = pool(ready_at=(50.0, 50.0))
+    lanes = [worker("web", 0, "resize"), worker("web", 0, "resize")]  # hold_next: 2 conns
+    for t in (100.0, 111.0):
+        found = findings.evaluate([view(at=t, workers=lanes)], [web], t)
+    (shortfall,) = found
+    assert shortfall.details == {"registered": 1, "children": 2}
+
+
 def test_a_growing_backlog_gives_a_drain_time_from_the_pools_completion_rate(
         findings: Findings) -> None:
     def probe(t: float, waiting: int, completed: int) -> frozenset[Finding]:

@@ -153,7 +153,8 @@ def test_a_child_that_fails_fast_quarantines_itself_and_the_others_keep_serving(
     wait_value(lambda: [w for w in gearmand.workers("p") if w.client_id.endswith(":p:0")],
                lambda mine: mine and all(not w.functions for w in mine),
                message="slot 0 unregistered in gearmand")
-    assert sum(1 for w in gearmand.workers("p") if w.functions) == 2
+    # (a busy child may have a second lane open: one client id, two connections)
+    assert len({w.client_id for w in gearmand.workers("p") if w.functions}) == 2
 
 
 def test_when_every_child_fails_the_circuit_opens_and_the_queue_waits(gearmand, master,

@@ -28,9 +28,10 @@ def test_round_trip(message: msg.Message) -> None:
 
 def test_wire_names_are_stable() -> None:
     # Operators and tests grep for these; a rename is a breaking change.
-    assert sorted(msg.KINDS) == ["boot_error", "changed", "delivered", "error", "job_ended",
-                                 "job_started", "modules", "probation_passed", "quarantined",
-                                 "ready", "recycle", "store", "stored", "watching"]
+    assert sorted(msg.KINDS) == ["boot_error", "changed", "delivered", "error", "holding",
+                                 "job_ended", "job_started", "modules", "probation_passed",
+                                 "quarantined", "ready", "recycle", "store", "stored",
+                                 "watching"]
 
 
 @pytest.mark.parametrize("line, why", [

@@ -440,6 +440,8 @@ def gearmand_views() -> dict:
                         "idle_foreign": FunctionStatus("idle_foreign", 0, 0, 4)},
                     workers=(WorkerInfo(1, "127.0.0.1", "host:images:0", ("resize",)),
                              WorkerInfo(2, "127.0.0.1", "host:images:1", ("resize",)),
+                             # slot 1's second lane (hold_next): the same worker
+                             WorkerInfo(4, "127.0.0.1", "host:images:1", ("resize",)),
                              WorkerInfo(3, "10.0.0.9", "-", ("resize", "idle_foreign"))))
     down = ServerView(("127.0.0.1", 4731), up=False, failures=4, error="connect: refused")
     return {up.server: up, down.server: down}

@@ -311,7 +311,7 @@ SETTINGS: tuple[Setting, ...] = (
             "after a quarter of this, doubling up to twice it, and is down after 3 failures "
             "in a row.", scope="global"),
     Setting("findings.registration_grace", duration_upto(HOUR), 30.0,
-            "`under_registered`: how long a pool may have fewer connections registered on a "
+            "`under_registered`: how long a pool may have fewer children registered on a "
             "job server than it has children serving before it is a finding.",
             scope="global"),
     Setting("findings.no_workers_probes", int_range(1, 100), 2,

@@ -150,14 +150,15 @@ def servers_status(views: Iterable[ServerView], now: float) -> list[dict[str, An
 
 
 def _ours(view: ServerView, prefixes: tuple[str, ...]) -> dict[str, int]:
-    """Per function: the connections in the server's `workers` list that belong to one of
-    our pools (their client id starts with "<client_id_prefix>:<pool>:") and can do it."""
-    counts: dict[str, int] = {}
+    """Per function: our workers in the server's `workers` list that can do it, by client id
+    (it starts with "<client_id_prefix>:<pool>:"): a child's second lane (hold_next) is one
+    more connection of the same worker, not one more worker."""
+    ids: dict[str, set[str]] = {}
     for w in view.workers or ():
         if w.client_id.startswith(prefixes):
             for fn in w.functions:
-                counts[fn] = counts.get(fn, 0) + 1
-    return counts
+                ids.setdefault(fn, set()).add(w.client_id)
+    return {fn: len(found) for fn, found in ids.items()}
 
 
 def functions_status(views: Mapping[tuple[str, int], ServerView],

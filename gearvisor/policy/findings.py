@@ -12,7 +12,7 @@ what was raised and what cleared. Each finding clears on its own once its cause 
 - no_workers        a function has jobs queued on a server that reports 0 capable workers
                     for it (any host, any language: gearmand's own count), in
                     `findings.no_workers_probes` probes in a row.
-- under_registered  a pool has fewer connections registered on a server than it has
+- under_registered  a pool has fewer children registered on a server than it has
                     children serving, for `findings.registration_grace` (a registration
                     failure: a command that never registers, a server that refuses it).
 - backlog_growing   a function's waiting jobs on a server rose at every one of the last
@@ -311,16 +311,17 @@ class Findings:
             if view.server not in pool.servers:
                 continue
             expected = sum(1 for t in pool.ready_at if t <= answered_at)
-            registered = sum(1 for w in view.workers or ()
-                             if w.client_id.startswith(pool.client_prefix)
-                             and (not pool.functions or pool.functions & set(w.functions)))
+            # Children, by client id: a child's second lane (hold_next) is the same child.
+            registered = len({w.client_id for w in view.workers or ()
+                              if w.client_id.startswith(pool.client_prefix)
+                              and (not pool.functions or pool.functions & set(w.functions))})
             key = (FindingKind.UNDER_REGISTERED, view.name, None, pool.name)
             if registered >= expected:
                 continue
             since = self._began(key, now)
             if now - since >= self.config.registration_grace:
                 out.append(Finding(*key, message=f"pool {pool.name} has {registered} "
-                                   f"connection(s) registered on {view.name} but {expected} "
+                                   f"child(ren) registered on {view.name} but {expected} "
                                    "children serving: some failed to register",
                                    since=since, details={"registered": registered,
                                                          "children": expected}))
