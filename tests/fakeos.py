@@ -136,6 +136,10 @@ class FakeSystem(System):
         self.fail_forks = 0  # the next this many fork() calls fail with EAGAIN
         self.fork_attempts = 0  # every fork() call, failed or not
         self._inputs: list[int] = []  # read ends of pipe()s for the next fork to take
+        # Held lanes shut down (master/lanes.py): (pid, fd, port); with `refuse_shutdown`
+        # set, shutdown_socket raises it instead (a seccomp profile, another user).
+        self.shutdowns: list[tuple[int, int, int]] = []
+        self.refuse_shutdown: OSError | None = None
 
     def fork(self, body: Callable[..., Any], blocked: Iterable[int]) -> tuple[int, int]:
         """Record the fork (`body`, the child's code, never runs) and return a made-up pid
@@ -177,6 +181,11 @@ class FakeSystem(System):
             if sig == signal.SIGKILL:
                 child.die(signal_status(signal.SIGKILL))
         return True  # alive, or a zombie not reaped yet: it still exists
+
+    def shutdown_socket(self, pid: int, fd: int, port: int) -> None:
+        if self.refuse_shutdown is not None:
+            raise self.refuse_shutdown
+        self.shutdowns.append((pid, fd, port))
 
     def kill(self, pid: int, sig: int) -> bool:
         """Record the signal; SIGKILL kills the fake child, any other signal only reaches

@@ -10,6 +10,9 @@ current job. The unit tests check the scoreboard's lock protocol between child a
 from __future__ import annotations
 
 import collections
+import errno
+import io
+import json
 import os
 import signal
 import time
@@ -17,10 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import HOST, Gearmand, wait_for, write_module
+from fakeos import FakeMaster
 
 from gearvisor.gearman.client import Client
-from gearvisor.shm.scoreboard import Scoreboard
+from gearvisor.master.lanes import STEAL_AFTER, HeldLanes
+from gearvisor.messages import Holding, Ready
+from gearvisor.policy.child import Child
+from gearvisor.shm.lanes import LaneHints
+from gearvisor.shm.scoreboard import Scoreboard, Take
 
 # -- the scoreboard's lock: child and master never both win --------------------------------------
 
@@ -34,17 +43,17 @@ def test_the_master_closes_a_held_lane_only_while_its_job_runs() -> None:
             closed.append((fd, port))
             return True
 
-        assert board.take_held(100.0, close) is None  # nothing held
+        assert board.take_held(100.0, 0.5, close) is Take.NOTHING  # nothing held
         board.hold(7, 4242, since=10.0)
         assert board.held() == (7, 4242, 10.0)
-        assert board.take_held(10.0, close) is None  # the job in front is not slow yet
-        assert board.take_held(10.5, close) is True
+        assert board.take_held(10.4, 0.5, close) is Take.NOTHING  # not slow yet
+        assert board.take_held(10.5, 0.5, close) is Take.CLOSED
         assert closed == [(7, 4242)]
         assert board.held() is None
         assert board.release() is False  # the child learns it: nothing from that lane runs
         board.hold(8, 4243, since=20.0)
         assert board.release() is True  # ended before the master looked: the lane is kept
-        assert board.take_held(100.0, close) is None
+        assert board.take_held(100.0, 0.5, close) is Take.NOTHING
         assert closed == [(7, 4242)]
     finally:
         board.close()
@@ -57,7 +66,7 @@ def test_the_master_never_waits_for_a_child_changing_lanes() -> None:
         assert board.lock is not None
         board.lock.acquire()  # the child, mid-change
         try:
-            assert board.take_held(100.0, lambda fd, port: True) is None
+            assert board.take_held(100.0, 0.5, lambda fd, port: True) is Take.BUSY
         finally:
             board.lock.release()
         assert board.held() == (7, 4242, 10.0)  # still held: nothing was closed
@@ -69,7 +78,7 @@ def test_a_close_that_fails_leaves_the_lane_recorded() -> None:
     board = Scoreboard(lanes=True)
     try:
         board.hold(7, 4242, since=10.0)
-        assert board.take_held(100.0, lambda fd, port: False) is False
+        assert board.take_held(100.0, 0.5, lambda fd, port: False) is Take.REFUSED
         assert board.release() is True  # not closed: the child keeps it
     finally:
         board.close()
@@ -93,7 +102,7 @@ def test_a_child_forked_after_the_hold_sees_the_master_close() -> None:
     os.close(w)
     try:
         assert os.read(r, 1) == b"h"
-        assert board.take_held(2.0, lambda fd, port: (fd, port) == (5, 1234)) is True
+        assert board.take_held(2.0, 0.5, lambda fd, port: (fd, port) == (5, 1234)) is Take.CLOSED
         assert os.read(r, 1) == b"y"
     finally:
         os.close(r)
@@ -240,3 +249,112 @@ def test_job_retries_count_a_given_back_job_once(master, tmp_path) -> None:
         test_a_job_held_behind_a_slow_one_goes_to_the_idle_child(server, master, tmp_path)
     finally:
         server.stop()
+
+
+# -- the lane hints ------------------------------------------------------------------------------
+
+
+def test_hints_find_a_sibling_of_the_same_pool_never_the_child_itself() -> None:
+    hints = LaneHints(16)
+    try:
+        hints.set_asleep(3, 7)
+        assert not hints.others_asleep(7, 3)  # only itself
+        assert hints.others_asleep(7, 5)
+        assert not hints.others_asleep(8, 5)  # another pool's tag
+        hints.set_holding(3, 7)
+        hints.set_holding(4, 7)
+        assert hints.others_holding(7, 3) and hints.others_holding(7, 4)
+        hints.clear(4)
+        assert not hints.others_holding(7, 3)
+        assert hints.asleep(3) and not hints.asleep(4)
+        hints.set_asleep(99, 7)  # out of range: ignored, never an IndexError
+        assert not hints.others_asleep(0, 5)  # tag 0 is "none"
+    finally:
+        hints.close()
+
+
+# -- the master's side, on a fake OS and a fake clock (tests/fakeos.py) ---------------------------
+
+
+@pytest.fixture
+def pool_of_two(tmp_path: Path, log: io.StringIO):
+    path = tmp_path / "gearvisor.yaml"
+    path.write_text(yaml.safe_dump({
+        "watch_config": False,
+        "pools": {"web": {"processes": 2, "functions": {"f": "examples.text:echo"},
+                          "watch": False}}}))
+    m = FakeMaster(str(path), (HeldLanes(),))
+    try:
+        m.step()
+        for child in m.system.forked:
+            child.say(Ready())
+        m.step()
+        yield m
+    finally:
+        m.close()
+
+
+def children_of(m: FakeMaster) -> list[Child]:
+    return sorted((c for c, _ in m.arbiter.children.values()), key=lambda c: c.slot)
+
+
+def asleep(m: FakeMaster, child: Child) -> None:
+    m.arbiter.lane_hints.set_asleep(child.running_index, m.arbiter.pool_tag("web"))
+
+
+def say_holding(m: FakeMaster, child: Child) -> None:
+    next(f for f in m.system.forked if f.pid == child.pid).say(Holding())
+    m.step()
+
+
+def test_a_held_job_goes_back_once_the_job_in_front_is_slow_and_a_sibling_sleeps(
+        pool_of_two: FakeMaster) -> None:
+    m = pool_of_two
+    idle, busy = children_of(m)
+    assert busy.scoreboard is not None
+    busy.scoreboard.hold(9, 40001, since=m.clock.now)
+    asleep(m, idle)
+    say_holding(m, idle)  # it fell asleep while a sibling holds: the master looks
+    assert m.system.shutdowns == []  # the job in front has not run 2 ms yet
+    m.advance(STEAL_AFTER / 2)
+    assert m.system.shutdowns == []
+    m.advance(STEAL_AFTER / 2 + 1e-6)  # the master's timer: now it is slow
+    assert m.system.shutdowns == [(busy.pid, 9, 40001)]
+    assert busy.scoreboard.release() is False  # the child learns: that lane is gone
+    assert m.arbiter.status(m.clock.now)["held_jobs_returned"] == {"web": 1}
+
+
+def test_nothing_goes_back_while_no_sibling_sleeps(pool_of_two: FakeMaster) -> None:
+    m = pool_of_two
+    _, busy = children_of(m)
+    assert busy.scoreboard is not None
+    busy.scoreboard.hold(9, 40001, since=m.clock.now)
+    say_holding(m, busy)
+    m.advance(1.0)
+    assert m.system.shutdowns == []
+    assert busy.scoreboard.release() is True
+
+
+def test_a_refused_close_turns_the_pools_lanes_off_and_says_so_once(
+        pool_of_two: FakeMaster, log: io.StringIO) -> None:
+    m = pool_of_two
+    idle, busy = children_of(m)
+    assert busy.scoreboard is not None and idle.scoreboard is not None
+    m.system.refuse_shutdown = PermissionError(errno.EPERM, "Operation not permitted")
+    busy.scoreboard.hold(9, 40001, since=m.clock.now - 1.0)
+    asleep(m, idle)
+    say_holding(m, idle)
+    assert busy.scoreboard.lanes_off()
+    assert busy.scoreboard.release() is True  # not closed: its held job runs after this one
+    say_holding(m, idle)
+    warned = [line for line in map(json.loads, log.getvalue().splitlines())
+              if line["event"].startswith("cannot close a child's held lane")]
+    assert len(warned) == 1 and "Operation not permitted" in warned[0]["error"]
+    # A child started in that pool from now on holds nothing either.
+    m.system.forked[0].exit(1)
+    for _ in range(60):
+        m.advance(1.0)
+    assert len(m.system.forked) == 3, "the dead child was not replaced"
+    newest = next(c for c, _ in m.arbiter.children.values()
+                  if c.pid == m.system.forked[-1].pid)
+    assert newest.scoreboard is not None and newest.scoreboard.lanes_off()

@@ -50,6 +50,20 @@ def test_timers_run_in_order_when_due_and_cancelled_ones_never(loop) -> None:
     assert loop.next_timeout(200.0) == MAX_WAIT  # nothing left: wake up now and then
 
 
+def test_a_quiet_timer_runs_without_the_passes_unless_something_else_ran(loop) -> None:
+    ran: list[str] = []
+    loop.every_pass(lambda: ran.append("pass"))
+    loop.call_at(101.0, lambda: ran.append("quiet"), quiet=True)
+    loop.test_clock.now = 101.0
+    loop.run_once()  # no fd ready: the timer is all that ran
+    assert ran == ["quiet"]
+    loop.call_at(102.0, lambda: ran.append("quiet"), quiet=True)
+    loop.call_at(102.0, lambda: ran.append("loud"))
+    loop.test_clock.now = 102.0
+    loop.run_once()
+    assert ran == ["quiet", "quiet", "loud", "pass"]
+
+
 def test_reader_and_writer_callbacks_on_one_fd(loop) -> None:
     a, b = socket.socketpair()
     try:

@@ -37,6 +37,7 @@ from gearvisor.policy.child import (
     EXIT_OK,
     EXIT_ORPHANED,
 )
+from gearvisor.shm.lanes import LaneHints
 from gearvisor.shm.poison import PoisonTable, RunningJobs, job_key
 from gearvisor.shm.scoreboard import Scoreboard
 from gearvisor.shm.stats import ERROR, POISON, SUCCESS, TIMEOUT
@@ -53,9 +54,6 @@ PARENT_CHECK = 1.0  # seconds between getppid() looks, only where PDEATHSIG is n
 # is a system call (prctl), and jobs that come one at a time would pay two per job for a
 # title that flips faster than anyone reads it.
 IDLE_TITLE_DELAY = 0.1
-# A child that holds a job while the master does not watch its pool says so (Holding) at
-# most this often: the master's answer (the scoreboard's watched byte) takes a moment.
-HOLDING_RETELL = 0.5
 
 
 class BootError(Exception):
@@ -127,7 +125,8 @@ class _ChildHooks(Hooks):
                          if pool.max_jobs else None)
         self.max_memory = pool.max_memory
         self.recycling = False
-        self.asleep = False  # the scoreboard's asleep byte, as last written
+        self.lanes: _BoardLanes | None = None
+        self.asleep = False  # the lane hints' asleep byte, as last written
 
     def _send(self, message: msg.Message) -> None:
         """An event to the master, unless the rest of a journal line must go first and the
@@ -162,9 +161,9 @@ class _ChildHooks(Hooks):
         if self.journal is not None and (self.journal.pending() or self.journal.tail):
             self.journal.flush()
         self.idle_title_at = time.monotonic() + IDLE_TITLE_DELAY
-        if not self.asleep:
+        if not self.asleep and self.lanes is not None:
             self.asleep = True
-            self.board.set_asleep(True)  # the master may hand this child a held job
+            self.lanes.sleeping(True)  # the master may hand this child a held job
 
     def idle_title(self) -> None:
         """The worker's check (every_tick): the title says idle once waiting lasted
@@ -178,7 +177,7 @@ class _ChildHooks(Hooks):
         self.idle_title_at = float("inf")
         if self.asleep:
             self.asleep = False
-            self.board.set_asleep(False)
+            self.lanes.sleeping(False)  # type: ignore[union-attr]
         if self.timer is not None:
             self.timer.timed_out = False
         key = _key(job)
@@ -281,26 +280,41 @@ class _ChildHooks(Hooks):
 
 
 class _BoardLanes(Lanes):
-    """Lanes through the scoreboard: the held lane is recorded there, under its lock, for
-    the master to close (master/lanes.py); a child that starts holding while the master
-    does not watch its pool tells it (Holding)."""
+    """Lanes through the scoreboard and the fleet's lane hints (shm/lanes.py). The held lane
+    is recorded in the scoreboard, under its lock, for the master to close (master/lanes.py).
+    A second lane takes no job while a sibling is asleep (it would take it at once). A child
+    that falls asleep while a sibling holds a job, or that starts holding while a sibling is
+    asleep, tells the master (Holding): it never looks otherwise."""
 
-    def __init__(self, board: Scoreboard, hooks: _ChildHooks) -> None:
+    def __init__(self, board: Scoreboard, hints: LaneHints, index: int, tag: int,
+                 hooks: _ChildHooks) -> None:
         self.board = board
+        self.hints = hints
+        self.index = index
+        self.tag = tag
         self.hooks = hooks
-        self.told_at = -HOLDING_RETELL
 
     def allowed(self) -> bool:
-        return not self.board.lanes_off()
+        return not self.board.lanes_off() and not self.hints.others_asleep(self.tag, self.index)
 
     def holding(self, fd: int, port: int, now: float) -> None:
-        self.board.hold(fd, port, now)
-        if not self.board.watched() and now - self.told_at >= HOLDING_RETELL:
-            self.told_at = now
+        self.hints.set_holding(self.index, self.tag)
+        self.board.hold(fd, port, now)  # (its lock: the barrier between write and read)
+        if self.hints.others_asleep(self.tag, self.index):
             self.hooks._send(msg.Holding())
 
     def released(self) -> bool:
-        return self.board.release()
+        kept = self.board.release()
+        self.hints.set_holding(self.index, 0)
+        return kept
+
+    def sleeping(self, asleep: bool) -> None:
+        """The child waits for work on every server (True), or takes a job."""
+        self.hints.set_asleep(self.index, self.tag if asleep else 0)
+        if asleep:
+            self.board.fence()
+            if self.hints.others_holding(self.tag, self.index):
+                self.hooks._send(msg.Holding())
 
 
 def _key(job: Job) -> int:
@@ -404,14 +418,15 @@ def run_child(cfg: Config, pool: PoolConfig, slot: int, generation: int, event_f
               master_pid: int, signals_to_unblock: set[int], board: Scoreboard,
               poison: PoisonTable | None = None, probation: bool = False,
               start_paused: bool = False, running: RunningJobs | None = None,
-              running_index: int = -1) -> NoReturn:
+              running_index: int = -1, hints: LaneHints | None = None,
+              tag: int = 0) -> NoReturn:
     """The body of a forked child. Never returns: always ends in os._exit()."""
     code = EXIT_CRASH
     logger: Any = None
     try:
         code, logger = _child_main(cfg, pool, slot, generation, event_fd, master_pid,
                                    signals_to_unblock, board, poison, probation,
-                                   start_paused, running, running_index)
+                                   start_paused, running, running_index, hints, tag)
     except SystemExit as e:  # user code called sys.exit() at import time
         code = e.code if isinstance(e.code, int) else EXIT_CRASH
     except BaseException:
@@ -432,7 +447,8 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
                 master_pid: int, signals_to_unblock: set[int], board: Scoreboard,
                 poison: PoisonTable | None, probation: bool,
                 start_paused: bool = False, running: RunningJobs | None = None,
-                running_index: int = -1) -> tuple[int, Any]:
+                running_index: int = -1, hints: LaneHints | None = None,
+                tag: int = 0) -> tuple[int, Any]:
     # Default dispositions first, while signals are still blocked (they were blocked around
     # fork, so nothing the master set can run here); then the pool's cwd, limits, env, user.
     watched = after_fork(signals_to_unblock, signal.SIGTERM, {event_fd}, pool,
@@ -495,6 +511,8 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
                             event_fd) if cfg.journal.enabled else None)
     hooks = _ChildHooks(pool, slot, event_fd, board, probation, logger, journal)
     hooks.running, hooks.running_index = running, running_index
+    if board.lock is not None and hints is not None and running_index >= 0:
+        hooks.lanes = _BoardLanes(board, hints, running_index, tag, hooks)
     if running is not None:
         running.claim(running_index, os.getpid())
     ka = pool.keepalive
@@ -512,7 +530,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         timer=timer,
         prefetch=pool.prefetch,
         max_job_size=pool.max_job_size,
-        lanes=_BoardLanes(board, hooks) if board.lock is not None else None,
+        lanes=hooks.lanes,
         is_poison=(None if poison is None or not pool.poison_after else
                    lambda job: _deaths(job, poison, running, running_index)
                    >= pool.poison_after),

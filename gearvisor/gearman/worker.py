@@ -1003,6 +1003,12 @@ class Worker:
         job, and at most one round trip."""
         if not self._taking():
             self._send_winding_down(conn, reply)
+        elif conn.second and not self.lanes.allowed():  # type: ignore[union-attr]
+            # A sibling is asleep (or lanes were turned off): it takes the next job, so
+            # this lane asks for none; it rests until the queue is busy again.
+            if self._send(conn, reply) and conn.state is ConnState.GRABBING \
+                    and not conn.outstanding:
+                conn.state = ConnState.IDLE
         else:
             self._top_up(conn, reply)
 

@@ -36,6 +36,7 @@ from gearvisor.master.system import System
 from gearvisor.policy.backoff import jittered
 from gearvisor.policy.child import EXIT_BOOT_ERROR, Child, ChildState, describe_status
 from gearvisor.policy.pool import Circuit, Pool, Retire, Spawn
+from gearvisor.shm.lanes import MAX_TAG, LaneHints
 from gearvisor.shm.payload import PayloadArea
 from gearvisor.shm.poison import PoisonTable, RunningJobs
 from gearvisor.shm.scoreboard import Scoreboard
@@ -88,6 +89,10 @@ class Arbiter:
         # each child runs.
         self.poison = PoisonTable()
         self.running = RunningJobs()
+        # Who sleeps and who holds a job, by RunningJobs index (shm/lanes.py), and each
+        # pool's tag in it.
+        self.lane_hints = LaneHints(self.running.capacity)
+        self.pool_tags: dict[str, int] = {}
         self._next_pass: Timer | None = None
         self._stop_timer: Timer | None = None
 
@@ -141,6 +146,7 @@ class Arbiter:
         self.loop.close()
         self.poison.close()
         self.running.close()
+        self.lane_hints.close()
 
     # -- signals: each handler only queued the signal; these run from the loop ---------------
 
@@ -176,6 +182,13 @@ class Arbiter:
             if pool.removed and not pool.children():
                 del self.pools[name]
                 self.log.info("pool removed", pool=name)
+
+    def pool_tag(self, name: str) -> int:
+        """The pool's tag in the lane hints (1-255; pools past 255 share tags)."""
+        tag = self.pool_tags.get(name)
+        if tag is None:
+            tag = self.pool_tags[name] = len(self.pool_tags) % MAX_TAG + 1
+        return tag
 
     def child_busy(self, child: Child) -> bool:
         """Is `child` running a job now (its scoreboard says so)? A child without one (a
@@ -222,7 +235,7 @@ class Arbiter:
                              pipes[1][1], blocked)
             run_child(self.config, pool.config, slot.index, pool.generation, w, self.pid,
                       blocked, board, self.poison, action.probation, start_paused,
-                      self.running, index)
+                      self.running, index, self.lane_hints, self.pool_tag(pool.name))
 
         try:
             pid, r = self.system.fork(body, HANDLED_SIGNALS)
@@ -341,6 +354,7 @@ class Arbiter:
             if child.event_fd >= 0:
                 self._read_events(child, pool, final=True)
             child.transition(ChildState.EXITED)  # any -> EXITED
+            self.lane_hints.clear(child.running_index)
             self.on_child_exit(child, pool, status)
             self.running.release(child.running_index)  # after its strike, if any
             if child.scoreboard is not None:

@@ -6,14 +6,15 @@ worker.py, docs/prefetch.md). Gearman has no packet that gives a job back; gearm
 requeues what it assigned on a connection only when that connection closes. Job code holds
 the child's only thread, and no signal may interrupt it, so the master does the closing:
 
-- A child that starts holding while the master does not watch its pool says so (Holding).
-  The master then looks every WATCH_EVERY until no child of the pool has held a job for
-  WATCH_LINGER. An idle pool, or one whose jobs come one at a time, holds nothing, so it
-  costs the master no look at all.
-- When a child's job has run STEAL_AFTER while another child of the pool is asleep waiting
-  for work, the master takes a copy of the held lane's socket (pidfd_getfd) and shuts it
-  down. gearmand requeues the held job and wakes the idle child, which runs it. The child
-  that held it reopens the lane when its queue is busy again.
+- The master never polls. A child that falls asleep while a sibling holds a job, or that
+  starts holding while a sibling is asleep, says so (Holding; shm/lanes.py's hints). A
+  child holds only while no sibling is asleep, so a busy or an idle pool sends nothing.
+- The master then looks at the pool's scoreboards: a job held behind one that has run
+  STEAL_AFTER is given back, one per idle child; a younger one gets a timer for the moment
+  it is old enough.
+- Giving back: the master takes a copy of the held lane's socket (pidfd_getfd), checks its
+  local port and shuts it down. gearmand requeues the held job and wakes the idle child,
+  which runs it. The child that held it reopens the lane when its queue is busy again.
 - The scoreboard's lock orders that against the child starting the held job: the master
   closes only a lane that is still recorded, and the child runs nothing it read from a lane
   that was closed. Each job runs once.
@@ -33,6 +34,7 @@ from gearvisor import messages as msg
 from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
 from gearvisor.policy.child import Child, ChildState
+from gearvisor.shm.scoreboard import Take
 
 if TYPE_CHECKING:
     from gearvisor.master.arbiter import Arbiter
@@ -40,18 +42,16 @@ if TYPE_CHECKING:
     from gearvisor.policy.pool import Pool
 
 STEAL_AFTER = 0.002  # a job that has run this long is slow for the job held behind it
-WATCH_EVERY = 0.002  # how often the master looks while a pool holds jobs
-WATCH_LINGER = 1.0  # it stops looking once no child of the pool held a job this long
+RETRY_BUSY = 0.0005  # a child had its lock (changing lanes): look again this much later
 
 
 class HeldLanes(Component):
     """Gives held jobs back to gearmand when they would wait while a sibling idles."""
 
     def __init__(self) -> None:
-        self.watched: dict[str, float] = {}  # pool name -> look until (monotonic)
         self.returned: dict[str, int] = {}  # pool name -> held jobs given back
         self.refused: dict[str, str] = {}  # pool name -> why its lanes cannot be closed
-        self._timer: Timer | None = None
+        self._timers: dict[str, Timer] = {}  # pool name -> its next look
 
     def attach(self, master: Arbiter) -> None:
         self.master = master
@@ -59,61 +59,47 @@ class HeldLanes(Component):
         master.bus.subscribe(ev.ChildSpawned, self._spawned)
 
     def _said(self, event: ev.ChildSaid) -> None:
-        if isinstance(event.message, msg.Holding):
-            self._watch(event.pool)
+        if isinstance(event.message, msg.Holding) and not self.master.stopping:
+            self.look(event.pool)
 
     def _spawned(self, event: ev.ChildSpawned) -> None:
         board = event.child.scoreboard
-        if board is None or board.lock is None:
-            return
-        if event.pool.name in self.refused:
+        if board is not None and event.pool.name in self.refused:
             board.set_lanes_off()
-        elif event.pool.name in self.watched:
-            board.set_watched(True)
 
-    def _watch(self, pool: Pool) -> None:
-        if pool.name not in self.watched:
-            for child in pool.children():
-                if child.scoreboard is not None:
-                    child.scoreboard.set_watched(True)
-        self.watched[pool.name] = self.master.clock() + WATCH_LINGER
-        if self._timer is None:
-            self._timer = self.master.loop.call_later(WATCH_EVERY, self._look)
-
-    def _look(self) -> None:
-        self._timer = None
+    def look(self, pool: Pool) -> None:
+        """Give back each held job whose job in front has run STEAL_AFTER, one per idle
+        child of the pool; look again when a younger one is old enough."""
+        pending = self._timers.pop(pool.name, None)
+        if pending is not None:
+            pending.cancel()
+        if pool.name not in self.master.pools or self.master.stopping:
+            return
+        hints = self.master.lane_hints
+        children = pool.children()
+        idle = sum(1 for c in children if _takes_jobs(c) and hints.asleep(c.running_index))
+        if not idle:
+            return  # (a child that falls asleep says so)
         now = self.master.clock()
-        for name, until in list(self.watched.items()):
-            pool = self.master.pools.get(name)
-            if pool is not None and self._pass(pool, now):
-                self.watched[name] = now + WATCH_LINGER
-            elif pool is None or now >= until:
-                del self.watched[name]
-                for child in pool.children() if pool is not None else ():
-                    if child.scoreboard is not None:
-                        child.scoreboard.set_watched(False)
-        if self.watched and not self.master.stopping:
-            self._timer = self.master.loop.call_later(WATCH_EVERY, self._look)
-
-    def _pass(self, pool: Pool, now: float) -> bool:
-        """One look at a pool: give back each held job whose job in front is slow, if a
-        child of the pool is idle. True while any child holds a job."""
-        holders = []
-        idle = False
-        for child in pool.children():
-            board = child.scoreboard
-            if board is None or child.pid <= 0:
+        due = float("inf")
+        for child in children:
+            held = child.scoreboard.held() if child.scoreboard is not None else None
+            if held is None or child.pid <= 0:
                 continue
-            if board.held() is not None:
-                holders.append(child)
-            elif not idle and _takes_jobs(child) and board.asleep():
-                idle = True
-        if idle:
-            for child in holders:
-                self._give_back(child, pool, now)
-        return bool(holders)
+            slow_at = held[2] + STEAL_AFTER
+            if slow_at > now:
+                due = min(due, slow_at)
+            elif idle:
+                took = self._give_back(child, pool, now)
+                if took is Take.CLOSED:
+                    idle -= 1
+                elif took is Take.BUSY:
+                    due = min(due, now + RETRY_BUSY)
+        if due != float("inf"):
+            self._timers[pool.name] = self.master.loop.call_at(
+                due, lambda: self.look(pool), quiet=True)
 
-    def _give_back(self, child: Child, pool: Pool, now: float) -> None:
+    def _give_back(self, child: Child, pool: Pool, now: float) -> Take:
         board = child.scoreboard
         assert board is not None
         error: list[OSError] = []
@@ -126,13 +112,13 @@ class HeldLanes(Component):
                 error.append(e)
                 return False
 
-        done = board.take_held(now - STEAL_AFTER, close)
-        if done:
+        took = board.take_held(now, STEAL_AFTER, close)
+        if took is Take.CLOSED:
             self.returned[pool.name] = self.returned.get(pool.name, 0) + 1
             self.master.log.debug("gave a held job back to the job server: the job in front "
                                   "of it is slow and another child is idle", pool=pool.name,
                                   slot=child.slot, child_pid=child.pid)
-        elif done is False:
+        elif took is Take.REFUSED:
             board.set_lanes_off()
             if pool.name not in self.refused:
                 self.refused[pool.name] = str(error[0]) if error else "unknown"
@@ -140,15 +126,15 @@ class HeldLanes(Component):
                     "cannot close a child's held lane, so this pool's children hold no next "
                     "job: they take one job per round trip (hold_next: false silences this)",
                     pool=pool.name, child_pid=child.pid, error=self.refused[pool.name])
+        return took
 
     def status(self, now: float) -> dict[str, Any]:
         return {"held_jobs_returned": dict(self.returned)} if self.returned else {}
 
     def begin_stop(self, fast: bool) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.watched.clear()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
 
 
 def _takes_jobs(child: Child) -> bool:

@@ -5,7 +5,8 @@ with `call_at` (and cancel them), and subscribe to signals; the loop waits until
 of those is due and runs the callbacks. Signal handlers only record the signal number (no
 logging, no I/O: gunicorn #3198); the loop runs the subscribers afterwards. Callbacks added
 with `every_pass` run once after each batch of events, before the loop waits again: that is
-where the arbiter carries out its pools' plans.
+where the arbiter carries out its pools' plans. A `quiet` timer (a look every few ms that
+changes nothing the plans read) runs without them, unless something else ran in its batch.
 
 A callback that raises is logged and the loop carries on: one broken component must not
 stop the master (and with it every child).
@@ -30,12 +31,13 @@ MAX_WAIT = 5.0  # the loop wakes at least this often, even with nothing due
 class Timer:
     """A pending `call_at`; `cancel()` it to drop it (cheaply: it stays in the heap until due)."""
 
-    __slots__ = ("when", "callback", "cancelled")
+    __slots__ = ("when", "callback", "cancelled", "quiet")
 
-    def __init__(self, when: float, callback: Callback) -> None:
+    def __init__(self, when: float, callback: Callback, quiet: bool = False) -> None:
         self.when = when
         self.callback = callback
         self.cancelled = False
+        self.quiet = quiet  # needs no pass after it
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -100,14 +102,15 @@ class Loop:
 
     # -- timers ---------------------------------------------------------------------------------
 
-    def call_at(self, when: float, callback: Callback) -> Timer:
-        """Run `callback()` once the clock reaches `when` (monotonic seconds)."""
-        timer = Timer(when, callback)
+    def call_at(self, when: float, callback: Callback, quiet: bool = False) -> Timer:
+        """Run `callback()` once the clock reaches `when` (monotonic seconds). `quiet`: the
+        callback changes nothing the every_pass callbacks look at, so they need not run."""
+        timer = Timer(when, callback, quiet)
         heapq.heappush(self._timers, (when, next(self._seq), timer))
         return timer
 
-    def call_later(self, delay: float, callback: Callback) -> Timer:
-        return self.call_at(self.clock() + delay, callback)
+    def call_later(self, delay: float, callback: Callback, quiet: bool = False) -> Timer:
+        return self.call_at(self.clock() + delay, callback, quiet)
 
     def every_pass(self, callback: Callback) -> None:
         """Run `callback()` after each batch of events and timers, before waiting again."""
@@ -161,7 +164,8 @@ class Loop:
 
     def run_once(self) -> None:
         """Wait for the first fd or timer, then run what is ready, signals and passes."""
-        for key, events in self.sel.select(self.next_timeout(self.clock())):
+        ready = self.sel.select(self.next_timeout(self.clock()))
+        for key, events in ready:
             read_cb, write_cb = key.data
             if events & selectors.EVENT_READ and read_cb is not None:
                 self._run(read_cb)
@@ -173,10 +177,12 @@ class Loop:
                     current = None
                 if current is not None:
                     self._run(current)
-        self.run_due()
+        self.run_due(passes=bool(ready))
 
-    def run_due(self) -> None:
-        """Run queued signals' subscribers, timers that are due, then the passes."""
+    def run_due(self, passes: bool = True) -> None:
+        """Run queued signals' subscribers, timers that are due, then the passes (unless
+        only quiet timers ran and `passes` is false)."""
+        passes = passes or bool(self._signals)
         while self._signals:
             sig = self._signals.popleft()
             for callback in list(self._signal_handlers.get(sig, ())):
@@ -186,7 +192,10 @@ class Loop:
             _, _, timer = heapq.heappop(self._timers)
             if not timer.cancelled:
                 timer.cancelled = True  # ran: a later cancel() is a no-op
+                passes = passes or not timer.quiet
                 self._run(timer.callback)
+        if not passes:
+            return
         for callback in list(self._passes):
             self._run(callback)
 

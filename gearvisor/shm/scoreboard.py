@@ -19,6 +19,7 @@ import multiprocessing
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -32,17 +33,24 @@ _BODY = struct.Struct("<B7xQQd128s128s128sQQ")
 _TEXT = 128
 _END = _SEQ.size + _BODY.size  # where the body ends and the master's control byte is
 _READ_ATTEMPTS = 1000  # spins: a write takes about a microsecond
-# Single bytes after the control byte: who writes each.
-_ASLEEP = _END + 1  # child: asleep on every server, waiting for work
-_WATCHED = _END + 2  # master: it looks at this pool's held lanes now (no Holding needed)
-_LANES_OFF = _END + 3  # master: it cannot close this child's lanes; hold nothing
-_CLOSED = _END + 4  # master, under the lock: it closed the held lane
+# Single bytes after the control byte, both the master's.
+_LANES_OFF = _END + 1  # it cannot close this child's lanes: hold nothing
+_CLOSED = _END + 2  # (under the lock) it closed the held lane
 # Under the lock: the held lane's fd and local port, and when the job in front of it started.
 _HOLD = struct.Struct("<iid")
 _HOLD_AT = _END + 8
 _SIZE = _HOLD_AT + _HOLD.size
 LOCK_WAIT = 1.0  # the child's longest wait for the lock (the master holds it for microseconds)
 _FORK = multiprocessing.get_context("fork")
+
+
+class Take(Enum):
+    """What Scoreboard.take_held did."""
+
+    NOTHING = "nothing"  # no lane held, or the job in front is not slow yet
+    CLOSED = "closed"  # the held lane is closed: its job is gearmand's again
+    REFUSED = "refused"  # the close failed (the lane is left as it was)
+    BUSY = "busy"  # the child has the lock: it is changing lanes right now
 
 
 @dataclass(frozen=True)
@@ -156,21 +164,12 @@ class Scoreboard:
 
     # -- lanes -----------------------------------------------------------------------------------
 
-    def set_asleep(self, asleep: bool) -> None:
-        """Child side: waiting for work on every server (True), or taking a job."""
-        self._mm[_ASLEEP] = asleep
-
-    def asleep(self) -> bool:
-        """Master side."""
-        return self._mm[_ASLEEP] == 1
-
-    def set_watched(self, watched: bool) -> None:
-        """Master side: it watches this child's held lanes now (the child need not say
-        when it starts holding one)."""
-        self._mm[_WATCHED] = watched
-
-    def watched(self) -> bool:
-        return self._mm[_WATCHED] == 1
+    def fence(self) -> None:
+        """A full memory barrier (the lock's atomic operations), for shm/lanes.py's hints:
+        what this process wrote before is seen by others before what it reads after."""
+        lock = self.lock
+        if lock is not None and lock.acquire(timeout=LOCK_WAIT):
+            lock.release()
 
     def set_lanes_off(self) -> None:
         """Master side: it cannot close this child's lanes (the child then holds nothing)."""
@@ -210,23 +209,25 @@ class Scoreboard:
         fd, port, since = _HOLD.unpack_from(self._mm, _HOLD_AT)
         return (fd, port, since) if fd > 0 else None
 
-    def take_held(self, older_than: float, close: Callable[[int, int], bool]) -> bool | None:
-        """Master side: if the job in front of the held lane started before `older_than`,
-        close that lane with `close(fd, port)` (True when it did) and tell the child. Never
-        waits: a lock the child holds means it is changing lanes right now (None). Returns
-        what `close` said, or None when nothing was closed and nothing was tried."""
+    def take_held(self, now: float, after: float, close: Callable[[int, int], bool]) -> Take:
+        """Master side: if the job in front of the held lane has run `after` seconds at
+        `now`, close that lane with `close(fd, port)` (True when it did) and tell the child.
+        Never waits for the lock: the child holds it for a moment while it changes lanes
+        (BUSY: look again soon)."""
         lock = self.lock
-        if lock is None or not lock.acquire(False):
-            return None
+        if lock is None:
+            return Take.NOTHING
+        if not lock.acquire(False):
+            return Take.BUSY
         try:
             fd, port, since = _HOLD.unpack_from(self._mm, _HOLD_AT)
-            if fd <= 0 or since >= older_than:
-                return None
-            done = close(fd, port)
-            if done:
-                _HOLD.pack_into(self._mm, _HOLD_AT, 0, 0, 0.0)
-                self._mm[_CLOSED] = 1
-            return done
+            if fd <= 0 or since + after > now:
+                return Take.NOTHING
+            if not close(fd, port):
+                return Take.REFUSED
+            _HOLD.pack_into(self._mm, _HOLD_AT, 0, 0, 0.0)
+            self._mm[_CLOSED] = 1
+            return Take.CLOSED
         finally:
             lock.release()
 

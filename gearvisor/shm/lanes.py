@@ -1,0 +1,73 @@
+"""Who sleeps and who holds a job, fleet-wide: the hints that let lanes cost no polling.
+
+One byte per child and kind, at the child's RunningJobs index (unique among live children):
+the tag of the child's pool (1-255) while it is asleep waiting for work, and while it holds
+a job on a second lane (0: neither). Only that child writes its bytes; the master clears
+them when it reaps the child.
+
+They are hints, not the truth (that is each child's scoreboard, under its lock):
+- a child holds the next job only while no sibling is asleep (one would take it at once);
+- a child that falls asleep while a sibling holds, or that starts holding while a sibling
+  is asleep, tells the master (messages.Holding), which then looks at the scoreboards.
+Each side writes its byte, then passes a full memory barrier (a lock's atomic operation),
+then reads the other side's bytes, so of two that change at the same moment at least one
+sees the other and the master hears of it. A tag shared by two pools (more than 255) costs
+a look that finds nothing, never a wrong close.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+from gearvisor.shm.poison import CAPACITY
+
+MAX_TAG = 255
+
+
+class LaneHints:
+    """The fleet's asleep and holding bytes (see the module docstring)."""
+
+    def __init__(self, capacity: int = CAPACITY) -> None:
+        self.capacity = capacity
+        self._mm = mmap.mmap(-1, 2 * capacity)  # asleep bytes, then holding bytes
+
+    def set_asleep(self, index: int, tag: int) -> None:
+        """Child side: asleep for work (the pool's tag), or not (0)."""
+        if 0 <= index < self.capacity:
+            self._mm[index] = tag
+
+    def set_holding(self, index: int, tag: int) -> None:
+        """Child side: holding a job on a second lane (the pool's tag), or not (0)."""
+        if 0 <= index < self.capacity:
+            self._mm[self.capacity + index] = tag
+
+    def asleep(self, index: int) -> bool:
+        return 0 <= index < self.capacity and self._mm[index] != 0
+
+    def others_asleep(self, tag: int, index: int) -> bool:
+        """Is another child of the pool tagged `tag` asleep?"""
+        return self._find(0, tag, index)
+
+    def others_holding(self, tag: int, index: int) -> bool:
+        """Does another child of the pool tagged `tag` hold a job?"""
+        return self._find(self.capacity, tag, index)
+
+    def _find(self, base: int, tag: int, index: int) -> bool:
+        if not tag:
+            return False
+        needle = bytes((tag,))
+        end = base + self.capacity
+        at = self._mm.find(needle, base, end)
+        while at != -1:
+            if at - base != index:
+                return True
+            at = self._mm.find(needle, at + 1, end)
+        return False
+
+    def clear(self, index: int) -> None:
+        """Master side: the child in `index` is gone."""
+        self.set_asleep(index, 0)
+        self.set_holding(index, 0)
+
+    def close(self) -> None:
+        self._mm.close()
