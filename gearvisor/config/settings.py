@@ -228,7 +228,7 @@ SETTINGS: tuple[Setting, ...] = (
             "second connection per job server, so it never waits for gearmand between jobs. "
             "If the job in front runs past a few ms while another child of the pool is idle, "
             "the master closes that connection and gearmand hands the held job to the idle "
-            "child (see Prefetch). false: one connection per server."),
+            "child (see Holding the next job). false: one connection per server."),
     Setting("max_job_size", size, 64 * 1024 * 1024,
             "Largest job payload a child accepts (e.g. 16M). A bigger job is failed without "
             "being read (the client gets WORK_FAIL and a warning saying why; the log names "
