@@ -15,6 +15,7 @@ import io
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,12 @@ import pytest
 import yaml
 from conftest import HOST, Gearmand, wait_for, write_module
 from fakeos import FakeMaster
+from wired import Log
 
 from gearvisor.gearman.client import Client
+from gearvisor.gearman.protocol import Packet
+from gearvisor.gearman.worker import ConnState, JobTimer, Lanes, Worker
+from gearvisor.job import Job, JobTimeout
 from gearvisor.master.lanes import STEAL_AFTER, HeldLanes
 from gearvisor.messages import Holding, Ready
 from gearvisor.policy.child import Child
@@ -358,3 +363,149 @@ def test_a_refused_close_turns_the_pools_lanes_off_and_says_so_once(
     newest = next(c for c, _ in m.arbiter.children.values()
                   if c.pid == m.system.forked[-1].pid)
     assert newest.scoreboard is not None and newest.scoreboard.lanes_off()
+
+
+# -- the worker runtime when a held lane is closed under it ---------------------------------------
+
+
+class ClosingLanes(Lanes):
+    """Plays the master at its most eager: every held lane is shut down (as pidfd_getfd +
+    shutdown would) before the job in front ends."""
+
+    def __init__(self, every: int = 1) -> None:
+        self.held: list[int] = []
+        self.released_calls = 0
+        self.every = every  # close every this many held lanes (1: all)
+
+    def holding(self, fd: int, port: int, now: float) -> None:
+        self.held.append(fd)
+
+    def released(self) -> bool:
+        self.released_calls += 1
+        fd = self.held.pop()
+        if self.released_calls % self.every:
+            return True
+        try:
+            copy = socket.socket(fileno=os.dup(fd))
+            with copy:
+                copy.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return False
+
+
+def serve_in_a_fork(servers: list[tuple[str, int]], functions: dict, **kw: Any) -> int:
+    """A Worker with ClosingLanes run in a forked process; returns its pid (the caller kills
+    it). It exits 3 if the runtime raised."""
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            Worker(servers, functions, "test:lanes:0", Log(), lanes=ClosingLanes(), **kw).run()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def test_a_lane_closed_in_the_middle_of_a_batch_never_crashes_the_child(gearmand) -> None:
+    """Two servers (the same gearmand twice): both lanes of one may be ready in one select()
+    batch when the job of the first closes the second; the loop must skip the closed one."""
+    def slow(job: Job) -> bytes:
+        time.sleep(0.003)
+        return job.data
+
+    pid = serve_in_a_fork([(HOST, gearmand.port), (HOST, gearmand.port)], {"f": slow})
+    try:
+        with Client(HOST, gearmand.port, timeout=30) as c:
+            handles = [c.submit("f", f"x{i}".encode()) for i in range(60)]
+            c.wait(handles)
+            assert all(c.results[h].ok for h in handles)
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the child died"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+class TimeoutAtTheEnd(JobTimer):
+    """The soft timeout fires just as the job returns: stop() is where it raises."""
+
+    def stop(self) -> None:
+        raise JobTimeout("the job ran past its timeout")
+
+
+def test_a_timeout_as_the_job_returns_still_releases_the_held_lane() -> None:
+    lanes = ClosingLanes()
+    worker = Worker([(HOST, 4730)], {"f": lambda job: b"done"}, "test:lanes:0", Log(),
+                    lanes=lanes, timer=TimeoutAtTheEnd(), timeouts={"f": 5.0})
+    ours, theirs = socket.socketpair()
+    mate_ours, mate_theirs = socket.socketpair()
+    try:
+        conn = worker.conns[0]
+        conn.sock, conn.state = ours, ConnState.GRABBING
+        mate = conn.mate
+        assert mate is not None
+        mate.sock, mate.state, mate.outstanding = mate_ours, ConnState.GRABBING, 1
+        worker._run_job(conn, Packet.JOB_ASSIGN, (b"H:gm:1", b"f", b"x"))
+        assert lanes.released_calls == 1  # before: skipped, and the lane stayed "held"
+        assert mate.sock is None and mate.state is ConnState.DOWN  # nothing of it is read
+    finally:
+        for s in (ours, theirs, mate_theirs):
+            s.close()
+        worker.close()
+
+
+class CountingLanes(ClosingLanes):
+    """ClosingLanes that also writes a byte to `fd` for each hold, so the parent counts."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(every=2)  # the lane closed is then the first one now and then
+        self.fd = fd
+
+    def holding(self, fd: int, port: int, now: float) -> None:
+        super().holding(fd, port, now)
+        os.write(self.fd, b"h")
+
+
+def test_a_first_lane_closed_under_a_job_is_reopened_and_holds_again(gearmand) -> None:
+    """After the master closes a child's first lane, the child must reopen it while its
+    second lane keeps draining, and go on holding the next job (before, the one-server fast
+    path read only the second lane until the queue ran dry)."""
+    with Client(HOST, gearmand.port) as client:
+        client.submit_background_many("f", [f"u{i}" for i in range(80)],
+                                      deadline=time.monotonic() + 30)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            os.close(r)
+            Worker([(HOST, gearmand.port)], {"f": lambda job: time.sleep(0.002) or b""},
+                   "test:lanes:0", Log(), lanes=CountingLanes(w)).run()
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        wait_for(lambda: queued(gearmand) == 0, timeout=30, message="the queue drained")
+        os.set_blocking(r, False)
+        holds = len(os.read(r, 4096))
+        assert holds >= 20, f"only {holds} of 80 jobs were held behind another"
+    finally:
+        os.close(r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_a_child_that_cannot_be_reached_now_keeps_its_pools_lanes(
+        pool_of_two: FakeMaster, log: io.StringIO) -> None:
+    """ESRCH (a child dying, not reaped yet) is no refusal: lanes stay on, nothing logged."""
+    m = pool_of_two
+    idle, busy = children_of(m)
+    assert busy.scoreboard is not None
+    m.system.refuse_shutdown = ProcessLookupError(errno.ESRCH, "No such process")
+    busy.scoreboard.hold(9, 40001, since=m.clock.now - 1.0)
+    asleep(m, idle)
+    say_holding(m, idle)
+    assert not busy.scoreboard.lanes_off()
+    assert "cannot close a child's held lane" not in log.getvalue()

@@ -62,6 +62,8 @@ def test_a_quiet_timer_runs_without_the_passes_unless_something_else_ran(loop) -
     loop.test_clock.now = 102.0
     loop.run_once()
     assert ran == ["quiet", "quiet", "loud", "pass"]
+    loop.run_due(passes=False)  # a wake-up with nothing due (MAX_WAIT): the passes run
+    assert ran == ["quiet", "quiet", "loud", "pass", "pass"]
 
 
 def test_reader_and_writer_callbacks_on_one_fd(loop) -> None:

@@ -433,9 +433,11 @@ class Worker:
                 # a queue being drained. The socket's receive timeout bounds the wait, and
                 # the checks run every FAST_PATH_CHECKS seconds, not per job. With lanes,
                 # the lane whose GRAB went first is read first: its answer came first.
-                conn = only
+                conn: Connection | None = only
                 mate = only.mate
-                if mate is not None and mate.state is not ConnState.DOWN:
+                if only.sock is None or only.state is ConnState.CONNECTING:
+                    conn = None  # (the loop below reconnects it, or finishes its connect)
+                elif mate is not None and mate.state is not ConnState.DOWN:
                     if mate.state is ConnState.GRABBING:
                         if only.state is not ConnState.GRABBING or mate.sent < only.sent:
                             conn = mate
@@ -465,6 +467,8 @@ class Worker:
                 conn = key.data
                 if conn is None:
                     self._drain_wakeups()
+                elif conn.sock is not key.fileobj:
+                    continue  # closed (or reopened) while this batch ran: not this socket
                 elif conn.state is ConnState.CONNECTING:
                     self._finish_connect(conn)
                 else:
@@ -621,7 +625,10 @@ class Worker:
         # and does not hold the child's readiness back.
         # Register and ask for work in one write (paused: only say who we are).
         conn.can_do = False
-        if self._want_paused or self.stopping:
+        if self._want_paused or self.stopping or (
+                conn.second and not self.lanes.allowed()):  # type: ignore[union-attr]
+            # (a second lane opened while the queue was busy may find a sibling asleep by
+            # now: it registers who it is and rests)
             if self._send(conn, self._client_id):
                 conn.state = ConnState.IDLE
                 self._mark_answered(conn)
@@ -916,10 +923,12 @@ class Worker:
             try:
                 result = fn(job)
             finally:
-                if timeout is not None:
-                    self.timer.stop()
-                if held and not self.lanes.released():  # type: ignore[union-attr]
-                    self._mate_closed(mate)  # type: ignore[arg-type]
+                try:
+                    if timeout is not None:
+                        self.timer.stop()  # (a timeout that fires right now raises here)
+                finally:
+                    if held and not self.lanes.released():  # type: ignore[union-attr]
+                        self._mate_closed(mate)  # type: ignore[arg-type]
             reply = encode_result_packet(handle, encode_result(result))
             ok = True
         except Exception as e:  # a user bug: report it, log it, keep serving

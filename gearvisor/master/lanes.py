@@ -28,6 +28,7 @@ closes with a job assigned): a job given back that many times is failed.
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING, Any
 
 from gearvisor import messages as msg
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
 
 STEAL_AFTER = 0.002  # a job that has run this long is slow for the job held behind it
 RETRY_BUSY = 0.0005  # a child had its lock (changing lanes): look again this much later
+# What shutdown_socket fails with where the master may not take a child's socket (seccomp,
+# another user without CAP_SYS_PTRACE, a kernel before 5.6): the pool's lanes go off.
+REFUSALS = frozenset({errno.EPERM, errno.EACCES, errno.ENOSYS})
 
 
 class HeldLanes(Component):
@@ -104,13 +108,19 @@ class HeldLanes(Component):
         assert board is not None
         error: list[OSError] = []
 
-        def close(fd: int, port: int) -> bool:
+        def close(fd: int, port: int) -> bool | None:
             try:
                 self.master.system.shutdown_socket(child.pid, fd, port)
                 return True
             except OSError as e:
-                error.append(e)
-                return False
+                if e.errno in REFUSALS:
+                    error.append(e)
+                    return False
+                # The child is dying and not reaped yet (ESRCH, EBADF), or the fd is not
+                # that connection any more (ESTALE, ENOTSOCK): nothing to turn off.
+                self.master.log.debug("could not close a held lane this time",
+                                      pool=pool.name, child_pid=child.pid, error=str(e))
+                return None
 
         took = board.take_held(now, STEAL_AFTER, close)
         if took is Take.CLOSED:

@@ -181,8 +181,10 @@ class Loop:
 
     def run_due(self, passes: bool = True) -> None:
         """Run queued signals' subscribers, timers that are due, then the passes (unless
-        only quiet timers ran and `passes` is false)."""
+        `passes` is false and the timers that ran were all quiet: a wake-up with nothing
+        due, at MAX_WAIT, still runs them)."""
         passes = passes or bool(self._signals)
+        quiet = False  # a quiet timer ran
         while self._signals:
             sig = self._signals.popleft()
             for callback in list(self._signal_handlers.get(sig, ())):
@@ -193,8 +195,9 @@ class Loop:
             if not timer.cancelled:
                 timer.cancelled = True  # ran: a later cancel() is a no-op
                 passes = passes or not timer.quiet
+                quiet = quiet or timer.quiet
                 self._run(timer.callback)
-        if not passes:
+        if not passes and quiet:
             return
         for callback in list(self._passes):
             self._run(callback)

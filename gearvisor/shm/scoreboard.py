@@ -209,11 +209,13 @@ class Scoreboard:
         fd, port, since = _HOLD.unpack_from(self._mm, _HOLD_AT)
         return (fd, port, since) if fd > 0 else None
 
-    def take_held(self, now: float, after: float, close: Callable[[int, int], bool]) -> Take:
+    def take_held(self, now: float, after: float,
+                  close: Callable[[int, int], bool | None]) -> Take:
         """Master side: if the job in front of the held lane has run `after` seconds at
-        `now`, close that lane with `close(fd, port)` (True when it did) and tell the child.
-        Never waits for the lock: the child holds it for a moment while it changes lanes
-        (BUSY: look again soon)."""
+        `now`, close that lane with `close(fd, port)` and tell the child. `close` returns
+        True when it closed it, False when it may not (REFUSED), None when it could not
+        this time (NOTHING: the child is dying, the fd changed). Never waits for the lock:
+        the child holds it for a moment while it changes lanes (BUSY: look again soon)."""
         lock = self.lock
         if lock is None:
             return Take.NOTHING
@@ -223,7 +225,10 @@ class Scoreboard:
             fd, port, since = _HOLD.unpack_from(self._mm, _HOLD_AT)
             if fd <= 0 or since + after > now:
                 return Take.NOTHING
-            if not close(fd, port):
+            done = close(fd, port)
+            if done is None:
+                return Take.NOTHING
+            if not done:
                 return Take.REFUSED
             _HOLD.pack_into(self._mm, _HOLD_AT, 0, 0, 0.0)
             self._mm[_CLOSED] = 1
