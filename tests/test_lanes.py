@@ -49,17 +49,17 @@ def test_the_master_closes_a_held_lane_only_while_its_job_runs() -> None:
             return True
 
         assert board.take_held(100.0, 0.5, close) is Take.NOTHING  # nothing held
-        board.hold(7, 4242, since=10.0)
-        assert board.held() == (7, 4242, 10.0)
+        board.hold([(7, 4242), (11, 4250)], since=10.0)  # its other lane, another server's
+        assert board.held() == 10.0
         assert board.take_held(10.4, 0.5, close) is Take.NOTHING  # not slow yet
         assert board.take_held(10.5, 0.5, close) is Take.CLOSED
-        assert closed == [(7, 4242)]
+        assert closed == [(7, 4242), (11, 4250)]
         assert board.held() is None
-        assert board.release() is False  # the child learns it: nothing from that lane runs
-        board.hold(8, 4243, since=20.0)
-        assert board.release() is True  # ended before the master looked: the lane is kept
+        assert board.release() == 0b11  # the child learns it: nothing from those runs
+        board.hold([(8, 4243)], since=20.0)
+        assert board.release() == 0  # ended before the master looked: the lane is kept
         assert board.take_held(100.0, 0.5, close) is Take.NOTHING
-        assert closed == [(7, 4242)]
+        assert closed == [(7, 4242), (11, 4250)]
     finally:
         board.close()
 
@@ -67,14 +67,14 @@ def test_the_master_closes_a_held_lane_only_while_its_job_runs() -> None:
 def test_the_master_never_waits_for_a_child_changing_lanes() -> None:
     board = Scoreboard(lanes=True)
     try:
-        board.hold(7, 4242, since=10.0)
+        board.hold([(7, 4242)], since=10.0)
         assert board.lock is not None
         board.lock.acquire()  # the child, mid-change
         try:
             assert board.take_held(100.0, 0.5, lambda fd, port: True) is Take.BUSY
         finally:
             board.lock.release()
-        assert board.held() == (7, 4242, 10.0)  # still held: nothing was closed
+        assert board.held() == 10.0  # still held: nothing was closed
     finally:
         board.close()
 
@@ -82,9 +82,9 @@ def test_the_master_never_waits_for_a_child_changing_lanes() -> None:
 def test_a_close_that_fails_leaves_the_lane_recorded() -> None:
     board = Scoreboard(lanes=True)
     try:
-        board.hold(7, 4242, since=10.0)
+        board.hold([(7, 4242)], since=10.0)
         assert board.take_held(100.0, 0.5, lambda fd, port: False) is Take.REFUSED
-        assert board.release() is True  # not closed: the child keeps it
+        assert board.release() == 0  # not closed: the child keeps it
     finally:
         board.close()
 
@@ -97,11 +97,11 @@ def test_a_child_forked_after_the_hold_sees_the_master_close() -> None:
     if pid == 0:  # the child
         try:
             os.close(r)
-            board.hold(5, 1234, since=1.0)
+            board.hold([(5, 1234)], since=1.0)
             os.write(w, b"h")
             while board.held() is not None:  # until the parent has closed it
                 time.sleep(0.001)
-            os.write(w, b"y" if board.release() is False else b"n")
+            os.write(w, b"y" if board.release() == 1 else b"n")
         finally:
             os._exit(0)
     os.close(w)
@@ -122,7 +122,7 @@ import os, time
 
 def f(job):
     started = time.monotonic()
-    if job.unique == "slow":
+    if job.unique.startswith("slow"):
         time.sleep({slow})
     until = time.perf_counter() + {spin}  # every job's own work
     while time.perf_counter() < until:
@@ -171,22 +171,27 @@ def queued(gearmand: Gearmand) -> int | None:
 def test_a_job_held_behind_a_slow_one_goes_to_the_idle_child(gearmand, master,
                                                             tmp_path) -> None:
     m, log = fleet(gearmand, master, tmp_path, processes=2, slow=3.0)
-    uniques = [f"u{i}" for i in range(40)] + ["slow"] + [f"v{i}" for i in range(40)]
-    submit(gearmand, uniques)
-    wait_for(lambda: {u for u, *_ in ran(log)} >= set(uniques) - {"slow"}, timeout=20,
-             message="every short job ran")
-    wait_for(lambda: len(ran(log)) == len(uniques) and queued(gearmand) == 0, timeout=20,
-             message="the slow job ran too, and gearmand's queue is empty")
-    done = ran(log)
-    counts = collections.Counter(u for u, *_ in done)
-    assert [u for u, c in counts.items() if c != 1] == []  # each job exactly once
-    slow = next(row for row in done if row[0] == "slow")
-    late = [(u, round(end - slow[2], 3)) for u, _, _, end in done
-            if u != "slow" and end > slow[2] + 1.0]
-    assert late == [], "short jobs waited for the slow one while a child was idle"
-    # The slow child did hold one (it was given back): that is what this test is about.
-    wait_for(lambda: m.status().get("held_jobs_returned", {}).get("lanes", 0) >= 1,
-             message="the master gave the held job back")
+    # Whether the slow job's child holds the next one depends on which of its lanes had a
+    # GRAB out at that moment: a round in which it held none proves nothing, so up to three.
+    for attempt in range(3):
+        uniques = ([f"u{attempt}-{i}" for i in range(40)] + [f"slow{attempt}"]
+                   + [f"v{attempt}-{i}" for i in range(40)])
+        submit(gearmand, uniques)
+        want = set(uniques)
+        wait_for(lambda want=want: {u for u, *_ in ran(log)} >= want, timeout=20,
+                 message="every job of the round ran, the slow one too")
+        wait_for(lambda: queued(gearmand) == 0, message="gearmand's queue empty")
+        done = [row for row in ran(log) if row[0] in want]
+        counts = collections.Counter(u for u, *_ in done)
+        assert [u for u, c in counts.items() if c != 1] == []  # each job exactly once
+        slow = next(row for row in done if row[0].startswith("slow"))
+        late = [(u, round(end - slow[2], 3)) for u, _, _, end in done
+                if u != slow[0] and end > slow[2] + 1.0]
+        assert late == [], "short jobs waited for the slow one while a child was idle"
+        if m.status().get("held_jobs_returned", {}).get("lanes", 0) >= 1:
+            break  # the slow child held one, and the master gave it back
+    else:
+        pytest.fail("in 3 rounds the slow job's child never held the next job")
 
 
 @pytest.mark.integration
@@ -317,7 +322,7 @@ def test_a_held_job_goes_back_once_the_job_in_front_is_slow_and_a_sibling_sleeps
     m = pool_of_two
     idle, busy = children_of(m)
     assert busy.scoreboard is not None
-    busy.scoreboard.hold(9, 40001, since=m.clock.now)
+    busy.scoreboard.hold([(9, 40001)], since=m.clock.now)
     asleep(m, idle)
     say_holding(m, idle)  # it fell asleep while a sibling holds: the master looks
     assert m.system.shutdowns == []  # the job in front has not run 2 ms yet
@@ -325,7 +330,7 @@ def test_a_held_job_goes_back_once_the_job_in_front_is_slow_and_a_sibling_sleeps
     assert m.system.shutdowns == []
     m.advance(STEAL_AFTER / 2 + 1e-6)  # the master's timer: now it is slow
     assert m.system.shutdowns == [(busy.pid, 9, 40001)]
-    assert busy.scoreboard.release() is False  # the child learns: that lane is gone
+    assert busy.scoreboard.release() == 1  # the child learns: that lane is gone
     assert m.arbiter.status(m.clock.now)["held_jobs_returned"] == {"web": 1}
 
 
@@ -333,11 +338,11 @@ def test_nothing_goes_back_while_no_sibling_sleeps(pool_of_two: FakeMaster) -> N
     m = pool_of_two
     _, busy = children_of(m)
     assert busy.scoreboard is not None
-    busy.scoreboard.hold(9, 40001, since=m.clock.now)
+    busy.scoreboard.hold([(9, 40001)], since=m.clock.now)
     say_holding(m, busy)
     m.advance(1.0)
     assert m.system.shutdowns == []
-    assert busy.scoreboard.release() is True
+    assert busy.scoreboard.release() == 0
 
 
 def test_a_refused_close_turns_the_pools_lanes_off_and_says_so_once(
@@ -346,11 +351,11 @@ def test_a_refused_close_turns_the_pools_lanes_off_and_says_so_once(
     idle, busy = children_of(m)
     assert busy.scoreboard is not None and idle.scoreboard is not None
     m.system.refuse_shutdown = PermissionError(errno.EPERM, "Operation not permitted")
-    busy.scoreboard.hold(9, 40001, since=m.clock.now - 1.0)
+    busy.scoreboard.hold([(9, 40001)], since=m.clock.now - 1.0)
     asleep(m, idle)
     say_holding(m, idle)
     assert busy.scoreboard.lanes_off()
-    assert busy.scoreboard.release() is True  # not closed: its held job runs after this one
+    assert busy.scoreboard.release() == 0  # not closed: its held job runs after this one
     say_holding(m, idle)
     warned = [line for line in map(json.loads, log.getvalue().splitlines())
               if line["event"].startswith("cannot close a child's held lane")]
@@ -377,21 +382,22 @@ class ClosingLanes(Lanes):
         self.released_calls = 0
         self.every = every  # close every this many held lanes (1: all)
 
-    def holding(self, fd: int, port: int, now: float) -> None:
-        self.held.append(fd)
+    def holding(self, lanes: list[tuple[int, int]], now: float) -> None:
+        self.held.append([fd for fd, _ in lanes])
 
-    def released(self) -> bool:
+    def released(self) -> int:
         self.released_calls += 1
-        fd = self.held.pop()
+        fds = self.held.pop()
         if self.released_calls % self.every:
-            return True
-        try:
-            copy = socket.socket(fileno=os.dup(fd))
-            with copy:
-                copy.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        return False
+            return 0
+        for fd in fds:
+            try:
+                copy = socket.socket(fileno=os.dup(fd))
+                with copy:
+                    copy.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return (1 << len(fds)) - 1
 
 
 def serve_in_a_fork(servers: list[tuple[str, int]], functions: dict, **kw: Any) -> int:
@@ -462,8 +468,8 @@ class CountingLanes(ClosingLanes):
         super().__init__(every=2)  # the lane closed is then the first one now and then
         self.fd = fd
 
-    def holding(self, fd: int, port: int, now: float) -> None:
-        super().holding(fd, port, now)
+    def holding(self, lanes: list[tuple[int, int]], now: float) -> None:
+        super().holding(lanes, now)
         os.write(self.fd, b"h")
 
 
@@ -504,7 +510,7 @@ def test_a_child_that_cannot_be_reached_now_keeps_its_pools_lanes(
     idle, busy = children_of(m)
     assert busy.scoreboard is not None
     m.system.refuse_shutdown = ProcessLookupError(errno.ESRCH, "No such process")
-    busy.scoreboard.hold(9, 40001, since=m.clock.now - 1.0)
+    busy.scoreboard.hold([(9, 40001)], since=m.clock.now - 1.0)
     asleep(m, idle)
     say_holding(m, idle)
     assert not busy.scoreboard.lanes_off()

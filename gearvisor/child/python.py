@@ -297,16 +297,16 @@ class _BoardLanes(Lanes):
     def allowed(self) -> bool:
         return not self.board.lanes_off() and not self.hints.others_asleep(self.tag, self.index)
 
-    def holding(self, fd: int, port: int, now: float) -> None:
+    def holding(self, lanes: list[tuple[int, int]], now: float) -> None:
         self.hints.set_holding(self.index, self.tag)
-        self.board.hold(fd, port, now)  # (its lock: the barrier between write and read)
+        self.board.hold(lanes, now)  # (its lock: the barrier between write and read)
         if self.hints.others_asleep(self.tag, self.index):
             self.hooks._send(msg.Holding())
 
-    def released(self) -> bool:
-        kept = self.board.release()
+    def released(self) -> int:
+        closed = self.board.release()
         self.hints.set_holding(self.index, 0)
-        return kept
+        return closed
 
     def sleeping(self, asleep: bool) -> None:
         """The child waits for work on every server (True), or takes a job."""

@@ -169,14 +169,15 @@ class Lanes:
         """Second lanes may take jobs now (False: the closer cannot close them here)."""
         return True
 
-    def holding(self, fd: int, port: int, now: float) -> None:
-        """A job starts on one lane while the other one (its socket's fd and local port) has
-        a GRAB in flight: its job, if one comes, waits unless that lane is closed."""
+    def holding(self, lanes: list[tuple[int, int]], now: float) -> None:
+        """A job starts while these other connections (socket fd, local port) have a GRAB
+        in flight: the job each brings, if one comes, waits unless its lane is closed."""
 
-    def released(self) -> bool:
-        """That job ended: the held lane is ours again. False: it was closed meanwhile, and
-        gearmand has requeued whatever it held; nothing read from it may run."""
-        return True
+    def released(self) -> int:
+        """That job ended: the lanes are ours again. Returns which were closed meanwhile
+        (bit i for the i-th given to holding): gearmand has requeued what they held, and
+        nothing read from them may run."""
+        return 0
 
 
 class FaultLog:
@@ -913,10 +914,14 @@ class Worker:
         hooks.job_started(job)
         started = self.clock()
         timeout = self.timeouts.get(function)
-        mate = conn.mate
-        held = mate is not None and mate.state is ConnState.GRABBING and mate.sock is not None
+        lanes = self.lanes
+        # Every other connection with a GRAB out may bring a job that waits for this one:
+        # the same server's other lane, and (several servers) the others' lanes.
+        held = ([c for c in self.all if c is not conn and c.state is ConnState.GRABBING
+                 and c.sock is not None] if lanes is not None else None)
         if held:
-            self.lanes.holding(mate.sock.fileno(), mate.local_port, started)  # type: ignore
+            lanes.holding([(c.sock.fileno(), c.local_port) for c in held],  # type: ignore
+                          started)
         try:
             if timeout is not None:
                 self.timer.start(timeout)
@@ -927,8 +932,11 @@ class Worker:
                     if timeout is not None:
                         self.timer.stop()  # (a timeout that fires right now raises here)
                 finally:
-                    if held and not self.lanes.released():  # type: ignore[union-attr]
-                        self._mate_closed(mate)  # type: ignore[arg-type]
+                    if held:
+                        closed = lanes.released()  # type: ignore[union-attr]
+                        for i, other in enumerate(held):
+                            if closed >> i & 1:
+                                self._mate_closed(other)
             reply = encode_result_packet(handle, encode_result(result))
             ok = True
         except Exception as e:  # a user bug: report it, log it, keep serving
@@ -964,8 +972,9 @@ class Worker:
                 self._connect(mate, now)
 
     def _mate_closed(self, mate: Connection) -> None:
-        """The held lane was closed while a job ran (Lanes.released): gearmand has requeued
-        what it held, so nothing it sent is read; it is opened again when wanted."""
+        """A held lane was closed while a job ran (Lanes.released): gearmand has requeued
+        what it held, so nothing it sent is read. A second lane is opened again when wanted,
+        a first lane by the loop (_tick) at once."""
         self._close_socket(mate)
         mate.state = ConnState.DOWN
         mate.outstanding = 0

@@ -87,10 +87,10 @@ class HeldLanes(Component):
         now = self.master.clock()
         due = float("inf")
         for child in children:
-            held = child.scoreboard.held() if child.scoreboard is not None else None
-            if held is None or child.pid <= 0:
+            since = child.scoreboard.held() if child.scoreboard is not None else None
+            if since is None or child.pid <= 0:
                 continue
-            slow_at = held[2] + STEAL_AFTER
+            slow_at = since + STEAL_AFTER
             if slow_at > now:
                 due = min(due, slow_at)
             elif idle:

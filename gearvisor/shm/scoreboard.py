@@ -35,11 +35,16 @@ _END = _SEQ.size + _BODY.size  # where the body ends and the master's control by
 _READ_ATTEMPTS = 1000  # spins: a write takes about a microsecond
 # Single bytes after the control byte, both the master's.
 _LANES_OFF = _END + 1  # it cannot close this child's lanes: hold nothing
-_CLOSED = _END + 2  # (under the lock) it closed the held lane
-# Under the lock: the held lane's fd and local port, and when the job in front of it started.
-_HOLD = struct.Struct("<iid")
+_CLOSED = _END + 2  # (under the lock) which held lanes it closed: bit i for entry i
+# Under the lock: when the job in front started and how many lanes may hold the next job
+# (the same server's other lane, and other servers' lanes with a GRAB out), then each one's
+# fd and local port (fd -1: closed by the master).
+MAX_HELD = 8  # lanes recorded per job (bits of _CLOSED); beyond it (5+ servers) not closable
+_HOLD_HEAD = struct.Struct("<dI4x")
+_HOLD_ENTRY = struct.Struct("<ii")
 _HOLD_AT = _END + 8
-_SIZE = _HOLD_AT + _HOLD.size
+_ENTRIES_AT = _HOLD_AT + _HOLD_HEAD.size
+_SIZE = _ENTRIES_AT + _HOLD_ENTRY.size * MAX_HELD
 LOCK_WAIT = 1.0  # the child's longest wait for the lock (the master holds it for microseconds)
 _FORK = multiprocessing.get_context("fork")
 
@@ -178,61 +183,77 @@ class Scoreboard:
     def lanes_off(self) -> bool:
         return self._mm[_LANES_OFF] == 1
 
-    def hold(self, fd: int, port: int, since: float) -> None:
-        """Child side: a job starts (at `since`) while the lane with socket `fd` (local
-        `port`) may bring the next one."""
-        lock = self.lock
-        if lock is not None and lock.acquire(timeout=LOCK_WAIT):
-            try:
-                _HOLD.pack_into(self._mm, _HOLD_AT, fd, port, since)
-            finally:
-                lock.release()
-
-    def release(self) -> bool:
-        """Child side: that job ended. True: the held lane is the child's again; False: the
-        master closed it meanwhile (or the lock could not be had: the child then closes it
-        itself, which is always safe), so nothing read from it may run."""
+    def hold(self, lanes: list[tuple[int, int]], since: float) -> None:
+        """Child side: a job starts (at `since`) while these lanes (socket fd, local port)
+        may each bring the next job."""
         lock = self.lock
         if lock is None or not lock.acquire(timeout=LOCK_WAIT):
-            return False
+            return
         try:
-            _HOLD.pack_into(self._mm, _HOLD_AT, 0, 0, 0.0)
-            closed = self._mm[_CLOSED] == 1
-            self._mm[_CLOSED] = 0
-            return not closed
+            mm = self._mm
+            lanes = lanes[:MAX_HELD]
+            for i, (fd, port) in enumerate(lanes):
+                _HOLD_ENTRY.pack_into(mm, _ENTRIES_AT + i * _HOLD_ENTRY.size, fd, port)
+            _HOLD_HEAD.pack_into(mm, _HOLD_AT, since, len(lanes))
         finally:
             lock.release()
 
-    def held(self) -> tuple[int, int, float] | None:
-        """Master side, without the lock (a hint: take_held checks again under it): the
-        held lane's fd and port and when the job in front of it started, or None."""
-        fd, port, since = _HOLD.unpack_from(self._mm, _HOLD_AT)
-        return (fd, port, since) if fd > 0 else None
+    def release(self) -> int:
+        """Child side: that job ended; the lanes are the child's again. Returns which of
+        them the master closed meanwhile (bit i for the i-th lane given to hold(); nothing
+        read from those may run). If the lock cannot be had, every bit: the child then
+        closes them itself, which is always safe."""
+        lock = self.lock
+        if lock is None or not lock.acquire(timeout=LOCK_WAIT):
+            return (1 << MAX_HELD) - 1
+        try:
+            _HOLD_HEAD.pack_into(self._mm, _HOLD_AT, 0.0, 0)
+            closed = self._mm[_CLOSED]
+            self._mm[_CLOSED] = 0
+            return closed
+        finally:
+            lock.release()
+
+    def held(self) -> float | None:
+        """Master side, without the lock (a hint: take_held checks again under it): when
+        the job in front of the held lanes started, or None when none is held."""
+        since, count = _HOLD_HEAD.unpack_from(self._mm, _HOLD_AT)
+        return since if count else None
 
     def take_held(self, now: float, after: float,
                   close: Callable[[int, int], bool | None]) -> Take:
-        """Master side: if the job in front of the held lane has run `after` seconds at
-        `now`, close that lane with `close(fd, port)` and tell the child. `close` returns
+        """Master side: if the job in front of the held lanes has run `after` seconds at
+        `now`, close each lane with `close(fd, port)` and tell the child. `close` returns
         True when it closed it, False when it may not (REFUSED), None when it could not
-        this time (NOTHING: the child is dying, the fd changed). Never waits for the lock:
-        the child holds it for a moment while it changes lanes (BUSY: look again soon)."""
+        this time (the child is dying, the fd changed). Never waits for the lock: the child
+        holds it for a moment while it changes lanes (BUSY: look again soon)."""
         lock = self.lock
         if lock is None:
             return Take.NOTHING
         if not lock.acquire(False):
             return Take.BUSY
         try:
-            fd, port, since = _HOLD.unpack_from(self._mm, _HOLD_AT)
-            if fd <= 0 or since + after > now:
+            mm = self._mm
+            since, count = _HOLD_HEAD.unpack_from(mm, _HOLD_AT)
+            if not count or since + after > now:
                 return Take.NOTHING
-            done = close(fd, port)
-            if done is None:
-                return Take.NOTHING
-            if not done:
-                return Take.REFUSED
-            _HOLD.pack_into(self._mm, _HOLD_AT, 0, 0, 0.0)
-            self._mm[_CLOSED] = 1
-            return Take.CLOSED
+            closed = refused = left = 0
+            for i in range(min(count, MAX_HELD)):
+                at = _ENTRIES_AT + i * _HOLD_ENTRY.size
+                fd, port = _HOLD_ENTRY.unpack_from(mm, at)
+                if fd < 0:
+                    continue  # closed at an earlier look
+                done = close(fd, port)
+                if done:
+                    closed |= 1 << i
+                    _HOLD_ENTRY.pack_into(mm, at, -1, 0)
+                else:
+                    left += 1
+                    refused += done is False
+            mm[_CLOSED] |= closed
+            if not left:
+                _HOLD_HEAD.pack_into(mm, _HOLD_AT, 0.0, 0)  # nothing held any more
+            return Take.CLOSED if closed else Take.REFUSED if refused else Take.NOTHING
         finally:
             lock.release()
 
