@@ -36,7 +36,9 @@ SUBMIT_SECONDS = 30  # every submission loop is bounded in time (and by its list
 
 
 def pool_workers(gearmand, pool: str) -> int:
-    return len(gearmand.workers(pool))
+    """Children of `pool` in gearmand's `workers` list, by client id (a busy child has a
+    second connection, hold_next)."""
+    return len({w.client_id for w in gearmand.workers(pool)})
 
 
 def queued(gearmand, function: str) -> int:
