@@ -27,7 +27,7 @@ from fakeos import FakeMaster
 from wired import Log
 
 from gearvisor.gearman.client import Client
-from gearvisor.gearman.protocol import Packet
+from gearvisor.gearman.protocol import Decoder, Packet, encode
 from gearvisor.gearman.worker import ConnState, JobTimer, Lanes, Worker
 from gearvisor.job import Job, JobTimeout
 from gearvisor.master.lanes import STEAL_AFTER, HeldLanes
@@ -515,3 +515,24 @@ def test_a_child_that_cannot_be_reached_now_keeps_its_pools_lanes(
     say_holding(m, idle)
     assert not busy.scoreboard.lanes_off()
     assert "cannot close a child's held lane" not in log.getvalue()
+
+
+@pytest.mark.integration
+def test_gearmand_drops_a_job_given_back_job_retries_times() -> None:
+    """What README tells users of `gearmand -j N` rests on this: each connection closed with
+    the job assigned is a try, and the N-th drops the job (so -j 1 and hold_next clash)."""
+    for retries, left_after_one in ((1, 0), (2, 1)):
+        server = Gearmand(args=("--job-retries", str(retries))).start()
+        try:
+            submit(server, ["u"])
+            with socket.create_connection((HOST, server.port), timeout=5) as w:
+                w.sendall(encode(Packet.CAN_DO, "f") + encode(Packet.GRAB_JOB_UNIQ))
+                decoder, got = Decoder(), []
+                while not got:
+                    got = decoder.feed(w.recv(65536))
+                assert got[0].type == Packet.JOB_ASSIGN_UNIQ
+            # The connection closed with the job assigned: what a give-back does.
+            wait_for(lambda s=server, n=left_after_one: queued(s) == n, timeout=5,
+                     message=f"-j {retries}: {left_after_one} job(s) queued after one")
+        finally:
+            server.stop()
