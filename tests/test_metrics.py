@@ -199,6 +199,7 @@ def test_children_by_state_desired_restarts_quarantines_circuit(fleet: Fleet) ->
     fleet.health.restarted("text", "crash")
     fleet.health.restarted("php", "boot_error")
     fleet.health.quarantined("text")
+    fleet.health.held_returned.update(("text", "text"))
     fleet.pools["text"].circuit = Circuit.PROBING
     got = fleet.scrape()
     assert {dict(k)["state"]: v for k, v in series(got, "gearvisor_children").items()
@@ -210,6 +211,8 @@ def test_children_by_state_desired_restarts_quarantines_circuit(fleet: Fleet) ->
     assert value(got, "gearvisor_child_restarts_total", pool="php", reason="boot_error") == 1
     assert value(got, "gearvisor_quarantines_total", pool="text") == 1
     assert value(got, "gearvisor_quarantines_total", pool="php") == 0
+    assert value(got, "gearvisor_held_jobs_returned_total", pool="text") == 2
+    assert value(got, "gearvisor_held_jobs_returned_total", pool="php") == 0
     assert value(got, "gearvisor_circuit_open", pool="text") == 1
     assert value(got, "gearvisor_circuit_open", pool="php") == 0
 
@@ -253,6 +256,8 @@ def test_gearmand_series_from_the_probe_views(fleet: Fleet) -> None:
             "busy-foreign": FunctionStatus("busy-foreign", 4, 0, 0)},
             workers=(WorkerInfo(30, "127.0.0.1", "web1:text:0", ("reverse", "upper")),
                      WorkerInfo(31, "127.0.0.1", "web1:text:1", ("reverse",)),
+                     # slot 1's second connection (hold_next): the same child
+                     WorkerInfo(35, "127.0.0.1", "web1:text:1", ("reverse",)),
                      WorkerInfo(32, "127.0.0.1", "web1:textual:0", ("reverse",)),
                      WorkerInfo(33, "10.0.0.9", "other-host:text:0", ("reverse",)),
                      WorkerInfo(34, "127.0.0.1", "-", ()))),

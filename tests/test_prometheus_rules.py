@@ -41,6 +41,7 @@ COUNTERS_AND_GAUGES = {
     "gearvisor_child_restarts_total": {"pool", "reason"},
     "gearvisor_quarantines_total": {"pool"},
     "gearvisor_circuit_open": {"pool"},
+    "gearvisor_held_jobs_returned_total": {"pool"},
     "gearvisor_registered_workers": {"pool", "server"},
     "gearvisor_gearmand_up": {"server"},
     "gearvisor_gearmand_restarts_total": {"server"},

@@ -118,6 +118,14 @@ class CircuitClosed:
 
 
 @dataclass(frozen=True)
+class HeldJobReturned:
+    """The master gave a job a child held behind a slow one back to the job server
+    (master/lanes.py)."""
+
+    pool: str
+
+
+@dataclass(frozen=True)
 class PoisonJob:
     pool: str
     function: str

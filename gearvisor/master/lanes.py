@@ -125,6 +125,7 @@ class HeldLanes(Component):
         took = board.take_held(now, STEAL_AFTER, close)
         if took is Take.CLOSED:
             self.returned[pool.name] = self.returned.get(pool.name, 0) + 1
+            self.master.bus.publish(ev.HeldJobReturned(pool.name))
             self.master.log.debug("gave a held job back to the job server: the job in front "
                                   "of it is slow and another child is idle", pool=pool.name,
                                   slot=child.slot, child_pid=child.pid)

@@ -55,6 +55,8 @@ class Metrics(Component):
         master.bus.subscribe(ev.ChildExited, self._exited)
         master.bus.subscribe(ev.ChildReady, self._ready)
         master.bus.subscribe(ev.Quarantined, lambda e: self.health.quarantined(e.pool))
+        master.bus.subscribe(ev.HeldJobReturned,
+                             lambda e: self.health.held_returned.update((e.pool,)))
         master.bus.subscribe(ev.FindingRaised, self._finding_raised)
         master.bus.subscribe(ev.AlertNotified,
                              lambda e: self.health.notified(e.channel, e.outcome))

@@ -135,18 +135,23 @@ class FleetCollector:
         circuit = GaugeMetricFamily("gearvisor_circuit_open",
                                     "1 while the pool's circuit is open (or probing).",
                                     labels=["pool"])
+        returned = CounterMetricFamily(
+            "gearvisor_held_jobs_returned", "Jobs a child held behind a slow one that the "
+            "master gave back to the job server for an idle child (hold_next).",
+            labels=["pool"])
         for name, pool in pools.items():
             for reason in RESTART_REASONS:
                 restarts.add_metric([name, reason], self.health.restarts[(name, reason)])
             quarantines.add_metric([name], self.health.quarantines[name])
             circuit.add_metric([name], 0 if pool.circuit is Circuit.CLOSED else 1)
+            returned.add_metric([name], self.health.held_returned[name])
         notifications = CounterMetricFamily(
             "gearvisor_alert_notifications", "Alert notifications by channel and outcome: "
             "delivered, failed (after its retries) or dropped (a queue was full).",
             labels=["channel", "outcome"])
         for (channel, outcome), n in sorted(self.health.notifications.items()):
             notifications.add_metric([channel, outcome], n)
-        yield from (restarts, quarantines, circuit, notifications)
+        yield from (restarts, quarantines, circuit, returned, notifications)
         yield from self._journal()
 
     def _journal(self) -> Iterator[Metric]:
@@ -192,8 +197,9 @@ class FleetCollector:
                                     "function (any host or language).",
                                     labels=["server", "function"])
         registered = GaugeMetricFamily("gearvisor_registered_workers", "The pool's "
-                                       "connections in the job server's workers list.",
-                                       labels=["pool", "server"])
+                                       "children in the job server's workers list (by "
+                                       "client id: a child's second connection counts "
+                                       "once).", labels=["pool", "server"])
         families = (up, restarts, waiting, running, workers, registered)
         if views is None:
             yield from families
@@ -223,8 +229,8 @@ class FleetCollector:
                 view = views.get((address.host, address.port))
                 if view is None or view.workers is None or not view.up:
                     continue
-                registered.add_metric([name, view.name], sum(
-                    1 for w in view.workers if w.client_id.startswith(prefix)))
+                registered.add_metric([name, view.name], len(
+                    {w.client_id for w in view.workers if w.client_id.startswith(prefix)}))
         yield from families
 
 

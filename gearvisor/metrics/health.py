@@ -42,6 +42,7 @@ class HealthCounters:
     def __init__(self) -> None:
         self.restarts: Counter[tuple[str, str]] = Counter()
         self.quarantines: Counter[str] = Counter()
+        self.held_returned: Counter[str] = Counter()  # held jobs given back (master/lanes)
         self.notifications: Counter[tuple[str, str]] = Counter()  # (channel, outcome)
         # The job journal, as its store helper reports: retries it submitted per (pool,
         # function), dead letters per function now, whether the store is up (None: no
@@ -84,3 +85,5 @@ class HealthCounters:
             del self.restarts[key]
         for pool in [p for p in self.quarantines if p not in keep]:
             del self.quarantines[pool]
+        for pool in [p for p in self.held_returned if p not in keep]:
+            del self.held_returned[pool]
