@@ -15,6 +15,15 @@ arrive in one read, and each result leaves before the next job starts, with the 
 tops the connection up in the same write: no result waits behind another job, and no timer
 or signal is needed to send it.
 
+Lanes (`lanes`, the child's hold_next, with prefetch 1; docs/prefetch.md): while the queue is
+busy each server gets a second connection (Connection.mate, .second) that asks for the next
+job before the job in front runs, so it is here when that one ends. It holds at most one,
+never sleeps, and is closed after LANE_LINGER asleep. Before a job runs, every other
+connection with a GRAB out is handed to Lanes.holding; whoever implements it (the master,
+through the child's scoreboard) may close them while the job runs, so that gearmand gives
+their jobs to an idle child, and Lanes.released says which it closed: nothing read from
+those runs (_mate_closed).
+
 A stop never runs more than the job running now: a job that arrives once the worker is
 stopping (prefetched, or the answer to a GRAB in flight) is not started; the connection that
 holds it is closed after the results already done are written (_hand_back), and gearmand
