@@ -577,9 +577,7 @@ class Worker:
             return
         for conn in self.all:
             if conn.second and conn.sock is not None and conn.state is ConnState.IDLE:
-                self._close_socket(conn)
-                conn.state = ConnState.DOWN
-                conn.answered = conn.can_do = False
+                self._disconnect(conn)
 
     def _check_ready(self) -> None:
         if self.is_ready:
@@ -671,14 +669,19 @@ class Worker:
             pass
         sock.close()
 
+    def _disconnect(self, conn: Connection) -> None:
+        """Close the connection and forget what was in flight on it (gearmand requeues
+        whatever it had assigned there); it is DOWN until reconnected."""
+        self._close_socket(conn)
+        conn.state = ConnState.DOWN
+        conn.outstanding = 0
+        conn.answered = conn.can_do = False
+
     def _drop(self, conn: Connection, reason: str, fault: bool = False) -> None:
         """Close a connection and schedule a reconnect with backoff; other servers go on.
         fault: the server misbehaved (logged by the caller): reconnect only after the
         longest delay, so a server that does it on every connection costs little."""
-        self._close_socket(conn)
-        conn.state = ConnState.DOWN
-        conn.outstanding = 0  # gearmand requeues whatever it assigned on this connection
-        conn.answered = False
+        self._disconnect(conn)
         conn.faulted = fault
         if fault:
             conn.delay = self.reconnect_max_delay
@@ -967,27 +970,23 @@ class Worker:
         """A job came while the queue is busy: the second lane asks for the next one now, so
         it is here when this one ends (and handed back if this one runs long). A lane that
         is not open yet is opened (it GRABs once connected)."""
-        mate = conn.mate
-        if mate is None or not mate.second or not self._taking():
-            return
-        lanes = self.lanes
+        mate, lanes = conn.mate, self.lanes
+        assert mate is not None and lanes is not None  # (only lanes have mates)
+        if not mate.second or not self._taking():
+            return  # (a first lane refills itself with its result)
         if mate.state is ConnState.IDLE:
-            if lanes is not None and lanes.allowed() and self._grab(
-                    mate, b"" if mate.can_do else self._can_do):
+            if lanes.allowed() and self._grab(mate, b"" if mate.can_do else self._can_do):
                 mate.can_do = True
         elif mate.state is ConnState.DOWN:
             now = self.clock()
-            if now >= mate.retry_at and lanes is not None and lanes.allowed():
+            if now >= mate.retry_at and lanes.allowed():
                 self._connect(mate, now)
 
     def _mate_closed(self, mate: Connection) -> None:
         """A held lane was closed while a job ran (Lanes.released): gearmand has requeued
         what it held, so nothing it sent is read. A second lane is opened again when wanted,
         a first lane by the loop (_tick) at once."""
-        self._close_socket(mate)
-        mate.state = ConnState.DOWN
-        mate.outstanding = 0
-        mate.answered = mate.can_do = False
+        self._disconnect(mate)
         mate.retry_at = 0.0
         self.log.debug("the held job went back to the job server: this job ran long and "
                        "another child was idle", server=mate.label)
@@ -1028,14 +1027,11 @@ class Worker:
         """Send a job's result now, before the next job starts (so it never waits behind
         one), with the GRABs that top the connection up in the same write: one send per
         job, and at most one round trip."""
-        if not self._taking():
+        # A second lane asks for nothing more while a sibling is asleep (it takes the next
+        # job) or lanes are off: it rests until the queue is busy again.
+        if not self._taking() or (conn.second
+                                  and not self.lanes.allowed()):  # type: ignore[union-attr]
             self._send_winding_down(conn, reply)
-        elif conn.second and not self.lanes.allowed():  # type: ignore[union-attr]
-            # A sibling is asleep (or lanes were turned off): it takes the next job, so
-            # this lane asks for none; it rests until the queue is busy again.
-            if self._send(conn, reply) and conn.state is ConnState.GRABBING \
-                    and not conn.outstanding:
-                conn.state = ConnState.IDLE
         else:
             self._top_up(conn, reply)
 
@@ -1047,9 +1043,10 @@ class Worker:
                    and not conn.second)
 
     def _send_winding_down(self, conn: Connection, data: bytes) -> None:
-        """Stopping or pausing: no more GRABs. Pausing, jobs already assigned to us still
-        run; once every GRAB is answered the connection goes idle, and a pause unregisters
-        it. Stopping, the jobs still to come are handed back (_read, run)."""
+        """Stopping or pausing (or a second lane at rest): no more GRABs. Pausing, jobs
+        already assigned to us still run; once every GRAB is answered the connection goes
+        idle, and a pause unregisters it. Stopping, the jobs still to come are handed back
+        (_read, run)."""
         if (self._send(conn, data) and not conn.outstanding
                 and conn.state is ConnState.GRABBING):
             conn.state = ConnState.IDLE
@@ -1077,10 +1074,7 @@ class Worker:
                     break  # gearmand closed its end: it has seen all we wrote
         except OSError:
             pass  # gone, reset or slow: the close below hands back what is left anyway
-        self._close_socket(conn)
-        conn.state = ConnState.DOWN
-        conn.outstanding = 0
-        conn.answered = False
+        self._disconnect(conn)
 
     def _failure_reply(self, handle: bytes, exc: Exception) -> bytes:
         return self._failure_text(handle, f"{type(exc).__name__}: {exc}\n".encode(
