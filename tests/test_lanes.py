@@ -39,59 +39,55 @@ from gearvisor.shm.scoreboard import Scoreboard, Take
 # -- the scoreboard's lock: child and master never both win --------------------------------------
 
 
-def test_the_master_closes_a_held_lane_only_while_its_job_runs() -> None:
+@pytest.fixture
+def board():
     board = Scoreboard(lanes=True)
     try:
-        closed: list[tuple[int, int]] = []
-
-        def close(fd: int, port: int) -> bool:
-            closed.append((fd, port))
-            return True
-
-        assert board.take_held(100.0, 0.5, close) is Take.NOTHING  # nothing held
-        board.hold([(7, 4242), (11, 4250)], since=10.0)  # its other lane, another server's
-        assert board.held() == 10.0
-        assert board.take_held(10.4, 0.5, close) is Take.NOTHING  # not slow yet
-        assert board.take_held(10.5, 0.5, close) is Take.CLOSED
-        assert closed == [(7, 4242), (11, 4250)]
-        assert board.held() is None
-        assert board.release() == 0b11  # the child learns it: nothing from those runs
-        board.hold([(8, 4243)], since=20.0)
-        assert board.release() == 0  # ended before the master looked: the lane is kept
-        assert board.take_held(100.0, 0.5, close) is Take.NOTHING
-        assert closed == [(7, 4242), (11, 4250)]
+        yield board
     finally:
         board.close()
 
 
-def test_the_master_never_waits_for_a_child_changing_lanes() -> None:
-    board = Scoreboard(lanes=True)
+def test_the_master_closes_a_held_lane_only_while_its_job_runs(board: Scoreboard) -> None:
+    closed: list[tuple[int, int]] = []
+
+    def close(fd: int, port: int) -> bool:
+        closed.append((fd, port))
+        return True
+
+    assert board.take_held(100.0, 0.5, close) is Take.NOTHING  # nothing held
+    board.hold([(7, 4242), (11, 4250)], since=10.0)  # its other lane, another server's
+    assert board.held() == 10.0
+    assert board.take_held(10.4, 0.5, close) is Take.NOTHING  # not slow yet
+    assert board.take_held(10.5, 0.5, close) is Take.CLOSED
+    assert closed == [(7, 4242), (11, 4250)]
+    assert board.held() is None
+    assert board.release() == 0b11  # the child learns it: nothing from those runs
+    board.hold([(8, 4243)], since=20.0)
+    assert board.release() == 0  # ended before the master looked: the lane is kept
+    assert board.take_held(100.0, 0.5, close) is Take.NOTHING
+    assert closed == [(7, 4242), (11, 4250)]
+
+
+def test_the_master_never_waits_for_a_child_changing_lanes(board: Scoreboard) -> None:
+    board.hold([(7, 4242)], since=10.0)
+    assert board.lock is not None
+    board.lock.acquire()  # the child, mid-change
     try:
-        board.hold([(7, 4242)], since=10.0)
-        assert board.lock is not None
-        board.lock.acquire()  # the child, mid-change
-        try:
-            assert board.take_held(100.0, 0.5, lambda fd, port: True) is Take.BUSY
-        finally:
-            board.lock.release()
-        assert board.held() == 10.0  # still held: nothing was closed
+        assert board.take_held(100.0, 0.5, lambda fd, port: True) is Take.BUSY
     finally:
-        board.close()
+        board.lock.release()
+    assert board.held() == 10.0  # still held: nothing was closed
 
 
-def test_a_close_that_fails_leaves_the_lane_recorded() -> None:
-    board = Scoreboard(lanes=True)
-    try:
-        board.hold([(7, 4242)], since=10.0)
-        assert board.take_held(100.0, 0.5, lambda fd, port: False) is Take.REFUSED
-        assert board.release() == 0  # not closed: the child keeps it
-    finally:
-        board.close()
+def test_a_close_that_fails_leaves_the_lane_recorded(board: Scoreboard) -> None:
+    board.hold([(7, 4242)], since=10.0)
+    assert board.take_held(100.0, 0.5, lambda fd, port: False) is Take.REFUSED
+    assert board.release() == 0  # not closed: the child keeps it
 
 
-def test_a_child_forked_after_the_hold_sees_the_master_close() -> None:
+def test_a_child_forked_after_the_hold_sees_the_master_close(board: Scoreboard) -> None:
     """Across fork, as in a real master: the child records, the parent closes."""
-    board = Scoreboard(lanes=True)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child
@@ -99,8 +95,10 @@ def test_a_child_forked_after_the_hold_sees_the_master_close() -> None:
             os.close(r)
             board.hold([(5, 1234)], since=1.0)
             os.write(w, b"h")
-            while board.held() is not None:  # until the parent has closed it
-                time.sleep(0.001)
+            # Until the parent has closed it (past the deadline the child writes nothing,
+            # and the parent's read below fails the test).
+            wait_for(lambda: board.held() is None, timeout=10, interval=0.001,
+                     message="the parent closed the held lane")
             os.write(w, b"y" if board.release() == 1 else b"n")
         finally:
             os._exit(0)
@@ -112,7 +110,6 @@ def test_a_child_forked_after_the_hold_sees_the_master_close() -> None:
     finally:
         os.close(r)
         os.waitpid(pid, 0)
-        board.close()
 
 
 # -- a real master and a real gearmand ----------------------------------------------------------
