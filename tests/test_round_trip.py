@@ -1,7 +1,9 @@
-"""Jobs that come one at a time (gearman/worker.py): a result written while the queue is dry
-carries the PRE_SLEEP too, so a NO_JOB puts the worker to sleep without another write; a busy
-queue never gets one (gearmand answers a PRE_SLEEP with a NOOP while jobs wait). Driven by
-hand over a socketpair (tests/wired.py), then once against a real gearmand."""
+"""Jobs that come one at a time (gearman/worker.py): a GRAB written while the queue is dry
+carries the PRE_SLEEP too, so a NO_JOB puts the worker to sleep without another write, and a
+job that came that way is answered with its result alone: gearmand has the worker asleep
+already (Connection.nap), unless a NOOP behind the job says another waits. A busy queue never
+gets a PRE_SLEEP (gearmand answers one with a NOOP while jobs wait). Driven by hand over a
+socketpair (tests/wired.py), then against a real gearmand."""
 
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def asleep(worker: Worker, server: Any) -> None:
     assert server.received() == [PRE_SLEEP] and conn.state is ConnState.SLEEPING
 
 
-def test_a_job_that_came_alone_is_answered_with_grab_and_pre_sleep_in_one_write(wired) -> None:
+def test_a_job_that_came_alone_is_answered_with_its_result_alone(wired) -> None:
     hooks = WaitingHooks()
     worker, server = wired(hooks=hooks)
     conn = worker.conns[0]
@@ -59,15 +61,60 @@ def test_a_job_that_came_alone_is_answered_with_grab_and_pre_sleep_in_one_write(
         feed(worker, server, encode(Packet.NOOP, magic=RES))
         assert server.received() == [GRAB, PRE_SLEEP]
         feed(worker, server, job(f"H:{i}"))
-        # the result, the next GRAB and the PRE_SLEEP: one write
-        assert server.received() == [(Packet.WORK_COMPLETE, (f"H:{i}".encode(),) * 2), GRAB,
-                                     PRE_SLEEP]
-        worker._handle(conn, Packet.NO_JOB, ())
-        # asleep at once: nothing more written, and the host hears the worker waits
-        assert conn.state is ConnState.SLEEPING and server.received() == []
+        # gearmand has us asleep since that PRE_SLEEP: the result goes alone, no GRAB (so no
+        # NO_JOB to wake up for), and the host hears the worker waits
+        assert server.received() == [(Packet.WORK_COMPLETE, (f"H:{i}".encode(),) * 2)]
+        assert conn.state is ConnState.SLEEPING and conn.outstanding == 0
         assert hooks.waits == 2 + i
         worker._tick(worker.clock())
         assert server.received() == []
+        assert worker._timeout(worker.clock()) is None  # asleep: no wake-up due
+
+
+def test_a_job_that_came_with_a_grab_and_pre_sleep_after_a_result_is_answered_alone(wired
+                                                                                    ) -> None:
+    worker, server = wired()
+    conn = worker.conns[0]
+    conn.dry, conn.outstanding = True, 0  # the last GRAB was answered NO_JOB
+    worker._top_up(conn, b"")
+    assert server.received() == [GRAB, PRE_SLEEP]
+    feed(worker, server, job("H:0"))
+    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:0", b"H:0"))]
+    assert conn.state is ConnState.SLEEPING
+
+
+def test_a_noop_that_came_while_the_job_ran_gets_the_grab_with_the_result(wired) -> None:
+    """gearmand queued a NOOP while the job ran (another job came): it waits unread in the
+    socket, and the result goes with the GRAB for that job."""
+    def run(worker, server, job):
+        server.sock.sendall(encode(Packet.NOOP, magic=RES))
+        return job.data
+
+    worker, server = wired(on_job=run)
+    conn = worker.conns[0]
+    asleep(worker, server)
+    feed(worker, server, encode(Packet.NOOP, magic=RES))
+    assert server.received() == [GRAB, PRE_SLEEP]
+    feed(worker, server, encode(Packet.JOB_ASSIGN_UNIQ, "H:0", "f", "", b"x", magic=RES))
+    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:0", b"x")), GRAB, PRE_SLEEP]
+    assert conn.state is ConnState.GRABBING and conn.outstanding == 1
+    worker._read(conn)  # the NOOP: a GRAB is out already, so nothing more
+    assert server.received() == [] and conn.outstanding == 1
+
+
+def test_a_stop_asked_while_a_lone_job_runs_sends_only_the_result(wired) -> None:
+    def run(worker, server, job):
+        worker.stop()
+        return job.data
+
+    worker, server = wired(on_job=run)
+    conn = worker.conns[0]
+    asleep(worker, server)
+    feed(worker, server, encode(Packet.NOOP, magic=RES))
+    server.received()
+    feed(worker, server, encode(Packet.JOB_ASSIGN_UNIQ, "H:0", "f", "", b"x", magic=RES))
+    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:0", b"x"))]
+    assert conn.state is ConnState.IDLE and not conn.nap
 
 
 def test_a_busy_queue_gets_no_pre_sleep(wired) -> None:
@@ -76,10 +123,12 @@ def test_a_busy_queue_gets_no_pre_sleep(wired) -> None:
     asleep(worker, server)
     feed(worker, server, encode(Packet.NOOP, magic=RES))
     assert server.received() == [GRAB, PRE_SLEEP]
-    feed(worker, server, job("H:0"))
-    assert server.received()[-1] == PRE_SLEEP  # the queue looked dry
+    # gearmand answered that PRE_SLEEP with a NOOP at once (jobs wait): the result goes
+    # with a GRAB, and a PRE_SLEEP (the queue looked dry)
+    feed(worker, server, job("H:0") + encode(Packet.NOOP, magic=RES))
+    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:0", b"H:0")), GRAB, PRE_SLEEP]
     # ...but the GRAB brought a job: the queue is busy, so no PRE_SLEEP from now on.
-    # gearmand answered that PRE_SLEEP with a NOOP (jobs were waiting): no GRAB for it.
+    # The NOOP for that PRE_SLEEP: no GRAB for it.
     feed(worker, server, job("H:1") + encode(Packet.NOOP, magic=RES))
     assert server.received() == [(Packet.WORK_COMPLETE, (b"H:1", b"H:1")), GRAB]
     for i in range(2, 5):
@@ -109,12 +158,29 @@ def test_a_pause_that_comes_while_pre_sleep_is_in_flight_unregisters(wired) -> N
     conn = worker.conns[0]
     asleep(worker, server)
     feed(worker, server, encode(Packet.NOOP, magic=RES))
-    feed(worker, server, job("H:0"))
-    server.received()
+    assert server.received() == [GRAB, PRE_SLEEP]
     worker.pause()
     worker._handle(conn, Packet.NO_JOB, ())
     assert server.received() == [(Packet.RESET_ABILITIES, ())]
     assert conn.state is ConnState.IDLE and not conn.can_do
+
+
+def test_a_pause_asked_while_a_lone_job_runs_unregisters_after_the_result(wired) -> None:
+    def run(worker, server, job):
+        worker.pause()
+        return job.data
+
+    worker, server = wired(on_job=run)
+    conn = worker.conns[0]
+    asleep(worker, server)
+    feed(worker, server, encode(Packet.NOOP, magic=RES))
+    server.received()
+    feed(worker, server, encode(Packet.JOB_ASSIGN_UNIQ, "H:0", "f", "", b"x", magic=RES))
+    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:0", b"x")),
+                                 (Packet.RESET_ABILITIES, ())]
+    assert conn.state is ConnState.IDLE and not conn.can_do
+    feed(worker, server, encode(Packet.NOOP, magic=RES))  # gearmand had us asleep
+    assert server.received() == [] and conn.state is ConnState.IDLE
 
 
 def test_one_server_asleep_and_another_empty_sleeps_on_both(wired) -> None:
@@ -161,3 +227,26 @@ def test_jobs_one_at_a_time_with_gaps_all_come_back_from_a_real_gearmand(gearman
             assert r.ok and r.data == f"job-{i}"[::-1].encode(), (i, r)
     assert len(gearmand.workers("work")) == 1
     wait_for(lambda: m.child_with_title("work[0] idle"), message="the idle title")
+
+
+@pytest.mark.integration
+def test_a_job_that_comes_while_a_lone_job_runs_is_run_next(gearmand, master) -> None:
+    """The first job came alone, so its result goes without a GRAB; the second came while it
+    ran, and gearmand's NOOP for it (the worker was asleep in its eyes) is what gets it run:
+    nothing else would wake the child. gearmand's own status says both ran."""
+    m = master({"servers": [gearmand.address],
+                "pools": {"work": {"processes": 1,
+                                   "functions": {"sleep": "examples.tasks:sleep"}}}})
+    wait_for(lambda: len(gearmand.workers("work")) == 1, message="child registered")
+    wait_for(lambda: m.child_with_title("work[0] idle"), message="child asleep")
+    for _ in range(3):
+        with Client(HOST, gearmand.port, timeout=10.0) as first, \
+                Client(HOST, gearmand.port, timeout=10.0) as second:
+            slow = first.submit("sleep", "0.5")
+            wait_for(lambda: m.child_with_title("work[0] busy sleep"), message="first job runs")
+            quick = second.submit("sleep", "0")
+            assert first.wait([slow])[slow].data == b"slept 0.5"
+            assert second.wait([quick])[quick].data == b"slept 0"
+        wait_for(lambda: gearmand.status()["sleep"].queued == 0 and
+                 gearmand.status()["sleep"].running == 0, message="gearmand: nothing left")
+        wait_for(lambda: m.child_with_title("work[0] idle"), message="child asleep again")

@@ -9,11 +9,13 @@ Throughput comes from these choices (README): each result is written in the same
 the next GRAB, so a busy queue costs one round trip per job; while jobs come one at a time,
 PRE_SLEEP goes in that send() too (Connection.dry), so a NO_JOB needs no write of ours, and
 otherwise it is sent once every live server has answered NO_JOB (a NOOP's GRAB carries one
-too: asleep means the queue was dry); and, with `prefetch` above 1, while jobs are short and
-succeed, several GRABs stay in flight on a connection (see Connection.depth). Several jobs then
-arrive in one read, and each result leaves before the next job starts, with the GRAB that
-tops the connection up in the same write: no result waits behind another job, and no timer
-or signal is needed to send it.
+too: asleep means the queue was dry); a job that came in answer to such a GRAB is answered
+with its result alone unless a NOOP waits behind it (Connection.nap: gearmand has us asleep
+already), so a job that comes on its own costs two wake-ups, not three; and, with `prefetch`
+above 1, while jobs are short and succeed, several GRABs stay in flight on a connection (see
+Connection.depth). Several jobs then arrive in one read, and each result leaves before the
+next job starts, with the GRAB that tops the connection up in the same write: no result
+waits behind another job, and no timer or signal is needed to send it.
 
 Lanes (`lanes`, the child's hold_next, with prefetch 1; docs/prefetch.md): while the queue is
 busy each server gets a second connection (Connection.mate, .second) that asks for the next
@@ -236,7 +238,7 @@ class Connection:
     __slots__ = ("host", "port", "label", "sock", "decoder", "state", "retry_at", "delay",
                  "deadline", "empty_since", "answered", "attempts", "down_logged", "ever_up",
                  "can_do", "outstanding", "depth", "job_send", "faults", "faulted", "dry",
-                 "presleep", "woke", "mate", "second", "sent", "local_port")
+                 "presleep", "woke", "nap", "mate", "second", "sent", "local_port")
 
     def __init__(self, host: str, port: int, second: bool = False) -> None:
         self.host = host
@@ -268,6 +270,12 @@ class Connection:
         self.dry = False
         self.presleep = False
         self.woke = False
+        # The job running now came in answer to a GRAB with a PRE_SLEEP after it: gearmand
+        # has this connection asleep already (or has queued a NOOP: a job is waiting). If no
+        # NOOP is here when the job ends, its result goes alone, and the connection sleeps
+        # with no GRAB, NO_JOB or wake-up of ours: two wake-ups per job that comes on its
+        # own (a foreground round trip), where a GRAB would cost three.
+        self.nap = False
         self.job_send: Callable[[int, bytes, bytes], None] | None = None  # set by Worker
         self.faults = FaultLog()  # kept across reconnects: a server that keeps misbehaving
         self.faulted = False  # last closed for misbehaving (its reconnect is not news)
@@ -364,6 +372,7 @@ class Worker:
         # costs an mmap, mremap and munmap per call.
         self._rbuf = memoryview(bytearray(RECV_SIZE))
         self._summary_due = float("inf")  # when a FaultLog summary is due (_log_suppressed)
+        self._more = False  # frames follow the one being handled, in this read (_read)
         self._sent = 0  # GRABs written so far (Connection.sent: which lane to read first)
         self._close_lanes_at = float("inf")  # asleep since then + LANE_LINGER (_waiting)
 
@@ -563,6 +572,14 @@ class Worker:
             return None
         return max(0.0, due - now)
 
+    def _asleep(self, conn: Connection) -> None:
+        """gearmand has `conn` asleep (its PRE_SLEEP is in): a NOOP wakes it. Asleep on every
+        server, the worker is waiting."""
+        conn.state = ConnState.SLEEPING
+        if all(c.state is ConnState.SLEEPING for c in self.conns
+               if c.sock is not None and c.state is not ConnState.CONNECTING):
+            self._waiting(self.clock())
+
     def _waiting(self, now: float) -> None:
         """Asleep on every server: tell the host, and close the second lanes if it lasts."""
         self.hooks.waiting()
@@ -609,7 +626,7 @@ class Worker:
         conn.decoder = self._decoder()
         conn.outstanding = 0
         conn.depth = 1
-        conn.dry = conn.presleep = conn.woke = False
+        conn.dry = conn.presleep = conn.woke = conn.nap = False
         conn.answered = False
         conn.state = ConnState.CONNECTING
         conn.deadline = now + self.connect_timeout
@@ -760,9 +777,11 @@ class Worker:
                                "connection", error=str(e))
             self._drop(conn, f"protocol error: {e}", fault=True)
             return
+        last = len(frames) - 1
         for i, frame in enumerate(frames):
             if conn.sock is None:
                 return  # dropped while handling an earlier frame
+            self._more = i < last  # (a NOOP after a job: Connection.nap)
             if self.stopping and frame.type in _TAKEN:
                 # Assigned to us, not started: it goes back to gearmand with the rest.
                 self._hand_back(conn, sum(1 for f in frames[i:] if f.type in _TAKEN))
@@ -775,6 +794,7 @@ class Worker:
                 self._unexpected(conn, ptype, "a job we did not ask for (no GRAB outstanding)")
                 return
             conn.outstanding -= 1
+            conn.nap = conn.presleep and not conn.outstanding
             conn.presleep = False
             if conn.woke:
                 conn.woke = False
@@ -806,10 +826,7 @@ class Worker:
             elif asleep:
                 # Its PRE_SLEEP went with the GRAB: gearmand has us asleep (or, if a job
                 # came in between, has queued a NOOP). Nothing more to write.
-                conn.state = ConnState.SLEEPING
-                if all(c.state is ConnState.SLEEPING for c in self.conns
-                       if c.sock is not None and c.state is not ConnState.CONNECTING):
-                    self._waiting(self.clock())
+                self._asleep(conn)
             else:
                 conn.state = ConnState.EMPTY
                 conn.empty_since = self.clock()
@@ -1031,9 +1048,30 @@ class Worker:
         # job) or lanes are off: it rests until the queue is busy again.
         if not self._taking() or (conn.second
                                   and not self.lanes.allowed()):  # type: ignore[union-attr]
+            conn.nap = False
             self._send_winding_down(conn, reply)
+        elif self._lone(conn):
+            if self._send(conn, reply):
+                self._asleep(conn)
         else:
             self._top_up(conn, reply)
+
+    def _lone(self, conn: Connection) -> bool:
+        """The result of the job that ends now goes alone, with no GRAB (Connection.nap):
+        gearmand has `conn` asleep, no NOOP says a job waits, and we are taking jobs."""
+        nap, conn.nap = conn.nap, False
+        return nap and not self._more and self._taking() and self._quiet(conn)
+
+    @staticmethod
+    def _quiet(conn: Connection) -> bool:
+        """Nothing from the server is waiting to be read on `conn` (one non-blocking peek)."""
+        try:
+            conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # type: ignore[union-attr]
+        except BlockingIOError:
+            return True
+        except OSError:
+            pass  # (the next read or send finds out what is wrong)
+        return False
 
     def _top_up(self, conn: Connection, before: bytes = b"") -> None:
         """Write `before` with the GRABs that bring conn.outstanding up to conn.depth, and
