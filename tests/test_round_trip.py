@@ -102,21 +102,6 @@ def test_a_noop_that_came_while_the_job_ran_gets_the_grab_with_the_result(wired)
     assert server.received() == [] and conn.outstanding == 1
 
 
-def test_a_stop_asked_while_a_lone_job_runs_sends_only_the_result(wired) -> None:
-    def run(worker, server, job):
-        worker.stop()
-        return job.data
-
-    worker, server = wired(on_job=run)
-    conn = worker.conns[0]
-    asleep(worker, server)
-    feed(worker, server, encode(Packet.NOOP, magic=RES))
-    server.received()
-    feed(worker, server, encode(Packet.JOB_ASSIGN_UNIQ, "H:0", "f", "", b"x", magic=RES))
-    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:0", b"x"))]
-    assert conn.state is ConnState.IDLE and not conn.nap
-
-
 def test_a_busy_queue_gets_no_pre_sleep(wired) -> None:
     worker, server = wired()
     conn = worker.conns[0]
@@ -165,9 +150,11 @@ def test_a_pause_that_comes_while_pre_sleep_is_in_flight_unregisters(wired) -> N
     assert conn.state is ConnState.IDLE and not conn.can_do
 
 
-def test_a_pause_asked_while_a_lone_job_runs_unregisters_after_the_result(wired) -> None:
+@pytest.mark.parametrize("asked", ["stop", "pause"])
+def test_a_stop_or_pause_asked_while_a_lone_job_runs_sends_no_grab(wired, asked) -> None:
+    """The result goes alone either way; a pause then unregisters."""
     def run(worker, server, job):
-        worker.pause()
+        getattr(worker, asked)()
         return job.data
 
     worker, server = wired(on_job=run)
@@ -176,9 +163,10 @@ def test_a_pause_asked_while_a_lone_job_runs_unregisters_after_the_result(wired)
     feed(worker, server, encode(Packet.NOOP, magic=RES))
     server.received()
     feed(worker, server, encode(Packet.JOB_ASSIGN_UNIQ, "H:0", "f", "", b"x", magic=RES))
-    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:0", b"x")),
-                                 (Packet.RESET_ABILITIES, ())]
-    assert conn.state is ConnState.IDLE and not conn.can_do
+    after = [(Packet.RESET_ABILITIES, ())] if asked == "pause" else []
+    assert server.received() == [(Packet.WORK_COMPLETE, (b"H:0", b"x")), *after]
+    assert conn.state is ConnState.IDLE and not conn.nap
+    assert conn.can_do is (asked == "stop")
     feed(worker, server, encode(Packet.NOOP, magic=RES))  # gearmand had us asleep
     assert server.received() == [] and conn.state is ConnState.IDLE
 
