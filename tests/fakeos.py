@@ -272,6 +272,15 @@ class FakeMaster:
                 return  # (a timer or the pass may have killed a child, or written)
         raise AssertionError(f"the master was still busy after {MAX_PASSES} passes")
 
+    def start_ready(self) -> list[FakeChild]:
+        """The first pass forks the pools; every child says it is ready; a pass."""
+        self.step()
+        children = list(self.system.forked)
+        for child in children:
+            child.say(messages.Ready())
+        self.step()
+        return children
+
     def advance(self, seconds: float) -> None:
         """Move the fake clock on by `seconds`, then step."""
         self.clock.advance(seconds)

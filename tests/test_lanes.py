@@ -31,7 +31,7 @@ from gearvisor.gearman.protocol import Decoder, Packet, encode
 from gearvisor.gearman.worker import ConnState, JobTimer, Lanes, Worker
 from gearvisor.job import Job, JobTimeout
 from gearvisor.master.lanes import STEAL_AFTER, HeldLanes
-from gearvisor.messages import Holding, Ready
+from gearvisor.messages import Holding
 from gearvisor.policy.child import Child
 from gearvisor.shm.lanes import LaneHints
 from gearvisor.shm.scoreboard import Scoreboard, Take
@@ -292,10 +292,7 @@ def pool_of_two(tmp_path: Path, log: io.StringIO):
                           "watch": False}}}))
     m = FakeMaster(str(path), (HeldLanes(),))
     try:
-        m.step()
-        for child in m.system.forked:
-            child.say(Ready())
-        m.step()
+        m.start_ready()
         yield m
     finally:
         m.close()

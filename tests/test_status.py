@@ -75,7 +75,7 @@ def fleet(*pools: Pool, started_at: float = NOW - 3700, stopping: bool = False) 
     watcher = WatcherState(WatchSpec(None, ()))
     return Fleet(pid=os.getpid(), config=SimpleNamespace(path="/etc/gearvisor/pools.yaml"),
                  started_at=started_at, stopping=stopping, reloads=2,
-                 pools={p.name: p for p in pools},
+                 pools={p.name: p for p in pools}, lane_hints=None,
                  parts=lambda now: {"watcher": watcher.status(now, Debouncer(1.0))})
 
 
@@ -167,7 +167,7 @@ def test_busy_child_row(images: Pool) -> None:
         "slot": 0, "pid": os.getpid(), "state": "busy", "role": "serving", "generation": 1,
         "uptime": 125.0, "jobs_done": 5, "jobs_failed": 1, "function": "resize",
         "handle": "H:host:77", "unique": "img-77", "job_seconds": 2.5,
-        "quarantined": None, "probation": False, "restarts": 0}
+        "quarantined": None, "probation": False, "bell": None, "restarts": 0}
     own = psutil.Process().memory_info().rss
     assert isinstance(rss, int) and own / 2 < rss < own * 2
     # CPU seconds so far (a counter for `gearvisor top`'s CPU%): this process' own.

@@ -26,7 +26,7 @@ from gearvisor import messages as msg
 from gearvisor.child.journal import ChildJournal
 from gearvisor.child.postfork import after_fork
 from gearvisor.config import Config, PoolConfig
-from gearvisor.gearman.worker import Hooks, JobTimer, Keepalive, Lanes, Worker
+from gearvisor.gearman.worker import Bell, Hooks, JobTimer, Keepalive, Lanes, Worker
 from gearvisor.helpers.watcher import send_import_report
 from gearvisor.job import Job, JobTimeout
 from gearvisor.journal.record import retry_unique
@@ -37,6 +37,7 @@ from gearvisor.policy.child import (
     EXIT_OK,
     EXIT_ORPHANED,
 )
+from gearvisor.shm.bell import Bell as PoolBell
 from gearvisor.shm.lanes import LaneHints
 from gearvisor.shm.poison import PoisonTable, RunningJobs, job_key
 from gearvisor.shm.scoreboard import Scoreboard
@@ -317,6 +318,21 @@ class _BoardLanes(Lanes):
                 self.hooks._send(msg.Holding())
 
 
+class _ChildBell(Bell):
+    """The pool generation's bell (shm/bell.py), and this child's bell byte in the fleet's
+    hints, which the master reads when it reaps the child."""
+
+    def __init__(self, bell: PoolBell, hints: LaneHints, index: int) -> None:
+        self.fd = bell.fd
+        self.take = bell.take  # type: ignore[method-assign]
+        self.ring = bell.ring  # type: ignore[method-assign]
+        self.hints = hints
+        self.index = index
+
+    def standing(self, state: int) -> None:
+        self.hints.set_bell(self.index, state)
+
+
 def _key(job: Job) -> int:
     if not job.key:
         job.key = job_key(job.function, job.unique, job.handle, job.data, job.server)
@@ -419,14 +435,14 @@ def run_child(cfg: Config, pool: PoolConfig, slot: int, generation: int, event_f
               poison: PoisonTable | None = None, probation: bool = False,
               start_paused: bool = False, running: RunningJobs | None = None,
               running_index: int = -1, hints: LaneHints | None = None,
-              tag: int = 0) -> NoReturn:
+              tag: int = 0, bell: PoolBell | None = None) -> NoReturn:
     """The body of a forked child. Never returns: always ends in os._exit()."""
     code = EXIT_CRASH
     logger: Any = None
     try:
         code, logger = _child_main(cfg, pool, slot, generation, event_fd, master_pid,
                                    signals_to_unblock, board, poison, probation,
-                                   start_paused, running, running_index, hints, tag)
+                                   start_paused, running, running_index, hints, tag, bell)
     except SystemExit as e:  # user code called sys.exit() at import time
         code = e.code if isinstance(e.code, int) else EXIT_CRASH
     except BaseException:
@@ -448,10 +464,11 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
                 poison: PoisonTable | None, probation: bool,
                 start_paused: bool = False, running: RunningJobs | None = None,
                 running_index: int = -1, hints: LaneHints | None = None,
-                tag: int = 0) -> tuple[int, Any]:
+                tag: int = 0, bell: PoolBell | None = None) -> tuple[int, Any]:
     # Default dispositions first, while signals are still blocked (they were blocked around
     # fork, so nothing the master set can run here); then the pool's cwd, limits, env, user.
-    watched = after_fork(signals_to_unblock, signal.SIGTERM, {event_fd}, pool,
+    keep = {event_fd} if bell is None or hints is None else {event_fd, bell.fd}
+    watched = after_fork(signals_to_unblock, signal.SIGTERM, keep, pool,
                          env={"GEARVISOR_POOL": pool.name, "GEARVISOR_SLOT": str(slot)})
     setproctitle(f"gearvisor: {pool.name}[{slot}] starting")
     logmod.configure(pool.log_level, pool.log_format)
@@ -531,6 +548,8 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         prefetch=pool.prefetch,
         max_job_size=pool.max_job_size,
         lanes=hooks.lanes,
+        bell=(_ChildBell(bell, hints, running_index)
+              if bell is not None and hints is not None else None),
         is_poison=(None if poison is None or not pool.poison_after else
                    lambda job: _deaths(job, poison, running, running_index)
                    >= pool.poison_after),

@@ -214,6 +214,7 @@ class PoolConfig:
     poison_after: int = 2
     prefetch: int = 1
     hold_next: bool = True  # lanes: a second connection per server holds the next job
+    wake_one: bool = True  # one idle child sleeps on the servers, the rest on the bell
     max_job_size: int = 64 * 1024 * 1024
     max_jobs: int | None = None
     max_memory: int | None = None

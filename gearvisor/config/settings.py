@@ -229,6 +229,11 @@ SETTINGS: tuple[Setting, ...] = (
             "If the job in front runs past a few ms while another child of the pool is idle, "
             "the master closes that connection and gearmand hands the held job to the idle "
             "child (see Holding the next job). false: one connection per server."),
+    Setting("wake_one", boolean, True,
+            "Of a pool's idle children only one sleeps on the job servers; the others wait "
+            "for it to hand over when a job comes, so gearmand wakes one child per job, not "
+            "every idle one (see One sleeper per pool). false: every idle child sleeps on "
+            "the servers, and gearmand wakes them all for each job."),
     Setting("max_job_size", size, 64 * 1024 * 1024,
             "Largest job payload a child accepts (e.g. 16M). A bigger job is failed without "
             "being read (the client gets WORK_FAIL and a warning saying why; the log names "

@@ -48,6 +48,7 @@ import errno
 import functools
 import os
 import random
+import select
 import selectors
 import socket
 import struct
@@ -191,6 +192,28 @@ class Lanes:
         return 0
 
 
+class Bell:
+    """The pool's bell, as the worker sees it (`wake_one`; shm/bell.py): of a pool's idle
+    children only the one that holds its token sleeps on the servers; the others follow (wait
+    for `fd` to be readable, and send no PRE_SLEEP, so gearmand does not wake them)."""
+
+    fd = -1  # readable when rung: watched with EPOLLEXCLUSIVE, so a ring wakes one follower
+
+    def take(self) -> bool:
+        """The token, if it is there (non-blocking)."""
+        return True
+
+    def ring(self) -> None:
+        """Give the token back: one follower wakes and takes it."""
+
+    def standing(self, state: int) -> None:
+        """Where this child stands now: FOLLOWING, HOLDING_BELL or 0 (shm/lanes.py)."""
+
+
+FOLLOWING, HOLDING_BELL = 1, 2  # (Bell.standing; the values of shm/lanes.py)
+_BELL = object()  # the selector key's data for the bell
+
+
 class FaultLog:
     """Rate limit for what one job server's misbehaviour writes to the log (pure; the caller
     passes the monotonic time). The first `burst` problems are logged one by one; past that
@@ -305,6 +328,8 @@ class Worker:
             the queue is busy (Lanes says who may close it); None: one connection each.
         max_job_size: the largest job payload a server may make this worker hold, in bytes;
             a bigger job is failed (WORK_FAIL, with a warning saying why) without reading it.
+        bell: the pool's bell (wake_one): this worker sleeps on the servers only while it
+            holds the token, and otherwise waits on the bell; None: it always sleeps on them.
     """
 
     def __init__(
@@ -325,6 +350,7 @@ class Worker:
         prefetch: int = 1,
         max_job_size: int = DEFAULT_MAX_JOB,
         lanes: Lanes | None = None,
+        bell: Bell | None = None,
     ) -> None:
         self.max_job_size = max_job_size
         self.conns = [Connection(h, p) for h, p in servers]  # one per server: readiness, sleep
@@ -375,6 +401,10 @@ class Worker:
         self._more = False  # frames follow the one being handled, in this read (_read)
         self._sent = 0  # GRABs written so far (Connection.sent: which lane to read first)
         self._close_lanes_at = float("inf")  # asleep since then + LANE_LINGER (_waiting)
+        # The pool's bell needs an epoll that can watch it with EPOLLEXCLUSIVE.
+        self.bell = bell if isinstance(self.sel, selectors.EpollSelector) else None
+        self.holds = False  # the bell's token: the one child of the pool asleep on the servers
+        self.following = False  # waiting on the bell (not asleep on the servers)
 
     # -- public ------------------------------------------------------------------------------
 
@@ -406,6 +436,8 @@ class Worker:
         a GRAB is unanswered: gearmand would requeue a job it is assigning to us right then,
         and we would run it anyway (run twice). The answer comes first (_settle)."""
         self.paused = self._want_paused
+        if self.paused and (self.holds or self.following):
+            self._leave_bell()  # (a paused child is nobody's sleeper)
         for conn in self.all:
             if conn.sock is None or conn.state is ConnState.CONNECTING:
                 continue  # registers in the right mode when the connect finishes
@@ -478,6 +510,7 @@ class Worker:
                 for conn in self.all:
                     if conn.state is ConnState.GRABBING:
                         self._hand_back(conn, 0)
+                self._leave_bell()
                 break
             self._apply_pause()
             self._tick(now)
@@ -486,6 +519,8 @@ class Worker:
                 conn = key.data
                 if conn is None:
                     self._drain_wakeups()
+                elif conn is _BELL:
+                    self._rung()
                 elif conn.sock is not key.fileobj:
                     continue  # closed (or reopened) while this batch ran: not this socket
                 elif conn.state is ConnState.CONNECTING:
@@ -538,6 +573,13 @@ class Worker:
             return
         if all(c.state is ConnState.EMPTY or c.state is ConnState.SLEEPING for c in live) \
                 and any(c.state is ConnState.EMPTY for c in live):
+            if self.following:
+                return  # (the bell wakes us)
+            if self.bell is not None and not self._take() and len(live) == len(self.conns):
+                # Another child of the pool sleeps on the servers for all of us: wait for
+                # it to hand over. (A child with a server down sleeps on the others itself.)
+                self._follow(now)
+                return
             # Every server said NO_JOB: sleep on all of them; a NOOP from any wakes us.
             # (One that got its PRE_SLEEP with a result is asleep already.)
             for conn in live:
@@ -564,7 +606,8 @@ class Worker:
                     due = min(due, conn.retry_at)
             elif conn.state is ConnState.CONNECTING:
                 due = min(due, conn.deadline)
-            elif conn.state is ConnState.EMPTY and self._taking():  # (_tick re-polls then)
+            elif conn.state is ConnState.EMPTY and self._taking() and not self.following:
+                # (_tick re-polls then)
                 due = min(due, conn.empty_since + REPOLL_EMPTY)
         for when in self._dues:
             due = min(due, when())
@@ -586,12 +629,85 @@ class Worker:
         if any(c.sock is not None for c in self.all if c.second):
             self._close_lanes_at = now + LANE_LINGER
 
+    # -- the pool's bell (wake_one) -----------------------------------------------------------
+
+    def _take(self) -> bool:
+        """Hold the bell's token (if it is free): this child is the pool's sleeper."""
+        if self.holds:
+            return True
+        if not self.bell.take():  # type: ignore[union-attr]
+            return False
+        self.holds = True
+        self._unfollow()
+        self.bell.standing(HOLDING_BELL)  # type: ignore[union-attr]
+        return True
+
+    def _give(self) -> None:
+        """Ring: a follower takes over as the pool's sleeper. (Rung before the byte is
+        cleared: a child that dies in between is rung for again by the master, and the
+        second token folds into the first when one is taken.)"""
+        self.holds = False
+        self.bell.ring()  # type: ignore[union-attr]
+        self.bell.standing(0)  # type: ignore[union-attr]
+
+    def _follow(self, now: float) -> None:
+        """Wait on the bell; gearmand does not have us asleep, so it does not wake us."""
+        bell = self.bell
+        assert bell is not None
+        try:
+            # selectors has no EPOLLEXCLUSIVE: its bookkeeping, then the epoll's own flag.
+            selectors._BaseSelectorImpl.register(self.sel, bell.fd, selectors.EVENT_READ,
+                                                 _BELL)
+            try:
+                self.sel._selector.register(  # type: ignore[attr-defined]
+                    bell.fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            except BaseException:
+                selectors._BaseSelectorImpl.unregister(self.sel, bell.fd)
+                raise
+        except (OSError, AttributeError, ValueError, KeyError) as e:
+            self.log.warning("cannot wait on the pool's bell; this child sleeps on the job "
+                             "servers itself", error=f"{type(e).__name__}: {e}")
+            self.bell = None
+            return
+        self.following = True
+        bell.standing(FOLLOWING)
+        self._waiting(now)
+
+    def _unfollow(self) -> None:
+        if self.following:
+            self.following = False
+            self.sel.unregister(self.bell.fd)  # type: ignore[union-attr]
+            self.bell.standing(0)  # type: ignore[union-attr]
+
+    def _rung(self) -> None:
+        """The bell rang while we follow: take the token and sleep on every server. The
+        PRE_SLEEP goes alone: gearmand answers it with a NOOP at once if a job waits, and
+        with nothing if none does."""
+        if not self.following or not self._take():
+            return  # (another follower was quicker)
+        for conn in self.conns:
+            if conn.state is ConnState.EMPTY and self._send(conn, PRE_SLEEP):
+                conn.state = ConnState.SLEEPING
+
+    def _leave_bell(self) -> None:
+        """Stopping or pausing: no longer the pool's sleeper nor a follower. A ring that
+        woke us, unread, is passed on to another follower."""
+        if self.bell is None:
+            return
+        if self.following:
+            self._unfollow()
+            if self.bell.take():
+                self.holds = True
+        if self.holds:
+            self._give()
+
     def _close_idle_lanes(self) -> None:
         """Asleep for LANE_LINGER: close each second lane that holds nothing (a job that
         came meanwhile ended that sleep; its lanes close after the next one)."""
         self._close_lanes_at = float("inf")
-        if not all(c.state is ConnState.SLEEPING for c in self.conns if c.sock is not None):
-            return
+        if not self.following and not all(c.state is ConnState.SLEEPING for c in self.conns
+                                          if c.sock is not None):
+            return  # (a follower waits on the bell: idle too)
         for conn in self.all:
             if conn.second and conn.sock is not None and conn.state is ConnState.IDLE:
                 self._disconnect(conn)
@@ -699,6 +815,10 @@ class Worker:
         fault: the server misbehaved (logged by the caller): reconnect only after the
         longest delay, so a server that does it on every connection costs little."""
         self._disconnect(conn)
+        if not conn.second and (self.holds or self.following):
+            # The pool's sleeper must be asleep on every server: a follower with all of them
+            # takes over, and this child sleeps on the ones it has (_tick).
+            self._leave_bell()
         conn.faulted = fault
         if fault:
             conn.delay = self.reconnect_max_delay
@@ -747,6 +867,8 @@ class Worker:
         PRE_SLEEP after them (conn.presleep: a NO_JOB then puts the connection to sleep)."""
         if not self._send(conn, before + GRAB * n + (PRE_SLEEP if sleep else b"")):
             return False
+        if self.following:
+            self._unfollow()
         conn.presleep = conn.presleep or sleep
         self._sent += 1
         conn.sent = self._sent
@@ -794,6 +916,8 @@ class Worker:
                 self._unexpected(conn, ptype, "a job we did not ask for (no GRAB outstanding)")
                 return
             conn.outstanding -= 1
+            if self.holds:
+                self._give()  # before the job runs: another child sleeps for the pool now
             conn.nap = conn.presleep and not conn.outstanding
             conn.presleep = False
             if conn.woke:
@@ -835,7 +959,7 @@ class Worker:
                     self.paused or self._want_paused):
                 # Asleep means the queue was dry: the PRE_SLEEP goes with the GRAB, so a
                 # NO_JOB (another worker was quicker) puts us back to sleep with no write.
-                conn.woke = self._grab(conn, sleep=True)
+                conn.woke = self._grab(conn, sleep=self.bell is None or self.holds)
         elif ptype == Packet.ERROR:
             code = args[0].decode(errors="replace")
             # In "exception" mode gearmand ends the job at WORK_EXCEPTION, so the WORK_FAIL
@@ -1060,7 +1184,8 @@ class Worker:
         """The result of the job that ends now goes alone, with no GRAB (Connection.nap):
         gearmand has `conn` asleep, no NOOP says a job waits, and we are taking jobs."""
         nap, conn.nap = conn.nap, False
-        return nap and not self._more and self._taking() and self._quiet(conn)
+        return (nap and not self._more and self._taking() and self._quiet(conn)
+                and (self.bell is None or self._take()))
 
     @staticmethod
     def _quiet(conn: Connection) -> bool:
@@ -1078,7 +1203,7 @@ class Worker:
         PRE_SLEEP after a single GRAB while the queue is dry (Connection.dry)."""
         n = max(0, conn.depth - conn.outstanding)
         self._grab(conn, before, n, sleep=conn.dry and n == 1 and not conn.outstanding
-                   and not conn.second)
+                   and not conn.second and (self.bell is None or self.holds))
 
     def _send_winding_down(self, conn: Connection, data: bytes) -> None:
         """Stopping or pausing (or a second lane at rest): no more GRABs. Pausing, jobs

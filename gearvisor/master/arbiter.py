@@ -36,7 +36,8 @@ from gearvisor.master.system import System
 from gearvisor.policy.backoff import jittered
 from gearvisor.policy.child import EXIT_BOOT_ERROR, Child, ChildState, describe_status
 from gearvisor.policy.pool import Circuit, Pool, Retire, Spawn
-from gearvisor.shm.lanes import MAX_TAG, LaneHints
+from gearvisor.shm.bell import Bell
+from gearvisor.shm.lanes import FOLLOWING, HOLDING_BELL, MAX_TAG, LaneHints
 from gearvisor.shm.payload import PayloadArea
 from gearvisor.shm.poison import PoisonTable, RunningJobs
 from gearvisor.shm.scoreboard import Scoreboard
@@ -62,6 +63,8 @@ class StartError(Exception):
         super().__init__(f"{event}: {error}")
         self.event, self.error = event, error
 
+
+BELL_CHECK = 1.0  # seconds between looks for a pool generation left without a sleeper
 
 class Arbiter:
     """Forks and watches every pool's children, rolls them on reload, stops them on exit."""
@@ -93,6 +96,10 @@ class Arbiter:
         # pool's tag in it.
         self.lane_hints = LaneHints(self.running.capacity)
         self.pool_tags: dict[str, int] = {}
+        # Each pool generation's bell (wake_one, shm/bell.py), while it has children.
+        self.bells: dict[tuple[str, int], Bell] = {}
+        self._bells_checked = 0.0
+        self._deaf: set[tuple[str, int]] = set()  # followers and no holder at the last look
         self._next_pass: Timer | None = None
         self._stop_timer: Timer | None = None
 
@@ -131,6 +138,8 @@ class Arbiter:
                 self.loop.stop()
             return
         self.manage_pools(now)
+        if now >= self._bells_checked + BELL_CHECK:
+            self._check_bells(now)
         self._announce_ready()
         due = min((d for d in (p.next_due() for p in self.pools.values()) if d is not None),
                   default=None)
@@ -147,6 +156,8 @@ class Arbiter:
         self.poison.close()
         self.running.close()
         self.lane_hints.close()
+        for bell in self.bells.values():
+            bell.close()
 
     # -- signals: each handler only queued the signal; these run from the loop ---------------
 
@@ -228,6 +239,8 @@ class Arbiter:
         index = self.running.allocate() if board is not None else -1
         if board is not None:
             board.set_paused(start_paused)
+        bell = self._bell(pool) if board is not None and index >= 0 and pool.config.wake_one \
+            else None
 
         def body(w: int, blocked: set[int]) -> NoReturn:
             if command:
@@ -235,7 +248,7 @@ class Arbiter:
                              pipes[1][1], blocked)
             run_child(self.config, pool.config, slot.index, pool.generation, w, self.pid,
                       blocked, board, self.poison, action.probation, start_paused,
-                      self.running, index, self.lane_hints, self.pool_tag(pool.name))
+                      self.running, index, self.lane_hints, self.pool_tag(pool.name), bell)
 
         try:
             pid, r = self.system.fork(body, HANDLED_SIGNALS)
@@ -354,11 +367,66 @@ class Arbiter:
             if child.event_fd >= 0:
                 self._read_events(child, pool, final=True)
             child.transition(ChildState.EXITED)  # any -> EXITED
+            self._bell_after_exit(child, pool)
             self.lane_hints.clear(child.running_index)
             self.on_child_exit(child, pool, status)
             self.running.release(child.running_index)  # after its strike, if any
             if child.scoreboard is not None:
                 child.scoreboard.close()
+
+    def _bell(self, pool: Pool) -> Bell | None:
+        """The bell of the pool's current generation (made at its first fork)."""
+        key = (pool.name, pool.generation)
+        bell = self.bells.get(key)
+        if bell is None:
+            try:
+                bell = self.bells[key] = Bell()
+            except OSError as e:
+                self.log.warning("cannot make the pool's bell (an eventfd); every idle child "
+                                 "of this generation sleeps on the job servers",
+                                 pool=pool.name, error=str(e))
+        return bell
+
+    def _check_bells(self, now: float) -> None:
+        """The safety net under the bells (no child or bug may leave a pool deaf): a
+        generation whose children wait on their bell while none holds the token, at two
+        looks in a row, is rung for. (A hand-over takes microseconds; a crash is rung for
+        at once, _bell_after_exit.)"""
+        self._bells_checked = now
+        hints = self.lane_hints
+        deaf = set()
+        for key in self.bells:
+            pool = self.pools.get(key[0])
+            if pool is None:
+                continue
+            states = [hints.bell(c.running_index) for c in pool.children()
+                      if c.generation == key[1] and c.pid in self.children]
+            if FOLLOWING in states and HOLDING_BELL not in states:
+                deaf.add(key)
+        for key in deaf & self._deaf:
+            self.log.warning("rang the pool's bell: its idle children waited on it and none "
+                             "held the token", pool=key[0], generation=key[1])
+            self.bells[key].ring()
+        self._deaf = deaf - self._deaf
+
+    def _bell_after_exit(self, child: Child, pool: Pool) -> None:
+        """A child that held its generation's token, or followed (a ring may have woken it
+        before it died), is gone: ring, unless a live sibling holds the token. (A second
+        token, if the ring crossed a hand-over, folds into the first at the next take.)
+        The bell of a generation that has no children left, and gets no more, is closed."""
+        key = (pool.name, child.generation)
+        bell = self.bells.get(key)
+        if bell is None:
+            return
+        hints = self.lane_hints
+        siblings = [c for c in pool.children() if c is not child
+                    and c.generation == child.generation and c.pid in self.children]
+        if hints.bell(child.running_index) and not any(
+                hints.bell(c.running_index) == HOLDING_BELL for c in siblings):
+            bell.ring()
+        if not siblings and (pool.removed or pool.generation != child.generation):
+            bell.close()
+            del self.bells[key]
 
     def on_child_exit(self, child: Child, pool: Pool, status: int) -> None:
         """Let the pool decide what a reaped child's exit means, and publish it."""

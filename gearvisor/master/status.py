@@ -15,6 +15,7 @@ import psutil
 
 from gearvisor.policy.child import Child, ChildState
 from gearvisor.policy.pool import Circuit
+from gearvisor.shm.lanes import FOLLOWING, HOLDING_BELL, LaneHints
 
 if TYPE_CHECKING:
     from gearvisor.master.arbiter import Arbiter
@@ -42,7 +43,8 @@ def _cpu(pid: int) -> float | None:
     return round(t.user + t.system, 3)
 
 
-def _child_row(child: Child, now: float, role: str) -> dict[str, Any]:
+def _child_row(child: Child, now: float, role: str,
+               hints: LaneHints | None = None) -> dict[str, Any]:
     board = child.scoreboard.read() if child.scoreboard is not None else None
     busy = bool(board and board.busy)
     if child.state is ChildState.STARTING:
@@ -72,14 +74,20 @@ def _child_row(child: Child, now: float, role: str) -> dict[str, Any]:
         "cpu": _cpu(child.pid),
         "quarantined": child.quarantined,
         "probation": child.probation,
+        # wake_one: "holds" the pool's token (asleep on the servers for its siblings),
+        # "follows" (waits on the bell), or None
+        "bell": _BELL_STATE.get(hints.bell(child.running_index)) if hints else None,
     }
 
 
-def pool_status(pool: Pool, now: float) -> dict[str, Any]:
+_BELL_STATE = {FOLLOWING: "follows", HOLDING_BELL: "holds"}
+
+
+def pool_status(pool: Pool, now: float, hints: LaneHints | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for slot in pool.slots:
         if slot.child is not None:
-            rows.append(_child_row(slot.child, now, "serving"))
+            rows.append(_child_row(slot.child, now, "serving", hints))
         else:
             rows.append({"slot": slot.index, "pid": None, "role": "empty",
                          # backoff: waiting to restart after a failure; pending: not started yet
@@ -90,8 +98,8 @@ def pool_status(pool: Pool, now: float) -> dict[str, Any]:
                          "failures": slot.backoff.failures,
                          "reason": slot.fatal or slot.last_reason})
         if slot.successor is not None:
-            rows.append(_child_row(slot.successor, now, "successor"))
-    rows += [_child_row(c, now, "retired") for c in pool.retired]
+            rows.append(_child_row(slot.successor, now, "successor", hints))
+    rows += [_child_row(c, now, "retired", hints) for c in pool.retired]
     restarts = {slot.index: slot.restarts for slot in pool.slots}
     for row in rows:
         row["restarts"] = restarts.get(row["slot"], 0)
@@ -126,7 +134,7 @@ def fleet_status(arbiter: Arbiter, now: float) -> dict[str, Any]:
             "rss": _rss(arbiter.pid),
         },
         **arbiter.parts(now),
-        "pools": [pool_status(p, now) for p in arbiter.pools.values()],
+        "pools": [pool_status(p, now, arbiter.lane_hints) for p in arbiter.pools.values()],
     }
 
 

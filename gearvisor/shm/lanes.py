@@ -13,6 +13,10 @@ Each side writes its byte, then passes a full memory barrier (a lock's atomic op
 then reads the other side's bytes, so of two that change at the same moment at least one
 sees the other and the master hears of it. A tag shared by two pools (more than 255) costs
 a look that finds nothing, never a wrong close.
+
+A third byte per child says where it stands with its pool's bell (shm/bell.py): FOLLOWING
+(waits on the bell), HOLDING_BELL (holds the token: the one child asleep on the servers), or
+0. The master reads it when it reaps a child, to ring for one that took the token with it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import mmap
 from gearvisor.shm.poison import CAPACITY
 
 MAX_TAG = 255
+FOLLOWING = 1  # bell byte: waits on the pool's bell
+HOLDING_BELL = 2  # bell byte: holds the pool's token (sleeps on the servers)
 
 
 class LaneHints:
@@ -29,7 +35,7 @@ class LaneHints:
 
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.capacity = capacity
-        self._mm = mmap.mmap(-1, 2 * capacity)  # asleep bytes, then holding bytes
+        self._mm = mmap.mmap(-1, 3 * capacity)  # asleep, holding, then bell bytes
 
     def set_asleep(self, index: int, tag: int) -> None:
         """Child side: asleep for work (the pool's tag), or not (0)."""
@@ -40,6 +46,14 @@ class LaneHints:
         """Child side: holding a job on a second lane (the pool's tag), or not (0)."""
         if 0 <= index < self.capacity:
             self._mm[self.capacity + index] = tag
+
+    def set_bell(self, index: int, state: int) -> None:
+        """Child side: FOLLOWING, HOLDING_BELL or 0 (shm/bell.py)."""
+        if 0 <= index < self.capacity:
+            self._mm[2 * self.capacity + index] = state
+
+    def bell(self, index: int) -> int:
+        return self._mm[2 * self.capacity + index] if 0 <= index < self.capacity else 0
 
     def asleep(self, index: int) -> bool:
         return 0 <= index < self.capacity and self._mm[index] != 0
@@ -68,6 +82,7 @@ class LaneHints:
         """Master side: the child in `index` is gone."""
         self.set_asleep(index, 0)
         self.set_holding(index, 0)
+        self.set_bell(index, 0)
 
     def close(self) -> None:
         self._mm.close()
