@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import select
+import selectors
 import signal
+import socket
 from typing import Any
 
 import psutil
@@ -15,6 +17,7 @@ import pytest
 import yaml
 from conftest import HOST, wait_for
 from fakeos import FakeMaster
+from wired import Log, Server
 
 from gearvisor.gearman.client import Client
 from gearvisor.gearman.protocol import RES, Packet, encode
@@ -106,7 +109,9 @@ def test_the_sleeper_rings_before_its_job_runs_and_the_follower_takes_over(wired
     assert sa.received() == [GRAB, PRE_SLEEP]  # the sleeper's GRAB carries its PRE_SLEEP
     feed(a, sa, job("H:1"))
     assert seen == [(True, False, 0)]
-    assert b.holds and not b.following and b.bell.states[-2:] == [0, HOLDING_BELL]
+    # (FOLLOWING to HOLDING_BELL with no 0 between: the master rings for a dead child
+    # that was either)
+    assert b.holds and not b.following and b.bell.states == [FOLLOWING, HOLDING_BELL]
     assert sb.received() == [PRE_SLEEP] and b.conns[0].state is ConnState.SLEEPING
     with pytest.raises(KeyError):
         b.sel.get_key(bell.fd)
@@ -373,3 +378,66 @@ def test_a_generation_bell_is_closed_once_its_last_child_is_gone(fake_pool) -> N
         proc.die(signal.SIGKILL)
     m.step()
     assert bell.fd == -1 and not m.arbiter.bells
+
+
+def test_the_bell_of_a_generation_that_died_out_before_a_roll_is_closed(fake_pool) -> None:
+    m = fake_pool
+    bell = the_bell(m)
+    for _, proc in kids(m):
+        proc.die(signal.SIGKILL)  # (a crash loop: every slot in backoff)
+    m.step()
+    assert bell.fd != -1  # the generation may still fork again
+    m.arbiter.pools["web"].generation += 1  # a roll
+    m.advance(BELL_CHECK)
+    assert bell.fd == -1 and ("web", 1) not in m.arbiter.bells
+
+
+# -- more than one server; a connection that drops under a lone job -----------------------
+
+
+def two_servers(bell: PoolBell) -> tuple[Worker, list[Server]]:
+    """A worker with two servers (socketpairs), a GRAB out on each."""
+    w = Worker([("127.0.0.1", 1), ("127.0.0.1", 2)], {"echo": lambda j: j.data}, "t:p:0",
+               Log(), bell=ChildBell(bell))
+    servers = []
+    for c in w.conns:
+        c.sock, theirs = socket.socketpair()
+        c.state, c.outstanding, c.answered, c.can_do = ConnState.GRABBING, 1, True, True
+        w.sel.register(c.sock, selectors.EVENT_READ, c)
+        servers.append(Server(theirs))
+    return w, servers
+
+
+def test_a_child_with_a_server_down_takes_no_token_and_sleeps_on_the_rest(bell) -> None:
+    """The pool's sleeper must be asleep on every server: one that is not would leave jobs
+    on the missing server to nobody, while its siblings follow."""
+    assert bell.take()  # another child holds it...
+    x, (xa, xb) = two_servers(bell)
+    try:
+        x._drop(x.conns[1], "B restarted")
+        xa.sock.sendall(NO_JOB)
+        x._read(x.conns[0])
+        bell.ring()  # ...and took a job: the token is free
+        x._tick(x.clock())
+        assert not x.holds and not x.following and rung(bell)  # left for a whole child
+        assert xa.received() == [PRE_SLEEP]  # asleep on the server it has, by itself
+    finally:
+        x.close()
+        for s in (xa, xb):
+            s.sock.close()
+
+
+def test_a_lone_job_whose_connection_dropped_while_it_ran_does_not_crash_the_worker(
+        wired, bell) -> None:
+    def run(worker, server, job):
+        server.sock.close()  # gearmand restarted
+        job.send_status(1, 2)  # the send fails: the connection is dropped under the job
+        return b"done"
+
+    w, s = wired(on_job=run, function="echo", bell=ChildBell(bell))
+    idle(w, s)
+    feed(w, s, NOOP)
+    s.sock.sendall(job("H:1"))
+    w._read(w.conns[0])
+    assert w.conns[0].state is ConnState.DOWN and not w.conns[0].nap
+    assert not w.holds and rung(bell)  # the token went on when the server went

@@ -157,6 +157,24 @@ def test_a_child_that_fails_fast_quarantines_itself_and_the_others_keep_serving(
     assert len({w.client_id for w in gearmand.workers("p") if w.functions}) == 2
 
 
+def test_a_child_that_quarantines_mid_drain_runs_no_job_it_held(gearmand, master, tmp_path):
+    """Draining a backlog, a child holds the next job on its second connection while it
+    runs one (hold_next). When that one makes it quarantine itself, the held job goes back
+    to gearmand for a healthy sibling instead of being run (and failed) by it."""
+    m = fleet(gearmand, master, tmp_path, {"work": "healthmod:slot0_broken"}, processes=2,
+              quarantine={"min_jobs": 3, "ratio": 1.0, "window": 5, "cooldown": "60s"})
+    uniques = [f"job-{i}" for i in range(300)]
+    with Client(HOST, gearmand.port) as c:
+        c.submit_background_many("work", uniques, deadline=time.monotonic() + 30)
+    wait_for(lambda: queued(gearmand, "work") == 0 and sum(
+        c["jobs_done"] + c["jobs_failed"] for c in children(m)) == 300, timeout=30,
+        message="the backlog drained")
+    row = next(c for c in children(m) if c["slot"] == 0)
+    assert row["state"] == "quarantined"
+    assert row["jobs_failed"] == 3, row  # the three that made it quarantine, no more
+    assert sum(1 for u in uniques if results(tmp_path)[u]) == 297
+
+
 def test_when_every_child_fails_the_circuit_opens_and_the_queue_waits(gearmand, master,
                                                                        tmp_path):
     (tmp_path / "broken").touch()

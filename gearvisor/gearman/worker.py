@@ -506,11 +506,11 @@ class Worker:
                     continue
             now = self.clock()
             if self.stopping:
+                self._leave_bell()  # first: the hand-backs below may take a while
                 # No job runs here: what the GRABs in flight bring is not ours to start.
                 for conn in self.all:
                     if conn.state is ConnState.GRABBING:
                         self._hand_back(conn, 0)
-                self._leave_bell()
                 break
             self._apply_pause()
             self._tick(now)
@@ -575,9 +575,10 @@ class Worker:
                 and any(c.state is ConnState.EMPTY for c in live):
             if self.following:
                 return  # (the bell wakes us)
-            if self.bell is not None and not self._take() and len(live) == len(self.conns):
+            if self.bell is not None and len(live) == len(self.conns) and not self._take():
                 # Another child of the pool sleeps on the servers for all of us: wait for
-                # it to hand over. (A child with a server down sleeps on the others itself.)
+                # it to hand over. (A child with a server down sleeps on the others itself,
+                # and takes no token: the pool's sleeper must be asleep on every server.)
                 self._follow(now)
                 return
             # Every server said NO_JOB: sleep on all of them; a NOOP from any wakes us.
@@ -638,8 +639,12 @@ class Worker:
         if not self.bell.take():  # type: ignore[union-attr]
             return False
         self.holds = True
-        self._unfollow()
+        # (the byte goes from FOLLOWING to HOLDING_BELL, never through 0: the master rings
+        # for a dead child that was either)
         self.bell.standing(HOLDING_BELL)  # type: ignore[union-attr]
+        if self.following:
+            self.following = False
+            self.sel.unregister(self.bell.fd)  # type: ignore[union-attr]
         return True
 
     def _give(self) -> None:
@@ -674,10 +679,17 @@ class Worker:
         self._waiting(now)
 
     def _unfollow(self) -> None:
+        """No longer waiting on the bell (a NOOP from a server we were still asleep on, a
+        lost server, a stop or a pause). A ring that may have woken us, unread, goes on to
+        another follower."""
         if self.following:
+            bell = self.bell
+            assert bell is not None
             self.following = False
-            self.sel.unregister(self.bell.fd)  # type: ignore[union-attr]
-            self.bell.standing(0)  # type: ignore[union-attr]
+            self.sel.unregister(bell.fd)
+            if bell.take():
+                bell.ring()
+            bell.standing(0)
 
     def _rung(self) -> None:
         """The bell rang while we follow: take the token and sleep on every server. The
@@ -694,10 +706,7 @@ class Worker:
         woke us, unread, is passed on to another follower."""
         if self.bell is None:
             return
-        if self.following:
-            self._unfollow()
-            if self.bell.take():
-                self.holds = True
+        self._unfollow()
         if self.holds:
             self._give()
 
@@ -808,6 +817,7 @@ class Worker:
         self._close_socket(conn)
         conn.state = ConnState.DOWN
         conn.outstanding = 0
+        conn.nap = False
         conn.answered = conn.can_do = False
 
     def _drop(self, conn: Connection, reason: str, fault: bool = False) -> None:
@@ -904,8 +914,10 @@ class Worker:
             if conn.sock is None:
                 return  # dropped while handling an earlier frame
             self._more = i < last  # (a NOOP after a job: Connection.nap)
-            if self.stopping and frame.type in _TAKEN:
+            if frame.type in _TAKEN and (self.stopping or conn.second and self._want_paused):
                 # Assigned to us, not started: it goes back to gearmand with the rest.
+                # (Pausing, a job held on a second lane goes back too: a child that
+                # quarantines itself runs no more of its fast failures.)
                 self._hand_back(conn, sum(1 for f in frames[i:] if f.type in _TAKEN))
                 return
             self._handle(conn, frame.type, frame.args)
@@ -1185,13 +1197,21 @@ class Worker:
         gearmand has `conn` asleep, no NOOP says a job waits, and we are taking jobs."""
         nap, conn.nap = conn.nap, False
         return (nap and not self._more and self._taking() and self._quiet(conn)
-                and (self.bell is None or self._take()))
+                and (self.bell is None or (self._all_up() and self._take())))
+
+    def _all_up(self) -> bool:
+        """Connected to every server (a child that is not may not be the pool's sleeper)."""
+        return all(c.sock is not None and c.state is not ConnState.CONNECTING
+                   for c in self.conns)
 
     @staticmethod
     def _quiet(conn: Connection) -> bool:
-        """Nothing from the server is waiting to be read on `conn` (one non-blocking peek)."""
+        """Nothing from the server is waiting to be read on `conn` (one non-blocking peek);
+        False for a connection that dropped while the job ran."""
+        if conn.sock is None:
+            return False
         try:
-            conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # type: ignore[union-attr]
+            conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return True
         except OSError:
@@ -1217,18 +1237,19 @@ class Worker:
                 self._settle(conn)
 
     def _hand_back(self, conn: Connection, held: int) -> None:
-        """Stopping: give gearmand back every job it assigned on this connection that has not
-        started (`held` of them are read already; the GRABs in flight may bring more), by
-        closing the connection, which makes gearmand requeue them for another worker. The
-        results already sent are in the stream before our FIN, so gearmand reads them
-        first; we wait (bounded) for its side to close before closing ours, because a close
-        with unread data would send a reset, which may discard those results on its side."""
+        """Stopping (or pausing, on a second lane): give gearmand back every job it assigned
+        on this connection that has not started (`held` of them are read already; the GRABs
+        in flight may bring more), by closing the connection, which makes gearmand requeue
+        them for another worker. The results already sent are in the stream before our FIN,
+        so gearmand reads them first; we wait (bounded) for its side to close before closing
+        ours, because a close with unread data would send a reset, which may discard those
+        results on its side."""
         sock = conn.sock
         if sock is None:
             return
-        self.log.info("stopping: handed the jobs this child took but did not start back to "
-                      "the job server", server=conn.label, held=held,
-                      grabs_in_flight=conn.outstanding)
+        self.log.info(f"{'stopping' if self.stopping else 'pausing'}: handed the jobs this "
+                      "child took but did not start back to the job server",
+                      server=conn.label, held=held, grabs_in_flight=conn.outstanding)
         try:
             sock.shutdown(socket.SHUT_WR)
             sock.settimeout(HAND_BACK_WAIT)

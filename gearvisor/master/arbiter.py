@@ -98,7 +98,7 @@ class Arbiter:
         self.pool_tags: dict[str, int] = {}
         # Each pool generation's bell (wake_one, shm/bell.py), while it has children.
         self.bells: dict[tuple[str, int], Bell] = {}
-        self._bells_checked = 0.0
+        self._bell_timer: Timer | None = None
         self._deaf: set[tuple[str, int]] = set()  # followers and no holder at the last look
         self._next_pass: Timer | None = None
         self._stop_timer: Timer | None = None
@@ -138,8 +138,6 @@ class Arbiter:
                 self.loop.stop()
             return
         self.manage_pools(now)
-        if now >= self._bells_checked + BELL_CHECK:
-            self._check_bells(now)
         self._announce_ready()
         due = min((d for d in (p.next_due() for p in self.pools.values()) if d is not None),
                   default=None)
@@ -381,26 +379,31 @@ class Arbiter:
         if bell is None:
             try:
                 bell = self.bells[key] = Bell()
+                if self._bell_timer is None:
+                    self._bell_timer = self.loop.call_later(BELL_CHECK, self._check_bells,
+                                                            quiet=True)
             except OSError as e:
                 self.log.warning("cannot make the pool's bell (an eventfd); every idle child "
                                  "of this generation sleeps on the job servers",
                                  pool=pool.name, error=str(e))
         return bell
 
-    def _check_bells(self, now: float) -> None:
-        """The safety net under the bells (no child or bug may leave a pool deaf): a
-        generation whose children wait on their bell while none holds the token, at two
-        looks in a row, is rung for. (A hand-over takes microseconds; a crash is rung for
-        at once, _bell_after_exit.)"""
-        self._bells_checked = now
+    def _check_bells(self) -> None:
+        """Every BELL_CHECK while there are bells, on a quiet timer: the safety net under
+        them (no child or bug may leave a pool deaf). A generation whose children wait on
+        their bell while none holds the token, at two looks in a row, is rung for. (A
+        hand-over takes microseconds; a crash is rung for at once, _bell_after_exit.) The
+        bell of a generation that has no children left and gets no more is closed."""
         hints = self.lane_hints
         deaf = set()
-        for key in self.bells:
+        for key in list(self.bells):
             pool = self.pools.get(key[0])
-            if pool is None:
+            live = [c for c in pool.children() if c.generation == key[1]
+                    and c.pid in self.children] if pool is not None else []
+            if not live and (pool is None or pool.removed or pool.generation != key[1]):
+                self.bells.pop(key).close()
                 continue
-            states = [hints.bell(c.running_index) for c in pool.children()
-                      if c.generation == key[1] and c.pid in self.children]
+            states = [hints.bell(c.running_index) for c in live]
             if FOLLOWING in states and HOLDING_BELL not in states:
                 deaf.add(key)
         for key in deaf & self._deaf:
@@ -408,6 +411,8 @@ class Arbiter:
                              "held the token", pool=key[0], generation=key[1])
             self.bells[key].ring()
         self._deaf = deaf - self._deaf
+        self._bell_timer = (self.loop.call_later(BELL_CHECK, self._check_bells, quiet=True)
+                            if self.bells else None)
 
     def _bell_after_exit(self, child: Child, pool: Pool) -> None:
         """A child that held its generation's token, or followed (a ring may have woken it
