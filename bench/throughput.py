@@ -461,6 +461,62 @@ def journal_cost(plan: Plan, workdir: Path) -> tuple[list[Row], list[Target]]:
                          (recording + copying) / off <= 0.05)]
 
 
+class GearvisorWakeAll(GearvisorMaster):
+    """The default master with `wake_one: false`: every idle child sleeps on gearmand, which
+    wakes them all for each job (what gearmand does to any fleet of workers)."""
+
+    name = "gearvisor wake_one off"
+    extra = "    wake_one: false\n"
+
+
+def herd_cost(plan: Plan, workdir: Path) -> list[Row]:
+    """Many idle workers, foreground jobs one at a time: jobs/s and the CPU all the workers
+    spend per job (user + system, from the kernel's accounting of each process). gearmand
+    wakes every sleeping worker of a function for each job; gearvisor's bell (`wake_one`)
+    has it wake one. Interleaved, medians."""
+    import psutil
+
+    n = 4 if plan is TINY else 16
+    jobs = plan.round_trips
+    kinds = (GearvisorMaster, GearvisorWakeAll, LibgearmanWorkers)
+    rates: dict[str, list[float]] = {k.name: [] for k in kinds}
+    cpus: dict[str, list[float]] = {k.name: [] for k in kinds}
+    for rep in range(plan.repeats):
+        for i in range(len(kinds)):
+            kind = kinds[(rep + i) % len(kinds)]
+            competitor = kind(workdir)
+            with Gearmand(threads=1) as gm:
+                poller = StatusPoller(gm.port)
+                try:
+                    competitor.start(gm, n)
+                    deadline = time.monotonic() + plan.deadline
+                    poll_until(lambda p=poller: p.poll()[1] >= n, deadline, 0.01,
+                               f"{n} workers registered")
+                    top = [psutil.Process(p.pid) for p in competitor.procs]
+                    workers = (top if kind is LibgearmanWorkers
+                               else [c for c in top[0].children() if "bench[" in c.name()
+                                     or "bench[" in " ".join(c.cmdline())])
+                    round_trips(gm.port, 1, 100, deadline)  # (the pool settles)
+                    before = sum(sum(w.cpu_times()[:2]) for w in workers)
+                    rate = round_trips(gm.port, 1, jobs, deadline)
+                    cpu = (sum(sum(w.cpu_times()[:2]) for w in workers) - before) / jobs * 1e6
+                except (TimeoutError, OSError, RuntimeError, psutil.Error) as e:
+                    raise RuntimeError(f"{competitor.name}, {n} idle workers: {e}\n"
+                                       f"{competitor.diagnose()}") from e
+                finally:
+                    competitor.stop()
+                    poller.close()
+            rates[kind.name].append(rate)
+            cpus[kind.name].append(cpu)
+            print(f"  {kind.name}, {plural(n)}, round trips: {rate:.0f}/s, workers' CPU "
+                  f"{cpu:.0f} us/job", file=sys.stderr, flush=True)
+    case = f"idle pool of {n}: round trip, 1 in flight, -t 1"
+    return ([Row(SECTION, case, name, statistics.median(v), "jobs/s")
+             for name, v in rates.items()]
+            + [Row(SECTION, f"{case}: all workers' CPU per job", name, statistics.median(v),
+                   "us/job", better="lower") for name, v in cpus.items()])
+
+
 def journal_record_cost_us(n: int) -> float:
     """Microseconds ChildJournal.success adds to one job, its flushes included (every 64
     records, to /dev/null: a real write), best of 5 runs of `n` jobs."""
@@ -577,6 +633,7 @@ def measure(tiny: bool) -> tuple[list[Row], list[Target]]:
                                         "jobs/s"))
         cost_rows, cost_targets = metrics_cost(plan, workdir)
         journal_rows, journal_targets = journal_cost(plan, workdir)
+        rows += herd_cost(plan, workdir)
     return (rows + cost_rows + journal_rows,
             targets(drains) + cost_targets + journal_targets)
 
