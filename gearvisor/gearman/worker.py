@@ -26,6 +26,11 @@ through the child's scoreboard) may close them while the job runs, so that gearm
 their jobs to an idle child, and Lanes.released says which it closed: nothing read from
 those runs (_mate_closed).
 
+The pool's bell (`bell`, the child's wake_one; shm/bell.py): of a pool's idle children only
+the one holding the bell's token sleeps on the servers (PRE_SLEEP); the others follow (wait
+on the bell, EPOLLEXCLUSIVE), so gearmand wakes one child per job, not every idle one. The
+sleeper rings when a job comes to it, before the job runs, and a follower takes over.
+
 A stop never runs more than the job running now: a job that arrives once the worker is
 stopping (prefetched, or the answer to a GRAB in flight) is not started; the connection that
 holds it is closed after the results already done are written (_hand_back), and gearmand

@@ -64,7 +64,8 @@ class StartError(Exception):
         self.event, self.error = event, error
 
 
-BELL_CHECK = 1.0  # seconds between looks for a pool generation left without a sleeper
+BELL_CHECK = 5.0  # seconds between looks for a pool generation left without a sleeper
+BELL_RECHECK = 0.5  # ... and the second look at one that was (a hand-over takes microseconds)
 
 class Arbiter:
     """Forks and watches every pool's children, rolls them on reload, stops them on exit."""
@@ -391,9 +392,10 @@ class Arbiter:
     def _check_bells(self) -> None:
         """Every BELL_CHECK while there are bells, on a quiet timer: the safety net under
         them (no child or bug may leave a pool deaf). A generation whose children wait on
-        their bell while none holds the token, at two looks in a row, is rung for. (A
-        hand-over takes microseconds; a crash is rung for at once, _bell_after_exit.) The
-        bell of a generation that has no children left and gets no more is closed."""
+        their bell while none holds the token is looked at again BELL_RECHECK later, and
+        rung for if it still is. (A hand-over takes microseconds; a crash is rung for at
+        once, _bell_after_exit.) The bell of a generation that has no children left and
+        gets no more is closed."""
         hints = self.lane_hints
         deaf = set()
         for key in list(self.bells):
@@ -411,7 +413,8 @@ class Arbiter:
                              "held the token", pool=key[0], generation=key[1])
             self.bells[key].ring()
         self._deaf = deaf - self._deaf
-        self._bell_timer = (self.loop.call_later(BELL_CHECK, self._check_bells, quiet=True)
+        self._bell_timer = (self.loop.call_later(BELL_RECHECK if self._deaf else BELL_CHECK,
+                                                 self._check_bells, quiet=True)
                             if self.bells else None)
 
     def _bell_after_exit(self, child: Child, pool: Pool) -> None:
