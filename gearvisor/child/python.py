@@ -467,7 +467,10 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
                 tag: int = 0, bell: PoolBell | None = None) -> tuple[int, Any]:
     # Default dispositions first, while signals are still blocked (they were blocked around
     # fork, so nothing the master set can run here); then the pool's cwd, limits, env, user.
-    keep = {event_fd} if bell is None or hints is None else {event_fd, bell.fd}
+    # The pool's bell (wake_one), and this child's standing with it in the fleet's hints
+    child_bell = (_ChildBell(bell, hints, running_index)
+                  if bell is not None and hints is not None else None)
+    keep = {event_fd} if child_bell is None else {event_fd, child_bell.fd}
     watched = after_fork(signals_to_unblock, signal.SIGTERM, keep, pool,
                          env={"GEARVISOR_POOL": pool.name, "GEARVISOR_SLOT": str(slot)})
     setproctitle(f"gearvisor: {pool.name}[{slot}] starting")
@@ -548,8 +551,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         prefetch=pool.prefetch,
         max_job_size=pool.max_job_size,
         lanes=hooks.lanes,
-        bell=(_ChildBell(bell, hints, running_index)
-              if bell is not None and hints is not None else None),
+        bell=child_bell,
         is_poison=(None if poison is None or not pool.poison_after else
                    lambda job: _deaths(job, poison, running, running_index)
                    >= pool.poison_after),

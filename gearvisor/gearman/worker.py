@@ -588,9 +588,7 @@ class Worker:
                 return
             # Every server said NO_JOB: sleep on all of them; a NOOP from any wakes us.
             # (One that got its PRE_SLEEP with a result is asleep already.)
-            for conn in live:
-                if conn.state is ConnState.EMPTY and self._send(conn, PRE_SLEEP):
-                    conn.state = ConnState.SLEEPING
+            self._pre_sleep(live)
             self._waiting(now)
             return
         for conn in live:
@@ -620,6 +618,17 @@ class Worker:
         if due == float("inf"):
             return None
         return max(0.0, due - now)
+
+    def _pre_sleep(self, conns: list[Connection]) -> None:
+        """PRE_SLEEP on each of `conns` that said NO_JOB: a NOOP from any wakes us."""
+        for conn in conns:
+            if conn.state is ConnState.EMPTY and self._send(conn, PRE_SLEEP):
+                conn.state = ConnState.SLEEPING
+
+    def _may_sleep(self) -> bool:
+        """May this worker be asleep on the servers (send PRE_SLEEP)? Without a bell always;
+        with one, only while it holds the token."""
+        return self.bell is None or self.holds
 
     def _asleep(self, conn: Connection) -> None:
         """gearmand has `conn` asleep (its PRE_SLEEP is in): a NOOP wakes it. Asleep on every
@@ -702,9 +711,7 @@ class Worker:
         with nothing if none does."""
         if not self.following or not self._take():
             return  # (another follower was quicker)
-        for conn in self.conns:
-            if conn.state is ConnState.EMPTY and self._send(conn, PRE_SLEEP):
-                conn.state = ConnState.SLEEPING
+        self._pre_sleep(self.conns)
 
     def _leave_bell(self) -> None:
         """Stopping or pausing: no longer the pool's sleeper nor a follower. A ring that
@@ -830,7 +837,7 @@ class Worker:
         fault: the server misbehaved (logged by the caller): reconnect only after the
         longest delay, so a server that does it on every connection costs little."""
         self._disconnect(conn)
-        if not conn.second and (self.holds or self.following):
+        if not conn.second:
             # The pool's sleeper must be asleep on every server: a follower with all of them
             # takes over, and this child sleeps on the ones it has (_tick).
             self._leave_bell()
@@ -976,7 +983,7 @@ class Worker:
                     self.paused or self._want_paused):
                 # Asleep means the queue was dry: the PRE_SLEEP goes with the GRAB, so a
                 # NO_JOB (another worker was quicker) puts us back to sleep with no write.
-                conn.woke = self._grab(conn, sleep=self.bell is None or self.holds)
+                conn.woke = self._grab(conn, sleep=self._may_sleep())
         elif ptype == Packet.ERROR:
             code = args[0].decode(errors="replace")
             # In "exception" mode gearmand ends the job at WORK_EXCEPTION, so the WORK_FAIL
@@ -1228,7 +1235,7 @@ class Worker:
         PRE_SLEEP after a single GRAB while the queue is dry (Connection.dry)."""
         n = max(0, conn.depth - conn.outstanding)
         self._grab(conn, before, n, sleep=conn.dry and n == 1 and not conn.outstanding
-                   and not conn.second and (self.bell is None or self.holds))
+                   and not conn.second and self._may_sleep())
 
     def _send_winding_down(self, conn: Connection, data: bytes) -> None:
         """Stopping or pausing (or a second lane at rest): no more GRABs. Pausing, jobs

@@ -67,6 +67,7 @@ class StartError(Exception):
 BELL_CHECK = 5.0  # seconds between looks for a pool generation left without a sleeper
 BELL_RECHECK = 0.5  # ... and the second look at one that was (a hand-over takes microseconds)
 
+
 class Arbiter:
     """Forks and watches every pool's children, rolls them on reload, stops them on exit."""
 
@@ -400,10 +401,8 @@ class Arbiter:
         deaf = set()
         for key in list(self.bells):
             pool = self.pools.get(key[0])
-            live = [c for c in pool.children() if c.generation == key[1]
-                    and c.pid in self.children] if pool is not None else []
-            if not live and (pool is None or pool.removed or pool.generation != key[1]):
-                self.bells.pop(key).close()
+            live = self._generation(pool, key[1]) if pool is not None else []
+            if self._close_bell_if_done(key, pool, live):
                 continue
             states = [hints.bell(c.running_index) for c in live]
             if FOLLOWING in states and HOLDING_BELL not in states:
@@ -427,14 +426,25 @@ class Arbiter:
         if bell is None:
             return
         hints = self.lane_hints
-        siblings = [c for c in pool.children() if c is not child
-                    and c.generation == child.generation and c.pid in self.children]
+        siblings = [c for c in self._generation(pool, child.generation) if c is not child]
         if hints.bell(child.running_index) and not any(
                 hints.bell(c.running_index) == HOLDING_BELL for c in siblings):
             bell.ring()
-        if not siblings and (pool.removed or pool.generation != child.generation):
-            bell.close()
-            del self.bells[key]
+        self._close_bell_if_done(key, pool, siblings)
+
+    def _generation(self, pool: Pool, generation: int) -> list[Child]:
+        """The live children of one generation of `pool`."""
+        return [c for c in pool.children()
+                if c.generation == generation and c.pid in self.children]
+
+    def _close_bell_if_done(self, key: tuple[str, int], pool: Pool | None,
+                            live: list[Child]) -> bool:
+        """Close the bell of generation `key` if it has no `live` children and gets no
+        more (its pool is gone, removed, or on a later generation)."""
+        if live or (pool is not None and not pool.removed and pool.generation == key[1]):
+            return False
+        self.bells.pop(key).close()
+        return True
 
     def on_child_exit(self, child: Child, pool: Pool, status: int) -> None:
         """Let the pool decide what a reaped child's exit means, and publish it."""
