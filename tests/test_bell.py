@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import select
-import selectors
 import signal
 import socket
 from typing import Any
@@ -20,6 +19,7 @@ from fakeos import FakeMaster
 from wired import Log, Server
 
 from gearvisor.gearman.client import Client
+from gearvisor.gearman.epoll import READ
 from gearvisor.gearman.protocol import RES, Packet, encode
 from gearvisor.gearman.worker import FOLLOWING, HOLDING_BELL, Bell, ConnState, Worker
 from gearvisor.master.arbiter import BELL_CHECK, BELL_RECHECK
@@ -86,7 +86,7 @@ def test_one_idle_worker_sleeps_on_the_servers_the_other_follows_at_no_cost(wire
     a, sa, b, sb = pair(wired, bell)
     assert a.bell.states == [HOLDING_BELL] and b.bell.states == [FOLLOWING]
     assert a.conns[0].state is ConnState.SLEEPING
-    assert b.sel.get_key(bell.fd).data is not None  # b's loop watches the bell
+    assert b.sel.data(bell.fd) is not None  # b's loop watches the bell
     assert b._timeout(b.clock()) is None  # nothing due: a follower sleeps until rung
     b._tick(b.clock())
     assert sb.received() == [] and not rung(bell)
@@ -113,8 +113,7 @@ def test_the_sleeper_rings_before_its_job_runs_and_the_follower_takes_over(wired
     # that was either)
     assert b.holds and not b.following and b.bell.states == [FOLLOWING, HOLDING_BELL]
     assert sb.received() == [PRE_SLEEP] and b.conns[0].state is ConnState.SLEEPING
-    with pytest.raises(KeyError):
-        b.sel.get_key(bell.fd)
+    assert bell.fd not in b.sel
     # a's result went with a GRAB and no PRE_SLEEP (b sleeps for the pool now); its NO_JOB
     # makes a follower of it
     assert sa.received() == [(Packet.WORK_COMPLETE, (b"H:1", b"ok")), GRAB]
@@ -171,8 +170,7 @@ def test_a_follower_that_leaves_passes_on_a_ring_it_may_have_been_woken_for(wire
     assert not b.following and not b.holds and b.bell.states[-1] == 0
     assert rung(bell)  # still there for another follower
     if how == "pause":
-        with pytest.raises(KeyError):
-            b.sel.get_key(bell.fd)
+        assert bell.fd not in b.sel
 
 
 def test_a_follower_woken_for_a_ring_another_took_goes_on_following(wired, bell) -> None:
@@ -295,17 +293,32 @@ def test_after_a_roll_the_new_generation_has_its_own_sleeper(gearmand, master) -
 # -- the master (a fake OS and clock: tests/fakeos.py) -----------------------------------------
 
 
-@pytest.fixture
-def fake_pool(tmp_path):
+def fake_master(tmp_path, processes: int) -> FakeMaster:
     path = tmp_path / "gearvisor.yaml"
     path.write_text(yaml.safe_dump({
         "watch_config": False,
-        "pools": {"web": {"processes": 3, "functions": {"f": "examples.text:echo"},
+        "pools": {"web": {"processes": processes, "functions": {"f": "examples.text:echo"},
                           "watch": False, "backoff": {"initial": 5}}}}))
-    m = FakeMaster(str(path))
+    return FakeMaster(str(path))
+
+
+@pytest.fixture
+def fake_pool(tmp_path):
+    m = fake_master(tmp_path, 3)
     try:
         m.start_ready()
         yield m
+    finally:
+        m.close()
+
+
+def test_a_pool_of_one_child_has_no_bell(tmp_path) -> None:
+    m = fake_master(tmp_path, 1)
+    try:
+        m.start_ready()
+        assert len(m.arbiter.children) == 1
+        assert m.arbiter.bells == {}  # nobody to hand over to: no ring and take per job
+        assert m.arbiter._bell_timer is None  # (and no safety net looking)
     finally:
         m.close()
 
@@ -406,7 +419,7 @@ def two_servers(bell: PoolBell) -> tuple[Worker, list[Server]]:
     for c in w.conns:
         c.sock, theirs = socket.socketpair()
         c.state, c.outstanding, c.answered, c.can_do = ConnState.GRABBING, 1, True, True
-        w.sel.register(c.sock, selectors.EVENT_READ, c)
+        w.sel.register(c.sock, READ, c)
         servers.append(Server(theirs))
     return w, servers
 

@@ -181,6 +181,7 @@ def test_one_server_asleep_and_another_empty_sleeps_on_both(wired) -> None:
     second.sock, second.state, second.answered, second.can_do = ours, ConnState.EMPTY, True, True
     second.empty_since = worker.clock()
     worker.conns.append(second)
+    worker.all.append(second)  # (no lanes: every connection is a first lane)
     try:
         worker._tick(worker.clock())
         theirs.setblocking(False)
@@ -192,6 +193,7 @@ def test_one_server_asleep_and_another_empty_sleeps_on_both(wired) -> None:
         assert worker._timeout(worker.clock()) is None  # asleep on both: no wake-up due
     finally:
         worker.conns.remove(second)
+        worker.all.remove(second)
         ours.close()
         theirs.close()
 

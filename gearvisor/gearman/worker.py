@@ -53,8 +53,6 @@ import errno
 import functools
 import os
 import random
-import select
-import selectors
 import socket
 import struct
 import time
@@ -64,6 +62,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from gearvisor.gearman.epoll import READ, WRITE, Poller
 from gearvisor.gearman.protocol import (
     DEFAULT_MAX_PACKET,
     OVERSIZED_JOB,
@@ -110,6 +109,7 @@ PRE_SLEEP = encode(Packet.PRE_SLEEP)
 RESET = encode(Packet.RESET_ABILITIES)
 _ASSIGN = (Packet.JOB_ASSIGN, Packet.JOB_ASSIGN_UNIQ, Packet.JOB_ASSIGN_ALL)
 _TAKEN = (*_ASSIGN, OVERSIZED_JOB)  # what gearmand assigned us (a job to run or refuse)
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # (an int: the enum's | costs 3 calls)
 
 
 class ConnState(Enum):
@@ -369,6 +369,8 @@ class Worker:
                 conn.mate.mate = conn
                 conn.mate.faults = conn.faults  # one rate limit per server, both lanes
                 self._seconds.append(conn.mate)
+        # Every connection: each server's first lane, then the second lanes (with lanes).
+        self.all = self.conns + self._seconds
         for conn in self.all:
             conn.job_send = functools.partial(self._job_send, conn)
             conn.decoder = self._decoder()
@@ -390,11 +392,11 @@ class Worker:
         self.is_ready = False
         self.paused = False  # registered without functions: takes no jobs (quarantine, circuit)
         self._want_paused = False
-        self.sel = selectors.DefaultSelector()
+        self.sel = Poller()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self.sel.register(self._wake_r, READ, None)
         self._can_do = b"".join(encode(Packet.CAN_DO, f) for f in functions)
         self._client_id = encode(Packet.SET_CLIENT_ID, client_id)
         self._extra_checks: list[Callable[[], None]] = []
@@ -406,17 +408,11 @@ class Worker:
         self._more = False  # frames follow the one being handled, in this read (_read)
         self._sent = 0  # GRABs written so far (Connection.sent: which lane to read first)
         self._close_lanes_at = float("inf")  # asleep since then + LANE_LINGER (_waiting)
-        # The pool's bell needs an epoll that can watch it with EPOLLEXCLUSIVE.
-        self.bell = bell if isinstance(self.sel, selectors.EpollSelector) else None
+        self.bell = bell
         self.holds = False  # the bell's token: the one child of the pool asleep on the servers
         self.following = False  # waiting on the bell (not asleep on the servers)
 
     # -- public ------------------------------------------------------------------------------
-
-    @property
-    def all(self) -> list[Connection]:
-        """Every connection: each server's first lane, then the second lanes (with lanes)."""
-        return self.conns + self._seconds if self._seconds else self.conns
 
     @property
     def wakeup_fd(self) -> int:
@@ -440,13 +436,15 @@ class Worker:
         """Make every connection match the wanted mode. RESET_ABILITIES is never sent while
         a GRAB is unanswered: gearmand would requeue a job it is assigning to us right then,
         and we would run it anyway (run twice). The answer comes first (_settle)."""
-        self.paused = self._want_paused
-        if self.paused and (self.holds or self.following):
+        self.paused = paused = self._want_paused
+        if paused and (self.holds or self.following):
             self._leave_bell()  # (a paused child is nobody's sleeper)
         for conn in self.all:
-            if conn.sock is None or conn.state is ConnState.CONNECTING:
+            state = conn.state
+            if conn.sock is None or state is ConnState.CONNECTING:
                 continue  # registers in the right mode when the connect finishes
-            if conn.state is not ConnState.GRABBING:
+            # (taking jobs, _settle has work only for an IDLE connection: it GRABs)
+            if state is not ConnState.GRABBING and (paused or state is ConnState.IDLE):
                 self._settle(conn)
 
     def _settle(self, conn: Connection) -> None:
@@ -520,13 +518,12 @@ class Worker:
             self._apply_pause()
             self._tick(now)
             timeout = self._timeout(now)
-            for key, _mask in self.sel.select(timeout):
-                conn = key.data
+            for fileobj, conn in self.sel.select(timeout):
                 if conn is None:
                     self._drain_wakeups()
                 elif conn is _BELL:
                     self._rung()
-                elif conn.sock is not key.fileobj:
+                elif conn.sock is not fileobj:
                     continue  # closed (or reopened) while this batch ran: not this socket
                 elif conn.state is ConnState.CONNECTING:
                     self._finish_connect(conn)
@@ -576,8 +573,13 @@ class Worker:
             self._close_idle_lanes()
         if self.stopping or self.paused or not live:
             return
-        if all(c.state is ConnState.EMPTY or c.state is ConnState.SLEEPING for c in live) \
-                and any(c.state is ConnState.EMPTY for c in live):
+        empty = asleep = 0
+        for c in live:
+            if c.state is ConnState.EMPTY:
+                empty += 1
+            elif c.state is ConnState.SLEEPING:
+                asleep += 1
+        if empty and empty + asleep == len(live):
             if self.following:
                 return  # (the bell wakes us)
             if self.bell is not None and len(live) == len(self.conns) and not self._take():
@@ -634,15 +636,19 @@ class Worker:
         """gearmand has `conn` asleep (its PRE_SLEEP is in): a NOOP wakes it. Asleep on every
         server, the worker is waiting."""
         conn.state = ConnState.SLEEPING
-        if all(c.state is ConnState.SLEEPING for c in self.conns
-               if c.sock is not None and c.state is not ConnState.CONNECTING):
-            self._waiting(self.clock())
+        for c in self.conns:
+            if c.sock is not None and c.state is not ConnState.SLEEPING \
+                    and c.state is not ConnState.CONNECTING:
+                return
+        self._waiting(self.clock())
 
     def _waiting(self, now: float) -> None:
         """Asleep on every server: tell the host, and close the second lanes if it lasts."""
         self.hooks.waiting()
-        if any(c.sock is not None for c in self.all if c.second):
-            self._close_lanes_at = now + LANE_LINGER
+        for c in self._seconds:
+            if c.sock is not None:
+                self._close_lanes_at = now + LANE_LINGER
+                break
 
     # -- the pool's bell (wake_one) -----------------------------------------------------------
 
@@ -674,15 +680,7 @@ class Worker:
         bell = self.bell
         assert bell is not None
         try:
-            # selectors has no EPOLLEXCLUSIVE: its bookkeeping, then the epoll's own flag.
-            selectors._BaseSelectorImpl.register(self.sel, bell.fd, selectors.EVENT_READ,
-                                                 _BELL)
-            try:
-                self.sel._selector.register(  # type: ignore[attr-defined]
-                    bell.fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
-            except BaseException:
-                selectors._BaseSelectorImpl.unregister(self.sel, bell.fd)
-                raise
+            self.sel.register(bell.fd, READ, _BELL, exclusive=True)
         except (OSError, AttributeError, ValueError, KeyError) as e:
             self.log.warning("cannot wait on the pool's bell; this child sleeps on the job "
                              "servers itself", error=f"{type(e).__name__}: {e}")
@@ -767,7 +765,7 @@ class Worker:
         conn.answered = False
         conn.state = ConnState.CONNECTING
         conn.deadline = now + self.connect_timeout
-        self.sel.register(sock, selectors.EVENT_WRITE, conn)
+        self.sel.register(sock, WRITE, conn)
 
     def _finish_connect(self, conn: Connection) -> None:
         sock = conn.sock
@@ -777,7 +775,7 @@ class Worker:
             self._drop(conn, os.strerror(err))
             return
         self._tune(sock)
-        self.sel.modify(sock, selectors.EVENT_READ, conn)
+        self.sel.modify(sock, READ, conn)
         try:
             conn.local_port = sock.getsockname()[1]
         except (OSError, IndexError):
@@ -871,17 +869,12 @@ class Worker:
         sock = conn.sock
         if sock is None:
             return False
-        # A soft job timeout (SIGALRM) must not cut a packet in half: it waits until the
-        # write is done (raised on release).
-        self.timer.hold()
         try:
             sock.sendall(data)
             return True
         except OSError as e:
             self._drop(conn, f"send failed: {e}")
             return False
-        finally:
-            self.timer.release()
 
     def _grab(self, conn: Connection, before: bytes = b"", n: int = 1,
               sleep: bool = False) -> bool:
@@ -1181,8 +1174,16 @@ class Worker:
         return Decoder(MAX_CONTROL_PACKET, self.max_job_size, RES)
 
     def _job_send(self, conn: Connection, ptype: int, handle: bytes, payload: bytes) -> None:
-        """What a job's send_status/send_data/... write (Job._send)."""
-        self._send(conn, encode(ptype, handle, payload))
+        """What a job's send_status/send_data/... write (Job._send). Job code runs under its
+        soft timeout (SIGALRM), which must not cut a packet in half: it waits until the
+        write is done (raised on release). The runtime's own writes need no hold: they go
+        while no job's timer is armed."""
+        timer = self.timer
+        timer.hold()
+        try:
+            self._send(conn, encode(ptype, handle, payload))
+        finally:
+            timer.release()
 
     def _taking(self) -> bool:
         """New jobs are wanted: not stopping, paused or about to pause."""
@@ -1223,7 +1224,7 @@ class Worker:
         if conn.sock is None:
             return False
         try:
-            conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            conn.sock.recv(1, _PEEK)
         except BlockingIOError:
             return True
         except OSError:

@@ -239,8 +239,10 @@ class Arbiter:
         index = self.running.allocate() if board is not None else -1
         if board is not None:
             board.set_paused(start_paused)
+        # (a pool of one child has nobody to hand over to: no bell, two syscalls per job less;
+        # one that grows later gives its new children one)
         bell = self._bell(pool) if board is not None and index >= 0 and pool.config.wake_one \
-            else None
+            and pool.desired > 1 else None
 
         def body(w: int, blocked: set[int]) -> NoReturn:
             if command:
