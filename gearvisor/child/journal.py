@@ -184,6 +184,8 @@ class ChildJournal:
 
     def tick(self) -> None:
         """A pass of the worker's loop: write what is due (due_at)."""
+        if self.first_at is None and not self.tail:
+            return  # (nothing waits: the common pass, without a clock read)
         now = self.clock()
         if now >= self.due_at() and not self.flush():
             self.retry_at = now + RETRY_AFTER  # the master reads soon; do not spin on it

@@ -9,6 +9,7 @@ Nothing here does I/O, so the codec is unit-tested byte for byte and fuzzed with
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 from enum import IntEnum
@@ -147,6 +148,11 @@ class Frame(NamedTuple):
     args: tuple[bytes, ...]
 
 
+# Frame(magic, type, args) without the NamedTuple's own __new__ (a Python function): the
+# decoder makes one per packet.
+_frame = functools.partial(tuple.__new__, Frame)
+
+
 def encode_result_packet(handle: bytes, data: bytes) -> bytes:
     """WORK_COMPLETE for `handle` with `data` (bytes): encode() without its per-argument
     checks, for the one packet every job sends."""
@@ -238,8 +244,11 @@ class Decoder:
             if end - pos - HEADER_SIZE < size:
                 break
             start = pos + HEADER_SIZE
-            body = bytes(buf[start:start + size])
-            frames.append(Frame(magic, ptype, split_args(ptype, body)))
+            if size or ARG_COUNT[ptype]:
+                args = split_args(ptype, bytes(buf[start:start + size]))
+            else:
+                args = ()  # (a NOOP, a NO_JOB: no arguments, none expected)
+            frames.append(_frame((magic, ptype, args)))
             pos = start + size
         if pos:
             del buf[:pos]

@@ -100,7 +100,7 @@ class ErrorWindow:
         outcomes.append(fast_fail)
         if fast_fail:
             self.fast_fails += 1
-        if self.on_probation:
+        if self.probation_left > 0:  # (on_probation, without the property's call: per job)
             if fast_fail:
                 return (f"failed a job in {seconds * 1000:.0f} ms while on probation after an "
                         "earlier quarantine")

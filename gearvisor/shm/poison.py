@@ -17,6 +17,7 @@ payload (see job_key).
 from __future__ import annotations
 
 import collections
+import functools
 import mmap
 import struct
 from collections.abc import Callable
@@ -88,7 +89,7 @@ class PoisonTable:
         seq = _KEY.unpack_from(self._mm, 0)[0]
         if seq != self._seen_seq:
             self._refresh()
-        return self._local[key]
+        return self._local.get(key, 0)  # (not [key]: a Counter's __missing__ is Python)
 
     def __contains__(self, key: int) -> bool:
         return self.strikes(key) > 0
@@ -164,10 +165,17 @@ class RunningJobs:
         if index >= 0:
             _KEY.pack_into(self._mm, self._at(index), key)
 
+    def setter(self, index: int) -> Callable[[int], None] | None:
+        """Child side: set(index, key) as one C call, for the per-job writes (None for no
+        slot)."""
+        if index < 0:
+            return None
+        return functools.partial(_KEY.pack_into, self._mm, self._at(index))
+
     def others(self, key: int, index: int) -> int:
         """Child side: other slots holding `key` whose child is dead (not reaped yet)."""
         needle = _KEY.pack(key)
-        end = self._at(_KEY.unpack_from(self._mm, 0)[0])
+        end = self._TOP + self.SLOT * _KEY.unpack_from(self._mm, 0)[0]  # (_at, inlined)
         n = 0
         at = self._mm.find(needle, self._TOP, end)
         while at >= 0:

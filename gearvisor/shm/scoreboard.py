@@ -33,6 +33,7 @@ _BODY = struct.Struct("<B7xQQd128s128s128sQQ")
 _TEXT = 128
 _END = _SEQ.size + _BODY.size  # where the body ends and the master's control byte is
 _READ_ATTEMPTS = 1000  # spins: a write takes about a microsecond
+_NAMES_KEPT = 256  # function names a child keeps encoded (a hostile server may send any)
 # Single bytes after the control byte, both the master's.
 _LANES_OFF = _END + 1  # it cannot close this child's lanes: hold nothing
 _CLOSED = _END + 2  # (under the lock) which held lanes it closed: bit i for entry i
@@ -83,7 +84,7 @@ class Scoreboard:
     """One child's record. Create in the master before fork; the child writes, master reads."""
 
     __slots__ = ("_mm", "_seq", "_done", "_failed", "_busy", "_last", "stats", "payload",
-                 "lock")
+                 "lock", "_names")
 
     def __init__(self, stats: JobStats | None = None,
                  payload: PayloadArea | None = None, lanes: bool = False) -> None:
@@ -97,6 +98,7 @@ class Scoreboard:
         self._done = 0
         self._failed = 0
         self._busy = False  # the writer's own copy
+        self._names: dict[str, bytes] = {}  # the writer's: function names, cut (job_started)
         self._last: Snapshot | None = None  # the reader's last consistent snapshot
         # Per-function job counts and durations (shm/stats.py), when metrics are on; mapped
         # with the scoreboard, released with it.
@@ -107,6 +109,8 @@ class Scoreboard:
 
     def _write(self, busy: bool, started: float, function: bytes, handle: bytes,
                unique: bytes, size: int = 0, key: int = 0) -> None:
+        # (The sequence goes out as one 8-byte copy of packed bytes: pack_into writes it a
+        # byte at a time after zeroing it, which a reader can catch half-way.)
         body = _BODY.pack(busy, self._done, self._failed, started, function, handle, unique,
                           size, key)
         self._busy = busy
@@ -118,8 +122,20 @@ class Scoreboard:
 
     def job_started(self, function: str, handle: str, unique: str, now: float,
                     size: int = 0, key: int = 0) -> None:
-        """Child side: a job began."""
-        self._write(True, now, _cut(function), _cut(handle), _cut(unique), size, key)
+        """Child side: a job began. (Runs per job: the function's bytes are kept, and a
+        handle or unique id is cut only when it is too long.)"""
+        name = self._names.get(function)
+        if name is None:
+            name = _cut(function)
+            if len(self._names) < _NAMES_KEPT:
+                self._names[function] = name
+        raw_handle = handle.encode(errors="replace")
+        if len(raw_handle) > _TEXT:
+            raw_handle = _cut(handle)
+        raw_unique = unique.encode(errors="replace")
+        if len(raw_unique) > _TEXT:
+            raw_unique = _cut(unique)
+        self._write(True, now, name, raw_handle, raw_unique, size, key)
 
     def job_finished(self, ok: bool) -> None:
         """Child side: the current job ended."""
