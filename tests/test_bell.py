@@ -32,12 +32,13 @@ NO_JOB = encode(Packet.NO_JOB, magic=RES)
 
 
 class ChildBell(Bell):
-    """The real eventfd, and the standings the worker reported."""
+    """The real eventfd and timerfd, and the standings the worker reported."""
 
     def __init__(self, bell: PoolBell) -> None:
         self.fd = bell.fd
         self.take = bell.take  # type: ignore[method-assign]
         self.ring = bell.ring  # type: ignore[method-assign]
+        self.heard = bell.heard  # type: ignore[method-assign]
         self.states: list[int] = []
 
     def standing(self, state: int) -> None:
@@ -51,8 +52,14 @@ def bell():
     b.close()
 
 
-def rung(bell: PoolBell) -> bool:
-    return bool(select.select([bell.fd], [], [], 0)[0])
+def rung(bell: PoolBell, within: float = 0.0) -> bool:
+    """A follower is woken (what followers wait on is readable), now or `within` seconds."""
+    return bool(select.select([bell.fd], [], [], within)[0])
+
+
+def given(bell: PoolBell) -> bool:
+    """The token is in the bell, for a follower to take."""
+    return bool(select.select([bell.token], [], [], 0)[0])
 
 
 def job(handle: str, function: str = "echo") -> bytes:
@@ -97,8 +104,10 @@ def test_the_sleeper_rings_before_its_job_runs_and_the_follower_takes_over(wired
     seen = []
 
     def run(worker, server, job):
-        # rung before the job runs: a job coming now does not wait for this one
-        seen.append((rung(bell), worker.holds, worker.bell.states[-1]))
+        # rung before the job runs: the token is given, and a follower is woken once the
+        # job has run RING_LATER (a job coming now waits no longer than that for this one)
+        seen.append((given(bell), worker.holds, worker.bell.states[-1]))
+        assert rung(bell, within=5.0)
         # b is woken: it takes the token and sends PRE_SLEEP alone (gearmand answers with
         # a NOOP at once if a job waits, with nothing if none does)
         b._rung()
@@ -130,7 +139,14 @@ def test_a_worker_alone_takes_its_token_back_and_answers_alone(wired, bell) -> N
         # nobody took the token it rang: it holds it again, so gearmand has the sleeper
         # it needs, and the result goes alone
         assert s.received() == [(Packet.WORK_COMPLETE, (f"H:{i}".encode(),) * 2)]
-        assert w.holds and w.conns[0].state is ConnState.SLEEPING and not rung(bell)
+        assert w.holds and w.conns[0].state is ConnState.SLEEPING and not given(bell)
+    # The timer its ring armed fires (nobody disarms it): a follower woken by it finds no
+    # token, and goes on following.
+    f, sf = wired(bell=ChildBell(bell))
+    assert idle(f, sf) == [] and f.following
+    assert rung(bell, within=5.0)
+    f._rung()
+    assert f.following and not f.holds and sf.received() == [] and not rung(bell)
 
 
 def test_two_tokens_fold_into_one_at_the_next_take(bell) -> None:
@@ -152,7 +168,7 @@ def test_a_sleeper_that_stops_pauses_or_loses_its_server_hands_the_token_on(wire
         assert sa.received() == [(Packet.RESET_ABILITIES, ())]
     else:
         a._drop(a.conns[0], "test")
-    assert rung(bell) and not a.holds and a.bell.states[-1] == 0
+    assert rung(bell, within=5.0) and not a.holds and a.bell.states[-1] == 0
     b._rung()
     assert b.holds and sb.received() == [PRE_SLEEP]
 
@@ -168,7 +184,7 @@ def test_a_follower_that_leaves_passes_on_a_ring_it_may_have_been_woken_for(wire
     else:
         b._apply_pause()
     assert not b.following and not b.holds and b.bell.states[-1] == 0
-    assert rung(bell)  # still there for another follower
+    assert rung(bell, within=5.0) and given(bell)  # still there for another follower
     if how == "pause":
         assert bell.fd not in b.sel
 
@@ -354,7 +370,7 @@ def test_the_master_rings_for_a_dead_child_that_held_the_token_or_followed(fake_
     stand(m, dead, FOLLOWING, FOLLOWING)
     kids(m)[0][1].die(signal.SIGKILL)
     m.step()
-    assert rung(bell) is ring
+    assert rung(bell, within=5.0 if ring else 0.0) is ring
 
 
 def test_no_ring_for_a_dead_follower_while_a_sibling_holds_the_token(fake_pool) -> None:
@@ -377,7 +393,8 @@ def test_followers_left_without_a_holder_are_rung_for_at_the_second_look(fake_po
     m.advance(BELL_CHECK)
     assert not rung(bell)  # the first look: a hand-over may be under way
     m.advance(BELL_RECHECK)
-    assert rung(bell)
+    assert rung(bell, within=5.0)
+    bell.heard()
     assert bell.take()
     stand(m, HOLDING_BELL, FOLLOWING, 0)
     m.advance(BELL_CHECK)
@@ -435,7 +452,7 @@ def test_a_child_with_a_server_down_takes_no_token_and_sleeps_on_the_rest(bell) 
         x._read(x.conns[0])
         bell.ring()  # ...and took a job: the token is free
         x._tick(x.clock())
-        assert not x.holds and not x.following and rung(bell)  # left for a whole child
+        assert not x.holds and not x.following and given(bell)  # left for a whole child
         assert xa.received() == [PRE_SLEEP]  # asleep on the server it has, by itself
     finally:
         x.close()
@@ -456,4 +473,4 @@ def test_a_lone_job_whose_connection_dropped_while_it_ran_does_not_crash_the_wor
     s.sock.sendall(job("H:1"))
     w._read(w.conns[0])
     assert w.conns[0].state is ConnState.DOWN and not w.conns[0].nap
-    assert not w.holds and rung(bell)  # the token went on when the server went
+    assert not w.holds and rung(bell, within=5.0)  # the token went on when the server went

@@ -109,6 +109,7 @@ class _ChildHooks(Hooks):
         self.timer_warned = False
         self.running: RunningJobs | None = None
         self.running_index = -1
+        self.set_running: Callable[[int], None] | None = None  # this child's running slot
         self.event_fd = event_fd
         self.report_imports = pool.watch != ()  # unless `watch: false`
         self.board = board
@@ -159,8 +160,9 @@ class _ChildHooks(Hooks):
             setproctitle(text)
 
     def waiting(self) -> None:
-        if self.journal is not None and (self.journal.pending() or self.journal.tail):
-            self.journal.flush()
+        journal = self.journal
+        if journal is not None and (journal.successes or journal.failures or journal.tail):
+            journal.flush()
         self.idle_title_at = time.monotonic() + IDLE_TITLE_DELAY
         if not self.asleep and self.lanes is not None:
             self.asleep = True
@@ -181,9 +183,9 @@ class _ChildHooks(Hooks):
             self.lanes.sleeping(False)  # type: ignore[union-attr]
         if self.timer is not None:
             self.timer.timed_out = False
-        key = _key(job)
-        if self.running is not None:
-            self.running.set(self.running_index, key)  # before it runs: if it kills us
+        key = job.key or _key(job)
+        if self.set_running is not None:
+            self.set_running(key)  # before it runs: if it kills us
         if job.function in self.copy_payload:
             self.board.payload.job_started(job.data)  # type: ignore[union-attr]
         elif self.board.payload is not None:
@@ -216,8 +218,8 @@ class _ChildHooks(Hooks):
             self.board.stats.job_not_run(job.function, outcome)
 
     def job_finished(self, job: Job, ok: bool, seconds: float) -> None:
-        if self.running is not None:
-            self.running.set(self.running_index, 0)
+        if self.set_running is not None:
+            self.set_running(0)
         if ok:
             self.done += 1
         else:
@@ -238,14 +240,16 @@ class _ChildHooks(Hooks):
         if self.window is None and self.probation and ok:
             self.probation = False  # no error tracking (quarantine off): one good job will do
             self._send(msg.ProbationPassed())
-        if self.window is not None and not self.quarantined and not self.stopping:
-            was_on_probation = self.window.on_probation
-            reason = self.window.record(ok, seconds)
+        window = self.window
+        if window is not None and not self.quarantined and not self.stopping:
+            was_on_probation = window.probation_left > 0
+            reason = window.record(ok, seconds)
             if reason:
                 self.quarantine(reason)
-            elif was_on_probation and not self.window.on_probation:
+            elif was_on_probation and not window.probation_left:
                 self._send(msg.ProbationPassed())
-        self._check_limits()
+        if self.max_jobs is not None or self.max_memory is not None:
+            self._check_limits()
         if self.timer is not None and not self.timer_warned and not self.timer.installed():
             self.timer_warned = True
             self.log.warning("the job code replaced gearvisor's SIGALRM handler: soft job "
@@ -324,8 +328,10 @@ class _ChildBell(Bell):
 
     def __init__(self, bell: PoolBell, hints: LaneHints, index: int) -> None:
         self.fd = bell.fd
+        self.fds = bell.fds
         self.take = bell.take  # type: ignore[method-assign]
         self.ring = bell.ring  # type: ignore[method-assign]
+        self.heard = bell.heard  # type: ignore[method-assign]
         self.hints = hints
         self.index = index
 
@@ -342,7 +348,7 @@ def _key(job: Job) -> int:
 def _deaths(job: Job, poison: PoisonTable, running: RunningJobs | None, index: int) -> int:
     """Children that died on this job: strikes the master recorded, plus children that died
     on it and are not reaped yet (their running slot still holds it)."""
-    key = _key(job)
+    key = job.key or _key(job)
     job.strikes = poison.deaths(key, (lambda: running.others(key, index)) if running is not None
                                 else (lambda: 0))
     return job.strikes
@@ -470,7 +476,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
     # The pool's bell (wake_one), and this child's standing with it in the fleet's hints
     child_bell = (_ChildBell(bell, hints, running_index)
                   if bell is not None and hints is not None else None)
-    keep = {event_fd} if child_bell is None else {event_fd, child_bell.fd}
+    keep = {event_fd} if child_bell is None else {event_fd, *child_bell.fds}
     watched = after_fork(signals_to_unblock, signal.SIGTERM, keep, pool,
                          env={"GEARVISOR_POOL": pool.name, "GEARVISOR_SLOT": str(slot)})
     setproctitle(f"gearvisor: {pool.name}[{slot}] starting")
@@ -531,6 +537,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
                             event_fd) if cfg.journal.enabled else None)
     hooks = _ChildHooks(pool, slot, event_fd, board, probation, logger, journal)
     hooks.running, hooks.running_index = running, running_index
+    hooks.set_running = running.setter(running_index) if running is not None else None
     if board.lock is not None and hints is not None and running_index >= 0:
         hooks.lanes = _BoardLanes(board, hints, running_index, tag, hooks)
     if running is not None:

@@ -208,8 +208,13 @@ class Bell:
         """The token, if it is there (non-blocking)."""
         return True
 
-    def ring(self) -> None:
-        """Give the token back: one follower wakes and takes it."""
+    def ring(self, later: bool = False) -> None:
+        """Give the token back: one follower wakes and takes it, at once or (`later`) only
+        if it was not taken back within shm/bell.py's RING_LATER."""
+
+    def heard(self) -> None:
+        """A follower woke (`fd` was readable): make `fd` unreadable again before trying to
+        take the token."""
 
     def standing(self, state: int) -> None:
         """Where this child stands now: FOLLOWING, HOLDING_BELL or 0 (shm/lanes.py)."""
@@ -667,12 +672,13 @@ class Worker:
             self.sel.unregister(self.bell.fd)  # type: ignore[union-attr]
         return True
 
-    def _give(self) -> None:
-        """Ring: a follower takes over as the pool's sleeper. (Rung before the byte is
-        cleared: a child that dies in between is rung for again by the master, and the
-        second token folds into the first when one is taken.)"""
+    def _give(self, later: bool = False) -> None:
+        """Ring: a follower takes over as the pool's sleeper, at once, or (`later`: a job
+        came to us) if we have not taken the token back within RING_LATER. (Rung before
+        the byte is cleared: a child that dies in between is rung for again by the master,
+        and the second token folds into the first when one is taken.)"""
         self.holds = False
-        self.bell.ring()  # type: ignore[union-attr]
+        self.bell.ring(later)  # type: ignore[union-attr]
         self.bell.standing(0)  # type: ignore[union-attr]
 
     def _follow(self, now: float) -> None:
@@ -707,8 +713,11 @@ class Worker:
         """The bell rang while we follow: take the token and sleep on every server. The
         PRE_SLEEP goes alone: gearmand answers it with a NOOP at once if a job waits, and
         with nothing if none does."""
-        if not self.following or not self._take():
-            return  # (another follower was quicker)
+        if not self.following:
+            return
+        self.bell.heard()  # type: ignore[union-attr]  # (first: a ring after it wakes us)
+        if not self._take():
+            return  # (another follower was quicker, or its sleeper took it back)
         self._pre_sleep(self.conns)
 
     def _leave_bell(self) -> None:
@@ -934,14 +943,17 @@ class Worker:
                 return
             conn.outstanding -= 1
             if self.holds:
-                self._give()  # before the job runs: another child sleeps for the pool now
+                # Before the job runs: another child sleeps for the pool unless the job
+                # ends within RING_LATER and we take the token back (_lone).
+                self._give(later=True)
             conn.nap = conn.presleep and not conn.outstanding
             conn.presleep = False
             if conn.woke:
                 conn.woke = False
             else:
                 conn.dry = False
-            self._mark_answered(conn)
+            if not conn.answered:
+                self._mark_answered(conn)
             if conn.mate is not None and not conn.dry:
                 self._fill_mate(conn)
             self._run_job(conn, ptype, args)
@@ -1087,8 +1099,13 @@ class Worker:
         lanes = self.lanes
         # Every other connection with a GRAB out may bring a job that waits for this one:
         # the same server's other lane, and (several servers) the others' lanes.
-        held = ([c for c in self.all if c is not conn and c.state is ConnState.GRABBING
-                 and c.sock is not None] if lanes is not None else None)
+        held = None
+        if lanes is not None:
+            for c in self.all:
+                if c is not conn and c.state is ConnState.GRABBING and c.sock is not None:
+                    if held is None:
+                        held = []
+                    held.append(c)
         if held:
             lanes.holding([(c.sock.fileno(), c.local_port) for c in held],  # type: ignore
                           started)
@@ -1107,7 +1124,8 @@ class Worker:
                         for i, other in enumerate(held):
                             if closed >> i & 1:
                                 self._mate_closed(other)
-            reply = encode_result_packet(handle, encode_result(result))
+            reply = encode_result_packet(handle, result if type(result) is bytes
+                                         else encode_result(result))
             ok = True
         except Exception as e:  # a user bug: report it, log it, keep serving
             reply = self._failure_reply(handle, e)
@@ -1195,8 +1213,8 @@ class Worker:
         job, and at most one round trip."""
         # A second lane asks for nothing more while a sibling is asleep (it takes the next
         # job) or lanes are off: it rests until the queue is busy again.
-        if not self._taking() or (conn.second
-                                  and not self.lanes.allowed()):  # type: ignore[union-attr]
+        if self.stopping or self.paused or self._want_paused or (
+                conn.second and not self.lanes.allowed()):  # type: ignore[union-attr]
             conn.nap = False
             self._send_winding_down(conn, reply)
         elif self._lone(conn):
@@ -1207,9 +1225,10 @@ class Worker:
 
     def _lone(self, conn: Connection) -> bool:
         """The result of the job that ends now goes alone, with no GRAB (Connection.nap):
-        gearmand has `conn` asleep, no NOOP says a job waits, and we are taking jobs."""
+        gearmand has `conn` asleep and no NOOP says a job waits. (Asked by _reply only while
+        we are taking jobs.)"""
         nap, conn.nap = conn.nap, False
-        return (nap and not self._more and self._taking() and self._quiet(conn)
+        return (nap and not self._more and self._quiet(conn)
                 and (self.bell is None or (self._all_up() and self._take())))
 
     def _all_up(self) -> bool:
