@@ -233,8 +233,9 @@ def wake_ups(pids: list[int]) -> int:
 @pytest.mark.parametrize("wake_one", [True, False])
 def test_gearmand_wakes_one_idle_child_per_job_not_all(gearmand, master, wake_one) -> None:
     """Four idle children, 200 jobs one at a time: with the bell the children wake about
-    three times per job in all (the sleeper for the NOOP and the job, a follower for the
-    hand-over); with `wake_one: false` gearmand wakes all four for each job."""
+    twice per job in all (the sleeper for the NOOP and the job; a follower only when the
+    sleeper's job or the gap after it outlasts RING_LATER); with `wake_one: false` gearmand
+    wakes all four for each job."""
     m = pool(gearmand, master, wake_one=wake_one)
     if wake_one:
         one_holder(m, 4)

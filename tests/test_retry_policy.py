@@ -82,3 +82,13 @@ def test_the_ceiling_is_computed_at_once_for_any_attempt() -> None:
     assert 0 < ceiling(policy, 10**6) < 600.0
     assert ceiling(RetryConfig(initial=0.0, max=60.0), 10**6) == 0.0
     assert ceiling(RetryConfig(initial=5.0, max=60.0, multiplier=1.0), 10**6) == 5.0
+
+
+def test_a_subnormal_initial_does_not_overflow() -> None:
+    """Found by the property test above: max / initial and initial * multiplier**309 are
+    both beyond floats when initial is subnormal, though the ceiling itself is below max."""
+    policy = RetryConfig(max_attempts=311, initial=2.225073858507e-311, max=1.0,
+                         multiplier=10.0, outcomes=("error",))
+    assert ceiling(policy, 310) == pytest.approx(0.0222507385850)
+    assert ceiling(policy, 312) == 1.0
+    assert decide(policy, "error", 310, 0.0, rand=lambda: 0.5)[0] == RETRY

@@ -24,10 +24,15 @@ def ceiling(policy: RetryConfig, attempt: int) -> float:
     initial, multiplier, top = policy.initial, policy.multiplier, policy.max
     if initial <= 0.0 or multiplier <= 1.0 or attempt <= 1:
         return min(initial, top)
-    # compared as logarithms: multiplier**(attempt-1) overflows a float for big attempts
-    if top <= initial or (attempt - 1) * math.log(multiplier) >= math.log(top / initial):
+    # compared as logarithms: multiplier**(attempt-1) overflows a float for big attempts,
+    # and top / initial for a subnormal initial
+    growth = (attempt - 1) * math.log(multiplier)
+    if top <= initial or growth >= math.log(top) - math.log(initial):
         return top
-    return min(initial * multiplier ** (attempt - 1), top)
+    try:
+        return min(initial * multiplier ** (attempt - 1), top)
+    except OverflowError:  # (a tiny initial times a power beyond floats: below top, though)
+        return min(math.exp(math.log(initial) + growth), top)
 
 
 def decide(policy: RetryConfig | None, outcome: str, attempt: int, now: float,
