@@ -475,3 +475,31 @@ def test_a_lone_job_whose_connection_dropped_while_it_ran_does_not_crash_the_wor
     w._read(w.conns[0])
     assert w.conns[0].state is ConnState.DOWN and not w.conns[0].nap
     assert not w.holds and rung(bell, within=5.0)  # the token went on when the server went
+
+
+def test_a_timer_os_cannot_make_leaves_a_bell_on_its_count_and_no_fd_behind(
+        monkeypatch) -> None:
+    """Python 3.13+ makes the timer with os.timerfd_create (simulated here): if it fails
+    (EMFILE), the bell is still made, its followers waiting on the count as without a timer
+    (as the ctypes path does), and the eventfd made first is not left open."""
+    def fail(*_args: Any, **_kw: Any) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "timerfd_create", fail, raising=False)
+    monkeypatch.setattr(os, "timerfd_settime", fail, raising=False)
+    monkeypatch.setattr(os, "TFD_NONBLOCK", os.O_NONBLOCK, raising=False)
+    monkeypatch.setattr(os, "TFD_CLOEXEC", os.O_CLOEXEC, raising=False)
+    before = set(os.listdir("/proc/self/fd"))
+    try:
+        b = PoolBell()
+    except OSError:
+        assert set(os.listdir("/proc/self/fd")) == before, "the eventfd was left open"
+        raise
+    try:
+        assert b.fd == b.token and b.fds == {b.token}
+        assert b.take() and not rung(b)
+        b.ring(later=True)
+        assert rung(b) and b.take()
+    finally:
+        b.close()
+    assert set(os.listdir("/proc/self/fd")) == before

@@ -56,7 +56,10 @@ def _timer() -> tuple[int, Callable[[float], None]] | None:
     """A non-blocking one-shot timerfd and a function that arms it `seconds` ahead, or None
     where there is none (os has them from Python 3.13; before, libc's through ctypes)."""
     if hasattr(os, "timerfd_create"):  # pragma: no cover - Python 3.13+
-        fd = os.timerfd_create(_CLOCK_MONOTONIC, flags=os.TFD_NONBLOCK | os.TFD_CLOEXEC)
+        try:
+            fd = os.timerfd_create(_CLOCK_MONOTONIC, flags=os.TFD_NONBLOCK | os.TFD_CLOEXEC)
+        except OSError:
+            return None  # (as below: followers wait on the count)
         return fd, lambda seconds: os.timerfd_settime(fd, initial=seconds)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
