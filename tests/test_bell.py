@@ -21,7 +21,7 @@ from wired import Log, Server
 from gearvisor.gearman.client import Client
 from gearvisor.gearman.epoll import READ
 from gearvisor.gearman.protocol import RES, Packet, encode
-from gearvisor.gearman.worker import FOLLOWING, HOLDING_BELL, Bell, ConnState, Worker
+from gearvisor.gearman.worker import FOLLOWING, HOLDING_BELL, LENT, Bell, ConnState, Worker
 from gearvisor.master.arbiter import BELL_CHECK, BELL_RECHECK
 from gearvisor.shm.bell import Bell as PoolBell
 
@@ -117,16 +117,20 @@ def test_the_sleeper_rings_before_its_job_runs_and_the_follower_takes_over(wired
     feed(a, sa, NOOP)
     assert sa.received() == [GRAB, PRE_SLEEP]  # the sleeper's GRAB carries its PRE_SLEEP
     feed(a, sa, job("H:1"))
-    assert seen == [(True, False, 0)]
+    # (LENT while the job runs: the master's look does not take it for a pool with no
+    # sleeper, and a crash is rung for)
+    assert seen == [(True, False, LENT)]
     # (FOLLOWING to HOLDING_BELL with no 0 between: the master rings for a dead child
     # that was either)
     assert b.holds and not b.following and b.bell.states == [FOLLOWING, HOLDING_BELL]
+    assert a.bell.states[-1] == LENT and not a.holds  # (until it takes a token or follows)
     assert sb.received() == [PRE_SLEEP] and b.conns[0].state is ConnState.SLEEPING
     assert bell.fd not in b.sel
     # a's result went with a GRAB and no PRE_SLEEP (b sleeps for the pool now); its NO_JOB
     # makes a follower of it
     assert sa.received() == [(Packet.WORK_COMPLETE, (b"H:1", b"ok")), GRAB]
     assert idle(a, sa) == [] and a.following and not rung(bell)
+    assert a.bell.states[-1] == FOLLOWING and not a.lent
 
 
 def test_a_worker_alone_takes_its_token_back_and_answers_alone(wired, bell) -> None:
@@ -362,7 +366,8 @@ def test_one_bell_per_generation_made_with_its_token(fake_pool) -> None:
     assert bell.take() and not bell.take()
 
 
-@pytest.mark.parametrize("dead, ring", [(HOLDING_BELL, True), (FOLLOWING, True), (0, False)])
+@pytest.mark.parametrize("dead, ring", [(HOLDING_BELL, True), (FOLLOWING, True), (LENT, True),
+                                        (0, False)])
 def test_the_master_rings_for_a_dead_child_that_held_the_token_or_followed(fake_pool, dead,
                                                                          ring) -> None:
     m = fake_pool
@@ -402,6 +407,29 @@ def test_followers_left_without_a_holder_are_rung_for_at_the_second_look(fake_po
     m.advance(BELL_RECHECK)
     m.advance(BELL_CHECK)
     assert not rung(bell)
+
+
+def test_a_sleeper_running_a_job_with_its_token_lent_is_not_taken_for_deafness(
+        tmp_path, log) -> None:
+    """Jobs one at a time keep the sleeper LENT much of the time (its token rung for
+    later while each job runs): the safety net must neither ring nor warn for that."""
+    m = fake_master(tmp_path, 3)
+    try:
+        m.start_ready()
+        bell = the_bell(m)
+        assert bell.take()
+        stand(m, LENT, FOLLOWING, FOLLOWING)
+        for _ in range(3):
+            m.advance(BELL_CHECK)
+            m.advance(BELL_RECHECK)
+        assert not rung(bell) and not given(bell)
+        assert "rang the pool's bell" not in log.getvalue()
+        stand(m, 0, FOLLOWING, FOLLOWING)  # (and a pool with no sleeper at all is rung for)
+        m.advance(BELL_CHECK)
+        m.advance(BELL_RECHECK)
+        assert given(bell) and "rang the pool's bell" in log.getvalue()
+    finally:
+        m.close()
 
 
 def test_a_generation_bell_is_closed_once_its_last_child_is_gone(fake_pool) -> None:

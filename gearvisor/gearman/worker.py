@@ -220,7 +220,7 @@ class Bell:
         """Where this child stands now: FOLLOWING, HOLDING_BELL or 0 (shm/lanes.py)."""
 
 
-FOLLOWING, HOLDING_BELL = 1, 2  # (Bell.standing; the values of shm/lanes.py)
+FOLLOWING, HOLDING_BELL, LENT = 1, 2, 3  # (Bell.standing; the values of shm/lanes.py)
 _BELL = object()  # the selector key's data for the bell
 
 
@@ -416,6 +416,7 @@ class Worker:
         self.bell = bell
         self.holds = False  # the bell's token: the one child of the pool asleep on the servers
         self.following = False  # waiting on the bell (not asleep on the servers)
+        self.lent = False  # we rang for later (a job came) and took no token since (_give)
 
     # -- public ------------------------------------------------------------------------------
 
@@ -664,8 +665,9 @@ class Worker:
         if not self.bell.take():  # type: ignore[union-attr]
             return False
         self.holds = True
-        # (the byte goes from FOLLOWING to HOLDING_BELL, never through 0: the master rings
-        # for a dead child that was either)
+        self.lent = False
+        # (the byte goes from FOLLOWING or LENT to HOLDING_BELL, never through 0: the
+        # master rings for a dead child that was any of them)
         self.bell.standing(HOLDING_BELL)  # type: ignore[union-attr]
         if self.following:
             self.following = False
@@ -678,8 +680,12 @@ class Worker:
         the byte is cleared: a child that dies in between is rung for again by the master,
         and the second token folds into the first when one is taken.)"""
         self.holds = False
+        self.lent = later
         self.bell.ring(later)  # type: ignore[union-attr]
-        self.bell.standing(0)  # type: ignore[union-attr]
+        # (LENT, not 0, until we take a token or follow: the token is in the bell, and a
+        # follower wakes for it within RING_LATER, so the master's look every 5 s must not
+        # take the moment for a pool without a sleeper; a crash rings for either)
+        self.bell.standing(LENT if later else 0)  # type: ignore[union-attr]
 
     def _follow(self, now: float) -> None:
         """Wait on the bell; gearmand does not have us asleep, so it does not wake us."""
@@ -693,6 +699,7 @@ class Worker:
             self.bell = None
             return
         self.following = True
+        self.lent = False
         bell.standing(FOLLOWING)
         self._waiting(now)
 
@@ -728,6 +735,9 @@ class Worker:
         self._unfollow()
         if self.holds:
             self._give()
+        elif self.lent:
+            self.lent = False
+            self.bell.standing(0)
 
     def _close_idle_lanes(self) -> None:
         """Asleep for LANE_LINGER: close each second lane that holds nothing (a job that

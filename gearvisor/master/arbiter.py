@@ -37,7 +37,7 @@ from gearvisor.policy.backoff import jittered
 from gearvisor.policy.child import EXIT_BOOT_ERROR, Child, ChildState, describe_status
 from gearvisor.policy.pool import Circuit, Pool, Retire, Spawn
 from gearvisor.shm.bell import Bell
-from gearvisor.shm.lanes import FOLLOWING, HOLDING_BELL, MAX_TAG, LaneHints
+from gearvisor.shm.lanes import FOLLOWING, HOLDING_BELL, LENT, MAX_TAG, LaneHints
 from gearvisor.shm.payload import PayloadArea
 from gearvisor.shm.poison import PoisonTable, RunningJobs
 from gearvisor.shm.scoreboard import Scoreboard
@@ -407,7 +407,9 @@ class Arbiter:
             if self._close_bell_if_done(key, pool, live):
                 continue
             states = [hints.bell(c.running_index) for c in live]
-            if FOLLOWING in states and HOLDING_BELL not in states:
+            # (a sleeper running a job with its token lent is no deafness: a follower wakes
+            # if the job outlasts RING_LATER)
+            if FOLLOWING in states and HOLDING_BELL not in states and LENT not in states:
                 deaf.add(key)
         for key in deaf & self._deaf:
             self.log.warning("rang the pool's bell: its idle children waited on it and none "

@@ -15,7 +15,7 @@ import psutil
 
 from gearvisor.policy.child import Child, ChildState
 from gearvisor.policy.pool import Circuit
-from gearvisor.shm.lanes import FOLLOWING, HOLDING_BELL, LaneHints
+from gearvisor.shm.lanes import FOLLOWING, HOLDING_BELL, LENT, LaneHints
 
 if TYPE_CHECKING:
     from gearvisor.master.arbiter import Arbiter
@@ -80,7 +80,7 @@ def _child_row(child: Child, now: float, role: str,
     }
 
 
-_BELL_STATE = {FOLLOWING: "follows", HOLDING_BELL: "holds"}
+_BELL_STATE = {FOLLOWING: "follows", HOLDING_BELL: "holds", LENT: "holds"}
 
 
 def pool_status(pool: Pool, now: float, hints: LaneHints | None = None) -> dict[str, Any]:

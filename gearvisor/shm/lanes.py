@@ -15,8 +15,10 @@ sees the other and the master hears of it. A tag shared by two pools (more than 
 a look that finds nothing, never a wrong close.
 
 A third byte per child says where it stands with its pool's bell (shm/bell.py): FOLLOWING
-(waits on the bell), HOLDING_BELL (holds the token: the one child asleep on the servers), or
-0. The master reads it when it reaps a child, to ring for one that took the token with it.
+(waits on the bell), HOLDING_BELL (holds the token: the one child asleep on the servers),
+LENT (held it, and runs a job with it rung for RING_LATER: it takes it back when the job
+ends, unless a follower woke and took it), or 0. The master reads it when it reaps a
+child, to ring for one that took the token with it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from gearvisor.shm.poison import CAPACITY
 MAX_TAG = 255
 FOLLOWING = 1  # bell byte: waits on the pool's bell
 HOLDING_BELL = 2  # bell byte: holds the pool's token (sleeps on the servers)
+LENT = 3  # bell byte: the sleeper runs a job, its token rung for later (shm/bell.py)
 
 
 class LaneHints:
@@ -48,7 +51,7 @@ class LaneHints:
             self._mm[self.capacity + index] = tag
 
     def set_bell(self, index: int, state: int) -> None:
-        """Child side: FOLLOWING, HOLDING_BELL or 0 (shm/bell.py)."""
+        """Child side: FOLLOWING, HOLDING_BELL, LENT or 0 (shm/bell.py)."""
         if 0 <= index < self.capacity:
             self._mm[2 * self.capacity + index] = state
 
