@@ -328,3 +328,20 @@ def test_the_result_packet_is_what_encode_writes(handle: bytes, data: bytes) -> 
     from gearvisor.gearman.protocol import encode_result_packet
 
     assert encode_result_packet(handle, data) == encode(Packet.WORK_COMPLETE, handle, data)
+
+
+def test_one_whole_packet_read_alone_decodes_as_any_other_chunking() -> None:
+    """The decoder's shortcut for a read that is exactly one packet (what a worker gets
+    per wake-up) gives what the general path gives, from a memoryview too, and refuses
+    what it refuses."""
+    job = encode(Packet.JOB_ASSIGN_UNIQ, b"H:1", b"f", b"u", b"pay\0load", magic=RES)
+    whole = Decoder(magic=RES).feed(memoryview(bytearray(job)))
+    split = Decoder(magic=RES)
+    assert split.feed(job[:5]) == []
+    assert whole == split.feed(job[5:]) == [
+        Frame(RES, Packet.JOB_ASSIGN_UNIQ, (b"H:1", b"f", b"u", b"pay\0load"))]
+    assert Decoder().feed(encode(Packet.NOOP, magic=RES)) == [Frame(RES, Packet.NOOP, ())]
+    with pytest.raises(ProtocolError, match="expected no arguments"):
+        Decoder().feed(b"\0RES" + struct.pack(">II", Packet.NOOP, 2) + b"xx")
+    with pytest.raises(ProtocolError, match="expected 4 NUL-separated arguments"):
+        Decoder().feed(b"\0RES" + struct.pack(">II", Packet.JOB_ASSIGN_UNIQ, 3) + b"H:1")

@@ -219,10 +219,21 @@ class Decoder:
 
     def feed(self, data: bytes | memoryview) -> list[Frame]:
         """Add bytes from the stream; return every packet they complete, in order."""
+        buf = self._buf
+        if not buf and not self._rest and len(data) >= HEADER_SIZE:
+            # The common read: exactly one whole packet and nothing buffered. It is taken
+            # as it is, without the buffer (a worker reads one such per wake-up); anything
+            # else, an error included, goes the general way below.
+            magic, ptype, size = HEADER.unpack_from(data, 0)
+            magic1, magic2, large = self._checks
+            if len(data) - HEADER_SIZE == size and size <= large and (
+                    magic == magic1 or magic == magic2) and ptype in ARG_COUNT:
+                if size or ARG_COUNT[ptype]:
+                    return [_frame((magic, ptype, split_args(ptype, bytes(data[HEADER_SIZE:]))))]
+                return [_frame((magic, ptype, ()))]
         frames: list[Frame] = []
         if self._rest:  # a big job's payload (or an oversized job's) is still arriving
             data = self._take_rest(memoryview(data), frames)
-        buf = self._buf
         buf += data
         pos = 0
         end = len(buf)
