@@ -2,7 +2,7 @@
 EPOLLEXCLUSIVE.
 
 A child wakes twice per round trip, and on a loaded host it wakes with cold caches: each
-Python call then costs a fraction of a microsecond (docs/performance.md). `selectors` costs
+Python call then costs a fraction of a microsecond (README: Performance). `selectors` costs
 a few of them per wake-up (a SelectorKey per event, a map lookup through a method), and it
 cannot register EPOLLEXCLUSIVE, which the pool's bell needs (shm/bell.py). This keeps each
 fd's (file object, data) in a dict and returns those pairs for the ready fds.

@@ -221,7 +221,7 @@ class Bell:
 
 
 FOLLOWING, HOLDING_BELL, LENT = 1, 2, 3  # (Bell.standing; the values of shm/lanes.py)
-_BELL = object()  # the selector key's data for the bell
+_BELL = object()  # the poller's data for the bell (gearman/epoll.py)
 
 
 class FaultLog:
