@@ -107,8 +107,6 @@ class _ChildHooks(Hooks):
         self.idle_title_at = float("inf")  # when waiting() lets the title say idle
         self.timer: _AlarmTimer | None = None
         self.timer_warned = False
-        self.running: RunningJobs | None = None
-        self.running_index = -1
         self.set_running: Callable[[int], None] | None = None  # this child's running slot
         self.event_fd = event_fd
         self.report_imports = pool.watch != ()  # unless `watch: false`
@@ -183,7 +181,7 @@ class _ChildHooks(Hooks):
             self.lanes.sleeping(False)  # type: ignore[union-attr]
         if self.timer is not None:
             self.timer.timed_out = False
-        key = job.key or _key(job)
+        key = _key(job)
         if self.set_running is not None:
             self.set_running(key)  # before it runs: if it kills us
         if job.function in self.copy_payload:
@@ -348,7 +346,7 @@ def _key(job: Job) -> int:
 def _deaths(job: Job, poison: PoisonTable, running: RunningJobs | None, index: int) -> int:
     """Children that died on this job: strikes the master recorded, plus children that died
     on it and are not reaped yet (their running slot still holds it)."""
-    key = job.key or _key(job)
+    key = _key(job)
     job.strikes = poison.deaths(key, (lambda: running.others(key, index)) if running is not None
                                 else (lambda: 0))
     return job.strikes
@@ -536,7 +534,6 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
     journal = (ChildJournal(cfg.journal, pool, slot, generation, socket.gethostname(),
                             event_fd) if cfg.journal.enabled else None)
     hooks = _ChildHooks(pool, slot, event_fd, board, probation, logger, journal)
-    hooks.running, hooks.running_index = running, running_index
     hooks.set_running = running.setter(running_index) if running is not None else None
     if board.lock is not None and hints is not None and running_index >= 0:
         hooks.lanes = _BoardLanes(board, hints, running_index, tag, hooks)

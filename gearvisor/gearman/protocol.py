@@ -153,6 +153,14 @@ class Frame(NamedTuple):
 _frame = functools.partial(tuple.__new__, Frame)
 
 
+def _frame_of(magic: bytes, ptype: int, body: bytes | bytearray | memoryview) -> Frame:
+    """One decoded packet from its body (a slice of the stream, copied only when the packet
+    has arguments: a NOOP or a NO_JOB has none, and none are expected)."""
+    if len(body) or ARG_COUNT[ptype]:
+        return _frame((magic, ptype, split_args(ptype, bytes(body))))
+    return _frame((magic, ptype, ()))
+
+
 def encode_result_packet(handle: bytes, data: bytes) -> bytes:
     """WORK_COMPLETE for `handle` with `data` (bytes): encode() without its per-argument
     checks, for the one packet every job sends."""
@@ -228,9 +236,7 @@ class Decoder:
             magic1, magic2, large = self._checks
             if len(data) - HEADER_SIZE == size and size <= large and (
                     magic == magic1 or magic == magic2) and ptype in ARG_COUNT:
-                if size or ARG_COUNT[ptype]:
-                    return [_frame((magic, ptype, split_args(ptype, bytes(data[HEADER_SIZE:]))))]
-                return [_frame((magic, ptype, ()))]
+                return [_frame_of(magic, ptype, data[HEADER_SIZE:])]
         frames: list[Frame] = []
         if self._rest:  # a big job's payload (or an oversized job's) is still arriving
             data = self._take_rest(memoryview(data), frames)
@@ -255,11 +261,7 @@ class Decoder:
             if end - pos - HEADER_SIZE < size:
                 break
             start = pos + HEADER_SIZE
-            if size or ARG_COUNT[ptype]:
-                args = split_args(ptype, bytes(buf[start:start + size]))
-            else:
-                args = ()  # (a NOOP, a NO_JOB: no arguments, none expected)
-            frames.append(_frame((magic, ptype, args)))
+            frames.append(_frame_of(magic, ptype, buf[start:start + size]))
             pos = start + size
         if pos:
             del buf[:pos]

@@ -29,7 +29,8 @@ those runs (_mate_closed).
 The pool's bell (`bell`, the child's wake_one; shm/bell.py): of a pool's idle children only
 the one holding the bell's token sleeps on the servers (PRE_SLEEP); the others follow (wait
 on the bell, EPOLLEXCLUSIVE), so gearmand wakes one child per job, not every idle one. The
-sleeper rings when a job comes to it, before the job runs, and a follower takes over.
+sleeper rings when a job comes to it, before the job runs, and a follower takes over unless
+the job ends within RING_LATER and the sleeper takes its token back (_lone).
 
 A stop never runs more than the job running now: a job that arrives once the worker is
 stopping (prefetched, or the answer to a GRAB in flight) is not started; the connection that
@@ -217,7 +218,7 @@ class Bell:
         take the token."""
 
     def standing(self, state: int) -> None:
-        """Where this child stands now: FOLLOWING, HOLDING_BELL or 0 (shm/lanes.py)."""
+        """Where this child stands now: FOLLOWING, HOLDING_BELL, LENT or 0 (shm/lanes.py)."""
 
 
 FOLLOWING, HOLDING_BELL, LENT = 1, 2, 3  # (Bell.standing; the values of shm/lanes.py)
@@ -1109,13 +1110,8 @@ class Worker:
         lanes = self.lanes
         # Every other connection with a GRAB out may bring a job that waits for this one:
         # the same server's other lane, and (several servers) the others' lanes.
-        held = None
-        if lanes is not None:
-            for c in self.all:
-                if c is not conn and c.state is ConnState.GRABBING and c.sock is not None:
-                    if held is None:
-                        held = []
-                    held.append(c)
+        held = ([c for c in self.all if c is not conn and c.state is ConnState.GRABBING
+                 and c.sock is not None] if lanes is not None else None)
         if held:
             lanes.holding([(c.sock.fileno(), c.local_port) for c in held],  # type: ignore
                           started)
@@ -1223,8 +1219,8 @@ class Worker:
         job, and at most one round trip."""
         # A second lane asks for nothing more while a sibling is asleep (it takes the next
         # job) or lanes are off: it rests until the queue is busy again.
-        if self.stopping or self.paused or self._want_paused or (
-                conn.second and not self.lanes.allowed()):  # type: ignore[union-attr]
+        if not self._taking() or (conn.second
+                                  and not self.lanes.allowed()):  # type: ignore[union-attr]
             conn.nap = False
             self._send_winding_down(conn, reply)
         elif self._lone(conn):

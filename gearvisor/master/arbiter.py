@@ -421,8 +421,8 @@ class Arbiter:
                             if self.bells else None)
 
     def _bell_after_exit(self, child: Child, pool: Pool) -> None:
-        """A child that held its generation's token, or followed (a ring may have woken it
-        before it died), is gone: ring, unless a live sibling holds the token. (A second
+        """A child that held its generation's token, lent it, or followed (a ring may have
+        woken it before it died), is gone: ring, unless a live sibling holds the token. (A second
         token, if the ring crossed a hand-over, folds into the first at the next take.)
         The bell of a generation that has no children left, and gets no more, is closed."""
         key = (pool.name, child.generation)

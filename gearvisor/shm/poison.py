@@ -175,7 +175,7 @@ class RunningJobs:
     def others(self, key: int, index: int) -> int:
         """Child side: other slots holding `key` whose child is dead (not reaped yet)."""
         needle = _KEY.pack(key)
-        end = self._TOP + self.SLOT * _KEY.unpack_from(self._mm, 0)[0]  # (_at, inlined)
+        end = self._at(_KEY.unpack_from(self._mm, 0)[0])
         n = 0
         at = self._mm.find(needle, self._TOP, end)
         while at >= 0:

@@ -122,20 +122,13 @@ class Scoreboard:
 
     def job_started(self, function: str, handle: str, unique: str, now: float,
                     size: int = 0, key: int = 0) -> None:
-        """Child side: a job began. (Runs per job: the function's bytes are kept, and a
-        handle or unique id is cut only when it is too long.)"""
+        """Child side: a job began. (Runs per job: the function's bytes are kept.)"""
         name = self._names.get(function)
         if name is None:
             name = _cut(function)
             if len(self._names) < _NAMES_KEPT:
                 self._names[function] = name
-        raw_handle = handle.encode(errors="replace")
-        if len(raw_handle) > _TEXT:
-            raw_handle = _cut(handle)
-        raw_unique = unique.encode(errors="replace")
-        if len(raw_unique) > _TEXT:
-            raw_unique = _cut(unique)
-        self._write(True, now, name, raw_handle, raw_unique, size, key)
+        self._write(True, now, name, _cut(handle), _cut(unique), size, key)
 
     def job_finished(self, ok: bool) -> None:
         """Child side: the current job ended."""
