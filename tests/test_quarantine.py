@@ -1051,15 +1051,15 @@ def test_a_death_moved_from_its_slot_to_the_strikes_meanwhile_counts_exactly_onc
                 move()
             return got
 
-        def others() -> int:
-            got = running.others(key, me)
+        def others(k: int, index: int) -> int:
+            got = running.others(k, index)
             if moment == "after others":
                 move()
             return got
 
         table.strikes = strikes  # type: ignore[method-assign]
-        assert table.deaths(key, others) == 1
-        assert moved and table.deaths(key, others) == 1  # and after the move, settled
+        assert table.deaths(key, others, me) == 1
+        assert moved and table.deaths(key, others, me) == 1  # and after the move, settled
     finally:
         running.close()
         table.close()

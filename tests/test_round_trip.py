@@ -240,3 +240,67 @@ def test_a_job_that_comes_while_a_lone_job_runs_is_run_next(gearmand, master) ->
         wait_for(lambda: gearmand.status()["sleep"].queued == 0 and
                  gearmand.status()["sleep"].running == 0, message="gearmand: nothing left")
         wait_for(lambda: m.child_with_title("work[0] idle"), message="child asleep again")
+
+
+class AnsweringHooks(WaitingHooks):
+    """Records, when job_answered runs, what the server had received by then."""
+
+    def __init__(self, server: list) -> None:
+        super().__init__()
+        self.server = server
+        self.answered: list[tuple[str, bool, list]] = []
+        self.order: list[str] = []
+
+    def job_finished(self, job: Any, ok: bool, seconds: float) -> None:
+        super().job_finished(job, ok, seconds)
+        self.order.append("finished")
+
+    def job_answered(self, job: Any, ok: bool, seconds: float) -> None:
+        self.answered.append((job.handle, ok, self.server[0].received()))
+        self.order.append("answered")
+
+    def waiting(self) -> None:
+        super().waiting()
+        self.order.append("waiting")
+
+
+def test_the_result_goes_out_before_the_bookkeeping_after_it(wired) -> None:
+    # job_finished (the quarantine decision) comes first, then the result is sent, then
+    # job_answered (metrics, the journal's record, the title): the client does not wait for
+    # those. A lone job's connection is marked asleep only after job_answered, so the
+    # host's waiting() (which flushes the journal) sees this job's record.
+    box: list = []
+    hooks = AnsweringHooks(box)
+    worker, server = wired(hooks=hooks)
+    box.append(server)
+    asleep(worker, server)
+    hooks.order.clear()
+    feed(worker, server, encode(Packet.NOOP, magic=RES))
+    assert server.received() == [GRAB, PRE_SLEEP]
+    feed(worker, server, job("H:gm:1"))
+    assert hooks.answered == [("H:gm:1", True, [(Packet.WORK_COMPLETE, (b"H:gm:1", b"H:gm:1"))])]
+    assert hooks.order == ["finished", "answered", "waiting"]
+    # a busy queue: the result goes with the next GRAB, before job_answered too
+    conn = worker.conns[0]
+    conn.state = ConnState.GRABBING
+    conn.outstanding = 1
+    feed(worker, server, job("H:gm:2") + encode(Packet.NOOP, magic=RES))
+    assert hooks.answered[1][0] == "H:gm:2"
+    assert (Packet.WORK_COMPLETE, (b"H:gm:2", b"H:gm:2")) in hooks.answered[1][2]
+    assert GRAB in hooks.answered[1][2]
+
+
+def test_a_failed_job_is_answered_once_and_recorded_after(wired) -> None:
+    box: list = []
+    hooks = AnsweringHooks(box)
+
+    def boom(job: Any) -> bytes:
+        raise ValueError("no")
+
+    worker, server = wired(hooks=hooks, functions={"echo": boom})
+    box.append(server)
+    feed(worker, server, job("H:gm:3"))
+    assert len(hooks.answered) == 1
+    handle, ok, received = hooks.answered[0]
+    assert handle == "H:gm:3" and not ok
+    assert any(ptype in (Packet.WORK_FAIL, Packet.WORK_EXCEPTION) for ptype, _ in received)

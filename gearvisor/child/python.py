@@ -39,7 +39,7 @@ from gearvisor.policy.child import (
 )
 from gearvisor.shm.bell import Bell as PoolBell
 from gearvisor.shm.lanes import LaneHints
-from gearvisor.shm.poison import PoisonTable, RunningJobs, job_key
+from gearvisor.shm.poison import PoisonTable, RunningJobs, job_key, no_others
 from gearvisor.shm.scoreboard import Scoreboard
 from gearvisor.shm.stats import ERROR, POISON, SUCCESS, TIMEOUT
 
@@ -55,6 +55,7 @@ PARENT_CHECK = 1.0  # seconds between getppid() looks, only where PDEATHSIG is n
 # is a system call (prctl), and jobs that come one at a time would pay two per job for a
 # title that flips faster than anyone reads it.
 IDLE_TITLE_DELAY = 0.1
+_NEVER = float("inf")  # (a deadline that never comes)
 
 
 class BootError(Exception):
@@ -104,7 +105,8 @@ class _ChildHooks(Hooks):
                              if board.payload is not None else set())
         self.prefix = f"gearvisor: {pool.name}[{slot}]"
         self.title = ""
-        self.idle_title_at = float("inf")  # when waiting() lets the title say idle
+        self.busy_with = ""  # the function the title says the child is busy with
+        self.idle_title_at = _NEVER  # when waiting() lets the title say idle
         self.timer: _AlarmTimer | None = None
         self.timer_warned = False
         self.set_running: Callable[[int], None] | None = None  # this child's running slot
@@ -153,8 +155,9 @@ class _ChildHooks(Hooks):
         self._title(f"{self.prefix} {state}")
 
     def _title(self, text: str) -> None:
-        if text != self.title:  # a queue drained back to back keeps one "busy" title
+        if text != self.title:
             self.title = text
+            self.busy_with = ""  # (job_started sets it after a busy title)
             setproctitle(text)
 
     def waiting(self) -> None:
@@ -170,30 +173,34 @@ class _ChildHooks(Hooks):
         """The worker's check (every_tick): the title says idle once waiting lasted
         IDLE_TITLE_DELAY."""
         if time.monotonic() >= self.idle_title_at:
-            self.idle_title_at = float("inf")
+            self.idle_title_at = _NEVER
             if not self.board.busy():
                 self._idle()
 
     def job_started(self, job: Job) -> None:
-        self.idle_title_at = float("inf")
+        self.idle_title_at = _NEVER
         if self.asleep:
             self.asleep = False
             self.lanes.sleeping(False)  # type: ignore[union-attr]
-        if self.timer is not None:
-            self.timer.timed_out = False
-        key = _key(job)
+        timer = self.timer
+        if timer is not None:
+            timer.timed_out = False
+        key = job.key or _key(job)
         if self.set_running is not None:
             self.set_running(key)  # before it runs: if it kills us
-        if job.function in self.copy_payload:
-            self.board.payload.job_started(job.data)  # type: ignore[union-attr]
-        elif self.board.payload is not None:
-            self.board.payload.clear()  # (failed_payload: drop)
+        board = self.board
+        function = job.function
+        if function in self.copy_payload:
+            board.payload.job_started(job.data)  # type: ignore[union-attr]
+        elif board.payload is not None:
+            board.payload.clear()  # (failed_payload: drop)
         # A retry's unique as gearvisor submitted it, so a crash record has its attempt
         unique = (job.unique if job.retry_of is None
                   else retry_unique(job.retry_of, job.attempt, job.unique))
-        self.board.job_started(job.function, job.handle, unique, time.monotonic(),
-                               len(job.data), key)
-        self._title(f"{self.prefix} busy {job.function}")
+        board.job_started(function, job.handle, unique, time.monotonic(), len(job.data), key)
+        if function != self.busy_with:  # (a queue drained back to back keeps one title)
+            self._title(f"{self.prefix} busy {function}")
+            self.busy_with = function
 
     def job_refused(self, job: Job) -> None:
         self._refused(job, ERROR)  # too big (or a function we do not serve: not counted)
@@ -216,6 +223,9 @@ class _ChildHooks(Hooks):
             self.board.stats.job_not_run(job.function, outcome)
 
     def job_finished(self, job: Job, ok: bool, seconds: float) -> None:
+        """Before the result goes out: the job is no longer running (a crash from here on
+        is not its fault), and the quarantine decision, which says whether a GRAB goes
+        with the result."""
         if self.set_running is not None:
             self.set_running(0)
         if ok:
@@ -223,12 +233,27 @@ class _ChildHooks(Hooks):
         else:
             self.failed += 1
         self.board.job_finished(ok)
+        window = self.window
+        if window is not None and not self.quarantined and not self.stopping:
+            was_on_probation = window.probation_left > 0
+            reason = window.record(ok, seconds)
+            if reason:
+                self.quarantine(reason)
+            elif was_on_probation and not window.probation_left:
+                self._send(msg.ProbationPassed())
+
+    def job_answered(self, job: Job, ok: bool, seconds: float) -> None:
+        """After the result went out: metrics, the journal's record, recycling limits, the
+        timer check and the title."""
         error, self.error = self.error, None
-        timed_out = (error[1] if error is not None
-                     else self.timer is not None and self.timer.timed_out)
-        if self.board.stats is not None:
-            self.board.stats.job_done(job.function, SUCCESS if ok else TIMEOUT if timed_out
-                                      else ERROR, seconds)
+        timer = self.timer
+        board = self.board
+        if board.stats is not None or (self.journal is not None and not ok):
+            timed_out = (error[1] if error is not None
+                         else timer is not None and timer.timed_out)
+            if board.stats is not None:
+                board.stats.job_done(job.function, SUCCESS if ok else TIMEOUT if timed_out
+                                     else ERROR, seconds)
         if self.journal is not None:
             if ok:
                 self.journal.success(job, seconds)
@@ -238,17 +263,9 @@ class _ChildHooks(Hooks):
         if self.window is None and self.probation and ok:
             self.probation = False  # no error tracking (quarantine off): one good job will do
             self._send(msg.ProbationPassed())
-        window = self.window
-        if window is not None and not self.quarantined and not self.stopping:
-            was_on_probation = window.probation_left > 0
-            reason = window.record(ok, seconds)
-            if reason:
-                self.quarantine(reason)
-            elif was_on_probation and not window.probation_left:
-                self._send(msg.ProbationPassed())
         if self.max_jobs is not None or self.max_memory is not None:
             self._check_limits()
-        if self.timer is not None and not self.timer_warned and not self.timer.installed():
+        if timer is not None and not self.timer_warned and not timer.installed():
             self.timer_warned = True
             self.log.warning("the job code replaced gearvisor's SIGALRM handler: soft job "
                              "timeouts and the graceful-stop backstop no longer work in this "
@@ -343,13 +360,21 @@ def _key(job: Job) -> int:
     return job.key
 
 
-def _deaths(job: Job, poison: PoisonTable, running: RunningJobs | None, index: int) -> int:
-    """Children that died on this job: strikes the master recorded, plus children that died
-    on it and are not reaped yet (their running slot still holds it)."""
-    key = _key(job)
-    job.strikes = poison.deaths(key, (lambda: running.others(key, index)) if running is not None
-                                else (lambda: 0))
-    return job.strikes
+def _poison_check(poison: PoisonTable, running: RunningJobs | None, index: int,
+                  after: int) -> Callable[[Job], bool]:
+    """The worker's is_poison: have `after` children died on this job already (strikes the
+    master recorded, plus children that died on it and are not reaped yet: their running
+    slot still holds it)? Sets job.key and job.strikes. (Before every job: the tables'
+    methods bound once, no closure made per job.)"""
+    deaths = poison.deaths
+    others = running.others if running is not None else no_others
+
+    def is_poison(job: Job) -> bool:
+        key = job.key or _key(job)
+        job.strikes = n = deaths(key, others, index)
+        return n >= after
+
+    return is_poison
 
 
 def _rss() -> int | None:
@@ -557,8 +582,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
         lanes=hooks.lanes,
         bell=child_bell,
         is_poison=(None if poison is None or not pool.poison_after else
-                   lambda job: _deaths(job, poison, running, running_index)
-                   >= pool.poison_after),
+                   _poison_check(poison, running, running_index, pool.poison_after)),
     )
     hooks.worker = worker
     hooks.timer = timer

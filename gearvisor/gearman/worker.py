@@ -51,11 +51,13 @@ is logged about one server is rate-limited (FaultLog).
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import os
 import random
 import socket
 import struct
+import termios
 import time
 import traceback
 from collections.abc import Callable
@@ -110,7 +112,7 @@ PRE_SLEEP = encode(Packet.PRE_SLEEP)
 RESET = encode(Packet.RESET_ABILITIES)
 _ASSIGN = (Packet.JOB_ASSIGN, Packet.JOB_ASSIGN_UNIQ, Packet.JOB_ASSIGN_ALL)
 _TAKEN = (*_ASSIGN, OVERSIZED_JOB)  # what gearmand assigned us (a job to run or refuse)
-_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # (an int: the enum's | costs 3 calls)
+_NONE_WAITING = bytes(4)  # FIONREAD's answer (an int's bytes) when nothing is waiting
 
 
 class ConnState(Enum):
@@ -139,7 +141,14 @@ class Hooks:
         """A job is about to run."""
 
     def job_finished(self, job: Job, ok: bool, seconds: float) -> None:
-        """A job ended; ok is False when it failed or raised."""
+        """A job ended; ok is False when it failed or raised. Called before its result is
+        sent: what decides whether more jobs are taken (quarantine) goes here, and what a
+        crash right after must find (the job no longer running)."""
+
+    def job_answered(self, job: Job, ok: bool, seconds: float) -> None:
+        """The job's result went out (or its connection dropped): the bookkeeping that
+        nothing sent depends on (counts, records, the process title), done after the send
+        so the result does not wait for it."""
 
     def job_failed(self, job: Job, error: Exception, timed_out: bool) -> None:
         """A job raised `error` (called just before job_finished); `timed_out`: it ran past
@@ -1146,7 +1155,12 @@ class Worker:
         hooks.job_finished(job, ok, seconds)
         conn.depth = (min(conn.depth * 2, self.prefetch) if ok and seconds < PREFETCH_FAST
                       else 1)
-        self._reply(conn, reply)
+        try:
+            asleep = self._answer(conn, reply)
+        finally:
+            hooks.job_answered(job, ok, seconds)
+        if asleep:
+            self._asleep(conn)  # (after job_answered: waiting() flushes what it recorded)
 
     def _fill_mate(self, conn: Connection) -> None:
         """A job came while the queue is busy: the second lane asks for the next one now, so
@@ -1217,6 +1231,12 @@ class Worker:
         """Send a job's result now, before the next job starts (so it never waits behind
         one), with the GRABs that top the connection up in the same write: one send per
         job, and at most one round trip."""
+        if self._answer(conn, reply):
+            self._asleep(conn)
+
+    def _answer(self, conn: Connection, reply: bytes) -> bool:
+        """_reply, but a lone result's connection is left for the caller to mark asleep
+        (True): gearmand has it asleep."""
         # A second lane asks for nothing more while a sibling is asleep (it takes the next
         # job) or lanes are off: it rests until the queue is busy again.
         if not self._taking() or (conn.second
@@ -1224,10 +1244,10 @@ class Worker:
             conn.nap = False
             self._send_winding_down(conn, reply)
         elif self._lone(conn):
-            if self._send(conn, reply):
-                self._asleep(conn)
+            return self._send(conn, reply)
         else:
             self._top_up(conn, reply)
+        return False
 
     def _lone(self, conn: Connection) -> bool:
         """The result of the job that ends now goes alone, with no GRAB (Connection.nap):
@@ -1244,17 +1264,17 @@ class Worker:
 
     @staticmethod
     def _quiet(conn: Connection) -> bool:
-        """Nothing from the server is waiting to be read on `conn` (one non-blocking peek);
-        False for a connection that dropped while the job ran."""
-        if conn.sock is None:
+        """Nothing from the server is waiting to be read on `conn` (FIONREAD: one system
+        call, and no exception for the common answer, as a peek's EAGAIN would be); False
+        for a connection that dropped while the job ran. (A server that closed its end
+        reads as quiet: the result goes alone, and the loop finds the close next.)"""
+        sock = conn.sock
+        if sock is None:
             return False
         try:
-            conn.sock.recv(1, _PEEK)
-        except BlockingIOError:
-            return True
+            return fcntl.ioctl(sock.fileno(), termios.FIONREAD, _NONE_WAITING) == _NONE_WAITING
         except OSError:
-            pass  # (the next read or send finds out what is wrong)
-        return False
+            return False  # (the next read or send finds out what is wrong)
 
     def _top_up(self, conn: Connection, before: bytes = b"") -> None:
         """Write `before` with the GRABs that bring conn.outstanding up to conn.depth, and

@@ -27,6 +27,11 @@ _KEY = struct.Struct("<Q")
 CAPACITY = 4096  # keys kept; the oldest is overwritten when full (a ring)
 
 
+def no_others(key: int, index: int) -> int:
+    """PoisonTable.deaths' `others` without a RunningJobs table: none."""
+    return 0
+
+
 def job_key(function: str, unique: str, handle: str, data: bytes = b"",
             server: str = "") -> int:
     """The job's identity across retries: its unique id; without one, its handle on its
@@ -69,18 +74,21 @@ class PoisonTable:
         self._seq += 1
         self._mm[0:8] = _KEY.pack(self._seq)
 
-    def deaths(self, key: int, others: Callable[[], int]) -> int:
-        """Child side: strikes against `key` plus `others()` (deaths still in running
-        slots), from one consistent moment: read again while the master is moving a death
-        from a slot to this table (the seq is odd, or moved), so none counts twice or not
-        at all. A write takes microseconds; after 1000 reads the last count stands."""
+    def deaths(self, key: int, others: Callable[[int, int], int], index: int = -1) -> int:
+        """Child side: strikes against `key` plus `others(key, index)` (deaths still in
+        running slots: RunningJobs.others), from one consistent moment: read again while
+        the master is moving a death from a slot to this table (the seq is odd, or moved),
+        so none counts twice or not at all. A write takes microseconds; after 1000 reads
+        the last count stands. (Runs before every job: a bound method and two arguments,
+        not a closure made per job.)"""
+        mm = self._mm
         n = 0
         for _ in range(1000):
-            seq = _KEY.unpack_from(self._mm, 0)[0]
+            seq = _KEY.unpack_from(mm, 0)[0]
             if seq & 1:
                 continue
-            n = self.strikes(key) + others()
-            if _KEY.unpack_from(self._mm, 0)[0] == seq:
+            n = self.strikes(key) + others(key, index)
+            if _KEY.unpack_from(mm, 0)[0] == seq:
                 return n
         return n
 
@@ -175,16 +183,18 @@ class RunningJobs:
     def others(self, key: int, index: int) -> int:
         """Child side: other slots holding `key` whose child is dead (not reaped yet)."""
         needle = _KEY.pack(key)
-        end = self._at(_KEY.unpack_from(self._mm, 0)[0])
+        mm = self._mm
+        top = self._TOP
+        end = top + _KEY.unpack_from(mm, 0)[0] * self.SLOT
         n = 0
-        at = self._mm.find(needle, self._TOP, end)
-        while at >= 0:
-            slot, offset = divmod(at - self._TOP, self.SLOT)
+        at = mm.find(needle, top, end)
+        while at >= 0:  # (almost always -1 at once: no other child runs this job)
+            slot, offset = divmod(at - top, self.SLOT)
             if offset == 0 and slot != index:
-                pid = _KEY.unpack_from(self._mm, at + 8)[0]
+                pid = _KEY.unpack_from(mm, at + 8)[0]
                 if not _alive(pid):
                     n += 1
-            at = self._mm.find(needle, at + 1, end)
+            at = mm.find(needle, at + 1, end)
         return n
 
     def close(self) -> None:

@@ -110,25 +110,30 @@ class Scoreboard:
     def _write(self, busy: bool, started: float, function: bytes, handle: bytes,
                unique: bytes, size: int = 0, key: int = 0) -> None:
         # (The sequence goes out as one 8-byte copy of packed bytes: pack_into writes it a
-        # byte at a time after zeroing it, which a reader can catch half-way.)
-        body = _BODY.pack(busy, self._done, self._failed, started, function, handle, unique,
-                          size, key)
+        # byte at a time after zeroing it, which a reader can catch half-way. The body may
+        # be written any way: the odd sequence covers it.)
+        mm = self._mm
         self._busy = busy
-        self._seq += 1  # odd: a write is in progress
-        self._mm[0:8] = _SEQ.pack(self._seq)
-        self._mm[8:_END] = body
-        self._seq += 1
-        self._mm[0:8] = _SEQ.pack(self._seq)
+        seq = self._seq + 1  # odd: a write is in progress
+        mm[0:8] = _SEQ.pack(seq)
+        _BODY.pack_into(mm, 8, busy, self._done, self._failed, started, function, handle,
+                        unique, size, key)
+        self._seq = seq = seq + 1
+        mm[0:8] = _SEQ.pack(seq)
 
     def job_started(self, function: str, handle: str, unique: str, now: float,
                     size: int = 0, key: int = 0) -> None:
-        """Child side: a job began. (Runs per job: the function's bytes are kept.)"""
+        """Child side: a job began. (Runs per job: the function's bytes are kept, and a
+        handle or unique id that fits is not cut.)"""
         name = self._names.get(function)
         if name is None:
             name = _cut(function)
             if len(self._names) < _NAMES_KEPT:
                 self._names[function] = name
-        self._write(True, now, name, _cut(handle), _cut(unique), size, key)
+        raw_handle = handle.encode(errors="replace")
+        raw_unique = unique.encode(errors="replace")
+        self._write(True, now, name, raw_handle if len(raw_handle) <= _TEXT else _cut(handle),
+                    raw_unique if len(raw_unique) <= _TEXT else _cut(unique), size, key)
 
     def job_finished(self, ok: bool) -> None:
         """Child side: the current job ended."""
