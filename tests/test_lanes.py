@@ -280,6 +280,21 @@ def test_hints_find_a_sibling_of_the_same_pool_never_the_child_itself() -> None:
         hints.close()
 
 
+def test_the_holding_setter_writes_what_set_holding_would() -> None:
+    hints = LaneHints(16)
+    try:
+        mine = hints.holding_setter(3)
+        mine(7)
+        assert hints.others_holding(7, 4) and not hints.others_holding(7, 3)
+        assert not hints.others_asleep(7, 4)  # the holding byte, not the asleep one
+        mine(0)
+        assert not hints.others_holding(7, 4)
+        hints.holding_setter(99)(7)  # out of range: ignored, as set_holding
+        assert not hints.others_holding(7, 4)
+    finally:
+        hints.close()
+
+
 # -- the master's side, on a fake OS and a fake clock (tests/fakeos.py) ---------------------------
 
 

@@ -313,19 +313,20 @@ class _BoardLanes(Lanes):
         self.index = index
         self.tag = tag
         self.hooks = hooks
+        self._set_holding = hints.holding_setter(index)  # (per job: one C call)
 
     def allowed(self) -> bool:
         return not self.board.lanes_off() and not self.hints.others_asleep(self.tag, self.index)
 
     def holding(self, lanes: list[tuple[int, int]], now: float) -> None:
-        self.hints.set_holding(self.index, self.tag)
+        self._set_holding(self.tag)
         self.board.hold(lanes, now)  # (its lock: the barrier between write and read)
         if self.hints.others_asleep(self.tag, self.index):
             self.hooks._send(msg.Holding())
 
     def released(self) -> int:
         closed = self.board.release()
-        self.hints.set_holding(self.index, 0)
+        self._set_holding(0)
         return closed
 
     def sleeping(self, asleep: bool) -> None:
@@ -370,7 +371,10 @@ def _poison_check(poison: PoisonTable, running: RunningJobs | None, index: int,
     others = running.others if running is not None else no_others
 
     def is_poison(job: Job) -> bool:
-        key = job.key or _key(job)
+        key = job.key
+        if not key:  # (as _key, without its call: the check runs first, the key is new)
+            key = job.key = job_key(job.function, job.unique, job.handle, job.data,
+                                    job.server)
         job.strikes = n = deaths(key, others, index)
         return n >= after
 

@@ -281,7 +281,7 @@ class Connection:
     __slots__ = ("host", "port", "label", "sock", "decoder", "state", "retry_at", "delay",
                  "deadline", "empty_since", "answered", "attempts", "down_logged", "ever_up",
                  "can_do", "outstanding", "depth", "job_send", "faults", "faulted", "dry",
-                 "presleep", "woke", "nap", "mate", "second", "sent", "local_port")
+                 "presleep", "woke", "nap", "mate", "second", "sent", "local_port", "lane")
 
     def __init__(self, host: str, port: int, second: bool = False) -> None:
         self.host = host
@@ -329,6 +329,7 @@ class Connection:
         self.second = second
         self.sent = 0
         self.local_port = 0  # this end's port, so the closer can tell the socket is the same
+        self.lane = (-1, 0)  # (socket fd, local_port) as Lanes.holding is given it
 
 
 class Worker:
@@ -809,6 +810,7 @@ class Worker:
             conn.local_port = sock.getsockname()[1]
         except (OSError, IndexError):
             conn.local_port = 0
+        conn.lane = (sock.fileno(), conn.local_port)
         # The outage (its backoff and its log line) ends when the server first answers
         # (_mark_answered), not here: one that accepts and closes at once is still down,
         # and does not hold the child's readiness back.
@@ -1122,8 +1124,7 @@ class Worker:
         held = ([c for c in self.all if c is not conn and c.state is ConnState.GRABBING
                  and c.sock is not None] if lanes is not None else None)
         if held:
-            lanes.holding([(c.sock.fileno(), c.local_port) for c in held],  # type: ignore
-                          started)
+            lanes.holding([c.lane for c in held], started)  # type: ignore[union-attr]
         try:
             if timeout is not None:
                 self.timer.start(timeout)

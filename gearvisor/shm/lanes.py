@@ -23,7 +23,9 @@ child, to ring for one that took the token with it.
 
 from __future__ import annotations
 
+import functools
 import mmap
+from collections.abc import Callable
 
 from gearvisor.shm.poison import CAPACITY
 
@@ -31,6 +33,10 @@ MAX_TAG = 255
 FOLLOWING = 1  # bell byte: waits on the pool's bell
 HOLDING_BELL = 2  # bell byte: holds the pool's token (sleeps on the servers)
 LENT = 3  # bell byte: the sleeper runs a job, its token rung for later (shm/bell.py)
+
+
+def _nothing(tag: int) -> None:
+    """holding_setter's answer for an index out of range."""
 
 
 class LaneHints:
@@ -49,6 +55,13 @@ class LaneHints:
         """Child side: holding a job on a second lane (the pool's tag), or not (0)."""
         if 0 <= index < self.capacity:
             self._mm[self.capacity + index] = tag
+
+    def holding_setter(self, index: int) -> Callable[[int], None]:
+        """Child side: set_holding(index, tag) as one C call, for the per-job writes (a
+        no-op for an index out of range)."""
+        if 0 <= index < self.capacity:
+            return functools.partial(self._mm.__setitem__, self.capacity + index)
+        return _nothing
 
     def set_bell(self, index: int, state: int) -> None:
         """Child side: FOLLOWING, HOLDING_BELL, LENT or 0 (shm/bell.py)."""

@@ -45,6 +45,7 @@ _HOLD_HEAD = struct.Struct("<dI4x")
 _HOLD_ENTRY = struct.Struct("<ii")
 _HOLD_AT = _END + 8
 _ENTRIES_AT = _HOLD_AT + _HOLD_HEAD.size
+_HOLD_ONE = struct.Struct("<dI4xii")  # the head and one entry, as they lie
 _SIZE = _ENTRIES_AT + _HOLD_ENTRY.size * MAX_HELD
 LOCK_WAIT = 1.0  # the child's longest wait for the lock (the master holds it for microseconds)
 _FORK = multiprocessing.get_context("fork")
@@ -205,6 +206,9 @@ class Scoreboard:
             return
         try:
             mm = self._mm
+            if len(lanes) == 1:  # (the common case, per job: the same server's other lane)
+                _HOLD_ONE.pack_into(mm, _HOLD_AT, since, 1, *lanes[0])
+                return
             lanes = lanes[:MAX_HELD]
             for i, (fd, port) in enumerate(lanes):
                 _HOLD_ENTRY.pack_into(mm, _ENTRIES_AT + i * _HOLD_ENTRY.size, fd, port)
