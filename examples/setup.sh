@@ -14,8 +14,17 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 need=()
 command -v gearmand >/dev/null 2>&1 || [ -x /usr/sbin/gearmand ] || need+=(gearman-job-server)
 command -v gearman >/dev/null 2>&1 && command -v gearadmin >/dev/null 2>&1 || need+=(gearman-tools)
-command -v python3 >/dev/null 2>&1 || need+=(python3)
-if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need+=(python3-venv); fi
+# The interpreter .venv is made from: Debian's own python3 (what a fresh Debian machine
+# has), even where another one comes first on PATH (pyenv's, say, built by default
+# without PGO and LTO: the child's per-job Python takes about 13% more instructions on it,
+# README: Performance); GEARVISOR_PYTHON=/path/to/python picks another (3.10+).
+if [ -n "${GEARVISOR_PYTHON:-}" ]; then
+  PY=$GEARVISOR_PYTHON
+else
+  PY=/usr/bin/python3
+  [ -x "$PY" ] || need+=(python3)
+fi
+if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then need+=(python3-venv); fi
 # The PHP and Perl example workers (command pools) and their integration tests.
 command -v php >/dev/null 2>&1 || need+=(php-cli)
 php -r 'exit(class_exists("GearmanWorker") ? 0 : 1);' >/dev/null 2>&1 || need+=(php-gearman)
@@ -39,8 +48,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 if [ ! -x .venv/bin/python ]; then
-  echo "setup: creating .venv" >&2
-  python3 -m venv .venv
+  echo "setup: creating .venv with $PY" >&2
+  "$PY" -m venv .venv
 fi
 # Reinstall only when pyproject.toml changed since the last install.
 stamp=.venv/.gearvisor-installed
