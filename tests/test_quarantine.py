@@ -1063,3 +1063,37 @@ def test_a_death_moved_from_its_slot_to_the_strikes_meanwhile_counts_exactly_onc
     finally:
         running.close()
         table.close()
+
+
+def _window_by_hand(window: int, min_jobs: int, ratio: float, fast: float, probation: int,
+                    jobs: list[tuple[bool, float]]) -> list[bool]:
+    """ErrorWindow's decisions recomputed from the whole history (no running counts)."""
+    decided = []
+    history: list[bool] = []  # fast failures, oldest first
+    left = probation
+    for ok, seconds in jobs:
+        fast_fail = not ok and seconds < fast
+        history.append(fast_fail)
+        recent = history[-window:]
+        if left > 0:
+            decided.append(fast_fail)
+            if ok:
+                left -= 1
+            continue
+        n, f = len(recent), sum(recent)
+        decided.append(bool(f and n >= min_jobs and f >= ratio * n))
+    return decided
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_error_window_decides_as_its_whole_history_says(seed: int) -> None:
+    # The window keeps running counts, with a shortcut for a success while no fast failure
+    # is in it: both must give what recomputing from the history gives, job by job.
+    rng = random.Random(seed)
+    window, min_jobs = rng.randint(1, 12), rng.randint(1, 12)
+    ratio, fast, probation = rng.choice((0.2, 0.5, 0.9, 1.0)), 0.01, rng.choice((0, 0, 3))
+    w = ErrorWindow(window, min_jobs, ratio, fast, probation)
+    jobs = [(rng.random() < rng.choice((0.3, 0.7, 0.95)), rng.choice((0.001, 0.5)))
+            for _ in range(rng.randint(1, 60))]
+    got = [w.record(ok, seconds) is not None for ok, seconds in jobs]
+    assert got == _window_by_hand(window, min_jobs, ratio, fast, probation, jobs)

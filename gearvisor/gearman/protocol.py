@@ -161,11 +161,13 @@ def _frame_of(magic: bytes, ptype: int, body: bytes | bytearray | memoryview) ->
     return _frame((magic, ptype, ()))
 
 
+_WORK_COMPLETE = int(Packet.WORK_COMPLETE)  # (a global: an Enum member costs a hooked lookup)
+
+
 def encode_result_packet(handle: bytes, data: bytes) -> bytes:
     """WORK_COMPLETE for `handle` with `data` (bytes): encode() without its per-argument
     checks, for the one packet every job sends."""
-    return _COMPLETE(REQ, Packet.WORK_COMPLETE, len(handle) + 1 + len(data)) + handle + b"\0" \
-        + data
+    return _COMPLETE(REQ, _WORK_COMPLETE, len(handle) + 1 + len(data)) + handle + b"\0" + data
 
 
 def encode(ptype: int, *args: bytes | str, magic: bytes = REQ) -> bytes:

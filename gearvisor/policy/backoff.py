@@ -90,6 +90,11 @@ class ErrorWindow:
 
     def record(self, ok: bool, seconds: float) -> str | None:
         """Record one job; return why the child must quarantine itself now, or None."""
+        if ok and not self.fast_fails and not self.probation_left:
+            # (the common case, per job: no fast failure in the window, so none falls out
+            # of it, and a success cannot reach the ratio)
+            self.outcomes.append(False)
+            return None
         fast_fail = False
         if not ok:
             self.failed += 1

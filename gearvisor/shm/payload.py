@@ -41,7 +41,9 @@ class PayloadArea:
         seq = self._seq + 1  # odd: being written
         mm = self._mm
         _HEADER.pack_into(mm, 0, seq, len(data), kept)
-        if kept:
+        if kept == len(data):
+            mm[_HEADER.size:_HEADER.size + kept] = data
+        else:
             # a memoryview slice: the first cap bytes of a big payload, without copying it
             mm[_HEADER.size:_HEADER.size + kept] = memoryview(data)[:kept]
         self._seq = seq + 1
