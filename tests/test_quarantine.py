@@ -1014,7 +1014,8 @@ def test_a_pause_whose_reset_cannot_be_sent_leaves_the_connection_down_to_reconn
     assert conn.attempts == 1  # a reconnect is scheduled
 
 
-@pytest.mark.parametrize("moment", ["before strikes", "between", "after others"])
+@pytest.mark.parametrize("moment", ["before strikes", "between", "after others",
+                                    "warm, before others", "warm, after others"])
 def test_a_death_moved_from_its_slot_to_the_strikes_meanwhile_counts_exactly_once(
         moment: str) -> None:
     """The master moves a death from the dead child's running slot to the strike table
@@ -1052,11 +1053,17 @@ def test_a_death_moved_from_its_slot_to_the_strikes_meanwhile_counts_exactly_onc
             return got
 
         def others(k: int, index: int) -> int:
+            if moment == "warm, before others":
+                move()
             got = running.others(k, index)
-            if moment == "after others":
+            if moment.endswith("after others"):
                 move()
             return got
 
+        if moment.startswith("warm"):
+            # The child's counts are current and hold no strike: deaths() asks only the
+            # slots (no strikes() call), and must still see a move that crosses that.
+            assert real_strikes(key) == 0
         table.strikes = strikes  # type: ignore[method-assign]
         assert table.deaths(key, others, me) == 1
         assert moved and table.deaths(key, others, me) == 1  # and after the move, settled

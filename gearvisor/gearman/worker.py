@@ -1097,14 +1097,15 @@ class Worker:
             handle, fname, unique, data = args
         else:  # JOB_ASSIGN_ALL: handle, function, unique, reducer, data
             handle, fname, unique, _reducer, data = args
-        function = self._names.get(fname) or fname.decode(errors="replace")
-        text = unique.decode(errors="replace")
+        # (decode's arguments positional: keywords cost an argument parse per call)
+        function = self._names.get(fname) or fname.decode("utf-8", "replace")
+        text = unique.decode("utf-8", "replace")
         if text.startswith(RETRY_PREFIX):  # a retry gearvisor submitted (one test per job)
             text, attempt, retry_of = parse_unique(text)
-            job = Job(function, handle.decode(errors="replace"), text, data, conn.job_send,
+            job = Job(function, handle.decode("utf-8", "replace"), text, data, conn.job_send,
                       conn.label, attempt, retry_of)
         else:
-            job = Job(function, handle.decode(errors="replace"), text, data, conn.job_send,
+            job = Job(function, handle.decode("utf-8", "replace"), text, data, conn.job_send,
                       conn.label)
         fn = self.functions.get(function)
         if fn is None:
@@ -1146,9 +1147,10 @@ class Worker:
                 finally:
                     if held:
                         closed = lanes.released()  # type: ignore[union-attr]
-                        for i, other in enumerate(held):
-                            if closed >> i & 1:
-                                self._mate_closed(other)
+                        if closed:  # (rarely: the master gave a held job to an idle child)
+                            for i, other in enumerate(held):
+                                if closed >> i & 1:
+                                    self._mate_closed(other)
             reply = encode_result_packet(handle, result if type(result) is bytes
                                          else encode_result(result))
             ok = True

@@ -35,6 +35,9 @@ HOLDING_BELL = 2  # bell byte: holds the pool's token (sleeps on the servers)
 LENT = 3  # bell byte: the sleeper runs a job, its token rung for later (shm/bell.py)
 
 
+_NEEDLES = [bytes((tag,)) for tag in range(MAX_TAG + 1)]  # (made once, not per look)
+
+
 def _nothing(tag: int) -> None:
     """holding_setter's answer for an index out of range."""
 
@@ -85,7 +88,7 @@ class LaneHints:
     def _find(self, base: int, tag: int, index: int) -> bool:
         if not tag:
             return False
-        needle = bytes((tag,))
+        needle = _NEEDLES[tag]
         end = base + self.capacity
         at = self._mm.find(needle, base, end)
         while at != -1:

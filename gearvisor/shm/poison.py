@@ -87,7 +87,10 @@ class PoisonTable:
             seq = _KEY.unpack_from(mm, 0)[0]
             if seq & 1:
                 continue
-            n = self.strikes(key) + others(key, index)
+            if seq == self._seen_seq and not self._local:
+                n = others(key, index)  # (counts current, no strike at all: the usual case)
+            else:
+                n = self.strikes(key) + others(key, index)
             if _KEY.unpack_from(mm, 0)[0] == seq:
                 return n
         return n

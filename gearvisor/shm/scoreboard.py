@@ -131,8 +131,8 @@ class Scoreboard:
             name = _cut(function)
             if len(self._names) < _NAMES_KEPT:
                 self._names[function] = name
-        raw_handle = handle.encode(errors="replace")
-        raw_unique = unique.encode(errors="replace")
+        raw_handle = handle.encode("utf-8", "replace")  # (positional: no keyword parse)
+        raw_unique = unique.encode("utf-8", "replace")
         self._write(True, now, name, raw_handle if len(raw_handle) <= _TEXT else _cut(handle),
                     raw_unique if len(raw_unique) <= _TEXT else _cut(unique), size, key)
 
