@@ -283,6 +283,11 @@ def test_hints_find_a_sibling_of_the_same_pool_never_the_child_itself() -> None:
 def test_the_holding_setter_writes_what_set_holding_would() -> None:
     hints = LaneHints(16)
     try:
+        asleep_elsewhere = hints.others_asleep_check(7, 3)
+        assert not asleep_elsewhere()
+        hints.set_asleep(5, 7)
+        assert asleep_elsewhere() and not hints.others_asleep_check(7, 5)()
+        hints.set_asleep(5, 0)
         mine = hints.holding_setter(3)
         mine(7)
         assert hints.others_holding(7, 4) and not hints.others_holding(7, 3)

@@ -314,14 +314,15 @@ class _BoardLanes(Lanes):
         self.tag = tag
         self.hooks = hooks
         self._set_holding = hints.holding_setter(index)  # (per job: one C call)
+        self._others_asleep = hints.others_asleep_check(tag, index)  # (per job: one call)
 
     def allowed(self) -> bool:
-        return not self.board.lanes_off() and not self.hints.others_asleep(self.tag, self.index)
+        return not self.board.lanes_off() and not self._others_asleep()
 
     def holding(self, lanes: list[tuple[int, int]], now: float) -> None:
         self._set_holding(self.tag)
         self.board.hold(lanes, now)  # (its lock: the barrier between write and read)
-        if self.hints.others_asleep(self.tag, self.index):
+        if self._others_asleep():
             self.hooks._send(msg.Holding())
 
     def released(self) -> int:

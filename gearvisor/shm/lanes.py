@@ -81,6 +81,10 @@ class LaneHints:
         """Is another child of the pool tagged `tag` asleep?"""
         return self._find(0, tag, index)
 
+    def others_asleep_check(self, tag: int, index: int) -> Callable[[], bool]:
+        """others_asleep(tag, index) bound once, for the per-job look (one call, not two)."""
+        return functools.partial(self._find, 0, tag, index)
+
     def others_holding(self, tag: int, index: int) -> bool:
         """Does another child of the pool tagged `tag` hold a job?"""
         return self._find(self.capacity, tag, index)
