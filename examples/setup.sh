@@ -41,6 +41,8 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 # strace: bench/profile.py counts system calls per job beside the C worker.
 command -v strace >/dev/null 2>&1 || need+=(strace)
+# valgrind: bench/instructions.py counts the child's instructions per job (callgrind).
+command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} from Debian" >&2
   $SUDO apt-get update -qq

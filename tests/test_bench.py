@@ -36,10 +36,12 @@ def test_bench_tiny_mode_writes_the_report(tmp_path: Path) -> None:
 @pytest.mark.parametrize("script, args, expect", [
     ("hot_cold.py", ["--jobs", "200"], "32 MiB of other memory written between jobs"),
     ("profile.py", ["--jobs", "300"], "| per job | gearvisor | libgearman |"),
+    ("instructions.py", ["--small", "20", "--large", "40"], "| per job |"),
 ])
 def test_the_profiling_scripts_run(script: str, args: list[str], expect: str) -> None:
-    """bench/hot_cold.py and bench/profile.py (strace beside the C worker), tiny."""
+    """bench/hot_cold.py, bench/profile.py (strace beside the C worker) and
+    bench/instructions.py (callgrind), tiny."""
     out = subprocess.run([sys.executable, str(REPO / "bench" / script), *args],
-                         capture_output=True, text=True, timeout=180)
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert expect in out.stdout, out.stdout
