@@ -602,6 +602,7 @@ def measure(tiny: bool) -> tuple[list[Row], list[Target]]:
     plan = TINY if tiny else FULL
     rows: list[Row] = []
     drains: dict[tuple[str, int, int | None], float] = {}
+    trips: dict[tuple[str, int, int | None], float] = {}  # 1 in flight
     with tempfile.TemporaryDirectory(prefix="gearvisor-bench-") as tmp:
         workdir = Path(tmp)
         write_workers(workdir)
@@ -628,28 +629,38 @@ def measure(tiny: bool) -> tuple[list[Row], list[Target]]:
                     rows.append(Row(SECTION, f"drain {plan.jobs}, {plural(n)}, -t {t}",
                                     kind.name, drain, "jobs/s"))
                     for k in IN_FLIGHT:
+                        trip = statistics.median(r.round_trips[k] for r in got)
+                        if k == 1:
+                            trips[(kind.name, n, threads)] = trip
                         rows.append(Row(SECTION, f"round trip, {k} in flight, {plural(n)}, -t {t}",
-                                        kind.name, statistics.median(r.round_trips[k] for r in got),
-                                        "jobs/s"))
+                                        kind.name, trip, "jobs/s"))
         cost_rows, cost_targets = metrics_cost(plan, workdir)
         journal_rows, journal_targets = journal_cost(plan, workdir)
         rows += herd_cost(plan, workdir)
     return (rows + cost_rows + journal_rows,
-            targets(drains) + cost_targets + journal_targets)
+            targets(drains, trips) + cost_targets + journal_targets)
 
 
-def targets(drains: dict[tuple[str, int, int | None], float]) -> list[Target]:
-    """The issue's throughput targets, from the -t 1 drains that were measured."""
+def targets(drains: dict[tuple[str, int, int | None], float],
+            trips: dict[tuple[str, int, int | None], float] | None = None) -> list[Target]:
+    """The issues' throughput targets, from the -t 1 drains and round trips (1 in flight)
+    that were measured: drains at 2x pygearman and 1x libgearman, round trips at 0.9x
+    libgearman (issue "fast by default"), each on the defaults and with prefetch 8."""
     out = []
-    for n, other, goal in ((1, "pygearman", 2.0), (1, "libgearman", 0.9), (4, "libgearman", 0.9)):
-        for ours_name, how in (("gearvisor", ""), (GearvisorPrefetch.name, ", prefetch 8")):
-            ours, theirs = drains.get((ours_name, n, 1)), drains.get((other, n, 1))
-            if ours is None or theirs is None:
-                continue  # not measured in this plan (tiny mode has 1 worker only)
-            ratio = ours / theirs
-            children = "1 gearvisor child" if n == 1 else f"{n} gearvisor children"
-            out.append(Target(f"drain, -t 1: {children}{how} vs. {plural(n)} of {other}",
-                              ratio, f">= {goal}x", ratio >= goal))
+    for what, rates, goals in (
+            ("drain", drains, ((1, "pygearman", 2.0), (1, "libgearman", 1.0),
+                               (4, "libgearman", 1.0))),
+            ("round trip, 1 in flight", trips or {}, ((1, "libgearman", 0.9),
+                                                      (4, "libgearman", 0.9)))):
+        for n, other, goal in goals:
+            for ours_name, how in (("gearvisor", ""), (GearvisorPrefetch.name, ", prefetch 8")):
+                ours, theirs = rates.get((ours_name, n, 1)), rates.get((other, n, 1))
+                if ours is None or theirs is None:
+                    continue  # not measured in this plan (tiny mode has 1 worker only)
+                ratio = ours / theirs
+                children = "1 gearvisor child" if n == 1 else f"{n} gearvisor children"
+                out.append(Target(f"{what}, -t 1: {children}{how} vs. {plural(n)} of {other}",
+                                  ratio, f">= {goal}x", ratio >= goal))
     for n in sorted({n for _, n, _ in drains}):
         # Metrics cost: the drain with metrics on, against the same default run (issue 15).
         on, off = drains.get((GearvisorMetrics.name, n, 1)), drains.get(("gearvisor", n, 1))
