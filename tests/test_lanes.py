@@ -466,6 +466,7 @@ def test_a_timeout_as_the_job_returns_still_releases_the_held_lane() -> None:
         mate = conn.mate
         assert mate is not None
         mate.sock, mate.state, mate.outstanding = mate_ours, ConnState.GRABBING, 1
+        mate.lane = (mate_ours.fileno(), 0)  # (as _finish_connect sets it)
         worker._run_job(conn, Packet.JOB_ASSIGN, (b"H:gm:1", b"f", b"x"))
         assert lanes.released_calls == 1  # before: skipped, and the lane stayed "held"
         assert mate.sock is None and mate.state is ConnState.DOWN  # nothing of it is read

@@ -94,6 +94,7 @@ def make_wired(made: list, on_job: Callable[[Worker, Server, Job], bytes] | None
     ours, theirs = socket.socketpair()
     conn = worker.conns[0]
     conn.sock = ours
+    conn.lane = (ours.fileno(), 0)  # (as _finish_connect sets it; a socketpair has no port)
     conn.state = ConnState.GRABBING
     conn.outstanding = 1
     conn.answered = True
