@@ -92,6 +92,10 @@ def test_multibyte_utf8_round_trip(board: Scoreboard) -> None:
 def test_multibyte_truncation_on_a_character_boundary(board: Scoreboard) -> None:
     board.job_started("é" * 100, "", "", 1.0)  # 200 bytes; 128 is a boundary for 2-byte chars
     assert board.read().function == "é" * 64
+    # the handle and the unique id are cut the same way (job_started encodes them once)
+    board.job_started("f", "H:" + "é" * 100, "图" * 50, 1.0)
+    snap = board.read()
+    assert snap.handle == "H:" + "é" * 63 and snap.unique == "图" * 42
 
 
 def test_multibyte_truncation_never_splits_a_character(board: Scoreboard) -> None:

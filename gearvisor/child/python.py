@@ -162,7 +162,7 @@ class _ChildHooks(Hooks):
 
     def waiting(self) -> None:
         journal = self.journal
-        if journal is not None and (journal.successes or journal.failures or journal.tail):
+        if journal is not None and (journal.pending() or journal.tail):
             journal.flush()
         self.idle_title_at = time.monotonic() + IDLE_TITLE_DELAY
         if not self.asleep and self.lanes is not None:
@@ -185,7 +185,7 @@ class _ChildHooks(Hooks):
         timer = self.timer
         if timer is not None:
             timer.timed_out = False
-        key = job.key or _key(job)
+        key = job.key or _key(job)  # (the poison check set it already: no call)
         if self.set_running is not None:
             self.set_running(key)  # before it runs: if it kills us
         board = self.board
@@ -248,12 +248,11 @@ class _ChildHooks(Hooks):
         error, self.error = self.error, None
         timer = self.timer
         board = self.board
-        if board.stats is not None or (self.journal is not None and not ok):
-            timed_out = (error[1] if error is not None
-                         else timer is not None and timer.timed_out)
-            if board.stats is not None:
-                board.stats.job_done(job.function, SUCCESS if ok else TIMEOUT if timed_out
-                                     else ERROR, seconds)
+        timed_out = not ok and (error[1] if error is not None
+                                else timer is not None and timer.timed_out)
+        if board.stats is not None:
+            board.stats.job_done(job.function, SUCCESS if ok else TIMEOUT if timed_out
+                                 else ERROR, seconds)
         if self.journal is not None:
             if ok:
                 self.journal.success(job, seconds)
@@ -372,11 +371,7 @@ def _poison_check(poison: PoisonTable, running: RunningJobs | None, index: int,
     others = running.others if running is not None else no_others
 
     def is_poison(job: Job) -> bool:
-        key = job.key
-        if not key:  # (as _key, without its call: the check runs first, the key is new)
-            key = job.key = job_key(job.function, job.unique, job.handle, job.data,
-                                    job.server)
-        job.strikes = n = deaths(key, others, index)
+        job.strikes = n = deaths(_key(job), others, index)
         return n >= after
 
     return is_poison

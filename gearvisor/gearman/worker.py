@@ -1263,7 +1263,7 @@ class Worker:
 
     def _lone(self, conn: Connection) -> bool:
         """The result of the job that ends now goes alone, with no GRAB (Connection.nap):
-        gearmand has `conn` asleep and no NOOP says a job waits. (Asked by _reply only while
+        gearmand has `conn` asleep and no NOOP says a job waits. (Asked by _answer only while
         we are taking jobs.)"""
         nap, conn.nap = conn.nap, False
         return (nap and not self._more and self._quiet(conn)

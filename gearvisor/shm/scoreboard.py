@@ -75,7 +75,11 @@ class Snapshot:
 
 def _cut(text: str) -> bytes:
     """At most 128 bytes of UTF-8, never ending in half a character."""
-    raw = text.encode(errors="replace")
+    return _fit(text.encode(errors="replace"))
+
+
+def _fit(raw: bytes) -> bytes:
+    """_cut for text already encoded."""
     if len(raw) <= _TEXT:
         return raw
     return raw[:_TEXT].decode(errors="ignore").encode()
@@ -133,8 +137,8 @@ class Scoreboard:
                 self._names[function] = name
         raw_handle = handle.encode("utf-8", "replace")  # (positional: no keyword parse)
         raw_unique = unique.encode("utf-8", "replace")
-        self._write(True, now, name, raw_handle if len(raw_handle) <= _TEXT else _cut(handle),
-                    raw_unique if len(raw_unique) <= _TEXT else _cut(unique), size, key)
+        self._write(True, now, name, raw_handle if len(raw_handle) <= _TEXT else _fit(raw_handle),
+                    raw_unique if len(raw_unique) <= _TEXT else _fit(raw_unique), size, key)
 
     def job_finished(self, ok: bool) -> None:
         """Child side: the current job ended."""
