@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from wired import Log
 
-from gearvisor.gearman.worker import REPOLL_EMPTY, ConnState, Worker
+from gearvisor.gearman.worker import REPOLL_EMPTY, ConnState, Lanes, Worker
 
 
 class Clock:
@@ -77,3 +77,43 @@ def test_stopping_a_down_server_is_not_due_no_spin(worker) -> None:
     assert worker._timeout(now) is None
     a.state, a.empty_since = ConnState.EMPTY, now - 5.0  # (no re-poll while stopping)
     assert worker._timeout(now) is None
+
+
+def test_settled_only_the_timers_bound_the_sleep(worker) -> None:
+    # The loop's pass while asleep on its only server (_settled): the connections are not
+    # looked at, every timer still is.
+    now = worker.clock()
+    a, b = worker.conns
+    a.state, a.retry_at = ConnState.DOWN, now + 0.3
+    assert worker._timeout(now, True) is None
+    worker._close_lanes_at = now + 0.5
+    assert worker._timeout(now, True) == pytest.approx(0.5)
+    worker._summary_due = now + 0.2
+    assert worker._timeout(now, True) == pytest.approx(0.2)
+    worker.every_tick(lambda: None, due=lambda: now + 0.1)
+    assert worker._timeout(now, True) == pytest.approx(0.1)
+
+
+def test_settled_means_taking_jobs_with_the_second_lane_at_rest() -> None:
+    w = Worker([("127.0.0.1", 1)], {"f": lambda job: b""}, "t:p:0", Log(), clock=Clock(),
+               lanes=Lanes())
+    try:
+        first = w.conns[0]
+        mate = first.mate
+        assert mate is not None and mate.second
+        assert w._settled(None)
+        for state, settled in ((ConnState.IDLE, True), (ConnState.DOWN, True),
+                               (ConnState.GRABBING, False), (ConnState.CONNECTING, False)):
+            mate.state = state
+            assert w._settled(mate) is settled, state
+        mate.state = ConnState.IDLE
+        w.pause()  # wanted, not applied yet: _apply_pause has work
+        assert not w._settled(mate)
+        w.paused = True
+        assert not w._settled(mate)
+        w.resume()
+        assert not w._settled(mate)  # (paused, resume wanted)
+        w.paused = False
+        assert w._settled(mate)
+    finally:
+        w.close()

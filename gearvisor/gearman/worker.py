@@ -541,9 +541,19 @@ class Worker:
                     if conn.state is _GRABBING:
                         self._hand_back(conn, 0)
                 break
-            self._apply_pause()
-            self._tick(now)
-            timeout = self._timeout(now)
+            if only is not None and only.state is _SLEEPING and self._settled(only.mate):
+                # Asleep on the only server, its second lane at rest, the mode as wanted:
+                # _apply_pause and _tick would find nothing to do, and no connection is
+                # due for anything. Only the timers are looked at (every round trip's pass).
+                if now >= self._summary_due:
+                    self._log_suppressed(now)
+                if now >= self._close_lanes_at:
+                    self._close_idle_lanes()
+                timeout = self._timeout(now, True)
+            else:
+                self._apply_pause()
+                self._tick(now)
+                timeout = self._timeout(now)
             for fileobj, conn in self.sel.select(timeout):
                 if conn is None:
                     self._drain_wakeups()
@@ -624,15 +634,16 @@ class Worker:
             if conn.state is _EMPTY and now - conn.empty_since >= REPOLL_EMPTY:
                 self._grab(conn)
 
-    def _timeout(self, now: float) -> float | None:
+    def _timeout(self, now: float, settled: bool = False) -> float | None:
         """How long select() may sleep: until the next thing that is due (a reconnect, a
         connect deadline, a re-poll of an EMPTY server, a FaultLog summary, a host check's
         `due`), or None (no limit) when nothing is. A worker asleep on every server (PRE_SLEEP
         sent) then costs no wake-up at all: a NOOP, a signal (the wakeup fd) or a dropped
         connection wakes it. A dead server is found by TCP keepalive, a dead master by
-        PR_SET_PDEATHSIG (a signal), so neither needs a periodic look."""
+        PR_SET_PDEATHSIG (a signal), so neither needs a periodic look. `settled`: no
+        connection is due for anything (_settled), only the timers are looked at."""
         due = min(self._summary_due, self._close_lanes_at)
-        for conn in self.all:
+        for conn in () if settled else self.all:
             if conn.state is _DOWN:
                 if not self.stopping and not conn.second:  # (stopping reconnects nothing)
                     due = min(due, conn.retry_at)
@@ -646,6 +657,14 @@ class Worker:
         if due == float("inf"):
             return None
         return max(0.0, due - now)
+
+    def _settled(self, mate: Connection | None) -> bool:
+        """With the only server's first lane asleep: is there nothing for _apply_pause and
+        _tick to do? True when the mode is as wanted (taking jobs) and the second lane, if
+        any, is at rest (IDLE) or closed (DOWN: a second lane reconnects only when the
+        queue is busy, _fill_mate), so no connection is due for anything."""
+        return (not self.paused and not self._want_paused
+                and (mate is None or mate.state is _IDLE or mate.state is _DOWN))
 
     def _pre_sleep(self, conns: list[Connection]) -> None:
         """PRE_SLEEP on each of `conns` that said NO_JOB: a NOOP from any wakes us."""
