@@ -300,6 +300,33 @@ def test_the_holding_setter_writes_what_set_holding_would() -> None:
         hints.close()
 
 
+def test_the_asleep_and_bell_setters_and_the_holding_check_match_their_methods() -> None:
+    hints = LaneHints(16)
+    try:
+        holding_elsewhere = hints.others_holding_check(7, 3)
+        hints.set_holding(3, 7)
+        assert not holding_elsewhere()  # only itself
+        hints.set_holding(5, 7)
+        assert holding_elsewhere() and hints.others_holding(7, 3)
+        asleep = hints.asleep_setter(3)
+        asleep(7)
+        assert hints.asleep(3) and hints.others_asleep(7, 4)
+        assert not hints.asleep(4)
+        asleep(0)
+        assert not hints.asleep(3)
+        bell = hints.bell_setter(3)
+        bell(2)
+        assert hints.bell(3) == 2 and hints.bell(4) == 0
+        assert not hints.asleep(3) and hints.others_holding(7, 4)  # its own bytes only
+        hints.clear(3)
+        assert hints.bell(3) == 0
+        hints.asleep_setter(99)(7)  # out of range: ignored, as set_asleep and set_bell
+        hints.bell_setter(99)(2)
+        assert not hints.others_asleep(7, 4) and hints.bell(99) == 0
+    finally:
+        hints.close()
+
+
 # -- the master's side, on a fake OS and a fake clock (tests/fakeos.py) ---------------------------
 
 

@@ -314,6 +314,8 @@ class _BoardLanes(Lanes):
         self.hooks = hooks
         self._set_holding = hints.holding_setter(index)  # (per job: one C call)
         self._others_asleep = hints.others_asleep_check(tag, index)  # (per job: one call)
+        self._set_asleep = hints.asleep_setter(index)  # (per round trip: one C call)
+        self._others_holding = hints.others_holding_check(tag, index)
 
     def allowed(self) -> bool:
         return not self.board.lanes_off() and not self._others_asleep()
@@ -331,10 +333,10 @@ class _BoardLanes(Lanes):
 
     def sleeping(self, asleep: bool) -> None:
         """The child waits for work on every server (True), or takes a job."""
-        self.hints.set_asleep(self.index, self.tag if asleep else 0)
+        self._set_asleep(self.tag if asleep else 0)
         if asleep:
             self.board.fence()
-            if self.hints.others_holding(self.tag, self.index):
+            if self._others_holding():
                 self.hooks._send(msg.Holding())
 
 
@@ -348,11 +350,8 @@ class _ChildBell(Bell):
         self.take = bell.take  # type: ignore[method-assign]
         self.ring = bell.ring  # type: ignore[method-assign]
         self.heard = bell.heard  # type: ignore[method-assign]
-        self.hints = hints
-        self.index = index
-
-    def standing(self, state: int) -> None:
-        self.hints.set_bell(self.index, state)
+        # hints.set_bell(index, state), bound once (twice per round trip: one C call)
+        self.standing = hints.bell_setter(index)  # type: ignore[method-assign]
 
 
 def _key(job: Job) -> int:

@@ -38,8 +38,8 @@ LENT = 3  # bell byte: the sleeper runs a job, its token rung for later (shm/bel
 _NEEDLES = [bytes((tag,)) for tag in range(MAX_TAG + 1)]  # (made once, not per look)
 
 
-def _nothing(tag: int) -> None:
-    """holding_setter's answer for an index out of range."""
+def _nothing(value: int) -> None:
+    """A setter's answer for an index out of range (LaneHints._setter)."""
 
 
 class LaneHints:
@@ -62,8 +62,19 @@ class LaneHints:
     def holding_setter(self, index: int) -> Callable[[int], None]:
         """Child side: set_holding(index, tag) as one C call, for the per-job writes (a
         no-op for an index out of range)."""
+        return self._setter(self.capacity, index)
+
+    def asleep_setter(self, index: int) -> Callable[[int], None]:
+        """Child side: set_asleep(index, tag) as one C call (per round trip)."""
+        return self._setter(0, index)
+
+    def bell_setter(self, index: int) -> Callable[[int], None]:
+        """Child side: set_bell(index, state) as one C call (twice per round trip)."""
+        return self._setter(2 * self.capacity, index)
+
+    def _setter(self, base: int, index: int) -> Callable[[int], None]:
         if 0 <= index < self.capacity:
-            return functools.partial(self._mm.__setitem__, self.capacity + index)
+            return functools.partial(self._mm.__setitem__, base + index)
         return _nothing
 
     def set_bell(self, index: int, state: int) -> None:
@@ -88,6 +99,10 @@ class LaneHints:
     def others_holding(self, tag: int, index: int) -> bool:
         """Does another child of the pool tagged `tag` hold a job?"""
         return self._find(self.capacity, tag, index)
+
+    def others_holding_check(self, tag: int, index: int) -> Callable[[], bool]:
+        """others_holding(tag, index) bound once (per round trip: one call, not two)."""
+        return functools.partial(self._find, self.capacity, tag, index)
 
     def _find(self, base: int, tag: int, index: int) -> bool:
         if not tag:

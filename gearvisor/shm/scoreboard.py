@@ -192,7 +192,7 @@ class Scoreboard:
         """A full memory barrier (the lock's atomic operations), for shm/lanes.py's hints:
         what this process wrote before is seen by others before what it reads after."""
         lock = self.lock
-        if lock is not None and lock.acquire(timeout=LOCK_WAIT):
+        if lock is not None and lock.acquire(True, LOCK_WAIT):  # (positional: per job)
             lock.release()
 
     def set_lanes_off(self) -> None:
@@ -206,7 +206,7 @@ class Scoreboard:
         """Child side: a job starts (at `since`) while these lanes (socket fd, local port)
         may each bring the next job."""
         lock = self.lock
-        if lock is None or not lock.acquire(timeout=LOCK_WAIT):
+        if lock is None or not lock.acquire(True, LOCK_WAIT):
             return
         try:
             mm = self._mm
@@ -226,7 +226,7 @@ class Scoreboard:
         read from those may run). If the lock cannot be had, every bit: the child then
         closes them itself, which is always safe."""
         lock = self.lock
-        if lock is None or not lock.acquire(timeout=LOCK_WAIT):
+        if lock is None or not lock.acquire(True, LOCK_WAIT):
             return (1 << MAX_HELD) - 1
         try:
             _HOLD_HEAD.pack_into(self._mm, _HOLD_AT, 0.0, 0)
