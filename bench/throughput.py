@@ -25,6 +25,7 @@ machine's cores, so the rates are only comparable within one run: quote the rati
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import statistics
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import Popen
@@ -469,6 +470,28 @@ class GearvisorWakeAll(GearvisorMaster):
     extra = "    wake_one: false\n"
 
 
+@contextlib.contextmanager
+def registered(competitor: Competitor, n: int, plan: Plan, what: str,
+               *errors: type[Exception]) -> Iterator[tuple[Competitor, Gearmand, float]]:
+    """A fresh gearmand (-t 1) with `n` workers of `competitor` registered: yields them and
+    the measurement's deadline, then stops both. A failure (`errors` too) is raised as a
+    RuntimeError that names the competitor and says what its workers logged."""
+    with Gearmand(threads=1) as gm:
+        poller = StatusPoller(gm.port)
+        try:
+            competitor.start(gm, n)
+            deadline = time.monotonic() + plan.deadline
+            poll_until(lambda: poller.poll()[1] >= n, deadline, 0.01,
+                       f"{n} workers registered")
+            yield competitor, gm, deadline
+        except (TimeoutError, OSError, RuntimeError, *errors) as e:
+            raise RuntimeError(f"{competitor.name}, {what}: {e}\n"
+                               f"{competitor.diagnose()}") from e
+        finally:
+            competitor.stop()
+            poller.close()
+
+
 def herd_cost(plan: Plan, workdir: Path) -> list[Row]:
     """Many idle workers, foreground jobs one at a time: jobs/s and the CPU all the workers
     spend per job (user + system, from the kernel's accounting of each process). gearmand
@@ -484,28 +507,16 @@ def herd_cost(plan: Plan, workdir: Path) -> list[Row]:
     for rep in range(plan.repeats):
         for i in range(len(kinds)):
             kind = kinds[(rep + i) % len(kinds)]
-            competitor = kind(workdir)
-            with Gearmand(threads=1) as gm:
-                poller = StatusPoller(gm.port)
-                try:
-                    competitor.start(gm, n)
-                    deadline = time.monotonic() + plan.deadline
-                    poll_until(lambda p=poller: p.poll()[1] >= n, deadline, 0.01,
-                               f"{n} workers registered")
-                    top = [psutil.Process(p.pid) for p in competitor.procs]
-                    workers = (top if kind is LibgearmanWorkers
-                               else [c for c in top[0].children() if "bench[" in c.name()
-                                     or "bench[" in " ".join(c.cmdline())])
-                    round_trips(gm.port, 1, 100, deadline)  # (the pool settles)
-                    before = sum(sum(w.cpu_times()[:2]) for w in workers)
-                    rate = round_trips(gm.port, 1, jobs, deadline)
-                    cpu = (sum(sum(w.cpu_times()[:2]) for w in workers) - before) / jobs * 1e6
-                except (TimeoutError, OSError, RuntimeError, psutil.Error) as e:
-                    raise RuntimeError(f"{competitor.name}, {n} idle workers: {e}\n"
-                                       f"{competitor.diagnose()}") from e
-                finally:
-                    competitor.stop()
-                    poller.close()
+            with registered(kind(workdir), n, plan, f"{n} idle workers",
+                            psutil.Error) as (competitor, gm, deadline):
+                top = [psutil.Process(p.pid) for p in competitor.procs]
+                workers = (top if kind is LibgearmanWorkers
+                           else [c for c in top[0].children() if "bench[" in c.name()
+                                 or "bench[" in " ".join(c.cmdline())])
+                round_trips(gm.port, 1, 100, deadline)  # (the pool settles)
+                before = sum(sum(w.cpu_times()[:2]) for w in workers)
+                rate = round_trips(gm.port, 1, jobs, deadline)
+                cpu = (sum(sum(w.cpu_times()[:2]) for w in workers) - before) / jobs * 1e6
             rates[kind.name].append(rate)
             cpus[kind.name].append(cpu)
             print(f"  {kind.name}, {plural(n)}, round trips: {rate:.0f}/s, workers' CPU "
@@ -515,6 +526,40 @@ def herd_cost(plan: Plan, workdir: Path) -> list[Row]:
              for name, v in rates.items()]
             + [Row(SECTION, f"{case}: all workers' CPU per job", name, statistics.median(v),
                    "us/job", better="lower") for name, v in cpus.items()])
+
+
+def one_core_round_trips(plan: Plan, workdir: Path) -> list[Row]:
+    """Round trips with 1 in flight with the client, gearmand and every worker on one CPU
+    (this process's affinity, which what it starts inherits). On two cores the chain's
+    rate flips between modes by where the scheduler puts its three processes (a wake-up
+    across cores costs tens of microseconds on this VM); on one core every hop is a
+    context switch, so what is left is each side's CPU per job. Interleaved, medians; no
+    target (the defaults' targets are the two-core rows)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return []
+    kinds = (GearvisorMaster, PygearmanWorkers, LibgearmanWorkers)
+    old = os.sched_getaffinity(0)
+    rows = []
+    os.sched_setaffinity(0, {min(old)})
+    try:
+        for n in (1, 4) if plan is FULL else (1,):
+            rates: dict[str, list[float]] = {k.name: [] for k in kinds}
+            for rep in range(plan.repeats):
+                for i in range(len(kinds)):
+                    kind = kinds[(rep + i) % len(kinds)]
+                    with registered(kind(workdir), n, plan,
+                                    f"{plural(n)}, one core") as (_, gm, deadline):
+                        round_trips(gm.port, 1, 100, deadline)  # (the pool settles)
+                        rate = round_trips(gm.port, 1, plan.round_trips, deadline)
+                    rates[kind.name].append(rate)
+                    print(f"  {kind.name}, {plural(n)}, one core: round trips {rate:.0f}/s",
+                          file=sys.stderr, flush=True)
+            case = f"round trip, 1 in flight, {plural(n)}, -t 1, all on one core"
+            rows += [Row(SECTION, case, name, statistics.median(v), "jobs/s")
+                     for name, v in rates.items()]
+    finally:
+        os.sched_setaffinity(0, old)
+    return rows
 
 
 def journal_record_cost_us(n: int) -> float:
@@ -637,6 +682,7 @@ def measure(tiny: bool) -> tuple[list[Row], list[Target]]:
         cost_rows, cost_targets = metrics_cost(plan, workdir)
         journal_rows, journal_targets = journal_cost(plan, workdir)
         rows += herd_cost(plan, workdir)
+        rows += one_core_round_trips(plan, workdir)
     return (rows + cost_rows + journal_rows,
             targets(drains, trips) + cost_targets + journal_targets)
 

@@ -30,6 +30,8 @@ def test_bench_tiny_mode_writes_the_report(tmp_path: Path) -> None:
                                    for t in data["targets"])
     md = (tmp_path / "results.md").read_text()
     assert "## Targets" in md and "## Ratios" in md and "| throughput |" in md
+    one_core = {r["competitor"] for r in data["rows"] if r["case"].endswith("all on one core")}
+    assert {"gearvisor", "libgearman"} <= one_core  # (the placement-free round trips)
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
