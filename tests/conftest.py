@@ -222,8 +222,22 @@ class Master:
             return False
 
     def children(self) -> list[psutil.Process]:
-        """The worker children (the watcher, alert-notifier and job-store helpers left out)."""
-        return [p for p in self.processes() if not self._is_helper(p)]
+        """The worker children (the watcher, alert-notifier and job-store helpers left out).
+        A process that still shows the master's own command line has just been forked and
+        not said yet what it is (a helper sets its title a moment later): left out too."""
+        try:
+            forked = psutil.Process(self.pid).cmdline()
+        except psutil.Error:
+            return []
+        return [p for p in self.processes() if not self._is_helper(p)
+                and not self._shows(p, forked)]
+
+    @staticmethod
+    def _shows(p: psutil.Process, cmdline: list[str]) -> bool:
+        try:
+            return p.cmdline() == cmdline
+        except psutil.Error:
+            return True  # (gone: not a child to count)
 
     def watcher(self) -> psutil.Process | None:
         return next((p for p in self.processes() if self._is_watcher(p)), None)
