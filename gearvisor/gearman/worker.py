@@ -290,7 +290,8 @@ class Connection:
     __slots__ = ("host", "port", "label", "sock", "decoder", "state", "retry_at", "delay",
                  "deadline", "empty_since", "answered", "attempts", "down_logged", "ever_up",
                  "can_do", "outstanding", "depth", "job_send", "faults", "faulted", "dry",
-                 "presleep", "woke", "nap", "mate", "second", "sent", "local_port", "lane")
+                 "presleep", "woke", "nap", "mate", "second", "sent", "local_port", "lane",
+                 "others")
 
     def __init__(self, host: str, port: int, second: bool = False) -> None:
         self.host = host
@@ -339,6 +340,7 @@ class Connection:
         self.sent = 0
         self.local_port = 0  # this end's port, so the closer can tell the socket is the same
         self.lane = (-1, 0)  # (socket fd, local_port) as Lanes.holding is given it
+        self.others: tuple[Connection, ...] = ()  # the worker's other connections (lanes)
 
 
 class Worker:
@@ -396,6 +398,8 @@ class Worker:
                 self._seconds.append(conn.mate)
         # Every connection: each server's first lane, then the second lanes (with lanes).
         self.all = self.conns + self._seconds
+        for conn in self.all:  # (what may hold a job while one runs on conn: _run_job)
+            conn.others = tuple(c for c in self.all if c is not conn)
         for conn in self.all:
             conn.job_send = functools.partial(self._job_send, conn)
             conn.decoder = self._decoder()
@@ -1150,8 +1154,8 @@ class Worker:
         lanes = self.lanes
         # Every other connection with a GRAB out may bring a job that waits for this one:
         # the same server's other lane, and (several servers) the others' lanes.
-        held = ([c for c in self.all if c is not conn and c.state is _GRABBING
-                 and c.sock is not None] if lanes is not None else None)
+        held = ([c for c in conn.others if c.state is _GRABBING and c.sock is not None]
+                if lanes is not None else None)
         if held:
             lanes.holding([c.lane for c in held], started)  # type: ignore[union-attr]
         try:

@@ -17,6 +17,7 @@ import struct
 # seq, the whole payload's size, the bytes kept (<= cap); then the bytes
 _HEADER = struct.Struct("<QQQ")
 _SEQ = struct.Struct("<Q")
+_AT = _HEADER.size  # where the bytes start
 _NONE = 2**64 - 1  # the size field when no job's payload is held
 
 
@@ -37,15 +38,17 @@ class PayloadArea:
         """Child side: copy the payload of the job about to run (at most cap bytes). It
         stays until the next job starts: the master reads it only while the scoreboard
         says a job runs."""
-        kept = min(len(data), self.cap)
+        size = len(data)
         seq = self._seq + 1  # odd: being written
         mm = self._mm
-        _HEADER.pack_into(mm, 0, seq, len(data), kept)
-        if kept == len(data):
-            mm[_HEADER.size:_HEADER.size + kept] = data
+        if size <= self.cap:
+            _HEADER.pack_into(mm, 0, seq, size, size)
+            mm[_AT:_AT + size] = data
         else:
+            kept = self.cap
+            _HEADER.pack_into(mm, 0, seq, size, kept)
             # a memoryview slice: the first cap bytes of a big payload, without copying it
-            mm[_HEADER.size:_HEADER.size + kept] = memoryview(data)[:kept]
+            mm[_AT:_AT + kept] = memoryview(data)[:kept]
         self._seq = seq + 1
         _SEQ.pack_into(mm, 0, seq + 1)
         self._empty = False
