@@ -547,8 +547,11 @@ class Worker:
                 break
             if only is not None and only.state is _SLEEPING and self._settled(only.mate):
                 # Asleep on the only server, its second lane at rest, the mode as wanted:
-                # _apply_pause and _tick would find nothing to do, and no connection is
-                # due for anything. Only the timers are looked at (every round trip's pass).
+                # _apply_pause and _tick would find nothing to do (a second lane reopens
+                # only in _fill_mate, and with one server following means EMPTY, not
+                # SLEEPING), and no connection is due for anything. Only the timers are
+                # looked at (every round trip's pass). A new duty of _tick or _apply_pause
+                # in this state belongs in _settled or in _timeout's settled branch too.
                 if now >= self._summary_due:
                     self._log_suppressed(now)
                 if now >= self._close_lanes_at:
