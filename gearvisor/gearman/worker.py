@@ -398,9 +398,9 @@ class Worker:
                 self._seconds.append(conn.mate)
         # Every connection: each server's first lane, then the second lanes (with lanes).
         self.all = self.conns + self._seconds
-        for conn in self.all:  # (what may hold a job while one runs on conn: _run_job)
-            conn.others = tuple(c for c in self.all if c is not conn)
         for conn in self.all:
+            # (what may hold a job while one runs on conn: _run_job)
+            conn.others = tuple(c for c in self.all if c is not conn)
             conn.job_send = functools.partial(self._job_send, conn)
             conn.decoder = self._decoder()
         self.functions = functions
@@ -545,22 +545,15 @@ class Worker:
                     if conn.state is _GRABBING:
                         self._hand_back(conn, 0)
                 break
-            if only is not None and only.state is _SLEEPING and self._settled(only.mate):
-                # Asleep on the only server, its second lane at rest, the mode as wanted:
-                # _apply_pause and _tick would find nothing to do (a second lane reopens
-                # only in _fill_mate, and with one server following means EMPTY, not
-                # SLEEPING), and no connection is due for anything. Only the timers are
-                # looked at (every round trip's pass). A new duty of _tick or _apply_pause
-                # in this state belongs in _settled or in _timeout's settled branch too.
-                if now >= self._summary_due:
-                    self._log_suppressed(now)
-                if now >= self._close_lanes_at:
-                    self._close_idle_lanes()
-                timeout = self._timeout(now, True)
-            else:
+            # Asleep on the only server, its second lane at rest, the mode as wanted
+            # (_settled): _apply_pause has nothing to do, and _tick and _timeout look at
+            # their timers only (every round trip's pass).
+            settled = (only is not None and only.state is _SLEEPING
+                       and self._settled(only.mate))
+            if not settled:
                 self._apply_pause()
-                self._tick(now)
-                timeout = self._timeout(now)
+            self._tick(now, settled)
+            timeout = self._timeout(now, settled)
             for fileobj, conn in self.sel.select(timeout):
                 if conn is None:
                     self._drain_wakeups()
@@ -597,9 +590,15 @@ class Worker:
         except BlockingIOError:
             pass
 
-    def _tick(self, now: float) -> None:
+    def _tick(self, now: float, settled: bool = False) -> None:
+        """The loop's timers, then each connection's due work; `settled` (_settled): no
+        connection has any, only the timers are looked at."""
         if now >= self._summary_due:
             self._log_suppressed(now)
+        if settled:
+            if now >= self._close_lanes_at:
+                self._close_idle_lanes()
+            return
         live = []
         for conn in self.all:
             state = conn.state
@@ -669,7 +668,9 @@ class Worker:
         """With the only server's first lane asleep: is there nothing for _apply_pause and
         _tick to do? True when the mode is as wanted (taking jobs) and the second lane, if
         any, is at rest (IDLE) or closed (DOWN: a second lane reconnects only when the
-        queue is busy, _fill_mate), so no connection is due for anything."""
+        queue is busy, _fill_mate), so no connection is due for anything. (With one server
+        a follower's lane is EMPTY, never SLEEPING.) A new duty of _tick or _apply_pause in
+        that state must make this False, or be one of the timers _tick still looks at."""
         return (not self.paused and not self._want_paused
                 and (mate is None or mate.state is _IDLE or mate.state is _DOWN))
 
