@@ -373,6 +373,14 @@ def measure_one(competitor: Competitor, threads: int | None, n: int, plan: Plan)
         return Run(q0 / (t1 - t0), rates, submit_seconds, all_at - t0)
 
 
+def interleaved(kinds: tuple[type[Competitor], ...], repeats: int) -> Iterator[type[Competitor]]:
+    """Each kind `repeats` times, interleaved and rotated (kinds[1:] + kinds[:1] the second
+    time round...), so a noisy moment does not hit one competitor."""
+    for rep in range(repeats):
+        for i in range(len(kinds)):
+            yield kinds[(rep + i) % len(kinds)]
+
+
 def child_cpu_per_job(competitor: GearvisorMaster, plan: Plan) -> float:
     """CPU microseconds one gearvisor child spends per echo job (user + system, from the
     kernel's accounting of that process): registered first, then `plan.jobs` jobs queued
@@ -407,12 +415,10 @@ def metrics_cost(plan: Plan, workdir: Path) -> tuple[list[Row], list[Target]]:
     metrics cost the child at most 5% more per job."""
     kinds = (GearvisorMaster, GearvisorMetrics)
     got: dict[str, list[float]] = {k.name: [] for k in kinds}
-    for rep in range(plan.repeats * 2 - 1):  # the full run: 5 of each
-        for i in range(len(kinds)):
-            kind = kinds[(rep + i) % len(kinds)]
-            cpu = child_cpu_per_job(kind(workdir), plan)
-            got[kind.name].append(cpu)
-            print(f"  {kind.name}, CPU per job: {cpu:.1f} us", file=sys.stderr, flush=True)
+    for kind in interleaved(kinds, plan.repeats * 2 - 1):  # the full run: 5 of each
+        cpu = child_cpu_per_job(kind(workdir), plan)
+        got[kind.name].append(cpu)
+        print(f"  {kind.name}, CPU per job: {cpu:.1f} us", file=sys.stderr, flush=True)
     rows = [Row(SECTION, f"child CPU per job, drain {max(plan.jobs, 5000)}, 1 worker, -t 1",
                 name,
                 statistics.median(values), "us/job", better="lower")
@@ -437,12 +443,10 @@ def journal_cost(plan: Plan, workdir: Path) -> tuple[list[Row], list[Target]]:
     amortized), and the shared-memory payload copy a crash record reads."""
     kinds = (GearvisorJournalOff, GearvisorMaster)
     got: dict[str, list[float]] = {k.name: [] for k in kinds}
-    for rep in range(plan.repeats * 2 - 1):
-        for i in range(len(kinds)):
-            kind = kinds[(rep + i) % len(kinds)]
-            cpu = child_cpu_per_job(kind(workdir), plan)
-            got[kind.name].append(cpu)
-            print(f"  {kind.name}, CPU per job: {cpu:.1f} us", file=sys.stderr, flush=True)
+    for kind in interleaved(kinds, plan.repeats * 2 - 1):
+        cpu = child_cpu_per_job(kind(workdir), plan)
+        got[kind.name].append(cpu)
+        print(f"  {kind.name}, CPU per job: {cpu:.1f} us", file=sys.stderr, flush=True)
     case = f"child CPU per job, drain {max(plan.jobs, 5000)}, 1 worker, -t 1 (journal)"
     rows = [Row(SECTION, case, "gearvisor journal on" if name == "gearvisor" else name,
                 statistics.median(values), "us/job", better="lower")
@@ -504,23 +508,21 @@ def herd_cost(plan: Plan, workdir: Path) -> list[Row]:
     kinds = (GearvisorMaster, GearvisorWakeAll, LibgearmanWorkers)
     rates: dict[str, list[float]] = {k.name: [] for k in kinds}
     cpus: dict[str, list[float]] = {k.name: [] for k in kinds}
-    for rep in range(plan.repeats):
-        for i in range(len(kinds)):
-            kind = kinds[(rep + i) % len(kinds)]
-            with registered(kind(workdir), n, plan, f"{n} idle workers",
-                            psutil.Error) as (competitor, gm, deadline):
-                top = [psutil.Process(p.pid) for p in competitor.procs]
-                workers = (top if kind is LibgearmanWorkers
-                           else [c for c in top[0].children() if "bench[" in c.name()
-                                 or "bench[" in " ".join(c.cmdline())])
-                round_trips(gm.port, 1, 100, deadline)  # (the pool settles)
-                before = sum(sum(w.cpu_times()[:2]) for w in workers)
-                rate = round_trips(gm.port, 1, jobs, deadline)
-                cpu = (sum(sum(w.cpu_times()[:2]) for w in workers) - before) / jobs * 1e6
-            rates[kind.name].append(rate)
-            cpus[kind.name].append(cpu)
-            print(f"  {kind.name}, {plural(n)}, round trips: {rate:.0f}/s, workers' CPU "
-                  f"{cpu:.0f} us/job", file=sys.stderr, flush=True)
+    for kind in interleaved(kinds, plan.repeats):
+        with registered(kind(workdir), n, plan, f"{n} idle workers",
+                        psutil.Error) as (competitor, gm, deadline):
+            top = [psutil.Process(p.pid) for p in competitor.procs]
+            workers = (top if kind is LibgearmanWorkers
+                       else [c for c in top[0].children() if "bench[" in c.name()
+                             or "bench[" in " ".join(c.cmdline())])
+            round_trips(gm.port, 1, 100, deadline)  # (the pool settles)
+            before = sum(sum(w.cpu_times()[:2]) for w in workers)
+            rate = round_trips(gm.port, 1, jobs, deadline)
+            cpu = (sum(sum(w.cpu_times()[:2]) for w in workers) - before) / jobs * 1e6
+        rates[kind.name].append(rate)
+        cpus[kind.name].append(cpu)
+        print(f"  {kind.name}, {plural(n)}, round trips: {rate:.0f}/s, workers' CPU "
+              f"{cpu:.0f} us/job", file=sys.stderr, flush=True)
     case = f"idle pool of {n}: round trip, 1 in flight, -t 1"
     return ([Row(SECTION, case, name, statistics.median(v), "jobs/s")
              for name, v in rates.items()]
@@ -544,16 +546,14 @@ def one_core_round_trips(plan: Plan, workdir: Path) -> list[Row]:
     try:
         for n in (1, 4) if plan is FULL else (1,):
             rates: dict[str, list[float]] = {k.name: [] for k in kinds}
-            for rep in range(plan.repeats):
-                for i in range(len(kinds)):
-                    kind = kinds[(rep + i) % len(kinds)]
-                    with registered(kind(workdir), n, plan,
-                                    f"{plural(n)}, one core") as (_, gm, deadline):
-                        round_trips(gm.port, 1, 100, deadline)  # (the pool settles)
-                        rate = round_trips(gm.port, 1, plan.round_trips, deadline)
-                    rates[kind.name].append(rate)
-                    print(f"  {kind.name}, {plural(n)}, one core: round trips {rate:.0f}/s",
-                          file=sys.stderr, flush=True)
+            for kind in interleaved(kinds, plan.repeats):
+                with registered(kind(workdir), n, plan,
+                                f"{plural(n)}, one core") as (_, gm, deadline):
+                    round_trips(gm.port, 1, 100, deadline)  # (the pool settles)
+                    rate = round_trips(gm.port, 1, plan.round_trips, deadline)
+                rates[kind.name].append(rate)
+                print(f"  {kind.name}, {plural(n)}, one core: round trips {rate:.0f}/s",
+                      file=sys.stderr, flush=True)
             case = f"round trip, 1 in flight, {plural(n)}, -t 1, all on one core"
             rows += [Row(SECTION, case, name, statistics.median(v), "jobs/s")
                      for name, v in rates.items()]
@@ -655,18 +655,15 @@ def measure(tiny: bool) -> tuple[list[Row], list[Target]]:
             t = "1" if threads == 1 else "default" if threads is None else str(threads)
             for n in plan.workers:
                 runs: dict[str, list[Run]] = {kind.name: [] for kind in COMPETITORS}
-                for rep in range(plan.repeats):
-                    # Interleaved and rotated, so a noisy moment does not hit one competitor.
-                    for i in range(len(COMPETITORS)):
-                        kind = COMPETITORS[(rep + i) % len(COMPETITORS)]
-                        run = measure_one(kind(workdir), threads, n, plan)
-                        runs[kind.name].append(run)
-                        print(f"  {kind.name}, {plural(n)}, -t {t}: drain {run.drain:.0f} jobs/s "
-                              f"(queued in {run.submit_seconds:.2f} s; all {n} registered "
-                              f"{run.all_registered_after * 1000:.0f} ms after the first), "
-                              "round trips " + ", ".join(f"{k} in flight {r:.0f}/s"
-                                                         for k, r in run.round_trips.items()),
-                              file=sys.stderr, flush=True)
+                for kind in interleaved(COMPETITORS, plan.repeats):
+                    run = measure_one(kind(workdir), threads, n, plan)
+                    runs[kind.name].append(run)
+                    print(f"  {kind.name}, {plural(n)}, -t {t}: drain {run.drain:.0f} jobs/s "
+                          f"(queued in {run.submit_seconds:.2f} s; all {n} registered "
+                          f"{run.all_registered_after * 1000:.0f} ms after the first), "
+                          "round trips " + ", ".join(f"{k} in flight {r:.0f}/s"
+                                                     for k, r in run.round_trips.items()),
+                          file=sys.stderr, flush=True)
                 for kind in COMPETITORS:
                     got = runs[kind.name]
                     drain = statistics.median(r.drain for r in got)
