@@ -175,7 +175,7 @@ class Fleet:
                 if p.status() == psutil.STATUS_ZOMBIE:
                     continue
                 if p.cmdline()[:1] in (["gearvisor: watcher"], ["gearvisor: notifier"],
-                                       ["gearvisor: store"]):
+                                       ["gearvisor: store"], ["gearvisor: resolver"]):
                     continue
             except psutil.Error:
                 continue

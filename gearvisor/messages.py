@@ -189,10 +189,25 @@ class StoreState(Message):
     refused: int = 0
 
 
+# -- from the resolver helper (helpers/resolver.py) ------------------------------------------------
+
+@dataclass(frozen=True)
+class Resolved(Message):
+    """A job server's host name, looked up: its first address (`family`, and `address` as
+    the socket module's sockaddr, a list), or `error` saying why there is none."""
+
+    name: ClassVar[str] = "resolved"
+    host: str = ""
+    port: int = 0
+    family: int = 0
+    address: list = field(default_factory=list)
+    error: str = ""
+
+
 KINDS: dict[str, type[Message]] = {
     cls.name: cls for cls in (Ready, BootError, Quarantined, ProbationPassed, Recycle, Modules,
                               JobStarted, JobEnded, Holding, Watching, Changed, WatcherError,
-                              Delivered, Stored, StoreState)}
+                              Delivered, Stored, StoreState, Resolved)}
 
 
 def encode(message: Message) -> bytes:

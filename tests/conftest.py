@@ -217,7 +217,7 @@ class Master:
     def _is_helper(p: psutil.Process) -> bool:
         try:
             return p.cmdline()[:1] in (["gearvisor: watcher"], ["gearvisor: notifier"],
-                                       ["gearvisor: store"])
+                                       ["gearvisor: store"], ["gearvisor: resolver"])
         except psutil.Error:
             return False
 

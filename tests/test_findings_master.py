@@ -167,33 +167,3 @@ def test_a_failing_server_is_retried_with_backoff_down_after_three_and_not_hamme
         assert probe.views[SERVER].failures == len(calls)
     finally:
         m.close()
-
-
-def test_a_host_named_server_that_stays_down_is_looked_up_once_per_resolve_every(
-        tmp_path: Path, log: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The lookup blocks the master's loop (for the resolver's own timeout when DNS is
-    down): after a failure the name is asked again, but not on every probe."""
-    from gearvisor.gearman import admin
-    from gearvisor.master import probe as probe_mod
-
-    lookups: list[float] = []
-    monkeypatch.setattr(admin, "resolve", lambda host, port: (
-        lookups.append(m.clock.now), (2, ("127.0.0.1", port)))[1])
-    path = tmp_path / "gearvisor.yaml"
-    path.write_text(yaml.safe_dump({
-        "watch_config": False, "probe_interval": "4s", "servers": ["gearmand.invalid:4730"],
-        "pools": {"web": {"processes": 0, "functions": {"f": "examples.text:echo"},
-                          "watch": False}}}))
-    probes: list[float] = []
-    probe = probe_mod.Probe(lambda address, deadline: (probes.append(m.clock.now),
-                                                        RefusedPoll(address, deadline))[1])
-    m = FakeMaster(str(path), (probe,))
-    try:
-        m.step()
-        for _ in range(int(2.5 * probe_mod.RESOLVE_EVERY)):  # a server down for 12.5 min
-            m.advance(1.0)
-        assert len(probes) > 50  # probed all along (every 8 s once backed off)...
-        gaps = [b - a for a, b in zip(lookups, lookups[1:], strict=False)]
-        assert len(lookups) == 3 and all(g >= probe_mod.RESOLVE_EVERY for g in gaps), lookups
-    finally:
-        m.close()

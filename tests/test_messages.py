@@ -18,7 +18,9 @@ from gearvisor import messages as msg
     msg.JobStarted("send_mail", "H:host:7", "u-1", "aGk=", 2), msg.JobEnded(),
     msg.Delivered("ops-mail", "{}:{alertname=\"CrashLoop\"}", False, "timed out", 4, 1),
     msg.Stored(41), msg.StoreState(True, "", {"send_mail": 3}, [["mail", "send_mail", 2]], 0, 1),
-    msg.StoreState(False, "job store x: down", {}, [], 12, 0)])
+    msg.StoreState(False, "job store x: down", {}, [], 12, 0),
+    msg.Resolved("gearmand.example", 4730, 10, ["::1", 4730, 0, 0]),
+    msg.Resolved("nowhere.invalid", 4730, error="[Errno -2] Name or service not known")])
 def test_round_trip(message: msg.Message) -> None:
     line = msg.encode(message)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
@@ -30,8 +32,8 @@ def test_wire_names_are_stable() -> None:
     # Operators and tests grep for these; a rename is a breaking change.
     assert sorted(msg.KINDS) == ["boot_error", "changed", "delivered", "error", "holding",
                                  "job_ended", "job_started", "modules", "probation_passed",
-                                 "quarantined", "ready", "recycle", "store", "stored",
-                                 "watching"]
+                                 "quarantined", "ready", "recycle", "resolved", "store",
+                                 "stored", "watching"]
 
 
 @pytest.mark.parametrize("line, why", [

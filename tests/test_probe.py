@@ -92,6 +92,28 @@ def test_a_stopped_gearmand_is_down_and_a_restarted_one_restarted(gearmand, mast
          if e["kind"] in ("server_down", "server_restarted", "under_registered")])
 
 
+def test_a_server_named_by_host_name_is_looked_up_by_the_resolver_helper(
+        gearmand, master) -> None:
+    """The master never asks the resolver itself (it may hang when DNS is down): its
+    resolver helper does, and the probe reaches gearmand at the address it gave, as the
+    children do."""
+    first = socket.getaddrinfo("localhost", gearmand.port, type=socket.SOCK_STREAM)[0][4][0]
+    if first != HOST:
+        pytest.skip(f"localhost resolves to {first} first here; gearmand listens on {HOST}")
+    named = f"localhost:{gearmand.port}"
+    m = start(master, [named], {"text": TEXT})
+    row = wait_answered(m, named)
+    assert row["pid"] == gearmand.proc.pid and row["up"]
+    pid = m.status()["resolver"]["pid"]
+    helper = psutil.Process(pid)
+    assert helper.ppid() == m.pid and helper.cmdline()[:1] == ["gearvisor: resolver"]
+    wait_for(lambda: "reverse" in gearmand.status()
+             and gearmand.status()["reverse"].workers == 1, timeout=20,
+             message="gearmand shows the child registered under the name")
+    assert pid not in [p.pid for p in wait_value(m.children, bool, timeout=20,
+                                                 message="the pool's child")]
+
+
 def test_jobs_for_a_function_no_one_serves_until_a_pool_serves_it(gearmand, master) -> None:
     m = start(master, [gearmand.address], {"text": TEXT})
     wait_answered(m, gearmand.address)

@@ -15,6 +15,13 @@ reads these views: nothing else queries gearmand.
 - A pid that changes between answers counts a restart.
 - `request(servers)` asks for an early probe (a command child waiting to show up as
   registered), at most once per REQUEST_GAP per server, never while it is failing.
+- A server named by host name is looked up by the resolver helper (helpers/resolver.py),
+  which the probe runs while any server has one: the lookup blocks that process, never
+  the master's loop (DNS that is down makes glibc wait seconds per name). A probe waits
+  for the name as long as it would for an answer, then counts as failed ("not resolved")
+  while the lookup goes on; the name is looked up again after a failed probe, at most
+  every RESOLVE_EVERY, since it may point elsewhere now. A literal address needs no
+  lookup.
 """
 
 from __future__ import annotations
@@ -22,12 +29,16 @@ from __future__ import annotations
 import dataclasses
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from gearvisor import messages as msg
 from gearvisor.gearman import admin
+from gearvisor.helpers.resolver import request as resolve_request
+from gearvisor.helpers.resolver import run_resolver
 from gearvisor.master import bus as ev
 from gearvisor.master.bus import ServerView
 from gearvisor.master.component import Component
+from gearvisor.master.helper import HelperBody, HelperProcess
 from gearvisor.master.status import functions_status, servers_status
 from gearvisor.policy.backoff import Backoff
 
@@ -39,10 +50,10 @@ if TYPE_CHECKING:
 PROBE_TIMEOUT = 2.0  # the longest a probe may take (less with a shorter probe_interval)
 DOWN_AFTER = 3  # failed probes in a row that mark a server down
 REQUEST_GAP = 0.2  # request(): at most one early probe per server this often
-# A host name is looked up again after a failure only this long after the last lookup: the
-# resolver blocks the master's loop (up to its own timeout when DNS is down), so a server
-# named by host that stays down costs one lookup per RESOLVE_EVERY, not one per probe.
-RESOLVE_EVERY = 300.0
+# A host name is looked up again after a failed probe only this long after the last lookup,
+# so a server named by host that stays down costs one lookup per RESOLVE_EVERY, not one
+# per probe (the lookup runs in the resolver helper: it never blocks the master).
+RESOLVE_EVERY = 30.0
 
 Server = tuple[str, int]
 
@@ -74,6 +85,8 @@ class _Target:
         self.deadline: Timer | None = None
         self.address: admin.Address | None = None
         self.resolved_at = float("-inf")  # when the host name was last looked up
+        self.resolving = False  # a lookup was asked of the resolver and not answered yet
+        self.awaiting = False  # a probe waits for that answer (`deadline` ends the wait)
         self.started_at: float | None = None
         self.backoff = backoff_for(interval)
 
@@ -95,25 +108,42 @@ class Probe(Component):
         self.views: dict[Server, ServerView] = {}
         self._targets: dict[Server, _Target] = {}
         self.interval = 5.0
+        self.resolver = HelperProcess("resolver", self._resolver_body, with_input=True,
+                                      on_message=self._resolved,
+                                      on_start=self._resolver_started)
 
     # -- the component --------------------------------------------------------------------------
 
     def attach(self, master: Arbiter) -> None:
         self.master = master
+        self.resolver.attach(master)
         self._configure(master.config)
 
     def reload(self, config: Config) -> None:
         self._configure(config)
 
+    def begin_stop(self, fast: bool) -> None:
+        self.resolver.begin_stop(fast=True)  # it holds nothing: SIGTERM, even mid-lookup
+
+    def stop_overdue(self) -> None:
+        self.resolver.stop_overdue()
+
+    def stopped(self) -> bool:
+        return self.resolver.stopped()
+
     def status(self, now: float) -> dict[str, Any]:
         rows, omitted = functions_status(self.views, self.master.pools.values())
-        return {"servers": servers_status(self.views.values(), now), "functions": rows,
-                "functions_omitted": omitted}
+        out = {"servers": servers_status(self.views.values(), now), "functions": rows,
+               "functions_omitted": omitted}
+        if self._names():
+            out["resolver"] = self.resolver.status()
+        return out
 
     def close(self) -> None:
         for target in list(self._targets.values()):
             self._drop(target)
         self._targets.clear()
+        self.resolver.close()
 
     # -- what to probe ------------------------------------------------------------------------
 
@@ -132,6 +162,9 @@ class Probe(Component):
             self._drop(self._targets.pop(server))
             self.views.pop(server, None)
         now = self.master.clock()
+        r = self.resolver
+        if self._names(used) and r.pid is None and r.record.restart_at <= now:
+            r.start_at(now)  # (one in backoff starts when its backoff says)
         for server in used:
             target = self._targets.get(server)
             if target is None:
@@ -150,8 +183,8 @@ class Probe(Component):
         now = self.master.clock()
         for server in servers:
             target = self._targets.get(server)
-            if (target is None or target.poll is not None or target.backoff.failures
-                    or (target.started_at is not None
+            if (target is None or target.poll is not None or target.awaiting
+                    or target.backoff.failures or (target.started_at is not None
                         and now - target.started_at < REQUEST_GAP)):
                 continue
             self._schedule(target, now)
@@ -165,17 +198,22 @@ class Probe(Component):
 
     def _start(self, target: _Target) -> None:
         target.timer = None
-        if self._targets.get(target.server) is not target or target.poll is not None:
+        if (self._targets.get(target.server) is not target or target.poll is not None
+                or target.awaiting):
             return
         now = self.master.clock()
         target.started_at = now
+        if target.address is None and not _numeric(target.server[0]):
+            self._await_name(target, now)
+            return
+        self._poll(target, now)
+
+    def _poll(self, target: _Target, now: float) -> None:
+        """Connect and ask (the address known, or a literal one)."""
         timeout = min(PROBE_TIMEOUT, self.interval)
         try:
             if target.address is None:
-                # A host name may block in the resolver: asked once, and again after a
-                # failure (the name may point elsewhere now), at most every RESOLVE_EVERY.
-                target.resolved_at = now
-                target.address = admin.resolve(*target.server)
+                target.address = admin.resolve(*target.server)  # a literal: no lookup
             poll = self._make_poll(target.address, now + timeout)
         except (OSError, UnicodeError) as e:
             self._finished(target, None, f"cannot connect: {e}")
@@ -244,11 +282,90 @@ class Probe(Component):
         self._schedule(target, now + delay)
         self.master.bus.publish(ev.Snapshot(view))
 
+    # -- host names ---------------------------------------------------------------------------
+
+    def _names(self, servers: set[Server] | None = None) -> bool:
+        """Whether any server (of `servers`, or probed now) is named by host name."""
+        return any(not _numeric(host) for host, _ in
+                   (self._targets if servers is None else servers))
+
+    def _resolver_body(self) -> HelperBody | None:
+        if not self._names():
+            return None  # (no name to look up any more: none runs)
+
+        def body(fd: int, in_fd: int, blocked: set[int]) -> NoReturn:
+            run_resolver(in_fd, fd, blocked)
+
+        return body
+
+    def _resolver_started(self, pid: int) -> None:
+        """A new resolver: the lookups the last one was asked and never answered are asked
+        again (replacing any still queued, so none is asked twice)."""
+        self.resolver.replace(resolve_request(*t.server) for t in self._targets.values()
+                              if t.resolving)
+
+    def _await_name(self, target: _Target, now: float) -> None:
+        """Ask the resolver for the name (unless it is asked already) and wait for it as
+        long as for a probe's answer."""
+        timeout = min(PROBE_TIMEOUT, self.interval)
+        target.awaiting = True
+        if not target.resolving:
+            target.resolving, target.resolved_at = True, now
+            self.resolver.send(resolve_request(*target.server))
+        target.deadline = self.master.loop.call_at(now + timeout,
+                                                   lambda: self._unresolved(target, timeout))
+
+    def _unresolved(self, target: _Target, timeout: float) -> None:
+        target.deadline, target.awaiting = None, False
+        self._finished(target, None, f"host name not resolved within {timeout:g}s (the "
+                                     "lookup goes on: is DNS answering?)")
+
+    def _resolved(self, message: msg.Message) -> None:
+        """The resolver's answer: the address for the next probe, and for one waiting."""
+        if not isinstance(message, msg.Resolved):
+            return
+        target = self._targets.get((message.host, message.port))
+        if target is None or not target.resolving:
+            if not message.port:
+                self.master.log.warning("the resolver refused a request", error=message.error)
+            return  # (a server no pool uses any more)
+        target.resolving = False
+        address = _address(message.family, message.address)
+        error = (None if address is not None else f"cannot resolve {message.host}: "
+                 + (message.error or f"unusable address {str(message.address)[:80]}"))
+        target.address = address
+        if not target.awaiting:
+            return
+        if target.deadline is not None:
+            target.deadline.cancel()
+            target.deadline = None
+        target.awaiting = False
+        if error is not None:
+            self._finished(target, None, error)
+        else:
+            self._poll(target, self.master.clock())
+
     def _drop(self, target: _Target) -> None:
         self._close_poll(target)
+        target.awaiting = False
         if target.timer is not None:
             target.timer.cancel()
             target.timer = None
+
+
+def _address(family: int, address: list) -> admin.Address | None:
+    """The resolver's answer as an address to connect to, or None if it is not one (the
+    helper is ours, but nothing read from a pipe is trusted)."""
+    size = {int(socket.AF_INET): 2, int(socket.AF_INET6): 4}.get(family)
+    if (size is None or len(address) != size or not isinstance(address[0], str)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 32
+                       for n in address[1:]) or not 0 < address[1] < 65536):
+        return None
+    try:
+        socket.inet_pton(family, address[0])
+    except (OSError, ValueError):
+        return None
+    return family, tuple(address)
 
 
 def _numeric(host: str) -> bool:
