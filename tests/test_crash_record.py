@@ -109,3 +109,36 @@ def test_a_python_child_killed_mid_job_is_a_crash_with_its_unique_and_payload(
     assert (rows[-1]["outcome"], rows[-1]["unique"], rows[-1]["pool"]) == (
         "crash", "nap-1", "slow")
     assert rows[-1]["error"] == "the child killed by SIGKILL in the middle of the job"
+
+
+def test_a_job_refused_without_running_leaves_no_payload_of_the_job_before_it(
+        tmp_path: Path) -> None:
+    """A refused job (too big, or poison) is marked busy for a moment on the scoreboard: a
+    crash in that moment must not read the last job's payload as its own."""
+    import os
+
+    import structlog
+
+    from gearvisor.child.python import _ChildHooks
+    from gearvisor.config.load import parse
+    from gearvisor.job import Job
+    from gearvisor.shm.payload import PayloadArea
+    from gearvisor.shm.scoreboard import Scoreboard
+
+    config = parse("pools: {mail: {functions: {send: 'm:send'}}}",
+                   str(tmp_path / "pools.yaml"), euid=1000).pools["mail"]
+    board = Scoreboard(None, PayloadArea(1024))
+    r, w = os.pipe()
+    try:
+        hooks = _ChildHooks(config, 0, w, board, False, structlog.get_logger())
+        hooks.job_started(Job("send", "H:1", "u-1", b"the first job's secret", print))
+        hooks.job_finished(Job("send", "H:1", "u-1", b"", print), True, 0.001)
+        assert board.payload.read() == (b"the first job's secret", 22, False)
+        hooks.job_refused(Job("send", "H:2", "u-2", b"x" * 5000, print))
+        assert board.payload.read() is None
+        hooks.job_poisoned(Job("send", "H:3", "u-3", b"poison", print))
+        assert board.payload.read() is None
+    finally:
+        os.close(r)
+        os.close(w)
+        board.close()

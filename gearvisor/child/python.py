@@ -216,6 +216,8 @@ class _ChildHooks(Hooks):
 
     def _refused(self, job: Job, outcome: int) -> None:
         self.failed += 1
+        if self.board.payload is not None:
+            self.board.payload.clear()  # (a crash now must not read the last job's payload)
         self.board.job_started(job.function, job.handle, job.unique, time.monotonic(),
                                len(job.data))
         self.board.job_finished(False)
