@@ -84,6 +84,10 @@ SEND_TIMEOUT = 30.0  # a server that accepts no bytes for this long is treated a
 RECV_TIMEOUT = 0.5  # a blocking read (the one-server fast path) gives the loop back this often
 REPOLL_EMPTY = 0.5  # re-ask an EMPTY server this often while another keeps us busy
 RECONNECT_INITIAL = 0.05
+# A server's address is looked up again (getaddrinfo, which blocks this child: for seconds
+# when DNS is down) at most this often; in between, and while a lookup fails, connections
+# (both lanes) go to the last address it gave.
+RESOLVE_EVERY = 30.0
 # A child asleep this long closes its second lanes, so an idle fleet shows one connection per
 # child and server in gearmand's lists; the next busy queue opens them again.
 LANE_LINGER = 0.5
@@ -385,6 +389,8 @@ class Worker:
         bell: Bell | None = None,
     ) -> None:
         self.max_job_size = max_job_size
+        # Each server's last looked-up address: (family, sockaddr, when) (_address)
+        self._addresses: dict[tuple[str, int], tuple[int, Any, float]] = {}
         self.conns = [Connection(h, p) for h, p in servers]  # one per server: readiness, sleep
         # With lanes (and prefetch 1), a second connection per server holds the next job
         # while one runs; `all` is every connection, both lanes.
@@ -809,11 +815,31 @@ class Worker:
 
     # -- connections ---------------------------------------------------------------------------
 
+    def _address(self, conn: Connection, now: float) -> tuple[int, Any]:
+        """(family, sockaddr) of conn's server: the last lookup's while it is under
+        RESOLVE_EVERY old, or while a new one fails (raises OSError when there is none)."""
+        key = (conn.host, conn.port)
+        known = self._addresses.get(key)
+        if known is not None and now - known[2] < RESOLVE_EVERY:
+            return known[0], known[1]
+        try:
+            family, _, _, _, addr = socket.getaddrinfo(conn.host, conn.port,
+                                                       type=socket.SOCK_STREAM)[0]
+        except OSError as e:
+            if known is None:
+                raise
+            self._addresses[key] = (known[0], known[1], now)  # asked again in RESOLVE_EVERY
+            self.log.warning("cannot look up the job server's address; using the last one "
+                             "it had", server=conn.label, address=str(known[1][0]),
+                             error=str(e))
+            return known[0], known[1]
+        self._addresses[key] = (family, addr, now)
+        return family, addr
+
     def _connect(self, conn: Connection, now: float) -> None:
         try:
-            infos = socket.getaddrinfo(conn.host, conn.port, type=socket.SOCK_STREAM)
-            family, stype, proto, _, addr = infos[0]
-            sock = socket.socket(family, stype, proto)
+            family, addr = self._address(conn, now)
+            sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as e:
             self._drop(conn, f"cannot resolve or open a socket: {e}")
             return
