@@ -8,6 +8,8 @@ master a failed probe, never its memory or its loop."""
 from __future__ import annotations
 
 import datetime
+import os
+import signal
 import socket
 import sys
 import threading
@@ -93,10 +95,12 @@ def test_a_stopped_gearmand_is_down_and_a_restarted_one_restarted(gearmand, mast
 
 
 def test_a_server_named_by_host_name_is_looked_up_by_the_resolver_helper(
-        gearmand, master) -> None:
+        gearmand_factory, master) -> None:
     """The master never asks the resolver itself (it may hang when DNS is down): its
     resolver helper does, and the probe reaches gearmand at the address it gave, as the
-    children do."""
+    children do. A resolver that does not answer (stopped here) costs a new server's probe
+    its answer, not the master its loop."""
+    gearmand = gearmand_factory()
     first = socket.getaddrinfo("localhost", gearmand.port, type=socket.SOCK_STREAM)[0][4][0]
     if first != HOST:
         pytest.skip(f"localhost resolves to {first} first here; gearmand listens on {HOST}")
@@ -110,8 +114,23 @@ def test_a_server_named_by_host_name_is_looked_up_by_the_resolver_helper(
     wait_for(lambda: "reverse" in gearmand.status()
              and gearmand.status()["reverse"].workers == 1, timeout=20,
              message="gearmand shows the child registered under the name")
-    assert pid not in [p.pid for p in wait_value(m.children, bool, timeout=20,
-                                                 message="the pool's child")]
+
+    other = gearmand_factory()
+    second = f"localhost:{other.port}"
+    os.kill(pid, signal.SIGSTOP)  # the resolver hangs
+    try:
+        m.write_config({"servers": [named, second], "watch_config": False,
+                        "probe_interval": "300ms", "findings": FINDINGS,
+                        "pools": {"text": TEXT}})
+        assert m.ctl("reload").returncode == 0
+        stuck = wait_value(lambda: server_row(m, second),
+                           lambda s: s and s["error"] and "not resolved" in s["error"],
+                           timeout=20, message=f"{second} waiting for its name")
+        assert stuck["failures"] >= 1 and not stuck["answered"]
+        assert server_row(m, named)["answered"]  # the known one is probed all along
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert wait_answered(m, second)["pid"] == other.proc.pid
 
 
 def test_jobs_for_a_function_no_one_serves_until_a_pool_serves_it(gearmand, master) -> None:

@@ -224,7 +224,8 @@ def wait_until(m: FakeMaster, cond: Any, seconds: float) -> None:
     (socket.AF_INET, ["not-an-ip", 4730]), (socket.AF_INET, ["10.0.0.1"]),
     (socket.AF_INET, ["10.0.0.1", 0]), (socket.AF_INET, ["10.0.0.1", True]),
     (socket.AF_INET6, ["10.0.0.1", 4730, 0, 0]), (socket.AF_UNIX, ["/tmp/x", 1]),
-    (0, [])])
+    (socket.AF_INET6, ["::1", 4730, 1 << 31, 0]),  # a flowinfo connect() refuses to take
+    (socket.AF_INET, ["10.0.0.1", 70000]), (0, [])])
 def test_an_unusable_answer_is_a_failed_probe_never_an_error_in_the_master(
         named, family: int, address: list) -> None:
     m, probe, probed = named
@@ -295,3 +296,55 @@ def test_the_resolver_is_told_to_go_when_the_master_stops(named) -> None:
     m.arbiter.stop(fast=False, why="SIGTERM")
     m.step()
     assert signal.SIGTERM in helper.received
+
+
+def test_a_lookup_after_a_failed_probe_runs_in_the_background_and_a_failure_keeps_the_address(
+        tmp_path: Path, log: io.StringIO) -> None:
+    m, probe, probed = build(tmp_path, ["gearmand.example:4730"], refused=True)
+    try:
+        m.step()
+        helper = the_resolver(m)
+        assert helper.read_input()
+        answer(helper)
+        wait_until(m, lambda: helper.read_input() == b"4730 gearmand.example\n",
+                   probe_mod.RESOLVE_EVERY + 10)  # the probes fail: asked again
+        before = len(probed.to(("10.1.2.3", 4730)))
+        helper.say(msg.Resolved(host=NAMED[0], port=NAMED[1],
+                                error="[Errno -3] Temporary failure in name resolution"))
+        wait_until(m, lambda: len(probed.to(("10.1.2.3", 4730))) > before + 1, 20)
+        assert view(m, NAMED).error == "connect: Connection refused"  # not "not resolved"
+        assert not [e for e in m.of(ev.Snapshot) if "resolve" in (e.view.error or "")]
+    finally:
+        m.close()
+
+
+def test_a_resolver_that_never_answers_is_restarted_and_asked_again(
+        named, log: io.StringIO) -> None:
+    m, probe, probed = named
+    m.step()
+    first = the_resolver(m)
+    assert first.read_input() == b"4730 gearmand.example\n"
+    wait_until(m, lambda: signal.SIGTERM in first.received, probe_mod.RESOLVE_STUCK + 20)
+    assert "the resolver has not answered a lookup; restarting it" in log.getvalue()
+    first.exit(0)  # it goes, as asked
+    wait_until(m, lambda: len(m.system.forked) == 2, 5)
+    second = the_resolver(m)
+    m.step()
+    assert second.read_input() == b"4730 gearmand.example\n"
+
+
+def test_a_reload_that_leaves_no_host_name_stops_the_resolver(named, tmp_path: Path) -> None:
+    m, probe, probed = named
+    m.step()
+    helper = the_resolver(m)
+    (tmp_path / "gearvisor.yaml").write_text(yaml.safe_dump({
+        "watch_config": False, "probe_interval": "4s", "servers": ["127.0.0.1:4731"],
+        "pools": {"web": {"processes": 0, "functions": {"f": "examples.text:echo"},
+                          "watch": False}}}))
+    assert m.arbiter.reload("test") is None
+    m.step()
+    assert signal.SIGTERM in helper.received
+    helper.exit(0)
+    m.advance(5.0)
+    assert [c for c in m.system.forked if c.alive] == []
+    assert "resolver" not in m.arbiter.parts(m.clock.now)

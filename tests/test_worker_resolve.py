@@ -132,3 +132,35 @@ def test_a_name_never_resolved_is_a_failed_connect_retried_with_backoff(resolver
         assert "Temporary failure in name resolution" in warning["reason"]
     finally:
         w.close()
+
+
+def test_a_failed_connect_has_the_next_one_look_the_name_up_unless_dns_is_down(
+        resolver) -> None:
+    """The name may point elsewhere now: a refused or timed-out connect after a lookup that
+    worked looks it up again at the next connect. After a lookup that failed it does not:
+    while DNS is down, each lookup would block the child again."""
+    w, clock, _ = make(resolver.port)
+    try:
+        conn = w.conns[0]
+        w._connect(conn, clock.now)
+        assert resolver.calls == 1
+        w._drop(conn, "connect: Connection refused")  # (as _finish_connect or the deadline)
+        clock.now += 1.0
+        w._connect(conn, clock.now)
+        assert resolver.calls == 2 and conn.sock is not None
+        resolver.up = False
+        w._drop(conn, "connect: Connection refused")
+        clock.now += 1.0
+        w._connect(conn, clock.now)  # looked up, failed: the last address
+        assert resolver.calls == 3 and conn.sock is not None
+        for _ in range(10):
+            w._drop(conn, "connect: Connection refused")
+            clock.now += 1.0
+            w._connect(conn, clock.now)
+            assert conn.sock is not None
+        assert resolver.calls == 3  # until RESOLVE_EVERY after the failed lookup
+        w._disconnect(conn)
+        w._connect(conn, clock.now + RESOLVE_EVERY)
+        assert resolver.calls == 4
+    finally:
+        w.close()

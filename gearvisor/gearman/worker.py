@@ -86,7 +86,8 @@ REPOLL_EMPTY = 0.5  # re-ask an EMPTY server this often while another keeps us b
 RECONNECT_INITIAL = 0.05
 # A server's address is looked up again (getaddrinfo, which blocks this child: for seconds
 # when DNS is down) at most this often; in between, and while a lookup fails, connections
-# (both lanes) go to the last address it gave.
+# (both lanes) go to the last address it gave. A connect that fails after a lookup that
+# worked has the next connect look it up again (the name may point elsewhere now).
 RESOLVE_EVERY = 30.0
 # A child asleep this long closes its second lanes, so an idle fleet shows one connection per
 # child and server in gearmand's lists; the next busy queue opens them again.
@@ -389,8 +390,9 @@ class Worker:
         bell: Bell | None = None,
     ) -> None:
         self.max_job_size = max_job_size
-        # Each server's last looked-up address: (family, sockaddr, when) (_address)
-        self._addresses: dict[tuple[str, int], tuple[int, Any, float]] = {}
+        # Each server's last looked-up address: (family, sockaddr, when the next lookup is
+        # due, whether the last lookup worked) (_address)
+        self._addresses: dict[tuple[str, int], tuple[int, Any, float, bool]] = {}
         self.conns = [Connection(h, p) for h, p in servers]  # one per server: readiness, sleep
         # With lanes (and prefetch 1), a second connection per server holds the next job
         # while one runs; `all` is every connection, both lanes.
@@ -816,11 +818,12 @@ class Worker:
     # -- connections ---------------------------------------------------------------------------
 
     def _address(self, conn: Connection, now: float) -> tuple[int, Any]:
-        """(family, sockaddr) of conn's server: the last lookup's while it is under
-        RESOLVE_EVERY old, or while a new one fails (raises OSError when there is none)."""
+        """(family, sockaddr) of conn's server: the last lookup's until its next lookup is
+        due (RESOLVE_EVERY, or sooner: _connect_failed), and while a new one fails (raises
+        OSError when there is none)."""
         key = (conn.host, conn.port)
         known = self._addresses.get(key)
-        if known is not None and now - known[2] < RESOLVE_EVERY:
+        if known is not None and now < known[2]:
             return known[0], known[1]
         try:
             family, _, _, _, addr = socket.getaddrinfo(conn.host, conn.port,
@@ -828,13 +831,21 @@ class Worker:
         except OSError as e:
             if known is None:
                 raise
-            self._addresses[key] = (known[0], known[1], now)  # asked again in RESOLVE_EVERY
+            # asked again in RESOLVE_EVERY, whatever the connects do (each lookup blocks)
+            self._addresses[key] = (known[0], known[1], now + RESOLVE_EVERY, False)
             self.log.warning("cannot look up the job server's address; using the last one "
                              "it had", server=conn.label, address=str(known[1][0]),
                              error=str(e))
             return known[0], known[1]
-        self._addresses[key] = (family, addr, now)
+        self._addresses[key] = (family, addr, now + RESOLVE_EVERY, True)
         return family, addr
+
+    def _connect_failed(self, conn: Connection) -> None:
+        """A connect to the server's address failed: after a lookup that worked, the next
+        connect looks the name up again (at once: when DNS answers, a lookup is cheap)."""
+        known = self._addresses.get((conn.host, conn.port))
+        if known is not None and known[3]:
+            self._addresses[(conn.host, conn.port)] = (known[0], known[1], 0.0, True)
 
     def _connect(self, conn: Connection, now: float) -> None:
         try:
@@ -847,6 +858,7 @@ class Worker:
         err = sock.connect_ex(addr)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
+            self._connect_failed(conn)
             self._drop(conn, os.strerror(err))
             return
         conn.sock = sock
@@ -927,6 +939,8 @@ class Worker:
         """Close a connection and schedule a reconnect with backoff; other servers go on.
         fault: the server misbehaved (logged by the caller): reconnect only after the
         longest delay, so a server that does it on every connection costs little."""
+        if conn.state is _CONNECTING:  # refused, or the connect deadline passed
+            self._connect_failed(conn)
         self._disconnect(conn)
         if not conn.second:
             # The pool's sleeper must be asleep on every server: a follower with all of them

@@ -17,10 +17,13 @@ reads these views: nothing else queries gearmand.
   registered), at most once per REQUEST_GAP per server, never while it is failing.
 - A server named by host name is looked up by the resolver helper (helpers/resolver.py),
   which the probe runs while any server has one: the lookup blocks that process, never
-  the master's loop (DNS that is down makes glibc wait seconds per name). A probe waits
-  for the name as long as it would for an answer, then counts as failed ("not resolved")
-  while the lookup goes on; the name is looked up again after a failed probe, at most
-  every RESOLVE_EVERY, since it may point elsewhere now. A literal address needs no
+  the master's loop (DNS that is down makes glibc wait seconds per name). Until a first
+  address comes, a probe waits for the name as long as it would for an answer, then
+  counts as failed ("not resolved") while the lookup goes on; a lookup that fails is
+  asked again at the next probe. Once the name has an address, probes go there; after a
+  failed probe the name is looked up again in the background (at most every
+  RESOLVE_EVERY: it may point elsewhere now), and a lookup that fails keeps the address.
+  A lookup unanswered for RESOLVE_STUCK restarts the helper. A literal address needs no
   lookup.
 """
 
@@ -54,6 +57,7 @@ REQUEST_GAP = 0.2  # request(): at most one early probe per server this often
 # so a server named by host that stays down costs one lookup per RESOLVE_EVERY, not one
 # per probe (the lookup runs in the resolver helper: it never blocks the master).
 RESOLVE_EVERY = 30.0
+RESOLVE_STUCK = 60.0  # a lookup unanswered this long: the resolver is restarted (it hangs)
 
 Server = tuple[str, int]
 
@@ -84,7 +88,7 @@ class _Target:
         self.timer: Timer | None = None
         self.deadline: Timer | None = None
         self.address: admin.Address | None = None
-        self.resolved_at = float("-inf")  # when the host name was last looked up
+        self.resolved_at = float("-inf")  # when the host name was last asked of the resolver
         self.resolving = False  # a lookup was asked of the resolver and not answered yet
         self.awaiting = False  # a probe waits for that answer (`deadline` ends the wait)
         self.started_at: float | None = None
@@ -163,8 +167,11 @@ class Probe(Component):
             self.views.pop(server, None)
         now = self.master.clock()
         r = self.resolver
-        if self._names(used) and r.pid is None and r.record.restart_at <= now:
-            r.start_at(now)  # (one in backoff starts when its backoff says)
+        if self._names(used):
+            if r.pid is None and r.record.restart_at <= now:
+                r.start_at(now)  # (one in backoff starts when its backoff says)
+        elif r.pid is not None:
+            r.restart()  # no name to look up any more: it goes, and none starts
         for server in used:
             target = self._targets.get(server)
             if target is None:
@@ -215,7 +222,7 @@ class Probe(Component):
             if target.address is None:
                 target.address = admin.resolve(*target.server)  # a literal: no lookup
             poll = self._make_poll(target.address, now + timeout)
-        except (OSError, UnicodeError) as e:
+        except (OSError, UnicodeError, OverflowError, ValueError, TypeError) as e:
             self._finished(target, None, f"cannot connect: {e}")
             return
         if poll.done:
@@ -272,9 +279,8 @@ class Probe(Component):
             target.backoff.reset()
             delay = self.interval
         else:
-            if (not _numeric(target.server[0])
-                    and now - target.resolved_at >= RESOLVE_EVERY):
-                target.address = None  # looked up again at the next probe
+            if not _numeric(target.server[0]):
+                self._look_up_again(target, now)
             delay = target.backoff.failure(now, now)
             if view.failures == DOWN_AFTER:
                 self.master.log.debug("job server not answering", server=view.name,
@@ -304,14 +310,33 @@ class Probe(Component):
         self.resolver.replace(resolve_request(*t.server) for t in self._targets.values()
                               if t.resolving)
 
+    def _ask(self, target: _Target, now: float) -> None:
+        target.resolving, target.resolved_at = True, now
+        self.resolver.send(resolve_request(*target.server))
+
+    def _look_up_again(self, target: _Target, now: float) -> None:
+        """After a failed probe: the name may point elsewhere now (asked at most every
+        RESOLVE_EVERY; the address stays until a good answer replaces it). A lookup that
+        has gone unanswered for RESOLVE_STUCK restarts the resolver, which asks again."""
+        if not target.resolving:
+            if now - target.resolved_at >= RESOLVE_EVERY:
+                self._ask(target, now)
+        elif now - target.resolved_at >= RESOLVE_STUCK:
+            self.master.log.warning("the resolver has not answered a lookup; restarting it",
+                                    server=f"{target.server[0]}:{target.server[1]}",
+                                    waited=round(now - target.resolved_at, 1))
+            for t in self._targets.values():
+                if t.resolving:
+                    t.resolved_at = now  # (each restart gives every lookup RESOLVE_STUCK)
+            self.resolver.restart()
+
     def _await_name(self, target: _Target, now: float) -> None:
         """Ask the resolver for the name (unless it is asked already) and wait for it as
         long as for a probe's answer."""
         timeout = min(PROBE_TIMEOUT, self.interval)
         target.awaiting = True
         if not target.resolving:
-            target.resolving, target.resolved_at = True, now
-            self.resolver.send(resolve_request(*target.server))
+            self._ask(target, now)
         target.deadline = self.master.loop.call_at(now + timeout,
                                                    lambda: self._unresolved(target, timeout))
 
@@ -333,7 +358,8 @@ class Probe(Component):
         address = _address(message.family, message.address)
         error = (None if address is not None else f"cannot resolve {message.host}: "
                  + (message.error or f"unusable address {str(message.address)[:80]}"))
-        target.address = address
+        if address is not None:
+            target.address = address  # (a failed lookup keeps the last good one)
         if not target.awaiting:
             return
         if target.deadline is not None:
@@ -358,9 +384,11 @@ def _address(family: int, address: list) -> admin.Address | None:
     helper is ours, but nothing read from a pipe is trusted)."""
     size = {int(socket.AF_INET): 2, int(socket.AF_INET6): 4}.get(family)
     if (size is None or len(address) != size or not isinstance(address[0], str)
-            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 32
-                       for n in address[1:]) or not 0 < address[1] < 65536):
-        return None
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < limit
+                       for n, limit in zip(address[1:], (65536, 1 << 20, 1 << 32),
+                                           strict=False))
+            or not address[1]):
+        return None  # (port, IPv6 flowinfo and scope id in range: connect takes them)
     try:
         socket.inet_pton(family, address[0])
     except (OSError, ValueError):
