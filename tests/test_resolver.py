@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import signal
 import socket
 from collections.abc import Iterator
@@ -75,6 +76,45 @@ def test_serve_answers_each_line_in_order_and_exits_at_end_of_input() -> None:
         ("a.example", 4730, ["10.0.0.1", 4730]), ("b.example", 4731, ["10.0.0.2", 4731])]
     (refused,) = [a for a in answers if not a.port]  # type: ignore[attr-defined]
     assert "longer than 1024" in refused.error  # type: ignore[attr-defined]
+
+
+def test_a_name_that_hangs_does_not_hold_up_the_others() -> None:
+    import threading
+
+    released = threading.Event()
+
+    def fake(host: str, port: int, **_: Any) -> list:
+        if host == "slow.example":
+            assert released.wait(10), "never released"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.9", port))]
+
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    served = threading.Thread(target=resolver.serve, args=(in_r, out_w, fake), daemon=True)
+    served.start()
+    try:
+        os.write(in_w, b"4730 slow.example\n4731 fast.example\n")
+        ready, _, _ = select.select([out_r], [], [], 5.0)
+        assert ready, "no answer while the slow lookup hangs"
+        first = os.read(out_r, 65536)
+        assert msg.decode(first.splitlines()[0]).host == "fast.example"  # type: ignore
+        released.set()
+        os.close(in_w)
+        in_w = -1
+        served.join(10)
+        assert not served.is_alive()
+        os.close(out_w)
+        out_w = -1
+        rest = b""
+        while chunk := os.read(out_r, 65536):
+            rest += chunk
+        assert [msg.decode(line).host for line in rest.splitlines()] == [  # type: ignore
+            "slow.example"]
+    finally:
+        released.set()
+        for fd in (in_w, out_w, in_r, out_r):
+            if fd >= 0:
+                os.close(fd)
 
 
 # -- the probe driving it (fake OS) ------------------------------------------------------------

@@ -3,10 +3,12 @@ probe, so that a resolver that hangs (DNS down: glibc waits its timeout for each
 server, and again for each attempt) never blocks the master's loop.
 
 The master writes one request per line, `<port> <host>`, at most one at a time per server
-(master/probe.py); this process answers each with a `messages.Resolved` line, in order:
-the first address getaddrinfo gives (as a child connecting to the same name would use),
-or the resolver's error. A line that is no request is answered with an error naming it.
-At end of input it exits 0.
+(master/probe.py); this process answers each with a `messages.Resolved` line as its
+lookup ends: the first address getaddrinfo gives (as a child connecting to the same name
+would use), or the resolver's error. Up to LOOKUPS_AT_ONCE lookups run at once (threads:
+this process runs no user code and never forks), so one name that hangs does not hold
+up the others. A line that is no request is answered with an error naming it. At end of
+input it waits for the lookups under way and exits 0.
 
 Run by the master through `run_resolver` (forked, two pipes), supervised like every helper
 (master/helper.py): restarted with backoff when it dies, stopped with the master.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn
 
 from gearvisor import messages as msg
@@ -25,6 +28,7 @@ from gearvisor.lines import LineSplitter
 
 MAX_LINE = 1024  # bytes in a request line (a host name is at most 253)
 READ_MAX = 65536
+LOOKUPS_AT_ONCE = 4
 
 
 def request(host: str, port: int) -> bytes:
@@ -48,15 +52,17 @@ def lookup(line: bytes,
 
 
 def serve(in_fd: int, event_fd: int,
-          getaddrinfo: Callable[..., list] = socket.getaddrinfo) -> int:
+          getaddrinfo: Callable[..., list] = socket.getaddrinfo,
+          at_once: int = LOOKUPS_AT_ONCE) -> int:
     """Answer request lines from `in_fd` on `event_fd` until end of input; returns the exit
     code (0)."""
-    report = message_writer(event_fd)
+    report = message_writer(event_fd, threadsafe=True)
     lines = LineSplitter(MAX_LINE, lambda size: report(msg.Resolved(
         error=f"a request line of {size} bytes is longer than {MAX_LINE}; dropped")))
-    while chunk := os.read(in_fd, READ_MAX):
-        for line in lines.feed(chunk):
-            report(lookup(line, getaddrinfo))
+    with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="lookup") as pool:
+        while chunk := os.read(in_fd, READ_MAX):
+            for line in lines.feed(chunk):
+                pool.submit(lambda line=line: report(lookup(line, getaddrinfo)))
     return 0
 
 
