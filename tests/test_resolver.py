@@ -20,6 +20,7 @@ import yaml
 from fakeos import FakeChild, FakeMaster
 
 from gearvisor import messages as msg
+from gearvisor.gearman import addresses
 from gearvisor.helpers import resolver
 from gearvisor.master import bus as ev
 from gearvisor.master import probe as probe_mod
@@ -216,6 +217,8 @@ def test_a_named_server_is_probed_at_the_address_the_resolver_helper_gives(named
     answer(helper)
     m.step()
     assert probed.to(("10.1.2.3", 4730)) == [m.clock.now]  # as soon as the answer came
+    # children forked from now on start with it (gearman/addresses.py)
+    assert addresses.known()[NAMED] == (socket.AF_INET, ("10.1.2.3", 4730))
     assert m.arbiter.parts(m.clock.now)["resolver"]["pid"] == helper.pid
 
 
@@ -373,18 +376,35 @@ def test_a_resolver_that_never_answers_is_restarted_and_asked_again(
     assert second.read_input() == b"4730 gearmand.example\n"
 
 
-def test_a_reload_that_leaves_no_host_name_stops_the_resolver(named, tmp_path: Path) -> None:
-    m, probe, probed = named
-    m.step()
-    helper = the_resolver(m)
+def reload_without_names(m: FakeMaster, tmp_path: Path) -> None:
+    """Reload to a config whose only server is a literal address."""
     (tmp_path / "gearvisor.yaml").write_text(yaml.safe_dump({
         "watch_config": False, "probe_interval": "4s", "servers": ["127.0.0.1:4731"],
         "pools": {"web": {"processes": 0, "functions": {"f": "examples.text:echo"},
                           "watch": False}}}))
     assert m.arbiter.reload("test") is None
     m.step()
+
+
+def test_a_reload_that_leaves_no_host_name_stops_the_resolver(named, tmp_path: Path) -> None:
+    m, probe, probed = named
+    m.step()
+    helper = the_resolver(m)
+    reload_without_names(m, tmp_path)
     assert signal.SIGTERM in helper.received
+    assert NAMED not in addresses.known()  # (it was never answered; see below)
     helper.exit(0)
     m.advance(5.0)
     assert [c for c in m.system.forked if c.alive] == []
     assert "resolver" not in m.arbiter.parts(m.clock.now)
+
+
+def test_a_server_no_pool_uses_any_more_is_forgotten_by_the_children_to_come(
+        named, tmp_path: Path) -> None:
+    m, probe, probed = named
+    m.step()
+    answer(the_resolver(m))
+    m.step()
+    assert NAMED in addresses.known()
+    reload_without_names(m, tmp_path)
+    assert NAMED not in addresses.known()

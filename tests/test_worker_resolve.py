@@ -164,3 +164,24 @@ def test_a_failed_connect_has_the_next_one_look_the_name_up_unless_dns_is_down(
         assert resolver.calls == 4
     finally:
         w.close()
+
+
+def test_addresses_the_master_had_at_fork_are_used_without_a_lookup(resolver) -> None:
+    """A child forked while DNS hangs connects at once to the address the master's
+    resolver helper gave (gearman/addresses.py), and looks the name up itself only once
+    RESOLVE_EVERY has passed, or a connect failed."""
+    resolver.up = False
+    clock = Clock()
+    w = Worker([(NAME, resolver.port)], {"f": lambda job: b""}, "t:p:0", Log(), clock=clock,
+               addresses={(NAME, resolver.port): (socket.AF_INET, ("127.0.0.1", resolver.port)),
+                          ("other.example", 1): (socket.AF_INET, ("10.0.0.1", 1))})
+    try:
+        conn = w.conns[0]
+        w._connect(conn, clock.now)
+        assert conn.sock is not None and resolver.calls == 0
+        assert list(w._addresses) == [(NAME, resolver.port)]  # only its own servers
+        w._drop(conn, "connect: Connection refused")
+        w._connect(conn, clock.now + 1.0)  # looked up (DNS down): the master's address
+        assert conn.sock is not None and resolver.calls == 1
+    finally:
+        w.close()

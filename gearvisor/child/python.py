@@ -26,6 +26,7 @@ from gearvisor import messages as msg
 from gearvisor.child.journal import ChildJournal
 from gearvisor.child.postfork import after_fork
 from gearvisor.config import Config, PoolConfig
+from gearvisor.gearman import addresses
 from gearvisor.gearman.worker import Bell, Hooks, JobTimer, Keepalive, Lanes, Worker
 from gearvisor.helpers.watcher import send_import_report
 from gearvisor.job import Job, JobTimeout
@@ -568,6 +569,7 @@ def _child_main(cfg: Config, pool: PoolConfig, slot: int, generation: int, event
     ka = pool.keepalive
     worker = Worker(
         servers=[(s.host, s.port) for s in pool.servers],
+        addresses=addresses.known(),  # the master's lookups: no wait while DNS hangs
         functions=functions,
         client_id=f"{pool.client_id_prefix}:{pool.name}:{slot}",
         log=logger,

@@ -367,6 +367,8 @@ class Worker:
             a bigger job is failed (WORK_FAIL, with a warning saying why) without reading it.
         bell: the pool's bell (wake_one): this worker sleeps on the servers only while it
             holds the token, and otherwise waits on the bell; None: it always sleeps on them.
+        addresses: (host, port) -> (family, sockaddr) known already (the master's, at
+            fork): used without a lookup for RESOLVE_EVERY.
     """
 
     def __init__(
@@ -388,11 +390,17 @@ class Worker:
         max_job_size: int = DEFAULT_MAX_JOB,
         lanes: Lanes | None = None,
         bell: Bell | None = None,
+        addresses: dict[tuple[str, int], tuple[int, Any]] | None = None,
     ) -> None:
         self.max_job_size = max_job_size
         # Each server's last looked-up address: (family, sockaddr, when the next lookup is
-        # due, whether the last lookup worked) (_address)
-        self._addresses: dict[tuple[str, int], tuple[int, Any, float, bool]] = {}
+        # due, whether the last lookup worked) (_address). Those the master had when it
+        # forked this child (`addresses`, gearman/addresses.py) count as just looked up.
+        fresh = clock() + RESOLVE_EVERY
+        self._addresses: dict[tuple[str, int], tuple[int, Any, float, bool]] = {
+            key: (family, addr, fresh, True)
+            for key, (family, addr) in (addresses or {}).items()
+            if key in {(h, p) for h, p in servers}}
         self.conns = [Connection(h, p) for h, p in servers]  # one per server: readiness, sleep
         # With lanes (and prefetch 1), a second connection per server holds the next job
         # while one runs; `all` is every connection, both lanes.

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from gearvisor import messages as msg
-from gearvisor.gearman import admin
+from gearvisor.gearman import addresses, admin
 from gearvisor.helpers.resolver import request as resolve_request
 from gearvisor.helpers.resolver import run_resolver
 from gearvisor.master import bus as ev
@@ -360,6 +360,7 @@ class Probe(Component):
                  + (message.error or f"unusable address {str(message.address)[:80]}"))
         if address is not None:
             target.address = address  # (a failed lookup keeps the last good one)
+            addresses.remember(*target.server, address)  # (children forked from now on)
         if not target.awaiting:
             return
         if target.deadline is not None:
@@ -374,6 +375,7 @@ class Probe(Component):
     def _drop(self, target: _Target) -> None:
         self._close_poll(target)
         target.awaiting = False
+        addresses.forget(*target.server)
         if target.timer is not None:
             target.timer.cancel()
             target.timer = None
