@@ -23,6 +23,7 @@ run takes a few minutes; every wait is bounded (DEADLINE).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import signal
@@ -71,7 +72,10 @@ def drain_under_callgrind(repo: Path, jobs: int) -> int:
                 ["valgrind", "--tool=callgrind", "--trace-children=yes",
                  f"--callgrind-out-file={out_dir}/cg.%p", PYTHON, "-m", "gearvisor",
                  "-c", str(config)],
-                cwd=str(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                cwd=str(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                # str hashes seeded alike in both drains: dicts and sets built the same way
+                # cost the same, so the difference between the drains is the jobs
+                env={**os.environ, "PYTHONHASHSEED": "0"})
             poller = T.StatusPoller(gm.port)
             try:
                 T.poll_until(lambda: poller.poll()[0] == 0 or None, deadline, 0.5,
