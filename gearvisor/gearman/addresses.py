@@ -11,9 +11,7 @@ resolves names its own way.
 
 from __future__ import annotations
 
-from typing import Any
-
-Address = tuple[int, Any]  # (address family, sockaddr)
+from gearvisor.gearman.admin import Address
 
 _known: dict[tuple[str, int], Address] = {}
 

@@ -63,8 +63,9 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
+from gearvisor.gearman.addresses import Address
 from gearvisor.gearman.epoll import READ, WRITE, Poller
 from gearvisor.gearman.protocol import (
     DEFAULT_MAX_PACKET,
@@ -289,6 +290,15 @@ class FaultLog:
         return n
 
 
+class _LookedUp(NamedTuple):
+    """A server's address as a lookup gave it, and when to look again (Worker._address)."""
+
+    family: int
+    sockaddr: Any
+    due: float  # the next connect after this looks the name up again
+    ok: bool  # the last lookup worked (else this is the one before it)
+
+
 class Connection:
     """One job server: its socket, decoder and state."""
 
@@ -390,17 +400,16 @@ class Worker:
         max_job_size: int = DEFAULT_MAX_JOB,
         lanes: Lanes | None = None,
         bell: Bell | None = None,
-        addresses: dict[tuple[str, int], tuple[int, Any]] | None = None,
+        addresses: dict[tuple[str, int], Address] | None = None,
     ) -> None:
         self.max_job_size = max_job_size
-        # Each server's last looked-up address: (family, sockaddr, when the next lookup is
-        # due, whether the last lookup worked) (_address). Those the master had when it
+        # Each server's last looked-up address (_address). Those the master had when it
         # forked this child (`addresses`, gearman/addresses.py) count as just looked up.
         fresh = clock() + RESOLVE_EVERY
-        self._addresses: dict[tuple[str, int], tuple[int, Any, float, bool]] = {
-            key: (family, addr, fresh, True)
-            for key, (family, addr) in (addresses or {}).items()
-            if key in {(h, p) for h, p in servers}}
+        ours = set(servers)
+        self._addresses: dict[tuple[str, int], _LookedUp] = {
+            key: _LookedUp(family, addr, fresh, True)
+            for key, (family, addr) in (addresses or {}).items() if key in ours}
         self.conns = [Connection(h, p) for h, p in servers]  # one per server: readiness, sleep
         # With lanes (and prefetch 1), a second connection per server holds the next job
         # while one runs; `all` is every connection, both lanes.
@@ -825,14 +834,14 @@ class Worker:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def _address(self, conn: Connection, now: float) -> tuple[int, Any]:
+    def _address(self, conn: Connection, now: float) -> Address:
         """(family, sockaddr) of conn's server: the last lookup's until its next lookup is
         due (RESOLVE_EVERY, or sooner: _connect_failed), and while a new one fails (raises
         OSError when there is none)."""
         key = (conn.host, conn.port)
         known = self._addresses.get(key)
-        if known is not None and now < known[2]:
-            return known[0], known[1]
+        if known is not None and now < known.due:
+            return known.family, known.sockaddr
         try:
             family, _, _, _, addr = socket.getaddrinfo(conn.host, conn.port,
                                                        type=socket.SOCK_STREAM)[0]
@@ -840,20 +849,21 @@ class Worker:
             if known is None:
                 raise
             # asked again in RESOLVE_EVERY, whatever the connects do (each lookup blocks)
-            self._addresses[key] = (known[0], known[1], now + RESOLVE_EVERY, False)
+            self._addresses[key] = known._replace(due=now + RESOLVE_EVERY, ok=False)
             self.log.warning("cannot look up the job server's address; using the last one "
-                             "it had", server=conn.label, address=str(known[1][0]),
+                             "it had", server=conn.label, address=str(known.sockaddr[0]),
                              error=str(e))
-            return known[0], known[1]
-        self._addresses[key] = (family, addr, now + RESOLVE_EVERY, True)
+            return known.family, known.sockaddr
+        self._addresses[key] = _LookedUp(family, addr, now + RESOLVE_EVERY, True)
         return family, addr
 
     def _connect_failed(self, conn: Connection) -> None:
         """A connect to the server's address failed: after a lookup that worked, the next
         connect looks the name up again (at once: when DNS answers, a lookup is cheap)."""
-        known = self._addresses.get((conn.host, conn.port))
-        if known is not None and known[3]:
-            self._addresses[(conn.host, conn.port)] = (known[0], known[1], 0.0, True)
+        key = (conn.host, conn.port)
+        known = self._addresses.get(key)
+        if known is not None and known.ok:
+            self._addresses[key] = known._replace(due=0.0)
 
     def _connect(self, conn: Connection, now: float) -> None:
         try:

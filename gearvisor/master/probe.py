@@ -215,13 +215,17 @@ class Probe(Component):
             return
         self._poll(target, now)
 
+    @property
+    def timeout(self) -> float:
+        """How long a probe (or the wait for its server's name) may take."""
+        return min(PROBE_TIMEOUT, self.interval)
+
     def _poll(self, target: _Target, now: float) -> None:
         """Connect and ask (the address known, or a literal one)."""
-        timeout = min(PROBE_TIMEOUT, self.interval)
         try:
             if target.address is None:
                 target.address = admin.resolve(*target.server)  # a literal: no lookup
-            poll = self._make_poll(target.address, now + timeout)
+            poll = self._make_poll(target.address, now + self.timeout)
         except (OSError, UnicodeError, OverflowError, ValueError, TypeError) as e:
             self._finished(target, None, f"cannot connect: {e}")
             return
@@ -248,7 +252,7 @@ class Probe(Component):
     def _late(self, target: _Target) -> None:
         poll = target.poll
         if poll is not None:
-            poll.finish(f"no whole answer within {min(PROBE_TIMEOUT, self.interval):g}s")
+            poll.finish(f"no whole answer within {self.timeout:g}s")
             self._end_poll(target)
 
     def _end_poll(self, target: _Target) -> None:
@@ -333,7 +337,7 @@ class Probe(Component):
     def _await_name(self, target: _Target, now: float) -> None:
         """Ask the resolver for the name (unless it is asked already) and wait for it as
         long as for a probe's answer."""
-        timeout = min(PROBE_TIMEOUT, self.interval)
+        timeout = self.timeout
         target.awaiting = True
         if not target.resolving:
             self._ask(target, now)
