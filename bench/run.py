@@ -48,6 +48,20 @@ def machine() -> str:
             f"{platform.python_version()}, {version}")
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(all, stolen) CPU time of the whole machine so far, in clock ticks (/proc/stat's
+    `cpu` line; (0, 0) where there is none). Steal is time the hypervisor gave this VM's
+    CPUs to someone else: every rate in a run that lost much of it is low, and by how much
+    depends on when it struck, so a run's steal says how far to trust it."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    # user nice system idle iowait irq softirq steal [guest guest_nice: inside user/nice]
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+
+
 def ratios(rows: list[Row]) -> list[str]:
     """gearvisor / competitor for every case where both were measured (better = >1)."""
     by_case: dict[tuple[str, str], dict[str, Row]] = defaultdict(dict)
@@ -67,10 +81,12 @@ def ratios(rows: list[Row]) -> list[str]:
     return out
 
 
-def report(rows: list[Row], targets: list[Target], seconds: float, tiny: bool) -> str:
+def report(rows: list[Row], targets: list[Target], seconds: float, tiny: bool,
+           steal: float) -> str:
     today = datetime.date.today().isoformat()
     lines = [f"# gearvisor benchmarks, {today}{' (tiny mode: not for quoting)' if tiny else ''}",
-             "", f"Machine: {machine()}. Whole run: {seconds:.0f} s.", "",
+             "", f"Machine: {machine()}. Whole run: {seconds:.0f} s. CPU time stolen by the "
+             f"hypervisor during the run: {steal:.1%}.", "",
              "## Targets", "", "| target | measured | goal | met |", "| --- | --- | --- | --- |"]
     for t in targets:
         lines.append(f"| {t.name} | {t.value:.2f} | {t.goal} | {'yes' if t.ok else 'NO'} |")
@@ -122,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     targets: list[Target] = []
     started = time.monotonic()
+    ticks = cpu_ticks()
     for section in args.only.split(","):
         if section not in SECTIONS:
             p.error(f"unknown section {section!r}; known: {', '.join(SECTIONS)}")
@@ -131,11 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         targets += got_targets
         print(f"{section}: {len(got_rows)} measurements", flush=True)
     seconds = time.monotonic() - started
-    text = report(rows, targets, seconds, args.tiny)
+    (total0, stolen0), (total1, stolen1) = ticks, cpu_ticks()
+    total, stolen = total1 - total0, stolen1 - stolen0
+    steal = stolen / total if total > 0 else 0.0
+    text = report(rows, targets, seconds, args.tiny, steal)
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(
         {"date": datetime.date.today().isoformat(), "machine": machine(), "tiny": args.tiny,
-         "seconds": round(seconds, 1), "rows": [r.as_dict() for r in rows],
+         "seconds": round(seconds, 1), "steal": round(steal, 4),
+         "rows": [r.as_dict() for r in rows],
          "targets": [vars(t) for t in targets]}, indent=1))
     chart(rows, out / "results.png")
     print(text)

@@ -21,6 +21,7 @@ def test_bench_tiny_mode_writes_the_report(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["tiny"] is True
+    assert 0 <= data["steal"] < 1  # (/proc/stat's steal over the run: how far to trust it)
     sections = {r["section"] for r in data["rows"]}
     assert {"throughput", "startup", "reload", "overhead", "recovery"} <= sections
     competitors = {r["competitor"] for r in data["rows"]}
@@ -29,6 +30,7 @@ def test_bench_tiny_mode_writes_the_report(tmp_path: Path) -> None:
     assert data["targets"] and all({"name", "value", "goal", "ok"} <= set(t)
                                    for t in data["targets"])
     md = (tmp_path / "results.md").read_text()
+    assert "CPU time stolen by the hypervisor during the run: " in md
     assert "## Targets" in md and "## Ratios" in md and "| throughput |" in md
     one_core = {r["competitor"] for r in data["rows"] if r["case"].endswith("all on one core")}
     assert {"gearvisor", "libgearman"} <= one_core  # (the placement-free round trips)
