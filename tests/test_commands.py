@@ -395,6 +395,44 @@ def test_a_command_workers_crash_mid_job_and_its_error_are_in_the_journal(
     assert m.status()["journal"]["crash_records"] >= 1
 
 
+@pytest.mark.parametrize("lang", [LANGS["php"], LANGS["perl"]])
+def test_a_command_workers_job_past_its_hard_timeout_is_killed_recorded_and_replaced(
+        gearmand, master, tmp_path, lang):
+    # A command pool maps its functions to their keys: the slow one gets a timeout. The
+    # shim's JobStarted times it; at timeout + timeout_grace the worker's group is
+    # SIGKILLed, the kill is in the journal, and a new worker registers with gearmand.
+    exe, _, record, slow, _ = lang
+    pool = lang_pool(tmp_path, lang, processes=1, timeout_grace="300ms",
+                     graceful_timeout="3s", backoff={"initial": 0, "jitter": 0})
+    pool["functions"] = {name: None for name in pool["functions"]}
+    pool["functions"][slow] = {"timeout": "500ms"}
+    m = start(gearmand, master, {"w": pool})
+    wait_for(lambda: len(registered(gearmand, "w", record)) == 1, timeout=20,
+             message="the worker registered")
+    pid = wait_for(lambda: [c["pid"] for c in m.status()["pools"][0]["children"]
+                            if c["state"] == "idle"], message="ready in gearvisor")[0]
+    with Client(HOST, gearmand.port, timeout=20) as c:
+        assert c.call(slow, "0.1").ok  # in time: the worker lives on
+        assert c.call(record, "x", "after-in-time").ok
+        assert any(w.client_id.endswith(f":{pid}") for w in registered(gearmand, "w", record))
+        c.submit_background(slow, "600", "hung-1")
+        killed = wait_for(lambda: m.events("job hung past its timeout; killing the child"),
+                          timeout=20, message="the hard timeout")[0]
+    assert (killed["child_pid"], killed["function"], killed["timeout"]) == (pid, slow, 0.5)
+    rows = wait_for(lambda: [r for r in journal_rows(tmp_path, slow)
+                             if r["outcome"] == "killed"], timeout=20,
+                    message="the kill recorded")
+    assert (rows[-1]["pool"], rows[-1]["error_class"]) == ("w", "Killed")
+    assert "hard timeout" in rows[-1]["error"], rows[-1]
+    if exe == "php":  # Gearman::Worker (Perl) does not get the unique (GRAB_JOB)
+        assert rows[-1]["unique"] == "hung-1"
+    # gearmand's own view: a worker that is not the killed one registers.
+    wait_for(lambda: [w for w in registered(gearmand, "w", record)
+                      if not w.client_id.endswith(f":{pid}")], timeout=20,
+             message="a new worker registered")
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
 def test_a_command_writing_garbage_and_huge_lines_to_fd_3_does_not_hurt_the_master(
         gearmand, master, tmp_path):
     # fd 3 is the worker's to write: non-JSON, unknown events, wrong types, a JobStarted

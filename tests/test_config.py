@@ -297,6 +297,51 @@ def test_missing_functions(tmp_path: Path) -> None:
                    'worker)')
 
 
+COMMAND_MAPPING = """\
+pools:
+  php:
+    command: [php, worker.php]
+    ready: registered
+    functions:
+      resize: {timeout: 30s, failed_payload: hash}
+      thumb:
+      crop: {failed_payload: drop}
+"""
+
+
+def test_a_command_pool_maps_its_functions_to_their_timeouts_and_payload_modes(
+        tmp_path: Path) -> None:
+    cfg = config.load(str(write(tmp_path, COMMAND_MAPPING)))
+    pool = cfg.pools["php"]
+    assert list(pool.command) == ["php", "worker.php"]
+    assert sorted(pool.functions) == ["crop", "resize", "thumb"]
+    assert pool.timeouts == {"resize": 30.0}
+    assert pool.failed_payload == {"resize": "hash", "thumb": "store", "crop": "drop"}
+
+
+@pytest.mark.parametrize(("entry", "where", "says"), [
+    ("{callable: 'app:resize'}", "resize.callable", "`callable` is for Python pools"),
+    ("{retry: {max_attempts: 3}}", "resize.retry", "`retry` is for Python pools"),
+    ("{buckets: [1, 2]}", "resize.buckets", "has no job histogram; remove `buckets`"),
+    ("'app:resize'", "resize", "Python callables are for Python pools, got 'app:resize'"),
+])
+def test_a_command_pool_function_refuses_what_only_a_python_pool_has(
+        tmp_path: Path, entry: str, where: str, says: str) -> None:
+    text = f"pools:\n  php:\n    command: [php, w.php]\n    functions:\n      resize: {entry}\n"
+    msg, path, _ = errors(tmp_path, text)
+    assert msg.startswith(f"{path}:5: pools.php.functions.{where}: "), msg
+    assert says in msg
+
+
+@pytest.mark.parametrize("entry", ["", "{timeout: 5s}"])
+def test_a_python_pool_function_without_a_callable_says_what_to_add(
+        tmp_path: Path, entry: str) -> None:
+    text = f"pools:\n  text:\n    functions:\n      reverse: {entry}\n"
+    msg, path, _ = errors(tmp_path, text)
+    assert msg == (f'{path}:4: pools.text.functions.reverse: missing "callable": map the '
+                   'function to "module:callable" (or give the pool a `command:`)')
+
+
 def test_missing_pools(tmp_path: Path) -> None:
     msg, path, _ = errors(tmp_path, "log_level: info\n")
     assert msg.startswith(f"{path}:1: pools: expected a mapping of pool name")

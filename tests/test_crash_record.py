@@ -17,8 +17,8 @@ from conftest import HOST, wait_for
 from gearvisor import messages as msg
 from gearvisor.gearman.client import Client
 from gearvisor.journal import store
-from gearvisor.master.journal import RunningJob, crash_record, reported_job
-from gearvisor.policy.child import Child
+from gearvisor.master.journal import crash_record
+from gearvisor.policy.child import Child, RunningJob, reported_job
 
 
 def pool(failed_payload: dict[str, str] | None = None) -> SimpleNamespace:

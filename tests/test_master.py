@@ -24,7 +24,9 @@ import pytest
 import yaml
 from fakeos import FakeChild, FakeMaster, signal_status
 
+from gearvisor.config import load
 from gearvisor.master import bus as ev
+from gearvisor.master.alerts import Alerts
 from gearvisor.master.arbiter import HANDLED_SIGNALS, RETIRE_SIGNAL
 from gearvisor.master.commands import Commands
 from gearvisor.master.component import Component
@@ -32,7 +34,7 @@ from gearvisor.master.exitlog import ExitLog
 from gearvisor.master.groups import Groups
 from gearvisor.master.health import HEALTH_INTERVAL, Health
 from gearvisor.master.probe import Probe
-from gearvisor.messages import BootError, ProbationPassed, Quarantined, Ready
+from gearvisor.messages import BootError, JobEnded, JobStarted, ProbationPassed, Quarantined, Ready
 from gearvisor.policy.child import EXIT_BOOT_ERROR, ChildState
 from gearvisor.policy.pool import ExitKind, Pool, roll_results
 from gearvisor.shm.poison import job_key
@@ -562,6 +564,22 @@ def test_a_probe_that_crashes_keeps_the_circuit_open_says_so_and_probes_again_la
     assert len(m.of(ev.CircuitOpened)) == 2
 
 
+def killed_past_timeout_and_grace(m: FakeMaster, child: FakeChild, limit: float,
+                                  log: io.StringIO) -> list[dict]:
+    """The child's job runs until `limit` (its start + timeout + grace) unharmed, and its
+    group is SIGKILLed at the next health check: a crash to restart. The log's words."""
+    record = m.arbiter.children[child.pid][0]
+    m.advance_to(limit)  # busy for exactly timeout + grace: not past it
+    assert m.system.sent == []
+    m.advance_to(limit + HEALTH_INTERVAL)
+    assert m.system.sent == [("killpg", child.pid, signal.SIGKILL)]
+    assert not child.alive and child.pid not in m.arbiter.children
+    assert record.killed_for == "timeout"
+    exited = m.of(ev.ChildExited)[-1]
+    assert exited.decision.kind is ExitKind.CRASHED and exited.decision.restart_in is not None
+    return [x for x in lines(log) if x["event"].startswith("job hung past its timeout")]
+
+
 def test_a_job_busy_past_timeout_and_grace_gets_its_group_sigkilled_and_a_strike(
         build: Build, log: io.StringIO) -> None:
     m = build((Health(),), processes=1,
@@ -575,18 +593,44 @@ def test_a_job_busy_past_timeout_and_grace_gets_its_group_sigkilled_and_a_strike
     record.scoreboard.job_started("f", "H:host:1", "job-1", began, size=8, key=key)
     m.arbiter.running.set(record.running_index, key)
 
-    m.advance_to(began + 3.0)  # busy for exactly timeout + grace: not past it
-    assert m.system.sent == []
-    m.advance_to(began + 3.0 + HEALTH_INTERVAL)
-    assert m.system.sent == [("killpg", child.pid, signal.SIGKILL)]
-    assert not child.alive and child.pid not in m.arbiter.children
-    assert record.killed_for == "timeout"
+    hung = killed_past_timeout_and_grace(m, child, began + 3.0, log)
     assert m.arbiter.poison.strikes(key) == 1
-    exited = m.of(ev.ChildExited)[-1]
-    assert exited.decision.kind is ExitKind.CRASHED and exited.decision.restart_in is not None
-    hung = [x for x in lines(log) if x["event"].startswith("job hung past its timeout")]
     assert len(hung) == 1
     assert (hung[0]["function"], hung[0]["unique"], hung[0]["timeout"]) == ("f", "job-1", 2.0)
+
+
+def test_a_command_childs_reported_job_past_timeout_and_grace_gets_its_group_sigkilled(
+        build: Build, log: io.StringIO, tmp_path: Path) -> None:
+    """A command worker has no scoreboard: its job is the one its reporting shim said it
+    started (JobStarted on fd 3) and has not ended. Only that is timed."""
+    settings = {"processes": 1, "command": ["/bin/true"], "timeout_grace": 1.0,
+                "functions": {"f": {"timeout": 2.0}, "g": None}}
+    (tmp_path / "alerts.yaml").write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / "state"), "pools": {"web": pool_settings(**settings)}}))
+    alerts = Alerts(load(str(tmp_path / "alerts.yaml")), wall=lambda: 1e9)
+    m = build((Health(), Commands(Probe()), alerts), **settings)
+    (child,) = start_ready(m)
+    record = m.arbiter.children[child.pid][0]
+    assert record.scoreboard is None and record.timeouts == {"f": 2.0}
+    began = m.clock.now
+    child.say(JobStarted("f", "H:host:1", "job-1", "", 0))
+    m.step()  # the master reads it now
+    m.advance_to(began + 2.5)
+    child.say(JobEnded())  # ended in time: nothing is timed any more
+    m.step()
+    m.advance_to(began + 10.0)
+    child.say(JobStarted("g", "H:host:2", "job-2", "", 0))  # g has no timeout
+    m.step()
+    m.advance_to(began + 20.0)
+    assert m.system.sent == []
+
+    began = m.clock.now
+    child.say(JobStarted("f", "H:host:3", "job-3", "", 0))
+    m.step()
+    hung = killed_past_timeout_and_grace(m, child, began + 3.0, log)
+    assert [(x["function"], x["unique"], x["timeout"]) for x in hung] == [("f", "job-3", 2.0)]
+    assert {"alertname": "JobHung", "pool": "web", "function": "f"} in alerts.status(
+        m.clock.now)["alerts"]["firing_labels"]
 
 
 # -- the control socket out of fds --------------------------------------------------------------

@@ -108,6 +108,35 @@ def _read_scope(col: _Collector, path: tuple, data: dict, scope: str) -> dict[st
     return values
 
 
+_NOT_IN_COMMAND_POOLS = {
+    "callable": "a command pool's functions are the names its command registers; "
+                "`callable` is for Python pools: remove it",
+    "retry": "`retry` is for Python pools: a command pool's failed jobs are dead letters at "
+             "once (the retry decision is the Python child's); remove it",
+    "buckets": "a command pool's children do not count their jobs, so it has no job "
+               "histogram; remove `buckets`",
+}
+
+
+def _command_functions(col: _Collector, path: tuple, raw: dict) -> dict:
+    """A command pool's `functions` mapping without what only a Python pool may have (each
+    reported here), for the `functions` parser: a command pool's function takes `timeout`
+    and `failed_payload`, or nothing."""
+    out: dict = {}
+    for name, target in raw.items():
+        if isinstance(target, dict):
+            for key in sorted(_NOT_IN_COMMAND_POOLS.keys() & target.keys(), key=str):
+                col.add(path + (name, key), _NOT_IN_COMMAND_POOLS[key])
+            out[name] = {k: v for k, v in target.items() if k not in _NOT_IN_COMMAND_POOLS}
+        else:
+            if target is not None:
+                col.add(path + (name,), "a command pool's function maps to nothing or to "
+                        "its keys such as {timeout: 30s}; Python callables are for Python "
+                        f"pools, got {show(target)}")
+            out[name] = None
+    return out
+
+
 def _default(setting: Setting) -> Any:
     if setting.key == "client_id_prefix":
         return token(socket.gethostname().split(".")[0] or "gearvisor")
@@ -176,19 +205,25 @@ def parse(text_: str, file: str, *, euid: int | None = None) -> Config:
         if not isinstance(praw, dict):
             col.add(path, f"expected a mapping of pool settings, got {show(praw)}")
             continue
+        if "command" in praw and isinstance(praw.get("functions"), dict):
+            praw = {**praw, "functions": _command_functions(col, path + ("functions",),
+                                                            praw["functions"])}
         own = _read_scope(col, path, praw, "pool")
         if "functions" not in praw and "command" not in praw:
             col.add(path, 'missing "functions": map each gearman function name to '
                     '"module:callable" (or give a `command:` to run an external worker)')
-        elif "command" in praw and isinstance(praw.get("functions"), dict):
-            col.add(path + ("functions",), "a command pool lists the function names its "
-                    "command registers (a list), not Python callables")
         elif "command" not in praw and isinstance(praw.get("functions"), list):
             col.add(path + ("functions",), 'a list of names needs `command:`; a Python pool '
                     'maps each name to "module:callable"')
-        if praw.get("ready") == "registered" and not isinstance(praw.get("functions"), list):
-            col.add(path + ("ready",), "`ready: registered` needs `functions:`, the list of "
-                    "function names the command registers")
+        elif "command" not in praw and isinstance(praw.get("functions"), dict):
+            for fname, target in praw["functions"].items():
+                if target is None or isinstance(target, dict) and "callable" not in target:
+                    col.add(path + ("functions", fname), 'missing "callable": map the '
+                            'function to "module:callable" (or give the pool a `command:`)')
+        if praw.get("ready") == "registered" and not isinstance(praw.get("functions"),
+                                                                (list, dict)):
+            col.add(path + ("ready",), "`ready: registered` needs `functions:`, the function "
+                    "names the command registers")
         merged: dict[str, Any] = {}
         origin: dict[str, tuple] = {}  # where a value was written, for error messages
         for s in SETTINGS:

@@ -141,7 +141,9 @@ SETTINGS: tuple[Setting, ...] = (
             'Gearman function name -> Python callable "module:attr", or a mapping '
             '`{callable: "module:attr", timeout: 60s, buckets: [0.1, 1, 10]}` (`buckets`: '
             "that function's own histogram bounds), which may also hold the function keys "
-            "below (`retry`, `failed_payload`). Required.", scope="pool"),
+            "below (`retry`, `failed_payload`). Required. A `command:` pool lists the names "
+            "its command registers, or maps them to `{timeout: 30s, failed_payload: hash}` "
+            "or to nothing.", scope="pool"),
     *_FUNCTION_SETTINGS,
     Setting("watch", watch_list, None,
             "Files whose change rolls the pool: paths or globs (`**` spans directories), "
@@ -190,7 +192,8 @@ SETTINGS: tuple[Setting, ...] = (
             "descendants alone (workers that daemonize on purpose)."),
     Setting("timeout_grace", duration_upto(HOUR), 5.0,
             "A job past its function's `timeout` gets an exception (soft); this much later "
-            "the master kills the child (hard), which counts toward `poison_after`."),
+            "the master kills the child (hard), which counts toward `poison_after`. A "
+            "command pool's job gets only the kill."),
     Setting("quarantine.enabled", boolean, True,
             "A child that fails fast, job after job, stops taking jobs (self-quarantine)."),
     Setting("quarantine.window", int_range(1, 10000), 20,

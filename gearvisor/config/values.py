@@ -432,7 +432,9 @@ def functions(value: Any, extra: dict[str, Callable[[Any], Any]] | None = None) 
     """Gearman function name -> "module:attr" of the Python callable that runs it, or a
     mapping {callable: "module:attr", timeout: 30s, buckets: [0.1, 1, 10]} plus the keys of
     `extra` (key -> its parser). In a `command:` pool: a list of the function names the
-    command registers (for `ready: registered`)."""
+    command registers (for `ready: registered`), or a mapping of them to their keys with no
+    `callable` (or to nothing). A function given no callable maps to "": the loader says
+    which pools may have one (gearvisor.config.load)."""
     extra = extra or {}
     if isinstance(value, list) and value:
         out = Functions()
@@ -485,7 +487,13 @@ def functions(value: Any, extra: dict[str, Callable[[Any], Any]] | None = None) 
                     raise Invalid("expected a timeout > 0", at=(name, "timeout"),
                                   value=target["timeout"])
                 out.timeouts[name] = timeout
-            target = target.get("callable")
+            if "callable" not in target:
+                out[name] = ""  # (a command pool's function; load.py checks the pool)
+                continue
+            target = target["callable"]
+        elif target is None:
+            out[name] = ""
+            continue
         if not isinstance(target, str) or not _CALLABLE.fullmatch(target):
             raise Invalid('expected "module:callable" such as "examples.text:reverse"',
                           at=(name,), value=target)

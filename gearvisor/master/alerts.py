@@ -289,7 +289,8 @@ class Alerts(Component):
         # The engine's exit kinds are the pool's (crashed, boot_error, roll_failed, stopped).
         self._fact(facts.ChildExit(pool.name, child.slot, event.decision.kind.value))
         if child.killed_for == "timeout":
-            function = job.function if job is not None and job.busy else ""
+            running = child.running()
+            function = running.function if running is not None else ""
             self._fact(facts.HardTimeout(pool.name, child.slot, function))
         if event.decision.kind is ExitKind.ROLL_FAILED:
             self._fact(facts.RollFact(pool.name, "halted", pool.halted or ""))

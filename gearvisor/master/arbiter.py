@@ -34,7 +34,13 @@ from gearvisor.master.pipes import read_lines
 from gearvisor.master.status import fleet_status, summary
 from gearvisor.master.system import System
 from gearvisor.policy.backoff import jittered
-from gearvisor.policy.child import EXIT_BOOT_ERROR, Child, ChildState, describe_status
+from gearvisor.policy.child import (
+    EXIT_BOOT_ERROR,
+    Child,
+    ChildState,
+    describe_status,
+    reported_job,
+)
 from gearvisor.policy.pool import Circuit, Pool, Retire, Spawn
 from gearvisor.shm.bell import Bell
 from gearvisor.shm.lanes import FOLLOWING, HOLDING_BELL, LENT, MAX_TAG, LaneHints
@@ -332,6 +338,7 @@ class Arbiter:
         child.event_overflows += bool(dropped)
         for line in lines:
             if line.startswith(JOURNAL_PREFIX):  # not decoded here: the store helper checks
+                child.job = None  # a command worker's record of its job: the job is over
                 self.bus.publish(ev.JournalLines(child, pool, line))
                 continue
             try:
@@ -350,6 +357,14 @@ class Arbiter:
                 self.child_ready(child, pool)
             elif isinstance(message, msg.BootError):
                 child.boot_error = message.reason
+            elif (isinstance(message, msg.JobStarted | msg.JobEnded)
+                  and child.scoreboard is None):
+                # A command child's shim: its current job, for its hard timeout (health.py)
+                # and a crash record (journal.py). A Python child's is on its scoreboard.
+                journal = self.config.journal
+                child.job = (reported_job(message, self.clock(),
+                                          journal.payload_cap if journal.enabled else 0)
+                             if isinstance(message, msg.JobStarted) else None)
             else:
                 self.bus.publish(ev.ChildSaid(child, pool, message))
 

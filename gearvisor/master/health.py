@@ -69,11 +69,11 @@ class Health(Component):
                 if pool.recycle(child, f"max_lifetime: up {now - child.started_at:.0f}s", now):
                     log.info("recycling child: a successor starts first", pool=pool.name,
                              slot=child.slot, child_pid=child.pid, reason="max_lifetime")
-            if not child.timeouts or child.scoreboard is None or child.killed_for:
+            if not child.timeouts or child.killed_for:
                 continue
-            job = child.scoreboard.read()
-            limit = child.timeouts.get(job.function) if job is not None and job.busy else None
-            if limit is not None and now - job.job_started > limit + child.timeout_grace:
+            job = child.running()
+            limit = child.timeouts.get(job.function) if job is not None else None
+            if limit is not None and now - job.started > limit + child.timeout_grace:
                 child.killed_for = "timeout"
                 log.error("job hung past its timeout; killing the child", pool=pool.name,
                           slot=child.slot, child_pid=child.pid, function=job.function,

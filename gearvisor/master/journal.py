@@ -25,11 +25,10 @@ records go to the store helper, and nothing is lost on the way.
 from __future__ import annotations
 
 import base64
-import binascii
+import dataclasses
 import hashlib
 import socket
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from gearvisor import messages as msg
@@ -40,7 +39,7 @@ from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
 from gearvisor.master.helper import HelperProcess
 from gearvisor.master.outbox import Outbox
-from gearvisor.policy.child import describe_status
+from gearvisor.policy.child import RunningJob, describe_status
 
 if TYPE_CHECKING:
     from gearvisor.config import Config
@@ -51,41 +50,6 @@ if TYPE_CHECKING:
 
 MAX_BYTES = 32 << 20  # journal lines kept for the store helper until it acks them
 MAX_PENDING = 1_000_000  # lines the helper's input queue may hold (the Outbox bounds bytes)
-
-
-@dataclass(frozen=True)
-class RunningJob:
-    """The job a child was running, wherever the master learnt it (a Python child's
-    scoreboard, a command child's JobStarted): what a crash record is built from."""
-
-    function: str
-    handle: str
-    unique: str  # as assigned: a retry's "gv:" unique is parsed by crash_record
-    started: float  # monotonic (the master's clock)
-    payload: bytes | None  # the payload's first bytes kept, None when none was kept
-    size: int  # the whole payload's length
-    cut: bool  # `payload` holds only the first bytes
-
-
-def reported_job(message: msg.JobStarted, started: float, cap: int) -> RunningJob:
-    """A command child's JobStarted as its current job: its payload decoded and cut to
-    `cap` bytes (base64 that does not decode keeps no payload)."""
-    text = message.payload_b64
-    keep = text[:4 * (cap // 3 + 1)]  # decode only what the cap keeps: 4 characters, 3 bytes
-    payload: bytes | None
-    try:
-        payload = base64.b64decode(keep, validate=True)
-    except (binascii.Error, ValueError):
-        payload = None
-    if payload is not None and not text and message.size > 0:
-        payload = None  # the worker did not send it
-    size = max(message.size, len(payload or b""))
-    cut = payload is None or len(keep) < len(text) or len(payload) > cap
-    if payload is not None:
-        payload = payload[:cap]
-        cut = cut or len(payload) < size
-    return RunningJob(message.function, message.handle, message.unique, started, payload,
-                      size, cut)
 
 
 def crash_record(job: RunningJob, child: Child, pool: Pool, status: int, now: float,
@@ -150,9 +114,6 @@ class Journal(Component):
         self.state: ev.JournalState | None = None
         self.retries: dict[tuple[str, str], int] = {}  # submitted, ever, per (pool, function)
         self.crashes = 0  # crash records this master wrote
-        # Command children's current jobs (JobStarted not ended yet), by pid: one each at
-        # most, removed at exit
-        self.reported: dict[int, RunningJob] = {}
         self.stopping = False
 
     # -- component ------------------------------------------------------------------------------
@@ -161,7 +122,6 @@ class Journal(Component):
         self.master = master
         master.bus.subscribe(ev.JournalLines, self._lines)
         master.bus.subscribe(ev.ChildExited, self._exited)
-        master.bus.subscribe(ev.ChildSaid, self._said)
         if not self.config.journal.enabled:
             return
         self.helper = HelperProcess("job store", self._body, with_input=True,
@@ -259,23 +219,9 @@ class Journal(Component):
     def _lines(self, event: ev.JournalLines) -> None:
         if self.helper is not None:
             self._send(event.line)
-        # A command worker writes a job's record instead of JobEnded: the job is over.
-        self.reported.pop(event.child.pid, None)
-
-    def _said(self, event: ev.ChildSaid) -> None:
-        """A command child's JobStarted / JobEnded: its current job, for a crash record.
-        A Python child's job is on its scoreboard; what it says about jobs is ignored."""
-        message, child = event.message, event.child
-        if child.scoreboard is not None or self.helper is None:
-            return
-        if isinstance(message, msg.JobStarted):
-            self.reported[child.pid] = reported_job(message, self.master.clock(),
-                                                    self.config.journal.payload_cap)
-        elif isinstance(message, msg.JobEnded):
-            self.reported.pop(child.pid, None)
 
     def _exited(self, event: ev.ChildExited) -> None:
-        job = self.reported.pop(event.child.pid, None)
+        job = event.child.job
         if self.helper is not None:
             if event.child.scoreboard is not None:
                 job = self._scoreboard_job(event.child)
@@ -293,15 +239,12 @@ class Journal(Component):
 
     @staticmethod
     def _scoreboard_job(child: Child) -> RunningJob | None:
-        """The job a Python child's scoreboard says it was running, or None when idle."""
+        """The job a Python child's scoreboard says it was running (None when idle), with
+        what its payload area kept of the payload."""
+        job = child.running()
         board = child.scoreboard
-        job = board.read() if board is not None else None
-        if board is None or job is None or not job.busy:
-            return None
-        copy = board.payload.read() if board.payload is not None else None
-        if copy is None:
-            return RunningJob(job.function, job.handle, job.unique, job.job_started, None,
-                              job.size, True)
+        copy = board.payload.read() if job is not None and board and board.payload else None
+        if job is None or copy is None:
+            return job
         data, size, cut = copy
-        return RunningJob(job.function, job.handle, job.unique, job.job_started, data, size,
-                          bool(cut))
+        return dataclasses.replace(job, payload=data, size=size, cut=bool(cut))

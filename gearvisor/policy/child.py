@@ -13,6 +13,8 @@ see pool.Slot.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import signal
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from gearvisor import messages as msg
     from gearvisor.shm.scoreboard import Scoreboard
 
 # Exit codes a child uses to tell the master why it ended.
@@ -46,6 +49,42 @@ _ALLOWED = {
 
 class TransitionError(RuntimeError):
     """A state change the master must never make: a bug, surfaced loudly in tests."""
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """The job a child runs (or ran when it died), wherever the master learnt it: a Python
+    child's scoreboard (and payload area), a command child's JobStarted. A hard timeout is
+    timed from `started`; a crash record is built from all of it."""
+
+    function: str
+    handle: str
+    unique: str  # as assigned: a retry's "gv:" unique is parsed by crash_record
+    started: float  # monotonic (the master's clock)
+    payload: bytes | None  # the payload's first bytes kept, None when none was kept
+    size: int  # the whole payload's length
+    cut: bool  # `payload` holds only the first bytes
+
+
+def reported_job(message: msg.JobStarted, started: float, cap: int) -> RunningJob:
+    """A command child's JobStarted as its current job: its payload decoded and cut to
+    `cap` bytes (base64 that does not decode keeps no payload)."""
+    text = message.payload_b64
+    keep = text[:4 * (cap // 3 + 1)]  # decode only what the cap keeps: 4 characters, 3 bytes
+    payload: bytes | None
+    try:
+        payload = base64.b64decode(keep, validate=True)
+    except (binascii.Error, ValueError):
+        payload = None
+    if payload is not None and not text and message.size > 0:
+        payload = None  # the worker did not send it
+    size = max(message.size, len(payload or b""))
+    cut = payload is None or len(keep) < len(text) or len(payload) > cap
+    if payload is not None:
+        payload = payload[:cap]
+        cut = cut or len(payload) < size
+    return RunningJob(message.function, message.handle, message.unique, started, payload,
+                      size, cut)
 
 
 @dataclass
@@ -78,10 +117,26 @@ class Child:
     timeouts: dict[str, float] = field(default_factory=dict, repr=False)
     timeout_grace: float = 0.0
     running_index: int = -1  # its slot in the fleet's RunningJobs table (-1: none)
+    # A command child's current job as its reporting shim said: set at JobStarted, cleared
+    # at JobEnded or a journal line (the arbiter). A Python child's is on its scoreboard.
+    job: RunningJob | None = field(default=None, repr=False)
     master_killed: bool = False  # SIGKILLed by the master for a stop that ran out of time
     kill_group: bool = True  # the pool's kill_group when it started: SIGKILL hits its group
     # Command pools: its stdout/stderr pipes (read end fd -> stream name, partial line)
     output: dict[int, tuple[str, bytearray]] = field(default_factory=dict, repr=False)
+
+    def running(self) -> RunningJob | None:
+        """The job this child runs now, or None: a Python child's from its scoreboard (with
+        no payload: the journal reads that from the payload area), a command child's as its
+        reporting shim said (`job`; a command worker without the shim runs no job the
+        master knows of)."""
+        if self.scoreboard is None:
+            return self.job
+        job = self.scoreboard.read()
+        if job is None or not job.busy:
+            return None
+        return RunningJob(job.function, job.handle, job.unique, job.job_started, None,
+                          job.size, True)
 
     def transition(self, new: ChildState) -> None:
         """Move to `new`, refusing any change not listed in _ALLOWED."""
