@@ -18,7 +18,8 @@ from gearvisor.cli.render import _duration, _size, render
 from gearvisor.config import PoolConfig, parse
 from gearvisor.helpers.watcher import Debouncer, WatcherState, WatchSpec
 from gearvisor.master.status import STATUS_VERSION, fleet_status, pool_status, summary
-from gearvisor.policy.child import Child, ChildState
+from gearvisor.messages import JobStarted
+from gearvisor.policy.child import Child, ChildState, reported_job
 from gearvisor.policy.pool import Pool, Spawn
 from gearvisor.shm.scoreboard import Scoreboard
 
@@ -209,6 +210,23 @@ def test_starting_child_busy_scoreboard_still_reads_starting(images: Pool,
     assert row["function"] == "resize"
     assert row["job_seconds"] == 0.1
 
+
+
+def test_a_command_childs_reported_job_makes_it_busy(tmp_path: Path) -> None:
+    """A command child has no scoreboard: the job its reporting shim said it started (and
+    has not ended) is its job in status; without one it is idle."""
+    cfg = parse("pools:\n  php:\n    processes: 1\n    command: [php, w.php]\n"
+                "    functions: {resize: {timeout: 30s}}\n", str(tmp_path / "p.yaml"),
+                euid=0).pools["php"]
+    pool = Pool(cfg)
+    child = make_child(pool, 0, [], state=ChildState.READY, started_at=NOW - 60, board=False)
+    pool.placed(Spawn(pool.slots[0]), child)
+    row = rows_by_role(pool_status(pool, NOW))[(0, "serving")]
+    assert (row["state"], row["function"], row["jobs_done"]) == ("idle", None, 0)
+    child.job = reported_job(JobStarted("resize", "H:host:9", "img-9", "", 0), NOW - 4.0, 0)
+    row = rows_by_role(pool_status(pool, NOW))[(0, "serving")]
+    assert (row["state"], row["function"], row["handle"], row["unique"],
+            row["job_seconds"]) == ("busy", "resize", "H:host:9", "img-9", 4.0)
 
 def test_retired_row_of_a_gone_process(images: Pool) -> None:
     row = rows_by_role(pool_status(images, NOW))[(1, "retired")]

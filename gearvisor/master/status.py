@@ -46,7 +46,7 @@ def _cpu(pid: int) -> float | None:
 def _child_row(child: Child, now: float, role: str,
                hints: LaneHints | None = None) -> dict[str, Any]:
     board = child.scoreboard.read() if child.scoreboard is not None else None
-    busy = bool(board and board.busy)
+    job = child.running()  # a command child's as its reporting shim said
     if child.state is ChildState.STARTING:
         state = "starting"
     elif child.state is ChildState.DRAINING:
@@ -56,7 +56,7 @@ def _child_row(child: Child, now: float, role: str,
     elif child.paused:
         state = "paused"
     else:
-        state = "busy" if busy else "idle"
+        state = "busy" if job is not None else "idle"
     return {
         "slot": child.slot,
         "pid": child.pid,
@@ -66,10 +66,10 @@ def _child_row(child: Child, now: float, role: str,
         "uptime": round(now - child.started_at, 3),
         "jobs_done": board.done if board else 0,
         "jobs_failed": board.failed if board else 0,
-        "function": board.function if busy else None,
-        "handle": board.handle if busy else None,
-        "unique": board.unique if busy else None,
-        "job_seconds": round(max(0.0, now - board.job_started), 3) if busy else None,
+        "function": job.function if job else None,
+        "handle": job.handle if job else None,
+        "unique": job.unique if job else None,
+        "job_seconds": round(max(0.0, now - job.started), 3) if job else None,
         "rss": _rss(child.pid),
         "cpu": _cpu(child.pid),
         "quarantined": child.quarantined,
