@@ -433,6 +433,38 @@ def test_a_command_workers_job_past_its_hard_timeout_is_killed_recorded_and_repl
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+@needs_php
+def test_a_php_workers_failed_job_is_retried_then_a_dead_letter_with_its_payload(
+        gearmand, master, tmp_path):
+    # The shim writes its error record as a dead letter with no payload; the master fills
+    # in the payload of the job it reported, the attempt, and the function's retry
+    # decision. The store helper submits the retry to gearmand; the worker fails it again;
+    # at max_attempts the failure is dead, with its payload (replayable).
+    lang = LANGS["php"].values[0]
+    pool = lang_pool(tmp_path, lang, processes=1)
+    pool["functions"] = {name: None for name in pool["functions"]}
+    pool["functions"]["php_fail"] = {"retry": {
+        "max_attempts": 2, "backoff": {"initial": "200ms", "max": "200ms"}}}
+    m = start(gearmand, master, {"w": pool})
+    wait_for(lambda: m.status()["pools"][0]["ready"] == 1, timeout=20, message="ready")
+    with Client(HOST, gearmand.port, timeout=20) as c:
+        c.submit_background("php_fail", "the impossible", "fail-r")
+    rows = wait_for(lambda: len(r := journal_rows(tmp_path, "php_fail")) == 2 and r,
+                    timeout=30, message="the first run and its retry recorded")
+    first, retry = sorted(rows, key=lambda r: r["attempt"])
+    assert [(r["attempt"], r["unique"], r["outcome"]) for r in (first, retry)] == [
+        (1, "fail-r", "error"), (2, "fail-r", "error")]
+    assert first["failure_id"] == retry["failure_id"] is not None
+    failure = journal_failure(tmp_path, first["failure_id"])
+    assert failure is not None
+    assert (failure["state"], failure["attempt"], failure["payload"]) == (
+        "dead", 2, b"the impossible")
+    assert failure["error"].strip() == "cannot do the impossible"
+    # gearmand ran it twice and holds nothing more of it.
+    wait_for(lambda: gearmand.status()["php_fail"].queued == 0, timeout=20,
+             message="php_fail's queue empty")
+
+
 def test_a_command_writing_garbage_and_huge_lines_to_fd_3_does_not_hurt_the_master(
         gearmand, master, tmp_path):
     # fd 3 is the worker's to write: non-JSON, unknown events, wrong types, a JobStarted

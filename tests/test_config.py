@@ -305,7 +305,7 @@ pools:
     functions:
       resize: {timeout: 30s, failed_payload: hash}
       thumb:
-      crop: {failed_payload: drop}
+      crop: {failed_payload: drop, retry: {max_attempts: 3}}
 """
 
 
@@ -317,11 +317,11 @@ def test_a_command_pool_maps_its_functions_to_their_timeouts_and_payload_modes(
     assert sorted(pool.functions) == ["crop", "resize", "thumb"]
     assert pool.timeouts == {"resize": 30.0}
     assert pool.failed_payload == {"resize": "hash", "thumb": "store", "crop": "drop"}
+    assert list(pool.retry) == ["crop"] and pool.retry["crop"].max_attempts == 3
 
 
 @pytest.mark.parametrize(("entry", "where", "says"), [
     ("{callable: 'app:resize'}", "resize.callable", "`callable` is for Python pools"),
-    ("{retry: {max_attempts: 3}}", "resize.retry", "`retry` is for Python pools"),
     ("{buckets: [1, 2]}", "resize.buckets", "has no job histogram; remove `buckets`"),
     ("'app:resize'", "resize", "Python callables are for Python pools, got 'app:resize'"),
 ])

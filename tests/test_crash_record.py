@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,9 +16,11 @@ import pytest
 from conftest import HOST, wait_for
 
 from gearvisor import messages as msg
+from gearvisor.config.model import RetryConfig
 from gearvisor.gearman.client import Client
 from gearvisor.journal import store
-from gearvisor.master.journal import crash_record
+from gearvisor.journal.record import JOURNAL_PREFIX, journal_line
+from gearvisor.master.journal import completed, crash_record
 from gearvisor.policy.child import Child, RunningJob, reported_job
 
 
@@ -82,6 +85,75 @@ def test_failed_payload_hash_and_drop_and_a_kill() -> None:
     assert (dropped["payload"], dropped["payload_sha256"]) == (None, None)
     assert (dropped["outcome"], dropped["error_class"]) == ("killed", "Killed")
     assert dropped["error"] == "killed by the master: its hard timeout passed"
+
+
+# -- a command worker's own records, completed by the master ------------------------------------
+
+RETRY = RetryConfig(max_attempts=3, initial=10.0, multiplier=2.0, max=60.0,
+                    outcomes=("error",))
+
+
+def shim_line(*records: dict) -> bytes:
+    """A journal line as the PHP shim writes it (decision "dead", no attempt, no payload)."""
+    return journal_line([{"outcome": "error", "function": "send", "handle": "H:x:9",
+                          "pool": "php", "slot": 2, "error": "boom", "decision": "dead",
+                          **r} for r in records]).rstrip(b"\n")
+
+
+def records_of(line: bytes) -> list:
+    assert line.startswith(JOURNAL_PREFIX)
+    return json.loads(line)["records"]
+
+
+def retrying(failed_payload: dict[str, str] | None = None) -> SimpleNamespace:
+    p = pool(failed_payload)
+    p.config.retry = {"send": RETRY}
+    return p
+
+
+def test_a_command_workers_error_gets_its_attempt_payload_and_retry_decision() -> None:
+    job = RunningJob("send", "H:x:9", "gv:41:2:mail-7", 10.0, b"hello", 5, False)
+    line = shim_line({"unique": "gv:41:2:mail-7"})
+    (rec,) = records_of(completed(line, job, retrying(), wall=1000.0, rand=lambda: 0.5))  # type: ignore[arg-type]
+    assert (rec["unique"], rec["attempt"], rec["retry_of"]) == ("mail-7", 2, 41)
+    assert (rec["payload"], rec["payload_size"], rec["payload_cut"]) == (
+        base64.b64encode(b"hello").decode(), 5, False)
+    assert rec["payload_sha256"] == hashlib.sha256(b"hello").hexdigest()
+    # attempt 2 of 3 failed: retried within the ceiling after it (10 * 2), jittered by 0.5
+    assert (rec["decision"], rec["due"]) == ("retry", 1010.0)
+    assert (rec["error"], rec["slot"]) == ("boom", 2)  # the shim's own fields stay
+
+
+def test_a_command_workers_last_attempt_or_an_unretried_function_stays_dead() -> None:
+    job = RunningJob("send", "H:x:9", "gv:41:3:mail-7", 10.0, b"hello", 5, False)
+    last = shim_line({"unique": "gv:41:3:mail-7"})
+    (rec,) = records_of(completed(last, job, retrying(), wall=1000.0))  # type: ignore[arg-type]
+    assert (rec["attempt"], rec["decision"], rec.get("due")) == (3, "dead", None)
+    first = shim_line({"unique": "mail-8"})
+    no_retry = pool({"send": "hash"})
+    no_retry.config.retry = {}
+    (rec,) = records_of(completed(first, None, no_retry, wall=1000.0))  # type: ignore[arg-type]
+    assert (rec["attempt"], rec["retry_of"], rec["decision"]) == (1, None, "dead")
+    assert "payload_size" not in rec  # no JobStarted to take it from
+
+
+def test_a_command_workers_record_without_a_unique_is_not_retried() -> None:
+    """Perl's Gearman::Worker never sees the unique: a retry of its job would look like a
+    first attempt every time, so its failures are dead letters (replayable by hand)."""
+    job = RunningJob("send", "H:x:9", "", 10.0, b"hello", 5, False)
+    (rec,) = records_of(completed(shim_line({"unique": ""}), job, retrying(), wall=1000.0))  # type: ignore[arg-type]
+    assert (rec["decision"], rec["payload_size"]) == ("dead", 5)
+
+
+def test_a_record_of_another_job_keeps_no_payload_and_garbage_passes_on_as_it_is() -> None:
+    job = RunningJob("send", "H:other", "u", 10.0, b"hello", 5, False)
+    (rec,) = records_of(completed(shim_line({"unique": "u"}), job, retrying(), wall=1.0))  # type: ignore[arg-type]
+    assert "payload" not in rec
+    for garbage in (JOURNAL_PREFIX + b"not json", JOURNAL_PREFIX + b'7]}',
+                    b'{"event": "journal", "records": 5}'):
+        assert completed(garbage, job, retrying(), wall=1.0) == garbage  # type: ignore[arg-type]
+    odd = journal_line([7, None, {"outcome": "error", "function": 3}]).rstrip(b"\n")
+    assert records_of(completed(odd, job, retrying(), wall=1.0)) == records_of(odd)  # type: ignore[arg-type]
 
 
 @pytest.mark.integration

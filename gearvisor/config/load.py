@@ -111,8 +111,6 @@ def _read_scope(col: _Collector, path: tuple, data: dict, scope: str) -> dict[st
 _NOT_IN_COMMAND_POOLS = {
     "callable": "a command pool's functions are the names its command registers; "
                 "`callable` is for Python pools: remove it",
-    "retry": "`retry` is for Python pools: a command pool's failed jobs are dead letters at "
-             "once (the retry decision is the Python child's); remove it",
     "buckets": "a command pool's children do not count their jobs, so it has no job "
                "histogram; remove `buckets`",
 }
@@ -120,8 +118,8 @@ _NOT_IN_COMMAND_POOLS = {
 
 def _command_functions(col: _Collector, path: tuple, raw: dict) -> dict:
     """A command pool's `functions` mapping without what only a Python pool may have (each
-    reported here), for the `functions` parser: a command pool's function takes `timeout`
-    and `failed_payload`, or nothing."""
+    reported here), for the `functions` parser: a command pool's function takes `timeout`,
+    `retry` and `failed_payload`, or nothing."""
     out: dict = {}
     for name, target in raw.items():
         if isinstance(target, dict):

@@ -143,7 +143,7 @@ SETTINGS: tuple[Setting, ...] = (
             "that function's own histogram bounds), which may also hold the function keys "
             "below (`retry`, `failed_payload`). Required. A `command:` pool lists the names "
             "its command registers, or maps them to `{timeout: 30s, failed_payload: hash}` "
-            "or to nothing.", scope="pool"),
+            "(and `retry`) or to nothing.", scope="pool"),
     *_FUNCTION_SETTINGS,
     Setting("watch", watch_list, None,
             "Files whose change rolls the pool: paths or globs (`**` spans directories), "

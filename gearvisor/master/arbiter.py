@@ -338,8 +338,8 @@ class Arbiter:
         child.event_overflows += bool(dropped)
         for line in lines:
             if line.startswith(JOURNAL_PREFIX):  # not decoded here: the store helper checks
+                self.bus.publish(ev.JournalLines(child, pool, line))  # (reads child.job)
                 child.job = None  # a command worker's record of its job: the job is over
-                self.bus.publish(ev.JournalLines(child, pool, line))
                 continue
             try:
                 message = msg.decode(line)

@@ -10,7 +10,9 @@ records go to the store helper, and nothing is lost on the way.
   a worker that reports nothing has no job the master could record. A hard timeout or a
   stop's deadline is `killed`; any other death mid-job is a `crash`. Such a record is
   `requeued`: gearmand gives the job to another worker itself, and the store links that
-  run's record to it.
+  run's record to it. A command child's own journal lines (its shim's error records) are
+  completed first (completed): the reported job's payload, a retry's attempt, and the
+  function's retry decision, which a Python child computes itself.
 - Out: every line is numbered and kept in an Outbox until the store helper
   (helpers/store.py) acks its number, so a helper that dies, or a store that is down,
   loses nothing: a new helper is given every unacked line again. The Outbox is bounded in
@@ -27,19 +29,23 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import json
+import random
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from gearvisor import messages as msg
 from gearvisor.helpers.store import run_store
-from gearvisor.journal.record import journal_line, parse_unique
+from gearvisor.journal.record import FAILURES, journal_line, parse_unique
 from gearvisor.journal.settings import Caps, StoreSettings
 from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
 from gearvisor.master.helper import HelperProcess
 from gearvisor.master.outbox import Outbox
 from gearvisor.policy.child import RunningJob, describe_status
+from gearvisor.policy.retry import decide
 
 if TYPE_CHECKING:
     from gearvisor.config import Config
@@ -59,12 +65,6 @@ def crash_record(job: RunningJob, child: Child, pool: Pool, status: int, now: fl
     `now` is monotonic, `wall` epoch seconds, both at the exit."""
     outcome = "killed" if child.killed_for == "timeout" or child.master_killed else "crash"
     unique, attempt, retry_of = parse_unique(job.unique)
-    mode = pool.config.failed_payload.get(job.function, "store")
-    kept = job.payload is not None
-    data = job.payload or b""
-    payload = base64.b64encode(data).decode() if mode == "store" and kept else None
-    digest = (hashlib.sha256(data).hexdigest() if mode in ("store", "hash") and kept
-              and not job.cut else None)
     words = describe_status(status)[2]
     why = ("killed by the master: " + ("its hard timeout passed" if child.killed_for
                                         == "timeout" else "a stop's deadline passed")
@@ -75,11 +75,60 @@ def crash_record(job: RunningJob, child: Child, pool: Pool, status: int, now: fl
             "host": host, "generation": child.generation, "attempt": attempt,
             "retry_of": retry_of, "started": wall - seconds, "seconds": seconds,
             "error_class": "Killed" if outcome == "killed" else "Crash", "error": why,
-            "traceback": None, "payload": payload, "payload_sha256": digest,
-            "payload_size": job.size, "payload_cut": job.cut if kept else None,
+            "traceback": None, **payload_fields(job, pool),
             # gearmand hands a job whose worker died to another worker: its next
             # record (same handle) decides whether it is retried or dead
             "decision": "requeued", "due": None}
+
+
+def payload_fields(job: RunningJob, pool: Pool) -> dict[str, Any]:
+    """What a failure record of `job` keeps of its payload (the master's copy: a Python
+    child's payload area, a command child's JobStarted), by the function's failed_payload:
+    the digest only of a whole payload."""
+    mode = pool.config.failed_payload.get(job.function, "store")
+    kept = job.payload is not None
+    data = job.payload or b""
+    return {"payload": base64.b64encode(data).decode() if mode == "store" and kept else None,
+            "payload_sha256": (hashlib.sha256(data).hexdigest()
+                               if mode in ("store", "hash") and kept and not job.cut
+                               else None),
+            "payload_size": job.size, "payload_cut": job.cut if kept else None}
+
+
+def completed(line: bytes, job: RunningJob | None, pool: Pool, wall: float,
+              rand: Callable[[], float] = random.random) -> bytes:
+    """A command child's journal line (its reporting shim's records) with what only the
+    master knows filled in, as a Python child writes it itself: a retry's attempt and
+    retry_of (from the `gv:` unique the shim passes through), the payload of the job its
+    JobStarted reported (a record of that job that has none), and, for a function with
+    `retry:`, the decision (policy/retry.py). A record whose unique is empty is not
+    retried: its attempts could not be counted (Perl's Gearman::Worker never sees the
+    unique). A line that is no JSON, or a record that is no object, is passed on as it is
+    for the store helper to refuse and log."""
+    try:
+        records = json.loads(line)["records"]
+    except (ValueError, TypeError, KeyError):
+        return line
+    if not isinstance(records, list):
+        return line
+    for rec in records:
+        if not isinstance(rec, dict) or rec.get("outcome") not in FAILURES:
+            continue
+        function, unique = rec.get("function"), rec.get("unique")
+        if not isinstance(function, str) or not isinstance(unique, str):
+            continue
+        if "attempt" not in rec:
+            rec["unique"], rec["attempt"], rec["retry_of"] = parse_unique(unique)
+        if (job is not None and rec.get("payload_size") is None
+                and (job.function, job.handle) == (function, rec.get("handle"))):
+            rec.update(payload_fields(job, pool))
+        policy = pool.config.retry.get(function)
+        attempt = rec["attempt"]
+        if (policy is not None and unique and isinstance(attempt, int)
+                and not isinstance(attempt, bool)):
+            rec["decision"], rec["due"] = decide(policy, str(rec["outcome"]), attempt, wall,
+                                                 rand)
+    return journal_line(records).rstrip(b"\n")
 
 
 def store_settings(config: Config, host: str) -> StoreSettings:
@@ -217,8 +266,12 @@ class Journal(Component):
     # -- records in -----------------------------------------------------------------------------
 
     def _lines(self, event: ev.JournalLines) -> None:
-        if self.helper is not None:
-            self._send(event.line)
+        if self.helper is None:
+            return
+        line, child = event.line, event.child
+        if child.scoreboard is None:  # a command child's shim: complete its records
+            line = completed(line, child.job, event.pool, self.wall())
+        self._send(line)
 
     def _exited(self, event: ev.ChildExited) -> None:
         job = event.child.job
