@@ -633,6 +633,48 @@ def test_a_command_childs_reported_job_past_timeout_and_grace_gets_its_group_sig
         m.clock.now)["alerts"]["firing_labels"]
 
 
+def test_a_job_that_crashes_poison_after_command_workers_is_reported_as_poison(
+        build: Build, log: io.StringIO) -> None:
+    """A command worker cannot refuse a job, so gearmand hands a job that kills it out
+    again and again: the master strikes the job each worker died running, and at
+    poison_after says so (PoisonJob) and what can stop it. Idle deaths, stops and jobs that
+    ended strike nothing."""
+    m = build((Health(), Commands(Probe())), processes=1, command=["/bin/true"],
+              functions=["f"], poison_after=2, startsecs=0.5, backoff={"initial": 0.5})
+
+    def next_child(dead: FakeChild | None) -> FakeChild:
+        for _ in range(100):  # the restart, after the crash's backoff
+            if m.system.forked and m.system.forked[-1] is not dead:
+                break
+            m.advance(0.25)
+        child = m.system.forked[-1]
+        assert child is not dead
+        m.advance(1.0)  # past startsecs: ready
+        return child
+
+    m.step()
+    child = next_child(None)
+    child.say(JobStarted("f", "H:host:1", "u-1", "", 4))
+    m.step()
+    child.say(JobEnded())
+    m.step()
+    child.exit(1)  # between jobs: no strike
+    m.step()
+    key = job_key("f", "u-1", "H:host:1")
+    assert m.arbiter.poison.strikes(key) == 0
+    for death in range(2):
+        child = next_child(child)
+        child.say(JobStarted("f", "H:host:1", "u-1", "", 4))
+        m.step()
+        child.die(signal_status(signal.SIGSEGV))
+        m.step()
+        assert m.arbiter.poison.strikes(key) == death + 1
+    (poison,) = m.of(ev.PoisonJob)
+    assert (poison.pool, poison.function, poison.unique, poison.strikes) == ("web", "f", "u-1", 2)
+    said = [x for x in lines(log) if x.get("internal_event") == "poison_job"]
+    assert len(said) == 1 and "--job-retries" in said[0]["event"]
+
+
 # -- the control socket out of fds --------------------------------------------------------------
 
 def test_a_control_listener_out_of_fds_pauses_accepts_instead_of_spinning(

@@ -16,6 +16,7 @@ from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
 from gearvisor.policy.child import Child, ChildState
 from gearvisor.policy.pool import Circuit, CircuitChange, ExitKind, Pool, Retire
+from gearvisor.shm.poison import job_key
 
 if TYPE_CHECKING:
     from gearvisor.master.arbiter import Arbiter
@@ -93,17 +94,33 @@ class Health(Component):
                 # reopened the circuit with a longer cooldown. Say so as for any failed
                 # probe, or the circuit stays open without a word on the bus or in the log.
                 self._circuit_opened(pool, CircuitChange.REOPENED)
+        died = (event.status & 0x7f) != 0 and not child.master_killed  # a signal, not ours
+        if decision.kind is ExitKind.STOPPED and child.killed_for != "timeout" and not died:
+            return  # (a crash mid-job, even of a child told to stop, or a hard-timeout kill)
+        what = "hung past its timeout" if child.killed_for else "crashed"
         if child.scoreboard is None:
+            self._command_strike(pool, child, what)
             return
         job = child.scoreboard.read()
-        if job is None:
+        if job is not None and job.busy:
+            self._strike(pool, job, what, child)
+
+    def _command_strike(self, pool: Pool, child: Child, what: str) -> None:
+        """A command worker died in the middle of the job its shim reported: a strike, as
+        for a Python child. It cannot refuse the job when it comes back (the worker is not
+        our code), so at poison_after the log and PoisonJob say what can."""
+        job, limit = child.job, pool.config.poison_after
+        if job is None or not limit:
             return
-        died = (event.status & 0x7f) != 0 and not child.master_killed  # a signal, not ours
-        if job.busy and (decision.kind is not ExitKind.STOPPED
-                         or child.killed_for == "timeout" or died):
-            # A crash mid-job (even of a child told to stop), or a hard-timeout kill.
-            self._strike(pool, job, "hung past its timeout" if child.killed_for else "crashed",
-                         child)
+        key = job_key(job.function, job.unique, job.handle)
+        self.master.poison.add(key)
+        strikes = self.master.poison.strikes(key)
+        if strikes == limit:
+            self._publish(ev.PoisonJob(pool.name, job.function, job.unique, job.handle,
+                                       job.size, strikes, what),
+                          f"poison job: it {what}; {strikes} command workers died on it, "
+                          "and they cannot refuse it, so gearmand hands it out again: fix "
+                          "the worker, or start gearmand with --job-retries=N to drop it")
 
     def _strike(self, pool: Pool, job: Any, what: str, child: Child) -> None:
         """The job `job` crashed or hung its child: one more strike; poison at
