@@ -66,7 +66,8 @@ def lang_pool(tmp_path: Path, lang: tuple, processes: int = 3, **extra) -> dict:
     copy.write_text(script.read_text())
     shim = script.with_name("gearvisor" + script.suffix)  # the reporting shim it requires
     (tmp_path / shim.name).write_text(shim.read_text())
-    functions = {"php": ["php_reverse", "php_slow", "php_record", "php_crash", "php_fail"],
+    functions = {"php": ["php_reverse", "php_slow", "php_record", "php_crash", "php_fail",
+                         "php_flaky"],
                  "perl": ["perl_upper", "perl_slow", "perl_record", "perl_crash",
                           "perl_fail"]}[exe]
     return {"processes": processes, "command": [exe, str(copy)], "functions": functions,
@@ -433,6 +434,17 @@ def test_a_command_workers_job_past_its_hard_timeout_is_killed_recorded_and_repl
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+def retrying_php(gearmand, master, tmp_path: Path, function: str, attempts: int):
+    """A ready master with one PHP worker whose `function` retries up to `attempts`."""
+    pool = lang_pool(tmp_path, LANGS["php"].values[0], processes=1)
+    pool["functions"] = {name: None for name in pool["functions"]}
+    pool["functions"][function] = {"retry": {
+        "max_attempts": attempts, "backoff": {"initial": "200ms", "max": "200ms"}}}
+    m = start(gearmand, master, {"w": pool})
+    wait_for(lambda: m.status()["pools"][0]["ready"] == 1, timeout=20, message="ready")
+    return m
+
+
 @needs_php
 def test_a_php_workers_failed_job_is_retried_then_a_dead_letter_with_its_payload(
         gearmand, master, tmp_path):
@@ -440,13 +452,7 @@ def test_a_php_workers_failed_job_is_retried_then_a_dead_letter_with_its_payload
     # in the payload of the job it reported, the attempt, and the function's retry
     # decision. The store helper submits the retry to gearmand; the worker fails it again;
     # at max_attempts the failure is dead, with its payload (replayable).
-    lang = LANGS["php"].values[0]
-    pool = lang_pool(tmp_path, lang, processes=1)
-    pool["functions"] = {name: None for name in pool["functions"]}
-    pool["functions"]["php_fail"] = {"retry": {
-        "max_attempts": 2, "backoff": {"initial": "200ms", "max": "200ms"}}}
-    m = start(gearmand, master, {"w": pool})
-    wait_for(lambda: m.status()["pools"][0]["ready"] == 1, timeout=20, message="ready")
+    retrying_php(gearmand, master, tmp_path, "php_fail", 2)
     with Client(HOST, gearmand.port, timeout=20) as c:
         c.submit_background("php_fail", "the impossible", "fail-r")
     rows = wait_for(lambda: len(r := journal_rows(tmp_path, "php_fail")) == 2 and r,
@@ -463,6 +469,41 @@ def test_a_php_workers_failed_job_is_retried_then_a_dead_letter_with_its_payload
     # gearmand ran it twice and holds nothing more of it.
     wait_for(lambda: gearmand.status()["php_fail"].queued == 0, timeout=20,
              message="php_fail's queue empty")
+
+
+@needs_php
+def test_a_php_workers_retry_that_succeeds_ends_its_failure(gearmand, master, tmp_path):
+    # The shim writes no success records: the master records the success of a retry's
+    # run (its gv: unique) when the shim says the job ended, so the failure is done, not
+    # left `submitted` (which the store would submit again hours later).
+    retrying_php(gearmand, master, tmp_path, "php_flaky", 3)
+    with Client(HOST, gearmand.port, timeout=20) as c:
+        c.submit_background("php_flaky", "twice", "flaky-1")
+        assert c.call("php_reverse", "abc").data == b"cba"  # no record: successes are off
+    rows = wait_for(lambda: len(r := journal_rows(tmp_path, "php_flaky")) == 2 and r,
+                    timeout=30, message="the failed run and its retry's success")
+    first, retry = sorted(rows, key=lambda r: r["attempt"])
+    assert [(r["attempt"], r["unique"], r["outcome"]) for r in (first, retry)] == [
+        (1, "flaky-1", "error"), (2, "flaky-1", "success")]
+    assert (retry["pool"], retry["failure_id"]) == ("w", first["failure_id"])
+    failure = journal_failure(tmp_path, first["failure_id"])
+    assert failure is not None and failure["state"] == "done", failure
+    assert journal_rows(tmp_path, "php_reverse") == []
+
+
+@needs_php
+def test_journal_successes_records_every_php_job_that_ended(gearmand, master, tmp_path):
+    pool = lang_pool(tmp_path, LANGS["php"].values[0], processes=1)
+    m = start(gearmand, master, {"w": pool}, journal={"successes": True})
+    wait_for(lambda: m.status()["pools"][0]["ready"] == 1, timeout=20, message="ready")
+    with Client(HOST, gearmand.port, timeout=20) as c:
+        for i in range(3):
+            assert c.call("php_reverse", f"job {i}", f"rev-{i}").ok
+    rows = wait_for(lambda: len(r := journal_rows(tmp_path, "php_reverse")) == 3 and r,
+                    timeout=20, message="three successes recorded")
+    assert sorted((r["outcome"], r["unique"], r["attempt"]) for r in rows) == [
+        ("success", f"rev-{i}", 1) for i in range(3)]
+    assert {(r["pool"], r["slot"]) for r in rows} == {("w", 0)}
 
 
 def test_a_command_writing_garbage_and_huge_lines_to_fd_3_does_not_hurt_the_master(

@@ -16,6 +16,8 @@
 //   php_record   appends "<unique> <VERSION> <pid>" to $RESULTS, returns VERSION
 //   php_crash    exits the process (a crash) without answering
 //   php_fail     fails (an exception, recorded as an error) with "cannot do <payload>"
+//   php_flaky    fails its first run and succeeds when gearvisor retries it (`retry:`;
+//                a retry's unique starts with "gv:"), returning "ok on retry"
 
 require __DIR__ . "/gearvisor.php";
 
@@ -69,6 +71,12 @@ serve($worker, "php_crash", function (GearmanJob $job) {
 });
 serve($worker, "php_fail", function (GearmanJob $job) {
     throw new RuntimeException("cannot do " . $job->workload());
+});
+serve($worker, "php_flaky", function (GearmanJob $job) {
+    if (strncmp($job->unique(), "gv:", 3) !== 0) {
+        throw new RuntimeException("flaky: the first run fails");
+    }
+    return "ok on retry";
 });
 
 fwrite(STDERR, "php worker " . getmypid() . " serving " . getenv("GEARVISOR_POOL")

@@ -357,16 +357,17 @@ class Arbiter:
                 self.child_ready(child, pool)
             elif isinstance(message, msg.BootError):
                 child.boot_error = message.reason
-            elif (isinstance(message, msg.JobStarted | msg.JobEnded)
-                  and child.scoreboard is None):
+            elif isinstance(message, msg.JobStarted) and child.scoreboard is None:
                 # A command child's shim: its current job, for its hard timeout (health.py)
                 # and a crash record (journal.py). A Python child's is on its scoreboard.
                 journal = self.config.journal
-                child.job = (reported_job(message, self.clock(),
-                                          journal.payload_cap if journal.enabled else 0)
-                             if isinstance(message, msg.JobStarted) else None)
+                child.job = reported_job(message, self.clock(),
+                                         journal.payload_cap if journal.enabled else 0)
             else:
+                # (at a command child's JobEnded, subscribers still see the job in child.job)
                 self.bus.publish(ev.ChildSaid(child, pool, message))
+                if isinstance(message, msg.JobEnded):
+                    child.job = None
 
     def reap(self) -> None:
         """Collect every exited child (waitpid until nothing is left) and decide what next."""

@@ -16,7 +16,7 @@ from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
 from gearvisor.policy.child import Child, ChildState
 from gearvisor.policy.pool import Circuit, CircuitChange, ExitKind, Pool, Retire
-from gearvisor.shm.poison import job_key
+from gearvisor.shm.poison import command_job_key
 
 if TYPE_CHECKING:
     from gearvisor.master.arbiter import Arbiter
@@ -112,7 +112,7 @@ class Health(Component):
         job, limit = child.job, pool.config.poison_after
         if job is None or not limit:
             return
-        key = job_key(job.function, job.unique, job.handle)
+        key = command_job_key(job.function, job.unique, job.handle)
         self.master.poison.add(key)
         strikes = self.master.poison.strikes(key)
         if strikes == limit:

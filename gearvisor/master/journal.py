@@ -12,7 +12,9 @@ records go to the store helper, and nothing is lost on the way.
   `requeued`: gearmand gives the job to another worker itself, and the store links that
   run's record to it. A command child's own journal lines (its shim's error records) are
   completed first (completed): the reported job's payload, a retry's attempt, and the
-  function's retry decision, which a Python child computes itself.
+  function's retry decision, which a Python child computes itself. At a command child's
+  JobEnded the master writes its success record (success_record) when that ends a
+  failure, or with journal.successes on: the shims write none.
 - Out: every line is numbered and kept in an Outbox until the store helper
   (helpers/store.py) acks its number, so a helper that dies, or a store that is down,
   loses nothing: a new helper is given every unacked line again. The Outbox is bounded in
@@ -46,6 +48,7 @@ from gearvisor.master.helper import HelperProcess
 from gearvisor.master.outbox import Outbox
 from gearvisor.policy.child import RunningJob, describe_status
 from gearvisor.policy.retry import decide
+from gearvisor.shm.poison import command_job_key
 
 if TYPE_CHECKING:
     from gearvisor.config import Config
@@ -79,6 +82,19 @@ def crash_record(job: RunningJob, child: Child, pool: Pool, status: int, now: fl
             # gearmand hands a job whose worker died to another worker: its next
             # record (same handle) decides whether it is retried or dead
             "decision": "requeued", "due": None}
+
+
+def success_record(job: RunningJob, child: Child, pool: Pool, now: float, wall: float,
+                   host: str) -> dict[str, Any]:
+    """The success record of `job`, which a command child's shim said ended (JobEnded) and
+    which ends a failure: a retry's or replay's run (its `gv:` unique), or a job that
+    crashed a worker before. The shims write no success records themselves."""
+    unique, attempt, retry_of = parse_unique(job.unique)
+    seconds = max(0.0, now - job.started)
+    return {"outcome": "success", "function": job.function, "unique": unique,
+            "handle": job.handle, "server": None, "pool": pool.name, "slot": child.slot,
+            "host": host, "generation": child.generation, "attempt": attempt,
+            "retry_of": retry_of, "started": wall - seconds, "seconds": seconds}
 
 
 def payload_fields(job: RunningJob, pool: Pool) -> dict[str, Any]:
@@ -171,6 +187,7 @@ class Journal(Component):
         self.master = master
         master.bus.subscribe(ev.JournalLines, self._lines)
         master.bus.subscribe(ev.ChildExited, self._exited)
+        master.bus.subscribe(ev.ChildSaid, self._said)
         if not self.config.journal.enabled:
             return
         self.helper = HelperProcess("job store", self._body, with_input=True,
@@ -272,6 +289,21 @@ class Journal(Component):
         if child.scoreboard is None:  # a command child's shim: complete its records
             line = completed(line, child.job, event.pool, self.wall())
         self._send(line)
+
+    def _said(self, event: ev.ChildSaid) -> None:
+        """A command child's JobEnded: the job succeeded. Recorded (as a Python child
+        records it) when that ends a failure: a retry or replay, or a job that crashed a
+        worker before (a strike, master/health.py), else only with journal.successes."""
+        child, job = event.child, event.child.job
+        if self.helper is None or job is None or not isinstance(event.message, msg.JobEnded):
+            return
+        if (not self.config.journal.successes and parse_unique(job.unique)[2] is None
+                and not self.master.poison.strikes(command_job_key(
+                    job.function, job.unique, job.handle))):
+            return
+        record = success_record(job, child, event.pool, self.master.clock(), self.wall(),
+                                self.host)
+        self._send(journal_line([record]).rstrip(b"\n"))
 
     def _exited(self, event: ev.ChildExited) -> None:
         job = event.child.job

@@ -45,6 +45,13 @@ def job_key(function: str, unique: str, handle: str, data: bytes = b"",
     return (h & 0xFFFFFFFFFFFFFFFF) or 1  # a 64-bit slot value; 0 means "no job"
 
 
+def command_job_key(function: str, unique: str, handle: str) -> int:
+    """The key of a job a command child's shim reported: it says no server, and the
+    master keeps its payload only with the journal on, so a job without a unique is known
+    by its handle alone (master/health.py strikes it, master/journal.py reads it)."""
+    return job_key(function, unique, handle)
+
+
 class PoisonTable:
     """Strikes against jobs, shared by the master (writes) and every child (reads): a ring
     of job keys, one entry per child that died on that job. Created before any fork. A child
