@@ -67,7 +67,7 @@ def lang_pool(tmp_path: Path, lang: tuple, processes: int = 3, **extra) -> dict:
     shim = script.with_name("gearvisor" + script.suffix)  # the reporting shim it requires
     (tmp_path / shim.name).write_text(shim.read_text())
     functions = {"php": ["php_reverse", "php_slow", "php_record", "php_crash", "php_fail",
-                         "php_flaky"],
+                         "php_flaky", "php_kill"],
                  "perl": ["perl_upper", "perl_slow", "perl_record", "perl_crash",
                           "perl_fail"]}[exe]
     return {"processes": processes, "command": [exe, str(copy)], "functions": functions,
@@ -394,6 +394,43 @@ def test_a_command_workers_crash_mid_job_and_its_error_are_in_the_journal(
     wait_for(lambda: pid not in {c["pid"] for c in m.status()["pools"][0]["children"]},
              message="the dead worker reaped")
     assert m.status()["journal"]["crash_records"] >= 1
+
+
+@pytest.mark.parametrize("lang", [
+    pytest.param(("php", PHP, "php_kill"), marks=needs_php, id="php"),  # (php_crash's exit
+    pytest.param(("perl", PERL, "perl_crash"), marks=needs_perl, id="perl")])  # sends FAIL)
+def test_a_job_that_crashed_poison_after_command_workers_is_refused_by_their_shim(
+        gearmand, master, tmp_path, lang):
+    # gearmand hands a job whose worker died to the next worker, forever. With
+    # poison_after: 2 the master lists the job after the second death; the third worker's
+    # shim fails it without running it (WORK_FAIL: gearmand drops it) and records why.
+    exe, script, crash = lang
+    lang = LANGS[exe].values[0]
+    pool = lang_pool(tmp_path, lang, processes=1, poison_after=2,
+                     backoff={"initial": 0, "jitter": 0})
+    m = start(gearmand, master, {"w": pool})
+    wait_for(lambda: m.status()["pools"][0]["ready"] == 1, timeout=20, message="ready")
+    with Client(HOST, gearmand.port, timeout=20) as c:
+        c.submit_background(crash, "die", "poison-1")
+    refused = wait_for(lambda: [r for r in journal_rows(tmp_path, crash)
+                                if r["outcome"] == "poison"], timeout=30,
+                       message="the shim's refusal recorded")
+    assert refused[0]["error_class"] == "Poison" and "without running" in refused[0]["error"]
+    assert (refused[0]["unique"] or "") == ("poison-1" if exe == "php" else "")
+    crashes = [r for r in journal_rows(tmp_path, crash) if r["outcome"] == "crash"]
+    assert len(crashes) == 2, crashes  # the two deaths, and no third
+    said = m.events("poison job: it crashed; 2 command workers died on it, so from now on "
+                    "their shim (gearvisor_run) fails it without running; a worker that "
+                    "does not use the shim runs it again: start gearmand with "
+                    "--job-retries=N to drop it there")
+    assert len(said) == 1 and said[0]["function"] == crash
+    # gearmand's own view: the job is gone, and the third worker is still serving.
+    wait_for(lambda: f"{crash}\t0\t0\t1" in gearmand.gearadmin("--status").splitlines(),
+             timeout=20, message="gearmand dropped the job (gearadmin --status)")
+    pid = m.status()["pools"][0]["children"][0]["pid"]
+    with Client(HOST, gearmand.port, timeout=20) as c:
+        assert c.call(pool["functions"][2], "after", "after-poison").ok  # *_record
+    assert m.status()["pools"][0]["children"][0]["pid"] == pid
 
 
 @pytest.mark.parametrize("lang", [LANGS["php"], LANGS["perl"]])

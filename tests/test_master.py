@@ -12,6 +12,7 @@ the arbiter's pools and children, and on the events published on the bus.
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import json
 import os
@@ -37,7 +38,7 @@ from gearvisor.master.probe import Probe
 from gearvisor.messages import BootError, JobEnded, JobStarted, ProbationPassed, Quarantined, Ready
 from gearvisor.policy.child import EXIT_BOOT_ERROR, ChildState
 from gearvisor.policy.pool import ExitKind, Pool, roll_results
-from gearvisor.shm.poison import job_key
+from gearvisor.shm.poison import job_key, listed_key
 
 TICK = 1 / 64  # a moment, exact in binary: "just before" a deadline
 BOOT_REASON = "function f: cannot import module 'examples.nope'"
@@ -633,12 +634,12 @@ def test_a_command_childs_reported_job_past_timeout_and_grace_gets_its_group_sig
         m.clock.now)["alerts"]["firing_labels"]
 
 
-def test_a_job_that_crashes_poison_after_command_workers_is_reported_as_poison(
+def test_a_job_that_crashes_poison_after_command_workers_is_listed_as_poison(
         build: Build, log: io.StringIO) -> None:
-    """A command worker cannot refuse a job, so gearmand hands a job that kills it out
-    again and again: the master strikes the job each worker died running, and at
-    poison_after says so (PoisonJob) and what can stop it. Idle deaths, stops and jobs that
-    ended strike nothing."""
+    """gearmand hands a job that kills its command worker out again and again: the master
+    strikes the job each worker died running, and at poison_after says so (PoisonJob) and
+    lists it for the workers' shims to refuse (the PoisonList their fd 4 is). Idle deaths,
+    stops and jobs that ended strike nothing."""
     m = build((Health(), Commands(Probe())), processes=1, command=["/bin/true"],
               functions=["f"], poison_after=2, startsecs=0.5, backoff={"initial": 0.5})
 
@@ -666,6 +667,7 @@ def test_a_job_that_crashes_poison_after_command_workers_is_reported_as_poison(
         child = next_child(child)
         child.say(JobStarted("f", "H:host:1", "u-1", "", 4))
         m.step()
+        assert listed_key("f", "u-1", "H:host:1") not in m.arbiter.poison_list
         child.die(signal_status(signal.SIGSEGV))
         m.step()
         assert m.arbiter.poison.strikes(key) == death + 1
@@ -673,6 +675,8 @@ def test_a_job_that_crashes_poison_after_command_workers_is_reported_as_poison(
     assert (poison.pool, poison.function, poison.unique, poison.strikes) == ("web", "f", "u-1", 2)
     said = [x for x in lines(log) if x.get("internal_event") == "poison_job"]
     assert len(said) == 1 and "--job-retries" in said[0]["event"]
+    listed = os.pread(m.arbiter.poison_list.fd, 4096, 0)
+    assert listed == hashlib.sha1(b"f\0u\0u-1").hexdigest().encode() + b"\n"
 
 
 # -- the control socket out of fds --------------------------------------------------------------

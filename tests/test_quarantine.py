@@ -7,6 +7,7 @@ time is a float driven by hand, and the worker talks to one end of a socketpair.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from gearvisor.job import Job, JobTimeout
 from gearvisor.policy.backoff import CHILD_BASE_FDS, ErrorWindow, fd_warnings, jittered
 from gearvisor.policy.child import EXIT_CRASH, Child, ChildState
 from gearvisor.policy.pool import ExitDecision, ExitKind, Pool, Retire, Spawn
-from gearvisor.shm.poison import PoisonTable, job_key
+from gearvisor.shm.poison import PoisonList, PoisonTable, job_key, listed_key
 
 # parse() only needs the file's directory (the default cwd) to exist: the file itself is not read.
 CONFIG_PATH = str(Path(__file__).resolve().parent / "quarantine.yaml")
@@ -634,6 +635,43 @@ def test_poison_table_ring_overwrites_the_oldest_at_capacity() -> None:
         assert all(k in table for k in keys[2:5])
     finally:
         table.close()
+
+
+def _listed(poison: PoisonList) -> list[bytes]:
+    """The lines a shim reads (an open of its own, as each command child gets)."""
+    with open(f"/proc/self/fd/{poison.fd}", "rb") as f:
+        return f.read().splitlines(keepends=True)
+
+
+def test_poison_list_holds_each_job_once_as_the_shims_hash_it() -> None:
+    """What a command worker's shim looks up: sha1 of function, "u" and the unique, or "h"
+    and the handle for a job without one; a job listed twice is one line."""
+    poison = PoisonList()
+    try:
+        assert _listed(poison) == []
+        assert poison.add("resize", "img-7", "H:a:1")
+        assert not poison.add("resize", "img-7", "H:a:2")  # the same unique: listed already
+        assert poison.add("resize", "", "H:a:3")
+        assert _listed(poison) == [
+            hashlib.sha1(b"resize\0u\0img-7").hexdigest().encode() + b"\n",
+            hashlib.sha1(b"resize\0h\0H:a:3").hexdigest().encode() + b"\n"]
+        assert listed_key("resize", "", "H:a:3") in poison
+        assert listed_key("resize", "img-8", "H:a:3") not in poison
+    finally:
+        poison.close()
+
+
+def test_poison_list_keeps_the_newest_half_when_full() -> None:
+    poison = PoisonList(capacity=4)
+    try:
+        for i in range(5):
+            poison.add("f", f"u{i}", "")
+        assert _listed(poison) == [listed_key("f", f"u{i}", "") for i in (2, 3, 4)]
+        assert listed_key("f", "u0", "") not in poison and listed_key("f", "u4", "") in poison
+        assert poison.add("f", "u0", "")  # forgotten: listed again
+        assert len(_listed(poison)) == 4
+    finally:
+        poison.close()
 
 
 # ---------------------------------------------------------------------------------------------

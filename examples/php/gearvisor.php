@@ -5,6 +5,8 @@
 // (job_started) and one after it (job_ended, or a journal record of the error); elsewhere
 // it only runs the job. The journal line must start with exactly
 // '{"event": "journal", "records": [' (spaces included): the master forwards such lines.
+// A job that crashed or hung poison_after workers (the master lists it on
+// GEARVISOR_POISON_FD) is failed without running, with a journal record of outcome poison.
 
 function gearvisor_run(GearmanJob $job, callable $work)
 {
@@ -24,19 +26,60 @@ function gearvisor_run(GearmanJob $job, callable $work)
         "payload_b64" => base64_encode(substr($payload, 0, $cap)),
         "size" => strlen($payload)], $flags) . "\n");
     $started = microtime(true);
+    if (gearvisor_poisoned($job)) {
+        gearvisor_record($fd, $job, "poison", $started, "Poison", "refused without running: "
+            . "it crashed or hung poison_after workers already");
+        $job->sendFail();  // the client hears of it (WORK_FAIL)
+        return null;
+    }
     try {
         $result = $work($job);
     } catch (Throwable $e) {
-        $record = ["outcome" => "error", "function" => $job->functionName(),
-            "unique" => $job->unique(), "handle" => $job->handle(),
-            "pool" => getenv("GEARVISOR_POOL"), "slot" => (int)getenv("GEARVISOR_SLOT"),
-            "host" => gethostname(), "started" => $started,
-            "seconds" => microtime(true) - $started, "error_class" => get_class($e),
-            "error" => substr($e->getMessage(), 0, 1024), "decision" => "dead"];
-        fwrite($fd, '{"event": "journal", "records": [' . json_encode($record, $flags) . "]}\n");
-        $job->sendFail();  // the client hears of it (WORK_FAIL)
+        gearvisor_record($fd, $job, "error", $started, get_class($e), $e->getMessage());
+        $job->sendFail();
         return null;
     }
     fwrite($fd, "{\"event\": \"job_ended\"}\n");
     return $result;
+}
+
+// The journal line of a job that failed: the master fills in its payload, attempt and retry
+// decision.
+function gearvisor_record($fd, GearmanJob $job, string $outcome, float $started,
+                          string $class, string $error): void
+{
+    $record = ["outcome" => $outcome, "function" => $job->functionName(),
+        "unique" => $job->unique(), "handle" => $job->handle(),
+        "pool" => getenv("GEARVISOR_POOL"), "slot" => (int)getenv("GEARVISOR_SLOT"),
+        "host" => gethostname(), "started" => $started,
+        "seconds" => microtime(true) - $started, "error_class" => $class,
+        "error" => substr($error, 0, 1024), "decision" => "dead"];
+    $flags = JSON_INVALID_UTF8_SUBSTITUTE | JSON_UNESCAPED_SLASHES;
+    fwrite($fd, '{"event": "journal", "records": [' . json_encode($record, $flags) . "]}\n");
+}
+
+// Is the job on the master's poison list? The list is a file of 40-hex-digit lines, the
+// SHA-1 of "<function>\0u\0<unique>" (or "<function>\0h\0<handle>" for a job without a
+// unique), which the master appends to; one fstat per job, a read when it changed.
+function gearvisor_poisoned(GearmanJob $job): bool
+{
+    static $list = false;  // the inherited fd: false before the first job, null when none
+    static $seen = null;   // [size, mtime] when it was last read
+    static $keys = [];
+    if ($list === false) {
+        $n = getenv("GEARVISOR_POISON_FD");
+        $list = ($n !== false && ctype_digit($n)) ? (@fopen("php://fd/$n", "rb") ?: null) : null;
+    }
+    $st = $list === null ? false : @fstat($list);
+    if ($st === false || $st["size"] === 0) {
+        return false;
+    }
+    if ($seen !== [$st["size"], $st["mtime"]]) {
+        // (this worker's own open of the list: the offset is nobody else's)
+        $text = @rewind($list) ? stream_get_contents($list) : false;
+        $keys = $text === false ? [] : array_flip(explode("\n", $text));
+        $seen = [$st["size"], $st["mtime"]];
+    }
+    $name = $job->unique() !== "" ? "u\0" . $job->unique() : "h\0" . $job->handle();
+    return isset($keys[sha1($job->functionName() . "\0" . $name)]);
 }

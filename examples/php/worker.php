@@ -14,7 +14,9 @@
 //   php_reverse  returns the payload reversed
 //   php_slow     sleeps for the payload's seconds (a float), then returns "slept"
 //   php_record   appends "<unique> <VERSION> <pid>" to $RESULTS, returns VERSION
-//   php_crash    exits the process (a crash) without answering
+//   php_crash    exits the process (a crash) without answering; libgearman's cleanup at
+//                exit still sends WORK_FAIL, so gearmand drops the job
+//   php_kill     kills the process (SIGKILL) mid-job: gearmand hands the job out again
 //   php_fail     fails (an exception, recorded as an error) with "cannot do <payload>"
 //   php_flaky    fails its first run and succeeds when gearvisor retries it (`retry:`;
 //                a retry's unique starts with "gv:"), returning "ok on retry"
@@ -68,6 +70,9 @@ serve($worker, "php_record", function (GearmanJob $job) {
 });
 serve($worker, "php_crash", function (GearmanJob $job) {
     exit(3);
+});
+serve($worker, "php_kill", function (GearmanJob $job) {
+    posix_kill(getmypid(), SIGKILL);
 });
 serve($worker, "php_fail", function (GearmanJob $job) {
     throw new RuntimeException("cannot do " . $job->workload());

@@ -45,7 +45,7 @@ from gearvisor.policy.pool import Circuit, Pool, Retire, Spawn
 from gearvisor.shm.bell import Bell
 from gearvisor.shm.lanes import FOLLOWING, HOLDING_BELL, LENT, MAX_TAG, LaneHints
 from gearvisor.shm.payload import PayloadArea
-from gearvisor.shm.poison import PoisonTable, RunningJobs
+from gearvisor.shm.poison import PoisonList, PoisonTable, RunningJobs
 from gearvisor.shm.scoreboard import Scoreboard
 from gearvisor.shm.stats import JobStats
 
@@ -99,6 +99,7 @@ class Arbiter:
         # Shared with every child (mapped before any fork): poison strikes, and the job
         # each child runs.
         self.poison = PoisonTable()
+        self.poison_list = PoisonList()  # command pools' poison jobs, for their shims
         self.running = RunningJobs()
         # Who sleeps and who holds a job, by RunningJobs index (shm/lanes.py), and each
         # pool's tag in it.
@@ -160,6 +161,7 @@ class Arbiter:
             component.close()
         self.loop.close()
         self.poison.close()
+        self.poison_list.close()
         self.running.close()
         self.lane_hints.close()
         for bell in self.bells.values():
@@ -253,7 +255,8 @@ class Arbiter:
         def body(w: int, blocked: set[int]) -> NoReturn:
             if command:
                 exec_command(self.config, pool.config, slot.index, w, pipes[0][1],
-                             pipes[1][1], blocked)
+                             pipes[1][1], blocked,
+                             self.poison_list.fd if pool.config.poison_after else -1)
             run_child(self.config, pool.config, slot.index, pool.generation, w, self.pid,
                       blocked, board, self.poison, action.probation, start_paused,
                       self.running, index, self.lane_hints, self.pool_tag(pool.name), bell)

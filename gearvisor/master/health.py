@@ -107,20 +107,31 @@ class Health(Component):
 
     def _command_strike(self, pool: Pool, child: Child, what: str) -> None:
         """A command worker died in the middle of the job its shim reported: a strike, as
-        for a Python child. It cannot refuse the job when it comes back (the worker is not
-        our code), so at poison_after the log and PoisonJob say what can."""
+        for a Python child. At poison_after the job goes on the master's PoisonList, which
+        the pool's workers inherit: their shim refuses it from then on (one that does not
+        use the shim runs it again: the log says what else can stop it)."""
         job, limit = child.job, pool.config.poison_after
         if job is None or not limit:
             return
         key = command_job_key(job.function, job.unique, job.handle)
         self.master.poison.add(key)
         strikes = self.master.poison.strikes(key)
+        if strikes < limit:
+            return
+        try:
+            listed = self.master.poison_list.add(job.function, job.unique, job.handle)
+        except OSError as e:  # (a memfd write: ENOMEM at worst) the strikes still count
+            self.master.log.error("cannot list a poison job for the shims", pool=pool.name,
+                                  error=str(e))
+            listed = False
         if strikes == limit:
             self._publish(ev.PoisonJob(pool.name, job.function, job.unique, job.handle,
                                        job.size, strikes, what),
                           f"poison job: it {what}; {strikes} command workers died on it, "
-                          "and they cannot refuse it, so gearmand hands it out again: fix "
-                          "the worker, or start gearmand with --job-retries=N to drop it")
+                          "so from now on their shim (gearvisor_run) fails it without "
+                          "running; a worker that does not use the shim runs it again: "
+                          "start gearmand with --job-retries=N to drop it there"
+                          + ("" if listed else " (it could not be listed)"))
 
     def _strike(self, pool: Pool, job: Any, what: str, child: Child) -> None:
         """The job `job` crashed or hung its child: one more strike; poison at

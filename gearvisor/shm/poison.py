@@ -12,13 +12,19 @@ gearmand re-hands the job before the master has noticed the death.
 
 A job is known by its unique id; without one, by its server, handle and a digest of its
 payload (see job_key).
+
+A command pool's worker is not our code, so its shim cannot read these tables: the master
+strikes the job its shim reported (master/health.py), and lists a job that reached
+poison_after in a PoisonList, a memfd every command child inherits, for the shim to refuse.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import mmap
+import os
 import struct
 from collections.abc import Callable
 
@@ -235,3 +241,54 @@ def _alive(pid: int) -> bool:
     except (IndexError, ValueError):
         return True
     return not flags & PF_EXITING
+
+
+LIST_CAPACITY = 4096  # keys the command workers' list keeps: then the newest half
+
+
+def listed_key(function: str, unique: str, handle: str) -> bytes:
+    """A command job's line in the PoisonList: the hex SHA-1 of its function and its unique,
+    or its handle when it has none (Perl's Gearman::Worker never sees the unique), as the
+    shims compute it: sha1("<function>\\0u\\0<unique>") or sha1("<function>\\0h\\0<handle>")
+    of the UTF-8 bytes, 40 hex digits and a newline."""
+    name = b"u\0" + unique.encode() if unique else b"h\0" + handle.encode()
+    return hashlib.sha1(function.encode() + b"\0" + name).hexdigest().encode() + b"\n"
+
+
+class PoisonList:
+    """The poison jobs of command pools, for their workers' shims to refuse: a memfd the
+    master appends a line to (listed_key) when a job reaches poison_after; every command
+    child of a pool with poison_after gets a read-only open of it of its own at POISON_FD
+    (child/command.own_reader: its offset is no other worker's). A shim checks its size
+    (fstat) before each job and reads it again when the size or the mtime moved.
+    Append-only up to LIST_CAPACITY keys; then it is rewritten with the newest half. Lines
+    are written with pwrite, whole, by one process: a reader sees a prefix of whole lines,
+    or one line cut short, which it ignores (the next size change brings it whole)."""
+
+    def __init__(self, capacity: int = LIST_CAPACITY) -> None:
+        self.capacity = capacity
+        self.fd = os.memfd_create("gearvisor-poison", os.MFD_CLOEXEC)
+        self.keys: list[bytes] = []
+        self._known: set[bytes] = set()
+
+    def add(self, function: str, unique: str, handle: str) -> bool:
+        """List the job (once); False if it was listed already."""
+        key = listed_key(function, unique, handle)
+        if key in self._known:
+            return False
+        if len(self.keys) >= self.capacity:
+            self.keys = self.keys[len(self.keys) - self.capacity // 2:]
+            self._known = set(self.keys)
+            kept = b"".join(self.keys)  # (over the old lines, then cut: never an empty list)
+            os.pwrite(self.fd, kept, 0)
+            os.ftruncate(self.fd, len(kept))
+        os.pwrite(self.fd, key, len(self.keys) * len(key))
+        self.keys.append(key)
+        self._known.add(key)
+        return True
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._known
+
+    def close(self) -> None:
+        os.close(self.fd)
