@@ -67,7 +67,7 @@ def lang_pool(tmp_path: Path, lang: tuple, processes: int = 3, **extra) -> dict:
     shim = script.with_name("gearvisor" + script.suffix)  # the reporting shim it requires
     (tmp_path / shim.name).write_text(shim.read_text())
     functions = {"php": ["php_reverse", "php_slow", "php_record", "php_crash", "php_fail",
-                         "php_flaky", "php_kill"],
+                         "php_flaky", "php_kill", "php_kill_once"],
                  "perl": ["perl_upper", "perl_slow", "perl_record", "perl_crash",
                           "perl_fail"]}[exe]
     return {"processes": processes, "command": [exe, str(copy)], "functions": functions,
@@ -526,6 +526,28 @@ def test_a_php_workers_retry_that_succeeds_ends_its_failure(gearmand, master, tm
     failure = journal_failure(tmp_path, first["failure_id"])
     assert failure is not None and failure["state"] == "done", failure
     assert journal_rows(tmp_path, "php_reverse") == []
+
+
+@needs_php
+def test_a_php_job_that_crashed_its_worker_then_succeeded_ends_its_failure(
+        gearmand, master, tmp_path):
+    # The crash is recorded `requeued` (gearmand hands the job out again); the run that
+    # succeeds ends it, as the master saw the shim's job_ended, with poison_after: 0 too.
+    pool = lang_pool(tmp_path, LANGS["php"].values[0], processes=1, poison_after=0,
+                     backoff={"initial": 0, "jitter": 0})
+    m = start(gearmand, master, {"w": pool})
+    wait_for(lambda: m.status()["pools"][0]["ready"] == 1, timeout=20, message="ready")
+    with Client(HOST, gearmand.port, timeout=20) as c:
+        c.submit_background("php_kill_once", "x", "once-1")
+    rows = wait_for(lambda: len(r := journal_rows(tmp_path, "php_kill_once")) == 2 and r,
+                    timeout=30, message="the crash and the success recorded")
+    assert sorted(r["outcome"] for r in rows) == ["crash", "success"]
+    failure = wait_for(lambda: (f := journal_failure(tmp_path, rows[0]["failure_id"]
+                                                     or rows[1]["failure_id"]))
+                       and f["state"] == "done" and f, timeout=20, message="the failure done")
+    assert failure["function"] == "php_kill_once"
+    wait_for(lambda: "php_kill_once\t0\t0\t1" in gearmand.gearadmin("--status").splitlines(),
+             timeout=20, message="gearmand holds nothing of it (gearadmin --status)")
 
 
 @needs_php

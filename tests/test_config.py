@@ -324,6 +324,9 @@ def test_a_command_pool_maps_its_functions_to_their_timeouts_and_payload_modes(
     ("{callable: 'app:resize'}", "resize.callable", "`callable` is for Python pools"),
     ("{buckets: [1, 2]}", "resize.buckets", "has no job histogram; remove `buckets`"),
     ("'app:resize'", "resize", "Python callables are for Python pools, got 'app:resize'"),
+    ("{timout: 30s}", "resize.timout",
+     "unknown key 'timout'; a command pool's function takes timeout, retry and "
+     "failed_payload"),
 ])
 def test_a_command_pool_function_refuses_what_only_a_python_pool_has(
         tmp_path: Path, entry: str, where: str, says: str) -> None:

@@ -19,7 +19,8 @@ from gearvisor import messages as msg
 from gearvisor.config.model import RetryConfig
 from gearvisor.gearman.client import Client
 from gearvisor.journal import store
-from gearvisor.journal.record import JOURNAL_PREFIX, journal_line
+from gearvisor.journal.parse import MAX_RECORDS
+from gearvisor.journal.record import JOURNAL_PREFIX, MAX_LINE, journal_line
 from gearvisor.master.journal import completed, crash_record
 from gearvisor.policy.child import Child, RunningJob, reported_job
 
@@ -154,6 +155,28 @@ def test_a_record_of_another_job_keeps_no_payload_and_garbage_passes_on_as_it_is
         assert completed(garbage, job, retrying(), wall=1.0) == garbage  # type: ignore[arg-type]
     odd = journal_line([7, None, {"outcome": "error", "function": 3}]).rstrip(b"\n")
     assert records_of(completed(odd, job, retrying(), wall=1.0)) == records_of(odd)  # type: ignore[arg-type]
+
+
+def test_hostile_journal_lines_cannot_blow_up_or_raise_in_the_master() -> None:
+    """Many records naming the running job get its payload once, not once each (2,000 of
+    them would have made a 175 MB line); a payload that would push the line past the
+    store's cap is left out; lines nested too deep to decode, with an unhashable outcome,
+    or with more records than the store takes pass on unchanged."""
+    big = b"x" * 60_000
+    job = RunningJob("send", "H:x:9", "u", 10.0, big, len(big), False)
+    many = shim_line(*[{"unique": "u"}] * 2000)
+    recs = records_of(completed(many, job, retrying(), wall=1.0))  # type: ignore[arg-type]
+    assert [r.get("payload_size") for r in recs] == [len(big)] + [None] * 1999
+    near_cap = shim_line({"unique": "u", "error": "e" * (MAX_LINE - 60_000)})
+    (rec,) = records_of(completed(near_cap, job, retrying(), wall=1.0))  # type: ignore[arg-type]
+    assert rec["payload"] is None and rec["payload_size"] == len(big)
+    assert rec["payload_sha256"] == hashlib.sha256(big).hexdigest()
+    deep = JOURNAL_PREFIX + b"[" * 100_000 + b"]" * 100_000 + b"]}"
+    unhashable = shim_line({"unique": "u", "outcome": []})
+    too_many = journal_line([{}] * (MAX_RECORDS + 1)).rstrip(b"\n")
+    for line in (deep, unhashable, too_many):
+        out = completed(line, job, retrying(), wall=1.0)  # type: ignore[arg-type]
+        assert out == line or records_of(out) == records_of(line)
 
 
 @pytest.mark.integration

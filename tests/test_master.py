@@ -634,6 +634,30 @@ def test_a_command_childs_reported_job_past_timeout_and_grace_gets_its_group_sig
         m.clock.now)["alerts"]["firing_labels"]
 
 
+def test_a_command_job_that_ended_just_in_time_is_not_killed_for_the_next_one(
+        build: Build) -> None:
+    """The health check reads what a command child said before it times its job: a job
+    that ended at its limit, followed by one with no timeout, is no kill (before, the check
+    saw the old job still running, killed the child and blamed the new one)."""
+    m = build((Health(), Commands(Probe())), processes=1, command=["/bin/true"],
+              timeout_grace=1.0, functions={"f": {"timeout": 2.0}, "g": None})
+    (child,) = start_ready(m)
+    record = m.arbiter.children[child.pid][0]
+    began = m.clock.now
+    child.say(JobStarted("f", "H:host:1", "job-1", "", 0))
+    m.step()
+    m.advance_to(began + 3.0)  # busy for exactly timeout + grace: not past it
+    # The lines arrive just after the loop's select and before its timers run:
+    child.say(JobEnded())
+    child.say(JobStarted("g", "H:host:2", "job-2", "", 0))
+    m.clock.advance(2 * HEALTH_INTERVAL)
+    m.loop.run_due()  # (the health check)
+    m.step()
+    assert m.system.sent == [] and child.alive
+    assert record.job is not None and (record.job.function, record.job.unique) == ("g", "job-2")
+    assert m.arbiter.poison.strikes(job_key("g", "job-2", "H:host:2")) == 0
+
+
 def test_a_job_that_crashes_poison_after_command_workers_is_listed_as_poison(
         build: Build, log: io.StringIO) -> None:
     """gearmand hands a job that kills its command worker out again and again: the master
@@ -673,6 +697,16 @@ def test_a_job_that_crashes_poison_after_command_workers_is_listed_as_poison(
         assert m.arbiter.poison.strikes(key) == death + 1
     (poison,) = m.of(ev.PoisonJob)
     assert (poison.pool, poison.function, poison.unique, poison.strikes) == ("web", "f", "u-1", 2)
+    # A worker told to stop that dies of the stop signal mid-job died of the stop: no strike.
+    child = next_child(child)
+    child.say(JobStarted("f", "H:host:9", "u-9", "", 4))
+    m.step()
+    m.arbiter.handle_term()
+    m.step()
+    assert ("kill", child.pid, signal.SIGTERM) in m.system.sent
+    child.die(signal_status(signal.SIGTERM))
+    m.step()
+    assert m.arbiter.poison.strikes(job_key("f", "u-9", "H:host:9")) == 0
     said = [x for x in lines(log) if x.get("internal_event") == "poison_job"]
     assert len(said) == 1 and "--job-retries" in said[0]["event"]
     listed = os.pread(m.arbiter.poison_list.fd, 4096, 0)

@@ -17,6 +17,8 @@
 //   php_crash    exits the process (a crash) without answering; libgearman's cleanup at
 //                exit still sends WORK_FAIL, so gearmand drops the job
 //   php_kill     kills the process (SIGKILL) mid-job: gearmand hands the job out again
+//   php_kill_once  the same the first time a unique comes (it leaves a file beside
+//                $RESULTS), then returns "ok after a crash"
 //   php_fail     fails (an exception, recorded as an error) with "cannot do <payload>"
 //   php_flaky    fails its first run and succeeds when gearvisor retries it (`retry:`;
 //                a retry's unique starts with "gv:"), returning "ok on retry"
@@ -73,6 +75,14 @@ serve($worker, "php_crash", function (GearmanJob $job) {
 });
 serve($worker, "php_kill", function (GearmanJob $job) {
     posix_kill(getmypid(), SIGKILL);
+});
+serve($worker, "php_kill_once", function (GearmanJob $job) {
+    $mark = getenv("RESULTS") . ".killed-" . md5($job->unique());
+    if (!file_exists($mark)) {
+        touch($mark);
+        posix_kill(getmypid(), SIGKILL);
+    }
+    return "ok after a crash";
 });
 serve($worker, "php_fail", function (GearmanJob $job) {
     throw new RuntimeException("cannot do " . $job->workload());

@@ -108,6 +108,7 @@ def _read_scope(col: _Collector, path: tuple, data: dict, scope: str) -> dict[st
     return values
 
 
+_IN_COMMAND_POOLS = {"timeout", "retry", "failed_payload"}
 _NOT_IN_COMMAND_POOLS = {
     "callable": "a command pool's functions are the names its command registers; "
                 "`callable` is for Python pools: remove it",
@@ -123,9 +124,11 @@ def _command_functions(col: _Collector, path: tuple, raw: dict) -> dict:
     out: dict = {}
     for name, target in raw.items():
         if isinstance(target, dict):
-            for key in sorted(_NOT_IN_COMMAND_POOLS.keys() & target.keys(), key=str):
-                col.add(path + (name, key), _NOT_IN_COMMAND_POOLS[key])
-            out[name] = {k: v for k, v in target.items() if k not in _NOT_IN_COMMAND_POOLS}
+            for key in sorted(target.keys() - _IN_COMMAND_POOLS, key=str):
+                col.add(path + (name, key), _NOT_IN_COMMAND_POOLS.get(
+                    key, f"unknown key {show(key)}; a command pool's function takes "
+                    "timeout, retry and failed_payload"))
+            out[name] = {k: v for k, v in target.items() if k in _IN_COMMAND_POOLS}
         else:
             if target is not None:
                 col.add(path + (name,), "a command pool's function maps to nothing or to "

@@ -387,7 +387,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Record every successful job too, so `gearvisor jobs` shows them. Off by "
             "default: it costs the store a row per job (see Performance). A success that "
             "ends a failure (a retry, a replay, a job that crashed a worker before) is "
-            "always recorded.", scope="global"),
+            "always recorded (command pools: see Failed jobs for the two cases the master "
+            "cannot see).", scope="global"),
     Setting("log_level", choice("debug", "info", "warning", "error"), "info", "Log level."),
     Setting("log_format", choice("auto", "console", "json"), "auto",
             "`console` is key=value, `json` is one JSON object per line, `auto` picks console "

@@ -288,7 +288,7 @@ class Arbiter:
                                               pool.config.recycle_jitter)
         pool.placed(action, child)
         self.children[pid] = (child, pool)
-        self.loop.add_reader(r, lambda: self._read_events(child, pool))
+        self.loop.add_reader(r, lambda: self.read_events(child, pool))
         self.bus.publish(ev.ChildSpawned(child, pool))
         self.log.debug("child spawned", pool=pool.name, slot=slot.index, child_pid=pid,
                        generation=pool.generation, successor=action.successor)
@@ -326,9 +326,12 @@ class Arbiter:
                         self.clock())
         self.bus.publish(ev.ChildReady(child, pool))
 
-    def _read_events(self, child: Child, pool: Pool, final: bool = False) -> None:
+    def read_events(self, child: Child, pool: Pool, final: bool = False) -> None:
         """What the child's event pipe holds now; closed at end of file, or with `final`
-        (the child is dead, so all it wrote is there) after one bounded read."""
+        (the child is dead, so all it wrote is there) after one bounded read. Once the
+        master killed a command child for its job's hard timeout, that job stays its job:
+        a job_ended or job_started it wrote before the kill landed changes nothing (the
+        crash record, the strike and the alert are of the job it was killed for)."""
         lines, eof, dropped = read_lines(child.event_fd, child.event_buf,
                                          FINAL_READS if final else 1)
         if eof or final:
@@ -342,7 +345,8 @@ class Arbiter:
         for line in lines:
             if line.startswith(JOURNAL_PREFIX):  # not decoded here: the store helper checks
                 self.bus.publish(ev.JournalLines(child, pool, line))  # (reads child.job)
-                child.job = None  # a command worker's record of its job: the job is over
+                if not child.killed_for:
+                    child.job = None  # a command worker's record of its job: it is over
                 continue
             try:
                 message = msg.decode(line)
@@ -360,6 +364,9 @@ class Arbiter:
                 self.child_ready(child, pool)
             elif isinstance(message, msg.BootError):
                 child.boot_error = message.reason
+            elif child.scoreboard is None and child.killed_for and isinstance(
+                    message, (msg.JobStarted, msg.JobEnded)):
+                continue
             elif isinstance(message, msg.JobStarted) and child.scoreboard is None:
                 # A command child's shim: its current job, for its hard timeout (health.py)
                 # and a crash record (journal.py). A Python child's is on its scoreboard.
@@ -386,7 +393,7 @@ class Arbiter:
             # written just before exit): read what is there, then close it. Not to end of
             # file: a descendant that inherited it may keep it open for a long time.
             if child.event_fd >= 0:
-                self._read_events(child, pool, final=True)
+                self.read_events(child, pool, final=True)
             child.transition(ChildState.EXITED)  # any -> EXITED
             self._bell_after_exit(child, pool)
             self.lane_hints.clear(child.running_index)

@@ -72,6 +72,10 @@ class Health(Component):
                              slot=child.slot, child_pid=child.pid, reason="max_lifetime")
             if not child.timeouts or child.killed_for:
                 continue
+            if child.scoreboard is None and child.event_fd >= 0:
+                # (a command child's job is what its shim said last: read what it said
+                # since, or a job that just ended would be killed, and blamed, for the next)
+                self.master.read_events(child, pool)
             job = child.running()
             limit = child.timeouts.get(job.function) if job is not None else None
             if limit is not None and now - job.started > limit + child.timeout_grace:
@@ -94,7 +98,13 @@ class Health(Component):
                 # reopened the circuit with a longer cooldown. Say so as for any failed
                 # probe, or the circuit stays open without a word on the bus or in the log.
                 self._circuit_opened(pool, CircuitChange.REOPENED)
-        died = (event.status & 0x7f) != 0 and not child.master_killed  # a signal, not ours
+        sig = event.status & 0x7f
+        died = sig != 0 and not child.master_killed  # a signal, not ours
+        if died and child.scoreboard is None and decision.kind is ExitKind.STOPPED:
+            # A command worker that dies of the signal it was told to stop with (a PHP
+            # worker with no handler for it) died of our stop, not of its job.
+            died = sig not in (signal.Signals[pool.config.stop_signal],
+                               signal.Signals[pool.config.reload_signal])
         if decision.kind is ExitKind.STOPPED and child.killed_for != "timeout" and not died:
             return  # (a crash mid-job, even of a child told to stop, or a hard-timeout kill)
         what = "hung past its timeout" if child.killed_for else "crashed"

@@ -29,6 +29,7 @@ records go to the store helper, and nothing is lost on the way.
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import hashlib
 import json
@@ -40,7 +41,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from gearvisor import messages as msg
 from gearvisor.helpers.store import run_store
-from gearvisor.journal.record import FAILURES, journal_line, parse_unique
+from gearvisor.journal.parse import MAX_RECORDS
+from gearvisor.journal.record import FAILURES, MAX_LINE, journal_line, parse_unique
 from gearvisor.journal.settings import Caps, StoreSettings
 from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
 
 MAX_BYTES = 32 << 20  # journal lines kept for the store helper until it acks them
 MAX_PENDING = 1_000_000  # lines the helper's input queue may hold (the Outbox bounds bytes)
+MAX_REQUEUED = 4096  # command jobs remembered as recorded `requeued`, for their success
 
 
 def crash_record(job: RunningJob, child: Child, pool: Pool, status: int, now: float,
@@ -119,32 +122,41 @@ def completed(line: bytes, job: RunningJob | None, pool: Pool, wall: float,
     JobStarted reported (a record of that job that has none), and, for a function with
     `retry:`, the decision (policy/retry.py). A record whose unique is empty is not
     retried: its attempts could not be counted (Perl's Gearman::Worker never sees the
-    unique). A line that is no JSON, or a record that is no object, is passed on as it is
-    for the store helper to refuse and log."""
+    unique). The payload goes into one record only (the job is one job, however many
+    records name it), and is left out again if the line would pass the store's line cap.
+    A line that is no JSON (or nested too deep to decode), or holds more records than the
+    store takes, or a record that is no object, is passed on as it is for the store helper
+    to refuse and log."""
     try:
         records = json.loads(line)["records"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):
         return line
-    if not isinstance(records, list):
+    if not isinstance(records, list) or len(records) > MAX_RECORDS:
         return line
+    with_payload: dict[str, Any] | None = None
     for rec in records:
-        if not isinstance(rec, dict) or rec.get("outcome") not in FAILURES:
+        if not isinstance(rec, dict):
             continue
-        function, unique = rec.get("function"), rec.get("unique")
-        if not isinstance(function, str) or not isinstance(unique, str):
+        outcome, function, unique = rec.get("outcome"), rec.get("function"), rec.get("unique")
+        if (not isinstance(outcome, str) or outcome not in FAILURES
+                or not isinstance(function, str) or not isinstance(unique, str)):
             continue
         if "attempt" not in rec:
             rec["unique"], rec["attempt"], rec["retry_of"] = parse_unique(unique)
-        if (job is not None and rec.get("payload_size") is None
+        if (job is not None and with_payload is None and rec.get("payload_size") is None
                 and (job.function, job.handle) == (function, rec.get("handle"))):
             rec.update(payload_fields(job, pool))
+            with_payload = rec
         policy = pool.config.retry.get(function)
         attempt = rec["attempt"]
         if (policy is not None and unique and isinstance(attempt, int)
                 and not isinstance(attempt, bool)):
-            rec["decision"], rec["due"] = decide(policy, str(rec["outcome"]), attempt, wall,
-                                                 rand)
-    return journal_line(records).rstrip(b"\n")
+            rec["decision"], rec["due"] = decide(policy, outcome, attempt, wall, rand)
+    done = journal_line(records).rstrip(b"\n")
+    if len(done) > MAX_LINE and with_payload is not None and with_payload["payload"]:
+        with_payload["payload"] = None  # (its digest and size stay)
+        done = journal_line(records).rstrip(b"\n")
+    return done if len(done) <= MAX_LINE else line
 
 
 def store_settings(config: Config, host: str) -> StoreSettings:
@@ -179,6 +191,8 @@ class Journal(Component):
         self.state: ev.JournalState | None = None
         self.retries: dict[tuple[str, str], int] = {}  # submitted, ever, per (pool, function)
         self.crashes = 0  # crash records this master wrote
+        self.requeued: collections.OrderedDict[tuple[str, str], None] = (
+            collections.OrderedDict())  # command jobs it recorded requeued (_requeued)
         self.stopping = False
 
     # -- component ------------------------------------------------------------------------------
@@ -297,7 +311,10 @@ class Journal(Component):
         child, job = event.child, event.child.job
         if self.helper is None or job is None or not isinstance(event.message, msg.JobEnded):
             return
-        if (not self.config.journal.successes and parse_unique(job.unique)[2] is None
+        crashed = (job.function, job.handle) in self.requeued
+        self.requeued.pop((job.function, job.handle), None)
+        if (not self.config.journal.successes and not crashed
+                and parse_unique(job.unique)[2] is None
                 and not self.master.poison.strikes(command_job_key(
                     job.function, job.unique, job.handle))):
             return
@@ -315,7 +332,19 @@ class Journal(Component):
                 record = crash_record(job, event.child, event.pool, event.status,
                                       self.master.clock(), self.wall(), self.host)
                 self._send(journal_line([record]).rstrip(b"\n"))
+                if event.child.scoreboard is None:
+                    self._requeued(job)
         self._maybe_finish()
+
+    def _requeued(self, job: RunningJob) -> None:
+        """A command job this master recorded `requeued` (its worker died on it): when a
+        command worker's shim says it ended, that success ends the failure, and is
+        recorded whatever journal.successes says (a Python child does this itself). The
+        newest MAX_REQUEUED are kept."""
+        self.requeued[(job.function, job.handle)] = None
+        self.requeued.move_to_end((job.function, job.handle))
+        while len(self.requeued) > MAX_REQUEUED:
+            self.requeued.popitem(last=False)
 
     def _maybe_finish(self) -> None:
         """Stopping and every child gone: the helper writes what it holds and exits."""
