@@ -379,8 +379,9 @@ def test_a_command_workers_crash_mid_job_and_its_error_are_in_the_journal(
         if exe == "php":  # Gearman::Worker (Perl) does not get the unique (GRAB_JOB)
             assert failed[0]["unique"] == "fail-1"
         pid = m.status()["pools"][0]["children"][0]["pid"]
-        # gearmand gives the job to the restarted worker again, which dies again: at
-        # least the first death is recorded, with the job's function, unique and payload.
+        # The worker dies mid-job (gearmand gives a Perl worker's job to the restarted
+        # worker again, which dies again; PHP's exit() lets libgearman send WORK_FAIL
+        # first): the first death is recorded, with the job's function, unique and payload.
         c.submit_background(crash, "die", "crash-1")
         rows = wait_for(lambda: journal_rows(tmp_path, crash), timeout=20,
                         message="the crash recorded")
@@ -523,6 +524,9 @@ def test_a_php_workers_retry_that_succeeds_ends_its_failure(gearmand, master, tm
     assert [(r["attempt"], r["unique"], r["outcome"]) for r in (first, retry)] == [
         (1, "flaky-1", "error"), (2, "flaky-1", "success")]
     assert (retry["pool"], retry["failure_id"]) == ("w", first["failure_id"])
+    # inside the worker, gearvisor_attempt() saw the client's unique and each attempt
+    ran = (tmp_path / "results.txt").read_text().splitlines()
+    assert ran == ["flaky-1 attempt 1", "flaky-1 attempt 2"]
     failure = journal_failure(tmp_path, first["failure_id"])
     assert failure is not None and failure["state"] == "done", failure
     assert journal_rows(tmp_path, "php_reverse") == []

@@ -43,6 +43,19 @@ function gearvisor_run(GearmanJob $job, callable $work)
     return $result;
 }
 
+// [the client's unique, the attempt] of a job: a retry or replay gearvisor submitted has
+// the unique "gv:<failure id>:<attempt>:<unique>" (the unique is left off when it does not
+// fit gearmand's 64 bytes); any other job is [its unique, 1].
+function gearvisor_attempt(GearmanJob $job): array
+{
+    $unique = $job->unique();
+    if (preg_match('/^gv:([0-9]+):([0-9]+):(.*)$/s', $unique, $m)
+            && (int)$m[2] >= 1 && (int)$m[2] <= 1000000) {
+        return [$m[3], (int)$m[2]];
+    }
+    return [$unique, 1];
+}
+
 // The journal line of a job that failed: the master fills in its payload, attempt and retry
 // decision.
 function gearvisor_record($fd, GearmanJob $job, string $outcome, float $started,

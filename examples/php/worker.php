@@ -21,7 +21,8 @@
 //                $RESULTS), then returns "ok after a crash"
 //   php_fail     fails (an exception, recorded as an error) with "cannot do <payload>"
 //   php_flaky    fails its first run and succeeds when gearvisor retries it (`retry:`;
-//                a retry's unique starts with "gv:"), returning "ok on retry"
+//                gearvisor_attempt() reads a retry's attempt), returning "ok on attempt
+//                <n> of <unique>"; appends "<unique> attempt <n>" to $RESULTS
 
 require __DIR__ . "/gearvisor.php";
 
@@ -88,10 +89,14 @@ serve($worker, "php_fail", function (GearmanJob $job) {
     throw new RuntimeException("cannot do " . $job->workload());
 });
 serve($worker, "php_flaky", function (GearmanJob $job) {
-    if (strncmp($job->unique(), "gv:", 3) !== 0) {
-        throw new RuntimeException("flaky: the first run fails");
+    [$unique, $attempt] = gearvisor_attempt($job);  // (the shim's: "gv:..." uniques parsed)
+    if (getenv("RESULTS")) {
+        file_put_contents(getenv("RESULTS"), "$unique attempt $attempt\n", FILE_APPEND | LOCK_EX);
     }
-    return "ok on retry";
+    if ($attempt < 2) {
+        throw new RuntimeException("flaky: the first run of $unique fails");
+    }
+    return "ok on attempt $attempt of $unique";
 });
 
 fwrite(STDERR, "php worker " . getmypid() . " serving " . getenv("GEARVISOR_POOL")
