@@ -32,15 +32,43 @@ function gearvisor_run(GearmanJob $job, callable $work)
         $job->sendFail();  // the client hears of it (WORK_FAIL)
         return null;
     }
+    static $hooked = false;
+    if (!$hooked) {
+        register_shutdown_function("gearvisor_exited");
+        $hooked = true;
+    }
+    $GLOBALS["gearvisor_running"] = [$fd, $job, $started];  // (for gearvisor_exited)
     try {
         $result = $work($job);
     } catch (Throwable $e) {
+        $GLOBALS["gearvisor_running"] = null;
         gearvisor_record($fd, $job, "error", $started, get_class($e), $e->getMessage());
         $job->sendFail();
         return null;
     }
+    $GLOBALS["gearvisor_running"] = null;
     fwrite($fd, "{\"event\": \"job_ended\"}\n");
     return $result;
+}
+
+// exit() or a fatal error in the middle of a job: libgearman fails the job (WORK_FAIL) as
+// the worker shuts down, so gearmand drops it instead of handing it out again. Recorded
+// as a crash that is over (a dead letter, or retried with `retry:`), not one gearmand
+// will run again, as the master would record a death it saw on its own.
+function gearvisor_exited(): void
+{
+    $running = $GLOBALS["gearvisor_running"] ?? null;
+    if ($running === null) {
+        return;
+    }
+    [$fd, $job, $started] = $running;
+    $e = error_get_last();
+    $fatal = $e !== null && ($e["type"] & (E_ERROR | E_CORE_ERROR | E_COMPILE_ERROR
+                                           | E_USER_ERROR | E_RECOVERABLE_ERROR)) !== 0;
+    gearvisor_record($fd, $job, "crash", $started, $fatal ? "FatalError" : "Exit",
+        ($fatal ? "fatal error in the middle of the job: " . $e["message"]
+                : "exit() in the middle of the job")
+        . " (libgearman failed the job as the worker exited: gearmand dropped it)");
 }
 
 // [the client's unique, the attempt] of a job: a retry or replay gearvisor submitted has
