@@ -96,6 +96,7 @@ class JobStarted(Message):
     unique: str = ""
     payload_b64: str = field(default="", metadata={"max": MAX_PAYLOAD_TEXT})
     size: int = 0
+    key: str = ""  # the shim's poison key (shm/poison.shim_key), 40 hex digits
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from gearvisor.master.probe import Probe
 from gearvisor.messages import BootError, JobEnded, JobStarted, ProbationPassed, Quarantined, Ready
 from gearvisor.policy.child import EXIT_BOOT_ERROR, ChildState
 from gearvisor.policy.pool import ExitKind, Pool, roll_results
-from gearvisor.shm.poison import job_key, listed_key
+from gearvisor.shm.poison import job_key, shim_key
 
 TICK = 1 / 64  # a moment, exact in binary: "just before" a deadline
 BOOT_REASON = "function f: cannot import module 'examples.nope'"
@@ -665,7 +665,8 @@ def test_a_job_that_crashes_poison_after_command_workers_is_listed_as_poison(
     lists it for the workers' shims to refuse (the PoisonList their fd 4 is). Idle deaths,
     stops and jobs that ended strike nothing."""
     m = build((Health(), Commands(Probe())), processes=1, command=["/bin/true"],
-              functions=["f"], poison_after=2, startsecs=0.5, backoff={"initial": 0.5})
+              functions=["f"], poison_after=2, startsecs=0.5,
+              backoff={"initial": 0.5, "max": 1.0})
 
     def next_child(dead: FakeChild | None) -> FakeChild:
         for _ in range(100):  # the restart, after the crash's backoff
@@ -691,12 +692,24 @@ def test_a_job_that_crashes_poison_after_command_workers_is_listed_as_poison(
         child = next_child(child)
         child.say(JobStarted("f", "H:host:1", "u-1", "", 4))
         m.step()
-        assert listed_key("f", "u-1", "H:host:1") not in m.arbiter.poison_list
+        assert shim_key("f", "u-1", "H:host:1") not in m.arbiter.poison_list
         child.die(signal_status(signal.SIGSEGV))
         m.step()
         assert m.arbiter.poison.strikes(key) == death + 1
     (poison,) = m.of(ev.PoisonJob)
     assert (poison.pool, poison.function, poison.unique, poison.strikes) == ("web", "f", "u-1", 2)
+    # A job without a unique is known by the key its shim sent (handle and payload digest:
+    # another server's job of the same handle is another job), and only so.
+    for key, expect in (("a" * 40, ["a" * 40]), ("", ["a" * 40])):
+        for _ in range(2):
+            child = next_child(child)
+            child.say(JobStarted("f", "H:host:7", "", "", 4, key=key))
+            m.step()
+            child.die(signal_status(signal.SIGSEGV))
+            m.step()
+        assert [k for k in ("a" * 40, "b" * 40) if k in m.arbiter.poison_list] == expect
+    said3 = [x for x in lines(log) if x.get("internal_event") == "poison_job"]
+    assert len(said3) == 3 and "its shim sent no key and it has no unique" in said3[2]["event"]
     # A worker told to stop that dies of the stop signal mid-job died of the stop: no strike.
     child = next_child(child)
     child.say(JobStarted("f", "H:host:9", "u-9", "", 4))
@@ -708,9 +721,9 @@ def test_a_job_that_crashes_poison_after_command_workers_is_listed_as_poison(
     m.step()
     assert m.arbiter.poison.strikes(job_key("f", "u-9", "H:host:9")) == 0
     said = [x for x in lines(log) if x.get("internal_event") == "poison_job"]
-    assert len(said) == 1 and "--job-retries" in said[0]["event"]
+    assert len(said) == 3 and "--job-retries" in said[0]["event"]
     listed = os.pread(m.arbiter.poison_list.fd, 4096, 0)
-    assert listed == hashlib.sha1(b"f\0u\0u-1").hexdigest().encode() + b"\n"
+    assert listed == hashlib.sha1(b"f\0u\0u-1").hexdigest().encode() + b"\n" + b"a" * 40 + b"\n"
 
 
 # -- the control socket out of fds --------------------------------------------------------------

@@ -8,6 +8,7 @@ time is a float driven by hand, and the worker talks to one end of a socketpair.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from gearvisor.job import Job, JobTimeout
 from gearvisor.policy.backoff import CHILD_BASE_FDS, ErrorWindow, fd_warnings, jittered
 from gearvisor.policy.child import EXIT_CRASH, Child, ChildState
 from gearvisor.policy.pool import ExitDecision, ExitKind, Pool, Retire, Spawn
-from gearvisor.shm.poison import PoisonList, PoisonTable, job_key, listed_key
+from gearvisor.shm.poison import PoisonList, PoisonTable, job_key, shim_key
 
 # parse() only needs the file's directory (the default cwd) to exist: the file itself is not read.
 CONFIG_PATH = str(Path(__file__).resolve().parent / "quarantine.yaml")
@@ -643,32 +644,39 @@ def _listed(poison: PoisonList) -> list[bytes]:
         return f.read().splitlines(keepends=True)
 
 
-def test_poison_list_holds_each_job_once_as_the_shims_hash_it() -> None:
-    """What a command worker's shim looks up: sha1 of function, "u" and the unique, or "h"
-    and the handle for a job without one; a job listed twice is one line."""
+def test_poison_list_holds_each_job_once_by_its_shim_key() -> None:
+    """The list holds what a shim looks up: the key it sent, else the hex sha1 of function,
+    "u" and the unique; a job with neither is not listable (its handle alone could name
+    another server's job); one listed twice is one line."""
     poison = PoisonList()
     try:
         assert _listed(poison) == []
-        assert poison.add("resize", "img-7", "H:a:1")
-        assert not poison.add("resize", "img-7", "H:a:2")  # the same unique: listed already
-        assert poison.add("resize", "", "H:a:3")
-        assert _listed(poison) == [
-            hashlib.sha1(b"resize\0u\0img-7").hexdigest().encode() + b"\n",
-            hashlib.sha1(b"resize\0h\0H:a:3").hexdigest().encode() + b"\n"]
-        assert listed_key("resize", "", "H:a:3") in poison
-        assert listed_key("resize", "img-8", "H:a:3") not in poison
+        by_unique = shim_key("resize", "img-7", "H:a:1")
+        assert by_unique == hashlib.sha1(b"resize\0u\0img-7").hexdigest()
+        assert poison.add(by_unique)
+        assert not poison.add(shim_key("resize", "img-7", "H:a:2"))  # the same unique
+        sent = hashlib.sha1(b"resize\0h\0H:a:3\0" + hashlib.sha1(b"data").hexdigest()
+                            .encode()).hexdigest()
+        assert shim_key("resize", "", "H:a:3", sent) == sent
+        assert poison.add(sent)
+        assert shim_key("resize", "", "H:a:3") is None
+        assert shim_key("f\ud800", "u\udfff", "H") is not None  # (no UnicodeEncodeError)
+        assert _listed(poison) == [by_unique.encode() + b"\n", sent.encode() + b"\n"]
+        assert sent in poison and shim_key("resize", "img-8", "H:a:3") not in poison
+        assert os.fstat(poison.fd).st_mode & 0o777 == 0o400  # no worker reopens it to write
     finally:
         poison.close()
 
 
 def test_poison_list_keeps_the_newest_half_when_full() -> None:
     poison = PoisonList(capacity=4)
+    keys = [hashlib.sha1(str(i).encode()).hexdigest() for i in range(5)]
     try:
-        for i in range(5):
-            poison.add("f", f"u{i}", "")
-        assert _listed(poison) == [listed_key("f", f"u{i}", "") for i in (2, 3, 4)]
-        assert listed_key("f", "u0", "") not in poison and listed_key("f", "u4", "") in poison
-        assert poison.add("f", "u0", "")  # forgotten: listed again
+        for key in keys:
+            poison.add(key)
+        assert _listed(poison) == [k.encode() + b"\n" for k in keys[2:]]
+        assert keys[0] not in poison and keys[4] in poison
+        assert poison.add(keys[0])  # forgotten: listed again
         assert len(_listed(poison)) == 4
     finally:
         poison.close()

@@ -28,12 +28,16 @@ sub gearvisor_run {
     return $work->($job) unless $gearvisor_fh;
     my $json = JSON::PP->new->ascii;
     my $arg = $job->arg;
+    # The poison key (Gearman::Worker never sees the unique; handles repeat across gearmand
+    # restarts and servers, so the payload's digest is in it): see gearvisor.php.
+    my $key = Digest::SHA::sha1_hex("$job->{func}\0h\0" . $job->handle . "\0"
+                                    . Digest::SHA::sha1_hex($arg));
     print $gearvisor_fh $json->encode({event => "job_started", function => $job->{func},
-        handle => $job->handle, unique => "", size => length($arg),
+        handle => $job->handle, unique => "", size => length($arg), key => $key,
         payload_b64 => MIME::Base64::encode_base64(
             substr($arg, 0, $ENV{GEARVISOR_PAYLOAD_CAP} || 0), "")}), "\n";
     my $started = Time::HiRes::time();
-    if (gearvisor_poisoned($job)) {
+    if (gearvisor_poisoned($key)) {
         my $why = "refused without running: it crashed or hung poison_after workers already";
         gearvisor_record($job, "poison", $started, "Poison", $why);
         die "$why\n";  # Gearman::Worker sends WORK_FAIL
@@ -58,12 +62,11 @@ sub gearvisor_record {
     print $gearvisor_fh qq({"event": "journal", "records": [$record]}\n);
 }
 
-# Is the job on the master's poison list? The list is a file of 40-hex-digit lines, the
-# SHA-1 of "<function>\0h\0<handle>" (Gearman::Worker never sees a job's unique), which
-# the master appends to; one fstat per job, a read when it changed.
+# Is the job of this key on the master's poison list (a file of 40-hex-digit lines it
+# appends to)? One fstat per job, a read when it changed.
 my ($gearvisor_list, $gearvisor_seen, %gearvisor_poison);  # undef: not looked yet, 0: none
 sub gearvisor_poisoned {
-    my ($job) = @_;
+    my ($key) = @_;
     if (!defined $gearvisor_list) {
         my $n = $ENV{GEARVISOR_POISON_FD};
         my $fh;
@@ -81,7 +84,7 @@ sub gearvisor_poisoned {
         }
         $gearvisor_seen = "$size $mtime";
     }
-    return exists $gearvisor_poison{Digest::SHA::sha1_hex("$job->{func}\0h\0" . $job->handle)};
+    return exists $gearvisor_poison{$key};
 }
 
 1;

@@ -21,12 +21,13 @@ function gearvisor_run(GearmanJob $job, callable $work)
     $flags = JSON_INVALID_UTF8_SUBSTITUTE | JSON_UNESCAPED_SLASHES;
     $payload = $job->workload();
     $cap = (int)getenv("GEARVISOR_PAYLOAD_CAP");
+    $key = gearvisor_key($job, $payload);
     fwrite($fd, json_encode(["event" => "job_started", "function" => $job->functionName(),
         "handle" => $job->handle(), "unique" => $job->unique(),
         "payload_b64" => base64_encode(substr($payload, 0, $cap)),
-        "size" => strlen($payload)], $flags) . "\n");
+        "size" => strlen($payload), "key" => $key], $flags) . "\n");
     $started = microtime(true);
-    if (gearvisor_poisoned($job)) {
+    if (gearvisor_poisoned($key)) {
         gearvisor_record($fd, $job, "poison", $started, "Poison", "refused without running: "
             . "it crashed or hung poison_after workers already");
         $job->sendFail();  // the client hears of it (WORK_FAIL)
@@ -99,10 +100,20 @@ function gearvisor_record($fd, GearmanJob $job, string $outcome, float $started,
     fwrite($fd, '{"event": "journal", "records": [' . json_encode($record, $flags) . "]}\n");
 }
 
-// Is the job on the master's poison list? The list is a file of 40-hex-digit lines, the
-// SHA-1 of "<function>\0u\0<unique>" (or "<function>\0h\0<handle>" for a job without a
-// unique), which the master appends to; one fstat per job, a read when it changed.
-function gearvisor_poisoned(GearmanJob $job): bool
+// The job's poison key, sent with job_started and listed by the master when workers keep
+// dying on it: the SHA-1 of "<function>\0u\0<unique>", or for a job without a unique of
+// "<function>\0h\0<handle>\0<hex SHA-1 of the payload>" (handles repeat across gearmand
+// restarts and servers).
+function gearvisor_key(GearmanJob $job, string $payload): string
+{
+    $name = $job->unique() !== "" ? "u\0" . $job->unique()
+                                  : "h\0" . $job->handle() . "\0" . sha1($payload);
+    return sha1($job->functionName() . "\0" . $name);
+}
+
+// Is the job of this key on the master's poison list (a file of 40-hex-digit lines it
+// appends to)? One fstat per job, a read when it changed.
+function gearvisor_poisoned(string $key): bool
 {
     static $list = false;  // the inherited fd: false before the first job, null when none
     static $seen = null;   // [size, mtime] when it was last read
@@ -121,6 +132,5 @@ function gearvisor_poisoned(GearmanJob $job): bool
         $keys = $text === false ? [] : array_flip(explode("\n", $text));
         $seen = [$st["size"], $st["mtime"]];
     }
-    $name = $job->unique() !== "" ? "u\0" . $job->unique() : "h\0" . $job->handle();
-    return isset($keys[sha1($job->functionName() . "\0" . $name)]);
+    return isset($keys[$key]);
 }

@@ -54,7 +54,11 @@ def own_reader(fd: int) -> int:
     if fd < 0:
         return -1
     try:
-        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        if own <= POISON_FD:  # (a master started with stdio closed: keep off 0-4)
+            low, own = own, fcntl.fcntl(own, fcntl.F_DUPFD_CLOEXEC, POISON_FD + 1)
+            os.close(low)
+        return own
     except OSError:
         return -1
 

@@ -16,7 +16,7 @@ from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
 from gearvisor.policy.child import Child, ChildState
 from gearvisor.policy.pool import Circuit, CircuitChange, ExitKind, Pool, Retire
-from gearvisor.shm.poison import command_job_key
+from gearvisor.shm.poison import command_job_key, shim_key
 
 if TYPE_CHECKING:
     from gearvisor.master.arbiter import Arbiter
@@ -123,25 +123,26 @@ class Health(Component):
         job, limit = child.job, pool.config.poison_after
         if job is None or not limit:
             return
-        key = command_job_key(job.function, job.unique, job.handle)
+        key = command_job_key(job.function, job.unique, job.handle, job.key)
         self.master.poison.add(key)
         strikes = self.master.poison.strikes(key)
         if strikes < limit:
             return
-        try:
-            listed = self.master.poison_list.add(job.function, job.unique, job.handle)
-        except OSError as e:  # (a memfd write: ENOMEM at worst) the strikes still count
-            self.master.log.error("cannot list a poison job for the shims", pool=pool.name,
-                                  error=str(e))
-            listed = False
-        if strikes == limit:
+        listing, listed, why = shim_key(job.function, job.unique, job.handle, job.key), False, ""
+        if listing is None:
+            why = " (it is not listed: its shim sent no key and it has no unique)"
+        else:
+            try:
+                listed = self.master.poison_list.add(listing)
+            except OSError as e:  # (a memfd write: ENOMEM at worst) the strikes still count
+                why = f" (it could not be listed: {e})"
+        if strikes == limit or listed:  # (listed later: a reload lowered poison_after)
             self._publish(ev.PoisonJob(pool.name, job.function, job.unique, job.handle,
                                        job.size, strikes, what),
                           f"poison job: it {what}; {strikes} command workers died on it, "
                           "so from now on their shim (gearvisor_run) fails it without "
                           "running; a worker that does not use the shim runs it again: "
-                          "start gearmand with --job-retries=N to drop it there"
-                          + ("" if listed else " (it could not be listed)"))
+                          "start gearmand with --job-retries=N to drop it there" + why)
 
     def _strike(self, pool: Pool, job: Any, what: str, child: Child) -> None:
         """The job `job` crashed or hung its child: one more strike; poison at

@@ -191,7 +191,7 @@ class Journal(Component):
         self.state: ev.JournalState | None = None
         self.retries: dict[tuple[str, str], int] = {}  # submitted, ever, per (pool, function)
         self.crashes = 0  # crash records this master wrote
-        self.requeued: collections.OrderedDict[tuple[str, str], None] = (
+        self.requeued: collections.OrderedDict[tuple[str, str, str], None] = (
             collections.OrderedDict())  # command jobs it recorded requeued (_requeued)
         self.stopping = False
 
@@ -311,12 +311,12 @@ class Journal(Component):
         child, job = event.child, event.child.job
         if self.helper is None or job is None or not isinstance(event.message, msg.JobEnded):
             return
-        crashed = (job.function, job.handle) in self.requeued
-        self.requeued.pop((job.function, job.handle), None)
+        crashed = (job.function, job.handle, job.key) in self.requeued
+        self.requeued.pop((job.function, job.handle, job.key), None)
         if (not self.config.journal.successes and not crashed
                 and parse_unique(job.unique)[2] is None
                 and not self.master.poison.strikes(command_job_key(
-                    job.function, job.unique, job.handle))):
+                    job.function, job.unique, job.handle, job.key))):
             return
         record = success_record(job, child, event.pool, self.master.clock(), self.wall(),
                                 self.host)
@@ -341,8 +341,8 @@ class Journal(Component):
         command worker's shim says it ended, that success ends the failure, and is
         recorded whatever journal.successes says (a Python child does this itself). The
         newest MAX_REQUEUED are kept."""
-        self.requeued[(job.function, job.handle)] = None
-        self.requeued.move_to_end((job.function, job.handle))
+        self.requeued[(job.function, job.handle, job.key)] = None  # (the key: handles repeat)
+        self.requeued.move_to_end((job.function, job.handle, job.key))
         while len(self.requeued) > MAX_REQUEUED:
             self.requeued.popitem(last=False)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import signal
 from dataclasses import dataclass, field
 from enum import Enum
@@ -64,6 +65,10 @@ class RunningJob:
     payload: bytes | None  # the payload's first bytes kept, None when none was kept
     size: int  # the whole payload's length
     cut: bool  # `payload` holds only the first bytes
+    key: str = ""  # a command child's: its shim's poison key (40 hex digits), or none
+
+
+_HEX40 = re.compile(r"[0-9a-f]{40}")
 
 
 def reported_job(message: msg.JobStarted, started: float, cap: int) -> RunningJob:
@@ -83,8 +88,9 @@ def reported_job(message: msg.JobStarted, started: float, cap: int) -> RunningJo
     if payload is not None:
         payload = payload[:cap]
         cut = cut or len(payload) < size
+    key = message.key if _HEX40.fullmatch(message.key) else ""
     return RunningJob(message.function, message.handle, message.unique, started, payload,
-                      size, cut)
+                      size, cut, key)
 
 
 @dataclass

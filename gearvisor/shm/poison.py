@@ -51,10 +51,13 @@ def job_key(function: str, unique: str, handle: str, data: bytes = b"",
     return (h & 0xFFFFFFFFFFFFFFFF) or 1  # a 64-bit slot value; 0 means "no job"
 
 
-def command_job_key(function: str, unique: str, handle: str) -> int:
-    """The key of a job a command child's shim reported: it says no server, and the
-    master keeps its payload only with the journal on, so a job without a unique is known
-    by its handle alone (master/health.py strikes it, master/journal.py reads it)."""
+def command_job_key(function: str, unique: str, handle: str, key: str = "") -> int:
+    """The key of a job a command child's shim reported: its shim's own key (shim_key)
+    when it sent one, else its unique, else its handle alone (it says no server, and the
+    master keeps its payload only with the journal on): master/health.py strikes it,
+    master/journal.py reads it."""
+    if key:
+        return (hash((function, "k", key)) & 0xFFFFFFFFFFFFFFFF) or 1
     return job_key(function, unique, handle)
 
 
@@ -246,18 +249,26 @@ def _alive(pid: int) -> bool:
 LIST_CAPACITY = 4096  # keys the command workers' list keeps: then the newest half
 
 
-def listed_key(function: str, unique: str, handle: str) -> bytes:
-    """A command job's line in the PoisonList: the hex SHA-1 of its function and its unique,
-    or its handle when it has none (Perl's Gearman::Worker never sees the unique), as the
-    shims compute it: sha1("<function>\\0u\\0<unique>") or sha1("<function>\\0h\\0<handle>")
-    of the UTF-8 bytes, 40 hex digits and a newline."""
-    name = b"u\0" + unique.encode() if unique else b"h\0" + handle.encode()
-    return hashlib.sha1(function.encode() + b"\0" + name).hexdigest().encode() + b"\n"
+def shim_key(function: str, unique: str, handle: str, key: str = "") -> str | None:
+    """A command job's line in the PoisonList (40 hex digits): the key its shim sent with
+    job_started, computed from the raw bytes as the shims do, sha1("<function>\\0u\\0
+    <unique>"), or for a job without a unique sha1("<function>\\0h\\0<handle>\\0<hex
+    sha1 of the whole payload>") (gearmand reuses handles after a restart, and two on one
+    host hand out the same ones: the payload tells their jobs apart). A shim that sent no
+    key: its unique's (UTF-8, as the JSON line carried it), or None without one (not
+    listed: a handle alone could name another job)."""
+    if key:
+        return key
+    if not unique:
+        return None
+    data = function.encode(errors="surrogatepass") + b"\0u\0" + unique.encode(
+        errors="surrogatepass")
+    return hashlib.sha1(data).hexdigest()
 
 
 class PoisonList:
     """The poison jobs of command pools, for their workers' shims to refuse: a memfd the
-    master appends a line to (listed_key) when a job reaches poison_after; every command
+    master appends a line to (shim_key) when a job reaches poison_after; every command
     child of a pool with poison_after gets a read-only open of it of its own at POISON_FD
     (child/command.own_reader: its offset is no other worker's). A shim checks its size
     (fstat) before each job and reads it again when the size or the mtime moved.
@@ -268,12 +279,15 @@ class PoisonList:
     def __init__(self, capacity: int = LIST_CAPACITY) -> None:
         self.capacity = capacity
         self.fd = os.memfd_create("gearvisor-poison", os.MFD_CLOEXEC)
+        # (read-only for everyone else: a worker could reopen its fd 4 for writing through
+        # /proc otherwise; the master writes through the fd it has)
+        os.fchmod(self.fd, 0o400)
         self.keys: list[bytes] = []
         self._known: set[bytes] = set()
 
-    def add(self, function: str, unique: str, handle: str) -> bool:
-        """List the job (once); False if it was listed already."""
-        key = listed_key(function, unique, handle)
+    def add(self, shim_key: str) -> bool:
+        """List the job of `shim_key` (once); False if it was listed already."""
+        key = shim_key.encode() + b"\n"
         if key in self._known:
             return False
         if len(self.keys) >= self.capacity:
@@ -287,8 +301,8 @@ class PoisonList:
         self._known.add(key)
         return True
 
-    def __contains__(self, key: bytes) -> bool:
-        return key in self._known
+    def __contains__(self, shim_key: str) -> bool:
+        return shim_key.encode() + b"\n" in self._known
 
     def close(self) -> None:
         os.close(self.fd)
