@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -627,3 +628,42 @@ def test_a_command_writing_garbage_and_huge_lines_to_fd_3_does_not_hurt_the_mast
     rows = wait_for(lambda: journal_rows(tmp_path, "f"), timeout=20,
                     message="the last JobStarted's crash recorded")
     assert rows[0]["outcome"] == "crash" and m.proc.poll() is None
+
+
+@pytest.mark.parametrize("fds", [(3, 4), (4, 3), (7, 4), (3, 9), (6, 5)])
+def test_keep_fds_at_moves_the_event_pipe_and_the_list_whatever_fds_they_had(fds):
+    # In a forked child, as exec_command does: the event pipe and an own read-only open of
+    # the poison list end at 3 and 4, inheritable, whatever fds they started at.
+    from gearvisor.child.command import keep_fds_at, own_reader
+    from gearvisor.shm.poison import PoisonList
+
+    poison = PoisonList()
+    poison.add("c" * 40)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report on the pipe's read end what it found, then exit
+        code = 1
+        try:
+            event_at, list_at = fds
+            os.dup2(w, event_at)
+            own = own_reader(poison.fd)
+            os.dup2(own, list_at)
+            keep_fds_at({event_at: 3, list_at: 4})
+            ok = (os.get_inheritable(3) and os.get_inheritable(4)
+                  and os.pread(4, 100, 0) == b"c" * 40 + b"\n")
+            try:
+                os.write(4, b"x")
+                ok = False  # (read-only: a worker cannot write to the list)
+            except OSError:
+                pass
+            os.write(3, b"ok" if ok else b"no")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        assert os.read(r, 2) == b"ok"
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        os.close(r)
+        poison.close()
