@@ -282,27 +282,24 @@ class PoisonList:
         # (read-only for everyone else: a worker could reopen its fd 4 for writing through
         # /proc otherwise; the master writes through the fd it has)
         os.fchmod(self.fd, 0o400)
-        self.keys: list[bytes] = []
-        self._known: set[bytes] = set()
+        self.keys: dict[bytes, None] = {}  # the lines listed, oldest first
 
     def add(self, shim_key: str) -> bool:
         """List the job of `shim_key` (once); False if it was listed already."""
         key = shim_key.encode() + b"\n"
-        if key in self._known:
+        if key in self.keys:
             return False
         if len(self.keys) >= self.capacity:
-            self.keys = self.keys[len(self.keys) - self.capacity // 2:]
-            self._known = set(self.keys)
+            self.keys = dict.fromkeys(list(self.keys)[len(self.keys) - self.capacity // 2:])
             kept = b"".join(self.keys)  # (over the old lines, then cut: never an empty list)
             os.pwrite(self.fd, kept, 0)
             os.ftruncate(self.fd, len(kept))
         os.pwrite(self.fd, key, len(self.keys) * len(key))
-        self.keys.append(key)
-        self._known.add(key)
+        self.keys[key] = None
         return True
 
     def __contains__(self, shim_key: str) -> bool:
-        return shim_key.encode() + b"\n" in self._known
+        return shim_key.encode() + b"\n" in self.keys
 
     def close(self) -> None:
         os.close(self.fd)
