@@ -692,7 +692,7 @@ def test_a_job_that_crashes_poison_after_command_workers_is_listed_as_poison(
         child = next_child(child)
         child.say(JobStarted("f", "H:host:1", "u-1", "", 4))
         m.step()
-        assert shim_key("f", "u-1", "H:host:1") not in m.arbiter.poison_list
+        assert shim_key("f", "u-1", "H:host:1") not in m.arbiter.poison_lists["web"]
         child.die(signal_status(signal.SIGSEGV))
         m.step()
         assert m.arbiter.poison.strikes(key) == death + 1
@@ -707,7 +707,7 @@ def test_a_job_that_crashes_poison_after_command_workers_is_listed_as_poison(
             m.step()
             child.die(signal_status(signal.SIGSEGV))
             m.step()
-        assert [k for k in ("a" * 40, "b" * 40) if k in m.arbiter.poison_list] == expect
+        assert [k for k in ("a" * 40, "b" * 40) if k in m.arbiter.poison_lists["web"]] == expect
     said3 = [x for x in lines(log) if x.get("internal_event") == "poison_job"]
     assert len(said3) == 3 and "its shim sent no key and it has no unique" in said3[2]["event"]
     # A worker told to stop that dies of the stop signal mid-job died of the stop: no strike.
@@ -722,8 +722,68 @@ def test_a_job_that_crashes_poison_after_command_workers_is_listed_as_poison(
     assert m.arbiter.poison.strikes(job_key("f", "u-9", "H:host:9")) == 0
     said = [x for x in lines(log) if x.get("internal_event") == "poison_job"]
     assert len(said) == 3 and "--job-retries" in said[0]["event"]
-    listed = os.pread(m.arbiter.poison_list.fd, 4096, 0)
+    listed = os.pread(m.arbiter.poison_lists["web"].fd, 4096, 0)
     assert listed == hashlib.sha1(b"f\0u\0u-1").hexdigest().encode() + b"\n" + b"a" * 40 + b"\n"
+
+
+def test_each_command_pool_lists_the_jobs_past_its_own_poison_after_and_a_reload_relists(
+        tmp_path: Path, log: io.StringIO) -> None:
+    """Strikes count fleet-wide (as a Python child counts them), but a job goes on a
+    command pool's list only when they reach that pool's poison_after: one death lists it
+    for a pool with poison_after 1, not yet for one with 3. A reload that raises a pool's
+    poison_after takes the job off its list and one that lowers it lists it, as a Python
+    pool compares strikes with the live limit; the list's size only grows (its shims notice
+    a change by size), the emptied list shows no key."""
+    path = tmp_path / "gearvisor.yaml"
+
+    def write(a: int, b: int) -> None:
+        pools = {name: {"processes": 1, "command": ["/bin/true"], "functions": ["f"],
+                        "poison_after": limit, "startsecs": 0.5, "watch": False,
+                        "backoff": {"initial": 0.5, "max": 1.0, "jitter": 0}}
+                 for name, limit in (("a", a), ("b", b))}
+        path.write_text(yaml.safe_dump({"watch_config": False, "pools": pools}))
+
+    def listed(name: str) -> list[bytes]:
+        fd = m.arbiter.poison_lists[name].fd
+        return [line for line in os.pread(fd, 1 << 20, 0).split(b"\n") if line]
+
+    def crash_in(name: str) -> None:
+        for _ in range(100):  # a ready child of the pool (a restart waits out its backoff)
+            child = next((c for c in m.system.forked if c.alive and
+                          m.arbiter.children[c.pid][1].name == name and
+                          m.arbiter.children[c.pid][0].state is ChildState.READY), None)
+            if child is not None:
+                break
+            m.advance(0.25)
+        assert child is not None
+        child.say(JobStarted("f", "H:host:1", "u-1", "", 4))
+        m.step()
+        child.die(signal_status(signal.SIGSEGV))
+        m.step()
+
+    write(1, 3)
+    m = FakeMaster(str(path), (Health(), Commands(Probe())))
+    try:
+        m.step()
+        m.advance(1.0)  # both pools' children ready
+        key = hashlib.sha1(b"f\0u\0u-1").hexdigest().encode()
+        crash_in("a")
+        assert (listed("a"), listed("b")) == ([key], [])
+        crash_in("b")
+        assert listed("b") == []  # 2 strikes of b's 3
+        crash_in("b")
+        assert listed("b") == [key]
+        assert [(e.pool, e.strikes) for e in m.of(ev.PoisonJob)] == [("a", 1), ("b", 3)]
+        size = os.fstat(m.arbiter.poison_lists["a"].fd).st_size
+        write(5, 3)
+        assert m.arbiter.reload("test") is None
+        assert (listed("a"), listed("b")) == ([], [key])
+        assert os.fstat(m.arbiter.poison_lists["a"].fd).st_size > size
+        write(3, 4)
+        assert m.arbiter.reload("test") is None
+        assert (listed("a"), listed("b")) == ([key], [])
+    finally:
+        m.close()
 
 
 # -- the control socket out of fds --------------------------------------------------------------

@@ -682,6 +682,35 @@ def test_poison_list_keeps_the_newest_half_when_full() -> None:
         poison.close()
 
 
+def test_a_replaced_poison_list_only_grows_until_it_would_pass_its_capacity() -> None:
+    """A reload rewrites a pool's list (replace): the shims notice a change by its size, so
+    fewer keys are padded with empty lines to one byte more than before, which the shims'
+    split skips; more keys simply grow it. Only a list that would pass its capacity's bytes
+    is written smaller."""
+    poison = PoisonList(capacity=4)
+    keys = [hashlib.sha1(str(i).encode()).hexdigest() for i in range(5)]
+    try:
+        for key in keys[:3]:
+            poison.add(key)
+        assert not poison.replace(keys[:3])  # (unchanged: not rewritten)
+        sizes = [os.fstat(poison.fd).st_size]
+        for wanted in ([keys[1]], [], [keys[0]], keys[:4]):
+            assert poison.replace(wanted)
+            sizes.append(os.fstat(poison.fd).st_size)
+            assert [line for line in _listed(poison) if line != b"\n"] == [
+                k.encode() + b"\n" for k in wanted]
+            assert all(k in poison for k in wanted) and keys[4] not in poison
+        assert sizes == sorted(set(sizes)), sizes
+        assert poison.replace(keys[:3])  # 4 lines' bytes would be passed: smaller
+        assert _listed(poison) == [k.encode() + b"\n" for k in keys[:3]]
+        poison.add(keys[4])
+        assert _listed(poison)[-1] == keys[4].encode() + b"\n"
+        assert poison.replace(keys + keys)  # (more than capacity, twice: the newest 4, once)
+        assert _listed(poison) == [k.encode() + b"\n" for k in keys[1:]]
+    finally:
+        poison.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Config
 

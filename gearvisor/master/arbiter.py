@@ -99,7 +99,8 @@ class Arbiter:
         # Shared with every child (mapped before any fork): poison strikes, and the job
         # each child runs.
         self.poison = PoisonTable()
-        self.poison_list = PoisonList()  # command pools' poison jobs, for their shims
+        # Each command pool's poison jobs, for its workers' shims (poison_list).
+        self.poison_lists: dict[str, PoisonList] = {}
         self.running = RunningJobs()
         # Who sleeps and who holds a job, by RunningJobs index (shm/lanes.py), and each
         # pool's tag in it.
@@ -161,7 +162,8 @@ class Arbiter:
             component.close()
         self.loop.close()
         self.poison.close()
-        self.poison_list.close()
+        for listed in self.poison_lists.values():
+            listed.close()
         self.running.close()
         self.lane_hints.close()
         for bell in self.bells.values():
@@ -200,7 +202,22 @@ class Arbiter:
                     self.retire(pool, action, now)
             if pool.removed and not pool.children():
                 del self.pools[name]
+                if name in self.poison_lists:
+                    self.poison_lists.pop(name).close()
                 self.log.info("pool removed", pool=name)
+
+    def poison_list(self, pool: Pool) -> PoisonList | None:
+        """The command pool's list of poison jobs (shm/poison.PoisonList), made the first
+        time it is asked for; None if no memfd can be made (the log says so: the pool's
+        workers run without it, as with no poison_after)."""
+        listed = self.poison_lists.get(pool.name)
+        if listed is None:
+            try:
+                listed = self.poison_lists[pool.name] = PoisonList()
+            except OSError as e:
+                self.log.error("cannot make the pool's list of poison jobs; its workers "
+                               "will run poison jobs again", pool=pool.name, error=str(e))
+        return listed
 
     def pool_tag(self, name: str) -> int:
         """The pool's tag in the lane hints (1-255; pools past 255 share tags)."""
@@ -252,11 +269,12 @@ class Arbiter:
         bell = self._bell(pool) if board is not None and index >= 0 and pool.config.wake_one \
             and pool.desired > 1 else None
 
+        listed = self.poison_list(pool) if command and pool.config.poison_after else None
+
         def body(w: int, blocked: set[int]) -> NoReturn:
             if command:
                 exec_command(self.config, pool.config, slot.index, w, pipes[0][1],
-                             pipes[1][1], blocked,
-                             self.poison_list.fd if pool.config.poison_after else -1)
+                             pipes[1][1], blocked, -1 if listed is None else listed.fd)
             run_child(self.config, pool.config, slot.index, pool.generation, w, self.pid,
                       blocked, board, self.poison, action.probation, start_paused,
                       self.running, index, self.lane_hints, self.pool_tag(pool.name), bell)

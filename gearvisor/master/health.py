@@ -8,6 +8,7 @@ with its stable `internal_event` name, as it publishes it on the bus.
 
 from __future__ import annotations
 
+import collections
 import signal
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
 from gearvisor.policy.child import Child, ChildState
 from gearvisor.policy.pool import Circuit, CircuitChange, ExitKind, Pool, Retire
-from gearvisor.shm.poison import command_job_key, shim_key
+from gearvisor.shm.poison import LIST_CAPACITY, command_job_key, shim_key
 
 if TYPE_CHECKING:
     from gearvisor.master.arbiter import Arbiter
@@ -33,6 +34,9 @@ class Health(Component):
         # Each pool's probe child while it probes: by the time it is reaped, the pool has
         # forgotten which child was its probe (and reopened the circuit if it died).
         self._probes: dict[str, Child] = {}
+        # The shim key of each command job struck (newest last), by its strike key: what
+        # a reload lists again when it changes a pool's poison_after.
+        self._listings: collections.OrderedDict[int, str] = collections.OrderedDict()
 
     def attach(self, master: Arbiter) -> None:
         self.master = master
@@ -117,8 +121,9 @@ class Health(Component):
 
     def _command_strike(self, pool: Pool, child: Child, what: str) -> None:
         """A command worker died in the middle of the job its shim reported: a strike, as
-        for a Python child. At poison_after the job goes on the master's PoisonList, which
-        the pool's workers inherit: their shim refuses it from then on (one that does not
+        for a Python child. Strikes count fleet-wide, as a Python child counts them; a job
+        whose strikes reach a command pool's poison_after goes on that pool's PoisonList,
+        which its workers inherit: their shim refuses it from then on (one that does not
         use the shim runs it again: the log says what else can stop it)."""
         job, limit = child.job, pool.config.poison_after
         if job is None or not limit:
@@ -126,23 +131,59 @@ class Health(Component):
         key = command_job_key(job.function, job.unique, job.handle, job.key)
         self.master.poison.add(key)
         strikes = self.master.poison.strikes(key)
-        if strikes < limit:
-            return
-        listing, listed, why = shim_key(job.function, job.unique, job.handle, job.key), False, ""
+        listing, why = shim_key(job.function, job.unique, job.handle, job.key), ""
         if listing is None:
             why = " (it is not listed: its shim sent no key and it has no unique)"
         else:
-            try:
-                listed = self.master.poison_list.add(listing)
-            except OSError as e:  # (a memfd write: ENOMEM at worst) the strikes still count
-                why = f" (it could not be listed: {e})"
-        if strikes == limit or listed:  # (listed later: a reload lowered poison_after)
+            self._listings[key] = listing  # (for a reload that changes poison_after)
+            self._listings.move_to_end(key)
+            while len(self._listings) > LIST_CAPACITY:
+                self._listings.popitem(last=False)
+        listed = False
+        for other in self._command_pools():
+            if listing is not None and strikes >= other.config.poison_after:
+                added, error = self._list(other, [listing])
+                listed |= added and other is pool
+                if error and other is pool:
+                    why = f" (it could not be listed: {error})"
+        if strikes == limit or (strikes > limit and listed):  # (a reload lowered the limit)
             self._publish(ev.PoisonJob(pool.name, job.function, job.unique, job.handle,
                                        job.size, strikes, what),
                           f"poison job: it {what}; {strikes} command workers died on it, "
                           "so from now on their shim (gearvisor_run) fails it without "
                           "running; a worker that does not use the shim runs it again: "
                           "start gearmand with --job-retries=N to drop it there" + why)
+
+    def _command_pools(self) -> list[Pool]:
+        return [p for p in self.master.pools.values()
+                if p.config.command is not None and p.config.poison_after]
+
+    def _list(self, pool: Pool, listings: list[str], whole: bool = False) -> tuple[bool, str]:
+        """Add `listings` to the pool's PoisonList (or with `whole`, make it exactly them):
+        whether it changed, and the error if it could not be written."""
+        listed = self.master.poison_list(pool)
+        if listed is None:
+            return False, "no list"
+        try:
+            if whole:
+                return listed.replace(listings), ""
+            return any([listed.add(k) for k in listings]), ""
+        except OSError as e:  # (a memfd write: ENOMEM at worst) the strikes still count
+            return False, str(e)
+
+    def reload(self, config: Any) -> None:
+        """A reload may change a command pool's poison_after: its list becomes the jobs
+        whose strikes reach the new limit (a Python child compares with the live limit at
+        every job). A pool that has no list yet gets it filled before its first fork."""
+        strikes = self.master.poison.strikes
+        for pool in self._command_pools():
+            limit = pool.config.poison_after
+            wanted = [s for k, s in self._listings.items() if strikes(k) >= limit]
+            changed, error = self._list(pool, wanted, whole=True)
+            if changed or error:
+                self.master.log.info("the pool's list of poison jobs follows its "
+                                     "poison_after", pool=pool.name, poison_after=limit,
+                                     listed=len(wanted), error=error or None)
 
     def _strike(self, pool: Pool, job: Any, what: str, child: Child) -> None:
         """The job `job` crashed or hung its child: one more strike; poison at

@@ -14,8 +14,9 @@ A job is known by its unique id; without one, by its server, handle and a digest
 payload (see job_key).
 
 A command pool's worker is not our code, so its shim cannot read these tables: the master
-strikes the job its shim reported (master/health.py), and lists a job that reached
-poison_after in a PoisonList, a memfd every command child inherits, for the shim to refuse.
+strikes the job its shim reported (master/health.py), and lists a job that reached a pool's
+poison_after in that pool's PoisonList, a memfd each of its children inherits, for the shim
+to refuse.
 """
 
 from __future__ import annotations
@@ -267,14 +268,19 @@ def shim_key(function: str, unique: str, handle: str, key: str = "") -> str | No
 
 
 class PoisonList:
-    """The poison jobs of command pools, for their workers' shims to refuse: a memfd the
-    master appends a line to (shim_key) when a job reaches poison_after; every command
-    child of a pool with poison_after gets a read-only open of it of its own at POISON_FD
+    """The poison jobs of one command pool, for its workers' shims to refuse: a memfd the
+    master appends a line to (shim_key) when a job's strikes reach the pool's poison_after;
+    every command child of the pool gets a read-only open of it of its own at POISON_FD
     (child/command.own_reader: its offset is no other worker's). A shim checks its size
-    (fstat) before each job and reads it again when the size or the mtime moved.
-    Append-only up to LIST_CAPACITY keys; then it is rewritten with the newest half. Lines
-    are written with pwrite, whole, by one process: a reader sees a prefix of whole lines,
-    or one line cut short, which it ignores (the next size change brings it whole)."""
+    (fstat) before each job and reads it again when the size or the mtime (whole seconds)
+    moved. So the size only grows: lines are appended, and a rewrite (replace: a reload
+    changed poison_after) is padded with empty lines, which shims skip, to one byte more
+    than before. Only when that would pass LIST_CAPACITY lines' worth of bytes is it
+    rewritten smaller (the newest half of its keys). Lines are written with pwrite, whole,
+    by one process: a reader sees a prefix of whole lines, or one line cut short, which it
+    ignores (the next size change brings it whole)."""
+
+    LINE = 41  # 40 hex digits and a newline
 
     def __init__(self, capacity: int = LIST_CAPACITY) -> None:
         self.capacity = capacity
@@ -283,20 +289,37 @@ class PoisonList:
         # /proc otherwise; the master writes through the fd it has)
         os.fchmod(self.fd, 0o400)
         self.keys: dict[bytes, None] = {}  # the lines listed, oldest first
+        self.size = 0  # bytes written: the lines and any padding
 
     def add(self, shim_key: str) -> bool:
         """List the job of `shim_key` (once); False if it was listed already."""
         key = shim_key.encode() + b"\n"
         if key in self.keys:
             return False
-        if len(self.keys) >= self.capacity:
-            self.keys = dict.fromkeys(list(self.keys)[len(self.keys) - self.capacity // 2:])
-            kept = b"".join(self.keys)  # (over the old lines, then cut: never an empty list)
-            os.pwrite(self.fd, kept, 0)
-            os.ftruncate(self.fd, len(kept))
-        os.pwrite(self.fd, key, len(self.keys) * len(key))
+        if self.size + len(key) > self.capacity * self.LINE:
+            kept = list(self.keys)[len(self.keys) - self.capacity // 2:]
+            self._write(kept, padded=False)
+        os.pwrite(self.fd, key, self.size)
+        self.size += len(key)
         self.keys[key] = None
         return True
+
+    def replace(self, shim_keys: list[str]) -> bool:
+        """Make the list exactly `shim_keys` (oldest first; at most the newest `capacity`):
+        a reload changed the pool's poison_after. False if it held them already."""
+        keys = [k.encode() + b"\n" for k in dict.fromkeys(shim_keys)][-self.capacity:]
+        if keys == list(self.keys):
+            return False
+        self._write(keys, padded=True)
+        return True
+
+    def _write(self, keys: list[bytes], padded: bool) -> None:
+        text = b"".join(keys)
+        if padded and self.size + 1 <= self.capacity * self.LINE:
+            text += b"\n" * max(0, self.size + 1 - len(text))
+        os.pwrite(self.fd, text, 0)  # (over the old lines, then cut: never an empty list)
+        os.ftruncate(self.fd, len(text))
+        self.keys, self.size = dict.fromkeys(keys), len(text)
 
     def __contains__(self, shim_key: str) -> bool:
         return shim_key.encode() + b"\n" in self.keys
