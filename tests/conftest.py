@@ -333,6 +333,9 @@ def log() -> Iterator[io.StringIO]:
         yield stream
     finally:
         structlog.reset_defaults()
+    # A subscriber that raised was caught by the bus (the master carries on), which would
+    # hide a broken component behind a passing test.
+    assert "event subscriber failed" not in stream.getvalue(), stream.getvalue()[-4000:]
 
 
 @pytest.fixture

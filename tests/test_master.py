@@ -726,6 +726,45 @@ def test_a_job_that_crashes_poison_after_command_workers_is_listed_as_poison(
     assert listed == hashlib.sha1(b"f\0u\0u-1").hexdigest().encode() + b"\n" + b"a" * 40 + b"\n"
 
 
+def test_a_command_worker_dying_of_the_signal_it_was_stopped_with_is_no_strike_after_a_reload(
+        build: Build, tmp_path: Path, log: io.StringIO) -> None:
+    """The signal that stopped a worker is the one the master sent, not the one its pool
+    says now: a reload that changes stop_signal while a worker drains does not make its
+    death of the old signal a crash of its job. One that dies of another signal while it
+    drains crashed on its job. (Before, the check raised inside the bus for a pool without
+    reload_signal, so neither counted.)"""
+    settings = {"processes": 1, "command": ["/bin/true"], "functions": ["f"],
+                "poison_after": 1, "graceful_timeout": 30.0}
+    m = build((Health(), Commands(Probe())), **settings)
+    (child,) = start_ready(m)
+    child.say(JobStarted("f", "H:host:1", "u-1", "", 4))
+    m.step()
+    m.arbiter.roll_pool(web(m), "test")  # (`gearvisor restart`)
+    for _ in range(100):  # its successor starts, then it is told to go
+        if ("kill", child.pid, signal.SIGTERM) in m.system.sent:
+            break
+        m.advance(0.25)
+    assert ("kill", child.pid, signal.SIGTERM) in m.system.sent
+    write_config(tmp_path / "gearvisor.yaml", stop_signal="INT", **settings)
+    assert m.arbiter.reload("test") is None
+    m.step()
+    child.die(signal_status(signal.SIGTERM))
+    m.step()
+    assert m.arbiter.poison.strikes(job_key("f", "u-1", "H:host:1")) == 0
+    assert m.of(ev.PoisonJob) == []
+    successor = m.system.forked[-1]
+    successor.say(JobStarted("f", "H:host:2", "u-2", "", 4))
+    m.step()
+    m.arbiter.handle_term()
+    m.step()
+    assert ("kill", successor.pid, signal.SIGINT) in m.system.sent
+    successor.die(signal_status(signal.SIGSEGV))
+    m.step()
+    assert m.arbiter.poison.strikes(job_key("f", "u-2", "H:host:2")) == 1
+    assert [e.unique for e in m.of(ev.PoisonJob)] == ["u-2"]
+    assert "event subscriber failed" not in log.getvalue()
+
+
 def test_each_command_pool_lists_the_jobs_past_its_own_poison_after_and_a_reload_relists(
         tmp_path: Path, log: io.StringIO) -> None:
     """Strikes count fleet-wide (as a Python child counts them), but a job goes on a

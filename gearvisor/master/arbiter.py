@@ -527,6 +527,7 @@ class Arbiter:
         if graceful_timeout is not None:
             child.kill_at = now + graceful_timeout
             self.loop.call_at(child.kill_at, lambda: self._overdue(child))
+        child.stop_signals += (int(sig),)
         self.signal_child(child, sig)
 
     def _overdue(self, child: Child) -> None:

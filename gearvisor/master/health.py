@@ -105,10 +105,9 @@ class Health(Component):
         sig = event.status & 0x7f
         died = sig != 0 and not child.master_killed  # a signal, not ours
         if died and child.scoreboard is None and decision.kind is ExitKind.STOPPED:
-            # A command worker that dies of the signal it was told to stop with (a PHP
+            # A command worker that dies of a signal it was told to stop with (a PHP
             # worker with no handler for it) died of our stop, not of its job.
-            died = sig not in (signal.Signals[pool.config.stop_signal],
-                               signal.Signals[pool.config.reload_signal])
+            died = sig not in child.stop_signals
         if decision.kind is ExitKind.STOPPED and child.killed_for != "timeout" and not died:
             return  # (a crash mid-job, even of a child told to stop, or a hard-timeout kill)
         what = "hung past its timeout" if child.killed_for else "crashed"

@@ -127,6 +127,7 @@ class Child:
     # at JobEnded or a journal line (the arbiter). A Python child's is on its scoreboard.
     job: RunningJob | None = field(default=None, repr=False)
     master_killed: bool = False  # SIGKILLed by the master for a stop that ran out of time
+    stop_signals: tuple[int, ...] = ()  # what the master asked it to stop with, in order
     kill_group: bool = True  # the pool's kill_group when it started: SIGKILL hits its group
     # Command pools: its stdout/stderr pipes (read end fd -> stream name, partial line)
     output: dict[int, tuple[str, bytearray]] = field(default_factory=dict, repr=False)
