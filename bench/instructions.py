@@ -7,8 +7,9 @@ checkout (`--repo`), with the same interpreter.
 
 How: a gearvisor master (one pool of one child, the benchmark's default config) runs under
 `valgrind --tool=callgrind --trace-children=yes`, so its forked child is counted too, and
-drains `--small`, then `--large` queued echo jobs on a fresh gearmand. The child's count
-differs between the two by what the extra jobs cost (start-up and imports are the same):
+drains `--small` queued echo jobs on a fresh gearmand, while a second such master drains
+`--large` on another. The child's count differs between the two by what the extra jobs
+cost (start-up and imports are the same):
 
     instructions per job = (child's count, large - child's count, small) / (large - small)
 
@@ -23,6 +24,7 @@ run takes a few minutes; every wait is bounded (DEADLINE).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import re
 import shutil
@@ -103,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.large <= args.small:
         p.error("--large must be more than --small")
-    small = drain_under_callgrind(args.repo, args.small)
-    large = drain_under_callgrind(args.repo, args.large)
+    # Both drains at once (each its own gearmand and master): an instruction count does not
+    # depend on what else runs, and valgrind's start-up is most of a small run's time.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        small, large = pool.map(lambda jobs: drain_under_callgrind(args.repo, jobs),
+                                (args.small, args.large))
     if large <= small:
         print(f"the child's count did not grow with the jobs ({small:,} then {large:,}): "
               "the last process started was not the pool's child", file=sys.stderr)
