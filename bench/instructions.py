@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from common import PYTHON, REPO, Gearmand  # noqa: E402
 
 DEADLINE = 900.0  # seconds a drain under valgrind may take
 STOP_WAIT = 300.0  # seconds the master (under valgrind) may take to stop
+_STARTING = threading.Lock()  # one drain picks a free port and starts gearmand at a time
 TOTALS = re.compile(r"^(?:totals|summary): (\d+)", re.M)
 
 
@@ -64,7 +67,9 @@ def drain_under_callgrind(repo: Path, jobs: int) -> int:
         T.write_workers(workdir)
         out_dir = workdir / "callgrind"
         out_dir.mkdir()
-        with Gearmand(threads=1) as gm:
+        with contextlib.ExitStack() as stack:
+            with _STARTING:  # (the other drain's gearmand has bound the port it picked)
+                gm = stack.enter_context(Gearmand(threads=1))
             deadline = time.monotonic() + DEADLINE
             T.submit_background(gm.port, jobs, deadline)
             config = workdir / "pools.yaml"

@@ -726,6 +726,29 @@ def test_a_job_that_crashes_poison_after_command_workers_is_listed_as_poison(
     assert listed == hashlib.sha1(b"f\0u\0u-1").hexdigest().encode() + b"\n" + b"a" * 40 + b"\n"
 
 
+def test_a_reload_retires_a_child_with_the_signal_its_own_config_named(
+        build: Build, tmp_path: Path) -> None:
+    """A child's code expects the signals of the config it started with: a PHP worker
+    whose pool now runs Python code gets its stop_signal, not the Python children's SIGHUP
+    (which would kill it mid-job), and one whose pool's stop_signal changed gets the old."""
+    command = {"command": ["/bin/true"], "functions": ["f"], "stop_signal": "QUIT",
+               "graceful_timeout": 30.0}
+    m = build((Commands(Probe()),), processes=1, **command)
+    (worker,) = start_ready(m)
+    write_config(tmp_path / "gearvisor.yaml", processes=1, **{**command, "stop_signal": "INT"})
+    assert m.arbiter.reload("test") is None
+    write_config(tmp_path / "gearvisor.yaml", processes=1)  # (Python: examples.text:echo)
+    assert m.arbiter.reload("test") is None
+    for _ in range(100):  # the successors start (a command's after startsecs), then it goes
+        if m.system.signals(signal.SIGQUIT) or m.system.signals(signal.SIGHUP):
+            break
+        for c in m.system.forked[1:]:
+            if c.alive and m.arbiter.children[c.pid][0].state is ChildState.STARTING:
+                c.say(Ready())
+        m.advance(0.25)
+    assert [s[1:] for s in m.system.sent] == [(worker.pid, signal.SIGQUIT)]
+
+
 def test_a_command_worker_dying_of_the_signal_it_was_stopped_with_is_no_strike_after_a_reload(
         build: Build, tmp_path: Path, log: io.StringIO) -> None:
     """The signal that stopped a worker is the one the master sent, not the one its pool
@@ -806,13 +829,21 @@ def test_each_command_pool_lists_the_jobs_past_its_own_poison_after_and_a_reload
         m.step()
         m.advance(1.0)  # both pools' children ready
         key = hashlib.sha1(b"f\0u\0u-1").hexdigest().encode()
-        crash_in("a")
+        crash_in("b")  # (its 1 of 3; a's limit)
         assert (listed("a"), listed("b")) == ([key], [])
         crash_in("b")
         assert listed("b") == []  # 2 strikes of b's 3
         crash_in("b")
         assert listed("b") == [key]
         assert [(e.pool, e.strikes) for e in m.of(ev.PoisonJob)] == [("a", 1), ("b", 3)]
+        said = [x["event"] for x in lines(log) if x.get("internal_event") == "poison_job"]
+        assert "in pool b" in said[0] and "in pool" not in said[1]
+        # A reload that leaves poison_after alone changes no list, however many other
+        # strikes the fleet's ring has taken since.
+        for other in range(1, 4097):
+            m.arbiter.poison.add(other)
+        assert m.arbiter.reload("test") is None
+        assert (listed("a"), listed("b")) == ([key], [key])
         size = os.fstat(m.arbiter.poison_lists["a"].fd).st_size
         write(5, 3)
         assert m.arbiter.reload("test") is None
@@ -821,6 +852,24 @@ def test_each_command_pool_lists_the_jobs_past_its_own_poison_after_and_a_reload
         write(3, 4)
         assert m.arbiter.reload("test") is None
         assert (listed("a"), listed("b")) == ([key], [])
+        # A pool that runs Python code now has no list once its command workers are gone.
+        pools = yaml.safe_load(path.read_text())
+        pools["pools"]["a"] = {"processes": 1, "functions": {"f": "examples.text:echo"},
+                               "watch": False}
+        path.write_text(yaml.safe_dump(pools))
+        assert m.arbiter.reload("test") is None
+        for _ in range(100):
+            if "a" not in m.arbiter.poison_lists:
+                break
+            for c in m.system.forked:
+                record = m.arbiter.children.get(c.pid, (None,))[0]
+                if c.alive and signal.SIGTERM in c.received:
+                    c.exit(0)  # (the retired command worker exits when told)
+                elif record is not None and record.state is ChildState.STARTING and \
+                        record.scoreboard is not None:
+                    c.say(Ready())  # (its Python successor)
+            m.advance(0.25)
+        assert "a" not in m.arbiter.poison_lists and listed("b") == []
     finally:
         m.close()
 

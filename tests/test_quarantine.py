@@ -705,8 +705,26 @@ def test_a_replaced_poison_list_only_grows_until_it_would_pass_its_capacity() ->
         assert _listed(poison) == [k.encode() + b"\n" for k in keys[:3]]
         poison.add(keys[4])
         assert _listed(poison)[-1] == keys[4].encode() + b"\n"
-        assert poison.replace(keys + keys)  # (more than capacity, twice: the newest 4, once)
-        assert _listed(poison) == [k.encode() + b"\n" for k in keys[1:]]
+        assert not poison.replace([keys[4], keys[2], keys[1], keys[0]])  # (the same set)
+        # The newest 4 of these, as full as it is now: it cannot grow, so the newest half.
+        assert poison.replace(keys + keys)
+        assert _listed(poison) == [k.encode() + b"\n" for k in keys[3:]]
+    finally:
+        poison.close()
+
+
+def test_a_poison_list_full_of_padding_drops_the_padding_not_keys() -> None:
+    poison = PoisonList(capacity=4)
+    keys = [hashlib.sha1(str(i).encode()).hexdigest() for i in range(4)]
+    try:
+        for key in keys[:3]:
+            poison.add(key)
+        for _ in range(10):  # reloads that un-list a job and list it again: padding
+            poison.replace(keys[:2])
+            poison.replace(keys[:3])
+        assert os.fstat(poison.fd).st_size == 3 * 41 + 20
+        poison.add(keys[3])  # (over 4 lines' bytes: rewritten, 3 keys are not a full list)
+        assert _listed(poison) == [k.encode() + b"\n" for k in keys]
     finally:
         poison.close()
 

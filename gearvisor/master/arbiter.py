@@ -74,6 +74,15 @@ BELL_CHECK = 5.0  # seconds between looks for a pool generation left without a s
 BELL_RECHECK = 0.5  # ... and the second look at one that was (a hand-over takes microseconds)
 
 
+
+def stop_signals(pool: PoolConfig) -> tuple[int, int]:
+    """The signals that retire (a roll) and stop (a graceful stop) a child of `pool`: a
+    Python child's own, a command's from its config (reload_signal, else stop_signal)."""
+    if pool.command is None:
+        return RETIRE_SIGNAL, signal.SIGTERM
+    stop = signal.Signals[pool.stop_signal]
+    return (signal.Signals[pool.reload_signal] if pool.reload_signal else stop), stop
+
 class Arbiter:
     """Forks and watches every pool's children, rolls them on reload, stops them on exit."""
 
@@ -101,6 +110,7 @@ class Arbiter:
         self.poison = PoisonTable()
         # Each command pool's poison jobs, for its workers' shims (poison_list).
         self.poison_lists: dict[str, PoisonList] = {}
+        self._poison_list_error = ""  # the last error making one (logged when it changes)
         self.running = RunningJobs()
         # Who sleeps and who holds a job, by RunningJobs index (shm/lanes.py), and each
         # pool's tag in it.
@@ -204,6 +214,9 @@ class Arbiter:
                 del self.pools[name]
                 if name in self.poison_lists:
                     self.poison_lists.pop(name).close()
+            elif name in self.poison_lists and pool.config.command is None and not any(
+                    c.scoreboard is None for c in pool.children()):
+                self.poison_lists.pop(name).close()  # (a command pool no more)
                 self.log.info("pool removed", pool=name)
 
     def poison_list(self, pool: Pool) -> PoisonList | None:
@@ -215,8 +228,11 @@ class Arbiter:
             try:
                 listed = self.poison_lists[pool.name] = PoisonList()
             except OSError as e:
-                self.log.error("cannot make the pool's list of poison jobs; its workers "
-                               "will run poison jobs again", pool=pool.name, error=str(e))
+                if str(e) != self._poison_list_error:  # (asked at every spawn and strike)
+                    self.log.error("cannot make the pool's list of poison jobs; its "
+                                   "workers will run poison jobs again", pool=pool.name,
+                                   error=str(e))
+                self._poison_list_error = str(e)
         return listed
 
     def pool_tag(self, name: str) -> int:
@@ -298,6 +314,7 @@ class Arbiter:
         child.pid, child.event_fd, child.running_index = pid, r, index
         child.timeouts, child.timeout_grace = pool.config.timeouts, pool.config.timeout_grace
         child.kill_group = pool.config.kill_group
+        child.retire_signal, child.stop_signal = stop_signals(pool.config)
         for (out_r, out_w), stream in zip(pipes, ("stdout", "stderr"), strict=False):
             self.system.close(out_w)
             child.output[out_r] = (stream, bytearray())
@@ -318,10 +335,8 @@ class Arbiter:
         pool.retiring(child)
         self.log.info("retiring child", pool=pool.name, slot=child.slot, child_pid=child.pid,
                       generation=child.generation, why=action.why)
-        cfg = pool.config
-        sig = (RETIRE_SIGNAL if cfg.command is None else
-               signal.Signals[cfg.reload_signal or cfg.stop_signal])
-        self.kill_child(child, sig, now, cfg.graceful_timeout)
+        self.kill_child(child, child.retire_signal or stop_signals(pool.config)[0], now,
+                        pool.config.graceful_timeout)
 
     def child_ready(self, child: Child, pool: Pool) -> None:
         """`child` serves (it said so, or a command pool's readiness check passed)."""
@@ -677,8 +692,7 @@ class Arbiter:
                       children=len(self.children), graceful_timeout=timeout)
         self.bus.publish(ev.Stopping(fast=False, why=why))
         for child, pool in list(self.children.values()):
-            self.kill_child(child, signal.Signals[pool.config.stop_signal]
-                            if pool.config.command is not None else signal.SIGTERM, now)
+            self.kill_child(child, child.stop_signal or stop_signals(pool.config)[1], now)
         for component in self.components:
             component.begin_stop(fast=False)
 

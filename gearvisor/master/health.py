@@ -17,7 +17,7 @@ from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
 from gearvisor.policy.child import Child, ChildState
 from gearvisor.policy.pool import Circuit, CircuitChange, ExitKind, Pool, Retire
-from gearvisor.shm.poison import LIST_CAPACITY, command_job_key, shim_key
+from gearvisor.shm.poison import LIST_CAPACITY, PoisonList, command_job_key, shim_key
 
 if TYPE_CHECKING:
     from gearvisor.master.arbiter import Arbiter
@@ -34,9 +34,11 @@ class Health(Component):
         # Each pool's probe child while it probes: by the time it is reaped, the pool has
         # forgotten which child was its probe (and reopened the circuit if it died).
         self._probes: dict[str, Child] = {}
-        # The shim key of each command job struck (newest last), by its strike key: what
-        # a reload lists again when it changes a pool's poison_after.
-        self._listings: collections.OrderedDict[int, str] = collections.OrderedDict()
+        # Deaths of command workers on each job, by the job's shim key (the newest last):
+        # what a reload lists again when it changes a pool's poison_after; and the limit
+        # each command pool's list was last built for (and which list).
+        self._deaths: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._built: dict[str, tuple[int, PoisonList]] = {}
 
     def attach(self, master: Arbiter) -> None:
         self.master = master
@@ -130,28 +132,33 @@ class Health(Component):
         key = command_job_key(job.function, job.unique, job.handle, job.key)
         self.master.poison.add(key)
         strikes = self.master.poison.strikes(key)
-        listing, why = shim_key(job.function, job.unique, job.handle, job.key), ""
-        if listing is None:
-            why = " (it is not listed: its shim sent no key and it has no unique)"
-        else:
-            self._listings[key] = listing  # (for a reload that changes poison_after)
-            self._listings.move_to_end(key)
-            while len(self._listings) > LIST_CAPACITY:
-                self._listings.popitem(last=False)
-        listed = False
+        listing = shim_key(job.function, job.unique, job.handle, job.key)
+        if listing is not None:
+            # (the strike table is a ring the whole fleet shares: what a reload relists
+            # from is counted here too)
+            strikes = max(strikes, self._deaths.get(listing, 0) + 1)
+            self._deaths[listing] = strikes
+            self._deaths.move_to_end(listing)
+            while len(self._deaths) > 2 * LIST_CAPACITY:
+                self._deaths.popitem(last=False)
         for other in self._command_pools():
-            if listing is not None and strikes >= other.config.poison_after:
+            if strikes < other.config.poison_after:
+                continue
+            why, added = "", False
+            if listing is None:
+                why = " (it is not listed: its shim sent no key and it has no unique)"
+            else:
                 added, error = self._list(other, [listing])
-                listed |= added and other is pool
-                if error and other is pool:
-                    why = f" (it could not be listed: {error})"
-        if strikes == limit or (strikes > limit and listed):  # (a reload lowered the limit)
-            self._publish(ev.PoisonJob(pool.name, job.function, job.unique, job.handle,
+                why = f" (it could not be listed: {error})" if error else ""
+            if not (added or (other is pool and strikes == limit)):
+                continue
+            where = "" if other is pool else f" in pool {pool.name}"
+            self._publish(ev.PoisonJob(other.name, job.function, job.unique, job.handle,
                                        job.size, strikes, what),
-                          f"poison job: it {what}; {strikes} command workers died on it, "
-                          "so from now on their shim (gearvisor_run) fails it without "
-                          "running; a worker that does not use the shim runs it again: "
-                          "start gearmand with --job-retries=N to drop it there" + why)
+                          f"poison job: it {what}{where}; {strikes} command workers died "
+                          "on it, so from now on this pool's shim (gearvisor_run) fails it "
+                          "without running; a worker that does not use the shim runs it "
+                          "again: start gearmand with --job-retries=N to drop it there" + why)
 
     def _command_pools(self) -> list[Pool]:
         return [p for p in self.master.pools.values()
@@ -163,6 +170,7 @@ class Health(Component):
         listed = self.master.poison_list(pool)
         if listed is None:
             return False, "no list"
+        self._built.setdefault(pool.name, (pool.config.poison_after, listed))
         try:
             if whole:
                 return listed.replace(listings), ""
@@ -171,18 +179,24 @@ class Health(Component):
             return False, str(e)
 
     def reload(self, config: Any) -> None:
-        """A reload may change a command pool's poison_after: its list becomes the jobs
-        whose strikes reach the new limit (a Python child compares with the live limit at
-        every job). A pool that has no list yet gets it filled before its first fork."""
-        strikes = self.master.poison.strikes
+        """A reload that changes a command pool's poison_after (or makes it one): its list
+        becomes the jobs whose strikes reach the new limit, as a Python child compares
+        with the live limit at every job. Jobs listed before whose deaths are forgotten
+        (more than 2 x LIST_CAPACITY jobs died since) stay listed."""
         for pool in self._command_pools():
-            limit = pool.config.poison_after
-            wanted = [s for k, s in self._listings.items() if strikes(k) >= limit]
+            limit, listed = pool.config.poison_after, self.master.poison_list(pool)
+            if listed is None or self._built.get(pool.name) == (limit, listed):
+                continue
+            self._built[pool.name] = (limit, listed)
+            deaths = self._deaths
+            kept = [k for k in (line.decode().rstrip("\n") for line in listed.keys)
+                    if deaths.get(k, limit) >= limit]
+            wanted = kept + [k for k, n in deaths.items() if n >= limit]
             changed, error = self._list(pool, wanted, whole=True)
             if changed or error:
                 self.master.log.info("the pool's list of poison jobs follows its "
                                      "poison_after", pool=pool.name, poison_after=limit,
-                                     listed=len(wanted), error=error or None)
+                                     listed=len(set(wanted)), error=error or None)
 
     def _strike(self, pool: Pool, job: Any, what: str, child: Child) -> None:
         """The job `job` crashed or hung its child: one more strike; poison at

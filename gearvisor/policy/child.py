@@ -128,6 +128,11 @@ class Child:
     job: RunningJob | None = field(default=None, repr=False)
     master_killed: bool = False  # SIGKILLed by the master for a stop that ran out of time
     stop_signals: tuple[int, ...] = ()  # what the master asked it to stop with, in order
+    # What its pool's config said when it started: the signal that retires it (a roll) and
+    # the one that stops it (a graceful stop). Its code expects those, whatever a reload
+    # says later (a command pool's new stop_signal, or a pool that runs Python code now).
+    retire_signal: int = 0
+    stop_signal: int = 0
     kill_group: bool = True  # the pool's kill_group when it started: SIGKILL hits its group
     # Command pools: its stdout/stderr pipes (read end fd -> stream name, partial line)
     output: dict[int, tuple[str, bytearray]] = field(default_factory=dict, repr=False)

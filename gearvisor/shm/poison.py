@@ -276,7 +276,8 @@ class PoisonList:
     moved. So the size only grows: lines are appended, and a rewrite (replace: a reload
     changed poison_after) is padded with empty lines, which shims skip, to one byte more
     than before. Only when that would pass LIST_CAPACITY lines' worth of bytes is it
-    rewritten smaller (the newest half of its keys). Lines are written with pwrite, whole,
+    rewritten smaller: without its padding, or when it is full of keys, with the newest
+    half of them. Lines are written with pwrite, whole,
     by one process: a reader sees a prefix of whole lines, or one line cut short, which it
     ignores (the next size change brings it whole)."""
 
@@ -285,9 +286,13 @@ class PoisonList:
     def __init__(self, capacity: int = LIST_CAPACITY) -> None:
         self.capacity = capacity
         self.fd = os.memfd_create("gearvisor-poison", os.MFD_CLOEXEC)
-        # (read-only for everyone else: a worker could reopen its fd 4 for writing through
-        # /proc otherwise; the master writes through the fd it has)
-        os.fchmod(self.fd, 0o400)
+        try:
+            # (read-only for everyone else: a worker could reopen its fd 4 for writing
+            # through /proc otherwise; the master writes through the fd it has)
+            os.fchmod(self.fd, 0o400)
+        except OSError:
+            os.close(self.fd)
+            raise
         self.keys: dict[bytes, None] = {}  # the lines listed, oldest first
         self.size = 0  # bytes written: the lines and any padding
 
@@ -297,26 +302,33 @@ class PoisonList:
         if key in self.keys:
             return False
         if self.size + len(key) > self.capacity * self.LINE:
-            kept = list(self.keys)[len(self.keys) - self.capacity // 2:]
-            self._write(kept, padded=False)
+            # Full of padding: the keys alone (smaller, so the shims read it again); full
+            # of keys: the newest half of them.
+            kept = list(self.keys)
+            self._write(kept if len(kept) < self.capacity else
+                        kept[len(kept) - self.capacity // 2:], padded=False)
         os.pwrite(self.fd, key, self.size)
         self.size += len(key)
         self.keys[key] = None
         return True
 
     def replace(self, shim_keys: list[str]) -> bool:
-        """Make the list exactly `shim_keys` (oldest first; at most the newest `capacity`):
-        a reload changed the pool's poison_after. False if it held them already."""
+        """Make the list `shim_keys` (at most the newest `capacity`): a reload changed the
+        pool's poison_after. False if it held just those already (in any order)."""
         keys = [k.encode() + b"\n" for k in dict.fromkeys(shim_keys)][-self.capacity:]
-        if keys == list(self.keys):
+        if set(keys) == self.keys.keys():
             return False
         self._write(keys, padded=True)
         return True
 
     def _write(self, keys: list[bytes], padded: bool) -> None:
         text = b"".join(keys)
-        if padded and self.size + 1 <= self.capacity * self.LINE:
-            text += b"\n" * max(0, self.size + 1 - len(text))
+        if padded:
+            if self.size + 1 <= self.capacity * self.LINE:
+                text += b"\n" * max(0, self.size + 1 - len(text))
+            elif len(text) == self.size:  # (it cannot grow, and must not stay this size)
+                keys = keys[len(keys) - self.capacity // 2:]
+                text = b"".join(keys)
         os.pwrite(self.fd, text, 0)  # (over the old lines, then cut: never an empty list)
         os.ftruncate(self.fd, len(text))
         self.keys, self.size = dict.fromkeys(keys), len(text)
