@@ -17,6 +17,7 @@ import io
 import json
 import os
 import signal
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -724,6 +725,38 @@ def test_a_job_that_crashes_poison_after_command_workers_is_listed_as_poison(
     assert len(said) == 3 and "--job-retries" in said[0]["event"]
     listed = os.pread(m.arbiter.poison_lists["web"].fd, 4096, 0)
     assert listed == hashlib.sha1(b"f\0u\0u-1").hexdigest().encode() + b"\n" + b"a" * 40 + b"\n"
+
+
+def test_a_command_jobs_success_read_before_its_crashed_worker_is_reaped_is_recorded(
+        tmp_path: Path) -> None:
+    """gearmand hands a job on as soon as its worker's socket closes, so a short job's next
+    run may end before the master reaps the worker that died on it: that success is
+    recorded too (the crash record after it; the store ends the crash by it)."""
+    from gearvisor.master.journal import Journal
+    path = tmp_path / "gearvisor.yaml"
+    path.write_text(yaml.safe_dump({
+        "watch_config": False, "journal": {"enabled": False},  # (no helper: one stands in)
+        "pools": {"web": pool_settings(processes=2, command=["/bin/true"], functions=["f"],
+                                       poison_after=0)}}))
+    journal = Journal(load(str(path)))
+    m = FakeMaster(str(path), (Commands(Probe()), journal))
+    frames: list[bytes] = []
+    journal.helper = types.SimpleNamespace(send=frames.append,  # type: ignore[assignment]
+                                           close=lambda: None)
+    try:
+        dying, other = m.start_ready()
+        dying.say(JobStarted("f", "H:host:1", "u-1", "", 4, key="a" * 40))
+        m.step()
+        dying.die(signal_status(signal.SIGKILL))  # (queued: not reaped before the read)
+        other.say(JobStarted("f", "H:host:1", "u-1", "", 4, key="a" * 40))
+        other.say(JobEnded())
+        m.loop.run_once()
+        m.step()
+        sent = [json.loads(f[f.index(b"{"):])["records"][0] for f in frames]
+        assert [(r["outcome"], r["handle"], r["unique"]) for r in sent] == [
+            ("success", "H:host:1", "u-1"), ("crash", "H:host:1", "u-1")]
+    finally:
+        m.close()
 
 
 def test_a_reload_retires_a_child_with_the_signal_its_own_config_named(

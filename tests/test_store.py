@@ -269,6 +269,26 @@ def test_a_crash_gearmand_requeues_waits_for_its_jobs_next_record(
     assert (due.id, due.attempt) == (poisoned["id"], 2)
 
 
+def test_a_crash_recorded_after_its_jobs_next_run_is_done_at_once(
+        make_store: Callable[..., store.Store]) -> None:
+    """The master records a crash when it reaps the dead worker; gearmand has handed the
+    job on before that, and a short job's next run may be recorded first. The crash then
+    waits for nothing. Another job of the same handle (another unique: a gearmand that
+    restarted) or a run long after does not count."""
+    s = make_store()
+    s.write(records(rec("success", handle="H:x:7", unique="c1", started=NOW + 0.01),
+                    rec("success", handle="H:x:8", unique="other", started=NOW + 0.01),
+                    rec("success", handle="H:x:9", unique="c3", started=NOW + 900)),
+            now=NOW + 1)
+    s.write(records(rec("crash", decision="requeued", handle="H:x:7", unique="c1"),
+                    rec("crash", decision="requeued", handle="H:x:8", unique="c2"),
+                    rec("crash", decision="requeued", handle="H:x:9", unique="c3")),
+            now=NOW + 1)
+    states = {r["unique"]: s.dead_show(r["failure_id"])["state"]
+              for r in s.recent(failed=True)}
+    assert states == {"c1": "done", "c2": "requeued", "c3": "requeued"}
+
+
 def test_a_retry_whose_row_is_gone_makes_a_new_row(make_store: Callable[..., store.Store]
                                                    ) -> None:
     s = make_store()

@@ -48,6 +48,7 @@ SEQ_RUNS_KEPT = 8  # sequence numbers kept per host: its last few master runs
 ROW_OVERHEAD = 64  # bytes a row counts beyond its texts and payload
 FINISHED = ("done", "replayed")  # failures nobody waits for any more
 ACTIVE = ("requeued", "retrying", "submitted", "submitting")
+REQUEUED_LATE = 300.0  # seconds a crash's record may come after its job's next run
 # Which rows go first when a cap is over: successes, then failure outcomes; of the
 # failures, finished ones, then dead letters, then retries (the newest work last).
 FAILURE_TRIM_ORDER = (*FINISHED, "dead", *ACTIVE)
@@ -240,6 +241,8 @@ class Store:
             # The row it retries is gone (trimmed, deleted): a new row keeps the failure.
         if state == "retrying" and (r.payload is None or r.payload_cut):
             state, due = "dead", None  # hash/drop or a cut payload: cannot be run again
+        if state == "requeued" and r.handle and self._ran_again(tx, r, started, ended):
+            state = "done"  # (its next record came first: nobody waits for this one)
         size = _size(r.function, r.unique, r.error_class, r.error, r.traceback, r.payload)
         payload_size = r.payload_size if r.payload_size is not None else (
             len(r.payload) if r.payload is not None else None)
@@ -251,6 +254,20 @@ class Store:
                       r.host, r.generation, r.handle, r.server, None, None, size))
         assert row is not None
         return int(row[0]), 1, size
+
+    @staticmethod
+    def _ran_again(tx: Tx, r: Record, started: float, ended: float) -> bool:
+        """A crash gearmand re-runs may be recorded after its job's next run: the master
+        writes it when it reaps the dead worker, and gearmand hands the job on as soon as
+        the worker's socket closes. Was the same function and handle recorded as started
+        since this run started (a second of slack for clocks of two hosts) and within
+        REQUEUED_LATE of its end, under the same unique (handles repeat after a gearmand
+        restart)?"""
+        row = tx.one("SELECT COUNT(*) FROM outcomes WHERE started >= ? AND started <= ? "
+                     "AND function = ? AND handle = ? AND COALESCE(\"unique\", '') = ?",
+                     (started - 1.0, ended + REQUEUED_LATE, r.function, r.handle,
+                      r.unique or ""))
+        return bool(row and row[0])
 
     # -- bookkeeping: counts, sequence numbers, caps -----------------------------------------
 

@@ -307,11 +307,18 @@ class Journal(Component):
     def _said(self, event: ev.ChildSaid) -> None:
         """A command child's JobEnded: the job succeeded. Recorded (as a Python child
         records it) when that ends a failure: a retry or replay, or a job that crashed a
-        worker before (a strike, master/health.py), else only with journal.successes."""
+        worker before (a strike, master/health.py; or a worker that holds it still, dead
+        and not reaped yet), else only with journal.successes."""
         child, job = event.child, event.child.job
         if self.helper is None or job is None or not isinstance(event.message, msg.JobEnded):
             return
-        crashed = (job.function, job.handle, job.key) in self.requeued
+        crashed = (job.function, job.handle, job.key) in self.requeued or any(
+            # (its worker died and is not reaped yet: gearmand handed the job on as its
+            # socket closed, and a short job ends before the crash is recorded)
+            other is not child and other.job is not None and other.scoreboard is None
+            and (other.job.function, other.job.handle, other.job.key) == (
+                job.function, job.handle, job.key)
+            for other, _ in self.master.children.values())
         self.requeued.pop((job.function, job.handle, job.key), None)
         if (not self.config.journal.successes and not crashed
                 and parse_unique(job.unique)[2] is None
