@@ -246,8 +246,7 @@ class FakeMaster:
         self.events: list[object] = []
         # What Arbiter.run() does before its loop, minus signal handlers, proctitle and
         # the subreaper (the test process must not change): attach, then manage per pass.
-        for component in self.arbiter.components:
-            component.attach(self.arbiter)
+        self.arbiter.attach_components()
         for kind in event_types():
             self.arbiter.bus.subscribe(kind, self.events.append)
         self.arbiter.loop.every_pass(self.arbiter.manage)

@@ -647,3 +647,28 @@ def test_root_may_use_a_socket_of_another_user(tmp_path: Path, servers, serve_on
     os.chown(path, NOBODY, NOBODY)
     serve_one(server)
     assert request(path, {"command": "status"}, timeout=10)["ok"] is True
+
+
+def test_a_master_that_cannot_open_its_control_socket_exits_1_with_one_clear_line(
+        tmp_path: Path) -> None:
+    """What it says is the reason (the path is no socket), not a traceback from closing
+    the components it never attached."""
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import REPO
+
+    taken = tmp_path / "gearvisor.sock"
+    taken.write_text("precious")
+    config = tmp_path / "pools.yaml"
+    config.write_text(yaml.safe_dump({
+        "servers": ["127.0.0.1:1"], "control_socket": str(taken), "watch_config": False,
+        "state_dir": str(tmp_path / "state"), "pythonpath": [str(REPO)],
+        "pools": {"web": {"functions": {"f": "examples.text:echo"}, "watch": False}}}))
+    out = subprocess.run([sys.executable, "-m", "gearvisor", "-c", str(config)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr[-3000:]
+    said = out.stdout + out.stderr
+    assert "not a socket" in said and "Traceback" not in said, said[-3000:]
+    assert taken.read_text() == "precious"

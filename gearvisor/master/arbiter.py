@@ -99,6 +99,7 @@ class Arbiter:
         self.pools: dict[str, Pool] = {name: Pool(pc) for name, pc in config.pools.items()}
         self.children: dict[int, tuple[Child, Pool]] = {}
         self.components = list(components)
+        self._attached: list[Component] = []  # (attach_components)
         # Control requests a component answers (e.g. "alerts"): verb -> handler(request)
         # returning the reply. The control component serves them beside its own verbs.
         self.verbs: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
@@ -128,8 +129,7 @@ class Arbiter:
     def run(self) -> int:
         """Run until stopped; return the process exit code."""
         try:
-            for component in self.components:
-                component.attach(self)
+            self.attach_components()
         except StartError as e:
             self.log.error(e.event, error=e.error)
             return 1
@@ -148,6 +148,13 @@ class Arbiter:
         self.loop.run()
         self.log.info("master stopped")
         return 0
+
+    def attach_components(self) -> None:
+        """Attach each component in order; one that refuses to start (StartError) stops
+        the rest, and close() then closes only those attached before it."""
+        for component in self.components:
+            component.attach(self)
+            self._attached.append(component)
 
     def manage(self) -> None:
         """Each pass of the loop: carry out the pools' plans, announce readiness, and end
@@ -168,7 +175,7 @@ class Arbiter:
             self._next_pass = self.loop.call_at(due, lambda: None)  # a pass runs after it
 
     def close(self) -> None:
-        for component in self.components:
+        for component in self._attached:
             component.close()
         self.loop.close()
         self.poison.close()
