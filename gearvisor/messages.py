@@ -227,7 +227,12 @@ def _checked(value: Any, default: Any, key: str, limit: int = MAX_TEXT) -> Any:
             return max(0, min(value, 1 << 62))
     elif isinstance(default, str):
         if isinstance(value, str):
-            return value[:limit]
+            value = value[:limit]
+            if not value.isascii():
+                # (JSON may carry a lone surrogate, "\ud800": no UTF-8 encodes it, and a
+                # name that cannot be encoded would raise wherever it is written later)
+                value = value.encode("utf-8", "replace").decode("utf-8")
+            return value
         if value is None:
             return default
     elif isinstance(default, list):

@@ -272,11 +272,17 @@ class FakeMaster:
         raise AssertionError(f"the master was still busy after {MAX_PASSES} passes")
 
     def start_ready(self) -> list[FakeChild]:
-        """The first pass forks the pools; every child says it is ready; a pass."""
+        """The first pass forks the pools; every child is ready (a Python child says so, a
+        command child lives past its pool's startsecs); a pass."""
         self.step()
         children = list(self.system.forked)
+        commands = [self.arbiter.children[c.pid][1] for c in children
+                    if self.arbiter.children[c.pid][0].scoreboard is None]
         for child in children:
-            child.say(messages.Ready())
+            if self.arbiter.children[child.pid][0].scoreboard is not None:
+                child.say(messages.Ready())
+        if commands:
+            self.advance(max(pool.config.startsecs for pool in commands))
         self.step()
         return children
 

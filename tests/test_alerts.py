@@ -77,6 +77,13 @@ def names(notes: list[dict]) -> list[tuple[str, str, list[str]]]:
             for n in notes]
 
 
+def test_fingerprint_of_a_label_with_a_lone_surrogate_does_not_raise() -> None:
+    """A name from a worker's JSON may hold one ("\\ud800"): every later evaluation
+    computed this and raised, so no alert of the fleet fired again."""
+    assert fingerprint({"function": "x\ud800"}) != fingerprint({"function": "x"})
+    assert fingerprint({"path": "a\udcff"}) == fingerprint({"path": "a\udcff"})
+
+
 def test_fingerprint_is_alertmanagers_fnv64a() -> None:
     # Alertmanager: model.LabelSet{}.Fingerprint() of the empty set is the FNV-64a offset
     assert fingerprint({}) == "cbf29ce484222325"

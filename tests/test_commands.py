@@ -434,8 +434,8 @@ def test_a_job_that_crashed_poison_after_command_workers_is_refused_by_their_shi
     crashes = [r for r in journal_rows(tmp_path, crash) if r["outcome"] == "crash"]
     assert len(crashes) == 2, crashes  # the two deaths, and no third
     said = m.events("poison job: it crashed; 2 command workers died on it, so from now on "
-                    "their shim (gearvisor_run) fails it without running; a worker that "
-                    "does not use the shim runs it again: start gearmand with "
+                    "this pool's shim (gearvisor_run) fails it without running; a worker "
+                    "that does not use the shim runs it again: start gearmand with "
                     "--job-retries=N to drop it there")
     assert len(said) == 1 and said[0]["function"] == crash
     # gearmand's own view: the job is gone, and the third worker is still serving.

@@ -36,7 +36,15 @@ from gearvisor.master.exitlog import ExitLog
 from gearvisor.master.groups import Groups
 from gearvisor.master.health import HEALTH_INTERVAL, Health
 from gearvisor.master.probe import Probe
-from gearvisor.messages import BootError, JobEnded, JobStarted, ProbationPassed, Quarantined, Ready
+from gearvisor.messages import (
+    BootError,
+    JobEnded,
+    JobStarted,
+    ProbationPassed,
+    Quarantined,
+    Ready,
+    Recycle,
+)
 from gearvisor.policy.child import EXIT_BOOT_ERROR, ChildState
 from gearvisor.policy.pool import ExitKind, Pool, roll_results
 from gearvisor.shm.poison import job_key, shim_key
@@ -103,12 +111,9 @@ def serving(pool: Pool) -> int:
 
 
 def start_ready(m: FakeMaster) -> list[FakeChild]:
-    """The first pass forks the pool; every child says it is ready."""
-    m.step()
-    children = list(m.system.forked)
-    for child in children:
-        child.say(Ready())
-    m.step()
+    """The first pass forks the pool; every child is ready: a Python child says so, a
+    command child lives past its pool's startsecs."""
+    children = m.start_ready()
     assert serving(web(m)) == len(children)
     return children
 
@@ -757,6 +762,25 @@ def test_a_command_jobs_success_read_before_its_crashed_worker_is_reaped_is_reco
             ("success", "H:host:1", "u-1"), ("crash", "H:host:1", "u-1")]
     finally:
         m.close()
+
+
+def test_a_command_worker_cannot_say_what_only_the_python_runtime_says(
+        build: Build, log: io.StringIO) -> None:
+    """fd 3 is the worker's to write: "recycle" from a command worker replaced it again
+    and again, "ready" skipped startsecs. Such lines are refused as unreadable events."""
+    m = build((Commands(Probe()),), processes=1, command=["/bin/true"], functions=["f"],
+              startsecs=5.0)
+    m.step()
+    (child,) = m.system.forked
+    child.say(Ready())
+    child.say(Recycle("max_jobs"))
+    m.step()
+    record = m.arbiter.children[child.pid][0]
+    assert record.state is ChildState.STARTING and len(m.system.forked) == 1
+    refused = [x for x in lines(log) if x["event"] == "unreadable event from child"]
+    assert refused and "not an event a command worker sends" in refused[0]["error"]
+    m.advance(5.0)
+    assert record.state is ChildState.READY and len(m.system.forked) == 1
 
 
 def test_a_reload_retires_a_child_with_the_signal_its_own_config_named(

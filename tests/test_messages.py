@@ -77,3 +77,12 @@ def test_a_job_started_keeps_its_payload_past_max_text_but_cuts_its_names() -> N
     assert len(huge.payload_b64) == msg.MAX_PAYLOAD_TEXT  # type: ignore[attr-defined]
     with pytest.raises(msg.MessageError, match="payload_b64: expected str"):
         msg.decode(b'{"event": "job_started", "payload_b64": 7}')
+
+
+def test_a_lone_surrogate_in_a_reported_name_is_replaced() -> None:
+    """Valid JSON, but no UTF-8 encodes "\\ud800": a command worker's function name that
+    could not be encoded raised wherever it was written later (alert fingerprints, logs)."""
+    line = b'{"event": "job_started", "function": "x\\ud800", "handle": "H:1", "unique": "u"}'
+    m = msg.decode(line)
+    assert isinstance(m, msg.JobStarted) and m.function == "x?"
+    m.function.encode("utf-8")

@@ -75,6 +75,11 @@ BELL_RECHECK = 0.5  # ... and the second look at one that was (a hand-over takes
 
 
 
+# What a command child's fd 3 may carry (besides journal lines): its shim's reports, and
+# the boot error child/command.py writes when the exec fails.
+_COMMAND_EVENTS = (msg.JobStarted, msg.JobEnded, msg.BootError)
+
+
 def stop_signals(pool: PoolConfig) -> tuple[int, int]:
     """The signals that retire (a roll) and stop (a graceful stop) a child of `pool`: a
     Python child's own, a command's from its config (reload_signal, else stop_signal)."""
@@ -390,6 +395,12 @@ class Arbiter:
                 continue
             try:
                 message = msg.decode(line)
+                if child.scoreboard is None and not isinstance(message, _COMMAND_EVENTS):
+                    # (ready, recycle, quarantined... are the Python runtime's to say: a
+                    # command worker that sent "recycle" would be replaced again and again)
+                    raise msg.MessageError(f"{type(message).__name__} is not an event a "
+                                           "command worker sends (job_started, job_ended, "
+                                           "journal)")
             except msg.MessageError as e:
                 # A command's fd 3 is its own to write: garbage is counted, and logged at
                 # the 1st, 10th, 100th, ... line, so a flood cannot flood the log.

@@ -25,9 +25,18 @@ def fingerprint(labels: Mapping[str, str]) -> str:
     h = 0xCBF29CE484222325
     for name in sorted(labels):
         for part in (name, labels[name]):
-            for byte in part.encode("utf-8", "surrogateescape") + b"\xff":
+            for byte in _utf8(part) + b"\xff":
                 h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
     return f"{h:016x}"
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8 of any str: raw bytes kept as they were decoded (surrogateescape), any other
+    lone surrogate as its 3 bytes (surrogatepass) rather than a UnicodeEncodeError."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
 
 
 def rfc3339(t: float | None) -> str:
