@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from gearvisor.master.output import line_text
-from gearvisor.master.pipes import read_lines, take_lines
+from gearvisor.master.pipes import event_lines, read_lines, take_lines
 
 
 def test_complete_lines_are_taken_and_a_partial_one_waits() -> None:
@@ -44,7 +44,7 @@ def test_event_lines_drop_what_is_too_long_and_count_it() -> None:
         os.set_blocking(r, False)
         os.set_blocking(w, False)
         data = memoryview(b'{"event": "ready"}\n' + b"z" * (1024 * 1024 + 1) + b"\nend\n")
-        buf = bytearray()
+        buf = event_lines()
         lines: list[bytes] = []
         dropped = 0
         for _ in range(1000):  # bounded: 1 MiB through a 64 KiB pipe takes about 17 rounds
@@ -56,11 +56,39 @@ def test_event_lines_drop_what_is_too_long_and_count_it() -> None:
             got, _, d = read_lines(r, buf)
             lines += got
             dropped += d
-            assert len(buf) <= 1024 * 1024
+            assert len(buf.buf) <= 1024 * 1024
             if lines[-1:] == [b"end"]:
                 break
         assert lines[0] == b'{"event": "ready"}' and lines[-1] == b"end"
         assert dropped >= 1
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_the_rest_of_a_dropped_line_is_skipped_not_read_as_a_line() -> None:
+    """A line past the cap before its newline came is dropped, and what follows of it up
+    to its newline too: its tail, a message after a megabyte of padding, is no line."""
+    r, w = os.pipe()
+    try:
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        data = memoryview(b"x" * (1024 * 1024 + 70000) + b'{"event": "ready"}\nend\n')
+        buf = event_lines()
+        lines: list[bytes] = []
+        dropped = 0
+        for _ in range(1000):  # bounded: about 18 rounds through a 64 KiB pipe
+            if data:
+                try:
+                    data = data[os.write(w, data):]
+                except BlockingIOError:
+                    pass
+            got, _, d = read_lines(r, buf)
+            lines += got
+            dropped += d
+            if lines[-1:] == [b"end"]:
+                break
+        assert (lines, dropped) == ([b"end"], 1)
     finally:
         os.close(r)
         os.close(w)

@@ -377,7 +377,7 @@ class Arbiter:
         master killed a command child for its job's hard timeout, that job stays its job:
         a job_ended or job_started it wrote before the kill landed changes nothing (the
         crash record, the strike and the alert are of the job it was killed for)."""
-        lines, eof, dropped = read_lines(child.event_fd, child.event_buf,
+        lines, eof, dropped = read_lines(child.event_fd, child.event_lines,
                                          FINAL_READS if final else 1)
         if eof or final:
             self.loop.remove_reader(child.event_fd)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from gearvisor import messages as msg
 from gearvisor.master import bus as ev
 from gearvisor.master.arbiter import HANDLED_SIGNALS
-from gearvisor.master.pipes import read_lines
+from gearvisor.master.pipes import event_lines, read_lines
 from gearvisor.policy.child import describe_status
 from gearvisor.policy.helper import HelperRecord
 
@@ -96,7 +96,7 @@ class HelperProcess:
         self.describe = describe
         self.record = record if record is not None else HelperRecord()
         self.events = -1  # the read end of its output pipe
-        self.buf = bytearray()
+        self.lines = event_lines()
         self.input = -1  # the master's (non-blocking) write end of its input pipe
         self.out: collections.deque[bytes] = collections.deque()  # lines, with newline
         self.partial = b""  # the unwritten rest of the line at the head of `out`
@@ -165,7 +165,7 @@ class HelperProcess:
             self.master.system.close(in_r)
             os.set_blocking(in_w, False)
         r.pid, r.started_at = pid, self.master.clock()
-        self.events, self.buf, self.input = events, bytearray(), in_w
+        self.events, self.lines, self.input = events, event_lines(), in_w
         self.partial = b""  # a line the dead helper half read is sent again whole
         self.master.loop.add_reader(events, self._read)
         if self.on_start is not None:
@@ -277,7 +277,7 @@ class HelperProcess:
     def _read(self, final: bool = False) -> None:
         """What its pipe holds; closed at end of file, or with `final` (it is dead, so one
         bounded read takes all it wrote)."""
-        lines, eof, _ = read_lines(self.events, self.buf, FINAL_READS if final else 1)
+        lines, eof, _ = read_lines(self.events, self.lines, FINAL_READS if final else 1)
         if eof or final:
             self.master.loop.remove_reader(self.events)
             self.master.system.close(self.events)

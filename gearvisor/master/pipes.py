@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 
-MAX_EVENT_LINE = 1024 * 1024  # an event line longer than this is dropped, not buffered
+from gearvisor.lines import MAX_EVENT_LINE, LineSplitter, event_lines
+
+__all__ = ["MAX_EVENT_LINE", "event_lines", "read_lines", "read_ready", "take_lines"]
+
 
 
 def read_ready(fd: int, reads: int = 1) -> tuple[bytes, bool]:
@@ -42,17 +45,12 @@ def take_lines(buf: bytearray, limit: int, final: bool = False) -> list[tuple[by
     return lines
 
 
-def read_lines(fd: int, buf: bytearray, reads: int = 1) -> tuple[list[bytes], bool, int]:
-    """Read what an event pipe holds into `buf` and take out the complete lines: (lines,
-    at end of file, lines dropped). A line longer than MAX_EVENT_LINE is dropped, whole or
-    in part, so a child cannot make the master buffer without bound."""
+def read_lines(fd: int, lines: LineSplitter, reads: int = 1) -> tuple[list[bytes], bool, int]:
+    """Read what an event pipe holds and take out the complete lines: (lines, at end of
+    file, lines dropped). A line longer than its LineSplitter's limit (event_lines:
+    MAX_EVENT_LINE) is dropped whole, its rest up to its newline included, so a child
+    can neither make the master buffer without bound nor have the tail of a dropped line
+    read as a message."""
     data, eof = read_ready(fd, reads)
-    buf += data
-    lines = []
-    dropped = 0
-    for line, cut in take_lines(buf, MAX_EVENT_LINE):
-        if cut:
-            dropped += 1
-        else:
-            lines.append(line)
-    return lines, eof, dropped
+    before = lines.dropped
+    return lines.feed(data), eof, lines.dropped - before

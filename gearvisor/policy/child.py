@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from gearvisor.lines import LineSplitter, event_lines
+
 if TYPE_CHECKING:
     from gearvisor import messages as msg
     from gearvisor.shm.scoreboard import Scoreboard
@@ -107,7 +109,7 @@ class Child:
     stop_requested_at: float | None = None
     kill_at: float | None = None  # SIGKILL deadline once draining
     event_fd: int = -1
-    event_buf: bytearray = field(default_factory=bytearray)
+    event_lines: LineSplitter = field(default_factory=event_lines, repr=False)
     event_overflows: int = 0  # reads that dropped an over-long event line (logged once)
     event_unreadable: int = 0  # event lines that were no message (logged at 1, 10, 100, ...)
     boot_error: str | None = None  # reason reported by a child that could not boot
