@@ -449,3 +449,18 @@ def test_a_real_helper_acknowledges_and_finishes_at_end_of_input(tmp_path: Path,
             os.waitpid(store.helper.pid, 0)
         store.close()
         arbiter.close()
+
+
+def test_the_input_queue_is_bounded_in_bytes_too() -> None:
+    """Lines may be a MiB each (a command worker's journal lines): a count alone let a
+    flood of them grow the master by hundreds of MB while the helper fell behind."""
+    dropped: list[bytes] = []
+    helper = HelperProcess("job store", lambda: None, with_input=True, max_pending=1000,
+                           max_pending_bytes=8 << 20, on_drop=dropped.append)
+    big = b"x" * (1 << 20)
+    for i in range(100):
+        helper.send(b"%d " % i + big)
+    assert helper.out_bytes <= 8 << 20 and len(helper.out) == 7
+    assert sum(map(len, helper.out)) == helper.out_bytes
+    assert len(dropped) == 93 and dropped[0].startswith(b"0 ")
+    assert helper.out[-1].startswith(b"99 ")

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 HelperBody = Callable[[int, int, set[int]], NoReturn]
 
 MAX_PENDING = 10_000  # input lines waiting for the helper by default; the oldest are dropped
+MAX_PENDING_BYTES = 64 << 20  # and their bytes: lines may be up to a MiB each
 FINAL_READS = 64  # reads at reaping: the helper is dead, what it wrote is all in the pipe
 NOISY_FAILURES = 3  # a crash loop logs its first exits as errors, the rest at debug level
 
@@ -66,7 +67,8 @@ class HelperProcess:
         body: returns what the next process runs, or None when there is nothing to run
             (then `start` does nothing).
         with_input: give the helper an input pipe (its second fd) that `send` writes to.
-        max_pending: input lines that may wait; `on_drop(line)` hears of each one dropped.
+        max_pending: input lines that may wait, and max_pending_bytes their bytes;
+            `on_drop(line)` hears of each one dropped.
         on_message: each decoded message the helper writes (unreadable lines are logged).
         on_line: each raw line instead (no decoding), for a helper with its own protocol.
         on_start: called with the pid of each new process, before any input is written.
@@ -77,6 +79,7 @@ class HelperProcess:
 
     def __init__(self, name: str, body: Callable[[], HelperBody | None], *,
                  with_input: bool = False, max_pending: int = MAX_PENDING,
+                 max_pending_bytes: int = MAX_PENDING_BYTES,
                  on_drop: Callable[[bytes], None] | None = None,
                  on_message: Callable[[msg.Message], None] | None = None,
                  on_line: Callable[[bytes], None] | None = None,
@@ -88,6 +91,7 @@ class HelperProcess:
         self.body = body
         self.with_input = with_input
         self.max_pending = max(1, max_pending)
+        self.max_pending_bytes = max_pending_bytes
         self.on_drop = on_drop
         self.on_message = on_message
         self.on_line = on_line
@@ -99,6 +103,7 @@ class HelperProcess:
         self.lines = event_lines()
         self.input = -1  # the master's (non-blocking) write end of its input pipe
         self.out: collections.deque[bytes] = collections.deque()  # lines, with newline
+        self.out_bytes = 0  # what they hold
         self.partial = b""  # the unwritten rest of the line at the head of `out`
         self.closing = False  # a graceful stop: end of input once `out` is written
         self.dropped = 0  # input lines dropped because `max_pending` waited
@@ -206,8 +211,11 @@ class HelperProcess:
         """Queue one line for the helper's input; its newline is added unless it ends in one
         (a caller that keeps its lines, like the journal's Outbox, frames them once, and the
         queue then holds the same bytes, not a copy). When `max_pending` lines wait, the
-        oldest one not begun is dropped (`on_drop`)."""
-        self.out.append(_framed(line))
+        oldest one not begun is dropped (`on_drop`), and so while they hold more than
+        `max_pending_bytes`."""
+        framed = _framed(line)
+        self.out.append(framed)
+        self.out_bytes += len(framed)
         self._trim()
         self._want_write()
 
@@ -215,6 +223,7 @@ class HelperProcess:
         """Queue `lines` (framed as by send) ahead of what waits, in their order: for
         `on_start`, what a dead helper took but never acknowledged."""
         head = [_framed(line) for line in lines]
+        self.out_bytes += sum(map(len, head))
         if self.partial and self.out:
             head.insert(0, self.out.popleft())  # a half-written line is finished first
         self.out.extendleft(reversed(head))
@@ -226,16 +235,20 @@ class HelperProcess:
         `on_start` whose caller keeps every line the helper has not acknowledged, so what
         the last process's queue held is among them."""
         self.out.clear()
+        self.out_bytes = 0
         self.partial = b""
         self.resend(lines)
 
     def _trim(self) -> None:
-        """Drop the oldest lines past `max_pending`. A half-written head is finished, never
-        dropped: the helper would read its rest glued to the next line."""
+        """Drop the oldest lines past `max_pending` (or `max_pending_bytes`). A half-written
+        head is finished, never dropped: the helper would read its rest glued to the next
+        line."""
         first = 1 if self.partial else 0
-        while len(self.out) > self.max_pending and len(self.out) > first:
+        while len(self.out) > first and (len(self.out) > self.max_pending
+                                         or self.out_bytes > self.max_pending_bytes):
             lost = self.out[first]
             del self.out[first]
+            self.out_bytes -= len(lost)
             self.dropped += 1
             if self.on_drop is not None:
                 self.on_drop(lost[:-1])
@@ -258,6 +271,7 @@ class HelperProcess:
             self.partial = data[n:]
             if not self.partial:
                 line = self.out.popleft()
+                self.out_bytes -= len(line)
                 if self.on_sent is not None:
                     self.on_sent(line[:-1])
         if self.input >= 0:

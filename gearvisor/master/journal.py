@@ -205,7 +205,8 @@ class Journal(Component):
         if not self.config.journal.enabled:
             return
         self.helper = HelperProcess("job store", self._body, with_input=True,
-                                    max_pending=MAX_PENDING, on_message=self._message,
+                                    max_pending=MAX_PENDING, max_pending_bytes=MAX_BYTES,
+                                    on_message=self._message,
                                     on_start=self._started)
         self.helper.attach(master)
         self.helper.start()
