@@ -229,3 +229,7 @@ def test_scale_for_pins_a_count_that_expires(gearmand, master, tmp_path):
     for bad in ("0s", "31d", "soon"):
         out = m.ctl("scale", "auto", "2", "--for", bad)
         assert out.returncode != 0 and "--for" in out.stderr, (bad, out.stderr)
+    # A typo's size is refused before a fork (tests/test_control.py: open files, memory).
+    out = m.ctl("scale", "fixed", "100000")
+    assert out.returncode != 0 and "at most 10000 children a pool" in out.stderr, out.stderr
+    assert m.status()["pools"][1]["desired"] == 1

@@ -672,3 +672,33 @@ def test_a_master_that_cannot_open_its_control_socket_exits_1_with_one_clear_lin
     said = out.stdout + out.stderr
     assert "not a socket" in said and "Traceback" not in said, said[-3000:]
     assert taken.read_text() == "precious"
+
+
+def test_scale_refuses_what_the_master_or_the_machine_cannot_hold(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`gearvisor scale web 100000` forked until the OOM killer took the master and every
+    worker with it. Refused before a fork: more than a pool may have, more open files than
+    the master may hold, more memory than is available for the children added."""
+    import resource
+    import types
+
+    import psutil
+    import yaml
+
+    from gearvisor.config import load
+    from gearvisor.master.control import DEFAULT_CHILD_BYTES, scale_refusal
+    from gearvisor.policy.pool import Pool
+
+    path = tmp_path / "pools.yaml"
+    path.write_text(yaml.safe_dump({"pools": {"web": {
+        "processes": 2, "functions": {"f": "examples.text:echo"}, "watch": False}}}))
+    pool = Pool(load(str(path)).pools["web"])
+    master = types.SimpleNamespace(children={1: None, 2: None})
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (1024, 4096))
+    monkeypatch.setattr(psutil, "virtual_memory",
+                        lambda: types.SimpleNamespace(available=100 * DEFAULT_CHILD_BYTES))
+    assert "at most 10000 children a pool" in scale_refusal(master, pool, 10_001)
+    assert scale_refusal(master, pool, 1) is None  # (fewer: always)
+    assert scale_refusal(master, pool, 90) is None
+    assert "MiB available" in scale_refusal(master, pool, 200)
+    assert "open files" in scale_refusal(master, pool, 600)

@@ -29,7 +29,7 @@ from fakeos import FakeChild, FakeMaster, signal_status
 from gearvisor.config import load
 from gearvisor.master import bus as ev
 from gearvisor.master.alerts import Alerts
-from gearvisor.master.arbiter import HANDLED_SIGNALS, RETIRE_SIGNAL
+from gearvisor.master.arbiter import HANDLED_SIGNALS, MAX_FORKS_PER_PASS, RETIRE_SIGNAL
 from gearvisor.master.commands import Commands
 from gearvisor.master.component import Component
 from gearvisor.master.exitlog import ExitLog
@@ -781,6 +781,30 @@ def test_a_command_worker_cannot_say_what_only_the_python_runtime_says(
     assert refused and "not an event a command worker sends" in refused[0]["error"]
     m.advance(5.0)
     assert record.state is ChildState.READY and len(m.system.forked) == 1
+
+
+def test_a_pool_of_hundreds_forks_over_several_passes_and_others_get_their_turn(
+        tmp_path: Path) -> None:
+    """`gearvisor scale web 300`: the master forks at most MAX_FORKS_PER_PASS children a
+    pass (the control socket, reaping and every pipe are served between), and the next
+    pass begins with the pool after the one that used them up."""
+    path = tmp_path / "gearvisor.yaml"
+    path.write_text(yaml.safe_dump({"watch_config": False, "pools": {
+        "big": pool_settings(processes=300), "small": pool_settings(processes=2)}}))
+    m = FakeMaster(str(path))
+    try:
+        def forked(name: str) -> int:
+            return sum(1 for c in m.system.forked if m.arbiter.children[c.pid][1].name == name)
+
+        m.arbiter.manage()
+        assert (forked("big"), forked("small")) == (MAX_FORKS_PER_PASS, 0)
+        m.arbiter.manage()
+        assert forked("small") == 2
+        for _ in range(10):  # (each step runs the timer the last pass left, then a pass)
+            m.step()
+        assert (forked("big"), forked("small")) == (300, 2)
+    finally:
+        m.close()
 
 
 def test_a_reload_retires_a_child_with_the_signal_its_own_config_named(

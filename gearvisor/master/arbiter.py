@@ -75,6 +75,8 @@ BELL_RECHECK = 0.5  # ... and the second look at one that was (a hand-over takes
 
 
 
+MAX_FORKS_PER_PASS = 64  # children forked before the loop runs again (manage_pools)
+
 # What a command child's fd 3 may carry (besides journal lines): its shim's reports, and
 # the boot error child/command.py writes when the exec fails.
 _COMMAND_EVENTS = (msg.JobStarted, msg.JobEnded, msg.BootError)
@@ -105,6 +107,7 @@ class Arbiter:
         self.children: dict[int, tuple[Child, Pool]] = {}
         self.components = list(components)
         self._attached: list[Component] = []  # (attach_components)
+        self._fork_from = 0  # the pool (by order) the next pass's forks begin with
         # Control requests a component answers (e.g. "alerts"): verb -> handler(request)
         # returning the reply. The control component serves them beside its own verbs.
         self.verbs: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
@@ -215,10 +218,22 @@ class Arbiter:
     # -- children -------------------------------------------------------------------------------
 
     def manage_pools(self, now: float) -> None:
-        """Carry out each pool's plan: fill empty slots, push rolls forward, scale."""
-        for name, pool in list(self.pools.items()):
+        """Carry out each pool's plan: fill empty slots, push rolls forward, scale. At most
+        MAX_FORKS_PER_PASS forks a pass: a pool scaled to thousands fills over several
+        passes, while the loop reaps, reads and answers the control socket between them
+        (the next pass is due at once, and begins with the pool this one stopped at, so
+        one big pool does not hold back the others' restarts)."""
+        forks = 0
+        items = list(self.pools.items())
+        first = self._fork_from % len(items) if items else 0
+        for at, (name, pool) in enumerate(items[first:] + items[:first]):
             for action in pool.plan(now, self.child_busy):
                 if isinstance(action, Spawn):
+                    if forks >= MAX_FORKS_PER_PASS:
+                        self._fork_from = first + at + 1
+                        self.loop.call_later(0.0, lambda: None)  # (a pass runs after it)
+                        return
+                    forks += 1
                     self.spawn_child(pool, action, now)
                 else:
                     self.retire(pool, action, now)

@@ -12,10 +12,14 @@ than making the master buffer them.
 from __future__ import annotations
 
 import json
+import resource
 import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
+from gearvisor.config.values import MAX_PROCESSES
 from gearvisor.control import (
     MAX_CLIENTS,
     MAX_REQUEST,
@@ -27,7 +31,8 @@ from gearvisor.control import (
 from gearvisor.master import bus as ev
 from gearvisor.master.arbiter import StartError
 from gearvisor.master.component import Component
-from gearvisor.policy.pool import roll_results
+from gearvisor.policy.backoff import CHILD_BASE_FDS
+from gearvisor.policy.pool import Pool, roll_results
 
 if TYPE_CHECKING:
     from gearvisor.config import Config
@@ -252,6 +257,10 @@ class Control(Component):
                     self.reply(client, {"ok": False, "error": f"scale {pool.name}: expected a "
                                         f"whole number >= 0, got {processes!r}"})
                     return
+                refusal = scale_refusal(master, pool, processes)
+                if refusal is not None:
+                    self.reply(client, {"ok": False, "error": f"scale {pool.name}: {refusal}"})
+                    return
                 pin_for = request.get("for")
                 if pin_for is not None and (
                         not isinstance(pin_for, (int, float)) or isinstance(pin_for, bool)
@@ -313,3 +322,40 @@ class Control(Component):
         for client in self.waiting:
             self.reply(client, {"ok": False, "error": f"the master is stopping ({event.why})"})
         self.waiting.clear()
+
+
+DEFAULT_CHILD_BYTES = 10 << 20  # a child's own memory, when none of the pool can be measured
+
+
+def scale_refusal(master: Arbiter, pool: Pool, processes: int) -> str | None:
+    """Why `gearvisor scale` may not run `processes` children in `pool`, or None: more
+    than a pool may have, more open files than the master may hold (an event pipe or
+    three per child), or more memory than the machine has available for the children
+    added (each as big as one of the pool's now: its unique set size, what a fork adds).
+    A typo must not fork the fleet into the OOM killer."""
+    if processes > MAX_PROCESSES:
+        return (f"at most {MAX_PROCESSES} children a pool (what processes may be), got "
+                f"{processes}")
+    adding = processes - pool.desired
+    if adding <= 0:
+        return None
+    total = len(master.children) + adding
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    need = 2 * total + CHILD_BASE_FDS
+    if soft != resource.RLIM_INFINITY and need > soft:
+        return (f"the master would need about {need} open files for {total} children, and "
+                f"its limit is {soft}: raise LimitNOFILE (systemd) or `ulimit -n` first")
+    each, measured = DEFAULT_CHILD_BYTES, "an estimate"
+    for child in pool.children():
+        try:
+            each = psutil.Process(child.pid).memory_full_info().uss
+            measured = f"as child {child.pid} is now"
+            break
+        except (psutil.Error, OSError):
+            continue
+    available = psutil.virtual_memory().available
+    if adding * each > available:
+        return (f"{adding} more children need about {adding * each >> 20} MiB "
+                f"({each / (1 << 20):.1f} MiB each, {measured}), and the machine has "
+                f"{available >> 20} MiB available: scale in smaller steps or free memory")
+    return None
