@@ -333,3 +333,14 @@ def test_interval_argument() -> None:
     for bad in ("50ms", "2h", "soon"):
         with pytest.raises(Exception, match=repr(bad)):
             top.parse_interval(bad)
+
+
+def test_top_without_a_master_says_so_and_exits_3(tmp_path: Path) -> None:
+    """As `gearvisor status` does; before, it showed "master gone, reconnecting" forever."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "gearvisor", "top", "--socket",
+                          str(tmp_path / "none.sock")], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 3 and "no gearvisor master is running" in out.stderr, out.stderr

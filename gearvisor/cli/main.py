@@ -308,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         return alerts_cli.run(args, lambda payload: _ask(args, payload, 30.0),
                               config_path(args.sub_config or args.config))
     if command == "top":
+        # A master must be there to start with (as `status` needs one): once it runs,
+        # top rides out its restarts, but with none it would wait forever.
+        if _ask(args, {"verb": "status"}, 10.0) is None:
+            return EXIT_NO_MASTER
         return top_cli.run(socket_path(args), args.interval)
     if command in ("dead", "jobs"):
         return journal_cli.run(args, config_path(args.sub_config or args.config))
