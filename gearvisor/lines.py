@@ -54,3 +54,34 @@ class LineSplitter:
 def event_lines() -> LineSplitter:
     """The reader of one event pipe (a child's, a helper's; master/pipes.read_lines)."""
     return LineSplitter(MAX_EVENT_LINE)
+
+
+class ReadMeter:
+    """What reading a child's event pipe costs the master this second, against a budget:
+    past it the reader stops reading until the second is over (spend returns when), so a
+    writer that floods the pipe (a blocking one) blocks on its own writes instead of
+    holding the master. Not for command workers' stdout and stderr: their end is
+    non-blocking, and output they wrote meanwhile would be lost uncounted."""
+
+    __slots__ = ("budget", "window_end", "spent", "throttled")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.window_end = 0.0
+        self.spent = 0
+        self.throttled = 0  # seconds it was over budget
+
+    def spend(self, now: float, cost: int) -> float | None:
+        """Count `cost`; None while within the budget, else when to read again."""
+        if now >= self.window_end:
+            self.window_end, self.spent = now + 1.0, 0
+        self.spent += cost
+        if self.spent <= self.budget:
+            return None
+        self.throttled += 1
+        return self.window_end
+
+
+def read_cost(lines: list[bytes], dropped: int = 0) -> int:
+    """A ReadMeter's cost of a read: a line each, and one per KiB."""
+    return len(lines) + dropped + sum(map(len, lines)) // 1024

@@ -807,6 +807,30 @@ def test_a_pool_of_hundreds_forks_over_several_passes_and_others_get_their_turn(
         m.close()
 
 
+def test_a_child_flooding_its_event_pipe_is_read_at_a_bounded_rate(
+        build: Build, log: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past EVENT_BUDGET in a second the master stops reading a child's pipe until the
+    second is over (the worker then blocks on its own writes), says so once, and reads on
+    after it: nothing is lost, the master is not held busy."""
+    import gearvisor.policy.child as child_module
+
+    monkeypatch.setattr(child_module, "EVENT_BUDGET", 10)
+    m = build((Commands(Probe()),), processes=1, command=["/bin/true"], functions=["f"])
+    (child,) = start_ready(m)
+    record = m.arbiter.children[child.pid][0]
+    for i in range(12):
+        child.say(JobStarted("f", f"H:host:{i}", f"u-{i}", "", 4))
+    m.step()
+    assert record.job is not None and record.job.unique == "u-11"
+    child.say(JobStarted("f", "H:host:late", "late", "", 4))
+    m.step()
+    assert record.job.unique == "u-11"  # (not read: the second is not over)
+    said = [x for x in lines(log) if x["event"].startswith("child floods its event pipe")]
+    assert len(said) == 1 and said[0]["child_pid"] == child.pid
+    m.advance(1.0)
+    assert record.job.unique == "late"
+
+
 def test_a_reload_retires_a_child_with_the_signal_its_own_config_named(
         build: Build, tmp_path: Path) -> None:
     """A child's code expects the signals of the config it started with: a PHP worker

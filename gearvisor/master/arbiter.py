@@ -26,6 +26,7 @@ from gearvisor.child.python import run_child
 from gearvisor.config import Config, ConfigError, PoolConfig, load
 from gearvisor.control import default_socket_path
 from gearvisor.journal.record import JOURNAL_PREFIX
+from gearvisor.lines import read_cost
 from gearvisor.master import bus as ev
 from gearvisor.master.component import Component
 from gearvisor.master.loop import Loop, Timer
@@ -398,6 +399,8 @@ class Arbiter:
             self.loop.remove_reader(child.event_fd)
             self.system.close(child.event_fd)
             child.event_fd = -1
+        elif lines or dropped:
+            self._meter_events(child, pool, read_cost(lines, dropped))
         if dropped and not child.event_overflows:
             self.log.warning("event line from child too long; dropped (said once per child)",
                              pool=pool.name, child_pid=child.pid)
@@ -444,6 +447,26 @@ class Arbiter:
                 self.bus.publish(ev.ChildSaid(child, pool, message))
                 if isinstance(message, msg.JobEnded):
                     child.job = None
+
+    def _meter_events(self, child: Child, pool: Pool, cost: int) -> None:
+        """A child's event pipe costs the master at most EVENT_BUDGET a second (ReadMeter):
+        past it the pipe is not read until the second is over, so a worker that floods
+        fd 3 blocks on its own writes instead of holding a core of the master (and every
+        other pool's events and timers). A shim's two lines a job stay far below it."""
+        resume_at = child.event_meter.spend(self.clock(), cost)
+        if resume_at is None:
+            return
+        fd = child.event_fd
+        self.loop.remove_reader(fd)
+        if child.event_meter.throttled == 1:
+            self.log.warning("child floods its event pipe; reading it at a bounded rate "
+                             "(said once per child)", pool=pool.name, child_pid=child.pid,
+                             budget_per_second=child.event_meter.budget)
+
+        def resume() -> None:
+            if child.event_fd == fd and self.children.get(child.pid, (None,))[0] is child:
+                self.loop.add_reader(fd, lambda: self.read_events(child, pool))
+        self.loop.call_at(resume_at, resume, quiet=True)
 
     def reap(self) -> None:
         """Collect every exited child (waitpid until nothing is left) and decide what next."""

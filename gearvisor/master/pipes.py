@@ -54,3 +54,4 @@ def read_lines(fd: int, lines: LineSplitter, reads: int = 1) -> tuple[list[bytes
     data, eof = read_ready(fd, reads)
     before = lines.dropped
     return lines.feed(data), eof, lines.dropped - before
+

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from gearvisor.lines import LineSplitter, event_lines
+from gearvisor.lines import LineSplitter, ReadMeter, event_lines
+
+EVENT_BUDGET = 100_000  # what a child's event pipe may cost the master a second (ReadMeter)
 
 if TYPE_CHECKING:
     from gearvisor import messages as msg
@@ -112,6 +114,9 @@ class Child:
     event_lines: LineSplitter = field(default_factory=event_lines, repr=False)
     event_overflows: int = 0  # reads that dropped an over-long event line (logged once)
     event_unreadable: int = 0  # event lines that were no message (logged at 1, 10, 100, ...)
+    # What reading its event pipe cost the master this second (lines.ReadMeter,
+    # Arbiter._meter_events)
+    event_meter: ReadMeter = field(default_factory=lambda: ReadMeter(EVENT_BUDGET), repr=False)
     boot_error: str | None = None  # reason reported by a child that could not boot
     scoreboard: Scoreboard | None = field(default=None, repr=False)  # its job counters
     # Health (issue: self-quarantine, circuit, poison, timeouts, recycling)
