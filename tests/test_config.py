@@ -249,6 +249,13 @@ def test_bad_server_item_names_its_index(tmp_path: Path) -> None:
     assert msg == f"{path}:3: servers.1: expected a port from 1 to 65535, got 'gm2:99999'"
 
 
+def test_a_functions_key_on_the_pool_says_where_it_goes(tmp_path: Path) -> None:
+    """`timeout:` beside `processes:` was answered with "did you mean timeout_grace"."""
+    msg, path, _ = errors(tmp_path, MINIMAL + "    timeout: 5s\n")
+    assert msg.startswith(f"{path}:5: pools.text.timeout: unknown key; timeout is a "
+                          "function's: functions: {NAME: {callable: ..., timeout: ...}}"), msg
+
+
 def test_unknown_key_with_suggestion(tmp_path: Path) -> None:
     text = "log_levle: debug\n" + MINIMAL + "    procesess: 2\n"
     msg, path, err = errors(tmp_path, text)

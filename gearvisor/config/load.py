@@ -71,7 +71,15 @@ class _Collector:
         """Record an unknown key, with the closest known one as a hint."""
         hint = difflib.get_close_matches(key_text(key), sorted(allowed), n=1)
         suggestion = f'; did you mean "{hint[0]}"?' if hint else ""
+        if key_text(key) in _FUNCTION_KEYS and "functions" in allowed:
+            suggestion = (f"; {key_text(key)} is a function's: functions: {{NAME: {{callable: "
+                          f"..., {key_text(key)}: ...}}}}")
         self.add(path + (key,), f"unknown key{suggestion} (known: {', '.join(sorted(allowed))})")
+
+
+# Keys a function may have that a user may put on the pool instead (`timeout:` next to
+# `processes:`): the hint says where they go rather than the nearest pool key.
+_FUNCTION_KEYS = frozenset({"timeout", "retry", "failed_payload", "callable", "buckets"})
 
 
 def _parse_value(col: _Collector, path: tuple, setting: Setting, raw: Any) -> Any:

@@ -159,7 +159,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("stop_signal", signal_name, "SIGTERM",
             "Command pools: the signal that stops a child; SIGKILL after graceful_timeout."),
     Setting("reload_signal", optional(signal_name), None,
-            "Command pools: the signal that retires a child in a graceful roll.",
+            "Command pools: the signal that retires a child in a graceful roll. A child "
+            "always gets the signals of the config it started with: a reload that changes "
+            "them (or makes the pool run Python code) applies to the children it starts.",
             shown_default="stop_signal"),
     Setting("startsecs", duration_upto(HOUR), 1.0,
             "Command pools: a child that exits sooner failed to start; one that lives this "
