@@ -659,7 +659,8 @@ class Arbiter:
                 pool.remove()
                 self.log.info("pool removed from the config; draining", pool=name)
         self.log.info("reloading: rolling every pool to new code and config", trigger=why,
-                      pools={n: p.generation for n, p in self.pools.items() if not p.removed})
+                      generations={n: p.generation for n, p in self.pools.items()
+                                   if not p.removed})
         for component in self.components:
             component.reload(new)
         self.bus.publish(ev.Reloaded(new, why))
