@@ -200,7 +200,7 @@ def test_jobs_newest_first_with_filters(env: Env, capsys: pytest.CaptureFixture[
 def test_jobs_hostile_limit_is_refused_clearly(
         sqlite_env: Env, capsys: pytest.CaptureFixture[str], limit: str) -> None:
     code, out, err = sqlite_env.cli(capsys, "jobs", "--limit", limit)
-    assert (code, out) == (1, "")
+    assert (code, out) == (2, "")  # (a usage error, as argparse's)
     assert "--limit" in err and "from 0 to 10000" in err and err.count("\n") == 1
 
 
@@ -217,7 +217,7 @@ def test_bad_since_and_rate_are_one_clear_line(
         text: str) -> None:
     sqlite_env.fill(failed("a"))
     code, out, err = sqlite_env.cli(capsys, *argv)
-    assert (code, out) == (1, "") and text in err and err.count("\n") == 1
+    assert (code, out) == (2, "") and text in err and err.count("\n") == 1
     assert sqlite_env.state(1) == "dead"
 
 

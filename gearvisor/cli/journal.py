@@ -128,7 +128,7 @@ def parse_since(text: str, now: float) -> float:
     seconds = float(m.group(1)) * _SINCE_UNITS[m.group(2)] if m else -1.0
     if not 0 < seconds <= MAX_SINCE:
         raise CliError(f"--since {text[:40]!r}: expected an age such as 30m, 1h or 7d "
-                       "(s, m, h, d, w; more than 0, at most 3650d)")
+                       "(s, m, h, d, w; more than 0, at most 3650d)", EXIT_USAGE)
     return now - seconds
 
 
@@ -140,14 +140,15 @@ def parse_rate(text: str | None) -> float:
     rate = float(m.group(1)) / _RATE_UNITS[m.group(2)] if m else 0.0
     if not MIN_RATE <= rate <= MAX_RATE:
         raise CliError(f"--rate {text[:40]!r}: expected a rate such as 10/s, 30/m or 100/h, "
-                       f"from 1/h to {MAX_RATE:g}/s")
+                       f"from 1/h to {MAX_RATE:g}/s", EXIT_USAGE)
     return rate
 
 
 def parse_count(text: str, what: str, most: int) -> int:
     """A count option (--limit, --expect) from 0 (or 1) to `most`."""
     if not re.fullmatch(r"[0-9]{1,12}", text) or int(text) > most:
-        raise CliError(f"{what} {text[:40]!r}: expected a whole number from 0 to {most}")
+        raise CliError(f"{what} {text[:40]!r}: expected a whole number from 0 to {most}",
+                       EXIT_USAGE)
     return int(text)
 
 
