@@ -242,10 +242,10 @@ class Arbiter:
                 del self.pools[name]
                 if name in self.poison_lists:
                     self.poison_lists.pop(name).close()
+                self.log.info("pool removed", pool=name)
             elif name in self.poison_lists and pool.config.command is None and not any(
                     c.scoreboard is None for c in pool.children()):
                 self.poison_lists.pop(name).close()  # (a command pool no more)
-                self.log.info("pool removed", pool=name)
 
     def poison_list(self, pool: Pool) -> PoisonList | None:
         """The command pool's list of poison jobs (shm/poison.PoisonList), made the first
