@@ -75,7 +75,6 @@ BELL_CHECK = 5.0  # seconds between looks for a pool generation left without a s
 BELL_RECHECK = 0.5  # ... and the second look at one that was (a hand-over takes microseconds)
 
 
-
 MAX_FORKS_PER_PASS = 64  # children forked before the loop runs again (manage_pools)
 
 # What a command child's fd 3 may carry (besides journal lines): its shim's reports, and
@@ -90,6 +89,7 @@ def stop_signals(pool: PoolConfig) -> tuple[int, int]:
         return RETIRE_SIGNAL, signal.SIGTERM
     stop = signal.Signals[pool.stop_signal]
     return (signal.Signals[pool.reload_signal] if pool.reload_signal else stop), stop
+
 
 class Arbiter:
     """Forks and watches every pool's children, rolls them on reload, stops them on exit."""
@@ -222,8 +222,8 @@ class Arbiter:
         """Carry out each pool's plan: fill empty slots, push rolls forward, scale. At most
         MAX_FORKS_PER_PASS forks a pass: a pool scaled to thousands fills over several
         passes, while the loop reaps, reads and answers the control socket between them
-        (the next pass is due at once, and begins with the pool this one stopped at, so
-        one big pool does not hold back the others' restarts)."""
+        (the next pass is due at once, and begins with the pool after the one that used
+        them up, so one big pool does not hold back the others' restarts)."""
         forks = 0
         items = list(self.pools.items())
         first = self._fork_from % len(items) if items else 0
