@@ -96,7 +96,7 @@ class Gearmand:
         if self.threads is not None:
             args += ["-t", str(self.threads)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                     stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
         wait_for(lambda: admin.version(HOST, self.port, 0.5), 10, message="gearmand")
         return self
 
@@ -131,7 +131,9 @@ def kill(proc: subprocess.Popen | None, sig: int = signal.SIGKILL) -> None:
         pass
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """preexec_fn for what a benchmark starts: SIGTERM when the thread that started it
+    exits (the benchmark killed, or the test that ran it), so nothing outlives it."""
     set_pdeathsig(signal.SIGTERM)
 
 
@@ -142,4 +144,4 @@ def spawn(args: list[str], **kw: Any) -> subprocess.Popen:
     PDEATHSIG fires when the thread that forked ends."""
     kw.setdefault("stdout", subprocess.DEVNULL)
     kw.setdefault("stderr", subprocess.DEVNULL)
-    return subprocess.Popen(args, start_new_session=True, preexec_fn=_die_with_parent, **kw)
+    return subprocess.Popen(args, start_new_session=True, preexec_fn=die_with_parent, **kw)

@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import throughput as T  # noqa: E402
-from common import PYTHON, REPO, Gearmand  # noqa: E402
+from common import PYTHON, REPO, Gearmand, die_with_parent  # noqa: E402
 
 DEADLINE = 900.0  # seconds a drain under valgrind may take
 STOP_WAIT = 300.0  # seconds the master (under valgrind) may take to stop
@@ -80,6 +80,7 @@ def drain_under_callgrind(repo: Path, jobs: int) -> int:
                  f"--callgrind-out-file={out_dir}/cg.%p", PYTHON, "-m", "gearvisor",
                  "-c", str(config)],
                 cwd=str(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
                 # str hashes seeded alike in both drains: dicts and sets built the same way
                 # cost the same, so the difference between the drains is the jobs
                 env={**os.environ, "PYTHONHASHSEED": "0"})

@@ -5,6 +5,7 @@ ran, measured gearvisor against its competitors and wrote the report, JSON and c
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,21 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+from gearvisor.child.postfork import set_pdeathsig
+
 pytestmark = pytest.mark.integration
+
+
+def _die_with_pytest() -> None:
+    """The script gets SIGTERM if pytest is killed (it stops what it started in turn),
+    instead of running on with its gearmands and masters."""
+    set_pdeathsig(signal.SIGTERM)
 
 
 def test_bench_tiny_mode_writes_the_report(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--tiny", "--out",
-                          str(tmp_path)], capture_output=True, text=True, timeout=180)
+                          str(tmp_path)], capture_output=True, text=True, timeout=180,
+                         preexec_fn=_die_with_pytest)
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["tiny"] is True
@@ -47,6 +57,7 @@ def test_the_profiling_scripts_run(script: str, args: list[str], expect: str) ->
     """bench/hot_cold.py, bench/profile.py (strace beside the C worker) and
     bench/instructions.py (callgrind), tiny."""
     out = subprocess.run([sys.executable, str(REPO / "bench" / script), *args],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300,
+                         preexec_fn=_die_with_pytest)
     assert out.returncode == 0, out.stderr[-3000:]
     assert expect in out.stdout, out.stdout
