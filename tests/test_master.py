@@ -760,6 +760,7 @@ def test_a_command_jobs_success_read_before_its_crashed_worker_is_reaped_is_reco
         sent = [json.loads(f[f.index(b"{"):])["records"][0] for f in frames]
         assert [(r["outcome"], r["handle"], r["unique"]) for r in sent] == [
             ("success", "H:host:1", "u-1"), ("crash", "H:host:1", "u-1")]
+        assert not m.arbiter.command_jobs  # (the ended job and the reaped child's: none held)
     finally:
         m.close()
 

@@ -11,6 +11,7 @@ those events and calls the verbs here.
 
 from __future__ import annotations
 
+import collections
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from gearvisor.policy.child import (
     EXIT_BOOT_ERROR,
     Child,
     ChildState,
+    RunningJob,
     describe_status,
     reported_job,
 )
@@ -106,6 +108,9 @@ class Arbiter:
         self.started_at = clock()
         self.pools: dict[str, Pool] = {name: Pool(pc) for name, pc in config.pools.items()}
         self.children: dict[int, tuple[Child, Pool]] = {}
+        # The jobs command children hold now, by RunningJob.ident: how many children each
+        # (a dead child's counts until it is reaped; gearmand has handed its job on).
+        self.command_jobs: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self.components = list(components)
         self._attached: list[Component] = []  # (attach_components)
         self._fork_from = 0  # the pool (by order) the next pass's forks begin with
@@ -409,7 +414,7 @@ class Arbiter:
             if line.startswith(JOURNAL_PREFIX):  # not decoded here: the store helper checks
                 self.bus.publish(ev.JournalLines(child, pool, line))  # (reads child.job)
                 if not child.killed_for:
-                    child.job = None  # a command worker's record of its job: it is over
+                    self._set_job(child, None)  # a command worker's record: it is over
                 continue
             try:
                 message = msg.decode(line)
@@ -440,13 +445,29 @@ class Arbiter:
                 # A command child's shim: its current job, for its hard timeout (health.py)
                 # and a crash record (journal.py). A Python child's is on its scoreboard.
                 journal = self.config.journal
-                child.job = reported_job(message, self.clock(),
-                                         journal.payload_cap if journal.enabled else 0)
+                self._set_job(child, reported_job(message, self.clock(),
+                                                  journal.payload_cap if journal.enabled
+                                                  else 0))
             else:
                 # (at a command child's JobEnded, subscribers still see the job in child.job)
                 self.bus.publish(ev.ChildSaid(child, pool, message))
                 if isinstance(message, msg.JobEnded):
-                    child.job = None
+                    self._set_job(child, None)
+
+    def _set_job(self, child: Child, job: RunningJob | None) -> None:
+        """A command child's current job (its shim said), counted in command_jobs."""
+        if child.job is not None:
+            self._count_job(child.job, -1)
+        child.job = job
+        if job is not None:
+            self._count_job(job, 1)
+
+    def _count_job(self, job: RunningJob, delta: int) -> None:
+        n = self.command_jobs[job.ident] + delta
+        if n > 0:
+            self.command_jobs[job.ident] = n
+        else:
+            del self.command_jobs[job.ident]
 
     def _meter_events(self, child: Child, pool: Pool, cost: int) -> None:
         """A child's event pipe costs the master at most EVENT_BUDGET a second (ReadMeter):
@@ -487,6 +508,8 @@ class Arbiter:
             self._bell_after_exit(child, pool)
             self.lane_hints.clear(child.running_index)
             self.on_child_exit(child, pool, status)
+            if child.job is not None:
+                self._count_job(child.job, -1)  # (child.job stays: the record of its death)
             self.running.release(child.running_index)  # after its strike, if any
             if child.scoreboard is not None:
                 child.scoreboard.close()

@@ -313,14 +313,11 @@ class Journal(Component):
         child, job = event.child, event.child.job
         if self.helper is None or job is None or not isinstance(event.message, msg.JobEnded):
             return
-        crashed = (job.function, job.handle, job.key) in self.requeued or any(
-            # (its worker died and is not reaped yet: gearmand handed the job on as its
-            # socket closed, and a short job ends before the crash is recorded)
-            other is not child and other.job is not None and other.scoreboard is None
-            and (other.job.function, other.job.handle, other.job.key) == (
-                job.function, job.handle, job.key)
-            for other, _ in self.master.children.values())
-        self.requeued.pop((job.function, job.handle, job.key), None)
+        # (another command child holds it too: its worker died and is not reaped yet,
+        # gearmand handed the job on as its socket closed, and a short job ends before
+        # the crash is recorded)
+        crashed = job.ident in self.requeued or self.master.command_jobs[job.ident] > 1
+        self.requeued.pop(job.ident, None)
         if (not self.config.journal.successes and not crashed
                 and parse_unique(job.unique)[2] is None
                 and not self.master.poison.strikes(command_job_key(
@@ -349,8 +346,8 @@ class Journal(Component):
         command worker's shim says it ended, that success ends the failure, and is
         recorded whatever journal.successes says (a Python child does this itself). The
         newest MAX_REQUEUED are kept."""
-        self.requeued[(job.function, job.handle, job.key)] = None  # (the key: handles repeat)
-        self.requeued.move_to_end((job.function, job.handle, job.key))
+        self.requeued[job.ident] = None  # (the key: handles repeat)
+        self.requeued.move_to_end(job.ident)
         while len(self.requeued) > MAX_REQUEUED:
             self.requeued.popitem(last=False)
 

@@ -71,6 +71,12 @@ class RunningJob:
     cut: bool  # `payload` holds only the first bytes
     key: str = ""  # a command child's: its shim's poison key (40 hex digits), or none
 
+    @property
+    def ident(self) -> tuple[str, str, str]:
+        """The job across the workers it is handed to: function, handle and the shim's
+        key (handles repeat after a gearmand restart)."""
+        return self.function, self.handle, self.key
+
 
 _HEX40 = re.compile(r"[0-9a-f]{40}")
 
