@@ -31,7 +31,7 @@ from gearvisor.control import (
 from gearvisor.master import bus as ev
 from gearvisor.master.arbiter import StartError
 from gearvisor.master.component import Component
-from gearvisor.policy.backoff import CHILD_BASE_FDS
+from gearvisor.policy.backoff import master_fds
 from gearvisor.policy.pool import Pool, roll_results
 
 if TYPE_CHECKING:
@@ -329,8 +329,8 @@ DEFAULT_CHILD_BYTES = 10 << 20  # a child's own memory, when none of the pool ca
 
 def scale_refusal(master: Arbiter, pool: Pool, processes: int) -> str | None:
     """Why `gearvisor scale` may not run `processes` children in `pool`, or None: more
-    than a pool may have, more open files than the master may hold (an event pipe or
-    three per child), or more memory than the machine has available for the children
+    than a pool may have, more open files than the master may hold (master_fds, what
+    the start-up warning counts), or more memory than the machine has available for the children
     added (each as big as one of the pool's now: its unique set size, what a fork adds).
     A typo must not fork the fleet into the OOM killer."""
     if processes > MAX_PROCESSES:
@@ -341,7 +341,7 @@ def scale_refusal(master: Arbiter, pool: Pool, processes: int) -> str | None:
         return None
     total = len(master.children) + adding
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    need = 2 * total + CHILD_BASE_FDS
+    need = master_fds(total)
     if soft != resource.RLIM_INFINITY and need > soft:
         return (f"the master would need about {need} open files for {total} children, and "
                 f"its limit is {soft}: raise LimitNOFILE (systemd) or `ulimit -n` first")

@@ -130,6 +130,12 @@ FD_MARGIN = 0.8  # warn when a count reaches this share of an open-files limit
 CHILD_BASE_FDS = 16  # stdio, event pipe, epoll, wake-up pipe, imports and some slack
 
 
+def master_fds(children: int) -> int:
+    """Open files the master needs for `children` children: a pipe each (twice during a
+    surge roll) plus its own."""
+    return 2 * children + CHILD_BASE_FDS
+
+
 def fd_warnings(pools: list[tuple[str, int, int, int | None]], soft_limit: int) -> list[str]:
     """Warnings about open-file limits, from (pool, processes, servers, rlimit_nofile) and
     the master's own soft RLIMIT_NOFILE (children inherit it unless rlimit_nofile is set).
@@ -148,8 +154,7 @@ def fd_warnings(pools: list[tuple[str, int, int, int | None]], soft_limit: int) 
                        f"job servers) but its limit is {limit}; raise rlimit_nofile")
         children += processes
     connections = children  # every child connects to every job server of its pool
-    # The master: one pipe per child (twice during a surge roll) plus its own.
-    master_need = 2 * children + CHILD_BASE_FDS
+    master_need = master_fds(children)
     if master_need >= FD_MARGIN * soft_limit:
         out.append(f"the master may need {master_need} open files for {children} children "
                    f"(surge rolls double them) but its limit is {soft_limit}; raise "
