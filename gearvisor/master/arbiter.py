@@ -368,8 +368,7 @@ class Arbiter:
         pool.retiring(child)
         self.log.info("retiring child", pool=pool.name, slot=child.slot, child_pid=child.pid,
                       generation=child.generation, why=action.why)
-        self.kill_child(child, child.retire_signal or stop_signals(pool.config)[0], now,
-                        pool.config.graceful_timeout)
+        self.kill_child(child, child.retire_signal, now, pool.config.graceful_timeout)
 
     def child_ready(self, child: Child, pool: Pool) -> None:
         """`child` serves (it said so, or a command pool's readiness check passed)."""
@@ -771,8 +770,8 @@ class Arbiter:
         self.log.info("graceful stop: children finish their current job", signal=why,
                       children=len(self.children), graceful_timeout=timeout)
         self.bus.publish(ev.Stopping(fast=False, why=why))
-        for child, pool in list(self.children.values()):
-            self.kill_child(child, child.stop_signal or stop_signals(pool.config)[1], now)
+        for child, _ in list(self.children.values()):
+            self.kill_child(child, child.stop_signal, now)
         for component in self.components:
             component.begin_stop(fast=False)
 

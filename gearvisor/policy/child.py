@@ -144,7 +144,7 @@ class Child:
     # What its pool's config said when it started: the signal that retires it (a roll) and
     # the one that stops it (a graceful stop). Its code expects those, whatever a reload
     # says later (a command pool's new stop_signal, or a pool that runs Python code now).
-    retire_signal: int = 0
+    retire_signal: int = 0  # (set by Arbiter.spawn_child before the child is known)
     stop_signal: int = 0
     kill_group: bool = True  # the pool's kill_group when it started: SIGKILL hits its group
     # Command pools: its stdout/stderr pipes (read end fd -> stream name, partial line)
