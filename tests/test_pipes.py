@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
+from gearvisor.lines import event_lines
 from gearvisor.master.output import line_text
-from gearvisor.master.pipes import event_lines, read_lines, take_lines
+from gearvisor.master.pipes import read_lines, take_lines
 
 
 def test_complete_lines_are_taken_and_a_partial_one_waits() -> None:

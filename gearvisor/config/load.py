@@ -69,11 +69,12 @@ class _Collector:
 
     def unknown(self, path: tuple, key: Any, allowed: set[str]) -> None:
         """Record an unknown key, with the closest known one as a hint."""
-        hint = difflib.get_close_matches(key_text(key), sorted(allowed), n=1)
+        name = key_text(key)
+        hint = difflib.get_close_matches(name, sorted(allowed), n=1)
         suggestion = f'; did you mean "{hint[0]}"?' if hint else ""
-        if key_text(key) in _FUNCTION_KEYS and "functions" in allowed:
-            suggestion = (f"; {key_text(key)} is a function's: functions: {{NAME: {{callable: "
-                          f"..., {key_text(key)}: ...}}}}")
+        if name in _FUNCTION_KEYS and "functions" in allowed:
+            suggestion = (f"; {name} is a function's: functions: {{NAME: {{callable: ..., "
+                          f"{name}: ...}}}}")
         self.add(path + (key,), f"unknown key{suggestion} (known: {', '.join(sorted(allowed))})")
 
 

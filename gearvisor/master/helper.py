@@ -34,9 +34,10 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from gearvisor import messages as msg
+from gearvisor.lines import event_lines
 from gearvisor.master import bus as ev
 from gearvisor.master.arbiter import HANDLED_SIGNALS
-from gearvisor.master.pipes import event_lines, read_lines
+from gearvisor.master.pipes import read_lines
 from gearvisor.policy.child import describe_status
 from gearvisor.policy.helper import HelperRecord
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import os
 
-from gearvisor.lines import MAX_EVENT_LINE, LineSplitter, event_lines
-
-__all__ = ["MAX_EVENT_LINE", "event_lines", "read_lines", "read_ready", "take_lines"]
-
+from gearvisor.lines import LineSplitter
 
 
 def read_ready(fd: int, reads: int = 1) -> tuple[bytes, bool]:
@@ -47,11 +44,10 @@ def take_lines(buf: bytearray, limit: int, final: bool = False) -> list[tuple[by
 
 def read_lines(fd: int, lines: LineSplitter, reads: int = 1) -> tuple[list[bytes], bool, int]:
     """Read what an event pipe holds and take out the complete lines: (lines, at end of
-    file, lines dropped). A line longer than its LineSplitter's limit (event_lines:
+    file, lines dropped). A line longer than its LineSplitter's limit (lines.event_lines:
     MAX_EVENT_LINE) is dropped whole, its rest up to its newline included, so a child
     can neither make the master buffer without bound nor have the tail of a dropped line
     read as a message."""
     data, eof = read_ready(fd, reads)
     before = lines.dropped
     return lines.feed(data), eof, lines.dropped - before
-

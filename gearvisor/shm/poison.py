@@ -277,9 +277,9 @@ class PoisonList:
     changed poison_after) is padded with empty lines, which shims skip, to one byte more
     than before. Only when that would pass LIST_CAPACITY lines' worth of bytes is it
     rewritten smaller: without its padding, or when it is full of keys, with the newest
-    half of them. Lines are written with pwrite, whole,
-    by one process: a reader sees a prefix of whole lines, or one line cut short, which it
-    ignores (the next size change brings it whole)."""
+    half of them. Lines are written with pwrite, whole, by one process: a reader sees a
+    prefix of whole lines, or one line cut short, which it ignores (the next size change
+    brings it whole)."""
 
     LINE = 41  # 40 hex digits and a newline
 
